@@ -1,0 +1,64 @@
+//! Outpost's typed configuration.
+//!
+//! A configuration goes **parse → default → validate → typed value**:
+//!
+//! 1. *Parse*: the text must be TOML; otherwise [`ConfigError::Syntax`] with line and column,
+//!    and nothing else is checked.
+//! 2. *Default*: every key is optional except route and driver names; a missing key takes the
+//!    default documented on its field in [`Config`] and in `config/examples/outpost.toml`.
+//!    Unknown keys are errors (`deny_unknown_fields` everywhere).
+//! 3. *Validate*: ranges, names, uniqueness and references are checked by
+//!    [`Config::validate`].
+//! 4. The result is a [`Config`], or [`ConfigError::Invalid`] listing **every** problem found
+//!    in steps 2 and 3, not just the first.
+//!
+//! # Key-path contract
+//!
+//! Every [`Problem`] names the key it is about as a dotted path with zero-based array indices
+//! in file order: `outbox.max_bytes`, `routes[1].when_full`, `drivers[0].interval`. For an
+//! unknown key the path ends with that key (`outbox.max_byts`) and the message suggests the
+//! closest valid key. Problems are sorted by path and deduplicated. `outpost check-config`
+//! prints them as they are.
+//!
+//! Durations and sizes are written for humans (`"30s"`, `"1h30m"`, `"512MiB"`); see
+//! [`units`].
+
+#![forbid(unsafe_code)]
+
+mod error;
+mod load;
+mod model;
+mod path;
+pub mod units;
+mod validate;
+
+use std::path::Path;
+
+pub use error::{ConfigError, Problem};
+pub use model::{
+    AdminConfig, Config, DEFAULT_ROUTE, DriverConfig, GatewayConfig, IntegrityCheck, LogConfig,
+    LogFormat, OutboxConfig, Route, RouteConfig, SimulatorConfig, Synchronous, WhenFull,
+};
+pub use units::ByteSize;
+
+/// Parses, defaults and validates a configuration. An empty string gives [`Config::default`].
+pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+    load::load(text)
+}
+
+/// Reads `path` and runs [`from_toml_str`] on it; errors carry the path.
+pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    from_toml_str(&text).map_err(|e| e.in_file(path))
+}
+
+impl Config {
+    /// Semantic checks (ranges, names, uniqueness, route references). Returns every problem,
+    /// sorted by key path; empty when the configuration is valid. [`from_toml_str`] runs this.
+    pub fn validate(&self) -> Vec<Problem> {
+        path::into_problems(validate::check(self))
+    }
+}

@@ -1,0 +1,558 @@
+//! The typed configuration: every section, every field, its default and its meaning.
+//!
+//! Every struct is `#[serde(default, deny_unknown_fields)]`: a missing key takes the default
+//! documented on its field, an unknown key is an error. Ranges are checked by
+//! [`Config::validate`], not here. `config/examples/outpost.toml` mirrors this file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::units::ByteSize;
+
+/// `Deserialize` for a unit-only enum written as a string. serde's derive works with
+/// `toml::from_str`, but through `toml::Value` (used by the collect-all loader) a wrong type
+/// loses both the expected values and what was found; this keeps them.
+/// The names must match the `Serialize` derive's `rename_all` (checked by a test).
+macro_rules! deserialize_from_str {
+    ($ty:ident { $($text:literal => $variant:ident),+ $(,)? }) => {
+        impl $ty {
+            /// Every accepted spelling, in declaration order.
+            pub const NAMES: &'static [&'static str] = &[$($text),+];
+        }
+
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct NameVisitor;
+
+                impl serde::de::Visitor<'_> for NameVisitor {
+                    type Value = $ty;
+
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        f.write_str("one of ")?;
+                        for (i, name) in $ty::NAMES.iter().enumerate() {
+                            if i > 0 {
+                                f.write_str(", ")?;
+                            }
+                            write!(f, "\"{name}\"")?;
+                        }
+                        Ok(())
+                    }
+
+                    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<$ty, E> {
+                        match v {
+                            $($text => Ok($ty::$variant),)+
+                            _ => Err(E::unknown_variant(v, $ty::NAMES)),
+                        }
+                    }
+                }
+
+                d.deserialize_str(NameVisitor)
+            }
+        }
+    };
+}
+
+deserialize_from_str!(LogFormat { "auto" => Auto, "human" => Human, "json" => Json });
+deserialize_from_str!(Synchronous { "full" => Full, "normal" => Normal });
+deserialize_from_str!(WhenFull { "reject" => Reject, "drop_oldest" => DropOldest });
+deserialize_from_str!(IntegrityCheck { "quick" => Quick, "full" => Full, "off" => Off });
+
+/// Name of the route that always exists and that drivers use unless told otherwise.
+pub const DEFAULT_ROUTE: &str = "default";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    default,
+    deny_unknown_fields,
+    expecting = "a table of configuration sections"
+)]
+pub struct Config {
+    /// `[gateway]`: identity, data directory and shutdown behaviour.
+    pub gateway: GatewayConfig,
+    /// `[log]`: log format and verbosity.
+    pub log: LogConfig,
+    /// `[admin]`: the HTTP admin endpoint (health, metrics).
+    pub admin: AdminConfig,
+    /// `[outbox]`: the durable store-and-forward queue.
+    pub outbox: OutboxConfig,
+    /// `[[routes]]`: named forwarding routes in addition to the built-in `default` route.
+    /// Default: none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteConfig>,
+    /// `[[drivers]]`: device drivers producing readings. Default: none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub drivers: Vec<DriverConfig>,
+}
+
+/// `[gateway]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a [gateway] table")]
+pub struct GatewayConfig {
+    /// Identity of this gateway towards the upstream. Default: the host name (see
+    /// [`Config::gateway_id`]). If set: 1 to 128 characters, no whitespace, `/`, `#` or `+`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Directory for the outbox and other state. Default: `$STATE_DIRECTORY` (set by systemd's
+    /// `StateDirectory=`), else `./outpost-data` (see [`Config::data_dir`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// How long shutdown may take to flush the outbox and close the upstream before the
+    /// remaining work is abandoned. Default `"10s"`; 100ms to 1h.
+    #[serde(with = "crate::units::duration")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            id: None,
+            data_dir: None,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable; timestamps are left out when stderr goes to journald
+    /// (`JOURNAL_STREAM` is set), which stamps every line itself.
+    #[default]
+    Auto,
+    /// Human-readable with timestamps.
+    Human,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a [log] table")]
+pub struct LogConfig {
+    /// Log line format. Default `"auto"`.
+    pub format: LogFormat,
+    /// Verbosity as a `tracing` filter directive, e.g. `"info"` or `"info,outpost_sync=debug"`.
+    /// The `RUST_LOG` environment variable overrides it. Default `"info"`; must not be empty.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Auto,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "an [admin] table")]
+pub struct AdminConfig {
+    /// Address of the admin HTTP endpoint (`/healthz`, `/metrics`), as `IP:port`.
+    /// Default `"0.0.0.0:8080"`; port 0 picks a free port (used by tests).
+    #[serde(with = "socket_addr")]
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+        }
+    }
+}
+
+/// How hard the outbox pushes each commit to stable storage (SQLite `synchronous`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// Every commit is on disk before it is acknowledged: survives power loss.
+    #[default]
+    Full,
+    /// Survives a crash of the process but not of the power: in WAL mode the last commits may
+    /// roll back after power loss. Faster on slow flash.
+    Normal,
+}
+
+/// What a full outbox does with a new record for a route.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Refuse the new record; the producer sees the refusal (and counts it).
+    #[default]
+    Reject,
+    /// Evict the oldest records of this route to make room.
+    DropOldest,
+}
+
+/// Integrity check of the outbox file at startup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IntegrityCheck {
+    /// SQLite `quick_check`: catches most corruption, proportional to the file size.
+    #[default]
+    Quick,
+    /// SQLite `integrity_check`: thorough, slower on large outboxes.
+    Full,
+    /// No check.
+    Off,
+}
+
+/// `[outbox]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "an [outbox] table")]
+pub struct OutboxConfig {
+    /// Durability of each commit. Default `"full"`.
+    pub synchronous: Synchronous,
+    /// Cap on the outbox's size; when reached, each route's `when_full` applies.
+    /// Default `"1GiB"`; at least 1MiB.
+    pub max_bytes: ByteSize,
+    /// Free-space floor on the data directory's filesystem: the outbox counts as full when
+    /// less than this is free. Default `"128MiB"`; any value (0 disables the floor).
+    pub min_free_disk: ByteSize,
+    /// Largest accepted record. Default `"256KiB"`; at least 1KiB and at most `max_bytes / 4`.
+    pub max_record_bytes: ByteSize,
+    /// Group commit: at most this many records per transaction. Default 8192; 1 to 100000.
+    pub batch_max_records: usize,
+    /// How long the writer lingers collecting more appends before committing; 0 commits as
+    /// soon as the queue is drained. Default `"0ms"`; at most 1s.
+    #[serde(with = "crate::units::duration")]
+    pub batch_max_delay: Duration,
+    /// Pending append requests; when the queue is full, appenders wait (back-pressure).
+    /// Default 16384; 1 to 1000000.
+    pub queue_capacity: usize,
+    /// `when_full` of the built-in `default` route and of routes that do not set their own.
+    /// Default `"reject"`.
+    pub when_full: WhenFull,
+    /// Check run on the outbox file at startup. Default `"quick"`.
+    pub integrity_check: IntegrityCheck,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            synchronous: Synchronous::Full,
+            max_bytes: ByteSize::gib(1),
+            min_free_disk: ByteSize::mib(128),
+            max_record_bytes: ByteSize::kib(256),
+            batch_max_records: 8192,
+            batch_max_delay: Duration::ZERO,
+            queue_capacity: 16_384,
+            when_full: WhenFull::Reject,
+            integrity_check: IntegrityCheck::Quick,
+        }
+    }
+}
+
+/// `[[routes]]`: a named class of records with its own priority and overflow policy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a [[routes]] table")]
+pub struct RouteConfig {
+    /// Required, unique: 1 to 64 of `a-z`, `0-9`, `_`, `-`. Naming a route `default`
+    /// overrides the built-in default route.
+    pub name: String,
+    /// Forwarding priority, 0 to 9; higher is forwarded first. Default 0.
+    pub priority: u8,
+    /// Overflow policy for this route. Default: `outbox.when_full`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub when_full: Option<WhenFull>,
+}
+
+/// An effective route, with defaults resolved (see [`Config::routes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Unique route name.
+    pub name: String,
+    /// 0 to 9; higher is forwarded first.
+    pub priority: u8,
+    /// What a full outbox does with new records of this route.
+    pub when_full: WhenFull,
+}
+
+impl Default for Route {
+    fn default() -> Self {
+        Self {
+            name: DEFAULT_ROUTE.to_owned(),
+            priority: 0,
+            when_full: WhenFull::Reject,
+        }
+    }
+}
+
+/// `[[drivers]]`: one device driver; `kind` selects which.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DriverConfig {
+    /// `kind = "simulator"`: a built-in virtual sensor.
+    Simulator(SimulatorConfig),
+}
+
+impl DriverConfig {
+    /// Every valid `kind`. Adding a kind means adding it here and to the loader's dispatch.
+    pub const KINDS: &'static [&'static str] = &["simulator"];
+
+    /// The `kind` of this driver.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Simulator(_) => "simulator",
+        }
+    }
+
+    /// The driver's unique name.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Simulator(s) => &s.name,
+        }
+    }
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        Self::Simulator(SimulatorConfig::default())
+    }
+}
+
+/// `kind = "simulator"`: a built-in virtual sensor for demos, installation checks and load
+/// tests. Simulates `devices` devices with ids `{name}-0`, `{name}-1`, …, each producing a
+/// reading of `payload_bytes` bytes every `interval`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a [[drivers]] table")]
+pub struct SimulatorConfig {
+    /// Required, unique among drivers: 1 to 64 of `a-z`, `0-9`, `_`, `-`.
+    pub name: String,
+    /// Number of simulated devices. Default 1; 1 to 10000.
+    pub devices: u32,
+    /// Time between two readings of one device. Default `"1s"`; at least 1ms.
+    #[serde(with = "crate::units::duration")]
+    pub interval: Duration,
+    /// Size of each reading's payload. Default 64; 16 to `outbox.max_record_bytes`.
+    pub payload_bytes: usize,
+    /// MQTT topic of the readings; `{device}` is replaced by the device id. No wildcards
+    /// (`#`, `+`). Default `"sim/{device}/reading"`.
+    pub topic: String,
+    /// Route of the readings; must be `default` or a `[[routes]]` name. Default `"default"`.
+    pub route: String,
+    /// Stop after this many readings per device. Default: never stop.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_readings: Option<u64>,
+}
+
+impl SimulatorConfig {
+    /// The id of simulated device `n` (counting from 0): `{name}-{n}`.
+    pub fn device_id(&self, n: u32) -> String {
+        format!("{}-{n}", self.name)
+    }
+
+    /// The topic for a device id, with `{device}` substituted.
+    pub fn topic_for(&self, device_id: &str) -> String {
+        self.topic.replace("{device}", device_id)
+    }
+}
+
+impl Default for SimulatorConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            devices: 1,
+            interval: Duration::from_secs(1),
+            payload_bytes: 64,
+            topic: "sim/{device}/reading".to_owned(),
+            route: DEFAULT_ROUTE.to_owned(),
+            max_readings: None,
+        }
+    }
+}
+
+/// Where the daemon's state lives when nothing is configured and systemd sets no
+/// `$STATE_DIRECTORY`.
+const FALLBACK_DATA_DIR: &str = "./outpost-data";
+/// Gateway id when none is configured and the host name is unavailable.
+const FALLBACK_GATEWAY_ID: &str = "outpost";
+
+impl Config {
+    /// `gateway.data_dir`, else the first entry of `$STATE_DIRECTORY` (colon-separated, set by
+    /// systemd), else `./outpost-data`.
+    pub fn data_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.gateway.data_dir {
+            return dir.clone();
+        }
+        std::env::var_os("STATE_DIRECTORY")
+            .and_then(|dirs| {
+                dirs.to_string_lossy()
+                    .split(':')
+                    .find(|d| !d.is_empty())
+                    .map(PathBuf::from)
+            })
+            .unwrap_or_else(|| PathBuf::from(FALLBACK_DATA_DIR))
+    }
+
+    /// `gateway.id`, else the host name from `/proc/sys/kernel/hostname`, else `outpost`.
+    pub fn gateway_id(&self) -> String {
+        if let Some(id) = &self.gateway.id {
+            return id.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|name| name.trim().to_owned())
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| FALLBACK_GATEWAY_ID.to_owned())
+    }
+
+    /// The effective routes: the built-in `default` route (priority 0, `outbox.when_full`)
+    /// first unless `[[routes]]` declares `default` itself, then the declared routes in file
+    /// order, each with `when_full` resolved. Names are unique once the config is valid.
+    pub fn routes(&self) -> Vec<Route> {
+        let resolve = |r: &RouteConfig| Route {
+            name: r.name.clone(),
+            priority: r.priority,
+            when_full: r.when_full.unwrap_or(self.outbox.when_full),
+        };
+        let mut out = Vec::with_capacity(self.routes.len() + 1);
+        if !self.routes.iter().any(|r| r.name == DEFAULT_ROUTE) {
+            out.push(Route {
+                name: DEFAULT_ROUTE.to_owned(),
+                priority: 0,
+                when_full: self.outbox.when_full,
+            });
+        }
+        out.extend(self.routes.iter().map(resolve));
+        out
+    }
+}
+
+/// `IP:port` as a string, with an error message that shows the expected form.
+mod socket_addr {
+    use std::fmt;
+    use std::net::SocketAddr;
+
+    use serde::Serializer;
+    use serde::de::{self, Deserializer, Visitor};
+
+    pub(super) fn serialize<S: Serializer>(addr: &SocketAddr, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(addr)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+        d.deserialize_str(AddrVisitor)
+    }
+
+    struct AddrVisitor;
+
+    impl Visitor<'_> for AddrVisitor {
+        type Value = SocketAddr;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an address like \"0.0.0.0:8080\" or \"[::1]:8080\"")
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<SocketAddr, E> {
+            v.parse().map_err(|_| {
+                E::custom(format!(
+                    "invalid address \"{v}\": expected IP:port like \"0.0.0.0:8080\" or \
+                     \"[::1]:8080\" (host names are not resolved)"
+                ))
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_route_is_implicit_and_overridable() {
+        let mut config = Config::default();
+        config.outbox.when_full = WhenFull::DropOldest;
+        config.routes.push(RouteConfig {
+            name: "alerts".into(),
+            priority: 9,
+            when_full: Some(WhenFull::Reject),
+        });
+        config.routes.push(RouteConfig {
+            name: "bulk".into(),
+            priority: 1,
+            when_full: None,
+        });
+        let routes = config.routes();
+        let names: Vec<_> = routes.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["default", "alerts", "bulk"]);
+        assert_eq!(routes[0].when_full, WhenFull::DropOldest);
+        assert_eq!(routes[1].when_full, WhenFull::Reject);
+        assert_eq!(routes[2].when_full, WhenFull::DropOldest);
+
+        config.routes.push(RouteConfig {
+            name: "default".into(),
+            priority: 3,
+            when_full: Some(WhenFull::Reject),
+        });
+        let routes = config.routes();
+        assert_eq!(routes.len(), 3);
+        let default = routes
+            .iter()
+            .find(|r| r.name == "default")
+            .expect("default route");
+        assert_eq!((default.priority, default.when_full), (3, WhenFull::Reject));
+    }
+
+    #[test]
+    fn explicit_identity_and_data_dir_win() {
+        let mut config = Config::default();
+        config.gateway.id = Some("gw-7".into());
+        config.gateway.data_dir = Some("/var/lib/outpost".into());
+        assert_eq!(config.gateway_id(), "gw-7");
+        assert_eq!(config.data_dir(), PathBuf::from("/var/lib/outpost"));
+        assert!(!Config::default().gateway_id().is_empty());
+    }
+
+    #[test]
+    fn simulator_ids_and_topics() {
+        let sim = SimulatorConfig {
+            name: "demo".into(),
+            ..SimulatorConfig::default()
+        };
+        assert_eq!(sim.device_id(3), "demo-3");
+        assert_eq!(sim.topic_for(&sim.device_id(0)), "sim/demo-0/reading");
+    }
+
+    #[test]
+    fn enum_names_match_serialize() {
+        fn check<T>(values: &[T], names: &[&str])
+        where
+            T: Serialize + for<'de> Deserialize<'de> + PartialEq + std::fmt::Debug,
+        {
+            assert_eq!(values.len(), names.len());
+            for (value, name) in values.iter().zip(names) {
+                let written = toml::Value::try_from(value).expect("serializes");
+                assert_eq!(written.as_str(), Some(*name));
+                assert_eq!(&written.try_into::<T>().expect("deserializes"), value);
+            }
+        }
+        use LogFormat as L;
+        check(&[L::Auto, L::Human, L::Json], LogFormat::NAMES);
+        check(
+            &[Synchronous::Full, Synchronous::Normal],
+            Synchronous::NAMES,
+        );
+        check(&[WhenFull::Reject, WhenFull::DropOldest], WhenFull::NAMES);
+        use IntegrityCheck as I;
+        check(&[I::Quick, I::Full, I::Off], IntegrityCheck::NAMES);
+    }
+
+    #[test]
+    fn plain_serde_reads_drivers_too() {
+        let config: Config =
+            toml::from_str("[[drivers]]\nkind = \"simulator\"\nname = \"s\"\ninterval = \"5ms\"\n")
+                .expect("valid");
+        assert_eq!(config.drivers[0].kind(), "simulator");
+        assert_eq!(config.drivers[0].name(), "s");
+        let text = toml::to_string(&config).expect("serializes");
+        assert_eq!(toml::from_str::<Config>(&text).expect("round trip"), config);
+    }
+}

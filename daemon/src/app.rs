@@ -1,0 +1,251 @@
+//! The composition root: reads like the architecture diagram.
+//!
+//! ```text
+//!  drivers ──> readings channel ──> driver-ingest ──┐
+//!                                                   ├──> outbox writer (group commit) ──> SQLite
+//!  (MQTT, CoAP, HTTP ingestion: later issues) ──────┘
+//!  admin listener: /healthz /readyz /metrics /api/v1/status
+//!  systemd: READY, STATUS, WATCHDOG (fed only while the writer makes progress), STOPPING
+//! ```
+//!
+//! Every long-running task is spawned here, by name, into one `TaskTracker`. Shutdown is one
+//! mechanism in two steps within `gateway.shutdown_grace`: (1) ingress stops (drivers, admin) and
+//! what it already accepted drains into the outbox; (2) the writer commits what is queued and
+//! stops. Only then does `run` return.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use outpost_config::Config;
+use outpost_sync::{OutboxOptions, outbox};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::admin::{self, AdminState};
+use crate::status::StatusBoard;
+use crate::{ingest, systemd, telemetry};
+
+/// Capacity of the channel between all drivers and the driver-ingest task. When it is full,
+/// drivers wait (their poll loops slow down); nothing is dropped.
+const READINGS_QUEUE: usize = 1024;
+
+/// Runs the gateway until `shutdown` is cancelled, then shuts down gracefully.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let gateway_id: Arc<str> = config.gateway_id().into();
+    let data_dir = config.data_dir();
+    tracing::info!(
+        gateway = %gateway_id,
+        version = env!("CARGO_PKG_VERSION"),
+        data_dir = %data_dir.display(),
+        "Outpost starting"
+    );
+    let status = StatusBoard::default();
+    let mut registry = telemetry::metrics::registry();
+    let tracker = TaskTracker::new();
+
+    // Storage first: nothing may be accepted before the outbox is open.
+    let options = OutboxOptions::from_config(&config);
+    let (outbox, writer) = tokio::task::spawn_blocking(move || outbox::open(options))
+        .await
+        .context("opening the outbox")??;
+    outbox.metrics().register(&mut registry);
+    if let Some(q) = outbox.quarantine() {
+        status.alarm(
+            "outbox",
+            format!(
+                "corrupt outbox moved to {}: {}",
+                q.moved_to.display(),
+                q.reason
+            ),
+        );
+    }
+    status.active("outbox", true);
+    status.inactive(
+        "cloud",
+        "no Kafka configured: records are kept in the outbox until a cloud sink is configured",
+        false,
+    );
+    let writer_stop = CancellationToken::new();
+    let mut writer_task = tracker.spawn(named("outbox-writer", writer.run(writer_stop.clone())));
+
+    // Ingress stops as soon as shutdown begins.
+    let ingress = shutdown.child_token();
+
+    let listener = TcpListener::bind(config.admin.listen)
+        .await
+        .with_context(|| format!("binding the admin listener on {}", config.admin.listen))?;
+    let admin_addr = listener
+        .local_addr()
+        .context("reading the admin listener address")?;
+    tracing::info!(addr = %admin_addr, "Admin listener bound");
+    let admin_state = AdminState {
+        gateway_id: Arc::clone(&gateway_id),
+        outbox: outbox.clone(),
+        max_bytes: config.outbox.max_bytes.bytes(),
+        status: status.clone(),
+        registry: Arc::new(registry),
+        started,
+    };
+    let admin_stop = ingress.clone();
+    let admin_status = status.clone();
+    let admin_task = tracker.spawn(named("admin", async move {
+        let served = axum::serve(listener, admin::router(admin_state))
+            .with_graceful_shutdown(admin_stop.cancelled_owned())
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "Admin listener failed");
+            admin_status.inactive("admin", format!("listener failed: {e}"), true);
+        }
+    }));
+    status.active("admin", true);
+
+    let (readings_tx, readings_rx) = mpsc::channel(READINGS_QUEUE);
+    for driver_config in &config.drivers {
+        let driver = outpost_drivers::from_config(driver_config);
+        let name = format!("driver/{}", driver.name());
+        status.active(&name, false);
+        let (sink, stop, board, task_name) = (
+            readings_tx.clone(),
+            ingress.clone(),
+            status.clone(),
+            name.clone(),
+        );
+        tracker.spawn(named(name, async move {
+            match driver.run(sink, stop).await {
+                Ok(()) | Err(outpost_drivers::DriverError::SinkClosed) => {
+                    board.inactive(&task_name, "stopped", false);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "Driver failed");
+                    board.inactive(&task_name, e.to_string(), false);
+                }
+            }
+        }));
+    }
+    // The ingest task ends once every driver has dropped its sender and the queue is empty.
+    drop(readings_tx);
+    let ingest_task = tracker.spawn(named(
+        "driver-ingest",
+        ingest::drivers::run(readings_rx, outbox.clone()),
+    ));
+
+    if let Some(interval) = systemd::watchdog_interval() {
+        tracker.spawn(named(
+            "watchdog",
+            systemd::watchdog(interval, outbox.clone(), shutdown.clone()),
+        ));
+    }
+    tracker.spawn(named(
+        "status-line",
+        status_line(outbox.clone(), shutdown.clone()),
+    ));
+    tracker.close();
+
+    let (records, _, _) = outbox.figures();
+    systemd::ready(&format!(
+        "ready: admin on {admin_addr}, {records} records in the outbox"
+    ));
+    tracing::info!(
+        startup_ms = started.elapsed().as_millis() as u64,
+        "Outpost ready"
+    );
+
+    // Wait for the shutdown signal, or for the writer to die (which makes the gateway useless).
+    let writer_died = tokio::select! {
+        () = shutdown.cancelled() => None,
+        result = &mut writer_task => Some(result),
+    };
+    systemd::stopping();
+    let grace = config.gateway.shutdown_grace;
+    let deadline = tokio::time::Instant::now() + grace;
+    tracing::info!(grace_ms = grace.as_millis() as u64, "Shutting down");
+    ingress.cancel();
+
+    // Step 1: ingress stops and drains into the outbox.
+    let drained = tokio::time::timeout_at(deadline, async {
+        let _ = ingest_task.await;
+        let _ = admin_task.await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::error!(
+            "Ingress did not drain within the shutdown grace; closing the outbox anyway"
+        );
+    }
+    // Step 2: the writer commits what is queued and stops.
+    writer_stop.cancel();
+    if tokio::time::timeout_at(deadline, tracker.wait())
+        .await
+        .is_err()
+    {
+        bail!("shutdown grace of {grace:?} expired before every task stopped");
+    }
+    if let Some(result) = writer_died {
+        match result {
+            Ok(Ok(())) => bail!("the outbox writer stopped unexpectedly"),
+            Ok(Err(e)) => return Err(e).context("the outbox writer failed"),
+            Err(e) => return Err(e).context("the outbox writer panicked"),
+        }
+    }
+    let (records, bytes, _) = outbox.figures();
+    tracing::info!(records, bytes, "Outpost stopped cleanly");
+    Ok(())
+}
+
+/// Wraps a task in a span carrying its name, so every log line says which task wrote it.
+fn named<F: Future>(name: impl Into<String>, task: F) -> impl Future<Output = F::Output> {
+    let name = name.into();
+    task.instrument(tracing::info_span!("task", task = %name))
+}
+
+/// Keeps the systemd STATUS line current with the outbox figures.
+async fn status_line(outbox: outpost_sync::Outbox, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let (records, bytes, _) = outbox.figures();
+        systemd::status(&format!(
+            "running: {records} records ({bytes} bytes) in the outbox"
+        ));
+    }
+}
+
+/// A token cancelled by the first SIGTERM or SIGINT.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        trigger.cancel();
+    });
+    token
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            tracing::info!(signal = name, "Shutdown requested");
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "Cannot install signal handlers; stop with Ctrl-C");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

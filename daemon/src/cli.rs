@@ -1,0 +1,67 @@
+//! Command-line interface.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Outpost edge gateway: MQTT/CoAP/HTTP ingestion, a durable SQLite outbox, sync to Kafka.
+#[derive(Debug, Parser)]
+#[command(name = "outpost", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway (in the foreground; under systemd as a Type=notify service).
+    Run {
+        /// Configuration file. Without it Outpost runs on its built-in defaults.
+        #[arg(long, short, env = "OUTPOST_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Check a configuration file and print every problem with its key path.
+    ///
+    /// Exits 0 when the file is valid and 78 (EX_CONFIG) when it is not.
+    CheckConfig {
+        /// The file to check.
+        #[arg(default_value = "/etc/outpost/outpost.toml")]
+        path: PathBuf,
+    },
+    /// Print the version and build information.
+    Version,
+    /// Inspect the outbox (read-only; safe while the daemon runs).
+    Buffer {
+        #[command(subcommand)]
+        command: BufferCommand,
+        #[command(flatten)]
+        location: DataLocation,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BufferCommand {
+    /// Record count, bytes, oldest record age, per-route counts.
+    Stats {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Full SQLite integrity check plus the outbox's own invariants. Exits 1 on any problem.
+    Verify {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Where to find the data directory: explicitly, or from a config file, or the defaults.
+#[derive(Debug, clap::Args)]
+pub struct DataLocation {
+    /// The data directory holding outbox.db.
+    #[arg(long, global = true, conflicts_with = "config")]
+    pub data_dir: Option<PathBuf>,
+    /// Read the data directory from this configuration file.
+    #[arg(long, short, global = true, env = "OUTPOST_CONFIG")]
+    pub config: Option<PathBuf>,
+}

@@ -1,0 +1,213 @@
+//! What each subcommand does, and how its outcome maps to an exit code.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use outpost_config::{Config, ConfigError};
+use outpost_sync::outbox::{self, inspect};
+
+use crate::cli::{BufferCommand, Cli, Command, DataLocation};
+use crate::{EXIT_CONFIG, app, telemetry};
+
+pub fn dispatch(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Run { config } => run(config.as_deref()),
+        Command::CheckConfig { path } => check_config(&path),
+        Command::Version => {
+            println!("{}", version_line());
+            ExitCode::SUCCESS
+        }
+        Command::Buffer { command, location } => buffer(command, &location),
+    }
+}
+
+pub fn version_line() -> String {
+    format!(
+        "outpost {} ({} {}, schema v{})",
+        env!("CARGO_PKG_VERSION"),
+        std::env::consts::ARCH,
+        std::env::consts::OS,
+        outbox::SCHEMA_VERSION
+    )
+}
+
+/// Loads and fully validates a config: the typed checks of the config crate plus what only the
+/// daemon can judge (the log filter). `check-config` and `run` share this function.
+pub fn load_config(path: Option<&Path>) -> Result<Config, ConfigError> {
+    let config = match path {
+        Some(path) => outpost_config::load_file(path)?,
+        None => Config::default(),
+    };
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log.level) {
+        return Err(ConfigError::Invalid {
+            path: path.map(Path::to_path_buf),
+            problems: vec![outpost_config::Problem {
+                path: "log.level".into(),
+                message: format!("not a valid log filter: {e}"),
+            }],
+        });
+    }
+    Ok(config)
+}
+
+fn check_config(path: &Path) -> ExitCode {
+    match load_config(Some(path)) {
+        Ok(_) => {
+            println!("{}: ok", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn run(path: Option<&Path>) -> ExitCode {
+    let config = match load_config(path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{e}");
+            eprintln!("outpost: refusing to start with an invalid configuration");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    telemetry::logging::init(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("outpost-worker")
+        .max_blocking_threads(16)
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = app::shutdown_on_signals();
+        app::run(config, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "Outpost stopped with an error");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn buffer(command: BufferCommand, location: &DataLocation) -> ExitCode {
+    let data_dir = match (&location.data_dir, &location.config) {
+        (Some(dir), _) => dir.clone(),
+        (None, config) => match load_config(config.as_deref()) {
+            Ok(config) => config.data_dir(),
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+    };
+    let path = data_dir.join(outbox::FILE_NAME);
+    match command {
+        BufferCommand::Stats { json } => match inspect::stats(&path) {
+            Ok(stats) if json => print_json(&stats),
+            Ok(stats) => {
+                print!(
+                    "{}",
+                    render_stats(&stats, outpost_sync::outbox::now_unix_ms())
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("outpost: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        BufferCommand::Verify { json } => match inspect::verify(&path) {
+            Ok(report) => {
+                if json {
+                    let _ = print_json(&report);
+                } else if report.problems.is_empty() {
+                    println!("{}: ok", report.path.display());
+                } else {
+                    println!(
+                        "{}: {} problem(s)",
+                        report.path.display(),
+                        report.problems.len()
+                    );
+                    for p in &report.problems {
+                        println!("  {p}");
+                    }
+                }
+                if report.problems.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!("outpost: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> ExitCode {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("outpost: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn render_stats(s: &inspect::Stats, now_ms: i64) -> String {
+    use std::fmt::Write;
+    let age = |ms: Option<i64>| {
+        ms.map_or_else(
+            || "-".to_owned(),
+            |ms| format!("{:.1}s", (now_ms - ms).max(0) as f64 / 1e3),
+        )
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "outbox:        {}", s.path.display());
+    let _ = writeln!(out, "schema:        v{}", s.schema_version);
+    let _ = writeln!(out, "records:       {}", s.records);
+    let _ = writeln!(out, "bytes:         {}", s.bytes);
+    let _ = writeln!(out, "oldest age:    {}", age(s.oldest_received_ms));
+    let _ = writeln!(
+        out,
+        "sequence:      {}..{} (next {})",
+        s.oldest_seq.map_or("-".into(), |v| v.to_string()),
+        s.newest_seq.map_or("-".into(), |v| v.to_string()),
+        s.next_seq
+    );
+    let _ = writeln!(
+        out,
+        "file bytes:    {} (+{} WAL)",
+        s.file_bytes, s.wal_bytes
+    );
+    let _ = writeln!(out, "routes:");
+    if s.routes.is_empty() {
+        let _ = writeln!(out, "  (none)");
+    }
+    for r in &s.routes {
+        let _ = writeln!(
+            out,
+            "  {:<20} priority {}  records {:>10}  bytes {:>12}  oldest age {}",
+            r.route,
+            r.priority,
+            r.records,
+            r.bytes,
+            age(r.oldest_received_ms)
+        );
+    }
+    out
+}

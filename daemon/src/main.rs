@@ -1,0 +1,26 @@
+//! The `outpost` binary: command-line edge of the daemon. Everything here turns `anyhow` errors
+//! and typed results into exit codes; the work happens in the library modules.
+
+#![forbid(unsafe_code)]
+
+mod admin;
+mod app;
+mod cli;
+mod commands;
+mod ingest;
+mod status;
+mod systemd;
+mod telemetry;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Exit code for an invalid or unreadable configuration (`EX_CONFIG` from sysexits.h). The
+/// systemd unit names it in `RestartPreventExitStatus` so a bad config is not restarted in a loop.
+pub const EXIT_CONFIG: u8 = 78;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    commands::dispatch(cli)
+}

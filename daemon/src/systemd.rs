@@ -1,0 +1,58 @@
+//! systemd integration: READY, STATUS, WATCHDOG and STOPPING over `$NOTIFY_SOCKET`.
+//!
+//! Every call is a no-op when not started by systemd. The watchdog is fed only while the outbox
+//! writer proves it is making progress, so a wedged writer gets the whole daemon restarted.
+
+use std::time::Duration;
+
+use outpost_sync::Outbox;
+use sd_notify::NotifyState;
+use tokio_util::sync::CancellationToken;
+
+fn notify(states: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
+pub fn ready(status: &str) {
+    notify(&[NotifyState::Ready, NotifyState::Status(status)]);
+}
+
+pub fn status(status: &str) {
+    notify(&[NotifyState::Status(status)]);
+}
+
+pub fn stopping() {
+    notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+}
+
+/// The watchdog interval systemd asked for, if any.
+pub fn watchdog_interval() -> Option<Duration> {
+    sd_notify::watchdog_enabled()
+}
+
+/// Feeds the watchdog at half its interval while the writer's last sign of progress is younger
+/// than half the interval; otherwise stays silent and logs why.
+pub async fn watchdog(interval: Duration, outbox: Outbox, shutdown: CancellationToken) {
+    let period = interval / 2;
+    let mut tick = tokio::time::interval(period);
+    let mut starved = false;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let idle = outbox.writer_idle_for();
+        if idle < period && !outbox.is_closed() {
+            notify(&[NotifyState::Watchdog]);
+            starved = false;
+        } else if !starved {
+            starved = true;
+            tracing::error!(
+                writer_silent_ms = idle.as_millis() as u64,
+                "Outbox writer shows no progress: no longer feeding the systemd watchdog"
+            );
+        }
+    }
+}

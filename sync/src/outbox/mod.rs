@@ -1,0 +1,320 @@
+//! The durable outbox: a SQLite file between ingestion and the cloud.
+//!
+//! # Shape
+//!
+//! * [`open`] checks the file (quarantining a corrupt one), migrates it and returns an
+//!   [`Outbox`] handle plus the [`OutboxWriter`] task the composition root spawns.
+//! * [`Outbox`] is a cheap clonable handle. [`Outbox::append`] queues records on a bounded
+//!   channel and resolves only after the writer has **committed** them (contract point 1); a full
+//!   queue makes the appender wait, which is the back-pressure ingress passes on to devices.
+//! * [`OutboxWriter`] owns the only write connection. It group-commits: it takes everything that
+//!   is queued (up to `batch_max_records`, lingering up to `batch_max_delay`), writes it in one
+//!   transaction with one fsync, and only then completes each append's future.
+//! * [`OutboxReader`] is a separate read-only connection for the forwarder: highest priority
+//!   first, oldest first within a priority, in bounded pages. [`Outbox::ack`] deletes delivered
+//!   records through the writer, grouped into the same commits as appends.
+//!
+//! # Invariants
+//!
+//! * A record's sequence number is assigned in its commit and is strictly greater than every
+//!   sequence committed before it, across restarts (kept in `meta.next_seq`).
+//! * `meta.record_count`/`record_bytes` equal the rows' count and summed sizes after every commit.
+//! * The byte cap counts [`Envelope::accounted_size`]; when it or the free-disk floor would be
+//!   crossed, the route's policy applies: `reject` refuses the whole append request and stores
+//!   nothing of it; `drop_oldest` evicts the route's oldest committed records first (never a record
+//!   of the batch being committed, never another route's) and counts and logs the eviction.
+
+mod disk;
+pub mod inspect;
+mod metrics;
+mod open;
+mod reader;
+mod schema;
+mod writer;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use outpost_config::{Config, IntegrityCheck, Synchronous, WhenFull};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::envelope::Envelope;
+
+pub use metrics::{OutboxMetrics, RouteReason};
+pub use open::{OpenError, Quarantine, open};
+pub use reader::{OutboxReader, ReadPosition};
+pub use schema::CURRENT_VERSION as SCHEMA_VERSION;
+pub use writer::OutboxWriter;
+
+/// The file name of the outbox inside the data directory.
+pub const FILE_NAME: &str = "outbox.db";
+
+/// Everything the outbox needs, resolved from the config (or built directly by tests).
+#[derive(Debug, Clone)]
+pub struct OutboxOptions {
+    /// The database file.
+    pub path: PathBuf,
+    pub synchronous: Synchronous,
+    pub max_bytes: u64,
+    pub min_free_disk: u64,
+    pub max_record_bytes: u64,
+    pub batch_max_records: usize,
+    pub batch_max_delay: Duration,
+    pub queue_capacity: usize,
+    pub integrity_check: IntegrityCheck,
+    pub routes: Vec<outpost_config::Route>,
+}
+
+impl OutboxOptions {
+    /// Options for an outbox at `path` with the configuration defaults and only the default route.
+    pub fn with_path(path: impl Into<PathBuf>) -> Self {
+        let mut options = Self::from_config(&Config::default());
+        options.path = path.into();
+        options
+    }
+
+    pub fn from_config(config: &Config) -> Self {
+        let o = &config.outbox;
+        Self {
+            path: config.data_dir().join(FILE_NAME),
+            synchronous: o.synchronous,
+            max_bytes: o.max_bytes.bytes(),
+            min_free_disk: o.min_free_disk.bytes(),
+            max_record_bytes: o.max_record_bytes.bytes(),
+            batch_max_records: o.batch_max_records,
+            batch_max_delay: o.batch_max_delay,
+            queue_capacity: o.queue_capacity,
+            integrity_check: o.integrity_check,
+            routes: config.routes(),
+        }
+    }
+}
+
+/// Why an outbox refused an append because it is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FullReason {
+    /// The byte cap (`outbox.max_bytes`) would be exceeded.
+    ByteCap,
+    /// Free disk space would fall below `outbox.min_free_disk`.
+    DiskFloor,
+}
+
+impl FullReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FullReason::ByteCap => "byte_cap",
+            FullReason::DiskFloor => "disk_floor",
+        }
+    }
+}
+
+/// Why an append did not complete. Nothing of a failed append request was stored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AppendError {
+    /// The outbox is full and the route's policy is `reject` (or eviction could not free enough).
+    /// Refuse the device with back-pressure: it should retry later.
+    #[error("outbox full ({}) for route `{route}`", reason.as_str())]
+    Full { route: String, reason: FullReason },
+    /// The record exceeds `outbox.max_record_bytes`. Refuse it permanently.
+    #[error("record of {size} bytes exceeds the {max} byte limit")]
+    TooLarge { size: u64, max: u64 },
+    /// The envelope names a route the outbox does not know: a wiring bug in the caller.
+    #[error("unknown route `{0}`")]
+    UnknownRoute(String),
+    /// The commit failed (disk full, I/O error) and was rolled back. Refuse; the device retries.
+    #[error("outbox commit failed: {0}")]
+    Storage(String),
+    /// The outbox is shutting down. Refuse; the device retries after the restart.
+    #[error("outbox is closed")]
+    Closed,
+}
+
+/// Why an ack did not complete. The records stay and will be forwarded again (at-least-once).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AckError {
+    #[error("outbox commit failed: {0}")]
+    Storage(String),
+    #[error("outbox is closed")]
+    Closed,
+}
+
+/// A record ready for the writer: the envelope plus what its route says.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    pub envelope: Envelope,
+    pub priority: u8,
+    pub when_full: WhenFull,
+    pub size: u64,
+}
+
+#[derive(Debug)]
+pub(crate) enum Request {
+    Append {
+        records: Vec<Pending>,
+        queued_at: Instant,
+        reply: oneshot::Sender<Result<Vec<u64>, AppendError>>,
+    },
+    Ack {
+        seqs: Vec<u64>,
+        reply: oneshot::Sender<Result<u64, AckError>>,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct RouteInfo {
+    priority: u8,
+    when_full: WhenFull,
+}
+
+/// State shared by the handle, the writer and whoever reports on them.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub path: PathBuf,
+    pub max_record_bytes: u64,
+    routes: HashMap<String, RouteInfo>,
+    pub metrics: OutboxMetrics,
+    pub quarantine: Option<Quarantine>,
+    pub started: Instant,
+    /// Milliseconds since `started` at which the writer last proved it was making progress
+    /// (finished a commit, or sat idle with nothing queued).
+    pub writer_heartbeat_ms: AtomicU64,
+    pub records: AtomicU64,
+    pub bytes: AtomicU64,
+    /// Wall-clock receipt time of the oldest held record, `i64::MIN` when empty.
+    pub oldest_received_ms: AtomicI64,
+}
+
+impl Shared {
+    pub fn beat(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.writer_heartbeat_ms.store(ms, Ordering::Relaxed);
+    }
+}
+
+/// Handle to the outbox. Clone it freely; all clones feed the same writer.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    tx: mpsc::Sender<Request>,
+    shared: Arc<Shared>,
+}
+
+impl Outbox {
+    /// Appends one record; resolves with its sequence number once it is committed.
+    pub async fn append(&self, envelope: Envelope) -> Result<u64, AppendError> {
+        let seqs = self.append_all(vec![envelope]).await?;
+        seqs.first().copied().ok_or(AppendError::Closed)
+    }
+
+    /// Appends records atomically: either all are committed (sequence numbers returned in
+    /// order) or none is.
+    pub async fn append_all(&self, envelopes: Vec<Envelope>) -> Result<Vec<u64>, AppendError> {
+        let records = self.prepare(envelopes)?;
+        let (reply, done) = oneshot::channel();
+        let request = Request::Append {
+            records,
+            queued_at: Instant::now(),
+            reply,
+        };
+        // A full queue makes us wait here: that is the back-pressure on ingress.
+        self.tx
+            .send(request)
+            .await
+            .map_err(|_| AppendError::Closed)?;
+        done.await.map_err(|_| AppendError::Closed)?
+    }
+
+    fn prepare(&self, envelopes: Vec<Envelope>) -> Result<Vec<Pending>, AppendError> {
+        let mut records = Vec::with_capacity(envelopes.len());
+        for envelope in envelopes {
+            let Some(route) = self.shared.routes.get(&*envelope.route) else {
+                return Err(AppendError::UnknownRoute(envelope.route.to_string()));
+            };
+            let size = envelope.accounted_size();
+            if size > self.shared.max_record_bytes {
+                self.shared
+                    .metrics
+                    .rejected(&envelope.route, "too_large", 1);
+                return Err(AppendError::TooLarge {
+                    size,
+                    max: self.shared.max_record_bytes,
+                });
+            }
+            records.push(Pending {
+                envelope,
+                priority: route.priority,
+                when_full: route.when_full,
+                size,
+            });
+        }
+        Ok(records)
+    }
+
+    /// Deletes delivered records. Unknown sequence numbers (already acked or evicted) are ignored;
+    /// resolves with how many records were deleted, after the deletion is committed.
+    pub async fn ack(&self, seqs: Vec<u64>) -> Result<u64, AckError> {
+        let (reply, done) = oneshot::channel();
+        self.tx
+            .send(Request::Ack { seqs, reply })
+            .await
+            .map_err(|_| AckError::Closed)?;
+        done.await.map_err(|_| AckError::Closed)?
+    }
+
+    /// Opens a new read-only connection for the forwarder (or a test).
+    pub fn reader(&self) -> Result<OutboxReader, rusqlite::Error> {
+        OutboxReader::open(&self.shared.path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    pub fn metrics(&self) -> &OutboxMetrics {
+        &self.shared.metrics
+    }
+
+    /// The corrupt file this outbox replaced at startup, if any: an alarm for status reports.
+    pub fn quarantine(&self) -> Option<&Quarantine> {
+        self.shared.quarantine.as_ref()
+    }
+
+    /// How long ago the writer last proved it was making progress. The systemd watchdog is fed
+    /// only while this is small.
+    pub fn writer_idle_for(&self) -> Duration {
+        let now = self.shared.started.elapsed().as_millis() as u64;
+        let beat = self.shared.writer_heartbeat_ms.load(Ordering::Relaxed);
+        Duration::from_millis(now.saturating_sub(beat))
+    }
+
+    /// True once the writer has stopped accepting appends.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// Records and bytes held, and the oldest record's wall-clock receipt time.
+    pub fn figures(&self) -> (u64, u64, Option<i64>) {
+        let oldest = self.shared.oldest_received_ms.load(Ordering::Relaxed);
+        (
+            self.shared.records.load(Ordering::Relaxed),
+            self.shared.bytes.load(Ordering::Relaxed),
+            (oldest != i64::MIN).then_some(oldest),
+        )
+    }
+
+    /// Refreshes gauges that depend on the time of the scrape (the oldest record's age).
+    pub fn refresh_gauges(&self, now_ms: i64) {
+        let (_, _, oldest) = self.figures();
+        let age = oldest.map_or(0.0, |ms| (now_ms.saturating_sub(ms)).max(0) as f64 / 1000.0);
+        self.shared.metrics.oldest_age_seconds.set(age);
+    }
+}
+
+/// Milliseconds since the Unix epoch by the wall clock (0 if the clock is before 1970).
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

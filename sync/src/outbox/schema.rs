@@ -1,0 +1,86 @@
+//! The outbox schema and its migrations.
+//!
+//! `PRAGMA user_version` holds the schema version. Each migration runs in its own transaction and
+//! bumps the version, so an interrupted upgrade resumes where it stopped. A file written by a newer
+//! Outpost is refused (not quarantined): its data is fine, this binary just cannot read it.
+
+use rusqlite::Connection;
+
+/// Migrations in order; `MIGRATIONS[i]` upgrades version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // v1: records, boots, and a one-row meta table with the running totals.
+    "CREATE TABLE records (
+         seq            INTEGER PRIMARY KEY,  -- gateway sequence, never reused (see meta.next_seq)
+         priority       INTEGER NOT NULL,
+         route          TEXT    NOT NULL,
+         boot           INTEGER NOT NULL REFERENCES boots(id),
+         received_at_ms INTEGER NOT NULL,     -- wall clock at receipt: informational only
+         device_id      TEXT    NOT NULL,
+         source         TEXT    NOT NULL,
+         topic          TEXT    NOT NULL,
+         content_type   TEXT,
+         headers        TEXT,                 -- JSON array of [name, value] pairs, NULL if none
+         payload        BLOB    NOT NULL,
+         size           INTEGER NOT NULL      -- bytes charged against the byte cap
+     );
+     -- The forwarder reads highest priority first, oldest first within a priority.
+     CREATE INDEX records_by_priority ON records(priority DESC, seq);
+     CREATE TABLE boots (
+         id             INTEGER PRIMARY KEY,
+         boot_id        TEXT    NOT NULL,
+         opened_at_ms   INTEGER NOT NULL
+     );
+     -- Totals kept in the same transactions as the rows they count, so they are exact after any
+     -- crash and `outpost buffer verify` can cross-check them.
+     CREATE TABLE meta (
+         id             INTEGER PRIMARY KEY CHECK (id = 1),
+         next_seq       INTEGER NOT NULL,
+         record_count   INTEGER NOT NULL,
+         record_bytes   INTEGER NOT NULL
+     );
+     INSERT INTO meta (id, next_seq, record_count, record_bytes) VALUES (1, 1, 0, 0);",
+];
+
+/// The schema version this binary writes.
+pub const CURRENT_VERSION: u32 = MIGRATIONS.len() as u32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// The file was written by a newer Outpost. Refuse to start; do not touch the file.
+    #[error("outbox schema version {found} is newer than this build supports ({supported})")]
+    TooNew { found: u32, supported: u32 },
+    /// SQLite failed while migrating; the failed step rolled back.
+    #[error("migrating outbox schema to version {to}: {source}")]
+    Sqlite {
+        to: u32,
+        #[source]
+        source: rusqlite::Error,
+    },
+}
+
+pub fn version(conn: &Connection) -> rusqlite::Result<u32> {
+    conn.pragma_query_value(None, "user_version", |row| row.get(0))
+}
+
+/// Brings the schema up to [`CURRENT_VERSION`].
+pub fn migrate(conn: &mut Connection) -> Result<(), MigrateError> {
+    let found = version(conn).map_err(|source| MigrateError::Sqlite { to: 0, source })?;
+    if found > CURRENT_VERSION {
+        return Err(MigrateError::TooNew {
+            found,
+            supported: CURRENT_VERSION,
+        });
+    }
+    for (from, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let to = from as u32 + 1;
+        let step = |conn: &mut Connection| -> rusqlite::Result<()> {
+            let tx = conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", to)?;
+            tx.commit()
+        };
+        step(conn).map_err(|source| MigrateError::Sqlite { to, source })?;
+        tracing::info!(version = to, "Outbox schema migrated");
+    }
+    Ok(())
+}

@@ -1,0 +1,602 @@
+//! The outbox writer: the only task that writes the database, committing in groups.
+//!
+//! One iteration of [`OutboxWriter::run`]: wait for the first request, gather what else is queued
+//! (up to `batch_max_records`, lingering up to `batch_max_delay`), then move the connection to a
+//! blocking thread, apply every request in **one** transaction, commit (one fsync for the whole
+//! group), and complete each request's future. A failed commit rolls back and fails every request
+//! of the group, so a completed append is always a committed one.
+//!
+//! Shutdown: when the token is cancelled the queue is closed to new requests, whatever is already
+//! queued is still committed, and the WAL is checkpointed.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use outpost_config::WhenFull;
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior};
+use tokio::sync::mpsc::{self, error::TryRecvError};
+use tokio_util::sync::CancellationToken;
+
+use super::{AckError, AppendError, FullReason, OutboxOptions, Pending, Request, Shared, disk};
+
+/// How often an idle writer proves it is alive (for the watchdog).
+const IDLE_BEAT: Duration = Duration::from_millis(500);
+/// Records evicted per query while making room.
+const EVICT_CHUNK: i64 = 256;
+/// At most one eviction/rejection log line per route and reason in this interval; the counters
+/// carry the exact numbers.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriterError {
+    /// The blocking commit thread panicked; the connection is gone. Restart the outbox.
+    #[error("outbox writer thread failed: {0}")]
+    Panicked(String),
+}
+
+/// Running totals, restored from `meta` at open and written back in every commit.
+#[derive(Debug, Clone, Copy)]
+struct Totals {
+    next_seq: u64,
+    count: u64,
+    bytes: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct WriterState {
+    conn: Connection,
+    dir: PathBuf,
+    boot: i64,
+    totals: Totals,
+    quiet: LogLimiter,
+}
+
+impl WriterState {
+    pub fn new(
+        conn: Connection,
+        dir: PathBuf,
+        boot: i64,
+        next_seq: u64,
+        count: u64,
+        bytes: u64,
+    ) -> Self {
+        Self {
+            conn,
+            dir,
+            boot,
+            totals: Totals {
+                next_seq,
+                count,
+                bytes,
+            },
+            quiet: LogLimiter::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    max_bytes: u64,
+    min_free_disk: u64,
+    batch_max_records: usize,
+    batch_max_delay: Duration,
+}
+
+/// The writer task. Spawn [`OutboxWriter::run`] once; appends complete only while it runs.
+#[derive(Debug)]
+pub struct OutboxWriter {
+    rx: mpsc::Receiver<Request>,
+    state: Option<WriterState>,
+    shared: Arc<Shared>,
+    limits: Limits,
+}
+
+impl OutboxWriter {
+    pub(crate) fn new(
+        rx: mpsc::Receiver<Request>,
+        state: WriterState,
+        shared: Arc<Shared>,
+        options: &OutboxOptions,
+    ) -> Self {
+        Self {
+            rx,
+            state: Some(state),
+            shared,
+            limits: Limits {
+                max_bytes: options.max_bytes,
+                min_free_disk: options.min_free_disk,
+                batch_max_records: options.batch_max_records.max(1),
+                batch_max_delay: options.batch_max_delay,
+            },
+        }
+    }
+
+    /// Runs until `shutdown` is cancelled (or every handle is dropped) and the queue is drained.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), WriterError> {
+        self.shared.beat();
+        let mut closing = false;
+        loop {
+            let first = if closing {
+                match self.rx.recv().await {
+                    Some(request) => request,
+                    None => break,
+                }
+            } else {
+                tokio::select! {
+                    request = self.rx.recv() => match request {
+                        Some(request) => request,
+                        None => break,
+                    },
+                    () = shutdown.cancelled() => {
+                        // New appends now fail with `Closed`; queued ones are still committed.
+                        self.rx.close();
+                        closing = true;
+                        continue;
+                    }
+                    () = tokio::time::sleep(IDLE_BEAT) => {
+                        self.shared.beat();
+                        continue;
+                    }
+                }
+            };
+            let batch = self.gather(first).await;
+            self.commit(batch).await?;
+            self.shared.beat();
+        }
+        if let Some(state) = self.state.take() {
+            let _ = tokio::task::spawn_blocking(move || {
+                // Fold the WAL back into the main file so a clean stop leaves one tidy file.
+                if let Err(e) = state.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
+                    tracing::warn!(error = %e, "Outbox checkpoint at shutdown failed");
+                }
+            })
+            .await;
+        }
+        tracing::info!("Outbox writer stopped; every queued append was committed or refused");
+        Ok(())
+    }
+
+    /// Collects queued requests after `first` into one group.
+    async fn gather(&mut self, first: Request) -> Vec<Request> {
+        let mut records = weight(&first);
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + self.limits.batch_max_delay;
+        while records < self.limits.batch_max_records {
+            let next = match self.rx.try_recv() {
+                Ok(request) => request,
+                Err(TryRecvError::Disconnected) => break,
+                Err(TryRecvError::Empty) => {
+                    if self.limits.batch_max_delay.is_zero() {
+                        break;
+                    }
+                    match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                        Ok(Some(request)) => request,
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            };
+            records += weight(&next);
+            batch.push(next);
+        }
+        batch
+    }
+
+    async fn commit(&mut self, batch: Vec<Request>) -> Result<(), WriterError> {
+        let Some(mut state) = self.state.take() else {
+            return Err(WriterError::Panicked("writer state lost".into()));
+        };
+        let shared = Arc::clone(&self.shared);
+        let limits = self.limits;
+        let state = tokio::task::spawn_blocking(move || {
+            commit_group(&mut state, &shared, limits, batch);
+            state
+        })
+        .await
+        .map_err(|e| WriterError::Panicked(e.to_string()))?;
+        self.state = Some(state);
+        Ok(())
+    }
+}
+
+fn weight(request: &Request) -> usize {
+    match request {
+        Request::Append { records, .. } => records.len().max(1),
+        Request::Ack { .. } => 1,
+    }
+}
+
+/// What became of one request inside the group, before the commit decides its fate.
+enum Outcome {
+    Appended(Vec<u64>),
+    Refused(AppendError),
+    Acked(u64),
+}
+
+/// Applies a group of requests in one transaction and completes their futures. Blocking.
+fn commit_group(state: &mut WriterState, shared: &Shared, limits: Limits, batch: Vec<Request>) {
+    let started = Instant::now();
+    let before = state.totals;
+    let WriterState {
+        conn,
+        dir,
+        boot,
+        totals,
+        quiet,
+    } = state;
+    let result = (|| -> rusqlite::Result<Vec<Outcome>> {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut room = Room::measure(dir, limits, shared, quiet);
+        let group_first_seq = totals.next_seq;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut deleted_any = false;
+        for request in &batch {
+            outcomes.push(match request {
+                Request::Append { records, .. } => {
+                    let verdict =
+                        room.admit(&tx, records, totals, group_first_seq, shared, quiet)?;
+                    deleted_any |= room.evicted_any;
+                    match verdict {
+                        Err(refusal) => Outcome::Refused(refusal),
+                        Ok(()) => Outcome::Appended(insert(&tx, *boot, records, totals)?),
+                    }
+                }
+                Request::Ack { seqs, .. } => {
+                    deleted_any = true;
+                    Outcome::Acked(delete(&tx, seqs, totals)?)
+                }
+            });
+        }
+        tx.execute(
+            "UPDATE meta SET next_seq = ?1, record_count = ?2, record_bytes = ?3 WHERE id = 1",
+            (
+                totals.next_seq as i64,
+                totals.count as i64,
+                totals.bytes as i64,
+            ),
+        )?;
+        if deleted_any || before.count == 0 {
+            let oldest: Option<i64> = tx
+                .query_row(
+                    "SELECT received_at_ms FROM records ORDER BY seq LIMIT 1",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            shared
+                .oldest_received_ms
+                .store(oldest.unwrap_or(i64::MIN), Ordering::Relaxed);
+        }
+        tx.commit()?;
+        Ok(outcomes)
+    })();
+
+    let metrics = &shared.metrics;
+    match result {
+        Ok(outcomes) => {
+            metrics.commits.inc();
+            metrics
+                .commit_duration
+                .observe(started.elapsed().as_secs_f64());
+            let totals = state.totals;
+            shared.records.store(totals.count, Ordering::Relaxed);
+            shared.bytes.store(totals.bytes, Ordering::Relaxed);
+            metrics.records.set(totals.count as i64);
+            metrics.bytes.set(totals.bytes as i64);
+            for (request, outcome) in batch.into_iter().zip(outcomes) {
+                complete(request, outcome, shared);
+            }
+        }
+        Err(e) => {
+            // Rolled back: nothing of this group exists, so nothing of it may be acknowledged.
+            state.totals = before;
+            metrics.commit_errors.inc();
+            let message = e.to_string();
+            tracing::error!(error = %message, requests = batch.len(), "Outbox commit failed; the group was refused");
+            for request in batch {
+                match request {
+                    Request::Append { records, reply, .. } => {
+                        for r in &records {
+                            metrics.rejected(&r.envelope.route, "storage_error", 1);
+                        }
+                        let _ = reply.send(Err(AppendError::Storage(message.clone())));
+                    }
+                    Request::Ack { reply, .. } => {
+                        let _ = reply.send(Err(AckError::Storage(message.clone())));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn complete(request: Request, outcome: Outcome, shared: &Shared) {
+    let metrics = &shared.metrics;
+    match (request, outcome) {
+        (
+            Request::Append {
+                reply, queued_at, ..
+            },
+            Outcome::Appended(seqs),
+        ) => {
+            metrics.appended_records.inc_by(seqs.len() as u64);
+            metrics
+                .append_latency
+                .observe(queued_at.elapsed().as_secs_f64());
+            // The appender may have gone away (client disconnected): nothing to do then.
+            let _ = reply.send(Ok(seqs));
+        }
+        (Request::Append { reply, .. }, Outcome::Refused(refusal)) => {
+            let _ = reply.send(Err(refusal));
+        }
+        (Request::Ack { reply, .. }, Outcome::Acked(n)) => {
+            metrics.acked_records.inc_by(n);
+            let _ = reply.send(Ok(n));
+        }
+        (Request::Ack { reply, .. }, _) => {
+            let _ = reply.send(Err(AckError::Storage(
+                "internal: mismatched outcome".into(),
+            )));
+        }
+        (Request::Append { reply, .. }, Outcome::Acked(_)) => {
+            let _ = reply.send(Err(AppendError::Storage(
+                "internal: mismatched outcome".into(),
+            )));
+        }
+    }
+}
+
+fn insert(
+    tx: &Transaction<'_>,
+    boot: i64,
+    records: &[Pending],
+    totals: &mut Totals,
+) -> rusqlite::Result<Vec<u64>> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO records (seq, priority, route, boot, received_at_ms, device_id, source, \
+         topic, content_type, headers, payload, size) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )?;
+    let mut seqs = Vec::with_capacity(records.len());
+    for record in records {
+        let e = &record.envelope;
+        let seq = totals.next_seq;
+        let headers = if e.headers.is_empty() {
+            None
+        } else {
+            Some(serde_json::to_string(&e.headers).unwrap_or_default())
+        };
+        stmt.execute(rusqlite::params![
+            seq as i64,
+            record.priority,
+            &*e.route,
+            boot,
+            e.received_at_ms,
+            e.device_id,
+            e.source.as_str(),
+            e.topic,
+            e.content_type,
+            headers,
+            e.payload,
+            record.size as i64,
+        ])?;
+        totals.next_seq += 1;
+        totals.count += 1;
+        totals.bytes += record.size;
+        seqs.push(seq);
+    }
+    Ok(seqs)
+}
+
+fn delete(tx: &Transaction<'_>, seqs: &[u64], totals: &mut Totals) -> rusqlite::Result<u64> {
+    let mut stmt = tx.prepare_cached("DELETE FROM records WHERE seq = ?1 RETURNING size")?;
+    let mut deleted = 0;
+    for &seq in seqs {
+        let size: Option<i64> = stmt.query_row([seq as i64], |r| r.get(0)).optional()?;
+        if let Some(size) = size {
+            deleted += 1;
+            totals.count -= 1;
+            totals.bytes = totals.bytes.saturating_sub(size as u64);
+        }
+    }
+    Ok(deleted)
+}
+
+/// The space accounting of one group: the byte cap and the free-disk floor.
+struct Room {
+    limits: Limits,
+    /// Free bytes on the data filesystem at the start of the group minus what the group has
+    /// written so far; `None` when there is no floor (or statvfs failed, which is logged).
+    disk_free: Option<u64>,
+    evicted_any: bool,
+}
+
+impl Room {
+    fn measure(
+        dir: &std::path::Path,
+        limits: Limits,
+        shared: &Shared,
+        quiet: &mut LogLimiter,
+    ) -> Self {
+        let disk_free = if limits.min_free_disk == 0 {
+            None
+        } else {
+            match disk::available_bytes(dir) {
+                Ok(free) => Some(free),
+                Err(e) => {
+                    if quiet.allow("statvfs", "error") {
+                        tracing::warn!(dir = %dir.display(), error = %e, "Cannot read free disk space; the disk floor is not enforced");
+                    }
+                    let _ = shared;
+                    None
+                }
+            }
+        };
+        Self {
+            limits,
+            disk_free,
+            evicted_any: false,
+        }
+    }
+
+    /// Makes room for `records` or says why not. May evict (drop_oldest routes only).
+    fn admit(
+        &mut self,
+        tx: &Transaction<'_>,
+        records: &[Pending],
+        totals: &mut Totals,
+        group_first_seq: u64,
+        shared: &Shared,
+        quiet: &mut LogLimiter,
+    ) -> rusqlite::Result<Result<(), AppendError>> {
+        self.evicted_any = false;
+        let need: u64 = records.iter().map(|r| r.size).sum();
+        let Some((reason, mut shortfall)) = self.shortfall(totals, need) else {
+            self.consume(need);
+            return Ok(Ok(()));
+        };
+        let refuse = |route: &str, quiet: &mut LogLimiter| {
+            shared
+                .metrics
+                .rejected(route, reason_label(reason), records.len() as u64);
+            if quiet.allow(route, reason_label(reason)) {
+                tracing::warn!(
+                    route,
+                    reason = reason_label(reason),
+                    records = records.len(),
+                    "Outbox full: refusing appends (policy reject)"
+                );
+            }
+            AppendError::Full {
+                route: route.to_owned(),
+                reason,
+            }
+        };
+        if let Some(rejecting) = records.iter().find(|r| r.when_full == WhenFull::Reject) {
+            return Ok(Err(refuse(&rejecting.envelope.route, quiet)));
+        }
+        // drop_oldest: evict the oldest committed records of the routes in this request.
+        let routes: BTreeSet<(&str, u8)> = records
+            .iter()
+            .map(|r| (&*r.envelope.route, r.priority))
+            .collect();
+        for (route, priority) in &routes {
+            if shortfall == 0 {
+                break;
+            }
+            let (n, freed) = evict(tx, route, *priority, group_first_seq, shortfall, totals)?;
+            if n > 0 {
+                self.evicted_any = true;
+                shared.metrics.dropped(route, reason_label(reason), n);
+                if quiet.allow(route, "evicted") {
+                    tracing::warn!(
+                        route,
+                        reason = reason_label(reason),
+                        records = n,
+                        bytes = freed,
+                        "Outbox full: evicted oldest records (policy drop_oldest)"
+                    );
+                }
+                // Freed pages are reused by SQLite, so they count as disk room too.
+                if let Some(free) = self.disk_free.as_mut() {
+                    *free += freed;
+                }
+            }
+            shortfall = shortfall.saturating_sub(freed);
+        }
+        match self.shortfall(totals, need) {
+            None => {
+                self.consume(need);
+                Ok(Ok(()))
+            }
+            Some(_) => Ok(Err(refuse(&records[0].envelope.route, quiet))),
+        }
+    }
+
+    /// How many bytes are missing for `need` more, and which limit is hit first.
+    fn shortfall(&self, totals: &Totals, need: u64) -> Option<(FullReason, u64)> {
+        let after = totals.bytes + need;
+        if after > self.limits.max_bytes {
+            return Some((FullReason::ByteCap, after - self.limits.max_bytes));
+        }
+        let free = self.disk_free?;
+        let wanted = need + self.limits.min_free_disk;
+        (free < wanted).then(|| (FullReason::DiskFloor, wanted - free))
+    }
+
+    fn consume(&mut self, bytes: u64) {
+        if let Some(free) = self.disk_free.as_mut() {
+            *free = free.saturating_sub(bytes);
+        }
+    }
+}
+
+fn reason_label(reason: FullReason) -> &'static str {
+    reason.as_str()
+}
+
+/// Deletes the oldest records of `route` committed before this group until `bytes` are freed.
+fn evict(
+    tx: &Transaction<'_>,
+    route: &str,
+    priority: u8,
+    before_seq: u64,
+    bytes: u64,
+    totals: &mut Totals,
+) -> rusqlite::Result<(u64, u64)> {
+    let mut select = tx.prepare_cached(
+        "SELECT seq, size FROM records WHERE priority = ?1 AND route = ?2 AND seq < ?3 \
+         ORDER BY seq LIMIT ?4",
+    )?;
+    let mut remove = tx.prepare_cached("DELETE FROM records WHERE seq = ?1")?;
+    let (mut records, mut freed) = (0u64, 0u64);
+    while freed < bytes {
+        let victims = select
+            .query_map((priority, route, before_seq as i64, EVICT_CHUNK), |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        if victims.is_empty() {
+            break;
+        }
+        for (seq, size) in victims {
+            remove.execute([seq])?;
+            records += 1;
+            freed += size as u64;
+            totals.count -= 1;
+            totals.bytes = totals.bytes.saturating_sub(size as u64);
+            if freed >= bytes {
+                break;
+            }
+        }
+    }
+    Ok((records, freed))
+}
+
+/// Allows one log line per key per [`LOG_EVERY`].
+#[derive(Debug, Default)]
+struct LogLimiter {
+    last: std::collections::HashMap<(String, &'static str), Instant>,
+}
+
+impl LogLimiter {
+    fn allow(&mut self, key: &str, kind: &'static str) -> bool {
+        let now = Instant::now();
+        match self.last.entry((key.to_owned(), kind)) {
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(now);
+                true
+            }
+            std::collections::hash_map::Entry::Occupied(mut slot) => {
+                if now.duration_since(*slot.get()) >= LOG_EVERY {
+                    slot.insert(now);
+                    true
+                } else {
+                    false
+                }
+            }
+        }
+    }
+}
