@@ -100,8 +100,9 @@ pub struct GatewayConfig {
     /// `StateDirectory=`), else `./outpost-data` (see [`Config::data_dir`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
-    /// How long shutdown may take to flush the outbox and close the upstream before the
-    /// remaining work is abandoned. Default `"10s"`; 100ms to 1h.
+    /// How long shutdown may take: ingress stops and drains into the outbox, then the outbox
+    /// writer commits what is queued. Past it the daemon exits non-zero. Default `"10s"`;
+    /// 100ms to 1h.
     #[serde(with = "crate::units::duration")]
     pub shutdown_grace: Duration,
 }

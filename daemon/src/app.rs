@@ -132,7 +132,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     drop(readings_tx);
     let ingest_task = tracker.spawn(named(
         "driver-ingest",
-        ingest::drivers::run(readings_rx, outbox.clone()),
+        ingest::drivers::run(readings_rx, outbox.clone(), ingress.clone()),
     ));
 
     if let Some(interval) = systemd::watchdog_interval() {

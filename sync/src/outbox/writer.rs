@@ -232,22 +232,28 @@ fn commit_group(state: &mut WriterState, shared: &Shared, limits: Limits, batch:
         let group_first_seq = totals.next_seq;
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut deleted_any = false;
-        for request in &batch {
-            outcomes.push(match request {
-                Request::Append { records, .. } => {
-                    let verdict =
-                        room.admit(&tx, records, totals, group_first_seq, shared, quiet)?;
-                    deleted_any |= room.evicted_any;
-                    match verdict {
-                        Err(refusal) => Outcome::Refused(refusal),
-                        Ok(()) => Outcome::Appended(insert(&tx, *boot, records, totals)?),
+        {
+            // Prepared once per group: most requests carry a single record.
+            let mut insert_stmt = tx.prepare_cached(INSERT_SQL)?;
+            for request in &batch {
+                outcomes.push(match request {
+                    Request::Append { records, .. } => {
+                        let verdict =
+                            room.admit(&tx, records, totals, group_first_seq, shared, quiet)?;
+                        deleted_any |= room.evicted_any;
+                        match verdict {
+                            Err(refusal) => Outcome::Refused(refusal),
+                            Ok(()) => {
+                                Outcome::Appended(insert(&mut insert_stmt, *boot, records, totals)?)
+                            }
+                        }
                     }
-                }
-                Request::Ack { seqs, .. } => {
-                    deleted_any = true;
-                    Outcome::Acked(delete(&tx, seqs, totals)?)
-                }
-            });
+                    Request::Ack { seqs, .. } => {
+                        deleted_any = true;
+                        Outcome::Acked(delete(&tx, seqs, totals)?)
+                    }
+                });
+            }
         }
         tx.execute(
             "UPDATE meta SET next_seq = ?1, record_count = ?2, record_bytes = ?3 WHERE id = 1",
@@ -348,17 +354,16 @@ fn complete(request: Request, outcome: Outcome, shared: &Shared) {
     }
 }
 
+const INSERT_SQL: &str = "INSERT INTO records (seq, priority, route, boot, received_at_ms, \
+     device_id, source, topic, content_type, headers, payload, size) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
+
 fn insert(
-    tx: &Transaction<'_>,
+    stmt: &mut rusqlite::CachedStatement<'_>,
     boot: i64,
     records: &[Pending],
     totals: &mut Totals,
 ) -> rusqlite::Result<Vec<u64>> {
-    let mut stmt = tx.prepare_cached(
-        "INSERT INTO records (seq, priority, route, boot, received_at_ms, device_id, source, \
-         topic, content_type, headers, payload, size) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-    )?;
     let mut seqs = Vec::with_capacity(records.len());
     for record in records {
         let e = &record.envelope;

@@ -1,0 +1,70 @@
+# shellcheck shell=bash
+# Helpers shared by scripts/*.sh and cross/*.sh. Source it; it defines functions only.
+
+# log MSG... : a progress line on stderr, so it never mixes with a command's stdout.
+log() { printf '%s\n' "$*" >&2; }
+
+# die MSG... : print an error and exit 1.
+die() {
+  printf 'error: %s\n' "$*" >&2
+  exit 1
+}
+
+# as_root CMD... : run CMD as root (directly, or through sudo when we are not root).
+as_root() {
+  if [[ $(id -u) -eq 0 ]]; then
+    "$@"
+  elif command -v sudo >/dev/null 2>&1; then
+    sudo "$@"
+  else
+    die "need root to run '$*' (and sudo is not installed)"
+  fi
+}
+
+# apt_installed PKG : true if the Debian package is installed (not merely known to dpkg).
+apt_installed() {
+  [[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) == "install ok installed" ]]
+}
+
+# ensure_apt_packages PKG... : install whichever of PKG are missing. Runs `apt-get update` only
+# when something has to be installed, so a machine that has everything never touches the network.
+ensure_apt_packages() {
+  command -v dpkg-query >/dev/null 2>&1 ||
+    die "not a Debian-based system: install these packages by hand: $*"
+  local missing=() pkg
+  for pkg in "$@"; do
+    apt_installed "$pkg" || missing+=("$pkg")
+  done
+  if ((${#missing[@]} == 0)); then
+    return 0
+  fi
+  log "Installing Debian packages: ${missing[*]}"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+# ensure_rust_target TRIPLE : add the standard library for TRIPLE to the active toolchain.
+ensure_rust_target() {
+  command -v rustup >/dev/null 2>&1 ||
+    die "rustup not found; cross targets need it (https://rustup.rs), or install rust-std for $1 by hand"
+  if ! rustup target list --installed | grep -qx "$1"; then
+    log "Adding Rust target $1"
+    rustup target add "$1"
+  fi
+}
+
+# ensure_rust_component NAME : add a rustup component (rustfmt, clippy) to the active toolchain.
+ensure_rust_component() {
+  command -v rustup >/dev/null 2>&1 || die "rustup not found; install $1 for your toolchain by hand"
+  if ! rustup component list --installed | grep -q "^$1"; then
+    log "Adding Rust component $1"
+    rustup component add "$1"
+  fi
+}
+
+# cargo_target_dir : where cargo writes artifacts (honours CARGO_TARGET_DIR, as cargo does).
+# Call from the repository root.
+cargo_target_dir() {
+  printf '%s\n' "${CARGO_TARGET_DIR:-$PWD/target}"
+}

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Installs everything scripts/test.sh needs. Idempotent: each item is checked first, and the network
+# is used only for what is missing. Later issues add their tools to the lists below.
+set -euo pipefail
+
+# Debian packages the tests and checks use.
+PACKAGES=(
+  curl                   # health checks against the admin HTTP server
+  python3                # small helpers in scripts (free ports, JSON)
+  systemd                # systemd-analyze, systemd-sysusers, systemd-tmpfiles (tests/tests/systemd_unit.rs)
+  qemu-user-static       # cross/smoke.sh runs the aarch64 binary under qemu-aarch64-static
+  gcc-aarch64-linux-gnu  # cross/build.sh: linker and C compiler (bundled SQLite) for aarch64
+  g++-aarch64-linux-gnu
+  libc6-dev-arm64-cross  # aarch64 glibc headers, crt files and dynamic loader (qemu -L)
+  socat                  # pseudo-terminals for serial driver tests
+  mosquitto-clients      # a real MQTT client for end-to-end tests
+  sqlite3                # inspecting the outbox database in tests and by hand
+)
+
+# rustup components and targets.
+RUST_COMPONENTS=(rustfmt clippy)
+RUST_TARGETS=(aarch64-unknown-linux-gnu)
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+
+ensure_apt_packages "${PACKAGES[@]}"
+
+command -v cargo >/dev/null 2>&1 ||
+  die "cargo not found: install Rust with rustup (https://rustup.rs) and open a new shell"
+for component in "${RUST_COMPONENTS[@]}"; do
+  ensure_rust_component "$component"
+done
+for target in "${RUST_TARGETS[@]}"; do
+  ensure_rust_target "$target"
+done
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  log "Installing cargo-nextest from crates.io (builds from source, takes a few minutes)"
+  cargo install cargo-nextest --locked
+fi
+
+log "Test dependencies are in place."

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# THE test command: installs what is missing, then runs every check. `.ci/run` execs this.
+#
+#   bash scripts/test.sh
+#
+# Sections: setup, fmt, clippy, build, tests (nextest, profile `ci`), cross build + qemu smoke
+# test for aarch64. Stops at the first failing section and says which one failed.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+
+# CI clones afresh each run; keep the build cache outside the clone so the next run on the same
+# machine reuses it. A machine without the cache simply builds from scratch.
+if [[ ${CI:-} == true && -z ${CARGO_TARGET_DIR:-} ]]; then
+  export CARGO_TARGET_DIR="$HOME/.cache/outpost-ci/target"
+  mkdir -p "$CARGO_TARGET_DIR"
+fi
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
+
+started=$SECONDS
+current=
+timings=()
+nextest_log=$(mktemp -t outpost-nextest.XXXXXX)
+
+finish() {
+  local rc=$?
+  rm -f "$nextest_log"
+  if ((rc != 0)); then
+    printf '\n##### FAILED in section "%s" (exit %s) after %ss #####\n' \
+      "$current" "$rc" "$((SECONDS - started))"
+  fi
+}
+trap finish EXIT
+
+# section NAME CMD... : run CMD under a banner and record how long it took.
+section() {
+  current=$1
+  shift
+  printf '\n##### %s #####\n' "$current"
+  local start=$SECONDS
+  "$@"
+  local took=$((SECONDS - start))
+  printf '##### %s: ok (%ss) #####\n' "$current" "$took"
+  timings+=("$(printf '%-14s %5ss' "$current" "$took")")
+}
+
+run_nextest() {
+  # tee keeps nextest's own output (and its summary line) on screen; pipefail keeps its status.
+  cargo nextest run --workspace --locked --profile ci 2>&1 | tee "$nextest_log"
+}
+
+section setup bash scripts/setup-test-deps.sh
+section fmt cargo fmt --all -- --check
+section clippy cargo clippy --workspace --all-targets --locked -- -D warnings
+# The end-to-end tests start the real binary: build it first (cargo would not, for another
+# package's tests).
+section build cargo build --workspace --bins --locked
+section tests run_nextest
+section cross-build bash cross/build.sh aarch64
+section cross-smoke bash cross/smoke.sh aarch64
+
+current=summary
+printf '\n##### summary #####\n'
+printf '%s\n' "${timings[@]}"
+printf '%-14s %5ss\n' total "$((SECONDS - started))"
+# Repeat the test count last, so it is the closing line of the whole run.
+summary=$(grep -E '^ *Summary \[' "$nextest_log" | tail -n 1 || true)
+if [[ -n $summary ]]; then
+  printf '%s\n' "$summary"
+  passed=$(sed -nE 's/.* ([0-9]+) passed.*/\1/p' <<<"$summary")
+  failed=$(sed -nE 's/.* ([0-9]+) failed.*/\1/p' <<<"$summary")
+  printf 'tests: %s passed, %s failed\n' "${passed:-0}" "${failed:-0}"
+fi

@@ -1,0 +1,245 @@
+//! Starting the real `outpost` binary and talking to it.
+
+#![allow(clippy::disallowed_methods)] // std::thread::sleep: blocking test code, no async runtime here
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::outpost_bin;
+
+/// A running daemon with JSON logs captured from stderr.
+pub struct Daemon {
+    child: Child,
+    /// The admin listener's address, read from the daemon's log.
+    pub admin: SocketAddr,
+    /// The data directory (`outbox.db` lives here).
+    pub data_dir: PathBuf,
+    pub config_path: PathBuf,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+/// Writes a config into `dir/outpost.toml`: data under `dir/data`, admin on an ephemeral
+/// loopback port, JSON logs, then `extra` TOML appended verbatim.
+pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
+    let data_dir = dir.join("data");
+    let text = format!(
+        "[gateway]\ndata_dir = \"{}\"\nshutdown_grace = \"10s\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         [log]\nformat = \"json\"\nlevel = \"info\"\n\n{extra}\n",
+        data_dir.display()
+    );
+    let path = dir.join("outpost.toml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+impl Daemon {
+    /// Starts `outpost run` on a config written by [`write_config`] and waits until it is ready.
+    pub fn start(dir: &Path, extra: &str) -> Daemon {
+        let config_path = write_config(dir, extra);
+        Self::start_with(&config_path, dir.join("data"))
+    }
+
+    pub fn start_with(config_path: &Path, data_dir: PathBuf) -> Daemon {
+        let mut child = Command::new(outpost_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(config_path)
+            .env_remove("RUST_LOG")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn outpost");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = Arc::clone(&logs);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            }
+        });
+        let mut daemon = Daemon {
+            child,
+            admin: "0.0.0.0:0".parse().expect("addr"),
+            data_dir,
+            config_path: config_path.to_path_buf(),
+            logs,
+        };
+        let bound = daemon.wait_for_log("Admin listener bound", Duration::from_secs(30));
+        let v: serde_json::Value = serde_json::from_str(&bound).expect("json log line");
+        daemon.admin = v["addr"]
+            .as_str()
+            .expect("addr field")
+            .parse()
+            .expect("socket addr");
+        daemon.wait_for_log("Outpost ready", Duration::from_secs(30));
+        daemon
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Every log line so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits for a log line containing `needle`; panics with the log on timeout or exit.
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.logs().into_iter().find(|l| l.contains(needle)) {
+                return line;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(100));
+                panic!(
+                    "outpost exited ({status}) before logging {needle:?}:\n{}",
+                    self.logs().join("\n")
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line {needle:?} within {timeout:?}:\n{}",
+                self.logs().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `GET path` on the admin listener: (status code, body).
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin, path)
+    }
+
+    /// The value of an un-labelled metric from `/metrics` (0 if absent).
+    pub fn metric(&self, name: &str) -> f64 {
+        let (code, body) = self.get("/metrics");
+        assert_eq!(code, 200, "/metrics: {body}");
+        metric_value(&body, name).unwrap_or(0.0)
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let (code, body) = self.get("/api/v1/status");
+        assert_eq!(code, 200, "/api/v1/status: {body}");
+        serde_json::from_str(&body).expect("status json")
+    }
+
+    /// Polls `check` every 50 ms until it returns true; panics after `timeout`.
+    pub fn wait_until(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut(&Daemon) -> bool,
+    ) {
+        let deadline = Instant::now() + timeout;
+        while !check(self) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "outpost exited ({status}) while waiting for {what}:\n{}",
+                    self.logs().join("\n")
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}:\n{}",
+                self.logs().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit: (status, time from signal to exit).
+    pub fn terminate(&mut self, timeout: Duration) -> (ExitStatus, Duration) {
+        let t0 = Instant::now();
+        signal(self.child.id(), rustix::process::Signal::TERM);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return (status, t0.elapsed());
+            }
+            if t0.elapsed() > timeout {
+                let _ = self.child.kill();
+                panic!(
+                    "outpost did not exit within {timeout:?} of SIGTERM:\n{}",
+                    self.logs().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `kill -9` and reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn signal(pid: u32, signal: rustix::process::Signal) {
+    let pid = rustix::process::Pid::from_raw(pid as i32).expect("pid");
+    rustix::process::kill_process(pid, signal).expect("kill");
+}
+
+/// A minimal HTTP/1.1 GET with `Connection: close`.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read response");
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad response: {response}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (code, body)
+}
+
+/// Parses `name value` from a Prometheus text exposition.
+pub fn metric_value(exposition: &str, name: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let (key, value) = line.rsplit_once(' ')?;
+        (key == name).then(|| value.parse().ok()).flatten()
+    })
+}
+
+/// Runs the outpost CLI with `args`: (exit code, stdout, stderr).
+pub fn outpost_cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(outpost_bin())
+        .args(args)
+        .env_remove("OUTPOST_CONFIG")
+        .output()
+        .expect("run outpost");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

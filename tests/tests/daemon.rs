@@ -1,0 +1,262 @@
+//! The daemon's lifecycle against the real binary: config errors, readiness endpoints, metrics,
+//! the buffer CLI on a live data directory, graceful shutdown under load, corrupt-file quarantine.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use outpost_e2e::daemon::{Daemon, outpost_cli, write_config};
+use outpost_sync::OutboxReader;
+
+/// `(device, n)` of a simulator payload.
+fn sim_key(payload: &[u8]) -> (String, u64) {
+    let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
+    (
+        v["device"].as_str().unwrap().to_owned(),
+        v["n"].as_u64().unwrap(),
+    )
+}
+
+/// Checks that every simulated device's readings are stored gap-free from 0 and in order, and
+/// returns the count per device.
+fn assert_simulator_readings_complete(data_dir: &std::path::Path) -> BTreeMap<String, u64> {
+    let stored = OutboxReader::open(&data_dir.join("outbox.db"))
+        .unwrap()
+        .read_all()
+        .unwrap();
+    let mut per_device: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for r in &stored {
+        let (device, n) = sim_key(&r.payload);
+        assert_eq!(r.device_id, device);
+        per_device.entry(device).or_default().push(n);
+    }
+    per_device
+        .into_iter()
+        .map(|(device, ns)| {
+            let expected: Vec<u64> = (0..ns.len() as u64).collect();
+            assert_eq!(
+                ns, expected,
+                "device {device}: readings lost, duplicated or reordered"
+            );
+            (device, ns.len() as u64)
+        })
+        .collect()
+}
+
+#[test]
+fn check_config_reports_every_problem_and_run_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[gateway]\ndata_dir = \"{}\"\nshutdown_grace = \"10 parsecs\"\n\n[admin]\nlisten = 8080\n\n\
+             [outbox]\nmax_byts = \"1GiB\"\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let (code, _out, err) = outpost_cli(&["check-config", path.to_str().unwrap()]);
+    assert_eq!(
+        code, 78,
+        "distinct exit code for a bad config; stderr:\n{err}"
+    );
+    for key in ["gateway.shutdown_grace", "admin.listen", "outbox.max_byts"] {
+        assert!(err.contains(key), "problem at {key} not reported:\n{err}");
+    }
+    assert!(
+        err.contains("max_bytes"),
+        "no suggestion for the misspelt key:\n{err}"
+    );
+
+    let (code, _out, err) = outpost_cli(&["run", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 78, "run must refuse an invalid config:\n{err}");
+    assert!(
+        !dir.path().join("data").exists(),
+        "nothing may be created by a refused start"
+    );
+
+    let good = write_config(dir.path(), "");
+    let (code, out, err) = outpost_cli(&["check-config", good.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+#[test]
+fn endpoints_metrics_and_buffer_cli_on_a_live_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(
+        dir.path(),
+        "[[drivers]]\nkind = \"simulator\"\nname = \"sim\"\ndevices = 3\ninterval = \"20ms\"\n",
+    );
+    assert_eq!(d.get("/healthz"), (200, "ok\n".to_owned()));
+    let (code, body) = d.get("/readyz");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(d.get("/nope").0, 404);
+    d.wait_until("readings committed", Duration::from_secs(10), |d| {
+        d.metric("outpost_outbox_records") >= 30.0
+    });
+    let (_, metrics) = d.get("/metrics");
+    for name in [
+        "outpost_outbox_records",
+        "outpost_outbox_size_bytes",
+        "outpost_outbox_oldest_record_age_seconds",
+        "outpost_outbox_commits_total",
+        "outpost_outbox_commit_duration_seconds_bucket",
+        "outpost_outbox_append_latency_seconds_count",
+        "outpost_outbox_corruption_alarm",
+    ] {
+        assert!(metrics.contains(name), "metric {name} missing:\n{metrics}");
+    }
+    let status = d.status();
+    assert!(status["outbox"]["records"].as_u64().unwrap() >= 30);
+    let states: BTreeMap<String, String> = status["subsystems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_owned(),
+                s["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(states["outbox"], "ACTIVE");
+    assert_eq!(states["admin"], "ACTIVE");
+    assert_eq!(states["driver/sim"], "ACTIVE");
+    assert_eq!(states["cloud"], "INACTIVE");
+
+    // Read-only tools on the live data directory.
+    let data = d.data_dir.to_str().unwrap().to_owned();
+    let (code, out, err) = outpost_cli(&["buffer", "stats", "--json", "--data-dir", &data]);
+    assert_eq!(code, 0, "{err}");
+    let stats: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(stats["records"].as_u64().unwrap() >= 30);
+    assert_eq!(stats["routes"][0]["route"], "default");
+    let config = d.config_path.to_str().unwrap().to_owned();
+    let (code, out, err) = outpost_cli(&["buffer", "stats", "--config", &config]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("oldest age:") && out.contains("default"),
+        "{out}"
+    );
+    let (code, out, err) = outpost_cli(&["buffer", "verify", "--data-dir", &data]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(d.is_running(), "inspection must not disturb the daemon");
+    let (code, out, _) = outpost_cli(&["version"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("outpost 0."), "{out}");
+
+    let (status, _) = d.terminate(Duration::from_secs(15));
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn state_directory_is_the_default_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let config = dir.path().join("outpost.toml");
+    std::fs::write(
+        &config,
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\n",
+    )
+    .unwrap();
+    // SAFETY of the environment: only this test process's child sees it.
+    let mut cmd = std::process::Command::new(outpost_e2e::outpost_bin());
+    cmd.args(["buffer", "stats", "--config", config.to_str().unwrap()])
+        .env("STATE_DIRECTORY", &state);
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "no outbox at {}",
+            state.join("outbox.db").display()
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn sigterm_under_load_exits_zero_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(
+        dir.path(),
+        "[[drivers]]\nkind = \"simulator\"\nname = \"load\"\ndevices = 50\ninterval = \"1ms\"\npayload_bytes = 100\n",
+    );
+    d.wait_until("load flowing", Duration::from_secs(20), |d| {
+        d.metric("outpost_outbox_records") >= 5_000.0
+    });
+    let (status, took) = d.terminate(Duration::from_secs(15));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit code after SIGTERM:\n{}",
+        d.logs().join("\n")
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "exceeded the 10 s grace: {took:?}"
+    );
+    assert!(
+        d.logs()
+            .iter()
+            .any(|l| l.contains("Outpost stopped cleanly"))
+    );
+    let counts = assert_simulator_readings_complete(&d.data_dir);
+    assert_eq!(counts.len(), 50, "every device stored");
+    let (min, max) = (
+        counts.values().min().unwrap(),
+        counts.values().max().unwrap(),
+    );
+    // The simulator finishes each round before stopping, and ingress drains before the writer
+    // closes, so every device has the same number of readings.
+    assert_eq!(min, max, "a round was cut at shutdown: {counts:?}");
+    let (code, out, err) = outpost_cli(&[
+        "buffer",
+        "verify",
+        "--data-dir",
+        d.data_dir.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+#[test]
+fn corrupt_outbox_is_quarantined_with_a_visible_alarm() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(
+        data.join("outbox.db"),
+        b"\x00garbage, not SQLite\xff".repeat(500),
+    )
+    .unwrap();
+    let mut d = Daemon::start(dir.path(), "");
+    d.wait_for_log("Outbox database is corrupt", Duration::from_secs(5));
+    let status = d.status();
+    let moved_to = status["outbox"]["quarantined"]["moved_to"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        std::path::Path::new(&moved_to).exists(),
+        "quarantined file kept at {moved_to}"
+    );
+    assert!(moved_to.contains("outbox.db.corrupt-"), "{moved_to}");
+    let alarms = status["alarms"].as_array().unwrap();
+    assert!(
+        alarms
+            .iter()
+            .any(|a| a["subsystem"] == "outbox"
+                && a["message"].as_str().unwrap().contains("corrupt")),
+        "{status}"
+    );
+    assert_eq!(d.metric("outpost_outbox_corruption_alarm"), 1.0);
+    assert_eq!(d.get("/readyz").0, 200, "a fresh outbox is ready");
+    let (status, _) = d.terminate(Duration::from_secs(15));
+    assert!(status.success());
+    // A second start finds the fresh file sound: no new alarm, no crash loop.
+    let mut again = Daemon::start(dir.path(), "");
+    assert_eq!(again.metric("outpost_outbox_corruption_alarm"), 0.0);
+    again.terminate(Duration::from_secs(15));
+}
