@@ -44,12 +44,20 @@ impl Daemon {
     }
 
     pub fn start_with(config_path: &Path, data_dir: PathBuf) -> Daemon {
+        Self::start_with_env(config_path, data_dir, &[])
+    }
+
+    /// Like [`Daemon::start_with`], with extra environment variables for the daemon.
+    pub fn start_with_env(config_path: &Path, data_dir: PathBuf, env: &[(&str, &str)]) -> Daemon {
         let mut child = Command::new(outpost_bin())
             .arg("run")
             .arg("--config")
             .arg(config_path)
             .env_remove("RUST_LOG")
             .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

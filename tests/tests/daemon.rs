@@ -260,3 +260,47 @@ fn corrupt_outbox_is_quarantined_with_a_visible_alarm() {
     assert_eq!(again.metric("outpost_outbox_corruption_alarm"), 0.0);
     again.terminate(Duration::from_secs(15));
 }
+
+#[test]
+fn systemd_notifications_ready_watchdog_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let config = write_config(dir.path(), "");
+    let mut d = Daemon::start_with_env(
+        &config,
+        dir.path().join("data"),
+        &[
+            ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    );
+    let mut messages = Vec::new();
+    let mut buf = [0u8; 4096];
+    // READY first, then WATCHDOG pings at half the 400 ms interval while the writer is healthy.
+    while messages
+        .iter()
+        .filter(|m: &&String| m.contains("WATCHDOG=1"))
+        .count()
+        < 3
+    {
+        let n = socket.recv(&mut buf).expect("notification within 10 s");
+        messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(messages[0].contains("READY=1"), "{messages:?}");
+    assert!(messages[0].contains("STATUS=ready"), "{messages:?}");
+    let (status, _) = d.terminate(Duration::from_secs(15));
+    assert!(status.success());
+    let mut stopping = false;
+    socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    while let Ok(n) = socket.recv(&mut buf) {
+        stopping |= String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1");
+    }
+    assert!(stopping, "STOPPING=1 sent at shutdown");
+}
