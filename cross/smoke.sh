@@ -67,6 +67,11 @@ data_dir = "$work/data"
 
 [admin]
 listen = "127.0.0.1:$port"
+
+# Device listeners on ephemeral loopback ports: the smoke test needs none of them, and the
+# default ports may be taken on a build machine.
+[coap]
+listen = "127.0.0.1:0"
 TOML
 
 log "== $arch: outpost run (admin on 127.0.0.1:$port)"

@@ -15,6 +15,7 @@ PACKAGES=(
   socat                  # pseudo-terminals for serial driver tests
   mosquitto-clients      # a real MQTT client for end-to-end tests
   sqlite3                # inspecting the outbox database in tests and by hand
+  libcoap3-bin           # coap-client (libcoap) for the CoAP end-to-end tests (tests/tests/coap.rs)
 )
 
 # rustup components and targets.

@@ -36,8 +36,9 @@ use std::path::Path;
 
 pub use error::{ConfigError, Problem};
 pub use model::{
-    AdminConfig, Config, DEFAULT_ROUTE, DriverConfig, GatewayConfig, IntegrityCheck, LogConfig,
-    LogFormat, OutboxConfig, Route, RouteConfig, SimulatorConfig, Synchronous, WhenFull,
+    AdminConfig, ApiConfig, ApiTokenConfig, CoapConfig, Config, DEFAULT_ROUTE, DevicesConfig,
+    DriverConfig, GatewayConfig, HttpIngestConfig, IntegrityCheck, LogConfig, LogFormat,
+    OutboxConfig, Route, RouteConfig, Scope, SimulatorConfig, Synchronous, WhenFull, parse_cidr,
 };
 pub use units::ByteSize;
 

@@ -59,6 +59,7 @@ deserialize_from_str!(LogFormat { "auto" => Auto, "human" => Human, "json" => Js
 deserialize_from_str!(Synchronous { "full" => Full, "normal" => Normal });
 deserialize_from_str!(WhenFull { "reject" => Reject, "drop_oldest" => DropOldest });
 deserialize_from_str!(IntegrityCheck { "quick" => Quick, "full" => Full, "off" => Off });
+deserialize_from_str!(Scope { "read" => Read, "write" => Write, "admin" => Admin });
 
 /// Name of the route that always exists and that drivers use unless told otherwise.
 pub const DEFAULT_ROUTE: &str = "default";
@@ -86,6 +87,125 @@ pub struct Config {
     /// `[[drivers]]`: device drivers producing readings. Default: none.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub drivers: Vec<DriverConfig>,
+    /// `[api]`: the management REST API under `/api/v1` on the admin listener.
+    pub api: ApiConfig,
+    /// `[devices]`: the device registry.
+    pub devices: DevicesConfig,
+    /// `[http_ingest]`: devices posting readings over HTTP.
+    pub http_ingest: HttpIngestConfig,
+    /// `[coap]`: the CoAP endpoint for devices.
+    pub coap: CoapConfig,
+}
+
+/// A permission of an API token. `admin` implies `write`, which implies `read`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Read inventory, status and commands.
+    Read,
+    /// Also create and update devices, enable/disable them, queue commands.
+    Write,
+    /// Also delete devices and rotate their secrets.
+    Admin,
+}
+
+/// `[api]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "an [api] table")]
+pub struct ApiConfig {
+    /// `[[api.tokens]]`: bearer tokens accepted by the management API. Default: none, which
+    /// leaves every management route answering 401. Create one with `outpost token new`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tokens: Vec<ApiTokenConfig>,
+}
+
+/// `[[api.tokens]]`: one bearer token, stored as its SHA-256 digest (never in clear).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "an [[api.tokens]] table")]
+pub struct ApiTokenConfig {
+    /// Required, unique: 1 to 64 of `a-z`, `0-9`, `_`, `-`. Shown in logs, never the token.
+    pub name: String,
+    /// Required: the SHA-256 of the token as 64 lowercase hex digits.
+    pub sha256: String,
+    /// Required, at least one of `"read"`, `"write"`, `"admin"`.
+    pub scopes: Vec<Scope>,
+}
+
+/// `[devices]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a [devices] table")]
+pub struct DevicesConfig {
+    /// A device not heard from for this long is reported offline. Default `"5m"`; 1s to 7d.
+    #[serde(with = "crate::units::duration")]
+    pub offline_after: Duration,
+}
+
+impl Default for DevicesConfig {
+    fn default() -> Self {
+        Self {
+            offline_after: Duration::from_secs(300),
+        }
+    }
+}
+
+/// `[http_ingest]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "an [http_ingest] table")]
+pub struct HttpIngestConfig {
+    /// Accept `POST /api/v1/ingest/{topic}` from devices. Default `true`.
+    pub enabled: bool,
+    /// Largest request body; larger ones get 413. Default `"1MiB"`; 1KiB to 64MiB.
+    pub max_body: ByteSize,
+    /// Most records in one batch body; more get 413. Default 1000; 1 to 100000.
+    pub max_batch: usize,
+    /// Outbox route of the records. Default `"default"`; must name an effective route.
+    pub route: String,
+}
+
+impl Default for HttpIngestConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_body: ByteSize::mib(1),
+            max_batch: 1000,
+            route: DEFAULT_ROUTE.to_owned(),
+        }
+    }
+}
+
+/// `[coap]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a [coap] table")]
+pub struct CoapConfig {
+    /// Run the CoAP endpoint. Default `true`.
+    pub enabled: bool,
+    /// UDP address as `IP:port`. Default `"0.0.0.0:5683"`; port 0 picks a free port.
+    #[serde(with = "socket_addr")]
+    pub listen: SocketAddr,
+    /// Networks (CIDR, e.g. `"192.168.10.0/24"`) whose devices may use plain, **unauthenticated**
+    /// CoAP, naming themselves with `?d=<device id>`. Default: loopback only.
+    pub plain_networks: Vec<String>,
+    /// Outbox route of the records. Default `"default"`; must name an effective route.
+    pub route: String,
+    /// Largest request body (Block1 transfers included); larger ones get 4.13.
+    /// Default `"64KiB"`; 1KiB to 16MiB.
+    pub max_body: ByteSize,
+    /// Remembered exchanges for de-duplicating retransmissions (RFC 7252 4.5), oldest evicted
+    /// first. Default 4096; 16 to 1000000.
+    pub max_exchanges: usize,
+}
+
+impl Default for CoapConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([0, 0, 0, 0], 5683)),
+            plain_networks: vec!["127.0.0.0/8".to_owned(), "::1/128".to_owned()],
+            route: DEFAULT_ROUTE.to_owned(),
+            max_body: ByteSize::kib(64),
+            max_exchanges: 4096,
+        }
+    }
 }
 
 /// `[gateway]`.
@@ -425,6 +545,26 @@ impl Config {
         out.extend(self.routes.iter().map(resolve));
         out
     }
+}
+
+/// Parses `"10.0.0.0/8"` or `"::1/128"` (a bare address means a single host) into the network
+/// address and prefix length.
+pub fn parse_cidr(text: &str) -> Result<(std::net::IpAddr, u8), String> {
+    let (addr, prefix) = text.split_once('/').unwrap_or((text, ""));
+    let ip: std::net::IpAddr = addr.parse().map_err(|_| {
+        format!("\"{text}\" is not a network like \"192.168.1.0/24\" or \"::1/128\"")
+    })?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let prefix = if prefix.is_empty() {
+        max
+    } else {
+        prefix
+            .parse::<u8>()
+            .ok()
+            .filter(|p| *p <= max)
+            .ok_or_else(|| format!("\"{text}\": prefix length must be 0 to {max}"))?
+    };
+    Ok((ip, prefix))
 }
 
 /// `IP:port` as a string, with an error message that shows the expected form.

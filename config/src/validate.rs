@@ -18,6 +18,8 @@ pub(crate) fn check(config: &Config) -> Vec<Issue> {
     checker.outbox(config);
     checker.routes(config);
     checker.drivers(config);
+    checker.api(config);
+    checker.ingress(config);
     checker.issues
 }
 
@@ -175,6 +177,92 @@ impl Checker {
             );
         }
         self.range(outbox.key("queue_capacity"), o.queue_capacity, 1, 1_000_000);
+    }
+
+    fn api(&mut self, config: &Config) {
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        for (i, token) in config.api.tokens.iter().enumerate() {
+            let path = root("api").key("tokens").index(i);
+            self.name(path.key("name"), &token.name, "API token");
+            if !token.name.is_empty() {
+                if let Some(first) = seen.get(token.name.as_str()) {
+                    let first = root("api").key("tokens").index(*first).key("name");
+                    let message = format!("duplicate token name \"{}\"", token.name);
+                    self.duplicate(path.key("name"), message, first);
+                } else {
+                    seen.insert(&token.name, i);
+                }
+            }
+            let hex = token.sha256.len() == 64
+                && token
+                    .sha256
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c));
+            if !hex {
+                self.problem(
+                    path.key("sha256"),
+                    "must be the SHA-256 of the token as 64 lowercase hex digits \
+                     (`outpost token new` prints one)",
+                );
+            }
+            if token.scopes.is_empty() {
+                self.problem(
+                    path.key("scopes"),
+                    "must list at least one of \"read\", \"write\", \"admin\"",
+                );
+            }
+        }
+    }
+
+    fn ingress(&mut self, config: &Config) {
+        let routes: Vec<String> = config.routes().into_iter().map(|r| r.name).collect();
+        let routes: Vec<&str> = routes.iter().map(String::as_str).collect();
+        self.duration_range(
+            root("devices").key("offline_after"),
+            config.devices.offline_after,
+            Duration::from_secs(1),
+            Duration::from_secs(7 * 86_400),
+        );
+        let http = root("http_ingest");
+        let h = &config.http_ingest;
+        if h.max_body < ByteSize::kib(1) || h.max_body > ByteSize::mib(64) {
+            self.problem(
+                http.key("max_body"),
+                format!("must be between 1KiB and 64MiB, found {}", h.max_body),
+            );
+        }
+        self.range(http.key("max_batch"), h.max_batch, 1, 100_000);
+        self.route_ref(http.key("route"), &h.route, &routes);
+        let coap = root("coap");
+        let c = &config.coap;
+        if c.max_body < ByteSize::kib(1) || c.max_body > ByteSize::mib(16) {
+            self.problem(
+                coap.key("max_body"),
+                format!("must be between 1KiB and 16MiB, found {}", c.max_body),
+            );
+        }
+        self.range(coap.key("max_exchanges"), c.max_exchanges, 16, 1_000_000);
+        self.route_ref(coap.key("route"), &c.route, &routes);
+        for (i, net) in c.plain_networks.iter().enumerate() {
+            if let Err(e) = crate::model::parse_cidr(net) {
+                self.problem(coap.key("plain_networks").index(i), e);
+            }
+        }
+    }
+
+    fn route_ref(&mut self, path: KeyPath, route: &str, routes: &[&str]) {
+        if !routes.contains(&route) {
+            let hint = suggest(route, routes)
+                .map(|s| format!(", did you mean \"{s}\"?"))
+                .unwrap_or_default();
+            self.problem(
+                path,
+                format!(
+                    "unknown route \"{route}\"{hint} (routes: {})",
+                    routes.join(", ")
+                ),
+            );
+        }
     }
 
     fn routes(&mut self, config: &Config) {

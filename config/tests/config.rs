@@ -72,7 +72,10 @@ fn outpost_example_commented_keys_are_valid() {
 fn looks_like_toml(line: &str) -> bool {
     let header = line.starts_with('[') && line.ends_with(']');
     let key_value = line.split_once(" = ").is_some_and(|(key, _)| {
-        !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+        !key.is_empty()
+            && key
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
     });
     header || key_value
 }

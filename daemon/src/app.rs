@@ -2,9 +2,11 @@
 //!
 //! ```text
 //!  drivers ──> readings channel ──> driver-ingest ──┐
-//!                                                   ├──> outbox writer (group commit) ──> SQLite
-//!  (MQTT, CoAP, HTTP ingestion: later issues) ──────┘
-//!  admin listener: /healthz /readyz /metrics /api/v1/status
+//!  CoAP (UDP) ───────────┐                          │
+//!  HTTP ingestion ───────┴──> Ingest ───────────────┴──> outbox writer (group commit) ──> SQLite
+//!                              │  └─> local readings stream (broadcast, for the local bus)
+//!                              └─> device registry (auth, monitoring) ──> registry.db
+//!  admin listener: /healthz /readyz /metrics /api/v1/status, REST API, HTTP ingestion
 //!  systemd: READY, STATUS, WATCHDOG (fed only while the writer makes progress), STOPPING
 //! ```
 //!
@@ -20,15 +22,19 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use outpost_config::Config;
 use outpost_sync::{OutboxOptions, outbox};
-use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::admin::{self, AdminState};
+use crate::ingress::coap::{CoapMetrics, CoapSettings};
+use crate::ingress::http::{HttpIngestMetrics, HttpIngestState};
+use crate::ingress::{Ingest, READINGS_STREAM_CAPACITY};
+use crate::registry::Registry;
 use crate::status::StatusBoard;
-use crate::{ingest, systemd, telemetry};
+use crate::{api, ingress, systemd, telemetry};
 
 /// Capacity of the channel between all drivers and the driver-ingest task. When it is full,
 /// drivers wait (their poll loops slow down); nothing is dropped.
@@ -46,7 +52,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         "Outpost starting"
     );
     let status = StatusBoard::default();
-    let mut registry = telemetry::metrics::registry();
+    let mut metrics = telemetry::metrics::registry();
     let tracker = TaskTracker::new();
 
     // Storage first: nothing may be accepted before the outbox is open.
@@ -54,7 +60,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let (outbox, writer) = tokio::task::spawn_blocking(move || outbox::open(options))
         .await
         .context("opening the outbox")??;
-    outbox.metrics().register(&mut registry);
+    outbox.metrics().register(&mut metrics);
     if let Some(q) = outbox.quarantine() {
         status.alarm(
             "outbox",
@@ -74,8 +80,58 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let writer_stop = CancellationToken::new();
     let mut writer_task = tracker.spawn(named("outbox-writer", writer.run(writer_stop.clone())));
 
+    let registry = {
+        let (dir, offline_after) = (data_dir.clone(), config.devices.offline_after);
+        tokio::task::spawn_blocking(move || Registry::open(&dir, offline_after))
+            .await
+            .context("opening the device registry")??
+    };
+    if let Some(q) = registry.quarantine() {
+        status.alarm(
+            "registry",
+            format!(
+                "corrupt registry moved to {}: {}",
+                q.moved_to.display(),
+                q.reason
+            ),
+        );
+    }
+    status.active("registry", true);
+    let (readings, _) = broadcast::channel(READINGS_STREAM_CAPACITY);
+    let ingest = Ingest::new(outbox.clone(), registry.clone(), readings);
+
     // Ingress stops as soon as shutdown begins.
     let ingress = shutdown.child_token();
+
+    // Device-facing HTTP ingestion shares the admin listener.
+    let http_ingest = config.http_ingest.enabled.then(|| {
+        let http_metrics = HttpIngestMetrics::default();
+        http_metrics.register(&mut metrics);
+        HttpIngestState {
+            ingest: ingest.clone(),
+            route: config.http_ingest.route.as_str().into(),
+            max_body: usize::try_from(config.http_ingest.max_body.bytes()).unwrap_or(usize::MAX),
+            max_batch: config.http_ingest.max_batch,
+            metrics: http_metrics,
+        }
+    });
+
+    // CoAP binds before READY so a port conflict stops the start with a clear error.
+    let coap = if config.coap.enabled {
+        let settings = CoapSettings::from_config(&config.coap).context("resolving [coap]")?;
+        let socket = UdpSocket::bind(config.coap.listen)
+            .await
+            .with_context(|| format!("binding the CoAP listener on {}", config.coap.listen))?;
+        let addr = socket
+            .local_addr()
+            .context("reading the CoAP listener address")?;
+        tracing::info!(addr = %addr, "CoAP listener bound");
+        let coap_metrics = CoapMetrics::default();
+        coap_metrics.register(&mut metrics);
+        Some((socket, settings, coap_metrics))
+    } else {
+        None
+    };
 
     let listener = TcpListener::bind(config.admin.listen)
         .await
@@ -89,13 +145,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         outbox: outbox.clone(),
         max_bytes: config.outbox.max_bytes.bytes(),
         status: status.clone(),
-        registry: Arc::new(registry),
+        registry: Arc::new(metrics),
         started,
     };
+    let mut admin_router = admin::router(admin_state).merge(api::router(api::ApiState::new(
+        registry.clone(),
+        &config.api,
+    )));
+    if let Some(state) = http_ingest {
+        admin_router = admin_router.merge(ingress::http::router(state));
+        status.active("http-ingest", false);
+    } else {
+        status.inactive(
+            "http-ingest",
+            "disabled by http_ingest.enabled = false",
+            false,
+        );
+    }
     let admin_stop = ingress.clone();
     let admin_status = status.clone();
     let admin_task = tracker.spawn(named("admin", async move {
-        let served = axum::serve(listener, admin::router(admin_state))
+        let served = axum::serve(listener, admin_router)
             .with_graceful_shutdown(admin_stop.cancelled_owned())
             .await;
         if let Err(e) = served {
@@ -104,6 +174,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
     }));
     status.active("admin", true);
+
+    let coap_task = match coap {
+        Some((socket, settings, coap_metrics)) => {
+            status.active("coap", false);
+            let (ingest, stop) = (ingest.clone(), ingress.clone());
+            Some(tracker.spawn(named(
+                "coap",
+                ingress::coap::run(socket, ingest, settings, coap_metrics, stop),
+            )))
+        }
+        None => {
+            status.inactive("coap", "disabled by coap.enabled = false", false);
+            None
+        }
+    };
 
     let (readings_tx, readings_rx) = mpsc::channel(READINGS_QUEUE);
     for driver_config in &config.drivers {
@@ -132,7 +217,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     drop(readings_tx);
     let ingest_task = tracker.spawn(named(
         "driver-ingest",
-        ingest::drivers::run(readings_rx, outbox.clone(), ingress.clone()),
+        ingress::drivers::run(
+            readings_rx,
+            outbox.clone(),
+            registry.clone(),
+            ingress.clone(),
+        ),
     ));
 
     if let Some(interval) = systemd::watchdog_interval() {
@@ -144,6 +234,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     tracker.spawn(named(
         "status-line",
         status_line(outbox.clone(), shutdown.clone()),
+    ));
+    // Saves device monitoring figures periodically; stopped (with a final save) once ingress
+    // has drained, so the last figures include the last readings.
+    let registry_stop = CancellationToken::new();
+    tracker.spawn(named(
+        "registry-flush",
+        registry.clone().run_flusher(registry_stop.clone()),
     ));
     tracker.close();
 
@@ -171,6 +268,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let drained = tokio::time::timeout_at(deadline, async {
         let _ = ingest_task.await;
         let _ = admin_task.await;
+        if let Some(coap_task) = coap_task {
+            let _ = coap_task.await;
+        }
     })
     .await;
     if drained.is_err() {
@@ -178,6 +278,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             "Ingress did not drain within the shutdown grace; closing the outbox anyway"
         );
     }
+    registry_stop.cancel();
     // Step 2: the writer commits what is queued and stops.
     writer_stop.cancel();
     if tokio::time::timeout_at(deadline, tracker.wait())

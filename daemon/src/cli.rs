@@ -37,6 +37,18 @@ pub enum Command {
         #[command(flatten)]
         location: DataLocation,
     },
+    /// Manage devices through the running daemon's API (token: --token or OUTPOST_API_TOKEN).
+    Devices {
+        #[command(subcommand)]
+        command: Box<crate::cli_devices::DevicesCommand>,
+        #[command(flatten)]
+        api: crate::cli_devices::ApiArgs,
+    },
+    /// Management API tokens.
+    Token {
+        #[command(subcommand)]
+        command: crate::cli_devices::TokenCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -18,6 +18,8 @@ pub fn dispatch(cli: Cli) -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Buffer { command, location } => buffer(command, &location),
+        Command::Devices { command, api } => crate::cli_devices::devices(*command, &api),
+        Command::Token { command } => crate::cli_devices::token(command),
     }
 }
 

@@ -4,10 +4,13 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod api;
 mod app;
 mod cli;
+mod cli_devices;
 mod commands;
-mod ingest;
+mod ingress;
+mod registry;
 mod status;
 mod systemd;
 mod telemetry;

@@ -16,6 +16,7 @@
 
 pub mod envelope;
 pub mod outbox;
+pub mod sqlite;
 
 pub use envelope::{Envelope, Source, StoredRecord};
 pub use outbox::{

@@ -22,13 +22,19 @@ pub struct Daemon {
     logs: Arc<Mutex<Vec<String>>>,
 }
 
-/// Writes a config into `dir/outpost.toml`: data under `dir/data`, admin on an ephemeral
-/// loopback port, JSON logs, then `extra` TOML appended verbatim.
+/// Writes a config into `dir/outpost.toml`: data under `dir/data`, admin and CoAP on ephemeral
+/// loopback ports, JSON logs, then `extra` TOML appended verbatim. When `extra` has its own
+/// `[coap]` table it must set `listen` itself (TOML forbids a table twice).
 pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
     let data_dir = dir.join("data");
+    let coap = if extra.contains("[coap]") {
+        ""
+    } else {
+        "[coap]\nlisten = \"127.0.0.1:0\"\n\n"
+    };
     let text = format!(
         "[gateway]\ndata_dir = \"{}\"\nshutdown_grace = \"10s\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
-         [log]\nformat = \"json\"\nlevel = \"info\"\n\n{extra}\n",
+         [log]\nformat = \"json\"\nlevel = \"info\"\n\n{coap}{extra}\n",
         data_dir.display()
     );
     let path = dir.join("outpost.toml");
@@ -125,6 +131,56 @@ impl Daemon {
     /// `GET path` on the admin listener: (status code, body).
     pub fn get(&self, path: &str) -> (u16, String) {
         http_get(self.admin, path)
+    }
+
+    /// Any request on the admin listener, with extra headers and a body.
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> crate::http::Response {
+        crate::http::request(self.admin, method, path, headers, body)
+    }
+
+    /// `POST path` with a JSON body (empty for none) and `Authorization: Bearer <token>` when
+    /// `token` is not empty.
+    pub fn post(&self, path: &str, token: &str, json: &str) -> crate::http::Response {
+        self.json_request("POST", path, token, json)
+    }
+
+    /// `PATCH path` with a JSON body, like [`Daemon::post`].
+    pub fn patch(&self, path: &str, token: &str, json: &str) -> crate::http::Response {
+        self.json_request("PATCH", path, token, json)
+    }
+
+    /// `DELETE path`, like [`Daemon::post`] without a body.
+    pub fn delete(&self, path: &str, token: &str) -> crate::http::Response {
+        self.json_request("DELETE", path, token, "")
+    }
+
+    /// `GET path` with a bearer token, like [`Daemon::post`].
+    pub fn get_with_token(&self, path: &str, token: &str) -> crate::http::Response {
+        self.json_request("GET", path, token, "")
+    }
+
+    fn json_request(
+        &self,
+        method: &str,
+        path: &str,
+        token: &str,
+        json: &str,
+    ) -> crate::http::Response {
+        let auth = format!("Bearer {token}");
+        let mut headers = Vec::new();
+        if !token.is_empty() {
+            headers.push(("Authorization", auth.as_str()));
+        }
+        if !json.is_empty() {
+            headers.push(("Content-Type", "application/json"));
+        }
+        self.request(method, path, &headers, json.as_bytes())
     }
 
     /// The value of an un-labelled metric from `/metrics` (0 if absent).

@@ -2,7 +2,10 @@
 //! the tests drive. Missing prerequisites fail the test with the command that fixes it; a test
 //! never skips silently.
 
+pub mod admin;
+pub mod coap;
 pub mod daemon;
+pub mod http;
 
 use std::env;
 use std::os::unix::fs::PermissionsExt;

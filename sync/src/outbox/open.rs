@@ -14,22 +14,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::time::Instant;
 
-use outpost_config::{IntegrityCheck, Synchronous};
-use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension};
+use outpost_config::Synchronous;
+use rusqlite::{Connection, OptionalExtension};
 use tokio::sync::mpsc;
 
-use super::schema::{self, MigrateError};
+use super::schema;
 use super::writer::{OutboxWriter, WriterState};
 use super::{Outbox, OutboxMetrics, OutboxOptions, RouteInfo, Shared, now_unix_ms};
+use crate::sqlite::{self, MigrateError, QuarantineError};
 
 /// A corrupt outbox file that was moved aside at startup.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Quarantine {
-    /// Where the corrupt file now lives.
-    pub moved_to: PathBuf,
-    /// What the integrity check or SQLite said.
-    pub reason: String,
-}
+pub use crate::sqlite::Quarantine;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -68,7 +63,15 @@ pub fn open(options: OutboxOptions) -> Result<(Outbox, OutboxWriter), OpenError>
         source,
     })?;
 
-    let quarantine = check_or_quarantine(&path, options.integrity_check)?;
+    let quarantine = sqlite::quarantine_if_corrupt(
+        &path,
+        options.integrity_check,
+        "Outbox database is corrupt: moved it aside and started a fresh outbox",
+    )
+    .map_err(|e| match e {
+        QuarantineError::Check { path, source } => OpenError::Sqlite { path, source },
+        QuarantineError::Move { path, source } => OpenError::Io { path, source },
+    })?;
     let sqlite = |source| OpenError::Sqlite {
         path: path.clone(),
         source,
@@ -171,92 +174,6 @@ fn configure(conn: &Connection, synchronous: Synchronous) -> rusqlite::Result<()
     // delay a checkpoint.
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     Ok(())
-}
-
-/// Runs the configured integrity check on an existing file; moves it aside if it is corrupt.
-fn check_or_quarantine(
-    path: &Path,
-    check: IntegrityCheck,
-) -> Result<Option<Quarantine>, OpenError> {
-    if !path.exists() {
-        return Ok(None);
-    }
-    let verdict = match integrity(path, check) {
-        Ok(None) => return Ok(None),
-        Ok(Some(problem)) => problem,
-        Err(e) if is_corruption(&e) => e.to_string(),
-        Err(source) => {
-            return Err(OpenError::Sqlite {
-                path: path.to_path_buf(),
-                source,
-            });
-        }
-    };
-    let moved_to = quarantine_path(path);
-    for suffix in ["", "-wal", "-shm"] {
-        let from = PathBuf::from(format!("{}{suffix}", path.display()));
-        let to = PathBuf::from(format!("{}{suffix}", moved_to.display()));
-        match fs::rename(&from, &to) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => return Err(OpenError::Io { path: from, source }),
-        }
-    }
-    tracing::error!(
-        path = %path.display(),
-        moved_to = %moved_to.display(),
-        reason = %verdict,
-        "Outbox database is corrupt: moved it aside and started a fresh outbox"
-    );
-    Ok(Some(Quarantine {
-        moved_to,
-        reason: verdict,
-    }))
-}
-
-/// `Ok(None)` if the file is sound, `Ok(Some(problem))` if the check found corruption.
-fn integrity(path: &Path, check: IntegrityCheck) -> rusqlite::Result<Option<String>> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    // Reading the schema forces SQLite to parse the header: garbage fails here with NOTADB.
-    conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
-        r.get::<_, i64>(0)
-    })?;
-    let pragma = match check {
-        IntegrityCheck::Off => return Ok(None),
-        IntegrityCheck::Quick => "PRAGMA quick_check(20)",
-        IntegrityCheck::Full => "PRAGMA integrity_check(20)",
-    };
-    let mut stmt = conn.prepare(pragma)?;
-    let lines = stmt
-        .query_map([], |r| r.get::<_, String>(0))?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(if lines.len() == 1 && lines[0] == "ok" {
-        None
-    } else {
-        Some(lines.join("; "))
-    })
-}
-
-fn is_corruption(e: &rusqlite::Error) -> bool {
-    matches!(
-        e.sqlite_error_code(),
-        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
-    )
-}
-
-fn quarantine_path(path: &Path) -> PathBuf {
-    let secs = now_unix_ms() / 1000;
-    let base = format!("{}.corrupt-{secs}", path.display());
-    let mut candidate = PathBuf::from(&base);
-    let mut n = 1;
-    while candidate.exists() {
-        candidate = PathBuf::from(format!("{base}.{n}"));
-        n += 1;
-    }
-    candidate
 }
 
 /// The kernel's id for this boot: records received in one boot can be ordered by it even when the

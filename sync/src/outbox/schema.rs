@@ -2,9 +2,14 @@
 //!
 //! `PRAGMA user_version` holds the schema version. Each migration runs in its own transaction and
 //! bumps the version, so an interrupted upgrade resumes where it stopped. A file written by a newer
-//! Outpost is refused (not quarantined): its data is fine, this binary just cannot read it.
+//! Outpost is refused (not quarantined): its data is fine, this binary just cannot read it. The
+//! mechanics live in [`crate::sqlite::migrate`]; this module owns the outbox's steps.
 
 use rusqlite::Connection;
+
+use crate::sqlite::{self, MigrateError};
+
+pub use crate::sqlite::user_version as version;
 
 /// Migrations in order; `MIGRATIONS[i]` upgrades version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -44,43 +49,7 @@ const MIGRATIONS: &[&str] = &[
 /// The schema version this binary writes.
 pub const CURRENT_VERSION: u32 = MIGRATIONS.len() as u32;
 
-#[derive(Debug, thiserror::Error)]
-pub enum MigrateError {
-    /// The file was written by a newer Outpost. Refuse to start; do not touch the file.
-    #[error("outbox schema version {found} is newer than this build supports ({supported})")]
-    TooNew { found: u32, supported: u32 },
-    /// SQLite failed while migrating; the failed step rolled back.
-    #[error("migrating outbox schema to version {to}: {source}")]
-    Sqlite {
-        to: u32,
-        #[source]
-        source: rusqlite::Error,
-    },
-}
-
-pub fn version(conn: &Connection) -> rusqlite::Result<u32> {
-    conn.pragma_query_value(None, "user_version", |row| row.get(0))
-}
-
 /// Brings the schema up to [`CURRENT_VERSION`].
 pub fn migrate(conn: &mut Connection) -> Result<(), MigrateError> {
-    let found = version(conn).map_err(|source| MigrateError::Sqlite { to: 0, source })?;
-    if found > CURRENT_VERSION {
-        return Err(MigrateError::TooNew {
-            found,
-            supported: CURRENT_VERSION,
-        });
-    }
-    for (from, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
-        let to = from as u32 + 1;
-        let step = |conn: &mut Connection| -> rusqlite::Result<()> {
-            let tx = conn.transaction()?;
-            tx.execute_batch(sql)?;
-            tx.pragma_update(None, "user_version", to)?;
-            tx.commit()
-        };
-        step(conn).map_err(|source| MigrateError::Sqlite { to, source })?;
-        tracing::info!(version = to, "Outbox schema migrated");
-    }
-    Ok(())
+    sqlite::migrate(conn, MIGRATIONS, "Outbox")
 }

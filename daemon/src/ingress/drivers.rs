@@ -14,7 +14,11 @@ use std::time::Duration;
 
 use outpost_drivers::Reading;
 use outpost_sync::{AppendError, Envelope, Outbox, Source};
+use std::collections::HashMap;
+
 use tokio::sync::mpsc;
+
+use crate::registry::{Registry, Traffic};
 use tokio_util::sync::CancellationToken;
 
 /// Readings gathered into one append request at most.
@@ -27,12 +31,41 @@ const RETRY: Duration = Duration::from_millis(500);
 pub async fn run(
     mut readings: mpsc::Receiver<Reading>,
     outbox: Outbox,
+    registry: Registry,
     stopping: CancellationToken,
 ) {
     let mut group = Vec::with_capacity(GROUP);
     while readings.recv_many(&mut group, GROUP).await > 0 {
-        let envelopes: Vec<Envelope> = group.drain(..).map(envelope).collect();
-        append_until_stored(&outbox, envelopes, &stopping).await;
+        // Once per device and group: registers unknown devices (source `driver:<name>`) and
+        // says whether to take their readings (false: disabled, or an invalid id). In memory for
+        // known devices, so disabling one takes effect at its next group.
+        let mut enabled: HashMap<String, bool> = HashMap::new();
+        for r in &group {
+            if !enabled.contains_key(&r.device_id) {
+                let source = format!("driver:{}", r.driver);
+                let take = registry.register_seen(&r.device_id, &source).await;
+                enabled.insert(r.device_id.clone(), take);
+            }
+        }
+        let mut bytes: HashMap<String, u64> = HashMap::new();
+        let mut kept = Vec::with_capacity(group.len());
+        for r in group.drain(..) {
+            if enabled.get(&r.device_id).copied().unwrap_or(false) {
+                *bytes.entry(r.device_id.clone()).or_default() += r.payload.len() as u64;
+                kept.push(r);
+            } else {
+                registry.observe(&r.device_id, Traffic::Refused);
+            }
+        }
+        if kept.is_empty() {
+            continue;
+        }
+        let envelopes: Vec<Envelope> = kept.into_iter().map(envelope).collect();
+        if append_until_stored(&outbox, envelopes, &stopping).await {
+            for (device, bytes) in bytes {
+                registry.observe(&device, Traffic::Accepted { bytes });
+            }
+        }
     }
 }
 
@@ -53,17 +86,17 @@ async fn append_until_stored(
     outbox: &Outbox,
     envelopes: Vec<Envelope>,
     stopping: &CancellationToken,
-) {
+) -> bool {
     let mut warned = false;
     loop {
         match outbox.append_all(envelopes.clone()).await {
-            Ok(_) => return,
+            Ok(_) => return true,
             Err(AppendError::Closed) => {
                 tracing::error!(
                     readings = envelopes.len(),
                     "Outbox closed before driver readings were stored"
                 );
-                return;
+                return false;
             }
             Err(AppendError::TooLarge { .. } | AppendError::UnknownRoute(_)) => {
                 // These never succeed on retry: store what can be stored, one by one.
@@ -72,12 +105,12 @@ async fn append_until_stored(
                         tracing::warn!(error = %err, "Driver reading refused by the outbox");
                     }
                 }
-                return;
+                return true;
             }
             Err(err @ (AppendError::Full { .. } | AppendError::Storage(_))) => {
                 if stopping.is_cancelled() {
                     tracing::error!(error = %err, readings = envelopes.len(), "Outbox refused driver readings during shutdown; dropping them");
-                    return;
+                    return false;
                 }
                 if !warned {
                     tracing::warn!(error = %err, readings = envelopes.len(), "Outbox refused driver readings; holding them and retrying");

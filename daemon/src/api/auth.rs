@@ -1,0 +1,279 @@
+//! Bearer-token authentication and scopes of the management API.
+//!
+//! Tokens are declared in the config as `[[api.tokens]]` with the SHA-256 of the token (never
+//! the token): the presented token is hashed and compared with *every* configured digest in
+//! constant time, so neither the match nor its position leaks through timing. Scopes are ordered:
+//! `admin` implies `write` implies `read`.
+//!
+//! - no `Authorization: Bearer …` header, or an unknown token → 401 with `WWW-Authenticate: Bearer`;
+//! - a known token without the route's scope → 403.
+//!
+//! Handlers state their scope in their signature with [`Authorized<Read>`], [`Authorized<Write>`]
+//! or [`Authorized<Admin>`] as their first extractor, so authentication runs before anything
+//! reads the request.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use outpost_config::{ApiConfig, Scope};
+
+use super::ApiState;
+use super::error::ApiError;
+use crate::registry::secrets::{self, Sha256Digest};
+
+/// One configured token.
+#[derive(Debug, Clone)]
+pub struct Token {
+    pub name: Arc<str>,
+    digest: Sha256Digest,
+    /// The highest scope granted.
+    scope: Scope,
+}
+
+/// The configured tokens.
+#[derive(Debug, Clone, Default)]
+pub struct TokenSet {
+    tokens: Vec<Token>,
+}
+
+impl TokenSet {
+    pub fn from_config(config: &ApiConfig) -> TokenSet {
+        let mut tokens = Vec::new();
+        for t in &config.tokens {
+            let (Some(digest), Some(scope)) = (
+                secrets::parse_sha256_hex(&t.sha256),
+                t.scopes.iter().copied().max(),
+            ) else {
+                // The config validation rejects these; never grant anything for them.
+                tracing::error!(token = %t.name, "Ignoring an API token without a valid sha256 or scopes");
+                continue;
+            };
+            tokens.push(Token {
+                name: Arc::from(t.name.as_str()),
+                digest,
+                scope,
+            });
+        }
+        if tokens.is_empty() {
+            tracing::warn!(
+                "No [[api.tokens]] configured: every management API route answers 401 \
+                 (create one with `outpost token new`)"
+            );
+        }
+        TokenSet { tokens }
+    }
+
+    /// A set with one token, for tests.
+    #[cfg(test)]
+    pub fn single(name: &str, token: &str, scope: Scope) -> Token {
+        Token {
+            name: Arc::from(name),
+            digest: secrets::sha256(token.as_bytes()),
+            scope,
+        }
+    }
+
+    #[cfg(test)]
+    pub fn of(tokens: Vec<Token>) -> TokenSet {
+        TokenSet { tokens }
+    }
+
+    /// The token matching `presented`, if any. Compares with every token in constant time.
+    fn find(&self, presented: &str) -> Option<&Token> {
+        let digest = secrets::sha256(presented.as_bytes());
+        let mut found = None;
+        for t in &self.tokens {
+            if secrets::digest_eq(&t.digest, &digest) && found.is_none() {
+                found = Some(t);
+            }
+        }
+        found
+    }
+
+    /// Checks the `Authorization` header for `required`.
+    pub fn check(&self, headers: &HeaderMap, required: Scope) -> Result<Arc<str>, ApiError> {
+        let Some(value) = headers.get(header::AUTHORIZATION) else {
+            return Err(unauthorized("missing bearer token", false));
+        };
+        let presented = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
+            .filter(|t| !t.is_empty());
+        let Some(presented) = presented else {
+            return Err(unauthorized(
+                "the Authorization header must be `Bearer <token>`",
+                false,
+            ));
+        };
+        let Some(token) = self.find(presented) else {
+            tracing::debug!("Management API request with an unknown token");
+            return Err(unauthorized("invalid token", true));
+        };
+        if token.scope < required {
+            return Err(ApiError {
+                challenge: Some(match required {
+                    Scope::Admin => {
+                        "Bearer realm=\"outpost\", error=\"insufficient_scope\", scope=\"admin\""
+                    }
+                    _ => "Bearer realm=\"outpost\", error=\"insufficient_scope\", scope=\"write\"",
+                }),
+                ..ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    format!(
+                        "token \"{}\" lacks the \"{}\" scope",
+                        token.name,
+                        scope_name(required)
+                    ),
+                )
+            });
+        }
+        Ok(Arc::clone(&token.name))
+    }
+}
+
+fn unauthorized(message: &str, invalid: bool) -> ApiError {
+    ApiError {
+        challenge: Some(if invalid {
+            "Bearer realm=\"outpost\", error=\"invalid_token\""
+        } else {
+            "Bearer realm=\"outpost\""
+        }),
+        ..ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+}
+
+pub fn scope_name(scope: Scope) -> &'static str {
+    match scope {
+        Scope::Read => "read",
+        Scope::Write => "write",
+        Scope::Admin => "admin",
+    }
+}
+
+/// A scope a route requires, as a type.
+pub trait RequiredScope: Send + Sync + 'static {
+    const SCOPE: Scope;
+}
+
+#[derive(Debug)]
+pub struct Read;
+#[derive(Debug)]
+pub struct Write;
+#[derive(Debug)]
+pub struct Admin;
+
+impl RequiredScope for Read {
+    const SCOPE: Scope = Scope::Read;
+}
+impl RequiredScope for Write {
+    const SCOPE: Scope = Scope::Write;
+}
+impl RequiredScope for Admin {
+    const SCOPE: Scope = Scope::Admin;
+}
+
+/// Extractor: the request carries a token with scope `S`; holds the token's name.
+#[derive(Debug)]
+pub struct Authorized<S> {
+    pub token: Arc<str>,
+    _scope: PhantomData<S>,
+}
+
+impl<S: RequiredScope> FromRequestParts<ApiState> for Authorized<S> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
+        let token = state.tokens.check(&parts.headers, S::SCOPE)?;
+        Ok(Authorized {
+            token,
+            _scope: PhantomData,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn headers(auth: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(a) = auth {
+            h.insert(header::AUTHORIZATION, HeaderValue::from_str(a).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn scopes_are_ordered_and_checked() {
+        let set = TokenSet::of(vec![
+            TokenSet::single("reader", "r-token", Scope::Read),
+            TokenSet::single("writer", "w-token", Scope::Write),
+            TokenSet::single("root", "a-token", Scope::Admin),
+        ]);
+        let status = |auth: Option<&str>, scope| {
+            set.check(&headers(auth), scope)
+                .map(|name| name.to_string())
+                .map_err(|e| e.status.as_u16())
+        };
+        assert_eq!(status(None, Scope::Read), Err(401));
+        assert_eq!(status(Some("Basic abc"), Scope::Read), Err(401));
+        assert_eq!(status(Some("Bearer "), Scope::Read), Err(401));
+        assert_eq!(status(Some("Bearer nope"), Scope::Read), Err(401));
+        assert_eq!(
+            status(Some("Bearer r-token"), Scope::Read),
+            Ok("reader".into())
+        );
+        assert_eq!(
+            status(Some("bearer r-token"), Scope::Read),
+            Ok("reader".into())
+        );
+        assert_eq!(status(Some("Bearer r-token"), Scope::Write), Err(403));
+        assert_eq!(
+            status(Some("Bearer w-token"), Scope::Write),
+            Ok("writer".into())
+        );
+        assert_eq!(status(Some("Bearer w-token"), Scope::Admin), Err(403));
+        assert_eq!(
+            status(Some("Bearer a-token"), Scope::Read),
+            Ok("root".into())
+        );
+        assert_eq!(
+            status(Some("Bearer a-token"), Scope::Admin),
+            Ok("root".into())
+        );
+    }
+
+    #[test]
+    fn from_config_uses_the_highest_scope_and_skips_bad_entries() {
+        let token =
+            |name: &str, sha256: String, scopes: Vec<Scope>| outpost_config::ApiTokenConfig {
+                name: name.into(),
+                sha256,
+                scopes,
+            };
+        let config = ApiConfig {
+            tokens: vec![
+                token(
+                    "a",
+                    secrets::hex(&secrets::sha256(b"tok")),
+                    vec![Scope::Read, Scope::Admin],
+                ),
+                token("b", "xyz".into(), vec![Scope::Admin]),
+            ],
+        };
+        let set = TokenSet::from_config(&config);
+        assert_eq!(set.tokens.len(), 1);
+        assert!(
+            set.check(&headers(Some("Bearer tok")), Scope::Admin)
+                .is_ok()
+        );
+    }
+}

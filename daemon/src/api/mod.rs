@@ -1,0 +1,184 @@
+//! The management REST API under `/api/v1`: device inventory, monitoring, commands, and the
+//! OpenAPI document. JSON in and out; bearer tokens with scopes ([`auth`]); errors name the
+//! field ([`error`]).
+//!
+//! Invariants:
+//! - [`ROUTES`] is the one list of what this router serves: [`router`] registers exactly these
+//!   entries, and the OpenAPI test checks that the document and this list agree and that every
+//!   documented route answers (not 404/405).
+//! - Every route except the OpenAPI document requires a token; the scope is part of each
+//!   handler's signature (`Authorized<Read|Write|Admin>`) and repeated in [`ROUTES`] for the
+//!   document (a test checks that they agree).
+//! - Handlers never touch SQLite for reads of the inventory or monitoring (the registry serves
+//!   them from memory); writes and command queries run on blocking threads.
+//! - Request bodies are limited to [`MAX_BODY`] (413 beyond).
+//!
+//! WIRING (app.rs): `admin_router.merge(api::router(api::ApiState::new(registry.clone(),
+//! &config.api)))`. This router sets no fallback (axum refuses to merge two), so the admin
+//! router's JSON 404 applies to unknown paths.
+
+pub mod auth;
+pub mod commands;
+pub mod devices;
+pub mod error;
+pub mod openapi;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Request};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::routing::{MethodRouter, delete, get, patch, post};
+use outpost_config::{ApiConfig, Scope};
+use serde::de::DeserializeOwned;
+
+use self::auth::TokenSet;
+use self::error::ApiError;
+use crate::registry::Registry;
+
+/// Largest accepted request body.
+pub const MAX_BODY: usize = 256 * 1024;
+
+/// What the API handlers share. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    pub registry: Registry,
+    pub tokens: Arc<TokenSet>,
+}
+
+impl ApiState {
+    pub fn new(registry: Registry, config: &ApiConfig) -> ApiState {
+        ApiState {
+            registry,
+            tokens: Arc::new(TokenSet::from_config(config)),
+        }
+    }
+}
+
+/// One route of this router.
+#[derive(Debug)]
+pub struct RouteSpec {
+    pub method: &'static str,
+    /// axum path syntax, which is also the OpenAPI template syntax here.
+    pub path: &'static str,
+    /// The scope it requires; `None` for public routes.
+    pub scope: Option<Scope>,
+    handler: fn() -> MethodRouter<ApiState>,
+}
+
+const fn route(
+    method: &'static str,
+    path: &'static str,
+    scope: Option<Scope>,
+    handler: fn() -> MethodRouter<ApiState>,
+) -> RouteSpec {
+    RouteSpec {
+        method,
+        path,
+        scope,
+        handler,
+    }
+}
+
+const READ: Option<Scope> = Some(Scope::Read);
+const WRITE: Option<Scope> = Some(Scope::Write);
+const ADMIN: Option<Scope> = Some(Scope::Admin);
+
+/// Every route this router serves.
+pub static ROUTES: &[RouteSpec] = &[
+    route("GET", "/api/v1/devices", READ, || get(devices::list)),
+    route("POST", "/api/v1/devices", WRITE, || post(devices::create)),
+    route("GET", "/api/v1/devices/{id}", READ, || get(devices::show)),
+    route("PATCH", "/api/v1/devices/{id}", WRITE, || {
+        patch(devices::update)
+    }),
+    route("DELETE", "/api/v1/devices/{id}", ADMIN, || {
+        delete(devices::remove)
+    }),
+    route("POST", "/api/v1/devices/{id}/disable", WRITE, || {
+        post(devices::disable)
+    }),
+    route("POST", "/api/v1/devices/{id}/enable", WRITE, || {
+        post(devices::enable)
+    }),
+    route("POST", "/api/v1/devices/{id}/rotate-secret", ADMIN, || {
+        post(devices::rotate_secret)
+    }),
+    route("GET", "/api/v1/devices/{id}/status", READ, || {
+        get(devices::status)
+    }),
+    route("POST", "/api/v1/devices/{id}/commands", WRITE, || {
+        post(commands::create)
+    }),
+    route("GET", "/api/v1/devices/{id}/commands", READ, || {
+        get(commands::list)
+    }),
+    route("GET", "/api/v1/devices/{id}/commands/{cid}", READ, || {
+        get(commands::show)
+    }),
+    route("GET", "/api/v1/openapi.json", None, || get(openapi::serve)),
+];
+
+/// The management API router, with its state applied; merge it into the admin router.
+pub fn router(state: ApiState) -> Router {
+    let mut router: Router<ApiState> = Router::new();
+    for spec in ROUTES {
+        router = router.route(spec.path, (spec.handler)());
+    }
+    router
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+/// Path parameters of a device route: `id`, and `cid` for a command.
+#[derive(Debug)]
+pub struct DevicePath {
+    pub id: String,
+    pub cid: Option<String>,
+}
+
+impl FromRequestParts<ApiState> for DevicePath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
+        let Path(mut params) = Path::<HashMap<String, String>>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::bad_request(e.body_text()))?;
+        let id = params
+            .remove("id")
+            .ok_or_else(|| ApiError::bad_request("missing device id"))?;
+        Ok(DevicePath {
+            id,
+            cid: params.remove("cid"),
+        })
+    }
+}
+
+/// A JSON request body, deserialized with field-naming errors (see [`error::parse_json`]).
+#[derive(Debug)]
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<ApiState> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &ApiState) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    format!("request bodies are limited to {MAX_BODY} bytes"),
+                )
+            } else {
+                ApiError::bad_request(e.body_text())
+            }
+        })?;
+        error::parse_json(&bytes).map(JsonBody)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,525 @@
+//! The OpenAPI 3.0 document served at `GET /api/v1/openapi.json`, written by hand.
+//!
+//! It covers every route of the admin listener: the management routes of this module's
+//! [`super::ROUTES`] (their scopes come from that list), device-facing HTTP ingestion and
+//! command polling, and the gateway's own status, health and metrics endpoints. Tests check that
+//! the management part and [`super::ROUTES`] agree exactly, and that every documented
+//! path and method answers on the real listener (neither 404 nor 405).
+
+use std::sync::LazyLock;
+
+use axum::response::{IntoResponse, Response};
+use outpost_config::Scope;
+use serde_json::{Map, Value, json};
+
+use super::ROUTES;
+use super::auth::scope_name;
+use crate::registry::{MAX_PAGE, commands};
+
+/// `GET /api/v1/openapi.json` (no token needed).
+pub async fn serve() -> Response {
+    axum::Json(&*DOCUMENT).into_response()
+}
+
+static DOCUMENT: LazyLock<Value> = LazyLock::new(document);
+
+fn error_response(description: &str) -> Value {
+    json!({
+        "description": description,
+        "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } }
+    })
+}
+
+fn json_response(description: &str, schema: &str) -> Value {
+    json!({
+        "description": description,
+        "content": { "application/json": { "schema": { "$ref": format!("#/components/schemas/{schema}") } } }
+    })
+}
+
+fn json_body(schema: &str) -> Value {
+    json!({
+        "required": true,
+        "content": { "application/json": { "schema": { "$ref": format!("#/components/schemas/{schema}") } } }
+    })
+}
+
+fn path_param(name: &str, description: &str, schema: Value) -> Value {
+    json!({ "name": name, "in": "path", "required": true, "description": description, "schema": schema })
+}
+
+fn device_id_param() -> Value {
+    path_param(
+        "id",
+        "Device id",
+        json!({ "type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$" }),
+    )
+}
+
+/// The management operation of (method, path), without security and auth responses.
+fn management_operation(method: &str, path: &str) -> Option<Value> {
+    let id = device_id_param();
+    let op = match (method, path) {
+        ("GET", "/api/v1/devices") => json!({
+            "operationId": "listDevices",
+            "summary": "List devices in id order, filtered and paginated",
+            "parameters": [
+                { "name": "tag", "in": "query", "schema": { "type": "string" }, "description": "Only devices with this tag" },
+                { "name": "state", "in": "query", "schema": { "type": "string", "enum": ["online", "offline", "disabled"] } },
+                { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": 100 } },
+                { "name": "cursor", "in": "query", "schema": { "type": "string" }, "description": "`next_cursor` of the previous page" }
+            ],
+            "responses": {
+                "200": json_response("A page of devices", "DevicePage"),
+                "400": error_response("Unknown or invalid query parameter (`field` names it)")
+            }
+        }),
+        ("POST", "/api/v1/devices") => json!({
+            "operationId": "createDevice",
+            "summary": "Create a device; the response carries its secret, shown this once",
+            "requestBody": json_body("NewDevice"),
+            "responses": {
+                "201": json_response("Created", "DeviceWithSecret"),
+                "400": error_response("Malformed JSON"),
+                "409": error_response("A device with this id exists"),
+                "413": error_response("Body too large"),
+                "422": error_response("Unknown field, wrong type, missing or invalid value (`field` names it)")
+            }
+        }),
+        ("GET", "/api/v1/devices/{id}") => json!({
+            "operationId": "getDevice",
+            "summary": "One device",
+            "parameters": [id],
+            "responses": {
+                "200": json_response("The device", "Device"),
+                "404": error_response("No such device")
+            }
+        }),
+        ("PATCH", "/api/v1/devices/{id}") => json!({
+            "operationId": "updateDevice",
+            "summary": "Change fields of a device; absent fields are kept",
+            "parameters": [id],
+            "requestBody": json_body("DeviceChanges"),
+            "responses": {
+                "200": json_response("The updated device", "Device"),
+                "400": error_response("Malformed JSON"),
+                "404": error_response("No such device"),
+                "413": error_response("Body too large"),
+                "422": error_response("Unknown field, wrong type or invalid value (`field` names it)")
+            }
+        }),
+        ("DELETE", "/api/v1/devices/{id}") => json!({
+            "operationId": "deleteDevice",
+            "summary": "Delete a device with its monitoring and commands",
+            "parameters": [id],
+            "responses": {
+                "204": { "description": "Deleted" },
+                "404": error_response("No such device")
+            }
+        }),
+        ("POST", "/api/v1/devices/{id}/disable") => json!({
+            "operationId": "disableDevice",
+            "summary": "Disable a device: every ingress path refuses it",
+            "parameters": [id],
+            "responses": {
+                "200": json_response("The device", "Device"),
+                "404": error_response("No such device")
+            }
+        }),
+        ("POST", "/api/v1/devices/{id}/enable") => json!({
+            "operationId": "enableDevice",
+            "summary": "Enable a device",
+            "parameters": [id],
+            "responses": {
+                "200": json_response("The device", "Device"),
+                "404": error_response("No such device")
+            }
+        }),
+        ("POST", "/api/v1/devices/{id}/rotate-secret") => json!({
+            "operationId": "rotateDeviceSecret",
+            "summary": "Give the device a new secret; the old one stops working at once",
+            "parameters": [id],
+            "responses": {
+                "200": json_response("The device and its new secret, shown this once", "DeviceWithSecret"),
+                "404": error_response("No such device")
+            }
+        }),
+        ("GET", "/api/v1/devices/{id}/status") => json!({
+            "operationId": "getDeviceStatus",
+            "summary": "Monitoring of a device: state, last seen, counters, rates, signal, location",
+            "parameters": [id],
+            "responses": {
+                "200": json_response("The monitoring fields", "DeviceStatus"),
+                "404": error_response("No such device")
+            }
+        }),
+        ("POST", "/api/v1/devices/{id}/commands") => json!({
+            "operationId": "queueCommand",
+            "summary": "Queue a command for the device",
+            "parameters": [id],
+            "requestBody": json_body("NewCommand"),
+            "responses": {
+                "201": json_response("Queued", "Command"),
+                "400": error_response("Malformed JSON"),
+                "404": error_response("No such device"),
+                "409": error_response(&format!("The device already has {} queued commands", commands::MAX_QUEUED)),
+                "413": error_response("Body too large"),
+                "422": error_response("Unknown field, wrong type or invalid value (`field` names it)")
+            }
+        }),
+        ("GET", "/api/v1/devices/{id}/commands") => json!({
+            "operationId": "listCommands",
+            "summary": "Queued, delivered and expired commands of the device, oldest first",
+            "parameters": [id],
+            "responses": {
+                "200": json_response("The commands", "CommandList"),
+                "404": error_response("No such device")
+            }
+        }),
+        ("GET", "/api/v1/devices/{id}/commands/{cid}") => json!({
+            "operationId": "getCommand",
+            "summary": "One command and its delivery state",
+            "parameters": [id, path_param("cid", "Command id", json!({ "type": "integer", "format": "int64" }))],
+            "responses": {
+                "200": json_response("The command", "Command"),
+                "404": error_response("No such device or command")
+            }
+        }),
+        ("GET", "/api/v1/openapi.json") => json!({
+            "operationId": "getOpenApi",
+            "summary": "This document",
+            "responses": { "200": { "description": "OpenAPI 3.0 document", "content": { "application/json": {} } } }
+        }),
+        _ => return None,
+    };
+    Some(op)
+}
+
+/// Routes served by other parts of the admin listener (ingestion, gateway status).
+fn other_operations() -> Vec<(&'static str, &'static str, Value)> {
+    let device_security = json!([{ "deviceBasic": [] }, { "deviceBearer": [] }]);
+    vec![
+        (
+            "POST",
+            "/api/v1/ingest/{topic}",
+            json!({
+                "operationId": "ingest",
+                "summary": "A device posts readings (one record or a batch); answered only after the outbox commit",
+                "description": "`topic` may contain `/`. The device authenticates with HTTP Basic (device id and secret) or `Authorization: Bearer <device id>:<secret>`. The records carry the authenticated device id.",
+                "security": device_security,
+                "parameters": [path_param("topic", "Topic, may contain '/'", json!({ "type": "string" }))],
+                "requestBody": {
+                    "required": true,
+                    "content": {
+                        "application/json": { "schema": {} },
+                        "application/cbor": { "schema": { "type": "string", "format": "binary" } },
+                        "application/senml+json": { "schema": { "type": "array", "items": { "type": "object" } } },
+                        "application/octet-stream": { "schema": { "type": "string", "format": "binary" } }
+                    }
+                },
+                "responses": {
+                    "201": { "description": "Committed to the outbox", "content": { "application/json": {} } },
+                    "400": error_response("Bad body (`field` names the offending part)"),
+                    "401": error_response("Missing or wrong device credentials"),
+                    "403": error_response("Device disabled or not allowed to use HTTP"),
+                    "413": error_response("Body or batch too large"),
+                    "415": error_response("Unsupported content type"),
+                    "503": {
+                        "description": "The outbox refuses records (full); retry later",
+                        "headers": { "Retry-After": { "schema": { "type": "integer" }, "description": "Seconds" } },
+                        "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } }
+                    }
+                }
+            }),
+        ),
+        (
+            "GET",
+            "/api/v1/device/commands",
+            json!({
+                "operationId": "pollCommands",
+                "summary": "A device fetches its queued commands; they are marked delivered",
+                "security": device_security,
+                "responses": {
+                    "200": json_response("The commands, oldest first", "CommandList"),
+                    "401": error_response("Missing or wrong device credentials"),
+                    "403": error_response("Device disabled or not allowed to use HTTP")
+                }
+            }),
+        ),
+        (
+            "GET",
+            "/api/v1/status",
+            json!({
+                "operationId": "gatewayStatus",
+                "summary": "Gateway status: every subsystem ACTIVE/INACTIVE with a reason, alarms, outbox figures, build info",
+                "security": [],
+                "responses": { "200": { "description": "Status", "content": { "application/json": {} } } }
+            }),
+        ),
+        (
+            "GET",
+            "/healthz",
+            json!({
+                "operationId": "healthz",
+                "summary": "Liveness: the process answers",
+                "security": [],
+                "responses": { "200": { "description": "Alive", "content": { "text/plain": {} } } }
+            }),
+        ),
+        (
+            "GET",
+            "/readyz",
+            json!({
+                "operationId": "readyz",
+                "summary": "Readiness: every essential subsystem is active",
+                "security": [],
+                "responses": {
+                    "200": { "description": "Ready", "content": { "application/json": {} } },
+                    "503": { "description": "Not ready, with the inactive subsystems", "content": { "application/json": {} } }
+                }
+            }),
+        ),
+        (
+            "GET",
+            "/metrics",
+            json!({
+                "operationId": "metrics",
+                "summary": "Prometheus / OpenMetrics exposition",
+                "security": [],
+                "responses": { "200": { "description": "Metrics", "content": { "application/openmetrics-text": {} } } }
+            }),
+        ),
+    ]
+}
+
+fn schemas() -> Value {
+    let text = |max: u32| json!({ "type": "string", "maxLength": max });
+    let protocols = json!({ "type": "array", "items": { "type": "string", "enum": ["mqtt", "coap", "http"] }, "uniqueItems": true });
+    let tags = json!({ "type": "array", "maxItems": crate::registry::MAX_TAGS, "items": { "type": "string", "pattern": "^[A-Za-z0-9._:=/-]{1,64}$" } });
+    let nullable_int = json!({ "type": "integer", "format": "int64", "nullable": true });
+    json!({
+        "Error": {
+            "type": "object",
+            "required": ["error", "message", "field"],
+            "properties": {
+                "error": { "type": "string", "description": "Machine-readable code: malformed_json, bad_request, unknown_field, invalid_type, missing_field, invalid_value, unauthorized, forbidden, not_found, already_exists, command_queue_full, body_too_large, internal" },
+                "message": { "type": "string" },
+                "field": { "type": "string", "nullable": true, "description": "JSON path of the offending field, e.g. `tags[1]`" }
+            }
+        },
+        "Device": {
+            "type": "object",
+            "properties": {
+                "id": { "type": "string" },
+                "name": { "type": "string" },
+                "model": { "type": "string" },
+                "batch": { "type": "string", "description": "Serial or batch number" },
+                "firmware": { "type": "string" },
+                "location": { "type": "string" },
+                "tags": tags,
+                "enabled": { "type": "boolean" },
+                "protocols": protocols,
+                "has_secret": { "type": "boolean" },
+                "source": { "type": "string", "description": "`api` or `driver:<name>`" },
+                "created_at_ms": { "type": "integer", "format": "int64" },
+                "updated_at_ms": { "type": "integer", "format": "int64" },
+                "state": { "type": "string", "enum": ["online", "offline", "disabled"] },
+                "last_seen_ms": nullable_int
+            }
+        },
+        "NewDevice": {
+            "type": "object",
+            "additionalProperties": false,
+            "required": ["id"],
+            "properties": {
+                "id": { "type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$" },
+                "name": text(256),
+                "model": text(128),
+                "batch": text(128),
+                "firmware": text(128),
+                "location": text(256),
+                "tags": tags,
+                "enabled": { "type": "boolean", "default": true },
+                "protocols": protocols
+            }
+        },
+        "DeviceChanges": {
+            "type": "object",
+            "additionalProperties": false,
+            "properties": {
+                "name": text(256),
+                "model": text(128),
+                "batch": text(128),
+                "firmware": text(128),
+                "location": text(256),
+                "tags": tags,
+                "enabled": { "type": "boolean" },
+                "protocols": protocols
+            }
+        },
+        "DeviceWithSecret": {
+            "type": "object",
+            "required": ["device", "secret"],
+            "properties": {
+                "device": { "$ref": "#/components/schemas/Device" },
+                "secret": { "type": "string", "description": "64 hex digits; shown only in this response" }
+            }
+        },
+        "DevicePage": {
+            "type": "object",
+            "required": ["devices", "next_cursor"],
+            "properties": {
+                "devices": { "type": "array", "items": { "$ref": "#/components/schemas/Device" } },
+                "next_cursor": { "type": "string", "nullable": true, "description": "null on the last page" }
+            }
+        },
+        "DeviceStatus": {
+            "type": "object",
+            "properties": {
+                "id": { "type": "string" },
+                "state": { "type": "string", "enum": ["online", "offline", "disabled"] },
+                "enabled": { "type": "boolean" },
+                "last_seen_ms": nullable_int,
+                "last_seen_age_seconds": { "type": "number", "nullable": true },
+                "messages": { "type": "integer" },
+                "bytes": { "type": "integer" },
+                "errors": {
+                    "type": "object",
+                    "properties": {
+                        "malformed": { "type": "integer" },
+                        "refused": { "type": "integer" },
+                        "dropped": { "type": "integer" }
+                    }
+                },
+                "messages_per_minute": { "type": "number", "description": "Exponentially decayed, 60 s time constant" },
+                "errors_per_minute": { "type": "number", "description": "Malformed + refused + dropped; exponentially decayed, 60 s time constant" },
+                "signal": {
+                    "type": "object", "nullable": true,
+                    "properties": { "rssi_dbm": { "type": "number" }, "at_ms": { "type": "integer", "format": "int64" } }
+                },
+                "location": {
+                    "type": "object", "nullable": true,
+                    "properties": { "lat": { "type": "number" }, "lon": { "type": "number" }, "at_ms": { "type": "integer", "format": "int64" } }
+                },
+                "offline_after_seconds": { "type": "integer" }
+            }
+        },
+        "NewCommand": {
+            "type": "object",
+            "additionalProperties": false,
+            "required": ["payload"],
+            "properties": {
+                "payload": { "description": "Any JSON value, at most 64 KiB" },
+                "ttl": { "type": "string", "example": "10m", "description": "Default 24h, at most 30d" }
+            }
+        },
+        "Command": {
+            "type": "object",
+            "properties": {
+                "id": { "type": "integer", "format": "int64" },
+                "device_id": { "type": "string" },
+                "payload": {},
+                "state": { "type": "string", "enum": ["queued", "delivered", "expired"] },
+                "created_at_ms": { "type": "integer", "format": "int64" },
+                "expires_at_ms": { "type": "integer", "format": "int64" },
+                "delivered_at_ms": nullable_int
+            }
+        },
+        "CommandList": {
+            "type": "object",
+            "properties": { "commands": { "type": "array", "items": { "$ref": "#/components/schemas/Command" } } }
+        }
+    })
+}
+
+/// Builds the document.
+pub fn document() -> Value {
+    let mut paths: Map<String, Value> = Map::new();
+    let mut add = |method: &str, path: &str, op: Value| {
+        let entry = paths
+            .entry(path.to_owned())
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(methods) = entry {
+            methods.insert(method.to_ascii_lowercase(), op);
+        }
+    };
+    for spec in ROUTES {
+        let Some(mut op) = management_operation(spec.method, spec.path) else {
+            continue; // the test `every_route_is_documented` catches this
+        };
+        if let Value::Object(fields) = &mut op {
+            match spec.scope {
+                Some(scope) => {
+                    let name = scope_name(scope);
+                    // OpenAPI 3.0 allows scope lists only for OAuth2/OpenID schemes: the scope
+                    // goes into an extension and the summary instead.
+                    fields.insert("security".into(), json!([{ "bearerAuth": [] }]));
+                    if let Some(Value::String(summary)) = fields.get_mut("summary") {
+                        summary.push_str(&format!(" (scope: {name})"));
+                    }
+                    fields.insert("x-required-scope".into(), Value::String(name.to_owned()));
+                    if let Some(Value::Object(responses)) = fields.get_mut("responses") {
+                        responses.insert(
+                            "401".into(),
+                            error_response(
+                                "Missing or invalid bearer token (with `WWW-Authenticate: Bearer`)",
+                            ),
+                        );
+                        responses.insert(
+                            "403".into(),
+                            error_response(&format!("The token lacks the `{name}` scope")),
+                        );
+                        if scope >= Scope::Write {
+                            responses.entry("500").or_insert_with(|| {
+                                error_response("Storage failed; nothing took effect")
+                            });
+                        }
+                    }
+                }
+                None => {
+                    fields.insert("security".into(), json!([]));
+                }
+            }
+        }
+        add(spec.method, spec.path, op);
+    }
+    for (method, path, op) in other_operations() {
+        add(method, path, op);
+    }
+    json!({
+        "openapi": "3.0.3",
+        "info": {
+            "title": "Outpost gateway API",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Management API of an Outpost edge gateway. Management routes take `Authorization: Bearer <token>` with a token declared in `[[api.tokens]]`; scopes: `read` for GETs, `write` to create/update/enable/disable devices and queue commands, `admin` to delete devices and rotate secrets (`admin` implies `write` implies `read`). Errors are JSON `{\"error\", \"message\", \"field\"}`."
+        },
+        "servers": [{ "url": "/" }],
+        "security": [{ "bearerAuth": [] }],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {
+                "bearerAuth": { "type": "http", "scheme": "bearer", "description": "Management token from `[[api.tokens]]` (`outpost token new`)" },
+                "deviceBasic": { "type": "http", "scheme": "basic", "description": "Device id and device secret" },
+                "deviceBearer": { "type": "http", "scheme": "bearer", "description": "`<device id>:<device secret>`" }
+            },
+            "schemas": schemas()
+        }
+    })
+}
+
+/// Every (method, path) in the document.
+#[cfg(test)]
+pub fn operations(doc: &Value) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    if let Some(paths) = doc.get("paths").and_then(Value::as_object) {
+        for (path, methods) in paths {
+            if let Some(methods) = methods.as_object() {
+                for method in methods.keys() {
+                    out.push((method.to_ascii_uppercase(), path.clone()));
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}

@@ -1,0 +1,359 @@
+//! Router-level tests: the OpenAPI document against the registered routes, scopes, errors.
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use tower::ServiceExt;
+
+use super::auth::TokenSet;
+use super::*;
+use crate::registry::Registry;
+
+const READ_TOKEN: &str = "read-token";
+const WRITE_TOKEN: &str = "write-token";
+const ADMIN_TOKEN: &str = "admin-token";
+
+fn state(dir: &std::path::Path) -> ApiState {
+    ApiState {
+        registry: Registry::open(dir, std::time::Duration::from_secs(300)).unwrap(),
+        tokens: Arc::new(TokenSet::of(vec![
+            TokenSet::single("r", READ_TOKEN, Scope::Read),
+            TokenSet::single("w", WRITE_TOKEN, Scope::Write),
+            TokenSet::single("a", ADMIN_TOKEN, Scope::Admin),
+        ])),
+    }
+}
+
+async fn call(
+    router: &Router,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (StatusCode, serde_json::Value, axum::http::HeaderMap) {
+    let mut req = Request::builder()
+        .method(Method::from_bytes(method.as_bytes()).unwrap())
+        .uri(path);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    if body.is_some() {
+        req = req.header("content-type", "application/json");
+    }
+    let req = req
+        .body(body.map_or_else(Body::empty, |b| Body::from(b.to_owned())))
+        .unwrap();
+    let resp = router.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    (status, json, headers)
+}
+
+/// Fills `{id}` and `{cid}` with existing resources.
+fn concrete(path: &str, cid: i64) -> String {
+    path.replace("{id}", "dev-1")
+        .replace("{cid}", &cid.to_string())
+        .replace("{topic}", "t/1")
+}
+
+async fn fixture(router: &Router) -> i64 {
+    let (s, _, _) = call(
+        router,
+        "POST",
+        "/api/v1/devices",
+        Some(WRITE_TOKEN),
+        Some(r#"{"id": "dev-1"}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, cmd, _) = call(
+        router,
+        "POST",
+        "/api/v1/devices/dev-1/commands",
+        Some(WRITE_TOKEN),
+        Some(r#"{"payload": {"x": 1}}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED);
+    cmd["id"].as_i64().unwrap()
+}
+
+#[test]
+fn document_and_routes_agree() {
+    let doc = openapi::document();
+    let documented = openapi::operations(&doc);
+    for spec in ROUTES {
+        assert!(
+            documented.contains(&(spec.method.to_owned(), spec.path.to_owned())),
+            "{} {} is registered but not documented",
+            spec.method,
+            spec.path
+        );
+    }
+    let others = [
+        "/api/v1/ingest/{topic}",
+        "/api/v1/device/commands",
+        "/api/v1/status",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ];
+    for (method, path) in &documented {
+        if others.contains(&path.as_str()) {
+            continue;
+        }
+        assert!(
+            ROUTES.iter().any(|s| s.method == method && s.path == path),
+            "{method} {path} is documented but not registered"
+        );
+    }
+    // Every operation has responses and a unique operationId; every $ref resolves.
+    let mut ids = std::collections::BTreeSet::new();
+    for (method, path) in &documented {
+        let op = &doc["paths"][path][method.to_ascii_lowercase()];
+        assert!(op["responses"].is_object(), "{method} {path}");
+        assert!(ids.insert(op["operationId"].as_str().unwrap().to_owned()));
+    }
+    let text = doc.to_string();
+    for piece in text.split("\"$ref\":\"#/components/schemas/").skip(1) {
+        let name = piece.split('"').next().unwrap();
+        assert!(
+            doc["components"]["schemas"][name].is_object(),
+            "dangling $ref {name}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn every_documented_management_route_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = router(state(dir.path()));
+    let cid = fixture(&router).await;
+    let doc = openapi::document();
+    let mut ops = openapi::operations(&doc);
+    // Deleting last keeps the device for the other routes.
+    ops.sort_by_key(|(m, _)| m == "DELETE");
+    for (method, path) in ops {
+        if !ROUTES.iter().any(|s| s.method == method && s.path == path) {
+            continue; // served by other routers; checked against the real binary
+        }
+        let (status, body, _) = call(
+            &router,
+            &method,
+            &concrete(&path, cid),
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await;
+        assert!(
+            status != StatusCode::NOT_FOUND && status != StatusCode::METHOD_NOT_ALLOWED,
+            "{method} {path}: {status} {body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn scopes_in_the_route_list_match_the_handlers() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = router(state(dir.path()));
+    let cid = fixture(&router).await;
+    for spec in ROUTES {
+        let path = concrete(spec.path, cid);
+        let Some(scope) = spec.scope else {
+            let (status, _, _) = call(&router, spec.method, &path, None, None).await;
+            assert_eq!(status, StatusCode::OK, "{} {}", spec.method, spec.path);
+            continue;
+        };
+        let (status, body, headers) = call(&router, spec.method, &path, None, None).await;
+        assert_eq!(
+            status,
+            StatusCode::UNAUTHORIZED,
+            "{} {}",
+            spec.method,
+            spec.path
+        );
+        assert_eq!(body["error"], "unauthorized");
+        assert!(
+            headers["www-authenticate"]
+                .to_str()
+                .unwrap()
+                .starts_with("Bearer")
+        );
+        let (status, _, _) = call(&router, spec.method, &path, Some("bogus"), None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let weaker = match scope {
+            Scope::Read => None,
+            Scope::Write => Some(READ_TOKEN),
+            Scope::Admin => Some(WRITE_TOKEN),
+        };
+        if let Some(token) = weaker {
+            let (status, body, _) = call(&router, spec.method, &path, Some(token), None).await;
+            assert_eq!(
+                status,
+                StatusCode::FORBIDDEN,
+                "{} {} with a weaker token",
+                spec.method,
+                spec.path
+            );
+            assert_eq!(body["error"], "forbidden");
+        }
+        if spec.method != "DELETE" {
+            let exact = match scope {
+                Scope::Read => READ_TOKEN,
+                Scope::Write => WRITE_TOKEN,
+                Scope::Admin => ADMIN_TOKEN,
+            };
+            let (status, _, _) = call(&router, spec.method, &path, Some(exact), None).await;
+            assert!(
+                status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN,
+                "{} {} with its own scope: {status}",
+                spec.method,
+                spec.path
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn bodies_are_checked_with_the_field_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = router(state(dir.path()));
+    let post = |body: &'static str| {
+        let router = router.clone();
+        async move {
+            call(
+                &router,
+                "POST",
+                "/api/v1/devices",
+                Some(WRITE_TOKEN),
+                Some(body),
+            )
+            .await
+        }
+    };
+    let (s, b, _) = post(r#"{"id": "a""#).await;
+    assert_eq!(
+        (s, b["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("malformed_json"))
+    );
+    let (s, b, _) = post(r#"{"id": "a", "colour": "red"}"#).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        (b["error"].as_str(), b["field"].as_str()),
+        (Some("unknown_field"), Some("colour"))
+    );
+    let (s, b, _) = post(r#"{"id": "a", "enabled": "yes"}"#).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        (b["error"].as_str(), b["field"].as_str()),
+        (Some("invalid_type"), Some("enabled"))
+    );
+    let (s, b, _) = post(r#"{"id": "a", "protocols": ["mqtt", "smtp"]}"#).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(b["field"], "protocols[1]");
+    let (s, b, _) = post(r#"{"id": "a b"}"#).await;
+    assert_eq!(
+        (s, b["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("id"))
+    );
+    let (s, b, _) = post(r#"{"name": "x"}"#).await;
+    assert_eq!(
+        (b["error"].as_str(), b["field"].as_str()),
+        (Some("missing_field"), Some("id"))
+    );
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+
+    let (s, _, headers) = post(r#"{"id": "a"}"#).await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(headers["location"], "/api/v1/devices/a");
+    let (s, b, _) = post(r#"{"id": "a"}"#).await;
+    assert_eq!(
+        (s, b["error"].as_str()),
+        (StatusCode::CONFLICT, Some("already_exists"))
+    );
+
+    let big = format!(r#"{{"id": "b", "name": "{}"}}"#, "x".repeat(MAX_BODY));
+    let (s, b, _) = call(
+        &router,
+        "POST",
+        "/api/v1/devices",
+        Some(WRITE_TOKEN),
+        Some(&big),
+    )
+    .await;
+    assert_eq!(
+        (s, b["error"].as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, Some("body_too_large"))
+    );
+
+    let (s, b, _) = call(
+        &router,
+        "POST",
+        "/api/v1/devices/a/commands",
+        Some(WRITE_TOKEN),
+        Some(r#"{"payload": 1, "ttl": "10 parsecs"}"#),
+    )
+    .await;
+    assert_eq!(
+        (s, b["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("ttl"))
+    );
+
+    let (s, b, _) = call(
+        &router,
+        "GET",
+        "/api/v1/devices?limit=0",
+        Some(READ_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, b["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("limit"))
+    );
+    let (s, b, _) = call(
+        &router,
+        "GET",
+        "/api/v1/devices?colour=red",
+        Some(READ_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, b["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("colour"))
+    );
+    let (s, b, _) = call(
+        &router,
+        "GET",
+        "/api/v1/devices?state=sleepy",
+        Some(READ_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, b["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("state"))
+    );
+    let (s, _, _) = call(
+        &router,
+        "GET",
+        "/api/v1/devices/nope",
+        Some(READ_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _, _) = call(
+        &router,
+        "GET",
+        "/api/v1/devices/a/commands/xyz",
+        Some(READ_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}

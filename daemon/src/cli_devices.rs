@@ -1,0 +1,712 @@
+//! `outpost devices …` and `outpost token new`: the device inventory from the command line.
+//!
+//! `devices` talks to the *running* daemon through its management API (plain HTTP to the admin
+//! listener, blocking `ureq` client), so the daemon stays the only writer of `registry.db` and
+//! its in-memory index and auth cache stay right. The URL is `--url`, else `admin.listen` of
+//! `--config` (`0.0.0.0`/`::` become loopback), else `http://127.0.0.1:8080`; the token is
+//! `--token` or `$OUTPOST_API_TOKEN` (prefer the variable: command lines are visible to other
+//! users).
+//!
+//! `token new` works offline: it prints a fresh random token and the `[[api.tokens]]` entry
+//! holding only its SHA-256, so installers never write a clear token into the config.
+//!
+//! Exit codes: 0 success; 1 the API refused (its JSON error is printed) or is unreachable;
+//! 2 bad arguments (no token, bad URL); 78 unreadable config.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+use crate::EXIT_CONFIG;
+use crate::registry::secrets;
+
+/// How to reach the daemon's API.
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    /// Base URL of the admin listener, e.g. `http://127.0.0.1:8080`. Default: from `--config`'s
+    /// `admin.listen`, else `http://127.0.0.1:8080`.
+    #[arg(long, global = true)]
+    pub url: Option<String>,
+    /// Configuration file to read `admin.listen` from.
+    #[arg(long, short, global = true, env = "OUTPOST_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Management API token (with the `read`, `write` or `admin` scope the command needs).
+    #[arg(long, global = true, env = "OUTPOST_API_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print the API's JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DevicesCommand {
+    /// Register a device and print its secret (shown this once).
+    Add {
+        /// Device id: 1 to 128 of letters, digits, '.', '_', ':', '-'.
+        id: String,
+        /// Display name.
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        model: Option<String>,
+        /// Serial or batch number.
+        #[arg(long)]
+        batch: Option<String>,
+        #[arg(long)]
+        firmware: Option<String>,
+        /// Free-text location.
+        #[arg(long)]
+        location: Option<String>,
+        /// A tag; repeat for several.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// Allowed protocols, comma-separated (mqtt,coap,http). Default: all.
+        #[arg(long, value_delimiter = ',')]
+        protocols: Option<Vec<String>>,
+        /// Create it disabled.
+        #[arg(long)]
+        disabled: bool,
+    },
+    /// List devices (every page, unless --limit is given).
+    List {
+        /// Only devices with this tag.
+        #[arg(long)]
+        tag: Option<String>,
+        /// Only devices in this state: online, offline or disabled.
+        #[arg(long)]
+        state: Option<String>,
+        /// Show only the first N devices.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Show a device with its monitoring.
+    Show { id: String },
+    /// Disable a device: every protocol refuses it.
+    Disable { id: String },
+    /// Enable a device.
+    Enable { id: String },
+    /// Delete a device with its monitoring and commands (needs the `admin` scope).
+    Remove { id: String },
+    /// Give a device a new secret; the old one stops working at once (needs `admin`).
+    RotateSecret { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Print a new random API token and the `[[api.tokens]]` entry (with its SHA-256) for the
+    /// configuration file.
+    New {
+        /// Token name: 1 to 64 of a-z, 0-9, '_', '-'.
+        #[arg(long, default_value = "operator")]
+        name: String,
+        /// Scopes, comma-separated: read, write, admin (admin implies write implies read).
+        #[arg(long, value_delimiter = ',', default_value = "read")]
+        scopes: Vec<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A failed command: message and exit code.
+struct Failure {
+    message: String,
+    code: u8,
+}
+
+fn fail(code: u8, message: impl Into<String>) -> Failure {
+    Failure {
+        message: message.into(),
+        code,
+    }
+}
+
+fn finish(result: Result<(), Failure>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("outpost: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+// ---- token new ------------------------------------------------------------------------------
+
+pub fn token(command: TokenCommand) -> ExitCode {
+    let TokenCommand::New { name, scopes, json } = command;
+    finish(token_new(&name, &scopes, json))
+}
+
+fn token_new(name: &str, scopes: &[String], as_json: bool) -> Result<(), Failure> {
+    let name_ok = (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+    if !name_ok {
+        return Err(fail(2, "--name must be 1 to 64 of a-z, 0-9, '_', '-'"));
+    }
+    let mut list: Vec<&str> = Vec::new();
+    for s in scopes {
+        let s = s.trim();
+        if !matches!(s, "read" | "write" | "admin") {
+            return Err(fail(
+                2,
+                format!("unknown scope \"{s}\": use read, write or admin"),
+            ));
+        }
+        if !list.contains(&s) {
+            list.push(s);
+        }
+    }
+    if list.is_empty() {
+        return Err(fail(2, "--scopes needs at least one of read, write, admin"));
+    }
+    let token = secrets::generate();
+    let digest = secrets::hex(&secrets::sha256(token.as_bytes()));
+    if as_json {
+        let v = json!({ "name": name, "token": token, "sha256": digest, "scopes": list });
+        println!("{v:#}");
+        return Ok(());
+    }
+    let scopes_toml = list
+        .iter()
+        .map(|s| format!("\"{s}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    println!("Token (shown once; give it to the API client, e.g. as OUTPOST_API_TOKEN):");
+    println!();
+    println!("    {token}");
+    println!();
+    println!("Add this to the configuration (it holds only the token's SHA-256):");
+    println!();
+    println!("[[api.tokens]]");
+    println!("name = \"{name}\"");
+    println!("sha256 = \"{digest}\"");
+    println!("scopes = [{scopes_toml}]");
+    Ok(())
+}
+
+// ---- devices --------------------------------------------------------------------------------
+
+pub fn devices(command: DevicesCommand, api: &ApiArgs) -> ExitCode {
+    finish(Client::new(api).and_then(|client| run(&client, command, api.json)))
+}
+
+struct Client {
+    base: String,
+    token: String,
+    agent: ureq::Agent,
+}
+
+struct Reply {
+    status: u16,
+    body: Value,
+}
+
+impl Client {
+    fn new(api: &ApiArgs) -> Result<Client, Failure> {
+        let base = match &api.url {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => default_url(api)?,
+        };
+        if base.starts_with("https://") {
+            return Err(fail(
+                2,
+                "https is not supported: the admin listener speaks plain HTTP (reach it over \
+                 loopback or a management network)",
+            ));
+        }
+        if !base.starts_with("http://") {
+            return Err(fail(
+                2,
+                format!("--url must start with http://, found \"{base}\""),
+            ));
+        }
+        let Some(token) = api.token.clone().filter(|t| !t.is_empty()) else {
+            return Err(fail(
+                2,
+                "no API token: set OUTPOST_API_TOKEN or pass --token (create one with \
+                 `outpost token new`)",
+            ));
+        };
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .into();
+        Ok(Client { base, token, agent })
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Reply, Failure> {
+        let url = format!("{}{path}", self.base);
+        let auth = format!("Bearer {}", self.token);
+        let result = match (method, body) {
+            ("GET", _) => self.agent.get(&url).header("Authorization", &auth).call(),
+            ("DELETE", _) => self
+                .agent
+                .delete(&url)
+                .header("Authorization", &auth)
+                .call(),
+            ("POST", None) => self
+                .agent
+                .post(&url)
+                .header("Authorization", &auth)
+                .send_empty(),
+            ("POST", Some(b)) => self
+                .agent
+                .post(&url)
+                .header("Authorization", &auth)
+                .header("Content-Type", "application/json")
+                .send(b.to_string()),
+            (_, b) => self
+                .agent
+                .patch(&url)
+                .header("Authorization", &auth)
+                .header("Content-Type", "application/json")
+                .send(b.map(Value::to_string).unwrap_or_default()),
+        };
+        let mut response = result.map_err(|e| {
+            fail(
+                1,
+                format!("cannot reach the Outpost API at {}: {e}", self.base),
+            )
+        })?;
+        let status = response.status().as_u16();
+        let text = response
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| fail(1, format!("reading the response of {method} {path}: {e}")))?;
+        let body = if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        Ok(Reply { status, body })
+    }
+
+    /// Like [`Client::call`], turning a non-2xx answer into a failure with the API's message.
+    fn ok(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, Failure> {
+        let reply = self.call(method, path, body)?;
+        if (200..300).contains(&reply.status) {
+            return Ok(reply.body);
+        }
+        let b = &reply.body;
+        let mut message = format!(
+            "{} {}: {}",
+            reply.status,
+            b["error"].as_str().unwrap_or("error"),
+            b["message"]
+                .as_str()
+                .map_or_else(|| b.to_string(), str::to_owned)
+        );
+        if let Some(field) = b["field"].as_str() {
+            let _ = write!(message, " (field: {field})");
+        }
+        if reply.status == 401 {
+            message.push_str(
+                "\nhint: set OUTPOST_API_TOKEN or --token to a token from [[api.tokens]]",
+            );
+        }
+        Err(fail(1, message))
+    }
+}
+
+fn default_url(api: &ApiArgs) -> Result<String, Failure> {
+    let Some(path) = &api.config else {
+        return Ok("http://127.0.0.1:8080".to_owned());
+    };
+    let config =
+        crate::commands::load_config(Some(path)).map_err(|e| fail(EXIT_CONFIG, e.to_string()))?;
+    let listen = config.admin.listen;
+    let ip = match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    Ok(match ip {
+        IpAddr::V4(ip) => format!("http://{ip}:{}", listen.port()),
+        IpAddr::V6(ip) => format!("http://[{ip}]:{}", listen.port()),
+    })
+}
+
+/// Percent-encodes everything but `[A-Za-z0-9_-]`.
+fn encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+fn device_path(id: &str) -> String {
+    format!("/api/v1/devices/{}", encode(id))
+}
+
+fn run(client: &Client, command: DevicesCommand, as_json: bool) -> Result<(), Failure> {
+    match command {
+        DevicesCommand::Add {
+            id,
+            name,
+            model,
+            batch,
+            firmware,
+            location,
+            tags,
+            protocols,
+            disabled,
+        } => {
+            let mut body = json!({ "id": id, "tags": tags, "enabled": !disabled });
+            for (key, value) in [
+                ("name", name),
+                ("model", model),
+                ("batch", batch),
+                ("firmware", firmware),
+                ("location", location),
+            ] {
+                if let Some(v) = value {
+                    body[key] = Value::String(v);
+                }
+            }
+            if let Some(p) = protocols {
+                body["protocols"] = json!(p.iter().map(|s| s.trim()).collect::<Vec<_>>());
+            }
+            let reply = client.ok("POST", "/api/v1/devices", Some(&body))?;
+            if as_json {
+                println!("{reply:#}");
+            } else {
+                print!("{}", render_device(&reply["device"]));
+                print_secret(
+                    &reply,
+                    "Secret (shown once: store it now; only its hash is kept):",
+                );
+            }
+        }
+        DevicesCommand::List { tag, state, limit } => {
+            let mut devices = Vec::new();
+            let mut cursor: Option<String> = None;
+            loop {
+                let mut query = format!("limit={}", limit.unwrap_or(1000).clamp(1, 1000));
+                if let Some(t) = &tag {
+                    let _ = write!(query, "&tag={}", encode(t));
+                }
+                if let Some(s) = &state {
+                    let _ = write!(query, "&state={}", encode(s));
+                }
+                if let Some(c) = &cursor {
+                    let _ = write!(query, "&cursor={}", encode(c));
+                }
+                let page = client.ok("GET", &format!("/api/v1/devices?{query}"), None)?;
+                if let Some(list) = page["devices"].as_array() {
+                    devices.extend(list.iter().cloned());
+                }
+                match page["next_cursor"].as_str() {
+                    Some(next) if limit.is_none() => cursor = Some(next.to_owned()),
+                    _ => break,
+                }
+            }
+            if as_json {
+                println!("{:#}", json!({ "devices": devices }));
+            } else {
+                print!("{}", render_table(&devices, now_ms()));
+            }
+        }
+        DevicesCommand::Show { id } => {
+            let device = client.ok("GET", &device_path(&id), None)?;
+            let status = client.ok("GET", &format!("{}/status", device_path(&id)), None)?;
+            if as_json {
+                println!("{:#}", json!({ "device": device, "status": status }));
+            } else {
+                print!("{}", render_device(&device));
+                print!("{}", render_status(&status));
+            }
+        }
+        DevicesCommand::Disable { id } => {
+            let d = client.ok("POST", &format!("{}/disable", device_path(&id)), None)?;
+            report(as_json, &d, &format!("Device {id} disabled."));
+        }
+        DevicesCommand::Enable { id } => {
+            let d = client.ok("POST", &format!("{}/enable", device_path(&id)), None)?;
+            report(as_json, &d, &format!("Device {id} enabled."));
+        }
+        DevicesCommand::Remove { id } => {
+            client.ok("DELETE", &device_path(&id), None)?;
+            report(
+                as_json,
+                &json!({ "removed": id }),
+                &format!("Device {id} removed."),
+            );
+        }
+        DevicesCommand::RotateSecret { id } => {
+            let reply = client.ok("POST", &format!("{}/rotate-secret", device_path(&id)), None)?;
+            if as_json {
+                println!("{reply:#}");
+            } else {
+                print_secret(
+                    &reply,
+                    &format!("New secret of {id} (shown once; the old secret no longer works):"),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn report(as_json: bool, value: &Value, text: &str) {
+    if as_json {
+        println!("{value:#}");
+    } else {
+        println!("{text}");
+    }
+}
+
+fn print_secret(reply: &Value, heading: &str) {
+    println!();
+    println!("{heading}");
+    println!();
+    println!("    {}", reply["secret"].as_str().unwrap_or("?"));
+}
+
+fn now_ms() -> i64 {
+    outpost_sync::outbox::now_unix_ms()
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "-".to_owned(),
+        Value::String(s) if s.is_empty() => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        Value::Bool(true) => "yes".to_owned(),
+        Value::Bool(false) => "no".to_owned(),
+        Value::Array(items) if items.is_empty() => "-".to_owned(),
+        Value::Array(items) => items.iter().map(text).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}
+
+/// `2024-05-01T12:00:00Z` from ms since the epoch (UTC, no time zone database needed).
+fn iso(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn ago(ms: Option<i64>, now: i64) -> String {
+    match ms {
+        None => "never".to_owned(),
+        Some(ms) => {
+            let s = (now - ms).max(0) / 1000;
+            match s {
+                0..60 => format!("{s}s ago"),
+                60..3600 => format!("{}m ago", s / 60),
+                3600..86_400 => format!("{}h ago", s / 3600),
+                _ => format!("{}d ago", s / 86_400),
+            }
+        }
+    }
+}
+
+fn render_device(d: &Value) -> String {
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| {
+        let _ = writeln!(out, "{k:<11} {v}");
+    };
+    line("id:", text(&d["id"]));
+    line("name:", text(&d["name"]));
+    line("model:", text(&d["model"]));
+    line("batch:", text(&d["batch"]));
+    line("firmware:", text(&d["firmware"]));
+    line("location:", text(&d["location"]));
+    line("tags:", text(&d["tags"]));
+    line("enabled:", text(&d["enabled"]));
+    line("protocols:", text(&d["protocols"]));
+    line(
+        "secret:",
+        if d["has_secret"].as_bool() == Some(true) {
+            "set".into()
+        } else {
+            "none".into()
+        },
+    );
+    line("source:", text(&d["source"]));
+    line("state:", text(&d["state"]));
+    line("last seen:", ago(d["last_seen_ms"].as_i64(), now_ms()));
+    line(
+        "created:",
+        d["created_at_ms"].as_i64().map_or("-".into(), iso),
+    );
+    line(
+        "updated:",
+        d["updated_at_ms"].as_i64().map_or("-".into(), iso),
+    );
+    out
+}
+
+fn render_status(s: &Value) -> String {
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| {
+        let _ = writeln!(out, "{k:<11} {v}");
+    };
+    line(
+        "messages:",
+        format!("{} ({} bytes)", text(&s["messages"]), text(&s["bytes"])),
+    );
+    line(
+        "errors:",
+        format!(
+            "malformed {}, refused {}, dropped {}",
+            text(&s["errors"]["malformed"]),
+            text(&s["errors"]["refused"]),
+            text(&s["errors"]["dropped"])
+        ),
+    );
+    line(
+        "rates:",
+        format!(
+            "{} msg/min, {} err/min",
+            text(&s["messages_per_minute"]),
+            text(&s["errors_per_minute"])
+        ),
+    );
+    line(
+        "signal:",
+        match s["signal"]["rssi_dbm"].as_f64() {
+            Some(rssi) => format!("{rssi} dBm"),
+            None => "-".into(),
+        },
+    );
+    line(
+        "position:",
+        match (s["location"]["lat"].as_f64(), s["location"]["lon"].as_f64()) {
+            (Some(lat), Some(lon)) => format!("{lat}, {lon}"),
+            _ => "-".into(),
+        },
+    );
+    out
+}
+
+fn render_table(devices: &[Value], now: i64) -> String {
+    let rows: Vec<[String; 6]> = devices
+        .iter()
+        .map(|d| {
+            [
+                text(&d["id"]),
+                text(&d["state"]),
+                text(&d["protocols"]),
+                text(&d["tags"]),
+                ago(d["last_seen_ms"].as_i64(), now),
+                text(&d["name"]),
+            ]
+        })
+        .collect();
+    let header = ["ID", "STATE", "PROTOCOLS", "TAGS", "LAST SEEN", "NAME"];
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut emit = |cells: &[String]| {
+        let mut line = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<w$}  ");
+            }
+        }
+        let _ = writeln!(out, "{}", line.trim_end());
+    };
+    emit(&header.map(str::to_owned));
+    for row in &rows {
+        emit(row);
+    }
+    if rows.is_empty() {
+        let _ = writeln!(out, "(no devices)");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_url_comes_from_admin_listen() {
+        let args = |config: Option<PathBuf>| ApiArgs {
+            url: None,
+            config,
+            token: None,
+            json: false,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let url_of = |listen: &str| {
+            let path = dir.path().join("o.toml");
+            std::fs::write(&path, format!("[admin]\nlisten = \"{listen}\"\n")).unwrap();
+            default_url(&args(Some(path))).ok().unwrap()
+        };
+        assert_eq!(url_of("0.0.0.0:9999"), "http://127.0.0.1:9999");
+        assert_eq!(url_of("[::]:8081"), "http://[::1]:8081");
+        assert_eq!(url_of("10.1.2.3:80"), "http://10.1.2.3:80");
+        assert_eq!(
+            default_url(&args(None)).ok().unwrap(),
+            "http://127.0.0.1:8080"
+        );
+    }
+
+    #[test]
+    fn iso_dates() {
+        assert_eq!(iso(0), "1970-01-01T00:00:00Z");
+        assert_eq!(iso(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(iso(1_714_564_800_123), "2024-05-01T12:00:00Z");
+    }
+
+    #[test]
+    fn encoding_keeps_ids_in_one_segment() {
+        assert_eq!(encode("dev-1_a"), "dev-1_a");
+        assert_eq!(encode("a.b:c"), "a%2Eb%3Ac");
+        assert_eq!(encode(".."), "%2E%2E");
+    }
+
+    #[test]
+    fn table_lines_up() {
+        let devices = vec![
+            json!({"id": "a", "state": "online", "protocols": ["mqtt"], "tags": [], "last_seen_ms": 1000, "name": ""}),
+            json!({"id": "long-device", "state": "disabled", "protocols": [], "tags": ["x", "y"], "last_seen_ms": null, "name": "Pump"}),
+        ];
+        let table = render_table(&devices, 61_000);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].starts_with("ID           STATE"), "{table}");
+        assert!(lines[1].contains("1m ago"), "{table}");
+        assert!(
+            lines[2].contains("never") && lines[2].ends_with("Pump"),
+            "{table}"
+        );
+    }
+}

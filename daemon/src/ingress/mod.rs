@@ -1,0 +1,233 @@
+//! Ingress: everything that turns outside input into envelopes for the outbox.
+//!
+//! Device protocols (HTTP here, CoAP in [`coap`], MQTT later) authenticate the device, validate
+//! and split the body ([`body`]), then hand the records to [`Ingest::submit`], which appends them
+//! to the outbox and resolves only after the commit — the protocol acknowledges the device only
+//! then. Every stored record carries the **authenticated** device id (contract point 5).
+//!
+//! Monitoring: a committed JSON object record with a numeric top-level `rssi` (dBm) reports the
+//! device's signal quality, and numeric `lat` and `lon` its location (see [`reported`]).
+//!
+//! After the commit each record is also offered to the local readings stream (a bounded
+//! broadcast channel the local MQTT bus will publish from). A slow local subscriber misses
+//! readings on that stream (it lags); the outbox still has every one of them.
+
+pub mod body;
+pub mod coap;
+pub mod drivers;
+pub mod http;
+
+use std::sync::Arc;
+
+use outpost_sync::{AppendError, Envelope, Outbox, Source};
+use tokio::sync::broadcast;
+
+use crate::registry::{Registry, Traffic};
+
+/// Readings kept for slow local subscribers before they start missing some.
+pub const READINGS_STREAM_CAPACITY: usize = 4096;
+
+/// One record of a device's request, before it becomes an envelope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngestRecord {
+    pub topic: String,
+    pub content_type: Option<String>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+}
+
+/// A committed reading as published on the local readings stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReading {
+    pub seq: u64,
+    pub device_id: String,
+    pub source: Source,
+    pub topic: String,
+    pub content_type: Option<String>,
+    pub payload: Arc<[u8]>,
+}
+
+/// The shared path from a device protocol into the outbox. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Ingest {
+    outbox: Outbox,
+    registry: Registry,
+    readings: broadcast::Sender<LocalReading>,
+}
+
+impl Ingest {
+    pub fn new(
+        outbox: Outbox,
+        registry: Registry,
+        readings: broadcast::Sender<LocalReading>,
+    ) -> Self {
+        Self {
+            outbox,
+            registry,
+            readings,
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Appends the records of one authenticated device atomically; resolves after the commit.
+    /// Records the traffic in the registry and publishes the committed records locally.
+    pub async fn submit(
+        &self,
+        device_id: &str,
+        source: Source,
+        route: &str,
+        records: Vec<IngestRecord>,
+    ) -> Result<Vec<u64>, AppendError> {
+        let route: Arc<str> = Arc::from(route);
+        let received_at_ms = outpost_sync::outbox::now_unix_ms();
+        let bytes: u64 = records.iter().map(|r| r.payload.len() as u64).sum();
+        let envelopes: Vec<Envelope> = records
+            .into_iter()
+            .map(|r| Envelope {
+                route: Arc::clone(&route),
+                device_id: device_id.to_owned(),
+                source,
+                topic: r.topic,
+                received_at_ms,
+                content_type: r.content_type,
+                headers: r.headers,
+                payload: r.payload,
+            })
+            .collect();
+        let reports: Vec<Traffic> = envelopes.iter().flat_map(reported).collect();
+        // Copies for the local stream only when someone listens.
+        let local = (self.readings.receiver_count() > 0).then(|| envelopes.clone());
+        match self.outbox.append_all(envelopes).await {
+            Ok(seqs) => {
+                self.registry
+                    .observe(device_id, Traffic::Accepted { bytes });
+                for report in reports {
+                    self.registry.observe(device_id, report);
+                }
+                if let Some(local) = local {
+                    for (seq, e) in seqs.iter().zip(local) {
+                        // No receiver left is fine: the outbox has the record.
+                        let _ = self.readings.send(LocalReading {
+                            seq: *seq,
+                            device_id: e.device_id,
+                            source,
+                            topic: e.topic,
+                            content_type: e.content_type,
+                            payload: e.payload.into(),
+                        });
+                    }
+                }
+                Ok(seqs)
+            }
+            Err(e) => {
+                self.registry.observe(device_id, Traffic::Dropped);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Signal quality and location a JSON reading reports about its device: a numeric top-level
+/// `rssi`, and numeric `lat` and `lon` (WGS84 degrees, checked for range). Payloads that do not
+/// mention these keys are not parsed at all.
+pub fn reported(envelope: &Envelope) -> Vec<Traffic> {
+    let is_json = envelope.content_type.as_deref() == Some(body::Format::Json.mime());
+    let mentions = |key: &[u8]| envelope.payload.windows(key.len()).any(|w| w == key);
+    if !is_json || !(mentions(b"\"rssi\"") || mentions(b"\"lat\"")) {
+        return Vec::new();
+    }
+    let Ok(serde_json::Value::Object(fields)) = serde_json::from_slice(&envelope.payload) else {
+        return Vec::new();
+    };
+    let number = |key: &str| fields.get(key).and_then(serde_json::Value::as_f64);
+    let mut out = Vec::new();
+    if let Some(rssi) = number("rssi") {
+        out.push(Traffic::Signal { rssi });
+    }
+    if let (Some(lat), Some(lon)) = (number("lat"), number("lon"))
+        && (-90.0..=90.0).contains(&lat)
+        && (-180.0..=180.0).contains(&lon)
+    {
+        out.push(Traffic::Location { lat, lon });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_sync::OutboxOptions;
+    use tokio_util::sync::CancellationToken;
+
+    fn record(topic: &str, payload: &[u8]) -> IngestRecord {
+        IngestRecord {
+            topic: topic.into(),
+            content_type: Some("application/json".into()),
+            payload: payload.to_vec(),
+            headers: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn committed_records_reach_the_local_stream_and_the_monitoring() {
+        let dir = tempfile::tempdir().unwrap();
+        let (outbox, writer) =
+            outpost_sync::outbox::open(OutboxOptions::with_path(dir.path().join("outbox.db")))
+                .unwrap();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(writer.run(stop.clone()));
+        let registry = Registry::open(dir.path(), std::time::Duration::from_secs(60)).unwrap();
+        let (tx, mut rx) = broadcast::channel(16);
+        let ingest = Ingest::new(outbox, registry, tx);
+        let seqs = ingest
+            .submit(
+                "dev-1",
+                Source::Coap,
+                "default",
+                vec![record("a", br#"{"rssi":-70}"#), record("b", b"{}")],
+            )
+            .await
+            .unwrap();
+        assert_eq!(seqs.len(), 2);
+        let first = rx.recv().await.unwrap();
+        assert_eq!(
+            (first.seq, first.device_id.as_str(), first.topic.as_str()),
+            (seqs[0], "dev-1", "a")
+        );
+        assert_eq!(first.source, Source::Coap);
+        assert_eq!(&*rx.recv().await.unwrap().payload, b"{}");
+        stop.cancel();
+        task.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn signal_and_location_only_from_json_objects_in_range() {
+        let env = |ct: &str, payload: &[u8]| Envelope {
+            route: Arc::from("default"),
+            device_id: "d".into(),
+            source: Source::Http,
+            topic: "t".into(),
+            received_at_ms: 0,
+            content_type: Some(ct.into()),
+            headers: vec![],
+            payload: payload.to_vec(),
+        };
+        let got = reported(&env(
+            "application/json",
+            br#"{"rssi":-60.5,"lat":1.5,"lon":2.5}"#,
+        ));
+        assert_eq!(
+            got,
+            vec![
+                Traffic::Signal { rssi: -60.5 },
+                Traffic::Location { lat: 1.5, lon: 2.5 }
+            ]
+        );
+        assert!(reported(&env("application/json", br#"{"lat":91,"lon":0}"#)).is_empty());
+        assert!(reported(&env("application/cbor", br#"{"rssi":-60}"#)).is_empty());
+        assert!(reported(&env("application/json", br#"{"rssi":"weak"}"#)).is_empty());
+    }
+}

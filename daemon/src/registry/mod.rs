@@ -1,0 +1,1057 @@
+//! The device registry: inventory, credentials, monitoring and command queues.
+//!
+//! Every ingress path asks the registry who a device is ([`Registry::authenticate`],
+//! [`Registry::identify`]) and tells it what the device did ([`Registry::observe`]); the
+//! management API edits the inventory and reads the monitoring.
+//!
+//! Invariants:
+//! - **No SQLite on the request path.** The inventory lives in an in-memory index (a `BTreeMap`
+//!   by id, so listing is in stable id order) that is updated right after each committed change,
+//!   with the database connection still locked, so index and file never disagree in order.
+//!   Authentication, identification and monitoring read only memory; `observe` is a map update
+//!   under a short lock.
+//! - **Secrets are never kept in clear.** They are generated here, returned once by
+//!   [`Registry::create`] / [`Registry::rotate_secret`], and stored as argon2id hashes
+//!   ([`secrets`]). Verification runs on a blocking thread, at most [`VERIFY_CONCURRENCY`] at a
+//!   time (argon2 uses 19 MiB each), and successes are cached ([`cache`]) keyed by the SHA-256 of
+//!   the presented secret and the device's credential epoch: any change to a device (update,
+//!   enable/disable, rotate, delete) invalidates its cache entries at once.
+//! - **Bounded memory.** The index, the monitoring map and the auth cache hold at most one entry
+//!   per registered device (the cache at most [`cache::CAPACITY`]); traffic for unknown ids is
+//!   not recorded per device.
+//! - Lock order: database connection → index → monitoring map. No lock is held across `.await`.
+//!
+//! Monitoring semantics (state, rates) are in [`monitor`]; command queue rules in [`commands`];
+//! the file and its migrations in [`store`].
+//!
+//! WIRING (app.rs): open with `Registry::open(&data_dir, config.devices.offline_after)` in
+//! `spawn_blocking` before ingress starts; raise an alarm if `registry.quarantine()` is `Some`;
+//! spawn `registry.clone().run_flusher(shutdown_token)` as task `registry-flush` (it flushes every
+//! [`FLUSH_INTERVAL`] and once more when cancelled — cancel it after ingress has stopped so the
+//! last counts are saved); hand clones to the ingress paths and to `api::ApiState`.
+
+pub mod cache;
+pub mod commands;
+pub mod monitor;
+pub mod secrets;
+pub mod store;
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use outpost_sync::outbox::now_unix_ms;
+use rusqlite::Connection;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+pub use commands::Command;
+pub use monitor::{DeviceStatus, State, Traffic};
+pub use store::Quarantine;
+
+/// How often [`Registry::run_flusher`] persists the monitoring.
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(10);
+/// Most argon2 verifications running at once.
+pub const VERIFY_CONCURRENCY: usize = 2;
+/// Default and largest page of [`Registry::list`].
+pub const DEFAULT_PAGE: usize = 100;
+pub const MAX_PAGE: usize = 1000;
+/// Longest secret worth verifying.
+pub const MAX_SECRET_LEN: usize = 1024;
+/// Most tags per device.
+pub const MAX_TAGS: usize = 32;
+
+/// A protocol a device may use to reach the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Mqtt,
+    Coap,
+    Http,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 3] = [Protocol::Mqtt, Protocol::Coap, Protocol::Http];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Mqtt => "mqtt",
+            Protocol::Coap => "coap",
+            Protocol::Http => "http",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Protocol> {
+        match text {
+            "mqtt" => Some(Protocol::Mqtt),
+            "coap" => Some(Protocol::Coap),
+            "http" => Some(Protocol::Http),
+            _ => None,
+        }
+    }
+}
+
+/// Why a device was refused. Ingress paths should answer `UnknownDevice` and `BadSecret` alike
+/// (e.g. both 401) so that a caller cannot probe which ids exist. `authenticate` checks the
+/// secret before `Disabled` and `ProtocolNotAllowed`, so those two are only revealed to a caller
+/// that holds the device's secret. None of these is counted here: report it with
+/// `observe(id, Traffic::Refused)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("unknown device")]
+    UnknownDevice,
+    #[error("wrong or missing device secret")]
+    BadSecret,
+    #[error("device is disabled")]
+    Disabled,
+    #[error("device may not use this protocol")]
+    ProtocolNotAllowed,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// No device with this id. Answer 404.
+    #[error("no device \"{id}\"")]
+    NotFound { id: String },
+    /// A device with this id exists. Answer 409.
+    #[error("device \"{id}\" already exists")]
+    AlreadyExists { id: String },
+    /// A field of a request is invalid. Answer 422 naming the field.
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+    /// The device already has the maximum of queued commands. Answer 409; retry after it polled.
+    #[error("device \"{id}\" already has {limit} queued commands")]
+    CommandQueueFull { id: String, limit: usize },
+    /// The data directory cannot be created. Fix permissions or the path; do not start.
+    #[error("registry {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// SQLite refused to open or migrate the file (not corruption). Do not start.
+    #[error("registry {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The file was written by a newer Outpost. Do not start; do not touch the file.
+    #[error(
+        "registry {path}: schema version {found} is newer than this build supports ({supported})"
+    )]
+    SchemaTooNew {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    /// A database operation failed; nothing of it took effect. Answer 500; retry later.
+    #[error("registry database: {0}")]
+    Storage(#[from] rusqlite::Error),
+    /// Hashing a new secret failed; nothing was changed. Answer 500.
+    #[error("hashing the device secret: {0}")]
+    Hash(String),
+    /// The blocking task running the operation panicked or was cancelled. Answer 500.
+    #[error("registry task failed: {0}")]
+    Task(String),
+}
+
+/// A device as the API shows it. `state` and `last_seen_ms` are filled from the monitoring when
+/// the device is read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Device {
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    pub model: String,
+    /// Serial or batch number.
+    pub batch: String,
+    pub firmware: String,
+    /// Free text, e.g. "pump house, rack 2".
+    pub location: String,
+    pub tags: Vec<String>,
+    pub enabled: bool,
+    /// The protocols it may use; empty for devices that only a driver reads.
+    pub protocols: Vec<Protocol>,
+    /// Whether it has a secret (the secret itself is never shown again).
+    pub has_secret: bool,
+    /// `api` or `driver:<name>`.
+    pub source: String,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub state: State,
+    pub last_seen_ms: Option<i64>,
+}
+
+/// A new device (the body of `POST /api/v1/devices`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewDevice {
+    /// `[A-Za-z0-9._:-]{1,128}`.
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub model: String,
+    #[serde(default)]
+    pub batch: String,
+    #[serde(default)]
+    pub firmware: String,
+    #[serde(default)]
+    pub location: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Default: all protocols.
+    #[serde(default = "all_protocols")]
+    pub protocols: Vec<Protocol>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn all_protocols() -> Vec<Protocol> {
+    Protocol::ALL.to_vec()
+}
+
+/// Changes to a device (the body of `PATCH /api/v1/devices/{id}`); absent fields are kept.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceChanges {
+    pub name: Option<String>,
+    pub model: Option<String>,
+    pub batch: Option<String>,
+    pub firmware: Option<String>,
+    pub location: Option<String>,
+    pub tags: Option<Vec<String>>,
+    pub enabled: Option<bool>,
+    pub protocols: Option<Vec<Protocol>>,
+}
+
+/// A page of [`Registry::list`].
+#[derive(Debug, Clone, Serialize)]
+pub struct Page {
+    pub devices: Vec<Device>,
+    /// Pass as `cursor` to get the next page; `None` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Filters and position of [`Registry::list`].
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    pub tag: Option<String>,
+    pub state: Option<State>,
+    /// 1 to [`MAX_PAGE`]; 0 means [`DEFAULT_PAGE`].
+    pub limit: usize,
+    /// Devices with ids after this one.
+    pub cursor: Option<String>,
+}
+
+/// The registry: cheap to clone, shared by every ingress path and the API.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    conn: Mutex<Connection>,
+    index: RwLock<BTreeMap<String, Entry>>,
+    monitors: Mutex<HashMap<String, monitor::Monitor>>,
+    cache: cache::AuthCache,
+    verify_permits: Semaphore,
+    epochs: AtomicU64,
+    offline_after: Duration,
+    quarantine: Option<Quarantine>,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    device: Device,
+    secret_hash: Option<Arc<str>>,
+    /// Credential epoch: changes with every change to the device.
+    epoch: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section leaves its data consistent: recover from a poisoned lock.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Inner {
+    fn index_read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Entry>> {
+        self.index.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn index_write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Entry>> {
+        self.index.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn next_epoch(&self) -> u64 {
+        self.epochs.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Fills the monitoring-derived fields of a device.
+    fn view(
+        &self,
+        device: &Device,
+        monitors: &HashMap<String, monitor::Monitor>,
+        now: Instant,
+        now_ms: i64,
+    ) -> Device {
+        let mut d = device.clone();
+        let m = monitors.get(&d.id);
+        d.last_seen_ms = m.and_then(|m| m.last_seen_ms);
+        d.state = m.map_or(
+            if d.enabled {
+                State::Offline
+            } else {
+                State::Disabled
+            },
+            |m| m.state(d.enabled, self.offline_after, now, now_ms),
+        );
+        d
+    }
+
+    /// Replaces (or inserts) a device in the index with a new epoch and drops its cached
+    /// verifications. Called with the connection locked, after the commit.
+    fn install(&self, device: Device, secret_hash: Option<Arc<str>>) {
+        let id = device.id.clone();
+        let entry = Entry {
+            device,
+            secret_hash,
+            epoch: self.next_epoch(),
+        };
+        self.index_write().insert(id.clone(), entry);
+        lock(&self.monitors).entry(id.clone()).or_default();
+        self.cache.invalidate(&id);
+    }
+
+    fn remove(&self, id: &str) {
+        self.index_write().remove(id);
+        lock(&self.monitors).remove(id);
+        self.cache.invalidate(id);
+    }
+}
+
+/// Checks a device id: `[A-Za-z0-9._:-]{1,128}`.
+pub fn validate_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 128 {
+        return Err(format!("must be 1 to 128 characters, found {}", id.len()));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')))
+    {
+        return Err(format!(
+            "invalid character {c:?}: use letters, digits, '.', '_', ':' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> RegistryError {
+    RegistryError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+fn check_text(field: &str, value: &str, max: usize) -> Result<(), RegistryError> {
+    if value.chars().count() > max {
+        return Err(invalid(field, format!("at most {max} characters")));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(invalid(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+fn check_tags(tags: &[String]) -> Result<(), RegistryError> {
+    if tags.len() > MAX_TAGS {
+        return Err(invalid("tags", format!("at most {MAX_TAGS} tags")));
+    }
+    for (i, tag) in tags.iter().enumerate() {
+        let ok = !tag.is_empty()
+            && tag.len() <= 64
+            && tag.chars().all(|c| {
+                c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-' | '=' | '/')
+            });
+        if !ok {
+            return Err(invalid(
+                format!("tags[{i}]"),
+                "a tag is 1 to 64 of letters, digits, '.', '_', ':', '-', '=', '/'",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn normalize_protocols(mut p: Vec<Protocol>) -> Vec<Protocol> {
+    p.sort();
+    p.dedup();
+    p
+}
+
+fn normalize_tags(tags: Vec<String>) -> Vec<String> {
+    let mut seen = Vec::with_capacity(tags.len());
+    for t in tags {
+        if !seen.contains(&t) {
+            seen.push(t);
+        }
+    }
+    seen
+}
+
+/// Checks every inventory field of a device (not the id).
+fn check_device(d: &Device) -> Result<(), RegistryError> {
+    check_text("name", &d.name, 256)?;
+    check_text("model", &d.model, 128)?;
+    check_text("batch", &d.batch, 128)?;
+    check_text("firmware", &d.firmware, 128)?;
+    check_text("location", &d.location, 256)?;
+    check_tags(&d.tags)
+}
+
+impl Registry {
+    /// Opens (creating or migrating) `registry.db` in `data_dir` and loads the inventory and
+    /// the persisted monitoring into memory. Blocking.
+    pub fn open(data_dir: &Path, offline_after: Duration) -> Result<Registry, RegistryError> {
+        let (conn, quarantine) = store::open(data_dir)?;
+        let path = data_dir.join(store::FILE_NAME);
+        let devices = store::load_devices(&conn).map_err(|source| RegistryError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let status = store::load_status(&conn).map_err(|source| RegistryError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let mut index = BTreeMap::new();
+        let mut epoch = 0;
+        for (device, hash) in devices {
+            epoch += 1;
+            index.insert(
+                device.id.clone(),
+                Entry {
+                    device,
+                    secret_hash: hash.map(Arc::from),
+                    epoch,
+                },
+            );
+        }
+        let mut monitors: HashMap<String, monitor::Monitor> = index
+            .keys()
+            .map(|id| (id.clone(), Default::default()))
+            .collect();
+        for (id, m) in status {
+            if let Some(slot) = monitors.get_mut(&id) {
+                *slot = m;
+            }
+        }
+        tracing::info!(path = %path.display(), devices = index.len(), "Device registry opened");
+        Ok(Registry {
+            inner: Arc::new(Inner {
+                conn: Mutex::new(conn),
+                index: RwLock::new(index),
+                monitors: Mutex::new(monitors),
+                cache: cache::AuthCache::default(),
+                verify_permits: Semaphore::new(VERIFY_CONCURRENCY),
+                epochs: AtomicU64::new(epoch),
+                offline_after,
+                quarantine,
+            }),
+        })
+    }
+
+    /// The corrupt file moved aside at open, if any: raise an alarm.
+    #[allow(dead_code)] // WIRING: app.rs raises the alarm from it
+    pub fn quarantine(&self) -> Option<&Quarantine> {
+        self.inner.quarantine.as_ref()
+    }
+
+    /// Number of registered devices.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.inner.index_read().len()
+    }
+
+    /// Runs `f` with the connection locked on a blocking thread.
+    async fn blocking<R, F>(&self, f: F) -> Result<R, RegistryError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Inner, &mut Connection) -> Result<R, RegistryError> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let mut conn = lock(&inner.conn);
+            f(&inner, &mut conn)
+        })
+        .await
+        .map_err(|e| RegistryError::Task(e.to_string()))?
+    }
+
+    // ---- device-facing ----------------------------------------------------------------------
+
+    /// Checks a device's secret and whether it may connect over `protocol`. Fast after the
+    /// first success (cached); a wrong secret always costs one argon2 verification.
+    pub async fn authenticate(
+        &self,
+        device_id: &str,
+        secret: &str,
+        protocol: Protocol,
+    ) -> Result<(), Refusal> {
+        // Generated secrets are 64 characters: anything empty or huge is wrong without argon2.
+        if secret.is_empty() || secret.len() > MAX_SECRET_LEN {
+            return match self.credentials(device_id) {
+                Err(Refusal::UnknownDevice) => Err(Refusal::UnknownDevice),
+                _ => Err(Refusal::BadSecret),
+            };
+        }
+        let digest = secrets::sha256(secret.as_bytes());
+        // A rotation that lands while a verification runs makes the epoch move: verify again
+        // against the new state rather than accept a secret that was just replaced.
+        for _ in 0..3 {
+            let (hash, epoch) = self.credentials(device_id)?;
+            let verified = if self.inner.cache.hit(device_id, &digest, epoch) {
+                true
+            } else {
+                let Ok(_permit) = self.inner.verify_permits.acquire().await else {
+                    return Err(Refusal::BadSecret);
+                };
+                // Another request may have verified the same secret while we waited.
+                if self.inner.cache.hit(device_id, &digest, epoch) {
+                    true
+                } else {
+                    let secret = secret.to_owned();
+                    let ok = tokio::task::spawn_blocking(move || secrets::verify(&secret, &hash))
+                        .await
+                        .unwrap_or(false);
+                    if !ok {
+                        return Err(Refusal::BadSecret);
+                    }
+                    if self.current_epoch(device_id) == Some(epoch) {
+                        self.inner.cache.insert(device_id, digest, epoch);
+                    }
+                    true
+                }
+            };
+            if verified && self.current_epoch(device_id) == Some(epoch) {
+                return self.identify(device_id, protocol);
+            }
+        }
+        Err(Refusal::BadSecret)
+    }
+
+    /// The secret hash and credential epoch of a device.
+    fn credentials(&self, device_id: &str) -> Result<(Arc<str>, u64), Refusal> {
+        let index = self.inner.index_read();
+        let entry = index.get(device_id).ok_or(Refusal::UnknownDevice)?;
+        let hash = entry.secret_hash.clone().ok_or(Refusal::BadSecret)?;
+        Ok((hash, entry.epoch))
+    }
+
+    fn current_epoch(&self, device_id: &str) -> Option<u64> {
+        self.inner.index_read().get(device_id).map(|e| e.epoch)
+    }
+
+    /// Without a secret: the device exists, is enabled and may use `protocol`. For paths where
+    /// identity comes from elsewhere (plain CoAP from an allowed network, a TLS certificate).
+    pub fn identify(&self, device_id: &str, protocol: Protocol) -> Result<(), Refusal> {
+        let index = self.inner.index_read();
+        let entry = index.get(device_id).ok_or(Refusal::UnknownDevice)?;
+        if !entry.device.enabled {
+            return Err(Refusal::Disabled);
+        }
+        if !entry.device.protocols.contains(&protocol) {
+            return Err(Refusal::ProtocolNotAllowed);
+        }
+        Ok(())
+    }
+
+    /// Records one traffic event. Never blocks on I/O; events for unknown devices are ignored.
+    pub fn observe(&self, device_id: &str, event: Traffic) {
+        self.observe_at(device_id, event, Instant::now(), now_unix_ms());
+    }
+
+    fn observe_at(&self, device_id: &str, event: Traffic, now: Instant, now_ms: i64) {
+        if let Some(m) = lock(&self.inner.monitors).get_mut(device_id) {
+            m.apply(event, now, now_ms);
+        }
+    }
+
+    /// For drivers: registers an unknown device (source e.g. `driver:<name>`, no secret, no
+    /// protocols, enabled) and marks the device seen. Known devices are only marked seen (no
+    /// I/O). Counting its messages is `observe`'s job.
+    ///
+    /// Returns whether the device's readings should be taken: `false` if it is disabled or its
+    /// id is invalid (logged, not registered). Ignoring the result keeps readings of disabled
+    /// devices.
+    pub async fn register_seen(&self, device_id: &str, source: &str) -> bool {
+        let now = Instant::now();
+        let now_ms = now_unix_ms();
+        let known = self
+            .inner
+            .index_read()
+            .get(device_id)
+            .map(|e| e.device.enabled);
+        if let Some(enabled) = known {
+            if let Some(m) = lock(&self.inner.monitors).get_mut(device_id) {
+                m.seen(now, now_ms);
+            }
+            return enabled;
+        }
+        if let Err(e) = validate_id(device_id) {
+            tracing::warn!(device = device_id, source, error = %e, "Not registering a device with an invalid id");
+            return false;
+        }
+        let device = Device {
+            id: device_id.to_owned(),
+            name: String::new(),
+            model: String::new(),
+            batch: String::new(),
+            firmware: String::new(),
+            location: String::new(),
+            tags: Vec::new(),
+            enabled: true,
+            protocols: Vec::new(),
+            has_secret: false,
+            source: source.to_owned(),
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+            state: State::Online,
+            last_seen_ms: None,
+        };
+        let result = self
+            .blocking(move |inner, conn| {
+                // Registered by someone else meanwhile: fine, it exists.
+                if store::insert_device(conn, &device, None)? {
+                    tracing::info!(device = %device.id, source = %device.source, "Device registered automatically");
+                    inner.install(device, None);
+                }
+                Ok(())
+            })
+            .await;
+        if let Err(e) = result {
+            // Take the reading anyway: a registry failure must not cost data.
+            tracing::warn!(device = device_id, source, error = %e, "Cannot register device");
+            return true;
+        }
+        let enabled = self
+            .inner
+            .index_read()
+            .get(device_id)
+            .is_none_or(|e| e.device.enabled);
+        if let Some(m) = lock(&self.inner.monitors).get_mut(device_id) {
+            m.seen(now, now_ms);
+        }
+        enabled
+    }
+
+    // ---- monitoring persistence ---------------------------------------------------------------
+
+    /// Persists the monitoring of every device that changed since the last flush.
+    pub async fn flush(&self) -> Result<(), RegistryError> {
+        let dirty: Vec<(String, monitor::Monitor)> = {
+            let mut monitors = lock(&self.inner.monitors);
+            monitors
+                .iter_mut()
+                .filter(|(_, m)| m.dirty)
+                .map(|(id, m)| {
+                    m.dirty = false;
+                    (id.clone(), m.clone())
+                })
+                .collect()
+        };
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = dirty.iter().map(|(id, _)| id.clone()).collect();
+        let result = self
+            .blocking(move |_, conn| Ok(store::save_status(conn, &dirty)?))
+            .await;
+        if result.is_err() {
+            // Try again next time.
+            let mut monitors = lock(&self.inner.monitors);
+            for id in ids {
+                if let Some(m) = monitors.get_mut(&id) {
+                    m.dirty = true;
+                }
+            }
+        }
+        result
+    }
+
+    /// Flushes every [`FLUSH_INTERVAL`] until `stop` is cancelled, then once more.
+    pub async fn run_flusher(self, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.flush().await {
+                tracing::warn!(error = %e, "Persisting device monitoring failed; will retry");
+            }
+        }
+        match self.flush().await {
+            Ok(()) => tracing::info!("Device monitoring saved"),
+            Err(e) => tracing::error!(error = %e, "Saving device monitoring at shutdown failed"),
+        }
+    }
+
+    // ---- management -----------------------------------------------------------------------------
+
+    /// One device, or `None`.
+    pub fn get(&self, id: &str) -> Option<Device> {
+        let index = self.inner.index_read();
+        let entry = index.get(id)?;
+        let monitors = lock(&self.inner.monitors);
+        Some(
+            self.inner
+                .view(&entry.device, &monitors, Instant::now(), now_unix_ms()),
+        )
+    }
+
+    /// A page of devices in id order, filtered by tag and state.
+    pub fn list(&self, query: &ListQuery) -> Result<Page, RegistryError> {
+        let limit = match query.limit {
+            0 => DEFAULT_PAGE,
+            n if n <= MAX_PAGE => n,
+            _ => return Err(invalid("limit", format!("must be 1 to {MAX_PAGE}"))),
+        };
+        let (now, now_ms) = (Instant::now(), now_unix_ms());
+        let index = self.inner.index_read();
+        let monitors = lock(&self.inner.monitors);
+        let start = match &query.cursor {
+            Some(c) => Bound::Excluded(c.clone()),
+            None => Bound::Unbounded,
+        };
+        let mut devices = Vec::new();
+        let mut more = false;
+        for entry in index.range((start, Bound::Unbounded)).map(|(_, e)| e) {
+            if let Some(tag) = &query.tag
+                && !entry.device.tags.contains(tag)
+            {
+                continue;
+            }
+            let view = self.inner.view(&entry.device, &monitors, now, now_ms);
+            if query.state.is_some_and(|s| s != view.state) {
+                continue;
+            }
+            if devices.len() == limit {
+                more = true;
+                break;
+            }
+            devices.push(view);
+        }
+        let next_cursor = if more {
+            devices.last().map(|d| d.id.clone())
+        } else {
+            None
+        };
+        Ok(Page {
+            devices,
+            next_cursor,
+        })
+    }
+
+    /// Creates a device with a fresh secret; returns it and the secret (shown this once).
+    pub async fn create(&self, new: NewDevice) -> Result<(Device, String), RegistryError> {
+        validate_id(&new.id).map_err(|m| invalid("id", m))?;
+        let now_ms = now_unix_ms();
+        let device = Device {
+            id: new.id,
+            name: new.name,
+            model: new.model,
+            batch: new.batch,
+            firmware: new.firmware,
+            location: new.location,
+            tags: normalize_tags(new.tags),
+            enabled: new.enabled,
+            protocols: normalize_protocols(new.protocols),
+            has_secret: true,
+            source: "api".to_owned(),
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+            state: State::Offline,
+            last_seen_ms: None,
+        };
+        check_device(&device)?;
+        if self.inner.index_read().contains_key(&device.id) {
+            return Err(RegistryError::AlreadyExists { id: device.id });
+        }
+        let secret = secrets::generate();
+        let hash = self.hash_secret(&secret).await?;
+        let id = device.id.clone();
+        self.blocking(move |inner, conn| {
+            if !store::insert_device(conn, &device, Some(&hash))? {
+                return Err(RegistryError::AlreadyExists { id: device.id });
+            }
+            inner.install(device, Some(Arc::from(hash)));
+            Ok(())
+        })
+        .await?;
+        tracing::info!(device = %id, "Device created");
+        let device = self.get(&id).ok_or(RegistryError::NotFound { id })?;
+        Ok((device, secret))
+    }
+
+    async fn hash_secret(&self, secret: &str) -> Result<String, RegistryError> {
+        let secret = secret.to_owned();
+        tokio::task::spawn_blocking(move || secrets::hash(&secret))
+            .await
+            .map_err(|e| RegistryError::Task(e.to_string()))?
+            .map_err(RegistryError::Hash)
+    }
+
+    /// Applies `changes` to a device.
+    pub async fn update(&self, id: &str, changes: DeviceChanges) -> Result<Device, RegistryError> {
+        let id = id.to_owned();
+        let applied = self
+            .blocking(move |inner, conn| {
+                let entry = inner
+                    .index_read()
+                    .get(&id)
+                    .cloned()
+                    .ok_or_else(|| RegistryError::NotFound { id: id.clone() })?;
+                let mut d = entry.device;
+                let DeviceChanges {
+                    name,
+                    model,
+                    batch,
+                    firmware,
+                    location,
+                    tags,
+                    enabled,
+                    protocols,
+                } = changes;
+                let set = |slot: &mut String, v: Option<String>| {
+                    if let Some(v) = v {
+                        *slot = v;
+                    }
+                };
+                set(&mut d.name, name);
+                set(&mut d.model, model);
+                set(&mut d.batch, batch);
+                set(&mut d.firmware, firmware);
+                set(&mut d.location, location);
+                if let Some(tags) = tags {
+                    d.tags = normalize_tags(tags);
+                }
+                if let Some(enabled) = enabled {
+                    d.enabled = enabled;
+                }
+                if let Some(p) = protocols {
+                    d.protocols = normalize_protocols(p);
+                }
+                check_device(&d)?;
+                d.updated_at_ms = now_unix_ms();
+                if !store::update_device(conn, &d)? {
+                    return Err(RegistryError::NotFound { id });
+                }
+                inner.install(d, entry.secret_hash);
+                Ok(id)
+            })
+            .await?;
+        tracing::info!(device = %applied, "Device updated");
+        self.get(&applied)
+            .ok_or(RegistryError::NotFound { id: applied })
+    }
+
+    /// Enables or disables a device. A disabled device is refused by every ingress path.
+    pub async fn set_enabled(&self, id: &str, enabled: bool) -> Result<Device, RegistryError> {
+        self.update(
+            id,
+            DeviceChanges {
+                enabled: Some(enabled),
+                ..DeviceChanges::default()
+            },
+        )
+        .await
+    }
+
+    /// Deletes a device, its monitoring and its commands.
+    pub async fn delete(&self, id: &str) -> Result<(), RegistryError> {
+        let id = id.to_owned();
+        self.blocking(move |inner, conn| {
+            if !store::delete_device(conn, &id)? {
+                return Err(RegistryError::NotFound { id });
+            }
+            inner.remove(&id);
+            tracing::info!(device = %id, "Device deleted");
+            Ok(())
+        })
+        .await
+    }
+
+    /// Gives a device a fresh secret; the old one stops working at once. Returns the device and
+    /// the new secret (shown this once).
+    pub async fn rotate_secret(&self, id: &str) -> Result<(Device, String), RegistryError> {
+        if !self.inner.index_read().contains_key(id) {
+            return Err(RegistryError::NotFound { id: id.to_owned() });
+        }
+        let secret = secrets::generate();
+        let hash = self.hash_secret(&secret).await?;
+        let id = id.to_owned();
+        let id2 = id.clone();
+        self.blocking(move |inner, conn| {
+            let now_ms = now_unix_ms();
+            let Some(entry) = inner.index_read().get(&id).cloned() else {
+                return Err(RegistryError::NotFound { id });
+            };
+            if !store::set_secret_hash(conn, &id, &hash, now_ms)? {
+                return Err(RegistryError::NotFound { id });
+            }
+            let mut d = entry.device;
+            d.has_secret = true;
+            d.updated_at_ms = now_ms;
+            inner.install(d, Some(Arc::from(hash)));
+            Ok(())
+        })
+        .await?;
+        tracing::info!(device = %id2, "Device secret rotated");
+        let device = self.get(&id2).ok_or(RegistryError::NotFound { id: id2 })?;
+        Ok((device, secret))
+    }
+
+    /// The monitoring fields of a device.
+    pub fn status(&self, id: &str) -> Option<DeviceStatus> {
+        let index = self.inner.index_read();
+        let entry = index.get(id)?;
+        let monitors = lock(&self.inner.monitors);
+        let m = monitors.get(id).cloned().unwrap_or_default();
+        Some(m.snapshot(
+            id,
+            entry.device.enabled,
+            self.inner.offline_after,
+            Instant::now(),
+            now_unix_ms(),
+        ))
+    }
+
+    // ---- commands -------------------------------------------------------------------------------
+
+    /// Queues a command for a device. `ttl` defaults to [`commands::DEFAULT_TTL`].
+    pub async fn queue_command(
+        &self,
+        device_id: &str,
+        payload: &serde_json::Value,
+        ttl: Option<Duration>,
+    ) -> Result<Command, RegistryError> {
+        let ttl = ttl.unwrap_or(commands::DEFAULT_TTL);
+        if ttl.is_zero() || ttl > commands::MAX_TTL {
+            return Err(invalid("ttl", "must be more than 0 and at most 30d"));
+        }
+        let text = payload.to_string();
+        if text.len() > commands::MAX_PAYLOAD {
+            return Err(invalid(
+                "payload",
+                format!("at most {} bytes of JSON", commands::MAX_PAYLOAD),
+            ));
+        }
+        let id = device_id.to_owned();
+        self.blocking(move |inner, conn| {
+            if !inner.index_read().contains_key(&id) {
+                return Err(RegistryError::NotFound { id });
+            }
+            match commands::queue(conn, &id, &text, ttl, now_unix_ms())? {
+                commands::Queued::Ok(c) => {
+                    tracing::info!(device = %id, command = c.id, "Command queued");
+                    Ok(c)
+                }
+                commands::Queued::Full => Err(RegistryError::CommandQueueFull {
+                    id,
+                    limit: commands::MAX_QUEUED,
+                }),
+            }
+        })
+        .await
+    }
+
+    /// Every kept command of a device (queued, delivered, expired), oldest first.
+    pub async fn commands(&self, device_id: &str) -> Result<Vec<Command>, RegistryError> {
+        let id = device_id.to_owned();
+        self.blocking(move |inner, conn| {
+            if !inner.index_read().contains_key(&id) {
+                return Err(RegistryError::NotFound { id });
+            }
+            Ok(commands::list(conn, &id, now_unix_ms())?)
+        })
+        .await
+    }
+
+    /// One command of a device, or `None`.
+    pub async fn command(
+        &self,
+        device_id: &str,
+        command_id: i64,
+    ) -> Result<Option<Command>, RegistryError> {
+        let id = device_id.to_owned();
+        self.blocking(move |inner, conn| {
+            if !inner.index_read().contains_key(&id) {
+                return Err(RegistryError::NotFound { id });
+            }
+            Ok(commands::get(conn, &id, command_id, now_unix_ms())?)
+        })
+        .await
+    }
+
+    /// Queued commands of a device, oldest first, at most `max`, without marking them. Pair
+    /// with [`Registry::mark_delivered`] when the delivery path knows they arrived.
+    #[allow(dead_code)] // for the device-facing delivery paths (HTTP polling, MQTT)
+    pub async fn pending_commands(
+        &self,
+        device_id: &str,
+        max: usize,
+    ) -> Result<Vec<Command>, RegistryError> {
+        let id = device_id.to_owned();
+        self.blocking(move |_, conn| Ok(commands::pending(conn, &id, max, now_unix_ms())?))
+            .await
+    }
+
+    /// Marks commands of a device delivered; returns how many were still queued.
+    #[allow(dead_code)] // for the device-facing delivery paths (HTTP polling, MQTT)
+    pub async fn mark_delivered(
+        &self,
+        device_id: &str,
+        command_ids: &[i64],
+    ) -> Result<usize, RegistryError> {
+        let id = device_id.to_owned();
+        let ids = command_ids.to_vec();
+        self.blocking(move |_, conn| Ok(commands::mark_delivered(conn, &id, &ids, now_unix_ms())?))
+            .await
+    }
+
+    /// For polling devices: up to `max` queued commands, oldest first, marked delivered in the
+    /// same transaction (at-most-once delivery).
+    #[allow(dead_code)] // for the device-facing delivery paths (HTTP polling, MQTT)
+    pub async fn take_pending_commands(
+        &self,
+        device_id: &str,
+        max: usize,
+    ) -> Result<Vec<Command>, RegistryError> {
+        let id = device_id.to_owned();
+        let taken = self
+            .blocking(move |_, conn| Ok(commands::take_pending(conn, &id, max, now_unix_ms())?))
+            .await?;
+        if !taken.is_empty() {
+            tracing::debug!(
+                device = device_id,
+                count = taken.len(),
+                "Commands delivered"
+            );
+        }
+        Ok(taken)
+    }
+}
+
+#[cfg(test)]
+mod tests;

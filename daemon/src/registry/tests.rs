@@ -1,0 +1,426 @@
+//! Unit tests of the registry: authentication and its cache, inventory changes, monitoring
+//! persistence, listing, commands.
+
+use super::commands::CommandState;
+use super::*;
+
+fn open(dir: &Path) -> Registry {
+    Registry::open(dir, Duration::from_secs(300)).unwrap()
+}
+
+fn new_device(id: &str) -> NewDevice {
+    NewDevice {
+        id: id.to_owned(),
+        name: String::new(),
+        model: String::new(),
+        batch: String::new(),
+        firmware: String::new(),
+        location: String::new(),
+        tags: Vec::new(),
+        enabled: true,
+        protocols: Protocol::ALL.to_vec(),
+    }
+}
+
+#[tokio::test]
+async fn authenticate_checks_secret_state_and_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = open(dir.path());
+    let mut d = new_device("dev-1");
+    d.protocols = vec![Protocol::Http, Protocol::Mqtt];
+    let (device, secret) = reg.create(d).await.unwrap();
+    assert!(device.has_secret);
+    assert_eq!(device.protocols, vec![Protocol::Mqtt, Protocol::Http]);
+
+    assert_eq!(
+        reg.authenticate("dev-1", &secret, Protocol::Http).await,
+        Ok(())
+    );
+    assert_eq!(
+        reg.authenticate("dev-1", "wrong", Protocol::Http).await,
+        Err(Refusal::BadSecret)
+    );
+    assert_eq!(
+        reg.authenticate("nobody", &secret, Protocol::Http).await,
+        Err(Refusal::UnknownDevice)
+    );
+    assert_eq!(
+        reg.authenticate("dev-1", &secret, Protocol::Coap).await,
+        Err(Refusal::ProtocolNotAllowed)
+    );
+    // A wrong secret is not told that the device is disabled.
+    reg.set_enabled("dev-1", false).await.unwrap();
+    assert_eq!(
+        reg.authenticate("dev-1", "wrong", Protocol::Http).await,
+        Err(Refusal::BadSecret)
+    );
+    assert_eq!(
+        reg.authenticate("dev-1", &secret, Protocol::Http).await,
+        Err(Refusal::Disabled)
+    );
+    assert_eq!(
+        reg.identify("dev-1", Protocol::Http),
+        Err(Refusal::Disabled)
+    );
+    reg.set_enabled("dev-1", true).await.unwrap();
+    assert_eq!(reg.identify("dev-1", Protocol::Http), Ok(()));
+    assert_eq!(
+        reg.identify("dev-1", Protocol::Coap),
+        Err(Refusal::ProtocolNotAllowed)
+    );
+    assert_eq!(
+        reg.identify("x", Protocol::Coap),
+        Err(Refusal::UnknownDevice)
+    );
+}
+
+#[tokio::test]
+async fn cache_holds_successes_only_and_is_invalidated_by_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = open(dir.path());
+    let (_, secret) = reg.create(new_device("d")).await.unwrap();
+    assert_eq!(reg.inner.cache.len(), 0);
+    reg.authenticate("d", "wrong", Protocol::Mqtt)
+        .await
+        .unwrap_err();
+    assert_eq!(reg.inner.cache.len(), 0, "failures are never cached");
+    reg.authenticate("d", &secret, Protocol::Mqtt)
+        .await
+        .unwrap();
+    assert_eq!(reg.inner.cache.len(), 1);
+
+    // A cached success is fast: no argon2 run.
+    let t0 = Instant::now();
+    for _ in 0..100 {
+        reg.authenticate("d", &secret, Protocol::Mqtt)
+            .await
+            .unwrap();
+    }
+    assert!(
+        t0.elapsed() < Duration::from_millis(200),
+        "{:?}",
+        t0.elapsed()
+    );
+
+    reg.update(
+        "d",
+        DeviceChanges {
+            name: Some("renamed".into()),
+            ..DeviceChanges::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        reg.inner.cache.len(),
+        0,
+        "an update drops the device's entries"
+    );
+    reg.authenticate("d", &secret, Protocol::Mqtt)
+        .await
+        .unwrap();
+
+    let (_, new_secret) = reg.rotate_secret("d").await.unwrap();
+    assert_ne!(new_secret, secret);
+    assert_eq!(
+        reg.authenticate("d", &secret, Protocol::Mqtt).await,
+        Err(Refusal::BadSecret),
+        "the old secret stops working at once"
+    );
+    reg.authenticate("d", &new_secret, Protocol::Mqtt)
+        .await
+        .unwrap();
+
+    reg.delete("d").await.unwrap();
+    assert_eq!(
+        reg.authenticate("d", &new_secret, Protocol::Mqtt).await,
+        Err(Refusal::UnknownDevice)
+    );
+    assert_eq!(reg.inner.cache.len(), 0);
+}
+
+#[tokio::test]
+async fn secrets_are_not_stored_in_clear_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = {
+        let reg = open(dir.path());
+        reg.create(new_device("d")).await.unwrap().1
+    };
+    let raw = std::fs::read(dir.path().join(store::FILE_NAME)).unwrap();
+    let wal = std::fs::read(dir.path().join("registry.db-wal")).unwrap_or_default();
+    for bytes in [&raw, &wal] {
+        assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()));
+    }
+    let reg = open(dir.path());
+    reg.authenticate("d", &secret, Protocol::Http)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn validation_names_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = open(dir.path());
+    let field = |e: RegistryError| match e {
+        RegistryError::Invalid { field, .. } => field,
+        other => panic!("{other}"),
+    };
+    assert_eq!(
+        field(reg.create(new_device("a b")).await.unwrap_err()),
+        "id"
+    );
+    assert_eq!(field(reg.create(new_device("")).await.unwrap_err()), "id");
+    assert_eq!(
+        field(reg.create(new_device(&"x".repeat(129))).await.unwrap_err()),
+        "id"
+    );
+    let mut d = new_device("ok");
+    d.tags = vec!["good".into(), "bad tag".into()];
+    assert_eq!(field(reg.create(d).await.unwrap_err()), "tags[1]");
+    let mut d = new_device("ok");
+    d.name = "x".repeat(257);
+    assert_eq!(field(reg.create(d).await.unwrap_err()), "name");
+    reg.create(new_device("ok")).await.unwrap();
+    assert!(matches!(
+        reg.create(new_device("ok")).await.unwrap_err(),
+        RegistryError::AlreadyExists { .. }
+    ));
+    assert!(matches!(
+        reg.update("nope", DeviceChanges::default())
+            .await
+            .unwrap_err(),
+        RegistryError::NotFound { .. }
+    ));
+}
+
+#[tokio::test]
+async fn monitoring_counts_persist_across_flush_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let reg = open(dir.path());
+        reg.create(new_device("d")).await.unwrap();
+        assert_eq!(reg.status("d").unwrap().state, State::Offline);
+        reg.observe("d", Traffic::Accepted { bytes: 100 });
+        reg.observe("d", Traffic::Accepted { bytes: 50 });
+        reg.observe("d", Traffic::Malformed);
+        reg.observe("d", Traffic::Signal { rssi: -80.0 });
+        reg.observe("d", Traffic::Location { lat: 1.5, lon: 2.5 });
+        reg.observe("unknown", Traffic::Accepted { bytes: 1 });
+        let s = reg.status("d").unwrap();
+        assert_eq!(s.state, State::Online);
+        assert_eq!((s.messages, s.bytes, s.errors.malformed), (2, 150, 1));
+        assert!(s.messages_per_minute > 1.9);
+        assert!(reg.status("unknown").is_none());
+        reg.flush().await.unwrap();
+        reg.observe("d", Traffic::Refused);
+        reg.flush().await.unwrap();
+    }
+    let reg = open(dir.path());
+    let s = reg.status("d").unwrap();
+    assert_eq!((s.messages, s.bytes), (2, 150));
+    assert_eq!((s.errors.malformed, s.errors.refused), (1, 1));
+    assert_eq!(s.signal.unwrap().rssi_dbm, -80.0);
+    assert_eq!(s.location.unwrap().lat, 1.5);
+    assert!(s.last_seen_ms.is_some());
+    assert_eq!(s.state, State::Online, "seen moments ago by the wall clock");
+    assert_eq!(s.messages_per_minute, 0.0, "rates are not persisted");
+}
+
+#[tokio::test]
+async fn state_goes_offline_after_the_threshold() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::open(dir.path(), Duration::from_secs(60)).unwrap();
+    reg.create(new_device("d")).await.unwrap();
+    let t0 = Instant::now();
+    let ms = now_unix_ms();
+    reg.observe_at("d", Traffic::Accepted { bytes: 1 }, t0, ms);
+    let at = |dt: u64| {
+        let m = lock(&reg.inner.monitors).get("d").cloned().unwrap();
+        m.state(
+            true,
+            Duration::from_secs(60),
+            t0 + Duration::from_secs(dt),
+            ms,
+        )
+    };
+    assert_eq!(at(59), State::Online);
+    assert_eq!(at(61), State::Offline);
+    reg.set_enabled("d", false).await.unwrap();
+    assert_eq!(reg.status("d").unwrap().state, State::Disabled);
+}
+
+#[tokio::test]
+async fn list_pages_in_id_order_with_filters() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = open(dir.path());
+    for i in 0..25 {
+        let mut d = new_device(&format!("dev-{i:02}"));
+        if i % 2 == 0 {
+            d.tags = vec!["even".into()];
+        }
+        reg.create(d).await.unwrap();
+    }
+    reg.set_enabled("dev-03", false).await.unwrap();
+    reg.observe("dev-04", Traffic::Accepted { bytes: 1 });
+
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = reg
+            .list(&ListQuery {
+                limit: 10,
+                cursor: cursor.clone(),
+                ..ListQuery::default()
+            })
+            .unwrap();
+        seen.extend(page.devices.iter().map(|d| d.id.clone()));
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    let expected: Vec<String> = (0..25).map(|i| format!("dev-{i:02}")).collect();
+    assert_eq!(seen, expected);
+
+    let even = reg
+        .list(&ListQuery {
+            tag: Some("even".into()),
+            limit: 13,
+            ..ListQuery::default()
+        })
+        .unwrap();
+    assert_eq!(even.devices.len(), 13);
+    assert_eq!(even.next_cursor, None, "exactly one page");
+
+    let state = |s| {
+        reg.list(&ListQuery {
+            state: Some(s),
+            ..ListQuery::default()
+        })
+        .unwrap()
+        .devices
+        .into_iter()
+        .map(|d| d.id)
+        .collect::<Vec<_>>()
+    };
+    assert_eq!(state(State::Disabled), vec!["dev-03"]);
+    assert_eq!(state(State::Online), vec!["dev-04"]);
+    assert_eq!(state(State::Offline).len(), 23);
+    assert!(matches!(
+        reg.list(&ListQuery {
+            limit: MAX_PAGE + 1,
+            ..ListQuery::default()
+        }),
+        Err(RegistryError::Invalid { .. })
+    ));
+}
+
+#[tokio::test]
+async fn drivers_register_devices_without_secret_or_protocols() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = open(dir.path());
+    assert!(reg.register_seen("sim-0", "driver:sim").await);
+    assert!(reg.register_seen("sim-0", "driver:sim").await);
+    assert!(!reg.register_seen("bad id", "driver:sim").await);
+    assert_eq!(reg.len(), 1);
+    let d = reg.get("sim-0").unwrap();
+    assert_eq!(d.source, "driver:sim");
+    assert!(!d.has_secret);
+    assert!(d.protocols.is_empty());
+    assert_eq!(d.state, State::Online);
+    assert_eq!(
+        reg.identify("sim-0", Protocol::Mqtt),
+        Err(Refusal::ProtocolNotAllowed)
+    );
+    assert_eq!(
+        reg.authenticate("sim-0", "", Protocol::Mqtt).await,
+        Err(Refusal::BadSecret)
+    );
+    reg.set_enabled("sim-0", false).await.unwrap();
+    assert!(!reg.register_seen("sim-0", "driver:sim").await, "disabled");
+    drop(reg);
+    assert_eq!(open(dir.path()).get("sim-0").unwrap().source, "driver:sim");
+}
+
+#[tokio::test]
+async fn commands_queue_deliver_expire_and_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = open(dir.path());
+    reg.create(new_device("d")).await.unwrap();
+    assert!(matches!(
+        reg.queue_command("nope", &serde_json::json!(1), None)
+            .await
+            .unwrap_err(),
+        RegistryError::NotFound { .. }
+    ));
+    let c1 = reg
+        .queue_command("d", &serde_json::json!({"reboot": true}), None)
+        .await
+        .unwrap();
+    assert_eq!(c1.state, CommandState::Queued);
+    let short = reg
+        .queue_command(
+            "d",
+            &serde_json::json!("soon gone"),
+            Some(Duration::from_millis(1)),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(
+        reg.command("d", short.id).await.unwrap().unwrap().state,
+        CommandState::Expired
+    );
+    let taken = reg.take_pending_commands("d", 10).await.unwrap();
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].payload, serde_json::json!({"reboot": true}));
+    assert_eq!(taken[0].state, CommandState::Delivered);
+    assert!(reg.take_pending_commands("d", 10).await.unwrap().is_empty());
+    assert_eq!(
+        reg.command("d", c1.id).await.unwrap().unwrap().state,
+        CommandState::Delivered
+    );
+    assert_eq!(reg.command("d", 9999).await.unwrap(), None);
+
+    for i in 0..commands::MAX_QUEUED {
+        reg.queue_command("d", &serde_json::json!(i), None)
+            .await
+            .unwrap();
+    }
+    assert!(matches!(
+        reg.queue_command("d", &serde_json::json!("one too many"), None)
+            .await
+            .unwrap_err(),
+        RegistryError::CommandQueueFull { .. }
+    ));
+    let pending = reg.pending_commands("d", 5).await.unwrap();
+    assert_eq!(pending.len(), 5);
+    let ids: Vec<i64> = pending.iter().map(|c| c.id).collect();
+    assert_eq!(reg.mark_delivered("d", &ids).await.unwrap(), 5);
+    assert_eq!(reg.mark_delivered("d", &ids).await.unwrap(), 0);
+    reg.queue_command("d", &serde_json::json!("fits again"), None)
+        .await
+        .unwrap();
+    assert_eq!(reg.commands("d").await.unwrap().len(), 2 + 100 + 1);
+
+    reg.delete("d").await.unwrap();
+    assert!(matches!(
+        reg.commands("d").await.unwrap_err(),
+        RegistryError::NotFound { .. }
+    ));
+}
+
+#[tokio::test]
+async fn corrupt_file_is_quarantined() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(store::FILE_NAME),
+        b"this is not sqlite at all, sorry",
+    )
+    .unwrap();
+    let reg = open(dir.path());
+    let q = reg.quarantine().unwrap();
+    assert!(q.moved_to.exists());
+    assert_eq!(reg.len(), 0);
+    reg.create(new_device("d")).await.unwrap();
+}

@@ -1,0 +1,55 @@
+//! Talking to the daemon's management API as an administrator: a token in the config, requests
+//! with it, devices created through it.
+
+use crate::daemon::Daemon;
+use crate::http::{Response, request};
+
+/// The admin token [`admin_token_config`] declares.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+/// Lowercase hex SHA-256, as `[[api.tokens]] sha256` wants it.
+pub fn sha256_hex(text: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// An `[[api.tokens]]` entry for [`ADMIN_TOKEN`] with the `admin` scope.
+pub fn admin_token_config() -> String {
+    format!(
+        "[[api.tokens]]\nname = \"admin\"\nsha256 = \"{}\"\nscopes = [\"admin\"]\n",
+        sha256_hex(ADMIN_TOKEN)
+    )
+}
+
+/// A JSON request with the admin token.
+pub fn admin(d: &Daemon, method: &str, path: &str, body: &str) -> Response {
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    request(
+        d.admin,
+        method,
+        path,
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        body.as_bytes(),
+    )
+}
+
+/// Registers a device (`protocols` as a JSON array, `None` for all) and returns its secret.
+pub fn create_device(d: &Daemon, id: &str, protocols: Option<&str>) -> String {
+    let body = match protocols {
+        Some(p) => format!(r#"{{"id":"{id}","protocols":{p}}}"#),
+        None => format!(r#"{{"id":"{id}"}}"#),
+    };
+    let r = admin(d, "POST", "/api/v1/devices", &body);
+    assert_eq!(r.status, 201, "create device {id}: {}", r.text());
+    let v = r.json();
+    v["secret"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no secret in {v}"))
+        .to_owned()
+}
