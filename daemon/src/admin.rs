@@ -84,6 +84,13 @@ async fn status(State(s): State<AdminState>) -> Response {
     axum::Json(json!({
         "gateway_id": &*s.gateway_id,
         "version": env!("CARGO_PKG_VERSION"),
+        "build": {
+            "version": env!("CARGO_PKG_VERSION"),
+            "arch": std::env::consts::ARCH,
+            "os": std::env::consts::OS,
+            "outbox_schema": outpost_sync::outbox::SCHEMA_VERSION,
+            "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
+        },
         "uptime_seconds": s.started.elapsed().as_secs(),
         "subsystems": s.status.subsystems(),
         "alarms": s.status.alarms(),

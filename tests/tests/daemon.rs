@@ -110,6 +110,8 @@ fn endpoints_metrics_and_buffer_cli_on_a_live_daemon() {
     }
     let status = d.status();
     assert!(status["outbox"]["records"].as_u64().unwrap() >= 30);
+    assert_eq!(status["build"]["arch"], std::env::consts::ARCH, "{status}");
+    assert!(status["build"]["version"].is_string());
     let states: BTreeMap<String, String> = status["subsystems"]
         .as_array()
         .unwrap()
