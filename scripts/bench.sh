@@ -2,13 +2,15 @@
 # Benchmarks behind the figures in docs/BENCHMARKS.md. Not part of the test command: figures are
 # measured here and written down, never asserted in timed tests.
 #
-#   bash scripts/bench.sh [outbox|rss|size|all]
+#   bash scripts/bench.sh [outbox|rss|size|http|coap|serial|modbus|all]
 #
 # outbox: append throughput and append->commit latency at 50,000 records/s (median of 5 runs)
 # rss:    resident memory of an idle `outpost run` on defaults (median of 5 starts)
 # size:   stripped release binary sizes (x86_64, and aarch64 if cross/build.sh has run)
 # http:   HTTP ingestion, single-record POSTs from 50 keep-alive connections with wrk (median of 5)
 # coap:   CoAP CON POSTs from 100 clients with the repo's bench client (median of 5)
+# serial: serial line parsing throughput per format, one core (drivers/benches/line_parse.rs)
+# modbus: CPU of `outpost run` polling 50 registers at 10 Hz from 10 pymodbus TCP slaves (30 s)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 what=${1:-all}
@@ -116,6 +118,58 @@ coap() {
   "$target_dir/release/coap-bench" --clients 100 --seconds 10 --warmup 2 --runs 5
 }
 
+serial() {
+  cargo bench --locked -p outpost-drivers --bench line_parse
+}
+
+# 10 pymodbus TCP slaves (tests/peers/modbus_slave.py --map bench) on loopback; one modbus driver
+# polls 50 holding registers (u16, addresses 0..49, one request per poll) of each at 100 ms. The
+# daemon's CPU is utime+stime from /proc/<pid>/stat over 30 s after a 5 s warm-up.
+modbus() {
+  cargo build --locked --release -p outpost
+  python3 -c 'import pymodbus' 2>/dev/null || { echo "pymodbus is missing: bash scripts/setup-test-deps.sh" >&2; exit 1; }
+  local dir slaves=() port ports=() pid t0 t1 s0 s1 r0 r1 hz seconds=30
+  dir=$(mktemp -d)
+  for i in $(seq 0 9); do
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    ports+=("$port")
+    python3 tests/peers/modbus_slave.py --tcp "127.0.0.1:$port" --units 1 --map bench >/dev/null 2>&1 &
+    slaves+=("$!")
+  done
+  {
+    printf '[gateway]\ndata_dir = "%s/data"\n[admin]\nlisten = "127.0.0.1:0"\n[coap]\nenabled = false\n' "$dir"
+    printf '[log]\nformat = "json"\n\n[[drivers]]\nkind = "modbus"\nname = "bench"\n'
+    for i in $(seq 0 9); do
+      printf '[[drivers.slaves]]\ndevice_id = "slave-%s"\nunit = 1\naddress = "127.0.0.1:%s"\n' "$i" "${ports[$i]}"
+      for a in $(seq 0 49); do
+        printf '[[drivers.slaves.points]]\nname = "r%s"\naddress = %s\ninterval = "100ms"\n' "$a" "$a"
+      done
+    done
+  } >"$dir/c.toml"
+  sleep 3 # the slaves import pymodbus
+  "$target_dir/release/outpost" run --config "$dir/c.toml" 2>"$dir/log" &
+  pid=$!
+  sleep 5
+  hz=$(getconf CLK_TCK)
+  read -r t0 s0 < <(awk '{print $14, $15}' "/proc/$pid/stat")
+  r0=$("$target_dir/release/outpost" buffer stats --data-dir "$dir/data" | awk '/^records:/ {print $2}')
+  sleep "$seconds"
+  read -r t1 s1 < <(awk '{print $14, $15}' "/proc/$pid/stat")
+  r1=$("$target_dir/release/outpost" buffer stats --data-dir "$dir/data" | awk '/^records:/ {print $2}')
+  kill -TERM "$pid"; wait "$pid" || true
+  kill "${slaves[@]}" 2>/dev/null || true
+  wait "${slaves[@]}" 2>/dev/null || true
+  python3 - "$t0" "$s0" "$t1" "$s1" "$hz" "$seconds" "$r0" "$r1" <<'PY'
+import sys
+t0, s0, t1, s1, hz, seconds, r0, r1 = map(float, sys.argv[1:])
+user, system = (t1 - t0) / hz, (s1 - s0) / hz
+print(f"outpost CPU over {seconds:.0f} s: user {user:.2f} s + system {system:.2f} s = "
+      f"{100 * (user + system) / seconds:.2f}% of one core")
+print(f"readings stored: {r1 - r0:.0f} = {(r1 - r0) / seconds:.1f}/s (expected 100/s: 10 slaves x 10 Hz)")
+PY
+  rm -rf "$dir"
+}
+
 machine
 case $what in
   outbox) outbox ;;
@@ -123,6 +177,8 @@ case $what in
   size) size ;;
   http) http ;;
   coap) coap ;;
-  all) outbox; rss; size; http; coap ;;
-  *) echo "usage: $0 [outbox|rss|size|http|coap|all]" >&2; exit 2 ;;
+  serial) serial ;;
+  modbus) modbus ;;
+  all) outbox; rss; size; http; coap; serial; modbus ;;
+  *) echo "usage: $0 [outbox|rss|size|http|coap|serial|modbus|all]" >&2; exit 2 ;;
 esac

@@ -18,6 +18,14 @@ PACKAGES=(
   libcoap3-bin           # coap-client (libcoap) for the CoAP end-to-end tests (tests/tests/coap.rs)
 )
 
+# Python packages for the real peers of the driver tests (tests/peers/), as "requirement:module"
+# (the module checked to see whether it is installed), installed with
+# `python3 -m pip install --quiet`.
+PIP_PACKAGES=(
+  "pymodbus>=3.10,<4:pymodbus"  # a real Modbus TCP/RTU slave (tests/peers/modbus_slave.py)
+  "pyserial:serial"             # pymodbus' serial (RTU) transport
+)
+
 # rustup components and targets.
 RUST_COMPONENTS=(rustfmt clippy)
 RUST_TARGETS=(aarch64-unknown-linux-gnu)
@@ -35,6 +43,15 @@ for component in "${RUST_COMPONENTS[@]}"; do
 done
 for target in "${RUST_TARGETS[@]}"; do
   ensure_rust_target "$target"
+done
+
+for entry in "${PIP_PACKAGES[@]}"; do
+  requirement=${entry%:*}
+  module=${entry##*:}
+  if ! python3 -c "import $module" >/dev/null 2>&1; then
+    log "Installing Python package $requirement"
+    python3 -m pip install --quiet "$requirement"
+  fi
 done
 
 if ! cargo nextest --version >/dev/null 2>&1; then

@@ -3,8 +3,8 @@
 #
 #   bash scripts/test.sh
 #
-# Sections: setup, fmt, clippy, build, tests (nextest, profile `ci`), cross build + qemu smoke
-# test for aarch64. Stops at the first failing section and says which one failed.
+# Sections: setup, fmt, clippy, build, tests (nextest, profile `ci`), fuzz-build (every cargo-fuzz
+# target builds), cross build + qemu smoke test for aarch64. Stops at the first failing section and says which one failed.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -52,6 +52,16 @@ run_nextest() {
   cargo nextest run --workspace --locked --profile ci 2>&1 | tee "$nextest_log"
 }
 
+# Every fuzz target (fuzz/, its own workspace) must build. The toolchain is stable: cargo-fuzz
+# needs nightly flags (-Zsanitizer), which RUSTC_BOOTSTRAP=1 unlocks on a stable compiler.
+build_fuzz() {
+  if ! cargo fuzz --version >/dev/null 2>&1; then
+    log "Installing cargo-fuzz from crates.io (builds from source, takes a few minutes)"
+    cargo install cargo-fuzz --locked
+  fi
+  (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz build)
+}
+
 section setup bash scripts/setup-test-deps.sh
 section fmt cargo fmt --all -- --check
 section clippy cargo clippy --workspace --all-targets --locked -- -D warnings
@@ -59,6 +69,7 @@ section clippy cargo clippy --workspace --all-targets --locked -- -D warnings
 # package's tests).
 section build cargo build --workspace --bins --locked
 section tests run_nextest
+section fuzz-build build_fuzz
 section cross-build bash cross/build.sh aarch64
 section cross-smoke bash cross/smoke.sh aarch64
 

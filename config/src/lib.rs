@@ -36,9 +36,12 @@ use std::path::Path;
 
 pub use error::{ConfigError, Problem};
 pub use model::{
-    AdminConfig, ApiConfig, ApiTokenConfig, CoapConfig, Config, DEFAULT_ROUTE, DevicesConfig,
-    DriverConfig, GatewayConfig, HttpIngestConfig, IntegrityCheck, LogConfig, LogFormat,
-    OutboxConfig, Route, RouteConfig, Scope, SimulatorConfig, Synchronous, WhenFull, parse_cidr,
+    AdminConfig, ApiConfig, ApiTokenConfig, CoapConfig, Config, DEFAULT_ROUTE, DataType,
+    DevicesConfig, DriverConfig, FlowControl, GatewayConfig, HttpIngestConfig, IntegrityCheck,
+    LineFormat, LogConfig, LogFormat, ModbusConfig, ModbusPointConfig, ModbusSlaveConfig,
+    ModbusTransport, Order, OutboxConfig, Parity, RegisterKind, ReopenConfig, Route, RouteConfig,
+    Scope, SerialLineConfig, SerialPortConfig, SimulatorConfig, Synchronous, WhenFull,
+    ZigbeeConfig, parse_cidr,
 };
 pub use units::ByteSize;
 

@@ -18,7 +18,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::de::DeserializeOwned;
 
 use crate::error::ConfigError;
-use crate::model::{Config, DriverConfig, RouteConfig, SimulatorConfig};
+use crate::model::{
+    Config, DriverConfig, ModbusConfig, ModbusPointConfig, ModbusSlaveConfig, RouteConfig,
+    SerialLineConfig, SimulatorConfig, ZigbeeConfig,
+};
 use crate::path::{Issue, KeyPath, Segment, into_problems, suggest};
 use crate::validate;
 
@@ -209,6 +212,19 @@ fn check_table_shapes(
     }
 }
 
+/// [`check_shapes`] for one `[[drivers]]` element, against a filled-in `example` of its kind.
+fn shape<T: serde::Serialize>(
+    table: &mut toml::Table,
+    example: &T,
+    path: &KeyPath,
+    removed: &mut Removed,
+    issues: &mut Vec<Issue>,
+) {
+    if let Ok(toml::Value::Table(schema)) = toml::Value::try_from(example) {
+        check_table_shapes(table, &schema, path, removed, issues);
+    }
+}
+
 /// `a [gateway]`, `an [outbox]`.
 fn article(path: &KeyPath) -> String {
     let name = path.to_string();
@@ -248,6 +264,34 @@ fn collect_drivers(
                     "simulator" => {
                         let sim: SimulatorConfig = collect(table, &current, removed, issues);
                         drivers.push(DriverConfig::Simulator(sim));
+                        continue;
+                    }
+                    "serial" => {
+                        let example = SerialLineConfig::default();
+                        shape(&mut table, &example, &current, removed, issues);
+                        let c: SerialLineConfig = collect(table, &current, removed, issues);
+                        drivers.push(DriverConfig::Serial(c));
+                        continue;
+                    }
+                    "modbus" => {
+                        let example = ModbusConfig {
+                            serial: Some(Default::default()),
+                            slaves: vec![ModbusSlaveConfig {
+                                points: vec![ModbusPointConfig::default()],
+                                ..ModbusSlaveConfig::default()
+                            }],
+                            ..ModbusConfig::default()
+                        };
+                        shape(&mut table, &example, &current, removed, issues);
+                        let c: ModbusConfig = collect(table, &current, removed, issues);
+                        drivers.push(DriverConfig::Modbus(c));
+                        continue;
+                    }
+                    "zigbee" => {
+                        let example = ZigbeeConfig::default();
+                        shape(&mut table, &example, &current, removed, issues);
+                        let c: ZigbeeConfig = collect(table, &current, removed, issues);
+                        drivers.push(DriverConfig::Zigbee(c));
                         continue;
                     }
                     other => {
@@ -484,10 +528,10 @@ mod tests {
         assert_eq!(
             found,
             [
-                "drivers[0].kind: missing required key (kinds: \"simulator\")",
+                "drivers[0].kind: missing required key (kinds: \"simulator\", \"serial\", \"modbus\", \"zigbee\")",
                 "drivers[1].kind: unknown driver kind \"simulatr\", did you mean \"simulator\"? \
-                 (kinds: \"simulator\")",
-                "drivers[2].kind: expected one of \"simulator\", found integer 3",
+                 (kinds: \"simulator\", \"serial\", \"modbus\", \"zigbee\")",
+                "drivers[2].kind: expected one of \"simulator\", \"serial\", \"modbus\", \"zigbee\", found integer 3",
                 "drivers[3].devices: must be between 1 and 10000, found 0",
                 "drivers[3].foo: unknown key `foo`; valid keys are `name`, `devices`, \
                  `interval`, `payload_bytes`, `topic`, `route`, `max_readings`",

@@ -61,11 +61,19 @@ deserialize_from_str!(WhenFull { "reject" => Reject, "drop_oldest" => DropOldest
 deserialize_from_str!(IntegrityCheck { "quick" => Quick, "full" => Full, "off" => Off });
 deserialize_from_str!(Scope { "read" => Read, "write" => Write, "admin" => Admin });
 
+mod drivers;
+
+pub use drivers::{
+    DataType, FlowControl, LineFormat, ModbusConfig, ModbusPointConfig, ModbusSlaveConfig,
+    ModbusTransport, Order, Parity, RegisterKind, ReopenConfig, SerialLineConfig, SerialPortConfig,
+    ZigbeeConfig,
+};
+
 /// Name of the route that always exists and that drivers use unless told otherwise.
 pub const DEFAULT_ROUTE: &str = "default";
 
-/// The whole configuration file.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The whole configuration file. (`PartialEq` only: Modbus scales are floats.)
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(
     default,
     deny_unknown_fields,
@@ -407,21 +415,30 @@ impl Default for Route {
 }
 
 /// `[[drivers]]`: one device driver; `kind` selects which.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum DriverConfig {
     /// `kind = "simulator"`: a built-in virtual sensor.
     Simulator(SimulatorConfig),
+    /// `kind = "serial"`: a line-oriented sensor on a serial port.
+    Serial(SerialLineConfig),
+    /// `kind = "modbus"`: Modbus TCP or RTU slaves polled by register map.
+    Modbus(ModbusConfig),
+    /// `kind = "zigbee"`: a TI Z-Stack coordinator stick.
+    Zigbee(ZigbeeConfig),
 }
 
 impl DriverConfig {
     /// Every valid `kind`. Adding a kind means adding it here and to the loader's dispatch.
-    pub const KINDS: &'static [&'static str] = &["simulator"];
+    pub const KINDS: &'static [&'static str] = &["simulator", "serial", "modbus", "zigbee"];
 
     /// The `kind` of this driver.
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Simulator(_) => "simulator",
+            Self::Serial(_) => "serial",
+            Self::Modbus(_) => "modbus",
+            Self::Zigbee(_) => "zigbee",
         }
     }
 
@@ -429,6 +446,19 @@ impl DriverConfig {
     pub fn name(&self) -> &str {
         match self {
             Self::Simulator(s) => &s.name,
+            Self::Serial(s) => &s.name,
+            Self::Modbus(s) => &s.name,
+            Self::Zigbee(s) => &s.name,
+        }
+    }
+
+    /// The route of the driver's readings.
+    pub fn route(&self) -> &str {
+        match self {
+            Self::Simulator(s) => &s.route,
+            Self::Serial(s) => &s.route,
+            Self::Modbus(s) => &s.route,
+            Self::Zigbee(s) => &s.route,
         }
     }
 }

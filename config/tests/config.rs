@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use outpost_config::{
-    ByteSize, Config, ConfigError, DriverConfig, RouteConfig, SimulatorConfig, Synchronous,
-    WhenFull, from_toml_str, load_file,
+    ByteSize, Config, ConfigError, DriverConfig, ModbusConfig, ModbusPointConfig,
+    ModbusSlaveConfig, RouteConfig, SerialLineConfig, SerialPortConfig, SimulatorConfig,
+    Synchronous, WhenFull, ZigbeeConfig, from_toml_str, load_file,
 };
 
 fn examples_dir() -> PathBuf {
@@ -64,9 +65,24 @@ fn outpost_example_commented_keys_are_valid() {
     let config = from_toml_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     assert!(config.gateway.id.is_some() && config.gateway.data_dir.is_some());
     assert_eq!(config.routes.len(), 1);
-    assert_eq!(config.drivers.len(), 1);
-    let DriverConfig::Simulator(sim) = &config.drivers[0];
+    let kinds: Vec<_> = config.drivers.iter().map(DriverConfig::kind).collect();
+    assert_eq!(kinds, ["simulator", "serial", "modbus", "zigbee"]);
+    let DriverConfig::Simulator(sim) = &config.drivers[0] else {
+        panic!("simulator first");
+    };
     assert_eq!(sim.max_readings, Some(1000));
+    let DriverConfig::Serial(serial) = &config.drivers[1] else {
+        panic!("serial second");
+    };
+    assert_eq!(serial.units.len(), 2);
+    let DriverConfig::Modbus(modbus) = &config.drivers[2] else {
+        panic!("modbus third");
+    };
+    assert_eq!(modbus.slaves[0].points[0].unit.as_deref(), Some("kW"));
+    let DriverConfig::Zigbee(zigbee) = &config.drivers[3] else {
+        panic!("zigbee fourth");
+    };
+    assert_eq!((zigbee.serial.baud, zigbee.pan_id), (115_200, 0x1a62));
 }
 
 fn looks_like_toml(line: &str) -> bool {
@@ -80,8 +96,8 @@ fn looks_like_toml(line: &str) -> bool {
     header || key_value
 }
 
-/// Every key of the configuration (with all optional keys and one route and driver set)
-/// appears in outpost.toml under its section, live or commented out.
+/// Every key of the configuration (with all optional keys and one route and one driver of
+/// each kind set) appears in outpost.toml under its section, live or commented out.
 #[test]
 fn outpost_example_documents_every_key() {
     let mut full = Config::default();
@@ -97,20 +113,58 @@ fn outpost_example_documents_every_key() {
         max_readings: Some(1),
         ..SimulatorConfig::default()
     }));
+    full.drivers.push(DriverConfig::Serial(SerialLineConfig {
+        name: "l".into(),
+        device_field: Some("id".into()),
+        device_id: Some("d".into()),
+        timestamp_field: Some("ts".into()),
+        units: [("temperature".to_owned(), "Cel".to_owned())].into(),
+        ..SerialLineConfig::default()
+    }));
+    full.drivers.push(DriverConfig::Modbus(ModbusConfig {
+        name: "m".into(),
+        address: Some("h:502".into()),
+        serial: Some(SerialPortConfig::default()),
+        slaves: vec![ModbusSlaveConfig {
+            device_id: "d".into(),
+            unit: 1,
+            address: Some("h:502".into()),
+            points: vec![ModbusPointConfig {
+                unit: Some("kW".into()),
+                ..ModbusPointConfig::default()
+            }],
+        }],
+        ..ModbusConfig::default()
+    }));
+    full.drivers
+        .push(DriverConfig::Zigbee(ZigbeeConfig::default()));
     let toml::Value::Table(schema) = toml::Value::try_from(&full).expect("serializes") else {
         panic!("config serializes to a table");
     };
-    let mut expected = BTreeSet::new();
-    for (section, value) in &schema {
-        let table = match value {
-            toml::Value::Table(t) => t,
-            toml::Value::Array(items) => items[0].as_table().expect("array of tables"),
-            other => panic!("unexpected top-level value {other}"),
-        };
-        for key in table.keys() {
-            expected.insert(format!("{section}.{key}"));
+    fn walk(prefix: &str, table: &toml::Table, out: &mut BTreeSet<String>) {
+        for (key, value) in table {
+            let here = if prefix.is_empty() {
+                key.clone()
+            } else {
+                format!("{prefix}.{key}")
+            };
+            match value {
+                toml::Value::Table(t) => walk(&here, t, out),
+                toml::Value::Array(items) if items.iter().all(toml::Value::is_table) => {
+                    for item in items {
+                        walk(&here, item.as_table().expect("table"), out);
+                    }
+                }
+                _ => {
+                    out.insert(here);
+                }
+            }
         }
     }
+    let mut expected = BTreeSet::new();
+    walk("", &schema, &mut expected);
+    // `[[drivers]]` with one `kind` per element: the kind is written on the header's line.
+    expected.insert("drivers.kind".into());
 
     let mut documented = BTreeSet::new();
     let mut section = String::new();
@@ -127,7 +181,7 @@ fn outpost_example_documents_every_key() {
         missing.is_empty(),
         "not documented in outpost.toml: {missing:?}"
     );
-    assert!(expected.len() > 25, "{expected:?}");
+    assert!(expected.len() > 60, "{expected:?}");
 }
 
 #[test]
@@ -238,7 +292,8 @@ fn driver_without_name_or_kind() {
     assert!(found[0].starts_with("drivers[0].name: missing required key"));
     assert_eq!(
         found[1],
-        "drivers[1].kind: missing required key (kinds: \"simulator\")"
+        "drivers[1].kind: missing required key (kinds: \"simulator\", \"serial\", \"modbus\", \
+         \"zigbee\")"
     );
 }
 
@@ -341,4 +396,82 @@ fn validate_works_on_a_typed_config() {
             "outbox.queue_capacity: must be between 1 and 1000000, found 0",
         ]
     );
+}
+
+#[test]
+fn hardware_drivers_report_every_problem_with_its_path() {
+    let found = problems(concat!(
+        "[[drivers]]\nkind = \"serial\"\nname = \"l\"\nformat = \"csv\"\n",
+        "device_field = \"id\"\ndevice_id = \"x\"\nseparator = \";;\"\n",
+        "max_line_bytes = \"2MiB\"\n",
+        "[drivers.serial]\ndata_bits = 9\nstop_bits = 3\nparity = \"mark\"\n",
+        "[drivers.reopen]\nbackoff_initial = \"1s\"\nbackoff_max = \"100ms\"\n",
+        "[[drivers]]\nkind = \"modbus\"\nname = \"m\"\ntransport = \"rtu\"\n",
+        "address = \"h:502\"\n",
+        "[[drivers.slaves]]\ndevice_id = \"a b\"\nunit = 0\n",
+        "[[drivers.slaves.points]]\nname = \"p\"\nfunction = \"coil\"\ndata_type = \"f32\"\n",
+        "[[drivers.slaves.points]]\nname = \"p\"\naddress = 65535\ndata_type = \"u32\"\n",
+        "scale = 0.0\ninterval = \"1ms\"\n",
+        "[[drivers]]\nkind = \"zigbee\"\nname = \"z\"\nchannel = 27\npan_id = 0xffff\n",
+        "[drivers.serial]\npath = \"/dev/ttyACM0\"\n",
+        "[[drivers]]\nkind = \"serial\"\nname = \"s2\"\ndevice_id = \"x\"\n",
+        "[drivers.serial]\npath = \"/dev/ttyACM0\"\n",
+    ));
+    let expected = [
+        "drivers[0].serial.parity: unknown value \"mark\" (expected one of \"none\", \"even\", \
+         \"odd\")",
+        "drivers[0].serial.path: missing required key",
+        "drivers[0].serial.data_bits: must be between 5 and 8, found 9",
+        "drivers[0].serial.stop_bits: must be 1 or 2, found 3",
+        "drivers[0].reopen.backoff_max: must be between 1s and 1h, found 100ms",
+        "drivers[0].device_id: set only one of device_field and device_id",
+        "drivers[0].columns: required for format = \"csv\"",
+        "drivers[0].separator: must be a single character",
+        "drivers[0].max_line_bytes: must be between 16B and 1MiB",
+        "drivers[1].serial: required for transport = \"rtu\"",
+        "drivers[1].address: only used with transport = \"tcp\"",
+        "drivers[1].slaves[0].device_id: invalid device id \"a b\"",
+        "drivers[1].slaves[0].unit: must be between 1 and 247, found 0",
+        "drivers[1].slaves[0].points[0].data_type: coils and discrete inputs are read as \"bool\"",
+        "drivers[1].slaves[0].points[1].name: duplicate point name \"p\"",
+        "drivers[1].slaves[0].points[1].address: 65535 plus the value's width passes 65535",
+        "drivers[1].slaves[0].points[1].scale: must be finite and not 0, found 0",
+        "drivers[1].slaves[0].points[1].interval: must be between 10ms and 1d, found 1ms",
+        "drivers[2].channel: must be between 11 and 26, found 27",
+        "drivers[2].pan_id: must be between 0x0001 and 0xfffe, found 0xffff",
+        "drivers[3].serial.path: serial port /dev/ttyACM0 is already used by another driver \
+         (also drivers[2].serial.path)",
+    ];
+    for prefix in expected {
+        assert!(
+            found.iter().any(|f| f.starts_with(prefix)),
+            "missing {prefix:?} in {found:#?}"
+        );
+    }
+    assert_eq!(found.len(), expected.len(), "{found:#?}");
+}
+
+#[test]
+fn hardware_driver_defaults() {
+    let config = from_toml_str(concat!(
+        "[[drivers]]\nkind = \"serial\"\nname = \"l\"\ndevice_id = \"t1\"\n",
+        "[drivers.serial]\npath = \"/dev/ttyUSB0\"\n",
+        "[[drivers]]\nkind = \"modbus\"\nname = \"m\"\naddress = \"127.0.0.1:502\"\n",
+        "[[drivers.slaves]]\ndevice_id = \"meter\"\n",
+        "[[drivers.slaves.points]]\nname = \"v\"\n",
+    ))
+    .expect("valid");
+    let DriverConfig::Serial(serial) = &config.drivers[0] else {
+        panic!("serial");
+    };
+    assert_eq!(serial.serial.baud, 9600);
+    assert_eq!(serial.max_line_bytes, ByteSize::kib(4));
+    assert_eq!(serial.topic_for("t1"), "serial/t1");
+    assert_eq!(serial.reopen.backoff_initial, Duration::from_millis(500));
+    let DriverConfig::Modbus(modbus) = &config.drivers[1] else {
+        panic!("modbus");
+    };
+    assert_eq!(modbus.slaves[0].unit, 0);
+    assert_eq!(modbus.slaves[0].points[0].interval, Duration::from_secs(1));
+    assert_eq!(modbus.timeout, Duration::from_millis(500));
 }

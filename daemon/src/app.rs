@@ -21,6 +21,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use outpost_config::Config;
+use outpost_drivers::{DeviceHealth, DriverContext, DriverStats};
 use outpost_sync::{OutboxOptions, outbox};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{broadcast, mpsc};
@@ -133,6 +134,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         None
     };
 
+    // Driver counters exist before the drivers: `/metrics` and the status read them live.
+    let driver_stats: Vec<Arc<DriverStats>> = config
+        .drivers
+        .iter()
+        .map(|d| Arc::new(DriverStats::new(d.name(), d.kind())))
+        .collect();
+    metrics.register_collector(Box::new(telemetry::drivers::DriverMetrics::new(
+        driver_stats.clone(),
+    )));
+
     let listener = TcpListener::bind(config.admin.listen)
         .await
         .with_context(|| format!("binding the admin listener on {}", config.admin.listen))?;
@@ -148,10 +159,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         registry: Arc::new(metrics),
         started,
     };
-    let mut admin_router = admin::router(admin_state).merge(api::router(api::ApiState::new(
-        registry.clone(),
-        &config.api,
-    )));
+    // Permit join reaches the Zigbee driver through this handle; the driver attaches to it
+    // when built from a `DriverContext` carrying it.
+    let zigbee = outpost_drivers::zigbee::ZigbeeControl::default();
+    let mut admin_router = admin::router(admin_state).merge(api::router(
+        api::ApiState::new(registry.clone(), &config.api).with_zigbee(zigbee.clone()),
+    ));
     if let Some(state) = http_ingest {
         admin_router = admin_router.merge(ingress::http::router(state));
         status.active("http-ingest", false);
@@ -191,38 +204,32 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
 
     let (readings_tx, readings_rx) = mpsc::channel(READINGS_QUEUE);
-    for driver_config in &config.drivers {
-        let driver = outpost_drivers::from_config(driver_config);
-        let name = format!("driver/{}", driver.name());
+    let health: Arc<dyn DeviceHealth> =
+        Arc::new(ingress::drivers::RegistryHealth(registry.clone()));
+    for (driver_config, stats) in config.drivers.iter().zip(driver_stats) {
+        let context = DriverContext {
+            stats: Arc::clone(&stats),
+            health: Arc::clone(&health),
+            zigbee: zigbee.clone(),
+        };
+        let name = format!("driver/{}", driver_config.name());
         status.active(&name, false);
-        let (sink, stop, board, task_name) = (
+        status.watch_driver(&name, stats);
+        let supervisor = supervise_driver(
+            driver_config.clone(),
+            context,
             readings_tx.clone(),
             ingress.clone(),
             status.clone(),
-            name.clone(),
+            tracker.clone(),
         );
-        tracker.spawn(named(name, async move {
-            match driver.run(sink, stop).await {
-                Ok(()) | Err(outpost_drivers::DriverError::SinkClosed) => {
-                    board.inactive(&task_name, "stopped", false);
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "Driver failed");
-                    board.inactive(&task_name, e.to_string(), false);
-                }
-            }
-        }));
+        tracker.spawn(named(name, supervisor));
     }
     // The ingest task ends once every driver has dropped its sender and the queue is empty.
     drop(readings_tx);
     let ingest_task = tracker.spawn(named(
         "driver-ingest",
-        ingress::drivers::run(
-            readings_rx,
-            outbox.clone(),
-            registry.clone(),
-            ingress.clone(),
-        ),
+        ingress::drivers::run(readings_rx, ingest.clone(), ingress.clone()),
     ));
 
     if let Some(interval) = systemd::watchdog_interval() {
@@ -303,6 +310,54 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 fn named<F: Future>(name: impl Into<String>, task: F) -> impl Future<Output = F::Output> {
     let name = name.into();
     task.instrument(tracing::info_span!("task", task = %name))
+}
+
+/// Pause before a driver that panicked is built and started again.
+const DRIVER_RESTART: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs one driver until it stops. A panic inside the driver does not take the daemon down: it
+/// is logged, the driver is shown INACTIVE with the reason, and after [`DRIVER_RESTART`] the
+/// driver is built again from its config (its counters carry over). An error the driver returns
+/// is final (a configuration it cannot run).
+async fn supervise_driver(
+    config: outpost_config::DriverConfig,
+    context: DriverContext,
+    sink: mpsc::Sender<outpost_drivers::Reading>,
+    stop: CancellationToken,
+    board: StatusBoard,
+    tracker: TaskTracker,
+) {
+    let name = format!("driver/{}", config.name());
+    loop {
+        let driver = outpost_drivers::from_config(&config, context.clone());
+        let run = driver.run(sink.clone(), stop.clone()).in_current_span();
+        match tracker.spawn(run).await {
+            Ok(Ok(()) | Err(outpost_drivers::DriverError::SinkClosed)) => {
+                board.inactive(&name, "stopped", false);
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "Driver failed");
+                board.inactive(&name, e.to_string(), false);
+                return;
+            }
+            Err(join) => {
+                let why = if join.is_panic() {
+                    "panicked"
+                } else {
+                    "was cancelled"
+                };
+                tracing::error!(error = %join, "Driver {why}; restarting it in {DRIVER_RESTART:?}");
+                context.stats.set_down(format!("driver {why}; restarting"));
+                board.inactive(&name, format!("driver {why}; restarting"), false);
+                tokio::select! {
+                    () = tokio::time::sleep(DRIVER_RESTART) => {}
+                    () = stop.cancelled() => return,
+                }
+                board.active(&name, false);
+            }
+        }
+    }
 }
 
 /// Keeps the systemd STATUS line current with the outbox figures.

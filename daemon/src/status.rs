@@ -40,6 +40,8 @@ pub struct StatusBoard {
 struct Inner {
     subsystems: BTreeMap<String, Subsystem>,
     alarms: Vec<Alarm>,
+    /// Live state of running drivers, read when the status is asked for.
+    drivers: BTreeMap<String, Arc<outpost_drivers::DriverStats>>,
 }
 
 impl StatusBoard {
@@ -80,8 +82,37 @@ impl StatusBoard {
         });
     }
 
+    /// While subsystem `name` (a running driver) is ACTIVE, its state and reason come from
+    /// `stats`: INACTIVE with the last error while its port/connection is down.
+    pub fn watch_driver(&self, name: &str, stats: Arc<outpost_drivers::DriverStats>) {
+        self.with(|i| i.drivers.insert(name.to_owned(), stats));
+    }
+
     pub fn subsystems(&self) -> Vec<Subsystem> {
-        self.with(|i| i.subsystems.values().cloned().collect())
+        self.with(|i| {
+            i.subsystems
+                .values()
+                .map(|s| match i.drivers.get(&s.name) {
+                    Some(stats) if s.state == State::Active => {
+                        let snap = stats.snapshot();
+                        if snap.up {
+                            let reason = snap.last_error.map(|e| format!("up; last error: {e}"));
+                            Subsystem {
+                                reason,
+                                ..s.clone()
+                            }
+                        } else {
+                            Subsystem {
+                                state: State::Inactive,
+                                reason: Some(snap.last_error.unwrap_or_else(|| "starting".into())),
+                                ..s.clone()
+                            }
+                        }
+                    }
+                    _ => s.clone(),
+                })
+                .collect()
+        })
     }
 
     pub fn alarms(&self) -> Vec<Alarm> {
@@ -97,5 +128,42 @@ impl StatusBoard {
                 .cloned()
                 .collect()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn running_drivers_report_their_port_state() {
+        let board = StatusBoard::default();
+        let stats = Arc::new(outpost_drivers::DriverStats::new("line", "serial"));
+        board.active("driver/line", false);
+        board.watch_driver("driver/line", Arc::clone(&stats));
+        let show = |b: &StatusBoard| b.subsystems().pop().expect("one subsystem");
+        assert_eq!(show(&board).state, State::Inactive);
+        assert_eq!(show(&board).reason.as_deref(), Some("starting"));
+        stats.set_up();
+        assert_eq!(
+            (show(&board).state, show(&board).reason),
+            (State::Active, None)
+        );
+        stats.set_down("cannot open /dev/ttyUSB0: No such file or directory");
+        let s = show(&board);
+        assert_eq!(s.state, State::Inactive);
+        assert!(s.reason.expect("reason").contains("/dev/ttyUSB0"));
+        stats.set_up();
+        let s = show(&board);
+        assert_eq!(s.state, State::Active);
+        assert!(
+            s.reason
+                .expect("reason")
+                .starts_with("up; last error: cannot open")
+        );
+        // A stopped driver task wins over its last port state.
+        board.inactive("driver/line", "stopped", false);
+        assert_eq!(show(&board).reason.as_deref(), Some("stopped"));
+        assert!(board.not_ready().is_empty(), "drivers are not essential");
     }
 }

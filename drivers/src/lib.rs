@@ -5,19 +5,42 @@
 //! produce readings. A full channel makes a driver wait (back-pressure reaches the sensor poll
 //! loop), so no reading is dropped between a driver and the outbox.
 //!
-//! Each driver runs until its cancellation token fires and recovers from I/O errors by itself.
-//! Today there is one built-in driver, the [`simulator`]; serial, Modbus and Zigbee follow.
+//! Each driver runs until its cancellation token fires and recovers from I/O errors by itself:
+//! a failed port or connection is reopened by its configured path with capped exponential
+//! backoff ([`port::Backoff`]); after `reopen.offline_after_failures` consecutive failures the
+//! driver reports its devices offline through [`DeviceHealth`]. Every driver counts what it does
+//! in its [`DriverStats`], which the daemon shows in `/metrics` and `/api/v1/status`.
+//!
+//! **Readings** are JSON objects (`content_type` `application/json`): the values by field name,
+//! numbers where the source gives numbers, plus `"units": {"<field>": "<unit>"}` when units are
+//! known and `"time_ms"` (Unix milliseconds) when the source gives its own timestamp. The device
+//! id and the driver name travel beside the payload (the envelope's device id and `driver`
+//! header), so a stored reading always carries device id, driver and unit.
+//!
+//! Built-in drivers: [`simulator`], [`line`] (serial line sensors), [`modbus`] (TCP and RTU),
+//! [`zigbee`] (TI Z-Stack coordinator).
 
 #![forbid(unsafe_code)]
 
+pub mod line;
+pub mod modbus;
+pub mod port;
 pub mod simulator;
+pub mod stats;
+pub mod zigbee;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use outpost_config::DriverConfig;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+pub use stats::{DriverStats, ErrorKind, StatsSnapshot};
+
+/// Content type of the JSON readings the hardware drivers produce.
+pub const JSON: &str = "application/json";
 
 /// One value (or set of values) read from a sensor.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,10 +83,65 @@ pub trait Driver: Send + std::fmt::Debug {
     fn run(self: Box<Self>, sink: ReadingSink, shutdown: CancellationToken) -> DriverFuture;
 }
 
+/// How a driver tells the daemon about the health of its devices. The daemon implements it on
+/// top of the device registry; drivers call it from their tasks, so implementations must not
+/// block (no I/O; an in-memory update).
+pub trait DeviceHealth: Send + Sync + std::fmt::Debug {
+    /// `device_id` stopped answering (or its port is gone) after the configured number of
+    /// consecutive failures: report it offline until it is heard from again.
+    fn offline(&self, driver: &str, device_id: &str, reason: &str);
+}
+
+/// A [`DeviceHealth`] that ignores everything (unit tests, tools).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoHealth;
+
+impl DeviceHealth for NoHealth {
+    fn offline(&self, _driver: &str, _device_id: &str, _reason: &str) {}
+}
+
+/// What the daemon hands every driver besides its config.
+#[derive(Debug, Clone)]
+pub struct DriverContext {
+    /// The driver's counters; the daemon keeps another `Arc` to report them.
+    pub stats: Arc<DriverStats>,
+    /// Where offline devices are reported.
+    pub health: Arc<dyn DeviceHealth>,
+    /// The daemon's handle to the Zigbee driver (permit join); the first Zigbee driver built
+    /// with this context attaches to it.
+    pub zigbee: zigbee::ZigbeeControl,
+}
+
+impl DriverContext {
+    /// Fresh counters for `config` and a health hook.
+    pub fn new(config: &DriverConfig, health: Arc<dyn DeviceHealth>) -> Self {
+        Self {
+            stats: Arc::new(DriverStats::new(config.name(), config.kind())),
+            health,
+            zigbee: zigbee::ZigbeeControl::default(),
+        }
+    }
+
+    /// Fresh counters and no health reporting (tests, benchmarks, tools).
+    pub fn detached(name: &str, kind: &'static str) -> Self {
+        Self {
+            stats: Arc::new(DriverStats::new(name, kind)),
+            health: Arc::new(NoHealth),
+            zigbee: zigbee::ZigbeeControl::default(),
+        }
+    }
+}
+
 /// Builds the driver a config entry describes.
-pub fn from_config(config: &DriverConfig) -> Box<dyn Driver> {
+pub fn from_config(config: &DriverConfig, ctx: DriverContext) -> Box<dyn Driver> {
     match config {
-        DriverConfig::Simulator(c) => Box::new(simulator::Simulator::new(c.clone())),
+        DriverConfig::Simulator(c) => {
+            ctx.stats.set_up();
+            Box::new(simulator::Simulator::new(c.clone()))
+        }
+        DriverConfig::Serial(c) => Box::new(line::SerialLineDriver::new(c.clone(), ctx)),
+        DriverConfig::Modbus(c) => Box::new(modbus::ModbusDriver::new(c.clone(), ctx)),
+        DriverConfig::Zigbee(c) => Box::new(ctx.zigbee.clone().driver(c.clone(), ctx)),
     }
 }
 

@@ -22,6 +22,7 @@ pub mod commands;
 pub mod devices;
 pub mod error;
 pub mod openapi;
+pub mod zigbee;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -47,6 +48,8 @@ pub const MAX_BODY: usize = 256 * 1024;
 pub struct ApiState {
     pub registry: Registry,
     pub tokens: Arc<TokenSet>,
+    /// The running Zigbee driver, for permit join; detached when none is configured.
+    pub zigbee: outpost_drivers::zigbee::ZigbeeControl,
 }
 
 impl ApiState {
@@ -54,7 +57,14 @@ impl ApiState {
         ApiState {
             registry,
             tokens: Arc::new(TokenSet::from_config(config)),
+            zigbee: outpost_drivers::zigbee::ZigbeeControl::default(),
         }
+    }
+
+    /// Serves permit join through `zigbee` (the handle the Zigbee driver attaches to).
+    pub fn with_zigbee(mut self, zigbee: outpost_drivers::zigbee::ZigbeeControl) -> ApiState {
+        self.zigbee = zigbee;
+        self
     }
 }
 
@@ -118,6 +128,9 @@ pub static ROUTES: &[RouteSpec] = &[
     }),
     route("GET", "/api/v1/devices/{id}/commands/{cid}", READ, || {
         get(commands::show)
+    }),
+    route("POST", "/api/v1/zigbee/permit-join", WRITE, || {
+        post(zigbee::permit_join)
     }),
     route("GET", "/api/v1/openapi.json", None, || get(openapi::serve)),
 ];

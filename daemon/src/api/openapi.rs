@@ -185,6 +185,20 @@ fn management_operation(method: &str, path: &str) -> Option<Value> {
                 "404": error_response("No such device or command")
             }
         }),
+        ("POST", "/api/v1/zigbee/permit-join") => json!({
+            "operationId": "zigbeePermitJoin",
+            "summary": "Open the Zigbee network for joining (ZDO_MGMT_PERMIT_JOIN_REQ)",
+            "requestBody": json_body("PermitJoin"),
+            "responses": {
+                "200": json_response("Joining permitted for the granted duration", "PermitJoinGranted"),
+                "400": error_response("Malformed JSON"),
+                "409": error_response("No Zigbee driver is configured (`no_zigbee_driver`)"),
+                "413": error_response("Body too large"),
+                "422": error_response("Unknown field, wrong type or a duration outside 1s..254s"),
+                "502": error_response("The coordinator refused the request (`zigbee_refused`)"),
+                "503": error_response("The Zigbee stick is unplugged, starting or busy; retry (`zigbee_unavailable`)")
+            }
+        }),
         ("GET", "/api/v1/openapi.json") => json!({
             "operationId": "getOpenApi",
             "summary": "This document",
@@ -302,7 +316,7 @@ fn schemas() -> Value {
             "type": "object",
             "required": ["error", "message", "field"],
             "properties": {
-                "error": { "type": "string", "description": "Machine-readable code: malformed_json, bad_request, unknown_field, invalid_type, missing_field, invalid_value, unauthorized, forbidden, not_found, already_exists, command_queue_full, body_too_large, internal" },
+                "error": { "type": "string", "description": "Machine-readable code: malformed_json, bad_request, unknown_field, invalid_type, missing_field, invalid_value, unauthorized, forbidden, not_found, already_exists, command_queue_full, body_too_large, no_zigbee_driver, zigbee_unavailable, zigbee_refused, internal" },
                 "message": { "type": "string" },
                 "field": { "type": "string", "nullable": true, "description": "JSON path of the offending field, e.g. `tags[1]`" }
             }
@@ -401,7 +415,8 @@ fn schemas() -> Value {
                     "type": "object", "nullable": true,
                     "properties": { "lat": { "type": "number" }, "lon": { "type": "number" }, "at_ms": { "type": "integer", "format": "int64" } }
                 },
-                "offline_after_seconds": { "type": "integer" }
+                "offline_after_seconds": { "type": "integer" },
+                "offline_reason": { "type": "string", "description": "Set while a driver reports the device unreachable (port gone, Modbus slave not answering)" }
             }
         },
         "NewCommand": {
@@ -428,6 +443,26 @@ fn schemas() -> Value {
         "CommandList": {
             "type": "object",
             "properties": { "commands": { "type": "array", "items": { "$ref": "#/components/schemas/Command" } } }
+        },
+        "PermitJoin": {
+            "type": "object",
+            "required": ["duration"],
+            "additionalProperties": false,
+            "properties": {
+                "duration": {
+                    "oneOf": [
+                        { "type": "string", "example": "60s", "description": "A duration, 1s to 254s" },
+                        { "type": "integer", "minimum": 1, "maximum": 254, "description": "Seconds" }
+                    ]
+                }
+            }
+        },
+        "PermitJoinGranted": {
+            "type": "object",
+            "properties": {
+                "duration": { "type": "string", "example": "60s" },
+                "seconds": { "type": "integer", "description": "Capped by the driver's `permit_join_max`" }
+            }
         }
     })
 }

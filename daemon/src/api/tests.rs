@@ -20,6 +20,7 @@ fn state(dir: &std::path::Path) -> ApiState {
             TokenSet::single("w", WRITE_TOKEN, Scope::Write),
             TokenSet::single("a", ADMIN_TOKEN, Scope::Admin),
         ])),
+        zigbee: outpost_drivers::zigbee::ZigbeeControl::default(),
     }
 }
 
@@ -356,4 +357,78 @@ async fn bodies_are_checked_with_the_field_named() {
     )
     .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn zigbee_permit_join_reaches_the_driver_queue() {
+    use outpost_drivers::zigbee::{ControlError, ControlRequest, ZigbeeControl};
+    let dir = tempfile::tempdir().unwrap();
+    let without = router(state(dir.path()));
+    let path = "/api/v1/zigbee/permit-join";
+    let (s, b, _) = call(
+        &without,
+        "POST",
+        path,
+        Some(WRITE_TOKEN),
+        Some(r#"{"duration":"60s"}"#),
+    )
+    .await;
+    assert_eq!(
+        (s, b["error"].as_str()),
+        (StatusCode::CONFLICT, Some("no_zigbee_driver"))
+    );
+
+    let control = ZigbeeControl::default();
+    let mut queue = control.attach();
+    // A stand-in driver: grants what is asked, except 7 s which finds the stick unplugged.
+    tokio::spawn(async move {
+        while let Some(ControlRequest::PermitJoin { duration, reply }) = queue.recv().await {
+            let answer = if duration.as_secs() == 7 {
+                Err(ControlError::Unavailable("unplugged".into()))
+            } else {
+                Ok(duration)
+            };
+            let _ = reply.send(answer);
+        }
+    });
+    let dir2 = tempfile::tempdir().unwrap();
+    let with = router(state(dir2.path()).with_zigbee(control));
+    for (body, status, seconds) in [
+        (r#"{"duration":"60s"}"#, StatusCode::OK, Some(60)),
+        (r#"{"duration":254}"#, StatusCode::OK, Some(254)),
+        (r#"{"duration":"1m30s"}"#, StatusCode::OK, Some(90)),
+        (r#"{"duration":7}"#, StatusCode::SERVICE_UNAVAILABLE, None),
+        (r#"{"duration":0}"#, StatusCode::UNPROCESSABLE_ENTITY, None),
+        (
+            r#"{"duration":"255s"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            None,
+        ),
+        (
+            r#"{"duration":"1500ms"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            None,
+        ),
+        (
+            r#"{"duration":"soon"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            None,
+        ),
+        (r#"{"seconds":5}"#, StatusCode::UNPROCESSABLE_ENTITY, None),
+    ] {
+        let (s, b, _) = call(&with, "POST", path, Some(WRITE_TOKEN), Some(body)).await;
+        assert_eq!(s, status, "{body}: {b}");
+        if let Some(n) = seconds {
+            assert_eq!(b["seconds"], n, "{body}: {b}");
+        }
+    }
+    let (s, _, _) = call(
+        &with,
+        "POST",
+        path,
+        Some(READ_TOKEN),
+        Some(r#"{"duration":5}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
 }

@@ -13,11 +13,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use outpost_drivers::Reading;
-use outpost_sync::{AppendError, Envelope, Outbox, Source};
+use outpost_sync::{AppendError, Envelope, Source};
 use std::collections::HashMap;
 
 use tokio::sync::mpsc;
 
+use super::Ingest;
 use crate::registry::{Registry, Traffic};
 use tokio_util::sync::CancellationToken;
 
@@ -30,10 +31,10 @@ const RETRY: Duration = Duration::from_millis(500);
 /// once it fires, a refused group is not retried.
 pub async fn run(
     mut readings: mpsc::Receiver<Reading>,
-    outbox: Outbox,
-    registry: Registry,
+    ingest: Ingest,
     stopping: CancellationToken,
 ) {
+    let registry = ingest.registry().clone();
     let mut group = Vec::with_capacity(GROUP);
     while readings.recv_many(&mut group, GROUP).await > 0 {
         // Once per device and group: registers unknown devices (source `driver:<name>`) and
@@ -61,11 +62,28 @@ pub async fn run(
             continue;
         }
         let envelopes: Vec<Envelope> = kept.into_iter().map(envelope).collect();
-        if append_until_stored(&outbox, envelopes, &stopping).await {
+        if append_until_stored(&ingest, envelopes, &stopping).await {
             for (device, bytes) in bytes {
                 registry.observe(&device, Traffic::Accepted { bytes });
             }
         }
+    }
+}
+
+/// The drivers' [`DeviceHealth`](outpost_drivers::DeviceHealth) hook: a device a driver
+/// reports unreachable is shown offline in the registry until it is seen again.
+#[derive(Debug, Clone)]
+pub struct RegistryHealth(pub Registry);
+
+impl outpost_drivers::DeviceHealth for RegistryHealth {
+    fn offline(&self, driver: &str, device_id: &str, reason: &str) {
+        tracing::info!(
+            driver,
+            device = device_id,
+            reason,
+            "Driver reports device offline"
+        );
+        self.0.mark_offline(device_id, reason);
     }
 }
 
@@ -83,13 +101,13 @@ fn envelope(r: Reading) -> Envelope {
 }
 
 async fn append_until_stored(
-    outbox: &Outbox,
+    ingest: &Ingest,
     envelopes: Vec<Envelope>,
     stopping: &CancellationToken,
 ) -> bool {
     let mut warned = false;
     loop {
-        match outbox.append_all(envelopes.clone()).await {
+        match ingest.append(envelopes.clone()).await {
             Ok(_) => return true,
             Err(AppendError::Closed) => {
                 tracing::error!(
@@ -101,7 +119,7 @@ async fn append_until_stored(
             Err(AppendError::TooLarge { .. } | AppendError::UnknownRoute(_)) => {
                 // These never succeed on retry: store what can be stored, one by one.
                 for e in envelopes {
-                    if let Err(err) = outbox.append(e).await {
+                    if let Err(err) = ingest.append(vec![e]).await {
                         tracing::warn!(error = %err, "Driver reading refused by the outbox");
                     }
                 }
@@ -122,5 +140,56 @@ async fn append_until_stored(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_sync::OutboxOptions;
+    use tokio::sync::broadcast;
+
+    #[tokio::test]
+    async fn driver_readings_are_stored_registered_and_published_locally() {
+        let dir = tempfile::tempdir().unwrap();
+        let (outbox, writer) =
+            outpost_sync::outbox::open(OutboxOptions::with_path(dir.path().join("outbox.db")))
+                .unwrap();
+        let stop_writer = CancellationToken::new();
+        let writer = tokio::spawn(writer.run(stop_writer.clone()));
+        let registry = Registry::open(dir.path(), Duration::from_secs(60)).unwrap();
+        let (local, mut subscriber) = broadcast::channel(16);
+        let ingest = Ingest::new(outbox.clone(), registry.clone(), local);
+        let (tx, rx) = mpsc::channel(8);
+        let task = tokio::spawn(run(rx, ingest, CancellationToken::new()));
+        tx.send(Reading {
+            driver: "bench".into(),
+            device_id: "meter-1".into(),
+            topic: "modbus/meter-1".into(),
+            route: "default".into(),
+            content_type: Some("application/json".into()),
+            payload: br#"{"v":230.1,"units":{"v":"V"}}"#.to_vec(),
+            received_at_ms: 5,
+        })
+        .await
+        .unwrap();
+        drop(tx);
+        task.await.unwrap();
+        let published = subscriber.recv().await.unwrap();
+        assert_eq!(
+            (published.device_id.as_str(), published.source),
+            ("meter-1", Source::Driver)
+        );
+        let device = registry
+            .get("meter-1")
+            .expect("registered by the driver-ingest task");
+        assert_eq!(device.source, "driver:bench");
+        let stored = outbox.reader().unwrap().read_all().unwrap();
+        assert_eq!(
+            stored[0].headers,
+            vec![("driver".to_owned(), "bench".to_owned())]
+        );
+        stop_writer.cancel();
+        writer.await.unwrap().unwrap();
     }
 }

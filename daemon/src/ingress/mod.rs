@@ -98,27 +98,12 @@ impl Ingest {
             })
             .collect();
         let reports: Vec<Traffic> = envelopes.iter().flat_map(reported).collect();
-        // Copies for the local stream only when someone listens.
-        let local = (self.readings.receiver_count() > 0).then(|| envelopes.clone());
-        match self.outbox.append_all(envelopes).await {
+        match self.append(envelopes).await {
             Ok(seqs) => {
                 self.registry
                     .observe(device_id, Traffic::Accepted { bytes });
                 for report in reports {
                     self.registry.observe(device_id, report);
-                }
-                if let Some(local) = local {
-                    for (seq, e) in seqs.iter().zip(local) {
-                        // No receiver left is fine: the outbox has the record.
-                        let _ = self.readings.send(LocalReading {
-                            seq: *seq,
-                            device_id: e.device_id,
-                            source,
-                            topic: e.topic,
-                            content_type: e.content_type,
-                            payload: e.payload.into(),
-                        });
-                    }
                 }
                 Ok(seqs)
             }
@@ -127,6 +112,30 @@ impl Ingest {
                 Err(e)
             }
         }
+    }
+
+    /// Appends envelopes atomically (any devices; the caller has checked them) and, once they
+    /// are committed, publishes them on the local readings stream. No registry accounting: the
+    /// caller does that ([`Ingest::submit`] for device protocols, the driver-ingest task for
+    /// drivers).
+    pub async fn append(&self, envelopes: Vec<Envelope>) -> Result<Vec<u64>, AppendError> {
+        // Copies for the local stream only when someone listens.
+        let local = (self.readings.receiver_count() > 0).then(|| envelopes.clone());
+        let seqs = self.outbox.append_all(envelopes).await?;
+        if let Some(local) = local {
+            for (seq, e) in seqs.iter().zip(local) {
+                // No receiver left is fine: the outbox has the record.
+                let _ = self.readings.send(LocalReading {
+                    seq: *seq,
+                    device_id: e.device_id,
+                    source: e.source,
+                    topic: e.topic,
+                    content_type: e.content_type,
+                    payload: e.payload.into(),
+                });
+            }
+        }
+        Ok(seqs)
     }
 }
 

@@ -586,6 +586,15 @@ impl Registry {
         }
     }
 
+    /// For drivers: the device is unreachable (port gone, slave not answering); it is reported
+    /// offline until it is seen again. Unknown devices are ignored. Memory only, no I/O.
+    pub fn mark_offline(&self, device_id: &str, reason: &str) {
+        if let Some(m) = lock(&self.inner.monitors).get_mut(device_id) {
+            m.offline_reason = Some(reason.to_owned());
+            m.dirty = true;
+        }
+    }
+
     /// For drivers: registers an unknown device (source e.g. `driver:<name>`, no secret, no
     /// protocols, enabled) and marks the device seen. Known devices are only marked seen (no
     /// I/O). Counting its messages is `observe`'s job.

@@ -77,6 +77,10 @@ pub struct Monitor {
     pub location_at_ms: Option<i64>,
     /// Changed since the last flush.
     pub dirty: bool,
+    /// Set when a driver reported the device unreachable (its port is gone, a Modbus slave
+    /// stopped answering): the device is offline until it is seen again, whatever
+    /// `offline_after` says. Not persisted.
+    pub offline_reason: Option<String>,
 }
 
 /// One traffic event of a device, reported by the ingress paths.
@@ -147,6 +151,7 @@ impl Monitor {
     }
 
     pub fn seen(&mut self, now: Instant, now_ms: i64) {
+        self.offline_reason = None;
         self.last_seen_at = Some(now);
         self.last_seen_ms = Some(now_ms);
         self.dirty = true;
@@ -154,6 +159,9 @@ impl Monitor {
 
     /// Whether the device was seen within `offline_after` of `now` (see the module docs).
     pub fn online(&self, offline_after: Duration, now: Instant, now_ms: i64) -> bool {
+        if self.offline_reason.is_some() {
+            return false;
+        }
         match (self.last_seen_at, self.last_seen_ms) {
             (Some(at), _) => now.saturating_duration_since(at) <= offline_after,
             (None, Some(ms)) => {
@@ -250,6 +258,9 @@ pub struct DeviceStatus {
     pub location: Option<Position>,
     /// The `offline_after` threshold in seconds, for reading `state`.
     pub offline_after_seconds: u64,
+    /// Why a driver reported the device offline (until it is seen again).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offline_reason: Option<String>,
 }
 
 impl Monitor {
@@ -290,6 +301,7 @@ impl Monitor {
                 .zip(self.location_at_ms)
                 .map(|((lat, lon), at_ms)| Position { lat, lon, at_ms }),
             offline_after_seconds: offline_after.as_secs(),
+            offline_reason: self.offline_reason.clone(),
         }
     }
 }
@@ -340,6 +352,13 @@ mod tests {
         assert_eq!(restored.state(true, after, t0, 1_400_001), State::Offline);
         // A wall clock that went backwards does not make it online.
         assert_eq!(restored.state(true, after, t0, 5_000), State::Offline);
+        // A driver's report wins until the device is seen again.
+        let mut reported = Monitor::default();
+        reported.seen(t0, 1_000_000);
+        reported.offline_reason = Some("slave not answering".into());
+        assert_eq!(reported.state(true, after, t0, 1_000_000), State::Offline);
+        reported.seen(t0, 1_000_000);
+        assert_eq!(reported.state(true, after, t0, 1_000_000), State::Online);
     }
 
     #[test]

@@ -1,4 +1,5 @@
 //! Logs and metrics.
 
+pub mod drivers;
 pub mod logging;
 pub mod metrics;

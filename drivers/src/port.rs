@@ -1,0 +1,181 @@
+//! Shared plumbing of the drivers that own a port: opening a serial port from its config,
+//! capped exponential backoff between reopen attempts, and rate-limited logging.
+//!
+//! Ports are always (re)opened by the configured path, so a stable `/dev/serial/by-id/…` link
+//! finds the adapter again after it was unplugged and came back under another `/dev/ttyUSB*`.
+
+use std::time::Duration;
+
+use outpost_config::{FlowControl, Parity, ReopenConfig, SerialPortConfig};
+use tokio::time::Instant;
+use tokio_serial::{SerialPortBuilderExt, SerialStream};
+
+/// Opens the serial port `config` describes, non-blocking, for use with tokio.
+///
+/// Must be called inside a tokio runtime. Errors name the path.
+pub fn open_serial(config: &SerialPortConfig) -> Result<SerialStream, OpenError> {
+    let data_bits = match config.data_bits {
+        5 => tokio_serial::DataBits::Five,
+        6 => tokio_serial::DataBits::Six,
+        7 => tokio_serial::DataBits::Seven,
+        _ => tokio_serial::DataBits::Eight,
+    };
+    let parity = match config.parity {
+        Parity::None => tokio_serial::Parity::None,
+        Parity::Even => tokio_serial::Parity::Even,
+        Parity::Odd => tokio_serial::Parity::Odd,
+    };
+    let stop_bits = if config.stop_bits == 2 {
+        tokio_serial::StopBits::Two
+    } else {
+        tokio_serial::StopBits::One
+    };
+    let flow_control = match config.flow_control {
+        FlowControl::None => tokio_serial::FlowControl::None,
+        FlowControl::Software => tokio_serial::FlowControl::Software,
+        FlowControl::Hardware => tokio_serial::FlowControl::Hardware,
+    };
+    let path = config.path.to_string_lossy().into_owned();
+    tokio_serial::new(path.clone(), config.baud)
+        .data_bits(data_bits)
+        .parity(parity)
+        .stop_bits(stop_bits)
+        .flow_control(flow_control)
+        .open_native_async()
+        .map_err(|e| OpenError {
+            path,
+            message: e.to_string(),
+        })
+}
+
+/// A port could not be opened. Retry later (with [`Backoff`]): the device may come back.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("cannot open {path}: {message}")]
+pub struct OpenError {
+    /// The configured path.
+    pub path: String,
+    /// What the OS said.
+    pub message: String,
+}
+
+/// Capped exponential backoff with a count of consecutive failures.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    next: Duration,
+    failures: u32,
+}
+
+impl Backoff {
+    /// Starts at `reopen.backoff_initial`, doubling up to `reopen.backoff_max`.
+    pub fn new(reopen: &ReopenConfig) -> Self {
+        Self {
+            initial: reopen.backoff_initial,
+            max: reopen.backoff_max.max(reopen.backoff_initial),
+            next: reopen.backoff_initial,
+            failures: 0,
+        }
+    }
+
+    /// Records a failure and returns how long to wait before the next attempt.
+    pub fn failed(&mut self) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        let wait = self.next;
+        self.next = (self.next * 2).min(self.max);
+        wait
+    }
+
+    /// Consecutive failures since the last success.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// A success: the next failure waits `backoff_initial` again.
+    pub fn reset(&mut self) {
+        self.next = self.initial;
+        self.failures = 0;
+    }
+}
+
+/// Logs at most once per period, carrying how many events happened since the last line.
+#[derive(Debug, Clone)]
+pub struct LogLimiter {
+    period: Duration,
+    last: Option<Instant>,
+    pending: u64,
+}
+
+impl LogLimiter {
+    /// One line per `period` at most.
+    pub fn new(period: Duration) -> Self {
+        Self {
+            period,
+            last: None,
+            pending: 0,
+        }
+    }
+
+    /// Counts one event; returns `Some(n)` when a line should be written now, `n` being the
+    /// events since the previous line (this one included).
+    pub fn hit(&mut self, now: Instant) -> Option<u64> {
+        self.pending += 1;
+        match self.last {
+            Some(last) if now.duration_since(last) < self.period => None,
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.pending))
+            }
+        }
+    }
+}
+
+/// Sleeps `wait` unless `shutdown` fires first; returns false on shutdown.
+pub async fn sleep_or_stop(wait: Duration, shutdown: &tokio_util::sync::CancellationToken) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(wait) => true,
+        () = shutdown.cancelled() => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_resets() {
+        let mut b = Backoff::new(&ReopenConfig {
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_millis(350),
+            offline_after_failures: 3,
+        });
+        let waits: Vec<_> = (0..5).map(|_| b.failed().as_millis()).collect();
+        assert_eq!(waits, [100, 200, 350, 350, 350]);
+        assert_eq!(b.failures(), 5);
+        b.reset();
+        assert_eq!((b.failed().as_millis(), b.failures()), (100, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn limiter_counts_suppressed_events() {
+        let mut l = LogLimiter::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(l.hit(t0), Some(1));
+        assert_eq!(l.hit(t0 + Duration::from_secs(1)), None);
+        assert_eq!(l.hit(t0 + Duration::from_secs(2)), None);
+        assert_eq!(l.hit(t0 + Duration::from_secs(11)), Some(3));
+    }
+
+    #[tokio::test]
+    async fn opening_a_missing_port_names_the_path() {
+        let config = SerialPortConfig {
+            path: "/nonexistent/tty-outpost".into(),
+            ..SerialPortConfig::default()
+        };
+        let err = open_serial(&config).expect_err("no such port");
+        assert!(
+            err.to_string().contains("/nonexistent/tty-outpost"),
+            "{err}"
+        );
+    }
+}
