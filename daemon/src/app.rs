@@ -232,12 +232,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         ingress::drivers::run(readings_rx, ingest.clone(), ingress.clone()),
     ));
 
-    if let Some(interval) = systemd::watchdog_interval() {
-        tracker.spawn(named(
-            "watchdog",
-            systemd::watchdog(interval, outbox.clone(), shutdown.clone()),
-        ));
-    }
     tracker.spawn(named(
         "status-line",
         status_line(outbox.clone(), shutdown.clone()),
@@ -249,12 +243,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         "registry-flush",
         registry.clone().run_flusher(registry_stop.clone()),
     ));
-    tracker.close();
-
     let (records, _, _) = outbox.figures();
     systemd::ready(&format!(
         "ready: admin on {admin_addr}, {records} records in the outbox"
     ));
+    // The watchdog starts after READY, so systemd never sees a ping before the service is up.
+    if let Some(interval) = systemd::watchdog_interval() {
+        tracker.spawn(named(
+            "watchdog",
+            systemd::watchdog(interval, outbox.clone(), shutdown.clone()),
+        ));
+    }
+    tracker.close();
+
     tracing::info!(
         startup_ms = started.elapsed().as_millis() as u64,
         "Outpost ready"
