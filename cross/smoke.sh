@@ -72,6 +72,9 @@ listen = "127.0.0.1:$port"
 # default ports may be taken on a build machine.
 [coap]
 listen = "127.0.0.1:0"
+
+[mqtt]
+listen = "127.0.0.1:0"
 TOML
 
 log "== $arch: outpost run (admin on 127.0.0.1:$port)"

@@ -32,7 +32,7 @@ rss() {
   local bin=$target_dir/release/outpost samples=() dir pid
   for _ in 1 2 3 4 5; do
     dir=$(mktemp -d)
-    printf '[gateway]\ndata_dir = "%s/data"\n[admin]\nlisten = "127.0.0.1:0"\n[coap]\nlisten = "127.0.0.1:0"\n' "$dir" >"$dir/c.toml"
+    printf '[gateway]\ndata_dir = "%s/data"\n[admin]\nlisten = "127.0.0.1:0"\n[coap]\nlisten = "127.0.0.1:0"\n[mqtt]\nlisten = "127.0.0.1:0"\n' "$dir" >"$dir/c.toml"
     "$bin" run --config "$dir/c.toml" 2>/dev/null &
     pid=$!
     sleep 5
@@ -69,6 +69,8 @@ listen = "127.0.0.1:0"
 [log]
 format = "json"
 [coap]
+listen = "127.0.0.1:0"
+[mqtt]
 listen = "127.0.0.1:0"
 [[api.tokens]]
 name = "bench"

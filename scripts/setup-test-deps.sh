@@ -16,6 +16,8 @@ PACKAGES=(
   mosquitto-clients      # a real MQTT client for end-to-end tests
   sqlite3                # inspecting the outbox database in tests and by hand
   libcoap3-bin           # coap-client (libcoap) for the CoAP end-to-end tests (tests/tests/coap.rs)
+  docker.io              # the real container engine for the apps tests (scripts/ensure-docker.sh starts dockerd)
+  busybox-static         # the rootfs of the local test image outpost-test/busybox:1 (no registry needed)
 )
 
 # Python packages for the real peers of the driver tests (tests/peers/), as "requirement:module"
@@ -24,6 +26,7 @@ PACKAGES=(
 PIP_PACKAGES=(
   "pymodbus>=3.10,<4:pymodbus"  # a real Modbus TCP/RTU slave (tests/peers/modbus_slave.py)
   "pyserial:serial"             # pymodbus' serial (RTU) transport
+  "paho-mqtt>=2,<3:paho.mqtt"   # MQTT 5 client for the MQTT front tests (tests/tests/mqtt.rs)
 )
 
 # rustup components and targets.

@@ -3,7 +3,7 @@
 #
 #   bash scripts/test.sh
 #
-# Sections: setup, fmt, clippy, build, tests (nextest, profile `ci`), fuzz-build (every cargo-fuzz
+# Sections: setup, fmt, clippy, build, docker (a Docker engine and the test image), tests (nextest, profile `ci`), fuzz-build (every cargo-fuzz
 # target builds), cross build + qemu smoke test for aarch64. Stops at the first failing section and says which one failed.
 set -euo pipefail
 
@@ -25,8 +25,24 @@ current=
 timings=()
 nextest_log=$(mktemp -t outpost-nextest.XXXXXX)
 
+# Stops a dockerd that scripts/ensure-docker.sh started for this run; an engine that was
+# already running is left alone.
+stop_our_dockerd() {
+  local pid
+  [[ -f /tmp/outpost-dockerd.pid ]] || return 0
+  pid=$(cat /tmp/outpost-dockerd.pid)
+  rm -f /tmp/outpost-dockerd.pid
+  kill "$pid" 2>/dev/null || return 0
+  for _ in $(seq 1 20); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.5
+  done
+  kill -9 "$pid" 2>/dev/null || true
+}
+
 finish() {
   local rc=$?
+  stop_our_dockerd
   rm -f "$nextest_log"
   if ((rc != 0)); then
     printf '\n##### FAILED in section "%s" (exit %s) after %ss #####\n' \
@@ -68,6 +84,8 @@ section clippy cargo clippy --workspace --all-targets --locked -- -D warnings
 # The end-to-end tests start the real binary: build it first (cargo would not, for another
 # package's tests).
 section build cargo build --workspace --bins --locked
+# The apps tests need a real container engine and the local test image.
+section docker bash scripts/ensure-docker.sh
 section tests run_nextest
 section fuzz-build build_fuzz
 section cross-build bash cross/build.sh aarch64

@@ -36,10 +36,11 @@ use std::path::Path;
 
 pub use error::{ConfigError, Problem};
 pub use model::{
-    AdminConfig, ApiConfig, ApiTokenConfig, CoapConfig, Config, DEFAULT_ROUTE, DataType,
-    DevicesConfig, DriverConfig, FlowControl, GatewayConfig, HttpIngestConfig, IntegrityCheck,
-    LineFormat, LogConfig, LogFormat, ModbusConfig, ModbusPointConfig, ModbusSlaveConfig,
-    ModbusTransport, Order, OutboxConfig, Parity, RegisterKind, ReopenConfig, Route, RouteConfig,
+    AdminConfig, ApiConfig, ApiTokenConfig, AppConfig, AppsConfig, CoapConfig, Config,
+    DEFAULT_ROUTE, DataType, DevicesConfig, DriverConfig, FlowControl, GatewayConfig,
+    HttpIngestConfig, IntegrityCheck, LineFormat, LogConfig, LogFormat, ModbusConfig,
+    ModbusPointConfig, ModbusSlaveConfig, ModbusTransport, Mount, MqttAclConfig, MqttConfig, Order,
+    OutboxConfig, Parity, Port, RegisterKind, ReopenConfig, RestartPolicy, Route, RouteConfig,
     Scope, SerialLineConfig, SerialPortConfig, SimulatorConfig, Synchronous, WhenFull,
     ZigbeeConfig, parse_cidr,
 };

@@ -61,7 +61,13 @@ deserialize_from_str!(WhenFull { "reject" => Reject, "drop_oldest" => DropOldest
 deserialize_from_str!(IntegrityCheck { "quick" => Quick, "full" => Full, "off" => Off });
 deserialize_from_str!(Scope { "read" => Read, "write" => Write, "admin" => Admin });
 
+mod apps;
 mod drivers;
+mod mqtt;
+
+pub use mqtt::{MqttAclConfig, MqttConfig, check_acl_pattern};
+
+pub use apps::{AppConfig, AppsConfig, Mount, Port, RestartPolicy};
 
 pub use drivers::{
     DataType, FlowControl, LineFormat, ModbusConfig, ModbusPointConfig, ModbusSlaveConfig,
@@ -103,6 +109,10 @@ pub struct Config {
     pub http_ingest: HttpIngestConfig,
     /// `[coap]`: the CoAP endpoint for devices.
     pub coap: CoapConfig,
+    /// `[apps]`: local app containers (and `[[apps.app]]`, the declared apps).
+    pub apps: AppsConfig,
+    /// `[mqtt]`: the MQTT front for devices.
+    pub mqtt: MqttConfig,
 }
 
 /// A permission of an API token. `admin` implies `write`, which implies `read`.

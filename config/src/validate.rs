@@ -23,6 +23,8 @@ pub(crate) fn check(config: &Config) -> Vec<Issue> {
     checker.drivers(config);
     checker.api(config);
     checker.ingress(config);
+    checker.apps(config);
+    checker.mqtt(config);
     checker.issues
 }
 
@@ -249,6 +251,82 @@ impl Checker {
         for (i, net) in c.plain_networks.iter().enumerate() {
             if let Err(e) = crate::model::parse_cidr(net) {
                 self.problem(coap.key("plain_networks").index(i), e);
+            }
+        }
+    }
+
+    fn mqtt(&mut self, config: &Config) {
+        let mqtt = root("mqtt");
+        let m = &config.mqtt;
+        let routes: Vec<String> = config.routes().into_iter().map(|r| r.name).collect();
+        let routes: Vec<&str> = routes.iter().map(String::as_str).collect();
+        self.range(mqtt.key("max_connections"), m.max_connections, 1, 100_000);
+        self.route_ref(mqtt.key("route"), &m.route, &routes);
+        if m.max_packet < ByteSize::kib(1) || m.max_packet > ByteSize::mib(16) {
+            self.problem(
+                mqtt.key("max_packet"),
+                format!("must be between 1KiB and 16MiB, found {}", m.max_packet),
+            );
+        }
+        let acl = mqtt.key("acl");
+        for (key, patterns) in [("publish", &m.acl.publish), ("subscribe", &m.acl.subscribe)] {
+            for (i, pattern) in patterns.iter().enumerate() {
+                if let Err(e) = crate::model::check_acl_pattern(pattern) {
+                    self.problem(acl.key(key).index(i), e);
+                }
+            }
+        }
+    }
+
+    fn apps(&mut self, config: &Config) {
+        let apps = root("apps");
+        let a = &config.apps;
+        self.range(
+            apps.key("crash_loop_failures"),
+            a.crash_loop_failures,
+            1,
+            100,
+        );
+        self.duration_range(
+            apps.key("crash_loop_window"),
+            a.crash_loop_window,
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+        );
+        self.duration_range(
+            apps.key("restart_backoff_max"),
+            a.restart_backoff_max,
+            Duration::from_secs(1),
+            Duration::from_secs(600),
+        );
+        for (key, path) in [
+            ("engine_socket", &a.engine_socket),
+            ("allowed_mount_root", &a.allowed_mount_root),
+        ] {
+            if !path.is_absolute() {
+                self.problem(
+                    apps.key(key),
+                    format!("must be an absolute path, found \"{}\"", path.display()),
+                );
+            }
+        }
+        let mut seen: HashMap<&str, KeyPath> = HashMap::new();
+        for (i, app) in a.app.iter().enumerate() {
+            let path = apps.key("app").index(i);
+            for (key, message) in app.problems(&a.allowed_mount_root) {
+                let key_path = match key.split_once('[') {
+                    Some((k, rest)) => path
+                        .key(k)
+                        .index(rest.trim_end_matches(']').parse().unwrap_or(0)),
+                    None => path.key(&key),
+                };
+                self.problem(key_path, message);
+            }
+            if let Some(first) = seen.get(app.name.as_str()) {
+                let message = format!("duplicate app name \"{}\"", app.name);
+                self.duplicate(path.key("name"), message, first.clone());
+            } else {
+                seen.insert(&app.name, path.key("name"));
             }
         }
     }

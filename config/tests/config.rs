@@ -83,6 +83,10 @@ fn outpost_example_commented_keys_are_valid() {
         panic!("zigbee fourth");
     };
     assert_eq!((zigbee.serial.baud, zigbee.pan_id), (115_200, 0x1a62));
+    assert_eq!(
+        config.apps.app[0].restart,
+        outpost_config::RestartPolicy::OnFailure
+    );
 }
 
 fn looks_like_toml(line: &str) -> bool {
@@ -138,6 +142,15 @@ fn outpost_example_documents_every_key() {
     }));
     full.drivers
         .push(DriverConfig::Zigbee(ZigbeeConfig::default()));
+    full.apps.app.push(outpost_config::AppConfig {
+        command: vec!["x".into()],
+        env: vec!["A=1".into()],
+        mounts: vec!["/a:/b".into()],
+        ports: vec!["1:1".into()],
+        memory: Some(ByteSize::mib(64)),
+        cpus: Some(0.5),
+        ..outpost_config::AppConfig::default()
+    });
     let toml::Value::Table(schema) = toml::Value::try_from(&full).expect("serializes") else {
         panic!("config serializes to a table");
     };

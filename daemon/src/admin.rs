@@ -94,6 +94,7 @@ async fn status(State(s): State<AdminState>) -> Response {
         "uptime_seconds": s.started.elapsed().as_secs(),
         "subsystems": s.status.subsystems(),
         "alarms": s.status.alarms(),
+        "apps": s.status.apps(),
         "outbox": {
             "path": s.outbox.path().display().to_string(),
             "records": records,

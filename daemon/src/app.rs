@@ -32,10 +32,11 @@ use tracing::Instrument;
 use crate::admin::{self, AdminState};
 use crate::ingress::coap::{CoapMetrics, CoapSettings};
 use crate::ingress::http::{HttpIngestMetrics, HttpIngestState};
+use crate::ingress::mqtt::{MqttMetrics, MqttSettings};
 use crate::ingress::{Ingest, READINGS_STREAM_CAPACITY};
 use crate::registry::Registry;
 use crate::status::StatusBoard;
-use crate::{api, ingress, systemd, telemetry};
+use crate::{api, apps, ingress, supervisor, systemd, telemetry};
 
 /// Capacity of the channel between all drivers and the driver-ingest task. When it is full,
 /// drivers wait (their poll loops slow down); nothing is dropped.
@@ -134,6 +135,31 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         None
     };
 
+    // The MQTT front binds before READY too; the broker behind it starts first.
+    let mqtt = if config.mqtt.enabled {
+        let settings = MqttSettings::from_config(&config.mqtt);
+        if settings.allow_anonymous {
+            tracing::warn!(
+                "mqtt.allow_anonymous = true: ANY client on the network can publish without \
+                 credentials, under the client id it chooses"
+            );
+        }
+        let broker = ingress::mqtt::broker::start(settings.max_connections, settings.max_packet)
+            .context("starting the embedded MQTT broker")?;
+        let listener = TcpListener::bind(config.mqtt.listen)
+            .await
+            .with_context(|| format!("binding the MQTT listener on {}", config.mqtt.listen))?;
+        let addr = listener
+            .local_addr()
+            .context("reading the MQTT listener address")?;
+        tracing::info!(addr = %addr, broker = %broker.addr, "MQTT listener bound");
+        let mqtt_metrics = MqttMetrics::default();
+        mqtt_metrics.register(&mut metrics);
+        Some((listener, settings, broker, mqtt_metrics))
+    } else {
+        None
+    };
+
     // Driver counters exist before the drivers: `/metrics` and the status read them live.
     let driver_stats: Vec<Arc<DriverStats>> = config
         .drivers
@@ -151,6 +177,28 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .local_addr()
         .context("reading the admin listener address")?;
     tracing::info!(addr = %admin_addr, "Admin listener bound");
+    // Local app containers: the desired set (config + apps.db); the loop is spawned below.
+    let apps = if config.apps.enabled {
+        let (store, saved) = {
+            let dir = data_dir.clone();
+            tokio::task::spawn_blocking(move || apps::store::AppStore::open(&dir))
+                .await
+                .context("opening apps.db")??
+        };
+        // Apps reach the MQTT front through the engine's host gateway.
+        let bus_url = mqtt
+            .as_ref()
+            .and_then(|(listener, ..)| listener.local_addr().ok())
+            .map(|addr| format!("mqtt://host.docker.internal:{}", addr.port()));
+        let apps = apps::Apps::new(&config.apps, Some(store), saved).with_bus_url(bus_url);
+        status.inactive("apps", "connecting to the container engine", false);
+        status.watch_apps(apps.clone());
+        metrics.register_collector(Box::new(telemetry::apps::AppMetrics::new(apps.clone())));
+        Some(apps)
+    } else {
+        status.inactive("apps", "disabled by apps.enabled = false", false);
+        None
+    };
     let admin_state = AdminState {
         gateway_id: Arc::clone(&gateway_id),
         outbox: outbox.clone(),
@@ -163,7 +211,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // when built from a `DriverContext` carrying it.
     let zigbee = outpost_drivers::zigbee::ZigbeeControl::default();
     let mut admin_router = admin::router(admin_state).merge(api::router(
-        api::ApiState::new(registry.clone(), &config.api).with_zigbee(zigbee.clone()),
+        api::ApiState::new(registry.clone(), &config.api)
+            .with_zigbee(zigbee.clone())
+            .with_apps(apps.clone()),
     ));
     if let Some(state) = http_ingest {
         admin_router = admin_router.merge(ingress::http::router(state));
@@ -203,6 +253,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
     };
 
+    let mqtt_task = match mqtt {
+        Some((listener, settings, broker, mqtt_metrics)) => {
+            status.active("mqtt", false);
+            let (ingest, stop) = (ingest.clone(), ingress.clone());
+            Some(tracker.spawn(named(
+                "mqtt",
+                ingress::mqtt::run(listener, ingest, settings, broker, mqtt_metrics, stop),
+            )))
+        }
+        None => {
+            status.inactive("mqtt", "disabled by mqtt.enabled = false", false);
+            None
+        }
+    };
+
     let (readings_tx, readings_rx) = mpsc::channel(READINGS_QUEUE);
     let health: Arc<dyn DeviceHealth> =
         Arc::new(ingress::drivers::RegistryHealth(registry.clone()));
@@ -232,6 +297,29 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         ingress::drivers::run(readings_rx, ingest.clone(), ingress.clone()),
     ));
 
+    // Local app containers: one reconcile loop, stopped with ingress.
+    // Runs under a supervisor: a panic in the loop restarts it with backoff.
+    if let Some(apps) = apps.clone() {
+        let (registry, board, stop) = (registry.clone(), status.clone(), ingress.clone());
+        tracker.spawn(named(
+            "apps",
+            supervisor::supervise(
+                "apps".into(),
+                false,
+                status.clone(),
+                ingress.clone(),
+                tracker.clone(),
+                move || {
+                    apps::reconcile::run(
+                        apps.clone(),
+                        registry.clone(),
+                        board.clone(),
+                        stop.clone(),
+                    )
+                },
+            ),
+        ));
+    }
     tracker.spawn(named(
         "status-line",
         status_line(outbox.clone(), shutdown.clone()),
@@ -239,10 +327,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // Saves device monitoring figures periodically; stopped (with a final save) once ingress
     // has drained, so the last figures include the last readings.
     let registry_stop = CancellationToken::new();
-    tracker.spawn(named(
-        "registry-flush",
-        registry.clone().run_flusher(registry_stop.clone()),
-    ));
+    status.active("registry-flush", false);
+    tracker.spawn(named("registry-flush", {
+        let (registry, stop) = (registry.clone(), registry_stop.clone());
+        supervisor::supervise(
+            "registry-flush".into(),
+            false,
+            status.clone(),
+            registry_stop.clone(),
+            tracker.clone(),
+            move || registry.clone().run_flusher(stop.clone()),
+        )
+    }));
     let (records, _, _) = outbox.figures();
     systemd::ready(&format!(
         "ready: admin on {admin_addr}, {records} records in the outbox"
@@ -251,7 +347,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     if let Some(interval) = systemd::watchdog_interval() {
         tracker.spawn(named(
             "watchdog",
-            systemd::watchdog(interval, outbox.clone(), shutdown.clone()),
+            systemd::watchdog(interval, outbox.clone(), status.clone(), shutdown.clone()),
         ));
     }
     tracker.close();
@@ -278,6 +374,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         let _ = admin_task.await;
         if let Some(coap_task) = coap_task {
             let _ = coap_task.await;
+        }
+        if let Some(mqtt_task) = mqtt_task {
+            let _ = mqtt_task.await;
         }
     })
     .await;

@@ -44,6 +44,13 @@ pub enum Command {
         #[command(flatten)]
         api: crate::cli_devices::ApiArgs,
     },
+    /// Local app containers through the running daemon's API (token as for `devices`).
+    Apps {
+        #[command(subcommand)]
+        command: crate::cli_devices::AppsCommand,
+        #[command(flatten)]
+        api: crate::cli_devices::ApiArgs,
+    },
     /// Management API tokens.
     Token {
         #[command(subcommand)]

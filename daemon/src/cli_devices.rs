@@ -461,6 +461,97 @@ fn run(client: &Client, command: DevicesCommand, as_json: bool) -> Result<(), Fa
     Ok(())
 }
 
+/// `outpost apps …`: local app containers through the daemon's API.
+#[derive(Debug, Subcommand)]
+pub enum AppsCommand {
+    /// Every app with its state, container, restarts and last exit code.
+    List,
+    /// Recreate an app's container now (clears FAILED).
+    Restart {
+        /// The app's name.
+        name: String,
+    },
+}
+
+pub fn apps(command: AppsCommand, api: &ApiArgs) -> ExitCode {
+    finish(Client::new(api).and_then(|client| run_apps(&client, command, api.json)))
+}
+
+fn run_apps(client: &Client, command: AppsCommand, as_json: bool) -> Result<(), Failure> {
+    match command {
+        AppsCommand::List => {
+            let reply = client.ok("GET", "/api/v1/apps", None)?;
+            let items = reply["items"].as_array().cloned().unwrap_or_default();
+            let mut text = render_apps(&items);
+            if let Some(problem) = reply["engine_problem"].as_str() {
+                let _ = write!(text, "\nengine: {problem}");
+            }
+            report(as_json, &reply, &text);
+        }
+        AppsCommand::Restart { name } => {
+            let path = format!("/api/v1/apps/{}/restart", encode(&name));
+            let reply = client.ok("POST", &path, None)?;
+            report(as_json, &reply, &format!("restart of app {name} requested"));
+        }
+    }
+    Ok(())
+}
+
+fn render_apps(apps: &[Value]) -> String {
+    let header = [
+        "NAME",
+        "STATE",
+        "CONTAINER",
+        "RESTARTS",
+        "EXIT",
+        "HEALTH",
+        "REASON",
+    ];
+    let rows: Vec<Vec<String>> = apps
+        .iter()
+        .map(|a| {
+            let s = &a["status"];
+            let short = |v: &Value| {
+                v.as_str()
+                    .map_or("-".to_owned(), |t| t.chars().take(12).collect())
+            };
+            vec![
+                text(&a["name"]),
+                text(&s["state"]),
+                short(&s["container_id"]),
+                s["restart_count"].to_string(),
+                s["last_exit_code"]
+                    .as_i64()
+                    .map_or("-".to_owned(), |c| c.to_string()),
+                s["health"].as_str().unwrap_or("-").to_owned(),
+                s["reason"].as_str().unwrap_or("").to_owned(),
+            ]
+        })
+        .collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let lines =
+        std::iter::once(header.iter().map(|h| (*h).to_owned()).collect::<Vec<_>>()).chain(rows);
+    for row in lines {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(&widths).enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<w$}  ");
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out.trim_end().to_owned()
+}
+
 fn report(as_json: bool, value: &Value, text: &str) {
     if as_json {
         println!("{value:#}");

@@ -19,6 +19,7 @@ pub fn dispatch(cli: Cli) -> ExitCode {
         }
         Command::Buffer { command, location } => buffer(command, &location),
         Command::Devices { command, api } => crate::cli_devices::devices(*command, &api),
+        Command::Apps { command, api } => crate::cli_devices::apps(command, &api),
         Command::Token { command } => crate::cli_devices::token(command),
     }
 }

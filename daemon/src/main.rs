@@ -6,12 +6,14 @@
 mod admin;
 mod api;
 mod app;
+mod apps;
 mod cli;
 mod cli_devices;
 mod commands;
 mod ingress;
 mod registry;
 mod status;
+mod supervisor;
 mod systemd;
 mod telemetry;
 

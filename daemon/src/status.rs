@@ -22,6 +22,13 @@ pub struct Subsystem {
     pub reason: Option<String>,
     /// Whether the gateway is not ready while this subsystem is inactive.
     pub essential: bool,
+    /// Times its supervisor restarted it after a failure (absent when 0).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub restarts: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -42,6 +49,8 @@ struct Inner {
     alarms: Vec<Alarm>,
     /// Live state of running drivers, read when the status is asked for.
     drivers: BTreeMap<String, Arc<outpost_drivers::DriverStats>>,
+    /// The apps subsystem, whose per-app states are read when the status is asked for.
+    apps: Option<crate::apps::Apps>,
 }
 
 impl StatusBoard {
@@ -53,6 +62,7 @@ impl StatusBoard {
 
     pub fn set(&self, name: &str, state: State, reason: Option<String>, essential: bool) {
         self.with(|i| {
+            let restarts = i.subsystems.get(name).map_or(0, |s| s.restarts);
             i.subsystems.insert(
                 name.to_owned(),
                 Subsystem {
@@ -60,8 +70,18 @@ impl StatusBoard {
                     state,
                     reason,
                     essential,
+                    restarts,
                 },
             );
+        });
+    }
+
+    /// Counts a restart of `name` by its supervisor.
+    pub fn restarted(&self, name: &str) {
+        self.with(|i| {
+            if let Some(s) = i.subsystems.get_mut(name) {
+                s.restarts += 1;
+            }
         });
     }
 
@@ -86,6 +106,18 @@ impl StatusBoard {
     /// `stats`: INACTIVE with the last error while its port/connection is down.
     pub fn watch_driver(&self, name: &str, stats: Arc<outpost_drivers::DriverStats>) {
         self.with(|i| i.drivers.insert(name.to_owned(), stats));
+    }
+
+    /// Per-app states come from `apps` (shown under `"apps"` in the status document).
+    pub fn watch_apps(&self, apps: crate::apps::Apps) {
+        self.with(|i| i.apps = Some(apps));
+    }
+
+    /// Each app's status, by name; empty without the apps subsystem.
+    pub fn apps(&self) -> BTreeMap<String, crate::apps::AppStatus> {
+        self.with(|i| i.apps.clone())
+            .map(|a| a.statuses())
+            .unwrap_or_default()
     }
 
     pub fn subsystems(&self) -> Vec<Subsystem> {

@@ -1,7 +1,9 @@
 //! systemd integration: READY, STATUS, WATCHDOG and STOPPING over `$NOTIFY_SOCKET`.
 //!
 //! Every call is a no-op when not started by systemd. The watchdog is fed only while the outbox
-//! writer proves it is making progress, so a wedged writer gets the whole daemon restarted.
+//! writer proves it is making progress and every essential subsystem on the status board is
+//! ACTIVE (outbox, registry, the admin listener carrying HTTP ingestion), so a wedged writer or a
+//! dead listener gets the whole daemon restarted.
 
 use std::time::Duration;
 
@@ -33,8 +35,14 @@ pub fn watchdog_interval() -> Option<Duration> {
 }
 
 /// Feeds the watchdog at half its interval while the writer's last sign of progress is younger
-/// than half the interval; otherwise stays silent and logs why.
-pub async fn watchdog(interval: Duration, outbox: Outbox, shutdown: CancellationToken) {
+/// than half the interval and no essential subsystem is INACTIVE; otherwise stays silent and
+/// logs why.
+pub async fn watchdog(
+    interval: Duration,
+    outbox: Outbox,
+    board: crate::status::StatusBoard,
+    shutdown: CancellationToken,
+) {
     let period = interval / 2;
     let mut tick = tokio::time::interval(period);
     let mut starved = false;
@@ -44,7 +52,17 @@ pub async fn watchdog(interval: Duration, outbox: Outbox, shutdown: Cancellation
             _ = tick.tick() => {}
         }
         let idle = outbox.writer_idle_for();
-        if idle < period && !outbox.is_closed() {
+        let down = board.not_ready();
+        if !down.is_empty() {
+            if !starved {
+                starved = true;
+                let names: Vec<&str> = down.iter().map(|s| s.name.as_str()).collect();
+                tracing::error!(
+                    subsystems = ?names,
+                    "Essential subsystems are down: no longer feeding the systemd watchdog"
+                );
+            }
+        } else if idle < period && !outbox.is_closed() {
             notify(&[NotifyState::Watchdog]);
             starved = false;
         } else if !starved {

@@ -22,9 +22,9 @@ pub struct Daemon {
     logs: Arc<Mutex<Vec<String>>>,
 }
 
-/// Writes a config into `dir/outpost.toml`: data under `dir/data`, admin and CoAP on ephemeral
-/// loopback ports, JSON logs, then `extra` TOML appended verbatim. When `extra` has its own
-/// `[coap]` table it must set `listen` itself (TOML forbids a table twice).
+/// Writes a config into `dir/outpost.toml`: data under `dir/data`, admin, CoAP and MQTT on
+/// ephemeral loopback ports, JSON logs, then `extra` TOML appended verbatim. When `extra` has its
+/// own `[coap]` or `[mqtt]` table it must set `listen` itself (TOML forbids a table twice).
 pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
     let data_dir = dir.join("data");
     let coap = if extra.contains("[coap]") {
@@ -32,9 +32,14 @@ pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
     } else {
         "[coap]\nlisten = \"127.0.0.1:0\"\n\n"
     };
+    let mqtt = if extra.contains("[mqtt]") {
+        ""
+    } else {
+        "[mqtt]\nlisten = \"127.0.0.1:0\"\n\n"
+    };
     let text = format!(
         "[gateway]\ndata_dir = \"{}\"\nshutdown_grace = \"10s\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
-         [log]\nformat = \"json\"\nlevel = \"info\"\n\n{coap}{extra}\n",
+         [log]\nformat = \"json\"\nlevel = \"info\"\n\n{coap}{mqtt}{extra}\n",
         data_dir.display()
     );
     let path = dir.join("outpost.toml");

@@ -17,6 +17,7 @@
 //! &config.api)))`. This router sets no fallback (axum refuses to merge two), so the admin
 //! router's JSON 404 applies to unknown paths.
 
+pub mod apps;
 pub mod auth;
 pub mod commands;
 pub mod devices;
@@ -32,7 +33,7 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Request};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
-use axum::routing::{MethodRouter, delete, get, patch, post};
+use axum::routing::{MethodRouter, delete, get, patch, post, put};
 use outpost_config::{ApiConfig, Scope};
 use serde::de::DeserializeOwned;
 
@@ -50,6 +51,8 @@ pub struct ApiState {
     pub tokens: Arc<TokenSet>,
     /// The running Zigbee driver, for permit join; detached when none is configured.
     pub zigbee: outpost_drivers::zigbee::ZigbeeControl,
+    /// The apps subsystem; `None` when `apps.enabled = false`.
+    pub apps: Option<crate::apps::Apps>,
 }
 
 impl ApiState {
@@ -58,7 +61,14 @@ impl ApiState {
             registry,
             tokens: Arc::new(TokenSet::from_config(config)),
             zigbee: outpost_drivers::zigbee::ZigbeeControl::default(),
+            apps: None,
         }
+    }
+
+    /// Serves `/api/v1/apps` from `apps`.
+    pub fn with_apps(mut self, apps: Option<crate::apps::Apps>) -> ApiState {
+        self.apps = apps;
+        self
     }
 
     /// Serves permit join through `zigbee` (the handle the Zigbee driver attaches to).
@@ -132,6 +142,17 @@ pub static ROUTES: &[RouteSpec] = &[
     route("POST", "/api/v1/zigbee/permit-join", WRITE, || {
         post(zigbee::permit_join)
     }),
+    route("GET", "/api/v1/apps", READ, || get(apps::list)),
+    route("POST", "/api/v1/apps", WRITE, || post(apps::create)),
+    route("GET", "/api/v1/apps/{name}", READ, || get(apps::show)),
+    route("PUT", "/api/v1/apps/{name}", WRITE, || put(apps::replace)),
+    route("DELETE", "/api/v1/apps/{name}", WRITE, || {
+        delete(apps::remove)
+    }),
+    route("POST", "/api/v1/apps/{name}/restart", WRITE, || {
+        post(apps::restart)
+    }),
+    route("GET", "/api/v1/apps/{name}/logs", READ, || get(apps::logs)),
     route("GET", "/api/v1/openapi.json", None, || get(openapi::serve)),
 ];
 

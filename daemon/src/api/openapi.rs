@@ -48,6 +48,14 @@ fn path_param(name: &str, description: &str, schema: Value) -> Value {
     json!({ "name": name, "in": "path", "required": true, "description": description, "schema": schema })
 }
 
+fn app_name_param() -> Value {
+    path_param(
+        "name",
+        "App name",
+        json!({ "type": "string", "pattern": "^[a-z0-9_-]{1,64}$" }),
+    )
+}
+
 fn device_id_param() -> Value {
     path_param(
         "id",
@@ -59,6 +67,7 @@ fn device_id_param() -> Value {
 /// The management operation of (method, path), without security and auth responses.
 fn management_operation(method: &str, path: &str) -> Option<Value> {
     let id = device_id_param();
+    let app = app_name_param();
     let op = match (method, path) {
         ("GET", "/api/v1/devices") => json!({
             "operationId": "listDevices",
@@ -183,6 +192,82 @@ fn management_operation(method: &str, path: &str) -> Option<Value> {
             "responses": {
                 "200": json_response("The command", "Command"),
                 "404": error_response("No such device or command")
+            }
+        }),
+        ("GET", "/api/v1/apps") => json!({
+            "operationId": "listApps",
+            "summary": "Every app (config and API) with its status, and why the engine is unreachable if it is",
+            "responses": {
+                "200": json_response("The apps", "AppList"),
+                "409": error_response("apps.enabled = false (`apps_disabled`)")
+            }
+        }),
+        ("POST", "/api/v1/apps") => json!({
+            "operationId": "createApp",
+            "summary": "Declare an app; the reconcile loop starts its container",
+            "requestBody": json_body("AppSpec"),
+            "responses": {
+                "201": json_response("Declared", "App"),
+                "400": error_response("Malformed JSON"),
+                "409": error_response("Name taken (`already_exists`) or apps disabled (`apps_disabled`)"),
+                "413": error_response("Body too large"),
+                "422": error_response("Unknown field, wrong type or invalid value (`field` names it)")
+            }
+        }),
+        ("GET", "/api/v1/apps/{name}") => json!({
+            "operationId": "getApp",
+            "summary": "One app with its status",
+            "parameters": [app],
+            "responses": {
+                "200": json_response("The app", "App"),
+                "404": error_response("No such app")
+            }
+        }),
+        ("PUT", "/api/v1/apps/{name}") => json!({
+            "operationId": "replaceApp",
+            "summary": "Replace an API app's spec; its container is recreated",
+            "parameters": [app],
+            "requestBody": json_body("AppSpec"),
+            "responses": {
+                "200": json_response("The app", "App"),
+                "400": error_response("Malformed JSON"),
+                "404": error_response("No such app"),
+                "409": error_response("Declared in the configuration file (`declared_in_config`)"),
+                "413": error_response("Body too large"),
+                "422": error_response("Unknown field, wrong type or invalid value (`field` names it)")
+            }
+        }),
+        ("DELETE", "/api/v1/apps/{name}") => json!({
+            "operationId": "deleteApp",
+            "summary": "Delete an API app; its container is removed",
+            "parameters": [app],
+            "responses": {
+                "204": { "description": "Deleted" },
+                "404": error_response("No such app"),
+                "409": error_response("Declared in the configuration file (`declared_in_config`)")
+            }
+        }),
+        ("POST", "/api/v1/apps/{name}/restart") => json!({
+            "operationId": "restartApp",
+            "summary": "Recreate the app's container now; clears FAILED",
+            "parameters": [app],
+            "responses": {
+                "202": json_response("Restart requested", "App"),
+                "404": error_response("No such app")
+            }
+        }),
+        ("GET", "/api/v1/apps/{name}/logs") => json!({
+            "operationId": "appLogs",
+            "summary": "The container's output as plain text (stdout and stderr)",
+            "parameters": [
+                app,
+                { "name": "tail", "in": "query", "required": false, "description": "Last N lines", "schema": { "type": "integer", "minimum": 0 } },
+                { "name": "follow", "in": "query", "required": false, "description": "Keep streaming", "schema": { "type": "boolean" } }
+            ],
+            "responses": {
+                "200": { "description": "Log text", "content": { "text/plain": { "schema": { "type": "string" } } } },
+                "404": error_response("No such app, or no container yet"),
+                "503": error_response("The container engine is unreachable (`engine_unavailable`)")
             }
         }),
         ("POST", "/api/v1/zigbee/permit-join") => json!({
@@ -462,6 +547,51 @@ fn schemas() -> Value {
             "properties": {
                 "duration": { "type": "string", "example": "60s" },
                 "seconds": { "type": "integer", "description": "Capped by the driver's `permit_join_max`" }
+            }
+        },
+        "AppSpec": {
+            "type": "object",
+            "required": ["name", "image"],
+            "additionalProperties": false,
+            "description": "Same keys as [[apps.app]] in the configuration",
+            "properties": {
+                "name": { "type": "string", "pattern": "^[a-z0-9_-]{1,64}$" },
+                "image": { "type": "string" },
+                "command": { "type": "array", "items": { "type": "string" } },
+                "env": { "type": "array", "items": { "type": "string", "example": "LOG_LEVEL=info" } },
+                "mounts": { "type": "array", "items": { "type": "string", "example": "/var/lib/outpost/apps/x:/data:ro" } },
+                "ports": { "type": "array", "items": { "type": "string", "example": "8081:80/tcp" } },
+                "memory": { "type": "string", "example": "64MiB" },
+                "cpus": { "type": "number", "minimum": 0.01, "maximum": 256 },
+                "restart": { "type": "string", "enum": ["always", "on-failure", "never"] },
+                "max_retries": { "type": "integer", "minimum": 0, "maximum": 1000 }
+            }
+        },
+        "App": {
+            "type": "object",
+            "properties": {
+                "name": { "type": "string" },
+                "source": { "type": "string", "enum": ["config", "api"] },
+                "spec": { "$ref": "#/components/schemas/AppSpec" },
+                "status": {
+                    "type": "object",
+                    "properties": {
+                        "state": { "type": "string", "enum": ["ACTIVE", "INACTIVE", "FAILED"] },
+                        "reason": { "type": "string" },
+                        "container_id": { "type": "string" },
+                        "started_at": { "type": "string" },
+                        "restart_count": { "type": "integer" },
+                        "last_exit_code": { "type": "integer" },
+                        "health": { "type": "string" }
+                    }
+                }
+            }
+        },
+        "AppList": {
+            "type": "object",
+            "properties": {
+                "engine_problem": { "type": ["string", "null"] },
+                "items": { "type": "array", "items": { "$ref": "#/components/schemas/App" } }
             }
         }
     })

@@ -21,6 +21,7 @@ fn state(dir: &std::path::Path) -> ApiState {
             TokenSet::single("a", ADMIN_TOKEN, Scope::Admin),
         ])),
         zigbee: outpost_drivers::zigbee::ZigbeeControl::default(),
+        apps: None,
     }
 }
 

@@ -16,6 +16,7 @@ pub mod body;
 pub mod coap;
 pub mod drivers;
 pub mod http;
+pub mod mqtt;
 
 use std::sync::Arc;
 

@@ -1,0 +1,149 @@
+//! `[mqtt]`: the MQTT front for devices (and the embedded broker behind it).
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use super::DEFAULT_ROUTE;
+use crate::units::ByteSize;
+
+/// `[mqtt]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "an [mqtt] table")]
+pub struct MqttConfig {
+    /// Run the MQTT front (and the embedded broker behind it). Default `true`.
+    pub enabled: bool,
+    /// TCP address of the front as `IP:port`. Default `"0.0.0.0:1883"`; port 0 picks a free port.
+    #[serde(with = "super::socket_addr")]
+    pub listen: SocketAddr,
+    /// Device connections held at once; further ones wait for a free slot. Default 1000;
+    /// 1 to 100000.
+    pub max_connections: usize,
+    /// Accept CONNECT without credentials. **Anyone** on the network can then publish as the
+    /// client id they choose (the records carry no device identity). Default `false`; when `true`
+    /// the daemon warns loudly at start.
+    pub allow_anonymous: bool,
+    /// Outbox route of the records. Default `"default"`; must name an effective route.
+    pub route: String,
+    /// Largest MQTT packet accepted from a device; a larger one closes the connection.
+    /// Default `"256KiB"`; 1KiB to 16MiB.
+    pub max_packet: ByteSize,
+    /// `[mqtt.acl]`: topic filters a device may publish to and subscribe to.
+    pub acl: MqttAclConfig,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            max_connections: 1000,
+            allow_anonymous: false,
+            route: DEFAULT_ROUTE.to_owned(),
+            max_packet: ByteSize::kib(256),
+            acl: MqttAclConfig::default(),
+        }
+    }
+}
+
+/// `[mqtt.acl]`: MQTT topic filters (`+` and `#` wildcards) in which `{id}` stands for the
+/// authenticated device id. A PUBLISH is allowed when its topic matches one `publish` filter;
+/// a SUBSCRIBE filter is allowed when every topic it can match is matched by one `subscribe`
+/// filter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "an [mqtt.acl] table")]
+pub struct MqttAclConfig {
+    /// Topics a device may publish to. Default `["devices/{id}/#"]`.
+    pub publish: Vec<String>,
+    /// Filters a device may subscribe to. Default `["devices/{id}/commands/#"]`.
+    pub subscribe: Vec<String>,
+}
+
+impl Default for MqttAclConfig {
+    fn default() -> Self {
+        Self {
+            publish: vec!["devices/{id}/#".to_owned()],
+            subscribe: vec!["devices/{id}/commands/#".to_owned()],
+        }
+    }
+}
+
+/// Checks one ACL pattern: a valid MQTT topic filter once `{id}` is substituted, `{id}` only as
+/// a whole level.
+pub fn check_acl_pattern(pattern: &str) -> Result<(), String> {
+    if pattern.is_empty() {
+        return Err("must not be empty".to_owned());
+    }
+    let levels: Vec<&str> = pattern.split('/').collect();
+    for (i, level) in levels.iter().enumerate() {
+        if level.contains("{id}") && *level != "{id}" {
+            return Err(format!("\"{pattern}\": {{id}} must be a whole topic level"));
+        }
+        if level.contains(['{', '}']) && *level != "{id}" {
+            return Err(format!("\"{pattern}\": the only placeholder is {{id}}"));
+        }
+        if level.contains('#') && (*level != "#" || i + 1 != levels.len()) {
+            return Err(format!("\"{pattern}\": # must be the whole last level"));
+        }
+        if level.contains('+') && *level != "+" {
+            return Err(format!("\"{pattern}\": + must be a whole level"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        match crate::from_toml_str(text) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.problems().iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = MqttConfig::default();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:1883");
+        assert_eq!((c.max_connections, c.allow_anonymous), (1000, false));
+        assert_eq!(c.max_packet, ByteSize::kib(256));
+        assert_eq!(c.acl.publish, ["devices/{id}/#"]);
+        assert_eq!(c.acl.subscribe, ["devices/{id}/commands/#"]);
+    }
+
+    #[test]
+    fn acl_patterns_are_checked() {
+        assert!(check_acl_pattern("devices/{id}/#").is_ok());
+        assert!(check_acl_pattern("devices/+/telemetry").is_ok());
+        assert!(check_acl_pattern("").is_err());
+        assert!(check_acl_pattern("devices/x{id}/#").is_err());
+        assert!(check_acl_pattern("devices/{name}/#").is_err());
+        assert!(check_acl_pattern("devices/#/x").is_err());
+        assert!(check_acl_pattern("devices/a+").is_err());
+    }
+
+    #[test]
+    fn every_problem_names_its_key() {
+        let found = problems(
+            "[mqtt]\nmax_connections = 0\nroute = \"nowhere\"\nmax_packet = \"100B\"\n\
+             [mqtt.acl]\npublish = [\"ok/{id}\", \"a/#/b\"]\nsubscribe = [\"\"]\n",
+        );
+        let keys: Vec<&str> = found
+            .iter()
+            .map(|p| p.split(':').next().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "mqtt.acl.publish[1]",
+                "mqtt.acl.subscribe[0]",
+                "mqtt.max_connections",
+                "mqtt.max_packet",
+                "mqtt.route",
+            ],
+            "{found:?}"
+        );
+    }
+}

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Makes sure a Docker engine answers (for tests/tests/apps.rs), and that the local test image
+# outpost-test/busybox:1 exists. Idempotent: an engine that already answers is used as is;
+# otherwise dockerd is started in the background (log: /tmp/outpost-dockerd.log) and awaited.
+# The image is built without a registry: `docker import` of a rootfs tarball holding Debian's
+# busybox-static (/bin/busybox plus applet symlinks).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+
+IMAGE=outpost-test/busybox:1
+
+if ! docker info >/dev/null 2>&1; then
+  command -v dockerd >/dev/null 2>&1 || die "dockerd not found: run scripts/setup-test-deps.sh (docker.io)"
+  log "Starting dockerd in the background (log: /tmp/outpost-dockerd.log)"
+  # Sandboxes without netfilter still run containers with the default bridge off.
+  extra=()
+  if ! iptables -L >/dev/null 2>&1; then
+    extra=(--iptables=false --bridge=none)
+  fi
+  nohup dockerd "${extra[@]}" >/tmp/outpost-dockerd.log 2>&1 &
+  # scripts/test.sh stops the engine it caused to start (and only that one) when it finishes.
+  echo $! >/tmp/outpost-dockerd.pid
+  for _ in $(seq 1 60); do
+    docker info >/dev/null 2>&1 && break
+    sleep 1
+  done
+  docker info >/dev/null 2>&1 || die "dockerd did not answer within 60s; see /tmp/outpost-dockerd.log"
+fi
+
+if ! docker image inspect "$IMAGE" >/dev/null 2>&1; then
+  [[ -x /bin/busybox ]] || die "/bin/busybox not found: run scripts/setup-test-deps.sh (busybox-static)"
+  root=$(mktemp -d -t outpost-rootfs.XXXXXX)
+  trap 'rm -rf "$root"' EXIT
+  mkdir -p "$root/bin" "$root/tmp" "$root/data"
+  cp /bin/busybox "$root/bin/busybox"
+  for applet in sh sleep echo cat env kill true false ls nc wget printf; do
+    ln -s busybox "$root/bin/$applet"
+  done
+  log "Importing $IMAGE from a busybox-static rootfs"
+  tar -C "$root" -c . | docker import --change 'ENV PATH=/bin' --change 'CMD ["/bin/sh"]' - "$IMAGE" >/dev/null
+fi
+log "Docker engine ready; test image $IMAGE present"

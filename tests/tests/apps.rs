@@ -1,0 +1,347 @@
+//! Local app containers against the real Docker engine (scripts/ensure-docker.sh starts
+//! `dockerd` and imports the test image `outpost-test/busybox:1` from Debian's busybox-static):
+//! deploy from config and from the API, env / limits / labels as the engine reports them,
+//! restart after `docker kill`, crash-loop detection, removal, API apps persisted across a
+//! daemon restart, foreign containers untouched, and an unreachable engine.
+//!
+//! `serial_`: the tests share the engine and measure restart times.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+#![allow(clippy::disallowed_methods)] // std::thread::sleep: blocking test code
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use outpost_e2e::admin::{ADMIN_TOKEN, admin, admin_token_config};
+use outpost_e2e::daemon::{Daemon, outpost_cli};
+use serde_json::Value;
+
+const IMAGE: &str = "outpost-test/busybox:1";
+
+fn docker(args: &[&str]) -> (bool, String) {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("run docker");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+    )
+}
+
+/// `docker inspect` of a container, or `None` if it does not exist.
+fn inspect(name: &str) -> Option<Value> {
+    let (ok, text) = docker(&["inspect", name]);
+    if !ok {
+        return None;
+    }
+    let v: Value = serde_json::from_str(&text).unwrap();
+    v.as_array().and_then(|a| a.first()).cloned()
+}
+
+fn running(name: &str) -> bool {
+    inspect(name).is_some_and(|v| v["State"]["Running"] == true)
+}
+
+/// Fails (never skips) without the engine or the image, naming the command that provides them.
+fn require_engine() {
+    assert!(
+        docker(&["info"]).0 && docker(&["image", "inspect", IMAGE]).0,
+        "no Docker engine or no {IMAGE}: run `bash scripts/ensure-docker.sh` (after \
+         scripts/setup-test-deps.sh for docker.io and busybox-static)"
+    );
+}
+
+fn app_status(d: &Daemon, name: &str) -> Value {
+    d.status()["apps"][name].clone()
+}
+
+fn cleanup(names: &[&str]) {
+    for name in names {
+        docker(&["rm", "-f", &format!("outpost-app-{name}")]);
+    }
+}
+
+fn apps_config(extra: &str) -> String {
+    format!(
+        "{}\n[apps]\nenabled = true\ncrash_loop_failures = 3\ncrash_loop_window = \"3s\"\n\
+         restart_backoff_max = \"2s\"\nallowed_mount_root = \"/tmp\"\n\n{extra}",
+        admin_token_config()
+    )
+}
+
+#[test]
+fn serial_apps_deploy_kill_crash_loop_delete() {
+    require_engine();
+    let names = ["cfg", "crashy", "viaapi"];
+    cleanup(&names);
+    docker(&["rm", "-f", "outpost-test-foreign"]);
+    let (ok, foreign) = docker(&[
+        "run",
+        "-d",
+        "--name",
+        "outpost-test-foreign",
+        IMAGE,
+        "sleep",
+        "3600",
+    ]);
+    assert!(ok, "foreign container: {foreign}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = apps_config(&format!(
+        r#"[[apps.app]]
+name = "cfg"
+image = "{IMAGE}"
+command = ["sleep", "3600"]
+env = ["FOO=bar"]
+memory = "32MiB"
+cpus = 0.5
+
+[[apps.app]]
+name = "crashy"
+image = "{IMAGE}"
+command = ["sh", "-c", "exit 3"]
+"#
+    ));
+    let mut d = Daemon::start(dir.path(), &config);
+    d.wait_until("apps ACTIVE", Duration::from_secs(20), |d| {
+        d.status()["subsystems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"] == "apps" && s["state"] == "ACTIVE")
+    });
+    d.wait_until("cfg ACTIVE", Duration::from_secs(20), |d| {
+        app_status(d, "cfg")["state"] == "ACTIVE" && running("outpost-app-cfg")
+    });
+
+    // Env, limits and labels as the engine has them.
+    let c = inspect("outpost-app-cfg").unwrap();
+    let env: Vec<&str> = c["Config"]["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(env.contains(&"FOO=bar"), "{env:?}");
+    assert!(env.contains(&"OUTPOST_DEVICE_ID=app-cfg"), "{env:?}");
+    assert!(
+        env.iter()
+            .any(|e| e.starts_with("OUTPOST_DEVICE_SECRET=") && e.len() > 30),
+        "{env:?}"
+    );
+    assert_eq!(c["HostConfig"]["Memory"], 32 * 1024 * 1024);
+    assert_eq!(c["HostConfig"]["NanoCpus"], 500_000_000);
+    assert_eq!(c["Config"]["Labels"]["io.outpost.managed"], "true");
+    assert_eq!(c["Config"]["Labels"]["io.outpost.app"], "cfg");
+    // The app's bus identity is a registry device allowed on MQTT.
+    let dev = admin(&d, "GET", "/api/v1/devices/app-cfg", "");
+    assert_eq!(dev.status, 200, "{}", dev.text());
+    assert_eq!(dev.json()["protocols"], serde_json::json!(["mqtt"]));
+
+    // docker kill → restarted within 2 s, restart counted.
+    let first_id = app_status(&d, "cfg")["container_id"].clone();
+    assert!(docker(&["kill", "outpost-app-cfg"]).0);
+    let killed = Instant::now();
+    d.wait_until("cfg restarted", Duration::from_secs(2), |d| {
+        running("outpost-app-cfg") && app_status(d, "cfg")["restart_count"] == 1
+    });
+    eprintln!("restarted {:?} after the kill", killed.elapsed());
+    assert_eq!(app_status(&d, "cfg")["container_id"], first_id);
+    assert_eq!(app_status(&d, "cfg")["last_exit_code"], 137);
+    let (_, metrics) = d.get("/metrics");
+    assert!(
+        metrics.contains("outpost_app_restarts_total{app=\"cfg\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("outpost_apps_engine_up 1"), "{metrics}");
+
+    // Crash loop → FAILED with the exit code, not restarted any more.
+    d.wait_until("crashy FAILED", Duration::from_secs(20), |d| {
+        app_status(d, "crashy")["state"] == "FAILED"
+    });
+    let s = app_status(&d, "crashy");
+    assert_eq!(s["last_exit_code"], 3, "{s}");
+    assert!(s["reason"].as_str().unwrap().contains("crash loop"), "{s}");
+    let restarts = s["restart_count"].clone();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(app_status(&d, "crashy")["restart_count"], restarts);
+
+    // From the API: create, listed, runs; config apps cannot be deleted through it.
+    let body = format!(
+        r#"{{"name":"viaapi","image":"{IMAGE}","command":["sleep","3600"],"env":["X=1"]}}"#
+    );
+    let r = admin(&d, "POST", "/api/v1/apps", &body);
+    assert_eq!(r.status, 201, "{}", r.text());
+    d.wait_until("viaapi running", Duration::from_secs(20), |d| {
+        app_status(d, "viaapi")["state"] == "ACTIVE" && running("outpost-app-viaapi")
+    });
+    let list = admin(&d, "GET", "/api/v1/apps", "").json();
+    let listed: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, ["cfg", "crashy", "viaapi"]);
+    assert_eq!(admin(&d, "DELETE", "/api/v1/apps/cfg", "").status, 409);
+    let url = format!("http://{}", d.admin);
+    let (code, out, err) = outpost_cli(&["apps", "list", "--url", &url, "--token", ADMIN_TOKEN]);
+    assert_eq!(code, 0, "{err}");
+    let crashy = out.lines().find(|l| l.starts_with("crashy")).unwrap();
+    assert!(crashy.contains("FAILED") && crashy.contains(" 3 "), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("cfg") && l.contains("ACTIVE")),
+        "{out}"
+    );
+    let logs = admin(&d, "GET", "/api/v1/apps/viaapi/logs?tail=10", "");
+    assert_eq!(logs.status, 200, "{}", logs.text());
+
+    // PUT replaces the spec: the container is recreated with the new env.
+    let old_id = app_status(&d, "viaapi")["container_id"].clone();
+    let body = format!(
+        r#"{{"name":"viaapi","image":"{IMAGE}","command":["sleep","3600"],"env":["X=2"]}}"#
+    );
+    let r = admin(&d, "PUT", "/api/v1/apps/viaapi", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    d.wait_until("viaapi recreated", Duration::from_secs(20), |d| {
+        let s = app_status(d, "viaapi");
+        s["state"] == "ACTIVE" && s["container_id"] != old_id && !s["container_id"].is_null()
+    });
+    let env = inspect("outpost-app-viaapi").unwrap()["Config"]["Env"].clone();
+    assert!(env.as_array().unwrap().iter().any(|e| e == "X=2"), "{env}");
+    // An explicit restart clears FAILED (the crash loop then starts over).
+    let r = admin(&d, "POST", "/api/v1/apps/crashy/restart", "");
+    assert_eq!(r.status, 202, "{}", r.text());
+    d.wait_until("crashy retried", Duration::from_secs(10), |d| {
+        app_status(d, "crashy")["restart_count"].as_u64() > restarts.as_u64()
+    });
+
+    // Persisted: a restarted daemon still has the API app (and keeps its container).
+    d.terminate(Duration::from_secs(15));
+    let mut d = Daemon::start_with(&dir.path().join("outpost.toml"), dir.path().join("data"));
+    d.wait_until("viaapi back", Duration::from_secs(20), |d| {
+        app_status(d, "viaapi")["state"] == "ACTIVE"
+    });
+
+    // Delete → the container is removed.
+    let r = admin(&d, "DELETE", "/api/v1/apps/viaapi", "");
+    assert_eq!(r.status, 204, "{}", r.text());
+    d.wait_until("viaapi removed", Duration::from_secs(10), |_| {
+        inspect("outpost-app-viaapi").is_none()
+    });
+    assert!(app_status(&d, "viaapi").is_null());
+
+    // The foreign, unlabelled container was never touched.
+    assert!(running("outpost-test-foreign"));
+    d.terminate(Duration::from_secs(15));
+    cleanup(&names);
+    docker(&["rm", "-f", "outpost-test-foreign"]);
+}
+
+#[test]
+fn serial_apps_engine_unreachable_leaves_the_rest_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{}\n[apps]\nenabled = true\nengine_socket = \"{}\"\n\n[[apps.app]]\nname = \"nowhere\"\nimage = \"{IMAGE}\"\ncommand = [\"sleep\", \"3600\"]\n",
+        admin_token_config(),
+        dir.path().join("no-such-engine.sock").display()
+    );
+    let mut d = Daemon::start(dir.path(), &config);
+    d.wait_until(
+        "apps INACTIVE with the reason",
+        Duration::from_secs(10),
+        |d| {
+            d.status()["subsystems"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| {
+                    s["name"] == "apps"
+                        && s["state"] == "INACTIVE"
+                        && s["reason"]
+                            .as_str()
+                            .is_some_and(|r| r.contains("no-such-engine.sock"))
+                })
+        },
+    );
+    assert_eq!(app_status(&d, "nowhere")["state"], "INACTIVE");
+    // Everything else works: ready, devices, API.
+    assert_eq!(d.get("/readyz").0, 200);
+    let r = admin(&d, "POST", "/api/v1/devices", r#"{"id":"still-works"}"#);
+    assert_eq!(r.status, 201, "{}", r.text());
+    let list = admin(&d, "GET", "/api/v1/apps", "").json();
+    assert!(
+        list["engine_problem"]
+            .as_str()
+            .unwrap()
+            .contains("no-such-engine.sock")
+    );
+
+    // The engine comes back (the socket appears): the app is reconciled.
+    require_engine();
+    cleanup(&["nowhere"]);
+    std::os::unix::fs::symlink(
+        "/var/run/docker.sock",
+        dir.path().join("no-such-engine.sock"),
+    )
+    .unwrap();
+    d.wait_until("nowhere running", Duration::from_secs(20), |d| {
+        app_status(d, "nowhere")["state"] == "ACTIVE" && running("outpost-app-nowhere")
+    });
+    // A missing image is not pulled (apps.pull = false): the app says why.
+    let r = admin(
+        &d,
+        "POST",
+        "/api/v1/apps",
+        r#"{"name":"noimage","image":"outpost-test/missing:0"}"#,
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    d.wait_until("noimage reason", Duration::from_secs(10), |d| {
+        let s = app_status(d, "noimage");
+        s["state"] == "INACTIVE"
+            && s["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("not present locally"))
+    });
+    d.terminate(Duration::from_secs(15));
+    cleanup(&["nowhere"]);
+}
+
+/// Self-supervision: the debug fault hook makes the first run of `apps` and `registry-flush`
+/// panic; both are restarted and their restart is counted in the status.
+#[test]
+fn supervised_subsystems_forced_to_fail_are_restarted() {
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = outpost_e2e::daemon::write_config(
+        dir.path(),
+        &format!(
+            "[apps]\nenabled = true\nengine_socket = \"{}\"\n",
+            dir.path().join("none.sock").display()
+        ),
+    );
+    let mut d = Daemon::start_with_env(
+        &config_path,
+        dir.path().join("data"),
+        &[("OUTPOST_DEBUG_FAIL", "apps,registry-flush")],
+    );
+    d.wait_until("both restarted", Duration::from_secs(10), |d| {
+        let status = d.status();
+        let subsystems = status["subsystems"].as_array().unwrap();
+        ["apps", "registry-flush"].iter().all(|name| {
+            subsystems.iter().any(|s| {
+                s["name"] == *name
+                    && s["restarts"] == 1
+                    && !s["reason"].as_str().unwrap_or("").contains("panicked")
+            })
+        })
+    });
+    assert!(
+        d.logs()
+            .iter()
+            .any(|l| l.contains("Subsystem failed; restarting it"))
+    );
+    assert_eq!(d.get("/readyz").0, 200);
+    d.terminate(Duration::from_secs(15));
+}

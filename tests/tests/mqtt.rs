@@ -1,0 +1,517 @@
+//! MQTT against the real binary: Debian's `mosquitto_pub`/`mosquitto_sub` (MQTT 3.1.1) for
+//! publishing, subscribing and the CONNECT refusals, `paho-mqtt` (Python) for the MQTT 5 reason
+//! codes, raw TCP for what a well-behaved client never sends.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+#![allow(clippy::disallowed_methods)] // std::thread::sleep: blocking test code, no async runtime here
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use outpost_e2e::admin::{admin, admin_token_config, create_device};
+use outpost_e2e::daemon::Daemon;
+use outpost_sync::{OutboxReader, Source, StoredRecord};
+
+/// Starts the daemon with the admin token (plus `extra`) and device `sensor-1`: (daemon, MQTT
+/// address, sensor-1's secret).
+fn start(dir: &Path, extra: &str) -> (Daemon, SocketAddr, String) {
+    let mut d = Daemon::start(dir, &format!("{}\n{extra}", admin_token_config()));
+    let line = d.wait_for_log("MQTT listener bound", Duration::from_secs(10));
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let addr = v["addr"].as_str().unwrap().parse().unwrap();
+    let secret = create_device(&d, "sensor-1", None);
+    (d, addr, secret)
+}
+
+fn records(d: &Daemon) -> Vec<StoredRecord> {
+    OutboxReader::open(&d.data_dir.join("outbox.db"))
+        .unwrap()
+        .read_all()
+        .unwrap()
+}
+
+/// `mosquitto_pub` as `user`/`password` with `args`.
+fn pub_(addr: SocketAddr, user: &str, password: &str, args: &[&str]) -> Output {
+    Command::new("mosquitto_pub")
+        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+        .args(["-u", user, "-P", password, "-i", &format!("{user}-pub")])
+        .args(args)
+        .output()
+        .expect("run mosquitto_pub")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn qos_0_1_2_publishes_are_stored_with_the_authenticated_device_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut d, addr, secret) = start(dir.path(), "");
+    for qos in ["0", "1", "2"] {
+        let topic = format!("devices/sensor-1/q{qos}");
+        let out = pub_(
+            addr,
+            "sensor-1",
+            &secret,
+            &["-q", qos, "-t", &topic, "-m", "21.5"],
+        );
+        assert!(out.status.success(), "QoS {qos}: {}", stderr(&out));
+    }
+    // QoS 1 and 2 were acknowledged after their commit; QoS 0 is best-effort, so wait for it.
+    d.wait_until("3 MQTT records", Duration::from_secs(10), |d| {
+        records(d).len() == 3
+    });
+    let recs = records(&d);
+    for qos in ["0", "1", "2"] {
+        let r = recs
+            .iter()
+            .find(|r| r.topic == format!("devices/sensor-1/q{qos}"))
+            .unwrap_or_else(|| panic!("QoS {qos} in {recs:?}"));
+        assert_eq!(
+            (r.device_id.as_str(), r.source, r.payload.as_slice()),
+            ("sensor-1", Source::Mqtt, b"21.5".as_slice())
+        );
+        assert!(
+            r.headers.contains(&("mqtt_qos".to_owned(), qos.to_owned())),
+            "{:?}",
+            r.headers
+        );
+    }
+}
+
+#[test]
+fn wrong_secret_unknown_and_disabled_devices_are_refused_with_their_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, addr, secret) = start(dir.path(), "");
+    let args = ["-q", "1", "-t", "devices/sensor-1/x", "-m", "1"];
+
+    let wrong = pub_(addr, "sensor-1", "not-the-secret", &args);
+    assert!(!wrong.status.success());
+    assert!(
+        stderr(&wrong).contains("bad user name or password"),
+        "{}",
+        stderr(&wrong)
+    );
+    let unknown = pub_(addr, "ghost", &secret, &args);
+    assert!(!unknown.status.success());
+    assert!(
+        stderr(&unknown).contains("bad user name or password"),
+        "{}",
+        stderr(&unknown)
+    );
+    let r = admin(&d, "POST", "/api/v1/devices/sensor-1/disable", "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let disabled = pub_(addr, "sensor-1", &secret, &args);
+    assert!(!disabled.status.success());
+    assert!(
+        stderr(&disabled).contains("not authori"),
+        "{}",
+        stderr(&disabled)
+    );
+    assert!(records(&d).is_empty());
+    assert!(d.metric("outpost_mqtt_connects_refused_total") >= 3.0);
+
+    // MQTT 5 (paho): 0x86 bad user name or password, 0x87 not authorized.
+    let _ = create_device(&d, "sensor-2", None);
+    assert_eq!(paho_v5_connack(addr, "sensor-2", "wrong"), 0x86);
+    assert_eq!(paho_v5_connack(addr, "nobody", "wrong"), 0x86);
+    assert_eq!(paho_v5_connack(addr, "sensor-1", &secret), 0x87);
+}
+
+/// The CONNACK reason code an MQTT 5 `paho-mqtt` client gets.
+fn paho_v5_connack(addr: SocketAddr, user: &str, password: &str) -> u8 {
+    let script = r#"
+import sys, paho.mqtt.client as mqtt
+host, port, user, password = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="paho-" + user, protocol=mqtt.MQTTv5)
+c.username_pw_set(user, password)
+codes = []
+c.on_connect = lambda client, userdata, flags, rc, props: (codes.append(rc.value), client.disconnect())
+c.connect(host, port, 10)
+c.loop_forever(retry_first_connection=False)
+print(codes[0] if codes else -1)
+"#;
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            script,
+            &addr.ip().to_string(),
+            &addr.port().to_string(),
+        ])
+        .args([user, password])
+        .output()
+        .expect("run python3 (paho-mqtt: scripts/setup-test-deps.sh)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .parse::<i32>()
+        .map(|v| u8::try_from(v).unwrap_or(0xff))
+        .unwrap_or_else(|_| panic!("paho: {text} {}", stderr(&out)))
+}
+
+#[test]
+fn acl_keeps_publishes_inside_the_prefix_and_subscribers_get_allowed_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    // Let every device subscribe to everything under devices/ so one can watch another.
+    let (mut d, addr, secret) = start(
+        dir.path(),
+        "[mqtt.acl]\npublish = [\"devices/{id}/#\"]\nsubscribe = [\"devices/{id}/commands/#\", \"devices/+/telemetry\"]\n",
+    );
+    let watcher_secret = create_device(&d, "watcher", None);
+
+    // Outside the prefix: the connection is closed, nothing stored.
+    let outside = pub_(
+        addr,
+        "sensor-1",
+        &secret,
+        &["-q", "1", "-t", "devices/other/x", "-m", "no"],
+    );
+    assert!(
+        !outside.status.success(),
+        "3.1.1 has no negative PUBACK: the front disconnects"
+    );
+
+    // A subscriber refused outside its ACL (SUBACK 0x80) ...
+    let refused = Command::new("mosquitto_sub")
+        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+        .args(["-u", "watcher", "-P", &watcher_secret, "-i", "watcher-2"])
+        .args(["-t", "devices/#", "-C", "1", "-W", "3"])
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&refused).contains("All subscription requests were denied"),
+        "{}",
+        stderr(&refused)
+    );
+
+    // ... and one that receives another device's publish where the ACL allows.
+    let sub = Command::new("mosquitto_sub")
+        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+        .args(["-u", "watcher", "-P", &watcher_secret, "-i", "watcher-1"])
+        .args([
+            "-q",
+            "1",
+            "-t",
+            "devices/+/telemetry",
+            "-C",
+            "1",
+            "-W",
+            "10",
+            "-v",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    d.wait_until("the subscription", Duration::from_secs(5), |d| {
+        d.metric("outpost_mqtt_connections") >= 1.0
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let out = pub_(
+        addr,
+        "sensor-1",
+        &secret,
+        &["-q", "1", "-t", "devices/sensor-1/telemetry", "-m", "hello"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let got = sub.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout).trim(),
+        "devices/sensor-1/telemetry hello",
+        "{}",
+        stderr(&got)
+    );
+    let recs = records(&d);
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert_eq!(recs[0].topic, "devices/sensor-1/telemetry");
+}
+
+#[test]
+fn a_device_disabled_while_connected_is_disconnected_within_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, addr, secret) = start(dir.path(), "");
+    let mut sub = Command::new("mosquitto_sub")
+        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+        .args([
+            "-u",
+            "sensor-1",
+            "-P",
+            &secret,
+            "-i",
+            "s1",
+            "-t",
+            "devices/sensor-1/commands/#",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut waited = 0;
+    while d.metric("outpost_mqtt_connections") < 1.0 {
+        std::thread::sleep(Duration::from_millis(50));
+        waited += 1;
+        assert!(waited < 100, "the subscriber never connected");
+    }
+    let r = admin(&d, "POST", "/api/v1/devices/sensor-1/disable", "");
+    assert_eq!(r.status, 200);
+    let t = std::time::Instant::now();
+    while d.metric("outpost_mqtt_connections") > 0.0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "still connected after 1 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = sub.kill();
+    let _ = sub.wait();
+}
+
+/// Sends `bytes` on a fresh connection; true if the daemon closed it (EOF or reset) in time.
+fn closed_after(addr: SocketAddr, bytes: &[u8]) -> bool {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut buf = [0u8; 64];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+#[test]
+fn malformed_input_closes_the_connection_and_the_daemon_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, addr, secret) = start(dir.path(), "");
+    // Random bytes (first byte not CONNECT).
+    assert!(closed_after(
+        addr,
+        &[0xde, 0xad, 0xbe, 0xef, 0x00, 0x11, 0x22]
+    ));
+    // PUBLISH before CONNECT.
+    assert!(closed_after(
+        addr,
+        &[0x30, 0x05, 0x00, 0x01, b'a', b'h', b'i']
+    ));
+    // CONNECT with an absurd remaining length.
+    assert!(closed_after(addr, &[0x10, 0xff, 0xff, 0xff, 0xff, 0x7f]));
+    assert!(d.metric("outpost_mqtt_malformed_total") >= 3.0);
+    let out = pub_(
+        addr,
+        "sensor-1",
+        &secret,
+        &["-q", "1", "-t", "devices/sensor-1/ok", "-m", "1"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(records(&d).len(), 1);
+}
+
+fn mqtt_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&u16::try_from(s.len()).unwrap().to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// A packet with a one-byte remaining length (the tests' packets are short).
+fn packet(header: u8, body: &[u8]) -> Vec<u8> {
+    let mut p = vec![header, u8::try_from(body.len()).unwrap()];
+    p.extend_from_slice(body);
+    p
+}
+
+fn read_exact_n(s: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; n];
+    s.read_exact(&mut buf).unwrap();
+    buf
+}
+
+#[test]
+fn a_qos2_publish_retransmitted_with_dup_before_pubrel_is_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, addr, secret) = start(dir.path(), "");
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut connect = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 60];
+    mqtt_str(&mut connect, "raw-1");
+    mqtt_str(&mut connect, "sensor-1");
+    mqtt_str(&mut connect, &secret);
+    s.write_all(&packet(0x10, &connect)).unwrap();
+    assert_eq!(read_exact_n(&mut s, 4), [0x20, 2, 0, 0], "CONNACK accepted");
+
+    let mut publish = Vec::new();
+    mqtt_str(&mut publish, "devices/sensor-1/once");
+    publish.extend_from_slice(&[0, 7]);
+    publish.extend_from_slice(b"42");
+    s.write_all(&packet(0x34, &publish)).unwrap();
+    assert_eq!(read_exact_n(&mut s, 4), [0x50, 2, 0, 7], "PUBREC");
+    // The device did not see the PUBREC in time and retransmits with DUP.
+    s.write_all(&packet(0x3C, &publish)).unwrap();
+    assert_eq!(read_exact_n(&mut s, 4), [0x50, 2, 0, 7], "PUBREC again");
+    s.write_all(&[0x62, 2, 0, 7]).unwrap();
+    assert_eq!(read_exact_n(&mut s, 4), [0x70, 2, 0, 7], "PUBCOMP");
+    let recs = records(&d);
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert_eq!(recs[0].payload, b"42");
+}
+
+#[test]
+fn a_device_subscribed_to_its_commands_receives_what_is_published_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut d, addr, secret) = start(dir.path(), "");
+    let sub = Command::new("mosquitto_sub")
+        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+        .args(["-u", "sensor-1", "-P", &secret, "-i", "s1-sub", "-q", "1"])
+        .args([
+            "-t",
+            "devices/sensor-1/commands/#",
+            "-C",
+            "1",
+            "-W",
+            "10",
+            "-v",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    d.wait_until("the subscriber", Duration::from_secs(5), |d| {
+        d.metric("outpost_mqtt_connections") >= 1.0
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let out = pub_(
+        addr,
+        "sensor-1",
+        &secret,
+        &[
+            "-q",
+            "1",
+            "-t",
+            "devices/sensor-1/commands/reboot",
+            "-m",
+            "now",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let got = sub.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout).trim(),
+        "devices/sensor-1/commands/reboot now",
+        "{}",
+        stderr(&got)
+    );
+}
+
+/// A packet with any remaining length (variable-length encoding).
+fn long_packet(header: u8, body: &[u8]) -> Vec<u8> {
+    let mut p = vec![header];
+    let mut len = body.len();
+    loop {
+        let mut byte = u8::try_from(len % 128).unwrap();
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        p.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+    p.extend_from_slice(body);
+    p
+}
+
+#[test]
+fn a_full_outbox_gets_no_puback_on_3_1_1_and_the_connection_stays_usable() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, addr, secret) = start(
+        dir.path(),
+        "[outbox]\nmax_bytes = \"1MiB\"\nmax_record_bytes = \"128KiB\"\n\
+         min_free_disk = \"0\"\nwhen_full = \"reject\"\n",
+    );
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut connect = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 60];
+    mqtt_str(&mut connect, "filler");
+    mqtt_str(&mut connect, "sensor-1");
+    mqtt_str(&mut connect, &secret);
+    s.write_all(&packet(0x10, &connect)).unwrap();
+    assert_eq!(read_exact_n(&mut s, 4), [0x20, 2, 0, 0], "CONNACK accepted");
+
+    let payload = vec![b'x'; 100 * 1024];
+    let mut refused_at = None;
+    for pkid in 1..=40u16 {
+        let mut publish = Vec::new();
+        mqtt_str(&mut publish, "devices/sensor-1/fill");
+        publish.extend_from_slice(&pkid.to_be_bytes());
+        publish.extend_from_slice(&payload);
+        s.write_all(&long_packet(0x32, &publish)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut ack = [0u8; 4];
+        match s.read_exact(&mut ack) {
+            Ok(()) => assert_eq!(ack[..2], [0x40, 2], "PUBACK"),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                refused_at = Some(pkid);
+                break;
+            }
+            Err(e) => panic!("connection failed at {pkid}: {e}"),
+        }
+    }
+    let refused_at = refused_at.expect("the 1 MiB outbox refused within 40 × 100 KiB");
+    assert!(refused_at > 1);
+    assert!(d.metric("outpost_mqtt_outbox_refused_total") >= 1.0);
+    // Not acknowledged, but the connection is still served.
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&[0xC0, 0]).unwrap();
+    assert_eq!(read_exact_n(&mut s, 2), [0xD0, 0], "PINGRESP");
+    assert_eq!(records(&d).len(), usize::from(refused_at) - 1);
+}
+
+#[test]
+fn the_broker_behind_the_front_is_on_loopback_and_refuses_everyone_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut d, _, secret) = start(dir.path(), "");
+    let line = d.wait_for_log("MQTT listener bound", Duration::from_secs(10));
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let broker: SocketAddr = v["broker"].as_str().unwrap().parse().unwrap();
+    assert!(broker.ip().is_loopback(), "{broker}");
+    // Neither anonymous nor a device's own credentials get in: only the front's per-boot secret.
+    for (user, password) in [
+        ("", ""),
+        ("sensor-1", secret.as_str()),
+        ("outpost-front", "guess"),
+    ] {
+        let mut cmd = Command::new("mosquitto_pub");
+        cmd.args(["-h", "127.0.0.1", "-p", &broker.port().to_string()])
+            .args([
+                "-i",
+                "intruder",
+                "-q",
+                "1",
+                "-t",
+                "devices/sensor-1/x",
+                "-m",
+                "1",
+            ]);
+        if !user.is_empty() {
+            cmd.args(["-u", user, "-P", password]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(!out.status.success(), "{user} got into the broker");
+    }
+    assert!(records(&d).is_empty());
+}
