@@ -45,6 +45,7 @@ pub use model::{
     ZigbeeConfig, parse_cidr,
 };
 pub use units::ByteSize;
+pub use validate::check_device_id;
 
 /// Parses, defaults and validates a configuration. An empty string gives [`Config::default`].
 pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {

@@ -756,8 +756,9 @@ fn driver_port(driver: &DriverConfig) -> Option<&std::path::Path> {
     }
 }
 
-/// A device id as the registry accepts it: `[A-Za-z0-9._:-]{1,128}`.
-fn check_device_id(id: &str) -> Result<(), String> {
+/// A device id as the registry accepts it: `[A-Za-z0-9._:-]{1,128}`. The one definition of the
+/// rule: the registry calls it too (re-exported as `outpost_config::check_device_id`).
+pub fn check_device_id(id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > 128 {
         return Err(format!("must be 1 to 128 characters, found {}", id.len()));
     }

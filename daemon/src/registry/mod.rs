@@ -340,20 +340,10 @@ impl Inner {
     }
 }
 
-/// Checks a device id: `[A-Za-z0-9._:-]{1,128}`.
+/// Checks a device id: `[A-Za-z0-9._:-]{1,128}` (the rule lives in the config crate, which
+/// checks ids written in the configuration the same way).
 pub fn validate_id(id: &str) -> Result<(), String> {
-    if id.is_empty() || id.len() > 128 {
-        return Err(format!("must be 1 to 128 characters, found {}", id.len()));
-    }
-    if let Some(c) = id
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')))
-    {
-        return Err(format!(
-            "invalid character {c:?}: use letters, digits, '.', '_', ':' and '-'"
-        ));
-    }
-    Ok(())
+    outpost_config::check_device_id(id)
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> RegistryError {
