@@ -43,6 +43,15 @@ fn pub_(addr: SocketAddr, user: &str, password: &str, args: &[&str]) -> Output {
         .expect("run mosquitto_pub")
 }
 
+/// A `mosquitto_sub` command connected as `user` with client id `client_id`; the caller adds the
+/// topic and options and decides how to run it.
+fn sub_(addr: SocketAddr, user: &str, password: &str, client_id: &str) -> Command {
+    let mut cmd = Command::new("mosquitto_sub");
+    cmd.args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+        .args(["-u", user, "-P", password, "-i", client_id]);
+    cmd
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -175,9 +184,7 @@ fn acl_keeps_publishes_inside_the_prefix_and_subscribers_get_allowed_messages() 
     );
 
     // A subscriber refused outside its ACL (SUBACK 0x80) ...
-    let refused = Command::new("mosquitto_sub")
-        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
-        .args(["-u", "watcher", "-P", &watcher_secret, "-i", "watcher-2"])
+    let refused = sub_(addr, "watcher", &watcher_secret, "watcher-2")
         .args(["-t", "devices/#", "-C", "1", "-W", "3"])
         .output()
         .unwrap();
@@ -188,9 +195,7 @@ fn acl_keeps_publishes_inside_the_prefix_and_subscribers_get_allowed_messages() 
     );
 
     // ... and one that receives another device's publish where the ACL allows.
-    let sub = Command::new("mosquitto_sub")
-        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
-        .args(["-u", "watcher", "-P", &watcher_secret, "-i", "watcher-1"])
+    let sub = sub_(addr, "watcher", &watcher_secret, "watcher-1")
         .args([
             "-q",
             "1",
@@ -233,18 +238,8 @@ fn acl_keeps_publishes_inside_the_prefix_and_subscribers_get_allowed_messages() 
 fn a_device_disabled_while_connected_is_disconnected_within_a_second() {
     let dir = tempfile::tempdir().unwrap();
     let (d, addr, secret) = start(dir.path(), "");
-    let mut sub = Command::new("mosquitto_sub")
-        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
-        .args([
-            "-u",
-            "sensor-1",
-            "-P",
-            &secret,
-            "-i",
-            "s1",
-            "-t",
-            "devices/sensor-1/commands/#",
-        ])
+    let mut sub = sub_(addr, "sensor-1", &secret, "s1")
+        .args(["-t", "devices/sensor-1/commands/#"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -368,9 +363,8 @@ fn a_qos2_publish_retransmitted_with_dup_before_pubrel_is_stored_once() {
 fn a_device_subscribed_to_its_commands_receives_what_is_published_there() {
     let dir = tempfile::tempdir().unwrap();
     let (mut d, addr, secret) = start(dir.path(), "");
-    let sub = Command::new("mosquitto_sub")
-        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
-        .args(["-u", "sensor-1", "-P", &secret, "-i", "s1-sub", "-q", "1"])
+    let sub = sub_(addr, "sensor-1", &secret, "s1-sub")
+        .args(["-q", "1"])
         .args([
             "-t",
             "devices/sensor-1/commands/#",

@@ -34,6 +34,7 @@ use serde_json::json;
 
 use super::body::{self, BodyError, Format};
 use super::{Ingest, IngestRecord};
+use crate::api::error::ApiError;
 use crate::registry::{Protocol, Refusal, Traffic};
 
 /// Seconds a device is told to wait before retrying when the outbox refuses.
@@ -109,18 +110,23 @@ async fn poll_commands(State(s): State<HttpIngestState>, headers: HeaderMap) -> 
     }
 }
 
-/// A JSON error body: `{"error": code, "message": ..., "field": ...}`.
+/// The management API's JSON error body (`{"error": code, "message": ..., "field": ...}`), so
+/// devices and installers see one error format.
 fn error(
     status: StatusCode,
-    code: &str,
+    code: &'static str,
     field: Option<&str>,
     message: impl Into<String>,
 ) -> Response {
-    let body = json!({ "error": code, "message": message.into(), "field": field });
-    (status, axum::Json(body)).into_response()
+    let e = ApiError::new(status, code, message);
+    match field {
+        Some(field) => e.field(field),
+        None => e,
+    }
+    .into_response()
 }
 
-fn unavailable(code: &str, message: String) -> Response {
+fn unavailable(code: &'static str, message: String) -> Response {
     let mut response = error(StatusCode::SERVICE_UNAVAILABLE, code, None, message);
     response
         .headers_mut()
