@@ -18,6 +18,10 @@ PACKAGES=(
   libcoap3-bin           # coap-client (libcoap) for the CoAP end-to-end tests (tests/tests/coap.rs)
   docker.io              # the real container engine for the apps tests (scripts/ensure-docker.sh starts dockerd)
   busybox-static         # the rootfs of the local test image outpost-test/busybox:1 (no registry needed)
+  cmake                  # builds the bundled librdkafka (rdkafka's cmake-build feature)
+  g++                    # librdkafka is a C and C++ CMake project (it builds its C++ wrapper too)
+  libcurl4-openssl-dev   # curl/curl.h only: librdkafka 2.12 includes it even when built without curl (librdkafka#5135)
+  kcat                   # a real Kafka client, for poking the mock cluster and tansu by hand and in tests
 )
 
 # Python packages for the real peers of the driver tests (tests/peers/), as "requirement:module"
@@ -61,5 +65,9 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   log "Installing cargo-nextest from crates.io (builds from source, takes a few minutes)"
   cargo install cargo-nextest --locked
 fi
+
+# The real Kafka-protocol broker for the Kafka end-to-end tests (tests/src/kafka.rs). Idempotent;
+# a first build from source takes 25-40 minutes.
+bash scripts/ensure-tansu.sh
 
 log "Test dependencies are in place."

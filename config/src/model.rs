@@ -60,11 +60,23 @@ deserialize_from_str!(Synchronous { "full" => Full, "normal" => Normal });
 deserialize_from_str!(WhenFull { "reject" => Reject, "drop_oldest" => DropOldest });
 deserialize_from_str!(IntegrityCheck { "quick" => Quick, "full" => Full, "off" => Off });
 deserialize_from_str!(Scope { "read" => Read, "write" => Write, "admin" => Admin });
+deserialize_from_str!(Compression { "none" => None, "gzip" => Gzip, "snappy" => Snappy, "lz4" => Lz4, "zstd" => Zstd });
+deserialize_from_str!(BacklogOrder { "per_device" => PerDevice, "live_first" => LiveFirst });
+deserialize_from_str!(SecurityProtocol { "plaintext" => Plaintext, "ssl" => Ssl, "sasl_plaintext" => SaslPlaintext, "sasl_ssl" => SaslSsl });
+deserialize_from_str!(SaslMechanism { "PLAIN" => Plain, "SCRAM-SHA-256" => ScramSha256, "SCRAM-SHA-512" => ScramSha512, "OAUTHBEARER" => OauthBearer });
+deserialize_from_str!(RuleKey { "device" => Device, "topic" => Topic, "none" => None });
+deserialize_from_str!(RuleAction { "forward" => Forward, "drop" => Drop, "sample" => Sample });
 
 mod apps;
 mod drivers;
+mod kafka;
 mod mqtt;
 
+pub use kafka::{
+    BacklogOrder, Compression, KafkaConfig, KafkaRule, KafkaSecurity, RuleAction, RuleKey,
+    SaslMechanism, SecurityProtocol, check_kafka_topic,
+};
+pub(crate) use kafka::{RULE_SOURCES, check_broker, check_topic_filter, forwarder_property};
 pub use mqtt::{MqttAclConfig, MqttConfig, check_acl_pattern};
 
 pub use apps::{AppConfig, AppsConfig, Mount, Port, RestartPolicy};
@@ -113,6 +125,8 @@ pub struct Config {
     pub apps: AppsConfig,
     /// `[mqtt]`: the MQTT front for devices.
     pub mqtt: MqttConfig,
+    /// `[kafka]`: forwarding to a cloud Kafka (and `[[kafka.rules]]`).
+    pub kafka: KafkaConfig,
 }
 
 /// A permission of an API token. `admin` implies `write`, which implies `read`.

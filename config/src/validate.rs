@@ -7,8 +7,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::model::{
-    Config, DEFAULT_ROUTE, DataType, DriverConfig, LineFormat, ModbusConfig, ModbusTransport,
-    ReopenConfig, SerialLineConfig, SerialPortConfig, SimulatorConfig, ZigbeeConfig,
+    Config, DEFAULT_ROUTE, DataType, DriverConfig, KafkaRule, KafkaSecurity, LineFormat,
+    ModbusConfig, ModbusTransport, RULE_SOURCES, ReopenConfig, RuleAction, SaslMechanism,
+    SecurityProtocol, SerialLineConfig, SerialPortConfig, SimulatorConfig, ZigbeeConfig,
+    check_broker, check_kafka_topic, check_topic_filter, forwarder_property,
 };
 use crate::path::{Issue, KeyPath, suggest};
 use crate::units::{ByteSize, duration};
@@ -25,6 +27,7 @@ pub(crate) fn check(config: &Config) -> Vec<Issue> {
     checker.ingress(config);
     checker.apps(config);
     checker.mqtt(config);
+    checker.kafka(config);
     checker.issues
 }
 
@@ -275,6 +278,297 @@ impl Checker {
                     self.problem(acl.key(key).index(i), e);
                 }
             }
+        }
+    }
+
+    /// `[kafka]`, checked whether or not forwarding is enabled, so that a file fails
+    /// `outpost check-config` before the day it is switched on.
+    fn kafka(&mut self, config: &Config) {
+        let kafka = root("kafka");
+        let k = &config.kafka;
+        if k.brokers.is_empty() {
+            self.problem(
+                kafka.key("brokers"),
+                "must list at least one broker as \"host:port\"",
+            );
+        }
+        for (i, broker) in k.brokers.iter().enumerate() {
+            if let Err(why) = check_broker(broker) {
+                self.problem(kafka.key("brokers").index(i), why);
+            }
+        }
+        for (key, topic) in [
+            ("default_topic", &k.default_topic),
+            ("heartbeat_topic", &k.heartbeat_topic),
+            ("inventory_topic", &k.inventory_topic),
+            ("checkpoint_topic", &k.checkpoint_topic),
+        ] {
+            self.kafka_topic(kafka.key(key), topic);
+        }
+        if let Some(id) = &k.client_id {
+            let printable = id.chars().all(|c| c == ' ' || c.is_ascii_graphic());
+            if id.is_empty() || id.len() > 255 || !printable {
+                self.problem(
+                    kafka.key("client_id"),
+                    format!(
+                        "invalid client id \"{}\": use 1 to 255 printable ASCII characters \
+                         (or leave it unset for \"outpost-<gateway id>\")",
+                        id.escape_debug()
+                    ),
+                );
+            }
+        }
+        let ms = Duration::from_millis;
+        let s = Duration::from_secs;
+        if k.linger > s(1) {
+            self.problem(
+                kafka.key("linger"),
+                format!("must be at most 1s, found {}", duration::format(k.linger)),
+            );
+        }
+        self.range(kafka.key("read_batch"), k.read_batch, 1, 100_000);
+        self.range(kafka.key("max_in_flight"), k.max_in_flight, 1, 1_000_000);
+        self.range(kafka.key("backlog_rate"), k.backlog_rate, 1, 10_000_000);
+        let (min, max) = (k.reconnect_backoff_min, k.reconnect_backoff_max);
+        self.duration_range(kafka.key("reconnect_backoff_min"), min, ms(10), s(3_600));
+        if max < min {
+            self.problem(
+                kafka.key("reconnect_backoff_max"),
+                format!(
+                    "must be at least kafka.reconnect_backoff_min ({}), found {}",
+                    duration::format(min),
+                    duration::format(max)
+                ),
+            );
+        } else {
+            self.duration_range(kafka.key("reconnect_backoff_max"), max, ms(10), s(3_600));
+        }
+        self.duration_range(
+            kafka.key("offline_after"),
+            k.offline_after,
+            ms(100),
+            s(3_600),
+        );
+        let heartbeat = k.heartbeat_interval;
+        self.duration_range(kafka.key("heartbeat_interval"), heartbeat, s(1), s(3_600));
+        self.kafka_security(&kafka.key("security"), &k.security);
+        for (key, value) in &k.properties {
+            let path = kafka.key("properties").key(key);
+            if key.trim().is_empty() {
+                self.problem(path, "a librdkafka property name must not be empty");
+            } else if let Some(why) = forwarder_property(key) {
+                self.problem(
+                    path,
+                    format!("\"{key}\" cannot be set in [kafka.properties]: {why}"),
+                );
+            } else if value.contains('\0') {
+                self.problem(path, "must not contain NUL characters");
+            }
+        }
+        let mut names: HashMap<String, usize> = HashMap::new();
+        for (i, rule) in k.rules.iter().enumerate() {
+            let path = kafka.key("rules").index(i);
+            self.kafka_rule(&path, rule);
+            // Unnamed rules are called `rule-<n>` in logs and metrics: an explicit name must
+            // not take one of those either.
+            let effective = match rule.name.as_deref() {
+                Some(name) => name.to_owned(),
+                None => format!("rule-{}", i + 1),
+            };
+            if effective.is_empty() {
+                continue;
+            }
+            if let Some(first) = names.get(&effective) {
+                let first_path = kafka.key("rules").index(*first).key("name");
+                let message = match (&rule.name, &k.rules[*first].name) {
+                    (Some(_), Some(_)) => format!("duplicate rule name \"{effective}\""),
+                    (Some(_), None) => format!(
+                        "duplicate rule name \"{effective}\": unnamed rule number {} is called \
+                         that by default",
+                        first + 1
+                    ),
+                    (None, _) => format!(
+                        "this unnamed rule is called \"{effective}\" by default, which is \
+                         already a rule's name: name this rule"
+                    ),
+                };
+                self.duplicate(path.key("name"), message, first_path);
+            } else {
+                names.insert(effective, i);
+            }
+        }
+    }
+
+    fn kafka_topic(&mut self, path: KeyPath, topic: &str) {
+        if let Err(why) = check_kafka_topic(topic) {
+            self.problem(path, format!("invalid Kafka topic: {why}"));
+        }
+    }
+
+    fn kafka_security(&mut self, path: &KeyPath, sec: &KafkaSecurity) {
+        let protocol = sec.protocol.as_str();
+        match sec.sasl_mechanism {
+            None if sec.protocol.uses_sasl() => self.problem(
+                path.key("sasl_mechanism"),
+                format!(
+                    "required with protocol = \"{protocol}\": one of \"PLAIN\", \
+                     \"SCRAM-SHA-256\", \"SCRAM-SHA-512\", \"OAUTHBEARER\""
+                ),
+            ),
+            Some(mechanism) if !sec.protocol.uses_sasl() => self.problem(
+                path.key("sasl_mechanism"),
+                format!(
+                    "\"{}\" is only used with protocol = \"sasl_plaintext\" or \"sasl_ssl\", \
+                     found protocol = \"{protocol}\"",
+                    mechanism.as_str()
+                ),
+            ),
+            _ => {}
+        }
+        let with_password = match sec.sasl_mechanism {
+            Some(
+                m
+                @ (SaslMechanism::Plain | SaslMechanism::ScramSha256 | SaslMechanism::ScramSha512),
+            ) => Some(m),
+            Some(SaslMechanism::OauthBearer) | None => None,
+        };
+        match with_password {
+            Some(mechanism) => {
+                let mechanism = mechanism.as_str();
+                match sec.username.as_deref() {
+                    None => self.problem(
+                        path.key("username"),
+                        format!("required with sasl_mechanism = \"{mechanism}\""),
+                    ),
+                    Some("") => self.problem(path.key("username"), "must not be empty"),
+                    Some(_) => {}
+                }
+                match (&sec.password, &sec.password_file) {
+                    (None, None) => self.problem(
+                        path.key("password"),
+                        format!(
+                            "required with sasl_mechanism = \"{mechanism}\": set password_file \
+                             (preferred) or password"
+                        ),
+                    ),
+                    (Some(_), Some(_)) => self.problem(
+                        path.key("password"),
+                        "set only one of password and password_file",
+                    ),
+                    (Some(password), None) if password.is_empty() => {
+                        self.problem(path.key("password"), "must not be empty");
+                    }
+                    _ => {}
+                }
+            }
+            None => {
+                let why = "only used with sasl_mechanism = \"PLAIN\", \"SCRAM-SHA-256\" or \
+                           \"SCRAM-SHA-512\"";
+                if sec.username.is_some() {
+                    self.problem(path.key("username"), why);
+                }
+                if sec.password.is_some() {
+                    self.problem(path.key("password"), why);
+                }
+                if sec.password_file.is_some() {
+                    self.problem(path.key("password_file"), why);
+                }
+            }
+        }
+        let tls = matches!(
+            sec.protocol,
+            SecurityProtocol::Ssl | SecurityProtocol::SaslSsl
+        );
+        for (key, file) in [
+            ("password_file", &sec.password_file),
+            ("ca_file", &sec.ca_file),
+            ("cert_file", &sec.cert_file),
+            ("key_file", &sec.key_file),
+        ] {
+            let Some(file) = file else { continue };
+            if file.as_os_str().is_empty() {
+                self.problem(path.key(key), "must not be empty");
+            } else if key != "password_file" && !tls {
+                self.problem(
+                    path.key(key),
+                    format!(
+                        "only used with protocol = \"ssl\" or \"sasl_ssl\", found protocol = \
+                         \"{protocol}\""
+                    ),
+                );
+            }
+        }
+        match (&sec.cert_file, &sec.key_file) {
+            (Some(_), None) => self.problem(
+                path.key("key_file"),
+                "required with cert_file: the private key of the client certificate",
+            ),
+            (None, Some(_)) => self.problem(
+                path.key("cert_file"),
+                "required with key_file: the client certificate of the private key",
+            ),
+            _ => {}
+        }
+    }
+
+    fn kafka_rule(&mut self, path: &KeyPath, rule: &KafkaRule) {
+        match rule.name.as_deref() {
+            Some("") => self.problem(
+                path.key("name"),
+                "must not be empty (leave it unset to use rule-<n>)",
+            ),
+            Some(name) => self.name(path.key("name"), name, "rule"),
+            None => {}
+        }
+        if let Some(topic) = &rule.topic
+            && let Err(why) = check_topic_filter(topic)
+        {
+            self.problem(path.key("topic"), format!("invalid topic filter: {why}"));
+        }
+        if let Some(source) = &rule.source
+            && !RULE_SOURCES.contains(&source.as_str())
+        {
+            let hint = suggest(source, RULE_SOURCES)
+                .map(|s| format!(", did you mean \"{s}\"?"))
+                .unwrap_or_default();
+            self.problem(
+                path.key("source"),
+                format!(
+                    "unknown source \"{source}\"{hint} (expected one of \"mqtt\", \"coap\", \
+                     \"http\", \"driver\")"
+                ),
+            );
+        }
+        if let Some(device) = &rule.device {
+            let bad = device
+                .chars()
+                .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-' | '*')));
+            if device.is_empty() {
+                self.problem(
+                    path.key("device"),
+                    "must not be empty (leave it unset to match every device)",
+                );
+            } else if let Some(c) = bad {
+                self.problem(
+                    path.key("device"),
+                    format!(
+                        "invalid character {c:?} in \"{device}\": a device id pattern uses \
+                         letters, digits, '.', '_', ':', '-' and '*' (any run of characters)"
+                    ),
+                );
+            }
+        }
+        if rule.tag.as_deref() == Some("") {
+            self.problem(
+                path.key("tag"),
+                "must not be empty (leave it unset to match every device)",
+            );
+        }
+        if let Some(topic) = &rule.kafka_topic {
+            self.kafka_topic(path.key("kafka_topic"), topic);
+        }
+        if rule.action == RuleAction::Sample {
+            self.range(path.key("sample_every"), rule.sample_every, 2, 1_000_000);
         }
     }
 

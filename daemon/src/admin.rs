@@ -95,6 +95,7 @@ async fn status(State(s): State<AdminState>) -> Response {
         "subsystems": s.status.subsystems(),
         "alarms": s.status.alarms(),
         "apps": s.status.apps(),
+        "kafka": s.status.forwarder(),
         "outbox": {
             "path": s.outbox.path().display().to_string(),
             "records": records,

@@ -22,6 +22,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use outpost_config::Config;
 use outpost_drivers::{DeviceHealth, DriverContext, DriverStats};
+use outpost_sync::forwarder::{DeviceTags, Forwarder, ForwarderOptions, Rules};
 use outpost_sync::{OutboxOptions, outbox};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{broadcast, mpsc};
@@ -74,11 +75,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         );
     }
     status.active("outbox", true);
-    status.inactive(
-        "cloud",
-        "no Kafka configured: records are kept in the outbox until a cloud sink is configured",
-        false,
-    );
     let writer_stop = CancellationToken::new();
     let mut writer_task = tracker.spawn(named("outbox-writer", writer.run(writer_stop.clone())));
 
@@ -100,7 +96,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     status.active("registry", true);
     let (readings, _) = broadcast::channel(READINGS_STREAM_CAPACITY);
-    let ingest = Ingest::new(outbox.clone(), registry.clone(), readings);
+    let ingest = Ingest::new(outbox.clone(), registry.clone(), readings)
+        .with_rules(Arc::new(Rules::from_config(&config.kafka)));
 
     // Ingress stops as soon as shutdown begins.
     let ingress = shutdown.child_token();
@@ -197,6 +194,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Some(apps)
     } else {
         status.inactive("apps", "disabled by apps.enabled = false", false);
+        None
+    };
+    let forwarder = if config.kafka.enabled {
+        let options = ForwarderOptions::from_config(&config);
+        let tags: Arc<dyn DeviceTags> = Arc::new(registry.clone());
+        let (forwarder, handle) = Forwarder::new(options, outbox.clone(), tags);
+        handle.metrics().register(&mut metrics);
+        status.watch_forwarder(handle);
+        status.active("cloud", false);
+        Some(forwarder)
+    } else {
+        status.inactive(
+            "cloud",
+            "kafka.enabled = false: records are kept in the outbox until forwarding is enabled",
+            false,
+        );
         None
     };
     let admin_state = AdminState {
@@ -320,6 +333,44 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             ),
         ));
     }
+    // Cloud sync: the forwarder reads the outbox and produces to Kafka. Stopped with ingress
+    // (it drains its in-flight records within half the grace), before the writer it acks through.
+    let mut forwarder_task = None;
+    if let Some(forwarder) = forwarder {
+        let facts = Arc::new(crate::fleet::GatewayFacts {
+            registry: registry.clone(),
+            status: status.clone(),
+        });
+        tracker.spawn(named(
+            "fleet",
+            outpost_sync::forwarder::fleet::run(
+                forwarder.options().clone(),
+                forwarder.handle(),
+                facts,
+                outpost_sync::outbox::kernel_boot_id(),
+                ingress.clone(),
+            ),
+        ));
+        let stop = ingress.clone();
+        forwarder_task = Some(tracker.spawn(named(
+            "forwarder",
+            supervisor::supervise(
+                "cloud".into(),
+                false,
+                status.clone(),
+                ingress.clone(),
+                tracker.clone(),
+                move || {
+                    let (forwarder, stop) = (forwarder.clone(), stop.clone());
+                    async move {
+                        if let Err(e) = forwarder.run(stop).await {
+                            tracing::error!(error = %e, "Forwarder stopped");
+                        }
+                    }
+                },
+            ),
+        )));
+    }
     tracker.spawn(named(
         "status-line",
         status_line(outbox.clone(), shutdown.clone()),
@@ -377,6 +428,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
         if let Some(mqtt_task) = mqtt_task {
             let _ = mqtt_task.await;
+        }
+        if let Some(forwarder_task) = forwarder_task {
+            let _ = forwarder_task.await;
         }
     })
     .await;

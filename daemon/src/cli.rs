@@ -51,10 +51,34 @@ pub enum Command {
         #[command(flatten)]
         api: crate::cli_devices::ApiArgs,
     },
+    /// The fleet as Kafka sees it (heartbeats of every gateway on `kafka.heartbeat_topic`).
+    Fleet {
+        #[command(subcommand)]
+        command: FleetCommand,
+    },
     /// Management API tokens.
     Token {
         #[command(subcommand)]
         command: crate::cli_devices::TokenCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FleetCommand {
+    /// List every gateway's last heartbeat; flag gateways silent for three intervals.
+    Watch {
+        /// Kafka settings (brokers, security, heartbeat topic) from this configuration file.
+        #[arg(long, short, env = "OUTPOST_CONFIG")]
+        config: Option<PathBuf>,
+        /// Bootstrap brokers (`host:port,...`), overriding the configuration's.
+        #[arg(long)]
+        brokers: Option<String>,
+        /// Print once and exit (1 if a gateway is silent) instead of refreshing.
+        #[arg(long)]
+        once: bool,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 

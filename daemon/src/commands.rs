@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use outpost_config::{Config, ConfigError};
 use outpost_sync::outbox::{self, inspect};
 
-use crate::cli::{BufferCommand, Cli, Command, DataLocation};
+use crate::cli::{BufferCommand, Cli, Command, DataLocation, FleetCommand};
 use crate::{EXIT_CONFIG, app, telemetry};
 
 pub fn dispatch(cli: Cli) -> ExitCode {
@@ -21,6 +21,15 @@ pub fn dispatch(cli: Cli) -> ExitCode {
         Command::Devices { command, api } => crate::cli_devices::devices(*command, &api),
         Command::Apps { command, api } => crate::cli_devices::apps(command, &api),
         Command::Token { command } => crate::cli_devices::token(command),
+        Command::Fleet {
+            command:
+                FleetCommand::Watch {
+                    config,
+                    brokers,
+                    once,
+                    json,
+                },
+        } => crate::fleet::watch(config.as_deref(), brokers, once, json),
     }
 }
 

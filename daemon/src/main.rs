@@ -10,6 +10,7 @@ mod apps;
 mod cli;
 mod cli_devices;
 mod commands;
+mod fleet;
 mod ingress;
 mod registry;
 mod status;

@@ -51,6 +51,8 @@ struct Inner {
     drivers: BTreeMap<String, Arc<outpost_drivers::DriverStats>>,
     /// The apps subsystem, whose per-app states are read when the status is asked for.
     apps: Option<crate::apps::Apps>,
+    /// The Kafka forwarder, whose state is read when the status is asked for.
+    forwarder: Option<outpost_sync::forwarder::ForwarderHandle>,
 }
 
 impl StatusBoard {
@@ -113,6 +115,16 @@ impl StatusBoard {
         self.with(|i| i.apps = Some(apps));
     }
 
+    /// The `cloud` subsystem follows the forwarder: INACTIVE while Kafka is offline.
+    pub fn watch_forwarder(&self, forwarder: outpost_sync::forwarder::ForwarderHandle) {
+        self.with(|i| i.forwarder = Some(forwarder));
+    }
+
+    /// The forwarder's status; `None` when forwarding is disabled.
+    pub fn forwarder(&self) -> Option<outpost_sync::forwarder::ForwarderStatus> {
+        self.with(|i| i.forwarder.clone()).map(|f| f.status())
+    }
+
     /// Each app's status, by name; empty without the apps subsystem.
     pub fn apps(&self) -> BTreeMap<String, crate::apps::AppStatus> {
         self.with(|i| i.apps.clone())
@@ -139,6 +151,24 @@ impl StatusBoard {
                                 reason: Some(snap.last_error.unwrap_or_else(|| "starting".into())),
                                 ..s.clone()
                             }
+                        }
+                    }
+                    _ if s.name == "cloud" && s.state == State::Active => {
+                        match i.forwarder.as_ref().map(|f| f.status()) {
+                            Some(f) if f.state == outpost_sync::forwarder::State::Offline => {
+                                Subsystem {
+                                    state: State::Inactive,
+                                    reason: Some(format!(
+                                        "Kafka unreachable; {} records waiting in the outbox{}",
+                                        f.backlog_records,
+                                        f.last_error
+                                            .map(|e| format!("; last error: {e}"))
+                                            .unwrap_or_default()
+                                    )),
+                                    ..s.clone()
+                                }
+                            }
+                            _ => s.clone(),
                         }
                     }
                     _ => s.clone(),

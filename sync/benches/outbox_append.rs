@@ -73,6 +73,7 @@ fn envelope(device: usize) -> Envelope {
         content_type: None,
         headers: vec![],
         payload: vec![b'x'; 100],
+        priority: None,
     }
 }
 

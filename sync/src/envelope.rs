@@ -61,6 +61,8 @@ pub struct Envelope {
     pub content_type: Option<String>,
     pub headers: Vec<(String, String)>,
     pub payload: Vec<u8>,
+    /// Forwarding priority overriding the route's (set by a `[[kafka.rules]]` priority).
+    pub priority: Option<u8>,
 }
 
 /// Bytes every record is charged beyond its variable-length fields: the row header, the sequence,

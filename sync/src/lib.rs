@@ -10,11 +10,13 @@
 //! * **crash-safe** — `kill -9` loses no completed append; a corrupt file is quarantined, not
 //!   crash-looped on.
 //!
-//! Routing rules and the Kafka forwarder will live beside the outbox in this crate.
+//! The [`forwarder`] reads the outbox and produces to Kafka, deleting a record only after Kafka
+//! acknowledged it; its [`forwarder::rules`] decide each record's Kafka topic and key.
 
 #![forbid(unsafe_code)]
 
 pub mod envelope;
+pub mod forwarder;
 pub mod outbox;
 pub mod sqlite;
 

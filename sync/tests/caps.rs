@@ -20,6 +20,7 @@ fn envelope(route: &str, n: u32) -> Envelope {
         content_type: None,
         headers: vec![],
         payload: format!("{n:08}").repeat(12).into_bytes(), // 96 bytes; route names of equal length keep every record the same size
+        priority: None,
     }
 }
 

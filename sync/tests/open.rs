@@ -20,6 +20,7 @@ fn envelope(n: u32) -> Envelope {
         content_type: Some("text/plain".into()),
         headers: vec![("k".into(), "v".into())],
         payload: format!("reading {n} {}", "x".repeat(200)).into_bytes(),
+        priority: None,
     }
 }
 

@@ -119,6 +119,7 @@ fn envelope(route: usize, payload: Vec<u8>) -> Envelope {
         content_type: None,
         headers: vec![],
         payload,
+        priority: None,
     }
 }
 

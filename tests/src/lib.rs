@@ -6,6 +6,7 @@ pub mod admin;
 pub mod coap;
 pub mod daemon;
 pub mod http;
+pub mod kafka;
 pub mod pty;
 
 use std::env;

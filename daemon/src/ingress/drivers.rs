@@ -97,6 +97,7 @@ fn envelope(r: Reading) -> Envelope {
         content_type: r.content_type,
         headers: vec![("driver".to_owned(), r.driver)],
         payload: r.payload,
+        priority: None,
     }
 }
 

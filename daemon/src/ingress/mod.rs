@@ -20,6 +20,8 @@ pub mod mqtt;
 
 use std::sync::Arc;
 
+use outpost_sync::forwarder::Rules;
+use outpost_sync::forwarder::rules::RecordView;
 use outpost_sync::{AppendError, Envelope, Outbox, Source};
 use tokio::sync::broadcast;
 
@@ -54,6 +56,8 @@ pub struct Ingest {
     outbox: Outbox,
     registry: Registry,
     readings: broadcast::Sender<LocalReading>,
+    /// `[[kafka.rules]]`: a matching rule's `priority` is given to a record when it is stored.
+    rules: Option<Arc<Rules>>,
 }
 
 impl Ingest {
@@ -66,7 +70,14 @@ impl Ingest {
             outbox,
             registry,
             readings,
+            rules: None,
         }
+    }
+
+    /// Gives stored records the priority of the first matching Kafka rule that sets one.
+    pub fn with_rules(mut self, rules: Arc<Rules>) -> Self {
+        self.rules = rules.sets_priorities().then_some(rules);
+        self
     }
 
     pub fn registry(&self) -> &Registry {
@@ -96,6 +107,7 @@ impl Ingest {
                 content_type: r.content_type,
                 headers: r.headers,
                 payload: r.payload,
+                priority: None,
             })
             .collect();
         let reports: Vec<Traffic> = envelopes.iter().flat_map(reported).collect();
@@ -119,7 +131,18 @@ impl Ingest {
     /// are committed, publishes them on the local readings stream. No registry accounting: the
     /// caller does that ([`Ingest::submit`] for device protocols, the driver-ingest task for
     /// drivers).
-    pub async fn append(&self, envelopes: Vec<Envelope>) -> Result<Vec<u64>, AppendError> {
+    pub async fn append(&self, mut envelopes: Vec<Envelope>) -> Result<Vec<u64>, AppendError> {
+        if let Some(rules) = &self.rules {
+            for e in &mut envelopes {
+                let view = RecordView {
+                    device_id: &e.device_id,
+                    source: e.source,
+                    topic: &e.topic,
+                    seq: 0,
+                };
+                e.priority = e.priority.or(rules.priority(&view, &self.registry));
+            }
+        }
         // Copies for the local stream only when someone listens.
         let local = (self.readings.receiver_count() > 0).then(|| envelopes.clone());
         let seqs = self.outbox.append_all(envelopes).await?;
@@ -224,6 +247,7 @@ mod tests {
             content_type: Some(ct.into()),
             headers: vec![],
             payload: payload.to_vec(),
+            priority: None,
         };
         let got = reported(&env(
             "application/json",

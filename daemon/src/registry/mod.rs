@@ -1054,3 +1054,14 @@ impl Registry {
 
 #[cfg(test)]
 mod tests;
+
+/// The forwarder's routing rules match on device tags.
+impl outpost_sync::forwarder::DeviceTags for Registry {
+    fn tags(&self, device_id: &str) -> Vec<String> {
+        let index = self.inner.index_read();
+        index
+            .get(device_id)
+            .map(|entry| entry.device.tags.clone())
+            .unwrap_or_default()
+    }
+}

@@ -44,7 +44,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::envelope::Envelope;
 
 pub use metrics::{OutboxMetrics, RouteReason};
-pub use open::{OpenError, Quarantine, open};
+pub use open::{OpenError, Quarantine, kernel_boot_id, open};
 pub use reader::{OutboxReader, ReadPosition};
 pub use schema::CURRENT_VERSION as SCHEMA_VERSION;
 pub use writer::OutboxWriter;
@@ -185,6 +185,9 @@ pub(crate) struct Shared {
     pub bytes: AtomicU64,
     /// Wall-clock receipt time of the oldest held record, `i64::MIN` when empty.
     pub oldest_received_ms: AtomicI64,
+    /// The next sequence number to be assigned, published after every commit: every record
+    /// with a smaller sequence is committed (or already deleted). The forwarder waits on it.
+    pub next_seq: tokio::sync::watch::Sender<u64>,
 }
 
 impl Shared {
@@ -232,6 +235,7 @@ impl Outbox {
             let Some(route) = self.shared.routes.get(&*envelope.route) else {
                 return Err(AppendError::UnknownRoute(envelope.route.to_string()));
             };
+            let priority = envelope.priority.unwrap_or(route.priority);
             let size = envelope.accounted_size();
             if size > self.shared.max_record_bytes {
                 self.shared
@@ -244,7 +248,7 @@ impl Outbox {
             }
             records.push(Pending {
                 envelope,
-                priority: route.priority,
+                priority,
                 when_full: route.when_full,
                 size,
             });
@@ -261,6 +265,12 @@ impl Outbox {
             .await
             .map_err(|_| AckError::Closed)?;
         done.await.map_err(|_| AckError::Closed)?
+    }
+
+    /// Watches the next sequence number to be assigned: it changes after every commit that
+    /// added records, and every record below it is committed. The forwarder waits on it.
+    pub fn committed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.next_seq.subscribe()
     }
 
     /// Opens a new read-only connection for the forwarder (or a test).

@@ -136,6 +136,7 @@ pub fn open(options: OutboxOptions) -> Result<(Outbox, OutboxWriter), OpenError>
         records: AtomicU64::new(count as u64),
         bytes: AtomicU64::new(bytes as u64),
         oldest_received_ms: AtomicI64::new(oldest.unwrap_or(i64::MIN)),
+        next_seq: tokio::sync::watch::Sender::new(next_seq as u64),
     });
     tracing::info!(
         path = %path.display(),
@@ -178,7 +179,7 @@ fn configure(conn: &Connection, synchronous: Synchronous) -> rusqlite::Result<()
 
 /// The kernel's id for this boot: records received in one boot can be ordered by it even when the
 /// wall clock was wrong. A random id when the kernel does not offer one.
-fn kernel_boot_id() -> String {
+pub fn kernel_boot_id() -> String {
     fs::read_to_string("/proc/sys/kernel/random/boot_id").map_or_else(
         |_| {
             format!(

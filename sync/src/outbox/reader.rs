@@ -5,7 +5,7 @@
 //! blocks the writer. Reading does not remove anything: records go only through
 //! [`Outbox::ack`](super::Outbox::ack) after delivery.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -67,21 +67,36 @@ impl OutboxReader {
         max_records: usize,
         max_bytes: u64,
     ) -> rusqlite::Result<(Vec<StoredRecord>, ReadPosition)> {
+        self.read_window(from, 0..u64::MAX, max_records, max_bytes)
+    }
+
+    /// [`read_page`](Self::read_page) restricted to records whose sequence is in `seqs`: the
+    /// forwarder reads a backlog (below some sequence) and live records (from it) separately.
+    pub fn read_window(
+        &mut self,
+        from: ReadPosition,
+        seqs: std::ops::Range<u64>,
+        max_records: usize,
+        max_bytes: u64,
+    ) -> rusqlite::Result<(Vec<StoredRecord>, ReadPosition)> {
         let mut page = Vec::new();
         let mut bytes = 0u64;
         let limit = max_records.max(1) as i64;
+        let low = seqs.start.min(i64::MAX as u64) as i64;
+        let high = seqs.end.min(i64::MAX as u64) as i64;
         let same_priority = format!(
-            "SELECT {COLUMNS} FROM records WHERE priority = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
+            "SELECT {COLUMNS} FROM records WHERE priority = ?1 AND seq > ?2 \
+             AND seq >= ?3 AND seq < ?4 ORDER BY seq LIMIT ?5"
         );
         let lower = format!(
-            "SELECT {COLUMNS} FROM records WHERE priority < ?1 \
-             ORDER BY priority DESC, seq LIMIT ?2"
+            "SELECT {COLUMNS} FROM records WHERE priority < ?1 AND seq >= ?2 AND seq < ?3 \
+             ORDER BY priority DESC, seq LIMIT ?4"
         );
         let rows = {
             let mut stmt = self.conn.prepare_cached(&same_priority)?;
             let rows = stmt
                 .query_map(
-                    (from.priority, from.after_seq as i64, limit),
+                    (from.priority, from.after_seq as i64, low, high, limit),
                     RawRow::from_row,
                 )?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -90,7 +105,7 @@ impl OutboxReader {
             if missing > 0 {
                 let mut stmt = self.conn.prepare_cached(&lower)?;
                 rows.extend(
-                    stmt.query_map((from.priority, missing), RawRow::from_row)?
+                    stmt.query_map((from.priority, low, high, missing), RawRow::from_row)?
                         .collect::<rusqlite::Result<Vec<_>>>()?,
                 );
             }
@@ -106,6 +121,56 @@ impl OutboxReader {
         }
         let next = page.last().map_or(from, ReadPosition::after);
         Ok((page, next))
+    }
+
+    /// Up to `max_records` records with a sequence above `after_seq`, in sequence order
+    /// (whatever their priority): the forwarder's live cursor, which forwards fresh records as
+    /// they are committed.
+    pub fn read_after(
+        &mut self,
+        after_seq: u64,
+        max_records: usize,
+    ) -> rusqlite::Result<Vec<StoredRecord>> {
+        let sql = format!("SELECT {COLUMNS} FROM records WHERE seq > ?1 ORDER BY seq LIMIT ?2");
+        let rows = {
+            let mut stmt = self.conn.prepare_cached(&sql)?;
+            stmt.query_map(
+                (
+                    after_seq.min(i64::MAX as u64) as i64,
+                    max_records.max(1) as i64,
+                ),
+                RawRow::from_row,
+            )?
+            .collect::<rusqlite::Result<Vec<_>>>()?
+        };
+        let mut page = Vec::with_capacity(rows.len());
+        for raw in rows {
+            let boot_id = self.boot_id(raw.boot)?;
+            page.push(raw.into_record(boot_id));
+        }
+        Ok(page)
+    }
+
+    /// The devices with records below sequence `below`: after an outage, these devices have a
+    /// backlog their live records must wait behind (per-device order).
+    pub fn devices_below(&mut self, below: u64) -> rusqlite::Result<HashSet<String>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT DISTINCT device_id FROM records WHERE seq < ?1")?;
+        let devices = stmt
+            .query_map([below.min(i64::MAX as u64) as i64], |r| r.get(0))?
+            .collect::<rusqlite::Result<HashSet<String>>>()?;
+        Ok(devices)
+    }
+
+    /// How many records, and how many bytes, are held below sequence `below`.
+    pub fn count_below(&mut self, below: u64) -> rusqlite::Result<(u64, u64)> {
+        let (count, bytes): (i64, i64) = self.conn.query_row(
+            "SELECT count(*), coalesce(sum(size), 0) FROM records WHERE seq < ?1",
+            [below.min(i64::MAX as u64) as i64],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        Ok((count as u64, bytes as u64))
     }
 
     /// Every record, in forwarding order. For tests and tools on small outboxes only: it holds

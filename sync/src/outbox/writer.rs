@@ -291,6 +291,9 @@ fn commit_group(state: &mut WriterState, shared: &Shared, limits: Limits, batch:
             shared.bytes.store(totals.bytes, Ordering::Relaxed);
             metrics.records.set(totals.count as i64);
             metrics.bytes.set(totals.bytes as i64);
+            if totals.next_seq != before.next_seq {
+                shared.next_seq.send_replace(totals.next_seq);
+            }
             for (request, outcome) in batch.into_iter().zip(outcomes) {
                 complete(request, outcome, shared);
             }

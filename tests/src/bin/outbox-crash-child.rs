@@ -42,6 +42,7 @@ async fn main() {
                     content_type: None,
                     headers: vec![],
                     payload: format!("{run} {a} {counter} {}", "p".repeat(80)).into_bytes(),
+                    priority: None,
                 };
                 let seq = outbox.append(envelope).await.unwrap();
                 done.send((a, counter, seq)).await.unwrap();

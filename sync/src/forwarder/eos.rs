@@ -1,0 +1,379 @@
+//! Exactly-once mode: one Kafka transaction per batch, with a checkpoint in the same
+//! transaction.
+//!
+//! Each transaction carries a batch of outbox records plus one checkpoint record on
+//! `kafka.checkpoint_topic` (compacted, keyed by gateway id) naming the batch's sequences. Only
+//! after the commit are the records deleted from the outbox, and the next transaction begins only
+//! after that deletion — so at most the last committed batch can still be in the outbox after a
+//! crash. At start, the forwarder reads its last checkpoint (`read_committed`) and deletes those
+//! sequences without producing them again. A transaction that fails is aborted: `read_committed`
+//! consumers never see its records, which are still in the outbox and go in a later transaction.
+//! A new producer with the same `transactional.id` fences any zombie of a previous process.
+//!
+//! Trade-offs (documented in `docs/KAFKA.md`): one batch in flight at a time (throughput is
+//! bounded by the transaction round trip), no live-first during a backlog (records go in
+//! priority and receive order), and librdkafka's message timeout cannot be infinite (a
+//! transaction that cannot finish within it is aborted and retried from the outbox).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    Forwarder, ForwarderError, ForwarderOptions, Producer_, RuleKey, State, client, headers,
+    metrics, rules,
+};
+use crate::outbox::{ReadPosition, now_unix_ms};
+
+/// The checkpoint record's value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub gateway: String,
+    /// Inclusive ranges of the outbox sequences committed in the transaction.
+    pub seqs: Vec<(u64, u64)>,
+    pub committed_at_ms: i64,
+}
+
+fn ranges(mut seqs: Vec<u64>) -> Vec<(u64, u64)> {
+    seqs.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for seq in seqs {
+        match out.last_mut() {
+            Some((_, end)) if *end + 1 == seq => *end = seq,
+            _ => out.push((seq, seq)),
+        }
+    }
+    out
+}
+
+const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, KafkaError> + Send + 'static,
+) -> Result<T, KafkaError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or(Err(KafkaError::Canceled))
+}
+
+async fn new_producer(fw: &Forwarder) -> Result<Producer_, ForwarderError> {
+    let id = format!("outpost-{}", fw.options.gateway_id);
+    let producer = fw.producer(Some(&id))?;
+    let p = producer.clone();
+    blocking(move || p.init_transactions(TXN_TIMEOUT))
+        .await
+        .map_err(|e| ForwarderError::Producer(format!("init_transactions: {e}")))?;
+    Ok(producer)
+}
+
+/// The last checkpoint this gateway committed, read with `read_committed`.
+fn read_checkpoint(options: &ForwarderOptions) -> Result<Option<Checkpoint>, String> {
+    let mut config = client::common_config(&options.kafka, &options.client_id)?;
+    config
+        .set(
+            "group.id",
+            format!("outpost-checkpoint-{}", options.gateway_id),
+        )
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed");
+    let consumer: BaseConsumer = config.create().map_err(|e| e.to_string())?;
+    let topic = &options.kafka.checkpoint_topic;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut ends = HashMap::new();
+    let mut assignment = TopicPartitionList::new();
+    for partition in partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, partition, Duration::from_secs(10))
+            .map_err(|e| e.to_string())?;
+        if high > low {
+            ends.insert(partition, high);
+            assignment
+                .add_partition_offset(topic, partition, Offset::Beginning)
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    if ends.is_empty() {
+        return Ok(None);
+    }
+    consumer.assign(&assignment).map_err(|e| e.to_string())?;
+    let mut last = None;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !ends.is_empty() && std::time::Instant::now() < deadline {
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+            // Read-committed consumers stop before an open or aborted transaction's records
+            // and control records: compare positions, not offsets of the messages seen.
+            let position = consumer.position().map_err(|e| e.to_string())?;
+            for element in position.elements() {
+                if let Offset::Offset(at) = element.offset()
+                    && ends
+                        .get(&element.partition())
+                        .is_some_and(|end| at >= *end - 1)
+                {
+                    ends.remove(&element.partition());
+                }
+            }
+            continue;
+        };
+        let message = message.map_err(|e| e.to_string())?;
+        let partition = message.partition();
+        if message.key() == Some(options.gateway_id.as_bytes())
+            && let Some(value) = message.payload()
+            && let Ok(checkpoint) = serde_json::from_slice::<Checkpoint>(value)
+        {
+            last = Some(checkpoint);
+        }
+        if ends
+            .get(&partition)
+            .is_some_and(|end| message.offset() + 1 >= *end)
+        {
+            ends.remove(&partition);
+        }
+    }
+    Ok(last)
+}
+
+pub(super) async fn run(fw: Forwarder, stop: CancellationToken) -> Result<(), ForwarderError> {
+    let shared = std::sync::Arc::clone(&fw.shared);
+    let kafka = fw.options.kafka.clone();
+    let mut reader = Some(fw.reader()?);
+    let mut committed = fw.outbox.committed();
+    let mut backoff = kafka.reconnect_backoff_min;
+    let mut producer: Option<Producer_> = None;
+    let mut recovered = false;
+
+    loop {
+        if stop.is_cancelled() {
+            shared.set_state(State::Stopped);
+            return Ok(());
+        }
+        if producer.is_none() || !recovered {
+            match prepare(&fw, &mut producer, &mut recovered).await {
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "Kafka (exactly-once) not ready; retrying");
+                    shared.signals.set_error(e);
+                    shared.set_state(State::Offline);
+                    sleep_or_stop(&stop, &mut backoff, kafka.reconnect_backoff_max).await;
+                    continue;
+                }
+            }
+        }
+        let Some(p) = producer.clone() else {
+            continue;
+        };
+        let batch = kafka.read_batch;
+        let (page, _) = super::with_reader(&mut reader, move |r| {
+            r.read_window(ReadPosition::START, 0..u64::MAX, batch, u64::MAX)
+        })
+        .await?;
+        if page.is_empty() {
+            if shared.state() != State::Offline {
+                shared.set_state(State::Live);
+            }
+            tokio::select! {
+                () = stop.cancelled() => {}
+                _ = committed.changed() => {}
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+            continue;
+        }
+        match transaction(&fw, &p, page).await {
+            Ok(seqs) => {
+                shared.metrics.transactions.inc();
+                backoff = kafka.reconnect_backoff_min;
+                shared.set_state(State::Live);
+                // The next transaction begins only after this deletion (see the module docs).
+                while let Err(e) = fw.outbox.ack(seqs.clone()).await {
+                    tracing::warn!(error = %e, "Deleting committed records failed; retrying");
+                    if stop.is_cancelled() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+            Err((error, fatal)) => {
+                shared.metrics.transaction_aborts.inc();
+                shared.signals.set_error(error.to_string());
+                tracing::warn!(%error, fatal, "Kafka transaction failed; its records are sent again");
+                let q = p.clone();
+                let aborted = blocking(move || q.abort_transaction(TXN_TIMEOUT)).await;
+                if fatal || aborted.is_err() {
+                    producer = None;
+                    shared.metrics.producer_restarts.inc();
+                }
+                shared.set_state(State::Offline);
+                sleep_or_stop(&stop, &mut backoff, kafka.reconnect_backoff_max).await;
+            }
+        }
+    }
+}
+
+/// Creates the transactional producer (fencing older instances) and, once per run, deletes the
+/// records the last checkpoint says were committed.
+async fn prepare(
+    fw: &Forwarder,
+    producer: &mut Option<Producer_>,
+    recovered: &mut bool,
+) -> Result<(), String> {
+    if producer.is_none() {
+        *producer = Some(new_producer(fw).await.map_err(|e| e.to_string())?);
+    }
+    if !*recovered {
+        let options = fw.options.clone();
+        let checkpoint = tokio::task::spawn_blocking(move || read_checkpoint(&options))
+            .await
+            .map_err(|e| e.to_string())??;
+        if let Some(checkpoint) = checkpoint {
+            let seqs: Vec<u64> = checkpoint.seqs.iter().flat_map(|(a, b)| *a..=*b).collect();
+            let deleted = fw.outbox.ack(seqs).await.map_err(|e| e.to_string())?;
+            tracing::info!(
+                deleted,
+                "Exactly-once: records of the last committed transaction removed from the outbox"
+            );
+        }
+        *recovered = true;
+    }
+    Ok(())
+}
+
+async fn sleep_or_stop(stop: &CancellationToken, backoff: &mut Duration, max: Duration) {
+    tokio::select! {
+        () = stop.cancelled() => {}
+        () = tokio::time::sleep(*backoff) => {}
+    }
+    *backoff = (*backoff * 2).min(max);
+}
+
+/// One transaction: the page's records and the checkpoint. Returns the sequences to delete, or
+/// the error and whether it is fatal for the producer.
+async fn transaction(
+    fw: &Forwarder,
+    producer: &Producer_,
+    page: Vec<crate::StoredRecord>,
+) -> Result<Vec<u64>, (KafkaError, bool)> {
+    let is_fatal = |e: &KafkaError, p: &Producer_| {
+        p.client().fatal_error().is_some()
+            || e.rdkafka_error_code() == Some(rdkafka::error::RDKafkaErrorCode::Fatal)
+    };
+    producer.begin_transaction().map_err(|e| {
+        let fatal = is_fatal(&e, producer);
+        (e, fatal)
+    })?;
+    let shared = &fw.shared;
+    let mut deliveries = Vec::with_capacity(page.len());
+    let mut seqs = Vec::with_capacity(page.len());
+    for record in &page {
+        seqs.push(record.seq);
+        let decision = fw.rules.decide(
+            &rules::RecordView {
+                device_id: &record.device_id,
+                source: record.source,
+                topic: &record.topic,
+                seq: record.seq,
+            },
+            fw.tags.as_ref(),
+        );
+        let (topic, key) = match decision {
+            rules::Decision::Drop { rule } => {
+                shared
+                    .metrics
+                    .dropped
+                    .get_or_create(&metrics::RuleLabel {
+                        rule: rule.to_owned(),
+                    })
+                    .inc();
+                continue;
+            }
+            rules::Decision::Forward { topic, key } => (topic, key),
+        };
+        let mut r = FutureRecord::<str, [u8]>::to(topic)
+            .payload(&record.payload)
+            .headers(headers(record, &fw.options.gateway_id))
+            .timestamp(record.received_at_ms);
+        match key {
+            RuleKey::Device => r = r.key(&record.device_id),
+            RuleKey::Topic => r = r.key(&record.topic),
+            RuleKey::None => {}
+        }
+        match producer.send_result(r) {
+            Ok(delivery) => deliveries.push((record.received_at_ms, delivery)),
+            Err((e, _)) => {
+                let fatal = is_fatal(&e, producer);
+                return Err((e, fatal));
+            }
+        }
+        shared.metrics.produced.inc();
+    }
+    let checkpoint = Checkpoint {
+        gateway: fw.options.gateway_id.clone(),
+        seqs: ranges(seqs.clone()),
+        committed_at_ms: now_unix_ms(),
+    };
+    let value = serde_json::to_vec(&checkpoint).unwrap_or_default();
+    let r = FutureRecord::<str, [u8]>::to(&fw.options.kafka.checkpoint_topic)
+        .key(&fw.options.gateway_id)
+        .payload(&value);
+    let checkpoint_delivery = producer.send_result(r).map_err(|(e, _)| {
+        let fatal = is_fatal(&e, producer);
+        (e, fatal)
+    })?;
+    for (received_at_ms, delivery) in deliveries {
+        match delivery.await {
+            Ok(Ok(_)) => {
+                let age = (now_unix_ms() - received_at_ms).max(0) as f64 / 1000.0;
+                shared.metrics.delivery_latency.observe(age);
+            }
+            Ok(Err((e, _))) => {
+                shared.metrics.failed.inc();
+                let fatal = is_fatal(&e, producer);
+                return Err((e, fatal));
+            }
+            Err(_) => return Err((KafkaError::Canceled, false)),
+        }
+    }
+    match checkpoint_delivery.await {
+        Ok(Ok(_)) => {}
+        Ok(Err((e, _))) => {
+            let fatal = is_fatal(&e, producer);
+            return Err((e, fatal));
+        }
+        Err(_) => return Err((KafkaError::Canceled, false)),
+    }
+    let p = producer.clone();
+    blocking(move || p.commit_transaction(TXN_TIMEOUT))
+        .await
+        .map_err(|e| {
+            let fatal = is_fatal(&e, producer);
+            (e, fatal)
+        })?;
+    let delivered = (page.len()) as u64;
+    shared.metrics.delivered.inc_by(delivered);
+    shared.count(&shared.delivered, delivered);
+    Ok(seqs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ranges;
+
+    #[test]
+    fn sequences_become_ranges() {
+        assert_eq!(ranges(vec![5, 1, 2, 3, 9, 10]), [(1, 3), (5, 5), (9, 10)]);
+        assert!(ranges(vec![]).is_empty());
+    }
+}

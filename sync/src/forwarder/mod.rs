@@ -1,0 +1,1031 @@
+//! The forwarder: outbox → Kafka, deleting a record only after Kafka acknowledged it.
+//!
+//! # States
+//!
+//! ```text
+//!   start ──plan──> Backfill ──backlog drained──> Live
+//!                      ▲  │                        │
+//!                      │  └──no acks / brokers down┴──> Offline ──first ack or probe──> plan
+//!   any ──stop──> Draining ──in-flight settled or drain_timeout──> Stopped
+//! ```
+//!
+//! * **Live**: one cursor in sequence order forwards records as they are committed (it wakes on
+//!   the outbox's commit watch, so a record is produced within milliseconds of its commit).
+//! * **Backfill**: after a start or an outage, records below `live_from` (the sequence at the
+//!   moment of planning) are the backlog. A second cursor drains it, highest priority first, at
+//!   most `backlog_rate` records per second, while the live cursor keeps forwarding records from
+//!   `live_from` on. With `order = "per_device"` (the default) the live cursor skips devices that
+//!   have a backlog; once the backlog is drained it rescans from `live_from` and forwards those
+//!   devices' live records, so every device's records reach Kafka in receive order. With
+//!   `order = "live_first"` nothing is skipped.
+//! * **Offline**: records are in flight and none was acknowledged for `offline_after`, or
+//!   librdkafka reports every broker down. Nothing is dropped: librdkafka holds at most
+//!   `max_in_flight` records (it never expires them, see [`client`]) and everything else waits in
+//!   the outbox. The first acknowledgement (or a metadata probe when nothing is in flight) ends
+//!   it and a new plan puts live records first.
+//! * **Draining**: on shutdown, no more reading; in-flight records get `drain_timeout` to be
+//!   acknowledged. Unacknowledged ones stay in the outbox and are sent again after the restart.
+//!
+//! # Invariants
+//!
+//! * A record is deleted from the outbox only after its delivery report succeeded (or a drop /
+//!   sample rule decided not to forward it).
+//! * `unsettled` holds every sequence that was produced (or dropped) and is not yet deleted. Any
+//!   cursor may read a record again (after a rewind, a rescan or a new plan); a record whose
+//!   sequence is unsettled is skipped, so a record is never in flight twice.
+//! * After a failed delivery nothing more is produced until every in-flight record has settled;
+//!   then the forwarder plans again from the outbox, which holds exactly the undelivered records.
+//!   A fatal producer error also recreates the producer. Records of one device are therefore
+//!   produced again in receive order.
+
+pub mod client;
+mod eos;
+pub mod fleet;
+pub mod metrics;
+pub mod rules;
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use outpost_config::{BacklogOrder, KafkaConfig, RuleKey};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::envelope::StoredRecord;
+use crate::outbox::{AckError, Outbox, OutboxReader, ReadPosition, now_unix_ms};
+pub use client::LinkSignals;
+pub use metrics::ForwarderMetrics;
+pub use rules::{DeviceTags, NoTags, Rules};
+
+/// Kafka record headers every forwarded record carries (documented in `docs/KAFKA.md`).
+pub mod header {
+    pub const GATEWAY: &str = "outpost-gateway";
+    pub const DEVICE: &str = "outpost-device";
+    pub const SOURCE: &str = "outpost-source";
+    pub const TOPIC: &str = "outpost-topic";
+    pub const CONTENT_TYPE: &str = "outpost-content-type";
+    pub const SEQ: &str = "outpost-seq";
+    pub const BOOT: &str = "outpost-boot";
+    pub const RECEIVED_AT: &str = "outpost-received-at";
+}
+
+/// Everything the forwarder needs, resolved by the composition root.
+#[derive(Debug, Clone)]
+pub struct ForwarderOptions {
+    pub kafka: KafkaConfig,
+    pub gateway_id: String,
+    pub client_id: String,
+    /// How long shutdown waits for in-flight records to be acknowledged.
+    pub drain_timeout: Duration,
+}
+
+impl ForwarderOptions {
+    pub fn from_config(config: &outpost_config::Config) -> Self {
+        let gateway_id = config.gateway_id();
+        Self {
+            kafka: config.kafka.clone(),
+            client_id: config
+                .kafka
+                .client_id
+                .clone()
+                .unwrap_or_else(|| format!("outpost-{gateway_id}")),
+            gateway_id,
+            drain_timeout: config.gateway.shutdown_grace / 2,
+        }
+    }
+}
+
+/// The forwarder's state, as the status API and the metrics name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Starting,
+    Live,
+    Backfill,
+    Offline,
+    Draining,
+    Stopped,
+}
+
+impl State {
+    pub const ALL: [State; 6] = [
+        State::Starting,
+        State::Live,
+        State::Backfill,
+        State::Offline,
+        State::Draining,
+        State::Stopped,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Live => "live",
+            State::Backfill => "backfill",
+            State::Offline => "offline",
+            State::Draining => "draining",
+            State::Stopped => "stopped",
+        }
+    }
+}
+
+/// A point-in-time view of the forwarder for `/api/v1/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ForwarderStatus {
+    pub state: State,
+    /// Unix milliseconds of the last state change.
+    pub since_ms: i64,
+    /// Unix milliseconds since when Kafka is unreachable.
+    pub offline_since_ms: Option<i64>,
+    pub exactly_once: bool,
+    pub produced: u64,
+    pub delivered: u64,
+    pub failed: u64,
+    pub dropped: u64,
+    pub in_flight: u64,
+    /// Records and bytes in the outbox waiting for Kafka, and the age of the oldest.
+    pub backlog_records: u64,
+    pub backlog_bytes: u64,
+    pub backlog_oldest_age_ms: Option<i64>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug)]
+struct StateCell {
+    state: State,
+    since_ms: i64,
+    offline_since_ms: Option<i64>,
+}
+
+/// Shared between the forwarder task and whoever reports on it.
+#[derive(Debug)]
+pub struct Shared {
+    cell: Mutex<StateCell>,
+    pub metrics: ForwarderMetrics,
+    pub signals: Arc<LinkSignals>,
+    produced: AtomicU64,
+    delivered: AtomicU64,
+    failed: AtomicU64,
+    dropped: AtomicU64,
+    in_flight: AtomicU64,
+    exactly_once: bool,
+}
+
+impl Shared {
+    fn new(exactly_once: bool) -> Self {
+        let metrics = ForwarderMetrics::default();
+        for state in State::ALL {
+            metrics
+                .state
+                .get_or_create(&metrics::StateLabel {
+                    state: state.as_str(),
+                })
+                .set(i64::from(state == State::Starting));
+        }
+        Self {
+            cell: Mutex::new(StateCell {
+                state: State::Starting,
+                since_ms: now_unix_ms(),
+                offline_since_ms: None,
+            }),
+            metrics,
+            signals: Arc::new(LinkSignals::default()),
+            produced: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            exactly_once,
+        }
+    }
+
+    pub fn state(&self) -> State {
+        self.cell.lock().map_or(State::Stopped, |c| c.state)
+    }
+
+    fn set_state(&self, state: State) {
+        let Ok(mut cell) = self.cell.lock() else {
+            return;
+        };
+        if cell.state == state {
+            return;
+        }
+        let now = now_unix_ms();
+        tracing::info!(
+            from = cell.state.as_str(),
+            to = state.as_str(),
+            "Forwarder state"
+        );
+        for (s, value) in [(cell.state, 0), (state, 1)] {
+            self.metrics
+                .state
+                .get_or_create(&metrics::StateLabel { state: s.as_str() })
+                .set(value);
+        }
+        if state == State::Offline {
+            cell.offline_since_ms = Some(now);
+            self.metrics.offline_since.set(now as f64 / 1000.0);
+        } else if cell.state == State::Offline {
+            cell.offline_since_ms = None;
+            self.metrics.offline_since.set(0.0);
+        }
+        cell.state = state;
+        cell.since_ms = now;
+    }
+
+    fn count(&self, counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Handle for status reports; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ForwarderHandle {
+    shared: Arc<Shared>,
+    outbox: Outbox,
+}
+
+impl ForwarderHandle {
+    pub fn status(&self) -> ForwarderStatus {
+        let (records, bytes, oldest) = self.outbox.figures();
+        let (state, since_ms, offline_since_ms) = self
+            .shared
+            .cell
+            .lock()
+            .map_or((State::Stopped, 0, None), |c| {
+                (c.state, c.since_ms, c.offline_since_ms)
+            });
+        let s = &self.shared;
+        ForwarderStatus {
+            state,
+            since_ms,
+            offline_since_ms,
+            exactly_once: s.exactly_once,
+            produced: s.produced.load(Ordering::Relaxed),
+            delivered: s.delivered.load(Ordering::Relaxed),
+            failed: s.failed.load(Ordering::Relaxed),
+            dropped: s.dropped.load(Ordering::Relaxed),
+            in_flight: s.in_flight.load(Ordering::Relaxed),
+            backlog_records: records,
+            backlog_bytes: bytes,
+            backlog_oldest_age_ms: oldest.map(|ms| (now_unix_ms() - ms).max(0)),
+            last_error: s.signals.last_error.lock().ok().and_then(|e| e.clone()),
+        }
+    }
+
+    pub fn metrics(&self) -> &ForwarderMetrics {
+        &self.shared.metrics
+    }
+
+    /// Refreshes gauges that are read from the outbox at scrape time.
+    pub fn refresh_gauges(&self) {
+        let (records, _, _) = self.outbox.figures();
+        self.shared.metrics.backlog_records.set(records as i64);
+    }
+}
+
+/// Why the forwarder stopped on its own (the supervisor restarts it).
+#[derive(Debug, thiserror::Error)]
+pub enum ForwarderError {
+    #[error("cannot create the Kafka producer: {0}")]
+    Producer(String),
+    #[error("cannot read the outbox: {0}")]
+    Outbox(String),
+}
+
+/// The forwarder task. Create with [`Forwarder::new`], run with [`Forwarder::run`]; a clone
+/// shares the status and metrics (a supervisor runs a fresh clone after a failure).
+#[derive(Clone)]
+pub struct Forwarder {
+    options: ForwarderOptions,
+    outbox: Outbox,
+    rules: Arc<Rules>,
+    tags: Arc<dyn DeviceTags>,
+    shared: Arc<Shared>,
+}
+
+impl Forwarder {
+    pub fn new(
+        options: ForwarderOptions,
+        outbox: Outbox,
+        tags: Arc<dyn DeviceTags>,
+    ) -> (Self, ForwarderHandle) {
+        let shared = Arc::new(Shared::new(options.kafka.exactly_once));
+        let rules = Arc::new(Rules::from_config(&options.kafka));
+        let handle = ForwarderHandle {
+            shared: Arc::clone(&shared),
+            outbox: outbox.clone(),
+        };
+        (
+            Self {
+                options,
+                outbox,
+                rules,
+                tags,
+                shared,
+            },
+            handle,
+        )
+    }
+
+    /// Forwards until `stop` is cancelled, then drains. Returns an error only when it cannot
+    /// work at all (no producer, no outbox); the caller restarts it.
+    pub async fn run(self, stop: CancellationToken) -> Result<(), ForwarderError> {
+        if self.options.kafka.exactly_once {
+            eos::run(self, stop).await
+        } else {
+            let mut pump = Pump::new(self)?;
+            pump.run(stop).await
+        }
+    }
+
+    pub fn options(&self) -> &ForwarderOptions {
+        &self.options
+    }
+
+    /// A status handle sharing this forwarder's state.
+    pub fn handle(&self) -> ForwarderHandle {
+        ForwarderHandle {
+            shared: Arc::clone(&self.shared),
+            outbox: self.outbox.clone(),
+        }
+    }
+
+    fn producer(&self, transactional_id: Option<&str>) -> Result<Producer_, ForwarderError> {
+        let config = client::producer_config(
+            &self.options.kafka,
+            &self.options.client_id,
+            transactional_id,
+        )
+        .map_err(ForwarderError::Producer)?;
+        config
+            .create_with_context(client::Context {
+                signals: Arc::clone(&self.shared.signals),
+            })
+            .map_err(|e| ForwarderError::Producer(e.to_string()))
+    }
+
+    fn reader(&self) -> Result<OutboxReader, ForwarderError> {
+        self.outbox
+            .reader()
+            .map_err(|e| ForwarderError::Outbox(e.to_string()))
+    }
+}
+
+type Producer_ = FutureProducer<client::Context>;
+
+/// A settled delivery.
+struct Settled {
+    seq: u64,
+    received_at_ms: i64,
+    result: Result<(), KafkaError>,
+}
+
+type InFlight = Pin<Box<dyn Future<Output = Settled> + Send>>;
+
+/// Runs one blocking outbox read off the async threads, handing the reader back.
+async fn with_reader<T: Send + 'static>(
+    reader: &mut Option<OutboxReader>,
+    f: impl FnOnce(&mut OutboxReader) -> rusqlite::Result<T> + Send + 'static,
+) -> Result<T, ForwarderError> {
+    let mut r = reader
+        .take()
+        .ok_or_else(|| ForwarderError::Outbox("reader lost after a failed read".into()))?;
+    let (r, result) = tokio::task::spawn_blocking(move || {
+        let result = f(&mut r);
+        (r, result)
+    })
+    .await
+    .map_err(|e| ForwarderError::Outbox(e.to_string()))?;
+    *reader = Some(r);
+    result.map_err(|e| ForwarderError::Outbox(e.to_string()))
+}
+
+/// The Kafka record of an outbox record: headers per `docs/KAFKA.md`.
+fn headers(record: &StoredRecord, gateway_id: &str) -> OwnedHeaders {
+    let seq = record.seq.to_string();
+    let received = record.received_at_ms.to_string();
+    let mut h = OwnedHeaders::new_with_capacity(8 + record.headers.len());
+    let fixed: [(&str, &str); 7] = [
+        (header::GATEWAY, gateway_id),
+        (header::DEVICE, &record.device_id),
+        (header::SOURCE, record.source.as_str()),
+        (header::TOPIC, &record.topic),
+        (header::SEQ, &seq),
+        (header::BOOT, &record.boot_id),
+        (header::RECEIVED_AT, &received),
+    ];
+    for (key, value) in fixed {
+        h = h.insert(Header {
+            key,
+            value: Some(value),
+        });
+    }
+    if let Some(ct) = &record.content_type {
+        h = h.insert(Header {
+            key: header::CONTENT_TYPE,
+            value: Some(ct.as_str()),
+        });
+    }
+    for (key, value) in &record.headers {
+        h = h.insert(Header {
+            key: key.as_str(),
+            value: Some(value.as_str()),
+        });
+    }
+    h
+}
+
+/// Records per second for the backlog, with a burst of 50 ms.
+#[derive(Debug)]
+struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u32) -> Self {
+        let rate = f64::from(rate.max(1));
+        let burst = (rate / 20.0).max(1.0);
+        Self {
+            rate,
+            burst,
+            tokens: burst,
+            at: Instant::now(),
+        }
+    }
+
+    fn available(&mut self) -> usize {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
+        self.at = now;
+        self.tokens.floor() as usize
+    }
+
+    fn spend(&mut self, n: usize) {
+        self.tokens -= n as f64;
+    }
+
+    /// How long until one token is available.
+    fn wait(&self) -> Duration {
+        Duration::from_secs_f64(((1.0 - self.tokens) / self.rate).max(0.0))
+    }
+}
+
+#[derive(Debug)]
+struct Backlog {
+    pos: ReadPosition,
+    /// Records below this sequence are the backlog (`live_from`).
+    below: u64,
+    /// `per_device`: devices whose live records wait for the backlog.
+    gated: HashSet<String>,
+    bucket: TokenBucket,
+}
+
+/// The sequences an ack task deleted, and its outcome.
+type AckResult = (Vec<u64>, Result<u64, AckError>);
+type AckDone = Result<AckResult, tokio::task::JoinError>;
+
+enum Wake {
+    Settled(Settled),
+    Acked(AckDone),
+    Other,
+}
+
+/// What must happen before producing resumes after a failure.
+#[derive(Debug, Clone, Copy)]
+struct Rewind {
+    at: Instant,
+    recreate: bool,
+}
+
+struct Pump {
+    fw: Forwarder,
+    producer: Producer_,
+    reader: Option<OutboxReader>,
+    committed: watch::Receiver<u64>,
+    in_flight: FuturesUnordered<InFlight>,
+    unsettled: HashSet<u64>,
+    delivered: Vec<u64>,
+    acking: Option<JoinHandle<AckResult>>,
+    last_ack: Instant,
+    /// The live cursor: every record with a sequence up to this was looked at.
+    live_after: u64,
+    backlog: Option<Backlog>,
+    rewind: Option<Rewind>,
+    failure_backoff: Duration,
+    last_progress: Instant,
+    probe: Option<JoinHandle<bool>>,
+    next_probe: Instant,
+}
+
+impl Pump {
+    fn new(fw: Forwarder) -> Result<Self, ForwarderError> {
+        let producer = fw.producer(None)?;
+        let reader = Some(fw.reader()?);
+        let committed = fw.outbox.committed();
+        let failure_backoff = fw.options.kafka.reconnect_backoff_min;
+        Ok(Self {
+            fw,
+            producer,
+            reader,
+            committed,
+            in_flight: FuturesUnordered::new(),
+            unsettled: HashSet::new(),
+            delivered: Vec::new(),
+            acking: None,
+            last_ack: Instant::now(),
+            live_after: 0,
+            backlog: None,
+            rewind: None,
+            failure_backoff,
+            last_progress: Instant::now(),
+            probe: None,
+            next_probe: Instant::now(),
+        })
+    }
+
+    fn kafka(&self) -> &KafkaConfig {
+        &self.fw.options.kafka
+    }
+
+    async fn run(&mut self, stop: CancellationToken) -> Result<(), ForwarderError> {
+        self.plan().await?;
+        loop {
+            let (held, _, _) = self.fw.outbox.figures();
+            self.fw.shared.metrics.backlog_records.set(held as i64);
+            self.reap_ready();
+            self.start_ack(false);
+            self.watch_link();
+            if stop.is_cancelled() {
+                return self.drain().await;
+            }
+            if let Some(rewind) = self.rewind
+                && self.in_flight.is_empty()
+                && self.acking.is_none()
+                && Instant::now() >= rewind.at
+            {
+                self.rewind = None;
+                if rewind.recreate {
+                    tracing::warn!("Recreating the Kafka producer after a fatal error");
+                    self.producer = self.fw.producer(None)?;
+                    self.fw.shared.metrics.producer_restarts.inc();
+                }
+                self.plan().await?;
+                continue;
+            }
+            if self.rewind.is_none() && self.fill().await? {
+                tokio::task::yield_now().await;
+                continue;
+            }
+            let wake = self.next_wake();
+            match self.wait(&stop, wake).await {
+                Wake::Settled(settled) => self.settle(settled),
+                Wake::Acked(done) => {
+                    self.acking = None;
+                    self.acked(done);
+                }
+                Wake::Other => {}
+            }
+        }
+    }
+
+    /// Waits for a delivery report, a finished ack, a commit, `stop` or `wake`.
+    async fn wait(&mut self, stop: &CancellationToken, wake: Duration) -> Wake {
+        let in_flight = &mut self.in_flight;
+        let acking = &mut self.acking;
+        let committed = &mut self.committed;
+        tokio::select! {
+            () = stop.cancelled() => Wake::Other,
+            Some(settled) = in_flight.next(), if !in_flight.is_empty() => Wake::Settled(settled),
+            done = async {
+                match acking.as_mut() {
+                    Some(handle) => handle.await,
+                    None => std::future::pending().await,
+                }
+            } => Wake::Acked(done),
+            _ = committed.changed() => Wake::Other,
+            () = tokio::time::sleep(wake) => Wake::Other,
+        }
+    }
+
+    /// Decides live_from and the backlog from what the outbox holds now.
+    async fn plan(&mut self) -> Result<(), ForwarderError> {
+        let next = *self.committed.borrow_and_update();
+        let unsettled_below = self.unsettled.iter().filter(|s| **s < next).count() as u64;
+        let per_device = self.kafka().order == BacklogOrder::PerDevice;
+        let (below, gated) = with_reader(&mut self.reader, move |r| {
+            let (count, _) = r.count_below(next)?;
+            let gated = if per_device && count > 0 {
+                r.devices_below(next)?
+            } else {
+                HashSet::new()
+            };
+            Ok((count, gated))
+        })
+        .await?;
+        self.live_after = next.saturating_sub(1);
+        if below > unsettled_below {
+            tracing::info!(
+                backlog = below - unsettled_below,
+                live_from = next,
+                gated_devices = gated.len(),
+                "Forwarding a backlog; live records first"
+            );
+            self.backlog = Some(Backlog {
+                pos: ReadPosition::START,
+                below: next,
+                gated,
+                bucket: TokenBucket::new(self.kafka().backlog_rate),
+            });
+            self.fw.shared.set_state(State::Backfill);
+        } else {
+            self.backlog = None;
+            self.fw.shared.set_state(State::Live);
+        }
+        Ok(())
+    }
+
+    /// Produces what the window has room for. True if it read anything (call again at once).
+    async fn fill(&mut self) -> Result<bool, ForwarderError> {
+        let room = self
+            .kafka()
+            .max_in_flight
+            .saturating_sub(self.in_flight.len());
+        if room == 0 {
+            return Ok(false);
+        }
+        let batch = room.min(self.kafka().read_batch);
+        let after = self.live_after;
+        let live = with_reader(&mut self.reader, move |r| r.read_after(after, batch)).await?;
+        let mut progressed = !live.is_empty();
+        for record in live {
+            self.live_after = record.seq;
+            let gated = self
+                .backlog
+                .as_ref()
+                .is_some_and(|b| b.gated.contains(&record.device_id));
+            if !gated {
+                self.send(record).await;
+                if self.rewind.is_some() {
+                    return Ok(false);
+                }
+            }
+        }
+        let room = self
+            .kafka()
+            .max_in_flight
+            .saturating_sub(self.in_flight.len());
+        let read_batch = self.kafka().read_batch;
+        let Some(backlog) = self.backlog.as_mut() else {
+            return Ok(progressed);
+        };
+        let tokens = backlog.bucket.available().min(room).min(read_batch);
+        if tokens == 0 {
+            return Ok(progressed);
+        }
+        let (pos, below) = (backlog.pos, backlog.below);
+        let (page, next) = with_reader(&mut self.reader, move |r| {
+            r.read_window(pos, 0..below, tokens, u64::MAX)
+        })
+        .await?;
+        if page.is_empty() {
+            // Drained. Devices held back for order get their live records now: rescan from
+            // live_from; everything already produced is unsettled and skipped.
+            let Some(done) = self.backlog.take() else {
+                return Ok(progressed);
+            };
+            if !done.gated.is_empty() {
+                self.live_after = done.below.saturating_sub(1);
+            }
+            tracing::info!("Backlog drained");
+            self.fw.shared.set_state(State::Live);
+            return Ok(true);
+        }
+        progressed = true;
+        if let Some(b) = self.backlog.as_mut() {
+            b.pos = next;
+            b.bucket.spend(page.len());
+        }
+        for record in page {
+            self.send(record).await;
+            if self.rewind.is_some() {
+                return Ok(false);
+            }
+        }
+        Ok(progressed)
+    }
+
+    /// Hands one record to the producer (or drops it per the rules).
+    async fn send(&mut self, record: StoredRecord) {
+        if self.unsettled.contains(&record.seq) {
+            return;
+        }
+        let decision = self.fw.rules.decide(
+            &rules::RecordView {
+                device_id: &record.device_id,
+                source: record.source,
+                topic: &record.topic,
+                seq: record.seq,
+            },
+            self.fw.tags.as_ref(),
+        );
+        let (topic, key) = match decision {
+            rules::Decision::Drop { rule } => {
+                self.fw
+                    .shared
+                    .metrics
+                    .dropped
+                    .get_or_create(&metrics::RuleLabel {
+                        rule: rule.to_owned(),
+                    })
+                    .inc();
+                self.fw.shared.count(&self.fw.shared.dropped, 1);
+                self.unsettled.insert(record.seq);
+                self.delivered.push(record.seq);
+                return;
+            }
+            rules::Decision::Forward { topic, key } => (topic.to_owned(), key),
+        };
+        let key: Option<&str> = match key {
+            RuleKey::Device => Some(&record.device_id),
+            RuleKey::Topic => Some(&record.topic),
+            RuleKey::None => None,
+        };
+        let headers = headers(&record, &self.fw.options.gateway_id);
+        if self.in_flight.is_empty() {
+            self.last_progress = Instant::now();
+        }
+        loop {
+            let mut kafka_record = FutureRecord::<str, [u8]>::to(&topic)
+                .payload(&record.payload)
+                .headers(headers.clone())
+                .timestamp(record.received_at_ms);
+            if let Some(key) = key {
+                kafka_record = kafka_record.key(key);
+            }
+            match self.producer.send_result(kafka_record) {
+                Ok(delivery) => {
+                    let (seq, received_at_ms) = (record.seq, record.received_at_ms);
+                    self.unsettled.insert(seq);
+                    self.in_flight.push(Box::pin(async move {
+                        let result = match delivery.await {
+                            Ok(Ok(_)) => Ok(()),
+                            Ok(Err((e, _))) => Err(e),
+                            Err(_) => Err(KafkaError::Canceled),
+                        };
+                        Settled {
+                            seq,
+                            received_at_ms,
+                            result,
+                        }
+                    }));
+                    self.fw.shared.metrics.produced.inc();
+                    self.fw.shared.count(&self.fw.shared.produced, 1);
+                    self.fw
+                        .shared
+                        .in_flight
+                        .store(self.in_flight.len() as u64, Ordering::Relaxed);
+                    self.fw
+                        .shared
+                        .metrics
+                        .in_flight
+                        .set(self.in_flight.len() as i64);
+                    return;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))
+                    if !self.in_flight.is_empty() =>
+                {
+                    // librdkafka's queue is full: wait for a delivery, then try again.
+                    if let Some(settled) = self.in_flight.next().await {
+                        self.settle(settled);
+                    }
+                    if self.rewind.is_some() {
+                        return;
+                    }
+                }
+                Err((error, _)) => {
+                    self.fail(&error);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Takes every delivery report that is ready without waiting.
+    fn reap_ready(&mut self) {
+        while let Some(Some(settled)) = futures_util::FutureExt::now_or_never(self.in_flight.next())
+        {
+            self.settle(settled);
+        }
+    }
+
+    fn settle(&mut self, settled: Settled) {
+        let shared = &self.fw.shared;
+        shared
+            .in_flight
+            .store(self.in_flight.len() as u64, Ordering::Relaxed);
+        shared.metrics.in_flight.set(self.in_flight.len() as i64);
+        match settled.result {
+            Ok(()) => {
+                self.delivered.push(settled.seq);
+                shared.metrics.delivered.inc();
+                shared.count(&shared.delivered, 1);
+                let age = (now_unix_ms() - settled.received_at_ms).max(0) as f64 / 1000.0;
+                shared.metrics.delivery_latency.observe(age);
+                self.last_progress = Instant::now();
+                self.failure_backoff = self.kafka().reconnect_backoff_min;
+                shared
+                    .signals
+                    .all_brokers_down
+                    .store(false, Ordering::Relaxed);
+                if shared.state() == State::Offline {
+                    tracing::info!("Kafka is reachable again");
+                    // Plan again at the next turn: live records first.
+                    self.rewind.get_or_insert(Rewind {
+                        at: Instant::now(),
+                        recreate: false,
+                    });
+                }
+            }
+            Err(error) => {
+                self.unsettled.remove(&settled.seq);
+                shared.metrics.failed.inc();
+                shared.count(&shared.failed, 1);
+                self.fail(&error);
+            }
+        }
+    }
+
+    /// A produce or a delivery failed: stop producing, let in-flight records settle, then
+    /// plan again from the outbox (recreating the producer after a fatal error).
+    fn fail(&mut self, error: &KafkaError) {
+        let fatal = error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal)
+            || self.producer.client().fatal_error().is_some();
+        if self.rewind.is_none() {
+            tracing::warn!(%error, fatal, "Kafka delivery failed; sending again from the outbox");
+        }
+        self.fw.shared.signals.set_error(error.to_string());
+        if fatal {
+            // Nothing more will be delivered by this producer: fail what it holds now.
+            self.producer
+                .purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+        }
+        let at = Instant::now() + self.failure_backoff;
+        self.failure_backoff = (self.failure_backoff * 2).min(self.kafka().reconnect_backoff_max);
+        let rewind = self.rewind.get_or_insert(Rewind {
+            at,
+            recreate: false,
+        });
+        rewind.recreate |= fatal;
+    }
+
+    /// Starts deleting delivered records (one ack at a time, grouped).
+    fn start_ack(&mut self, force: bool) {
+        if self.acking.is_some() || self.delivered.is_empty() {
+            return;
+        }
+        let due = force
+            || self.delivered.len() >= 512
+            || self.in_flight.is_empty()
+            || self.last_ack.elapsed() >= Duration::from_millis(10);
+        if !due {
+            return;
+        }
+        let seqs = std::mem::take(&mut self.delivered);
+        let outbox = self.fw.outbox.clone();
+        self.last_ack = Instant::now();
+        self.acking = Some(tokio::spawn(async move {
+            let result = outbox.ack(seqs.clone()).await;
+            (seqs, result)
+        }));
+    }
+
+    fn acked(&mut self, done: AckDone) {
+        match done {
+            Ok((seqs, Ok(_))) => {
+                for seq in seqs {
+                    self.unsettled.remove(&seq);
+                }
+            }
+            Ok((seqs, Err(e))) => {
+                // Still in the outbox: try deleting them again with the next group. Kafka has
+                // them; a restart before that succeeds sends them again (at-least-once).
+                tracing::warn!(error = %e, "Deleting delivered records failed; retrying");
+                self.delivered.extend(seqs);
+            }
+            Err(e) => tracing::error!(error = %e, "Ack task failed"),
+        }
+    }
+
+    /// Offline detection and the metadata probe that ends Offline when nothing is in flight.
+    fn watch_link(&mut self) {
+        let shared = Arc::clone(&self.fw.shared);
+        let state = shared.state();
+        let stalled = !self.in_flight.is_empty()
+            && self.last_progress.elapsed() >= self.kafka().offline_after;
+        let down = shared.signals.all_brokers_down.load(Ordering::Relaxed);
+        if (stalled || down) && state != State::Offline && state != State::Draining {
+            tracing::warn!(
+                in_flight = self.in_flight.len(),
+                "Kafka unreachable; records stay in the outbox"
+            );
+            shared.set_state(State::Offline);
+        }
+        if shared.state() != State::Offline {
+            return;
+        }
+        if let Some(probe) = &self.probe
+            && probe.is_finished()
+        {
+            let ok = self
+                .probe
+                .take()
+                .map(futures_util::FutureExt::now_or_never)
+                .is_some_and(|r| matches!(r, Some(Ok(true))));
+            if ok && self.in_flight.is_empty() {
+                shared
+                    .signals
+                    .all_brokers_down
+                    .store(false, Ordering::Relaxed);
+                tracing::info!("Kafka is reachable again");
+                self.rewind.get_or_insert(Rewind {
+                    at: Instant::now(),
+                    recreate: false,
+                });
+            }
+        }
+        if self.probe.is_none() && self.in_flight.is_empty() && Instant::now() >= self.next_probe {
+            let producer = self.producer.clone();
+            self.next_probe = Instant::now()
+                + self
+                    .kafka()
+                    .reconnect_backoff_min
+                    .max(Duration::from_secs(1));
+            self.probe = Some(tokio::task::spawn_blocking(move || {
+                producer
+                    .client()
+                    .fetch_metadata(None, Duration::from_secs(2))
+                    .is_ok_and(|m| !m.brokers().is_empty())
+            }));
+        }
+    }
+
+    fn next_wake(&mut self) -> Duration {
+        let mut wake = Duration::from_millis(100);
+        if !self.delivered.is_empty() {
+            wake = wake.min(Duration::from_millis(10));
+        }
+        if let Some(b) = &self.backlog {
+            wake = wake.min(b.bucket.wait().max(Duration::from_millis(1)));
+        }
+        if let Some(r) = &self.rewind {
+            wake = wake.min(r.at.saturating_duration_since(Instant::now()));
+        }
+        wake
+    }
+
+    /// Shutdown: no more reading; give in-flight records `drain_timeout`, delete what was
+    /// delivered.
+    async fn drain(&mut self) -> Result<(), ForwarderError> {
+        self.fw.shared.set_state(State::Draining);
+        let deadline = tokio::time::Instant::now() + self.fw.options.drain_timeout;
+        while !self.in_flight.is_empty() {
+            match tokio::time::timeout_at(deadline, self.in_flight.next()).await {
+                Ok(Some(settled)) => self.settle(settled),
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!(
+                        in_flight = self.in_flight.len(),
+                        "Shutdown: records still in flight stay in the outbox"
+                    );
+                    break;
+                }
+            }
+        }
+        if let Some(acking) = self.acking.take() {
+            let done = acking.await;
+            self.acked(done);
+        }
+        self.start_ack(true);
+        if let Some(acking) = self.acking.take() {
+            let done = acking.await;
+            self.acked(done);
+        }
+        self.fw.shared.set_state(State::Stopped);
+        Ok(())
+    }
+}

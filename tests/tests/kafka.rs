@@ -1,0 +1,632 @@
+//! Cloud sync end to end: the real `outpost` binary forwards to a Kafka-protocol broker over TCP
+//! and the records are read back with an rdkafka consumer.
+//!
+//! Brokers: librdkafka's mock cluster (`kafka-mock`, fault injection: brokers down, request
+//! errors) for most tests; `tansu`, a real broker, for the `tansu_` tests. docs/KAFKA.md says
+//! which broker covers what.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+#![allow(clippy::disallowed_methods)] // std::thread::sleep: blocking test code, no async runtime here
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use outpost_e2e::admin::{admin_token_config, create_device};
+use outpost_e2e::daemon::{Daemon, outpost_cli, write_config};
+use outpost_e2e::http::request;
+use outpost_e2e::kafka::{Consumed, MockKafka, Tansu, consume};
+
+const TOPIC: &str = "outpost.readings";
+
+/// `[kafka]` pointing at `bootstrap`, plus the admin token and `extra` config.
+fn config(bootstrap: &str, kafka_extra: &str, extra: &str) -> String {
+    let brokers: Vec<String> = bootstrap.split(',').map(|b| format!("\"{b}\"")).collect();
+    format!(
+        "{}\n[kafka]\nenabled = true\nbrokers = [{}]\nlinger = \"2ms\"\n\
+         reconnect_backoff_min = \"100ms\"\nreconnect_backoff_max = \"1s\"\n{kafka_extra}\n{extra}\n",
+        admin_token_config(),
+        brokers.join(", ")
+    )
+}
+
+struct Device {
+    id: String,
+    auth: String,
+    /// Next counter value to send.
+    next: u64,
+}
+
+impl Device {
+    fn new(d: &Daemon, id: &str) -> Device {
+        let secret = create_device(d, id, None);
+        let auth = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"))
+        );
+        Device {
+            id: id.to_owned(),
+            auth,
+            next: 0,
+        }
+    }
+
+    /// Posts `n` records `{"n":<counter>}` on `topic` in one request; panics unless committed.
+    fn send(&mut self, d: &Daemon, topic: &str, n: u64) {
+        let body: Vec<String> = (self.next..self.next + n)
+            .map(|i| format!("{{\"n\":{i}}}"))
+            .collect();
+        self.next += n;
+        let r = request(
+            d.admin,
+            "POST",
+            &format!("/api/v1/ingest/{topic}"),
+            &[
+                ("Authorization", &self.auth),
+                ("Content-Type", "application/json"),
+            ],
+            format!("[{}]", body.join(",")).as_bytes(),
+        );
+        assert_eq!(r.status, 201, "ingest for {}: {}", self.id, r.text());
+    }
+}
+
+/// The counter of a `{"n":…}` payload.
+fn counter(record: &Consumed) -> u64 {
+    let v: serde_json::Value = serde_json::from_slice(&record.payload)
+        .unwrap_or_else(|e| panic!("payload {:?}: {e}", record.payload_str()));
+    v["n"].as_u64().unwrap()
+}
+
+/// Each device's counters in the order Kafka has them (one partition per device: key = id).
+fn per_device(records: &[Consumed]) -> BTreeMap<String, Vec<u64>> {
+    let mut by_partition: BTreeMap<i32, Vec<&Consumed>> = BTreeMap::new();
+    for r in records {
+        by_partition.entry(r.partition).or_default().push(r);
+    }
+    let mut out: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for (_, mut records) in by_partition {
+        records.sort_by_key(|r| r.offset);
+        for r in records {
+            let device = r.header("outpost-device").unwrap();
+            out.entry(device).or_default().push(counter(r));
+        }
+    }
+    out
+}
+
+/// Every counter `0..sent` is there and the first occurrences are in order; duplicates are
+/// allowed only when `at_least_once` (a re-sent record repeats an already delivered one).
+fn assert_complete_in_order(device: &str, got: &[u64], sent: u64, at_least_once: bool) {
+    let mut seen = HashSet::new();
+    let mut firsts = Vec::new();
+    for n in got {
+        if seen.insert(*n) {
+            firsts.push(*n);
+        }
+    }
+    let expected: Vec<u64> = (0..sent).collect();
+    assert_eq!(
+        firsts,
+        expected,
+        "{device}: records missing or out of order (got {} records)",
+        got.len()
+    );
+    if !at_least_once {
+        assert_eq!(got.len() as u64, sent, "{device}: duplicates");
+    }
+}
+
+fn wait_delivered(d: &mut Daemon, what: &str, timeout: Duration) {
+    d.wait_until(what, timeout, |d| {
+        d.metric("outpost_outbox_records") == 0.0
+            && d.status()["kafka"]["in_flight"].as_u64() == Some(0)
+    });
+}
+
+#[test]
+fn records_reach_kafka_keyed_by_device_with_headers_in_receive_order() {
+    let kafka = MockKafka::start(1, &[(TOPIC, 3)]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(dir.path(), &config(kafka.bootstrap(), "", ""));
+    let mut devices = [Device::new(&d, "pump-1"), Device::new(&d, "valve-2")];
+    for round in 0..10 {
+        for dev in &mut devices {
+            dev.send(&d, &format!("devices/{}/telemetry", dev.id), 20 + round);
+        }
+    }
+    let total: u64 = devices.iter().map(|dv| dv.next).sum();
+    let got = consume(
+        kafka.bootstrap(),
+        TOPIC,
+        total as usize,
+        Duration::from_secs(30),
+        false,
+    );
+    assert_eq!(got.len() as u64, total, "every record arrives");
+    for r in &got {
+        let device = r.header("outpost-device").unwrap();
+        assert_eq!(r.key.as_deref(), Some(device.as_bytes()), "key = device id");
+        assert_eq!(r.header("outpost-source").as_deref(), Some("http"));
+        assert_eq!(
+            r.header("outpost-topic"),
+            Some(format!("devices/{device}/telemetry"))
+        );
+        assert_eq!(
+            r.header("outpost-content-type").as_deref(),
+            Some("application/json")
+        );
+        assert!(r.header("outpost-gateway").is_some_and(|g| !g.is_empty()));
+        assert!(r.header("outpost-boot").is_some_and(|b| b.len() >= 32));
+        let seq: u64 = r.header("outpost-seq").unwrap().parse().unwrap();
+        assert!(seq >= 1);
+        let received: i64 = r.header("outpost-received-at").unwrap().parse().unwrap();
+        assert_eq!(
+            r.timestamp,
+            Some(received),
+            "Kafka timestamp = receipt time"
+        );
+        assert!(r.payload.starts_with(b"{\"n\":"), "payload unchanged");
+    }
+    let by_device = per_device(&got);
+    for dev in &devices {
+        assert_complete_in_order(&dev.id, &by_device[&dev.id], dev.next, false);
+    }
+    wait_delivered(&mut d, "outbox empty", Duration::from_secs(10));
+    let status = d.status();
+    assert_eq!(status["kafka"]["state"], "live", "{status}");
+    assert_eq!(status["kafka"]["delivered"].as_u64(), Some(total));
+    assert_eq!(
+        d.metric("outpost_kafka_delivered_records_total"),
+        total as f64
+    );
+    let cloud = status["subsystems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "cloud")
+        .cloned()
+        .unwrap();
+    assert_eq!(cloud["state"], "ACTIVE", "{cloud}");
+    let (exit, _) = d.terminate(Duration::from_secs(15));
+    assert!(exit.success());
+}
+
+#[test]
+fn rules_choose_topic_and_key_and_drop_or_sample() {
+    let kafka = MockKafka::start(1, &[(TOPIC, 1), ("alerts", 1), ("meters", 1)]);
+    let dir = tempfile::tempdir().unwrap();
+    let rules = r#"
+[[kafka.rules]]
+name = "debug-noise"
+topic = "devices/+/debug/#"
+action = "drop"
+
+[[kafka.rules]]
+topic = "devices/+/alerts"
+kafka_topic = "alerts"
+key = "topic"
+priority = 9
+
+[[kafka.rules]]
+name = "meter-sample"
+device = "meter-*"
+action = "sample"
+sample_every = 4
+kafka_topic = "meters"
+"#;
+    let mut d = Daemon::start(dir.path(), &config(kafka.bootstrap(), rules, ""));
+    let mut pump = Device::new(&d, "pump-1");
+    let mut meter = Device::new(&d, "meter-1");
+    pump.send(&d, "devices/pump-1/debug/trace", 10);
+    pump.send(&d, "devices/pump-1/alerts", 5);
+    pump.send(&d, "devices/pump-1/telemetry", 7);
+    meter.send(&d, "devices/meter-1/telemetry", 40);
+    wait_delivered(
+        &mut d,
+        "every record forwarded or dropped",
+        Duration::from_secs(20),
+    );
+
+    let alerts = consume(
+        kafka.bootstrap(),
+        "alerts",
+        6,
+        Duration::from_secs(3),
+        false,
+    );
+    assert_eq!(alerts.len(), 5, "alerts topic");
+    assert!(
+        alerts
+            .iter()
+            .all(|r| r.key.as_deref() == Some(&b"devices/pump-1/alerts"[..]))
+    );
+    let readings = consume(kafka.bootstrap(), TOPIC, 8, Duration::from_secs(3), false);
+    assert_eq!(
+        readings.len(),
+        7,
+        "unmatched records go to the default topic"
+    );
+    let counters: Vec<u64> = readings.iter().map(counter).collect();
+    assert_eq!(counters, (15..22).collect::<Vec<_>>(), "no debug record");
+    let meters = consume(
+        kafka.bootstrap(),
+        "meters",
+        41,
+        Duration::from_secs(3),
+        false,
+    );
+    assert_eq!(meters.len(), 10, "one meter record in four");
+    for r in &meters {
+        let seq: u64 = r.header("outpost-seq").unwrap().parse().unwrap();
+        assert_eq!(seq % 4, 0, "sampled by gateway sequence");
+    }
+    assert_eq!(
+        d.metric("outpost_kafka_dropped_records_total{rule=\"debug-noise\"}"),
+        10.0
+    );
+    assert_eq!(
+        d.metric("outpost_kafka_dropped_records_total{rule=\"meter-sample\"}"),
+        30.0
+    );
+}
+
+#[test]
+fn a_broker_outage_loses_nothing_and_keeps_device_order() {
+    let kafka = MockKafka::start(1, &[(TOPIC, 2)]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(
+        dir.path(),
+        &config(
+            kafka.bootstrap(),
+            "offline_after = \"1s\"\nmax_in_flight = 200\n",
+            "",
+        ),
+    );
+    let mut devices = [Device::new(&d, "a-1"), Device::new(&d, "b-2")];
+    for dev in &mut devices {
+        dev.send(&d, "t", 100);
+    }
+    kafka.down(1);
+    // Records keep arriving during the outage; they are acknowledged to the devices (committed)
+    // and wait in the outbox.
+    let outage = Instant::now();
+    while outage.elapsed() < Duration::from_secs(8) {
+        for dev in &mut devices {
+            dev.send(&d, "t", 50);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    d.wait_until("forwarder offline", Duration::from_secs(10), |d| {
+        d.status()["kafka"]["state"] == "offline"
+    });
+    let status = d.status();
+    assert!(
+        status["kafka"]["offline_since_ms"].as_i64().is_some(),
+        "{status}"
+    );
+    assert!(status["kafka"]["backlog_records"].as_u64().unwrap() > 1000);
+    assert!(d.metric("outpost_kafka_offline_since_timestamp_seconds") > 0.0);
+    kafka.up(1);
+    for dev in &mut devices {
+        dev.send(&d, "t", 10);
+    }
+    wait_delivered(&mut d, "backlog delivered", Duration::from_secs(60));
+    let total: u64 = devices.iter().map(|dv| dv.next).sum();
+    let got = consume(
+        kafka.bootstrap(),
+        TOPIC,
+        total as usize * 2,
+        Duration::from_secs(5),
+        false,
+    );
+    let by_device = per_device(&got);
+    for dev in &devices {
+        assert_complete_in_order(&dev.id, &by_device[&dev.id], dev.next, true);
+    }
+    assert_eq!(
+        d.status()["kafka"]["offline_since_ms"],
+        serde_json::Value::Null
+    );
+}
+
+#[test]
+fn produce_errors_and_a_fatal_idempotence_error_lose_nothing() {
+    let kafka = MockKafka::start(1, &[(TOPIC, 1)]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(dir.path(), &config(kafka.bootstrap(), "", ""));
+    let mut dev = Device::new(&d, "s-1");
+    dev.send(&d, "t", 50);
+    wait_delivered(&mut d, "first records", Duration::from_secs(20));
+    // Retriable errors: librdkafka retries them itself, in order.
+    kafka.errors("Produce", 5, "NotLeaderForPartition");
+    dev.send(&d, "t", 50);
+    wait_delivered(&mut d, "after retriable errors", Duration::from_secs(20));
+    // A sequence desynchronisation on the head-of-line request is fatal for an idempotent
+    // producer: the forwarder recreates it and sends the undelivered records again.
+    kafka.errors("Produce", 1, "OutOfOrderSequenceNumber");
+    dev.send(&d, "t", 50);
+    wait_delivered(&mut d, "after the fatal error", Duration::from_secs(30));
+    dev.send(&d, "t", 50);
+    wait_delivered(&mut d, "with the new producer", Duration::from_secs(20));
+    assert!(d.metric("outpost_kafka_producer_restarts_total") >= 1.0);
+    let got = consume(
+        kafka.bootstrap(),
+        TOPIC,
+        dev.next as usize * 2,
+        Duration::from_secs(5),
+        false,
+    );
+    assert_complete_in_order(&dev.id, &per_device(&got)[&dev.id], dev.next, true);
+}
+
+#[test]
+fn live_records_go_first_while_a_backlog_drains_at_its_rate() {
+    let kafka = MockKafka::start(1, &[(TOPIC, 2)]);
+    kafka.down(1);
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(
+        dir.path(),
+        &config(
+            kafka.bootstrap(),
+            "backlog_rate = 500\nmax_in_flight = 50\noffline_after = \"1s\"\n",
+            "",
+        ),
+    );
+    let mut backlogged = Device::new(&d, "old-1");
+    let mut fresh = Device::new(&d, "new-2");
+    for _ in 0..6 {
+        backlogged.send(&d, "t", 1000);
+    }
+    d.wait_until("offline", Duration::from_secs(10), |d| {
+        d.status()["kafka"]["state"] == "offline"
+    });
+    kafka.up(1);
+    d.wait_until("backfill", Duration::from_secs(10), |d| {
+        d.status()["kafka"]["state"] == "backfill"
+    });
+    // A fresh record of a device without a backlog reaches Kafka within 2 s although ~6000
+    // records are ahead of it in the outbox (12 s of backlog at 500/s).
+    let t0 = Instant::now();
+    fresh.send(&d, "t", 1);
+    let got = consume(
+        kafka.bootstrap(),
+        TOPIC,
+        100_000,
+        Duration::from_secs(2),
+        false,
+    );
+    assert!(
+        got.iter()
+            .any(|r| r.header("outpost-device").as_deref() == Some("new-2")),
+        "the live record did not arrive within 2 s"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(3));
+    let drained_so_far = got.len();
+    assert!(
+        drained_so_far < 6000,
+        "the backlog drained faster than its rate: {drained_so_far} records"
+    );
+    // A live record of the backlogged device waits behind its own backlog (per-device order).
+    backlogged.send(&d, "t", 1);
+    wait_delivered(&mut d, "backlog drained", Duration::from_secs(60));
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_secs(8),
+        "6000 records at 500/s took only {took:?}"
+    );
+    let got = consume(
+        kafka.bootstrap(),
+        TOPIC,
+        100_000,
+        Duration::from_secs(3),
+        false,
+    );
+    let by_device = per_device(&got);
+    assert_complete_in_order("old-1", &by_device["old-1"], backlogged.next, true);
+    assert_complete_in_order("new-2", &by_device["new-2"], fresh.next, true);
+    assert_eq!(d.status()["kafka"]["state"], "live");
+}
+
+#[test]
+fn exactly_once_has_no_duplicates_across_kill_9() {
+    let kafka = MockKafka::start(1, &[(TOPIC, 2), ("outpost.checkpoints", 1)]);
+    let dir = tempfile::tempdir().unwrap();
+    let text = config(
+        kafka.bootstrap(),
+        "exactly_once = true\nread_batch = 200\n",
+        "",
+    );
+    let config_path = write_config(dir.path(), &text);
+    let data_dir = dir.path().join("data");
+    let mut d = Daemon::start_with(&config_path, data_dir.clone());
+    let mut devices = [Device::new(&d, "e-1"), Device::new(&d, "e-2")];
+    for _ in 0..20 {
+        for dev in &mut devices {
+            dev.send(&d, "t", 100);
+        }
+    }
+    // Kill mid-stream: some transactions are committed, some open, some records not yet read.
+    d.kill9();
+    let mut d = Daemon::start_with(&config_path, data_dir);
+    for dev in &mut devices {
+        dev.send(&d, "t", 100);
+    }
+    wait_delivered(&mut d, "all committed", Duration::from_secs(60));
+    let total: u64 = devices.iter().map(|dv| dv.next).sum();
+    let got = consume(
+        kafka.bootstrap(),
+        TOPIC,
+        total as usize + 1,
+        Duration::from_secs(5),
+        true,
+    );
+    let by_device = per_device(&got);
+    for dev in &devices {
+        assert_complete_in_order(&dev.id, &by_device[&dev.id], dev.next, false);
+    }
+    assert!(d.metric("outpost_kafka_transactions_total") >= 1.0);
+}
+
+#[test]
+fn tansu_records_arrive_in_a_real_broker() {
+    let tansu = Tansu::start(&[(TOPIC, 2)]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(dir.path(), &config(&tansu.bootstrap(), "", ""));
+    let mut devices = [Device::new(&d, "t-1"), Device::new(&d, "t-2")];
+    for _ in 0..5 {
+        for dev in &mut devices {
+            dev.send(&d, "devices/x/t", 200);
+        }
+    }
+    wait_delivered(&mut d, "delivered to tansu", Duration::from_secs(60));
+    let total: u64 = devices.iter().map(|dv| dv.next).sum();
+    let got = consume(
+        &tansu.bootstrap(),
+        TOPIC,
+        total as usize,
+        Duration::from_secs(20),
+        false,
+    );
+    assert_eq!(got.len() as u64, total, "{}", tansu.log());
+    let by_device = per_device(&got);
+    for dev in &devices {
+        assert_complete_in_order(&dev.id, &by_device[&dev.id], dev.next, false);
+    }
+    let keys: HashMap<String, Option<Vec<u8>>> = got
+        .iter()
+        .map(|r| (r.header("outpost-device").unwrap(), r.key.clone()))
+        .collect();
+    for (device, key) in keys {
+        assert_eq!(key.as_deref(), Some(device.as_bytes()));
+    }
+}
+
+/// librdkafka's default `message.timeout.ms` is 300 s: a producer on defaults would have expired
+/// (and lost) every record of this outage. A real broker's network is cut for 305 s while
+/// records keep arriving; afterwards every record is in Kafka, in order per device.
+#[test]
+fn tansu_slow_outage_longer_than_librdkafka_default_timeouts_loses_nothing() {
+    let tansu = Tansu::start(&[(TOPIC, 2)]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(
+        dir.path(),
+        &config(
+            &tansu.bootstrap(),
+            "offline_after = \"2s\"\nmax_in_flight = 100\n",
+            "",
+        ),
+    );
+    let mut devices = [Device::new(&d, "o-1"), Device::new(&d, "o-2")];
+    for dev in &mut devices {
+        dev.send(&d, "t", 50);
+    }
+    wait_delivered(&mut d, "before the outage", Duration::from_secs(30));
+    tansu.block();
+    let outage = Instant::now();
+    while outage.elapsed() < Duration::from_secs(305) {
+        for dev in &mut devices {
+            dev.send(&d, "t", 10);
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert_eq!(d.status()["kafka"]["state"], "offline");
+    tansu.unblock();
+    wait_delivered(&mut d, "after the outage", Duration::from_secs(120));
+    let total: u64 = devices.iter().map(|dv| dv.next).sum();
+    let got = consume(
+        &tansu.bootstrap(),
+        TOPIC,
+        total as usize * 2,
+        Duration::from_secs(10),
+        false,
+    );
+    let by_device = per_device(&got);
+    for dev in &devices {
+        assert_complete_in_order(&dev.id, &by_device[&dev.id], dev.next, true);
+    }
+}
+
+/// Heartbeats and inventory reach their topics; `outpost fleet watch` lists the gateways, tells
+/// a clean stop from a gateway that went silent, and exits 1 when one is silent.
+#[test]
+fn fleet_heartbeats_inventory_and_watch() {
+    let kafka = MockKafka::start(
+        1,
+        &[
+            (TOPIC, 1),
+            ("outpost.heartbeats", 1),
+            ("outpost.inventory", 1),
+        ],
+    );
+    let fleet = "heartbeat_interval = \"1s\"\n";
+    let dir_a = tempfile::tempdir().unwrap();
+    let dir_b = tempfile::tempdir().unwrap();
+    // Two gateways with their own ids (the default id is the host name, shared here).
+    let start = |dir: &std::path::Path, id: &str| {
+        let path = write_config(dir, &config(kafka.bootstrap(), fleet, ""));
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(
+            &path,
+            text.replacen("[gateway]\n", &format!("[gateway]\nid = \"{id}\"\n"), 1),
+        )
+        .unwrap();
+        Daemon::start_with(&path, dir.join("data"))
+    };
+    let mut a = start(dir_a.path(), "gw-a");
+    let mut b = start(dir_b.path(), "gw-b");
+    create_device(&a, "inv-1", None);
+    let watch = |expect_code: i32| -> Vec<serde_json::Value> {
+        let (code, out, err) = outpost_cli(&[
+            "fleet",
+            "watch",
+            "--once",
+            "--json",
+            "--brokers",
+            kafka.bootstrap(),
+        ]);
+        assert_eq!(code, expect_code, "fleet watch: {out}\n{err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    // Both gateways report.
+    a.wait_until("two gateways heard", Duration::from_secs(15), |_| {
+        let (_, out, _) = outpost_cli(&[
+            "fleet",
+            "watch",
+            "--once",
+            "--json",
+            "--brokers",
+            kafka.bootstrap(),
+        ]);
+        serde_json::from_str::<Vec<serde_json::Value>>(&out).is_ok_and(|v| v.len() == 2)
+    });
+    let views = watch(0);
+    assert!(views.iter().all(|v| v["verdict"] == "ok"), "{views:?}");
+    let inventory = consume(
+        kafka.bootstrap(),
+        "outpost.inventory",
+        1,
+        Duration::from_secs(10),
+        false,
+    );
+    assert_eq!(inventory[0].key.as_deref(), Some(&b"inv-1"[..]));
+    let device: serde_json::Value = serde_json::from_slice(&inventory[0].payload).unwrap();
+    assert_eq!(device["id"], "inv-1");
+
+    // A clean stop says goodbye; a kill -9 goes silent (3 missed intervals).
+    let (exit, _) = a.terminate(Duration::from_secs(15));
+    assert!(exit.success());
+    b.kill9();
+    std::thread::sleep(Duration::from_secs(4));
+    let views = watch(1);
+    let verdicts: Vec<&str> = views
+        .iter()
+        .map(|v| v["verdict"].as_str().unwrap())
+        .collect();
+    let gateways: Vec<&str> = views
+        .iter()
+        .map(|v| v["heartbeat"]["gateway"].as_str().unwrap())
+        .collect();
+    assert_eq!(gateways, ["gw-a", "gw-b"]);
+    assert_eq!(verdicts, ["stopped", "silent"], "{views:?}");
+}
