@@ -11,6 +11,9 @@
 # coap:   CoAP CON POSTs from 100 clients with the repo's bench client (median of 5)
 # serial: serial line parsing throughput per format, one core (drivers/benches/line_parse.rs)
 # modbus: CPU of `outpost run` polling 50 registers at 10 Hz from 10 pymodbus TCP slaves (30 s)
+# kafka:  forwarder vs a tansu broker: plain-producer ceiling, 1,000,000-record backlog drain and
+#         its peak extra memory, live receipt->ack latency at 10,000 records/s (3 processes: the
+#         memory figure needs a fresh process per run; sync/benches/forwarder.rs)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 what=${1:-all}
@@ -173,6 +176,15 @@ PY
 }
 
 machine
+kafka() {
+  bash scripts/ensure-tansu.sh
+  local i
+  for i in 1 2 3; do
+    cargo bench --locked -p outpost-sync --bench forwarder -- --runs 1 --records 1000000 \
+      --rate 10000 --seconds 10 | grep '^run'
+  done
+}
+
 case $what in
   outbox) outbox ;;
   rss) rss ;;
@@ -181,6 +193,7 @@ case $what in
   coap) coap ;;
   serial) serial ;;
   modbus) modbus ;;
-  all) outbox; rss; size; http; coap; serial; modbus ;;
-  *) echo "usage: $0 [outbox|rss|size|http|coap|serial|modbus|all]" >&2; exit 2 ;;
+  kafka) kafka ;;
+  all) outbox; rss; size; http; coap; serial; modbus; kafka ;;
+  *) echo "usage: $0 [outbox|rss|size|http|coap|serial|modbus|kafka|all]" >&2; exit 2 ;;
 esac

@@ -33,7 +33,8 @@ pub struct KafkaConfig {
     /// Records read from the outbox at a time. Default 2000; 1 to 100000.
     pub read_batch: usize,
     /// Records produced but not yet acknowledged by Kafka, at most. Bounds the forwarder's
-    /// memory. Default 20000; 1 to 1000000.
+    /// memory (docs/BENCHMARKS.md measures it) and how much can be sent twice after a failure.
+    /// Default 2000; 1 to 1000000.
     pub max_in_flight: usize,
     /// Records per second at most while a backlog drains after an outage or a restart; live
     /// records are not counted against it. Default 20000; 1 to 10000000.
@@ -85,7 +86,7 @@ impl Default for KafkaConfig {
             exactly_once: false,
             linger: Duration::from_millis(5),
             read_batch: 2000,
-            max_in_flight: 20_000,
+            max_in_flight: 2000,
             backlog_rate: 20_000,
             order: BacklogOrder::PerDevice,
             reconnect_backoff_min: Duration::from_millis(500),
@@ -507,7 +508,7 @@ mod tests {
         assert_eq!(c.linger, Duration::from_millis(5));
         assert_eq!(
             (c.read_batch, c.max_in_flight, c.backlog_rate),
-            (2000, 20_000, 20_000)
+            (2000, 2000, 20_000)
         );
         assert_eq!(c.order, BacklogOrder::PerDevice);
         assert_eq!(c.reconnect_backoff_min, Duration::from_millis(500));

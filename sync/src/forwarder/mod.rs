@@ -566,7 +566,11 @@ impl Pump {
         self.plan().await?;
         loop {
             let (held, _, _) = self.fw.outbox.figures();
-            self.fw.shared.metrics.backlog_records.set(held as i64);
+            let shared = &self.fw.shared;
+            shared.metrics.backlog_records.set(held as i64);
+            let in_flight = self.in_flight.len();
+            shared.in_flight.store(in_flight as u64, Ordering::Relaxed);
+            shared.metrics.in_flight.set(in_flight as i64);
             self.reap_ready();
             self.start_ack(false);
             self.watch_link();
@@ -765,18 +769,17 @@ impl Pump {
             RuleKey::Topic => Some(&record.topic),
             RuleKey::None => None,
         };
-        let headers = headers(&record, &self.fw.options.gateway_id);
         if self.in_flight.is_empty() {
             self.last_progress = Instant::now();
         }
+        let mut kafka_record = FutureRecord::<str, [u8]>::to(&topic)
+            .payload(&record.payload)
+            .headers(headers(&record, &self.fw.options.gateway_id))
+            .timestamp(record.received_at_ms);
+        if let Some(key) = key {
+            kafka_record = kafka_record.key(key);
+        }
         loop {
-            let mut kafka_record = FutureRecord::<str, [u8]>::to(&topic)
-                .payload(&record.payload)
-                .headers(headers.clone())
-                .timestamp(record.received_at_ms);
-            if let Some(key) = key {
-                kafka_record = kafka_record.key(key);
-            }
             match self.producer.send_result(kafka_record) {
                 Ok(delivery) => {
                     let (seq, received_at_ms) = (record.seq, record.received_at_ms);
@@ -795,21 +798,13 @@ impl Pump {
                     }));
                     self.fw.shared.metrics.produced.inc();
                     self.fw.shared.count(&self.fw.shared.produced, 1);
-                    self.fw
-                        .shared
-                        .in_flight
-                        .store(self.in_flight.len() as u64, Ordering::Relaxed);
-                    self.fw
-                        .shared
-                        .metrics
-                        .in_flight
-                        .set(self.in_flight.len() as i64);
                     return;
                 }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned))
                     if !self.in_flight.is_empty() =>
                 {
                     // librdkafka's queue is full: wait for a delivery, then try again.
+                    kafka_record = returned;
                     if let Some(settled) = self.in_flight.next().await {
                         self.settle(settled);
                     }
@@ -835,10 +830,6 @@ impl Pump {
 
     fn settle(&mut self, settled: Settled) {
         let shared = &self.fw.shared;
-        shared
-            .in_flight
-            .store(self.in_flight.len() as u64, Ordering::Relaxed);
-        shared.metrics.in_flight.set(self.in_flight.len() as i64);
         match settled.result {
             Ok(()) => {
                 self.delivered.push(settled.seq);
@@ -899,7 +890,7 @@ impl Pump {
             return;
         }
         let due = force
-            || self.delivered.len() >= 512
+            || self.delivered.len() >= 4096
             || self.in_flight.is_empty()
             || self.last_ack.elapsed() >= Duration::from_millis(10);
         if !due {
