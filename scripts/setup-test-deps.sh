@@ -21,7 +21,7 @@ PACKAGES=(
   cmake                  # builds the bundled librdkafka (rdkafka's cmake-build feature)
   g++                    # librdkafka is a C and C++ CMake project (it builds its C++ wrapper too)
   libcurl4-openssl-dev   # curl/curl.h only: librdkafka 2.12 includes it even when built without curl (librdkafka#5135)
-  kcat                   # a real Kafka client, for poking the mock cluster and tansu by hand and in tests
+  kcat                   # a real Kafka client reading the mock cluster in tests/tests/kafka.rs (Debian's kcat cannot talk to tansu)
 )
 
 # Python packages for the real peers of the driver tests (tests/peers/), as "requirement:module"
@@ -67,7 +67,10 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 
 # The real Kafka-protocol broker for the Kafka end-to-end tests (tests/src/kafka.rs). Idempotent;
-# a first build from source takes 25-40 minutes.
-bash scripts/ensure-tansu.sh
+# a first build from source takes 15-40 minutes. scripts/test.sh builds it in the background
+# instead (OUTPOST_TANSU_LATER=1) so that it overlaps the workspace build.
+if [[ -z ${OUTPOST_TANSU_LATER:-} ]]; then
+  bash scripts/ensure-tansu.sh
+fi
 
 log "Test dependencies are in place."

@@ -3,7 +3,8 @@
 #
 #   bash scripts/test.sh
 #
-# Sections: setup, fmt, clippy, build, docker (a Docker engine and the test image), tests (nextest, profile `ci`), fuzz-build (every cargo-fuzz
+# Sections: setup, fmt, clippy, build, docker (a Docker engine and the test image), tansu (waits for
+# the Kafka broker built in the background), tests (nextest, profile `ci`), fuzz-build (every cargo-fuzz
 # target builds), cross build + qemu smoke test for aarch64. Stops at the first failing section and says which one failed.
 set -euo pipefail
 
@@ -43,7 +44,7 @@ stop_our_dockerd() {
 finish() {
   local rc=$?
   stop_our_dockerd
-  rm -f "$nextest_log"
+  rm -f "$nextest_log" "${tansu_log:-}"
   if ((rc != 0)); then
     printf '\n##### FAILED in section "%s" (exit %s) after %ss #####\n' \
       "$current" "$rc" "$((SECONDS - started))"
@@ -78,7 +79,18 @@ build_fuzz() {
   (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz build)
 }
 
-section setup bash scripts/setup-test-deps.sh
+# tansu (the Kafka broker of the Kafka tests) is built from source on a machine that lacks it:
+# start that in the background so it overlaps fmt, clippy and the build; `tansu` waits for it.
+section setup env OUTPOST_TANSU_LATER=1 bash scripts/setup-test-deps.sh
+tansu_log=$(mktemp -t outpost-tansu.XXXXXX)
+bash scripts/ensure-tansu.sh >"$tansu_log" 2>&1 &
+tansu_pid=$!
+wait_tansu() {
+  if ! wait "$tansu_pid"; then
+    cat "$tansu_log"
+    return 1
+  fi
+}
 section fmt cargo fmt --all -- --check
 section clippy cargo clippy --workspace --all-targets --locked -- -D warnings
 # The end-to-end tests start the real binary: build it first (cargo would not, for another
@@ -86,6 +98,7 @@ section clippy cargo clippy --workspace --all-targets --locked -- -D warnings
 section build cargo build --workspace --bins --locked
 # The apps tests need a real container engine and the local test image.
 section docker bash scripts/ensure-docker.sh
+section tansu wait_tansu
 section tests run_nextest
 section fuzz-build build_fuzz
 section cross-build bash cross/build.sh aarch64

@@ -178,6 +178,35 @@ fn records_reach_kafka_keyed_by_device_with_headers_in_receive_order() {
     for dev in &devices {
         assert_complete_in_order(&dev.id, &by_device[&dev.id], dev.next, 0);
     }
+    // The same records through a client nobody here wrote: kcat (librdkafka's CLI).
+    let kcat = std::process::Command::new("kcat")
+        .args([
+            "-C",
+            "-b",
+            kafka.bootstrap(),
+            "-t",
+            TOPIC,
+            "-o",
+            "beginning",
+            "-e",
+            "-q",
+        ])
+        .args(["-f", "%k %h\n"])
+        .output()
+        .expect("kcat (apt install kcat; scripts/setup-test-deps.sh installs it)");
+    assert!(kcat.status.success(), "{kcat:?}");
+    let lines: Vec<String> = String::from_utf8_lossy(&kcat.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(lines.len() as u64, total, "kcat reads every record");
+    for line in &lines {
+        let (key, headers) = line.split_once(' ').unwrap();
+        assert!(
+            headers.contains(&format!("outpost-device={key}")),
+            "kcat: key and device header disagree: {line}"
+        );
+    }
     wait_delivered(&mut d, "outbox empty", Duration::from_secs(10));
     let status = d.status();
     assert_eq!(status["kafka"]["state"], "live", "{status}");
