@@ -65,7 +65,12 @@ pub async fn run(
 ) {
     let kafka = &options.kafka;
     let interval = kafka.heartbeat_interval;
-    let producer: FutureProducer =
+    // Its own context: librdkafka's errors go to the debug log, not to ERROR lines on every
+    // failed reconnect (the forwarder reports reachability).
+    let context = client::Context {
+        signals: Arc::new(client::LinkSignals::default()),
+    };
+    let producer: Producer =
         match client::common_config(kafka, &options.client_id).and_then(|mut c| {
             c.set("acks", "all")
                 .set("enable.idempotence", "true")
@@ -74,7 +79,7 @@ pub async fn run(
                     "message.timeout.ms",
                     interval.as_millis().max(1000).to_string(),
                 );
-            c.create().map_err(|e| e.to_string())
+            c.create_with_context(context).map_err(|e| e.to_string())
         }) {
             Ok(p) => p,
             Err(e) => {
@@ -111,16 +116,15 @@ pub async fn run(
             subsystems: source.subsystems(),
         };
         let value = serde_json::to_vec(&heartbeat).unwrap_or_default();
-        let sent = producer
-            .send(
-                FutureRecord::<str, [u8]>::to(&kafka.heartbeat_topic)
-                    .key(&options.gateway_id)
-                    .payload(&value),
-                Duration::from_secs(1),
-            )
-            .await;
-        if let Err((e, _)) = sent {
-            tracing::debug!(error = %e, "Heartbeat not delivered");
+        let sent = deliver(
+            &producer,
+            FutureRecord::<str, [u8]>::to(&kafka.heartbeat_topic)
+                .key(&options.gateway_id)
+                .payload(&value),
+        )
+        .await;
+        if !sent {
+            tracing::debug!("Heartbeat not delivered");
         }
         if stopping {
             return;
@@ -137,8 +141,28 @@ pub async fn run(
 
 /// Sends the devices whose inventory changed since the last call, and tombstones for deleted
 /// ones. A device whose send failed is tried again next time.
+type Producer = FutureProducer<client::Context>;
+
+/// Sends one record and waits at most [`DELIVERY_WAIT`] for its acknowledgement: heartbeats
+/// and inventory must never hold up the loop or a shutdown while Kafka is away.
+async fn deliver<K, P>(producer: &Producer, record: FutureRecord<'_, K, P>) -> bool
+where
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    let Ok(delivery) = producer.send_result(record) else {
+        return false;
+    };
+    matches!(
+        tokio::time::timeout(DELIVERY_WAIT, delivery).await,
+        Ok(Ok(Ok(_)))
+    )
+}
+
+const DELIVERY_WAIT: Duration = Duration::from_secs(2);
+
 async fn publish_inventory(
-    producer: &FutureProducer,
+    producer: &Producer,
     topic: &str,
     inventory: Vec<(String, serde_json::Value)>,
     sent: &mut HashMap<String, String>,
@@ -150,13 +174,12 @@ async fn publish_inventory(
         if sent.get(&id) == Some(&text) {
             continue;
         }
-        let delivered = producer
-            .send(
-                FutureRecord::<str, str>::to(topic).key(&id).payload(&text),
-                Duration::from_secs(1),
-            )
-            .await;
-        if delivered.is_ok() {
+        if deliver(
+            producer,
+            FutureRecord::<str, str>::to(topic).key(&id).payload(&text),
+        )
+        .await
+        {
             sent.insert(id, text);
         }
     }
@@ -166,13 +189,7 @@ async fn publish_inventory(
         .cloned()
         .collect();
     for id in gone {
-        let delivered = producer
-            .send(
-                FutureRecord::<str, [u8]>::to(topic).key(&id),
-                Duration::from_secs(1),
-            )
-            .await;
-        if delivered.is_ok() {
+        if deliver(producer, FutureRecord::<str, [u8]>::to(topic).key(&id)).await {
             sent.remove(&id);
         }
     }
