@@ -682,3 +682,36 @@ fn fleet_heartbeats_inventory_and_watch() {
     assert_eq!(gateways, ["gw-a", "gw-b"]);
     assert_eq!(verdicts, ["stopped", "silent"], "{views:?}");
 }
+
+/// A rule's `priority` is given to matching records when they are stored (the outbox drains
+/// highest priority first); forwarding can be off.
+#[test]
+fn rule_priority_is_stored_with_the_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = "[kafka]\n\n[[kafka.rules]]\ntopic = \"devices/+/alarms\"\npriority = 9\n";
+    let mut d = Daemon::start(dir.path(), &format!("{}\n{rules}", admin_token_config()));
+    let mut dev = Device::new(&d, "p-1");
+    dev.send(&d, "devices/p-1/telemetry", 3);
+    dev.send(&d, "devices/p-1/alarms", 2);
+    let (exit, _) = d.terminate(Duration::from_secs(15));
+    assert!(exit.success());
+    let stored = outpost_sync::OutboxReader::open(&d.data_dir.join("outbox.db"))
+        .unwrap()
+        .read_all()
+        .unwrap();
+    let order: Vec<(String, u8)> = stored
+        .iter()
+        .map(|r| (r.topic.clone(), r.priority))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            ("devices/p-1/alarms".to_owned(), 9),
+            ("devices/p-1/alarms".to_owned(), 9),
+            ("devices/p-1/telemetry".to_owned(), 0),
+            ("devices/p-1/telemetry".to_owned(), 0),
+            ("devices/p-1/telemetry".to_owned(), 0),
+        ],
+        "alarms first: read order is priority, then sequence"
+    );
+}
