@@ -2,13 +2,17 @@
 # Benchmarks behind the figures in docs/BENCHMARKS.md. Not part of the test command: figures are
 # measured here and written down, never asserted in timed tests.
 #
-#   bash scripts/bench.sh [outbox|rss|size|http|coap|serial|modbus|all]
+#   bash scripts/bench.sh [outbox|rss|size|http|coap|mqtt|serial|modbus|all]
 #
 # outbox: append throughput and append->commit latency at 50,000 records/s (median of 5 runs)
 # rss:    resident memory of an idle `outpost run` on defaults (median of 5 starts)
 # size:   stripped release binary sizes (x86_64, and aarch64 if cross/build.sh has run)
 # http:   HTTP ingestion, single-record POSTs from 50 keep-alive connections with wrk (median of 5)
 # coap:   CoAP CON POSTs from 100 clients with the repo's bench client (median of 5)
+# mqtt:   MQTT QoS 1 from 100 rumqttc publishers (100-byte payloads) against outpost (PUBACK after
+#         the commit) and Debian's mosquitto (no persistence) in the same run: max msg/s and p99
+#         publish->PUBACK at 20,000 msg/s (median of 3 each), then RSS with 1,000 idle
+#         connections, plain and each subscribed to its commands (tests/src/bin/mqtt-bench.rs)
 # serial: serial line parsing throughput per format, one core (drivers/benches/line_parse.rs)
 # modbus: CPU of `outpost run` polling 50 registers at 10 Hz from 10 pymodbus TCP slaves (30 s)
 # kafka:  forwarder vs a tansu broker: plain-producer ceiling, 1,000,000-record backlog drain and
@@ -123,6 +127,16 @@ coap() {
   "$target_dir/release/coap-bench" --clients 100 --seconds 10 --warmup 2 --runs 5
 }
 
+mqtt() {
+  command -v mosquitto >/dev/null || { echo "mqtt: needs the mosquitto broker (apt-get install mosquitto)" >&2; exit 1; }
+  cargo build --locked --release -p outpost -p outpost-e2e --bins
+  local b="$target_dir/release/mqtt-bench"
+  "$b" --publishers 100 --seconds 10 --warmup 2 --runs 3
+  "$b" --publishers 100 --seconds 10 --warmup 2 --runs 3 --rate 20000
+  "$b" --idle 1000 --runs 3
+  "$b" --idle 1000 --idle-subscribe --runs 3
+}
+
 serial() {
   cargo bench --locked -p outpost-drivers --bench line_parse
 }
@@ -191,9 +205,10 @@ case $what in
   size) size ;;
   http) http ;;
   coap) coap ;;
+  mqtt) mqtt ;;
   serial) serial ;;
   modbus) modbus ;;
   kafka) kafka ;;
-  all) outbox; rss; size; http; coap; serial; modbus; kafka ;;
-  *) echo "usage: $0 [outbox|rss|size|http|coap|serial|modbus|kafka|all]" >&2; exit 2 ;;
+  all) outbox; rss; size; http; coap; mqtt; serial; modbus; kafka ;;
+  *) echo "usage: $0 [outbox|rss|size|http|coap|mqtt|serial|modbus|kafka|all]" >&2; exit 2 ;;
 esac

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Makes sure a Docker engine answers (for tests/tests/apps.rs), and that the local test image
-# outpost-test/busybox:1 exists. Idempotent: an engine that already answers is used as is;
+# Makes sure a Docker engine answers (for tests/tests/apps.rs), and that the local test images
+# outpost-test/busybox:1 and outpost-test/mqtt-sub:1 exist. Idempotent: an engine that already answers is used as is;
 # otherwise dockerd is started in the background (log: /tmp/outpost-dockerd.log) and awaited.
 # The image is built without a registry: `docker import` of a rootfs tarball holding Debian's
-# busybox-static (/bin/busybox plus applet symlinks).
+# busybox-static (/bin/busybox plus applet symlinks). outpost-test/mqtt-sub:1 adds Debian's
+# mosquitto_sub (mosquitto-clients) with the shared libraries ldd names: an app that subscribes to
+# the local bus the way a real one would, with a real MQTT client.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -11,6 +13,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
 
 IMAGE=outpost-test/busybox:1
+MQTT_IMAGE=outpost-test/mqtt-sub:1
 
 if ! docker info >/dev/null 2>&1; then
   command -v dockerd >/dev/null 2>&1 || die "dockerd not found: run scripts/setup-test-deps.sh (docker.io)"
@@ -42,4 +45,25 @@ if ! docker image inspect "$IMAGE" >/dev/null 2>&1; then
   log "Importing $IMAGE from a busybox-static rootfs"
   tar -C "$root" -c . | docker import --change 'ENV PATH=/bin' --change 'CMD ["/bin/sh"]' - "$IMAGE" >/dev/null
 fi
-log "Docker engine ready; test image $IMAGE present"
+
+if ! docker image inspect "$MQTT_IMAGE" >/dev/null 2>&1; then
+  [[ -x /bin/busybox ]] || die "/bin/busybox not found: run scripts/setup-test-deps.sh (busybox-static)"
+  sub=$(command -v mosquitto_sub) || die "mosquitto_sub not found: run scripts/setup-test-deps.sh (mosquitto-clients)"
+  mroot=$(mktemp -d -t outpost-mqtt-rootfs.XXXXXX)
+  trap 'rm -rf "${root:-}" "$mroot"' EXIT
+  mkdir -p "$mroot/bin" "$mroot/tmp"
+  cp /bin/busybox "$mroot/bin/busybox"
+  for applet in sh sleep echo cat env; do
+    ln -s busybox "$mroot/bin/$applet"
+  done
+  cp "$sub" "$mroot/bin/mosquitto_sub"
+  # Every library the dynamic loader resolves for mosquitto_sub, and the loader itself, at the
+  # same absolute paths as on the host.
+  for lib in $(ldd "$sub" | grep -o '/[^ ]*'); do
+    mkdir -p "$mroot$(dirname "$lib")"
+    cp -L "$lib" "$mroot$lib"
+  done
+  log "Importing $MQTT_IMAGE (busybox + mosquitto_sub and its libraries)"
+  tar -C "$mroot" -c . | docker import --change 'ENV PATH=/bin' --change 'CMD ["/bin/sh"]' - "$MQTT_IMAGE" >/dev/null
+fi
+log "Docker engine ready; test images $IMAGE and $MQTT_IMAGE present"

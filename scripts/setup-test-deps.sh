@@ -20,7 +20,6 @@ PACKAGES=(
   busybox-static         # the rootfs of the local test image outpost-test/busybox:1 (no registry needed)
   cmake                  # builds the bundled librdkafka (rdkafka's cmake-build feature)
   g++                    # librdkafka is a C and C++ CMake project (it builds its C++ wrapper too)
-  libcurl4-openssl-dev   # curl/curl.h only: librdkafka 2.12 includes it even when built without curl (librdkafka#5135)
   kcat                   # a real Kafka client reading the mock cluster in tests/tests/kafka.rs (Debian's kcat cannot talk to tansu)
 )
 

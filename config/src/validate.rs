@@ -264,6 +264,7 @@ impl Checker {
         let routes: Vec<String> = config.routes().into_iter().map(|r| r.name).collect();
         let routes: Vec<&str> = routes.iter().map(String::as_str).collect();
         self.range(mqtt.key("max_connections"), m.max_connections, 1, 100_000);
+        self.range(mqtt.key("max_inflight"), m.max_inflight, 1, 65_535);
         self.route_ref(mqtt.key("route"), &m.route, &routes);
         if m.max_packet < ByteSize::kib(1) || m.max_packet > ByteSize::mib(16) {
             self.problem(
@@ -602,6 +603,11 @@ impl Checker {
                     apps.key(key),
                     format!("must be an absolute path, found \"{}\"", path.display()),
                 );
+            }
+        }
+        for (i, pattern) in a.bus_subscribe.iter().enumerate() {
+            if let Err(e) = crate::model::check_acl_pattern(pattern) {
+                self.problem(apps.key("bus_subscribe").index(i), e);
             }
         }
         let mut seen: HashMap<&str, KeyPath> = HashMap::new();

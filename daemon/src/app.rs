@@ -4,7 +4,7 @@
 //!  drivers ──> readings channel ──> driver-ingest ──┐
 //!  CoAP (UDP) ───────────┐                          │
 //!  HTTP ingestion ───────┴──> Ingest ───────────────┴──> outbox writer (group commit) ──> SQLite
-//!                              │  └─> local readings stream (broadcast, for the local bus)
+//!                              │  └─> local readings stream (broadcast) ──> mqtt-bus ──> broker
 //!                              └─> device registry (auth, monitoring) ──> registry.db
 //!  admin listener: /healthz /readyz /metrics /api/v1/status, REST API, HTTP ingestion
 //!  systemd: READY, STATUS, WATCHDOG (fed only while the writer makes progress), STOPPING
@@ -31,6 +31,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::admin::{self, AdminState};
+use crate::ingress::bus::BusMetrics;
 use crate::ingress::coap::{CoapMetrics, CoapSettings};
 use crate::ingress::http::{HttpIngestMetrics, HttpIngestState};
 use crate::ingress::mqtt::{MqttMetrics, MqttSettings};
@@ -96,8 +97,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     status.active("registry", true);
     let (readings, _) = broadcast::channel(READINGS_STREAM_CAPACITY);
+    // The local bus's receiver exists from the start, so no committed reading is missed.
+    let bus_readings = config.mqtt.enabled.then(|| readings.subscribe());
+    let app_subscribe = if config.apps.enabled {
+        config.apps.bus_subscribe.clone()
+    } else {
+        Vec::new()
+    };
+    let (bus_handle, bus_events) = ingress::bus::handle(app_subscribe);
     let ingest = Ingest::new(outbox.clone(), registry.clone(), readings)
-        .with_rules(Arc::new(Rules::from_config(&config.kafka)));
+        .with_rules(Arc::new(Rules::from_config(&config.kafka)))
+        .with_bus(bus_handle);
 
     // Ingress stops as soon as shutdown begins.
     let ingress = shutdown.child_token();
@@ -141,8 +151,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                  credentials, under the client id it chooses"
             );
         }
-        let broker = ingress::mqtt::broker::start(settings.max_connections, settings.max_packet)
-            .context("starting the embedded MQTT broker")?;
+        let (broker, bus_link) =
+            ingress::mqtt::broker::start(settings.max_connections, settings.max_packet)
+                .context("starting the embedded MQTT broker")?;
         let listener = TcpListener::bind(config.mqtt.listen)
             .await
             .with_context(|| format!("binding the MQTT listener on {}", config.mqtt.listen))?;
@@ -152,7 +163,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         tracing::info!(addr = %addr, broker = %broker.addr, "MQTT listener bound");
         let mqtt_metrics = MqttMetrics::default();
         mqtt_metrics.register(&mut metrics);
-        Some((listener, settings, broker, mqtt_metrics))
+        let bus_metrics = BusMetrics::default();
+        bus_metrics.register(&mut metrics);
+        Some((
+            listener,
+            settings,
+            broker,
+            mqtt_metrics,
+            (bus_link, bus_metrics),
+        ))
     } else {
         None
     };
@@ -239,25 +258,75 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         );
     }
     let admin_stop = ingress.clone();
-    let admin_status = status.clone();
-    let admin_task = tracker.spawn(named("admin", async move {
-        let served = axum::serve(listener, admin_router)
-            .with_graceful_shutdown(admin_stop.cancelled_owned())
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "Admin listener failed");
-            admin_status.inactive("admin", format!("listener failed: {e}"), true);
-        }
-    }));
+    // The admin listener (API, metrics, HTTP ingestion) runs under a supervisor: if it fails or
+    // panics it is served again on the same bound socket (a clone of it), with backoff.
+    let admin_socket = listener
+        .into_std()
+        .context("taking the admin listener socket")?;
+    let admin_task = tracker.spawn(named(
+        "admin",
+        supervisor::supervise(
+            "admin".into(),
+            true,
+            status.clone(),
+            admin_stop.clone(),
+            tracker.clone(),
+            move || {
+                let listener = admin_socket.try_clone().and_then(TcpListener::from_std);
+                let (router, stop) = (admin_router.clone(), admin_stop.clone());
+                async move {
+                    let listener = match listener {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!(error = %e, "Admin listener socket unusable");
+                            return;
+                        }
+                    };
+                    let served = axum::serve(listener, router)
+                        .with_graceful_shutdown(stop.cancelled_owned())
+                        .await;
+                    if let Err(e) = served {
+                        tracing::error!(error = %e, "Admin listener failed");
+                    }
+                }
+            },
+        ),
+    ));
     status.active("admin", true);
 
     let coap_task = match coap {
         Some((socket, settings, coap_metrics)) => {
             status.active("coap", false);
+            // Supervised: a failed or panicked endpoint is run again on a clone of its socket.
+            let socket = socket.into_std().context("taking the CoAP socket")?;
             let (ingest, stop) = (ingest.clone(), ingress.clone());
             Some(tracker.spawn(named(
                 "coap",
-                ingress::coap::run(socket, ingest, settings, coap_metrics, stop),
+                supervisor::supervise(
+                    "coap".into(),
+                    false,
+                    status.clone(),
+                    ingress.clone(),
+                    tracker.clone(),
+                    move || {
+                        let socket = socket.try_clone().and_then(UdpSocket::from_std);
+                        let (ingest, settings, metrics, stop) = (
+                            ingest.clone(),
+                            settings.clone(),
+                            coap_metrics.clone(),
+                            stop.clone(),
+                        );
+                        async move {
+                            match socket {
+                                Ok(socket) => {
+                                    ingress::coap::run(socket, ingest, settings, metrics, stop)
+                                        .await;
+                                }
+                                Err(e) => tracing::error!(error = %e, "CoAP socket unusable"),
+                            }
+                        }
+                    },
+                ),
             )))
         }
         None => {
@@ -267,12 +336,59 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
 
     let mqtt_task = match mqtt {
-        Some((listener, settings, broker, mqtt_metrics)) => {
+        Some((listener, settings, broker, mqtt_metrics, (bus_link, bus_metrics))) => {
             status.active("mqtt", false);
+            // The local bus: committed CoAP/HTTP/driver readings and API commands → broker.
+            if let Some(bus_readings) = bus_readings {
+                tracker.spawn(named(
+                    "mqtt-bus",
+                    ingress::bus::run(
+                        bus_link,
+                        bus_readings,
+                        bus_events,
+                        registry.clone(),
+                        bus_metrics,
+                        ingress.clone(),
+                    ),
+                ));
+            }
+            status.watch_mqtt(mqtt_metrics.clone());
+            // Supervised: a failed or panicked front serves again on a clone of its socket
+            // (devices reconnect; the broker behind it keeps running in its own threads).
+            let socket = listener
+                .into_std()
+                .context("taking the MQTT listener socket")?;
             let (ingest, stop) = (ingest.clone(), ingress.clone());
             Some(tracker.spawn(named(
                 "mqtt",
-                ingress::mqtt::run(listener, ingest, settings, broker, mqtt_metrics, stop),
+                supervisor::supervise(
+                    "mqtt".into(),
+                    false,
+                    status.clone(),
+                    ingress.clone(),
+                    tracker.clone(),
+                    move || {
+                        let listener = socket.try_clone().and_then(TcpListener::from_std);
+                        let (ingest, settings, broker, metrics, stop) = (
+                            ingest.clone(),
+                            settings.clone(),
+                            broker.clone(),
+                            mqtt_metrics.clone(),
+                            stop.clone(),
+                        );
+                        async move {
+                            match listener {
+                                Ok(listener) => {
+                                    ingress::mqtt::run(
+                                        listener, ingest, settings, broker, metrics, stop,
+                                    )
+                                    .await;
+                                }
+                                Err(e) => tracing::error!(error = %e, "MQTT socket unusable"),
+                            }
+                        }
+                    },
+                ),
             )))
         }
         None => {
@@ -341,14 +457,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             registry: registry.clone(),
             status: status.clone(),
         });
+        let (options, handle, stop) = (
+            forwarder.options().clone(),
+            forwarder.handle(),
+            ingress.clone(),
+        );
+        let boot_id = outpost_sync::outbox::kernel_boot_id();
+        status.active("fleet", false);
         tracker.spawn(named(
             "fleet",
-            outpost_sync::forwarder::fleet::run(
-                forwarder.options().clone(),
-                forwarder.handle(),
-                facts,
-                outpost_sync::outbox::kernel_boot_id(),
+            supervisor::supervise(
+                "fleet".into(),
+                false,
+                status.clone(),
                 ingress.clone(),
+                tracker.clone(),
+                move || {
+                    outpost_sync::forwarder::fleet::run(
+                        options.clone(),
+                        handle.clone(),
+                        Arc::clone(&facts) as Arc<dyn outpost_sync::forwarder::fleet::FleetSource>,
+                        boot_id.clone(),
+                        stop.clone(),
+                    )
+                },
             ),
         ));
         let stop = ingress.clone();

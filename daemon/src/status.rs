@@ -53,6 +53,8 @@ struct Inner {
     apps: Option<crate::apps::Apps>,
     /// The Kafka forwarder, whose state is read when the status is asked for.
     forwarder: Option<outpost_sync::forwarder::ForwarderHandle>,
+    /// The MQTT front's counters, read when the status is asked for.
+    mqtt: Option<crate::ingress::mqtt::MqttMetrics>,
 }
 
 impl StatusBoard {
@@ -123,6 +125,16 @@ impl StatusBoard {
     /// The forwarder's status; `None` when forwarding is disabled.
     pub fn forwarder(&self) -> Option<outpost_sync::forwarder::ForwarderStatus> {
         self.with(|i| i.forwarder.clone()).map(|f| f.status())
+    }
+
+    /// The MQTT front's figures are read from `metrics` (shown under `"mqtt"`).
+    pub fn watch_mqtt(&self, metrics: crate::ingress::mqtt::MqttMetrics) {
+        self.with(|i| i.mqtt = Some(metrics));
+    }
+
+    /// The MQTT front's figures; `None` when the front is disabled.
+    pub fn mqtt(&self) -> Option<crate::ingress::mqtt::MqttStatus> {
+        self.with(|i| i.mqtt.clone()).map(|m| m.status())
     }
 
     /// Each app's status, by name; empty without the apps subsystem.

@@ -114,7 +114,15 @@ fn start_tansu(bin: &str, topics: &[&str]) -> Broker {
     }
     for topic in topics {
         let status = Command::new(bin)
-            .args(["topic", "create", topic, "--partitions", "3", "--broker", &url])
+            .args([
+                "topic",
+                "create",
+                topic,
+                "--partitions",
+                "3",
+                "--broker",
+                &url,
+            ])
             .stdout(Stdio::null())
             .status()
             .unwrap();
@@ -172,7 +180,11 @@ fn options(bootstrap: &str) -> ForwarderOptions {
 fn start_forwarder(
     bootstrap: &str,
     outbox: &Outbox,
-) -> (ForwarderHandle, CancellationToken, tokio::task::JoinHandle<()>) {
+) -> (
+    ForwarderHandle,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
     let (forwarder, handle) = Forwarder::new(options(bootstrap), outbox.clone(), Arc::new(NoTags));
     let stop = CancellationToken::new();
     let token = stop.clone();
@@ -275,7 +287,11 @@ fn quantile_ms(handle: &ForwarderHandle, q: f64) -> f64 {
         if let Some(rest) = line.strip_prefix("outpost_kafka_delivery_latency_seconds_bucket{le=\"")
         {
             let (le, value) = rest.split_once("\"} ").unwrap();
-            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap() };
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap()
+            };
             buckets.push((le, value.parse().unwrap()));
         }
         if let Some(v) = line.strip_prefix("outpost_kafka_delivery_latency_seconds_count ") {

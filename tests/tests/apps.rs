@@ -2,7 +2,9 @@
 //! `dockerd` and imports the test image `outpost-test/busybox:1` from Debian's busybox-static):
 //! deploy from config and from the API, env / limits / labels as the engine reports them,
 //! restart after `docker kill`, crash-loop detection, removal, API apps persisted across a
-//! daemon restart, foreign containers untouched, and an unreachable engine.
+//! daemon restart, foreign containers untouched, an unreachable engine, and an app (Debian's
+//! `mosquitto_sub` in `outpost-test/mqtt-sub:1`) that reads the local MQTT bus with the
+//! credentials Outpost gave it.
 //!
 //! `serial_`: the tests share the engine and measure restart times.
 
@@ -17,6 +19,7 @@ use outpost_e2e::daemon::{Daemon, outpost_cli};
 use serde_json::Value;
 
 const IMAGE: &str = "outpost-test/busybox:1";
+const MQTT_IMAGE: &str = "outpost-test/mqtt-sub:1";
 
 fn docker(args: &[&str]) -> (bool, String) {
     let out = Command::new("docker")
@@ -218,12 +221,41 @@ command = ["sh", "-c", "exit 3"]
         app_status(d, "crashy")["restart_count"].as_u64() > restarts.as_u64()
     });
 
-    // Persisted: a restarted daemon still has the API app (and keeps its container).
+    // Status changes are recorded: the crash loop's history, newest first, with exit codes.
+    let events = |d: &Daemon, name: &str| -> Vec<Value> {
+        let r = admin(d, "GET", &format!("/api/v1/apps/{name}/events"), "");
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["events"].as_array().unwrap().clone()
+    };
+    let history = events(&d, "crashy");
+    assert!(
+        history
+            .iter()
+            .any(|e| e["state"] == "FAILED" && e["exit_code"] == 3),
+        "{history:?}"
+    );
+    assert!(
+        history.iter().any(|e| e["state"] == "ACTIVE"),
+        "{history:?}"
+    );
+    let times: Vec<i64> = history
+        .iter()
+        .map(|e| e["at_ms"].as_i64().unwrap())
+        .collect();
+    assert!(
+        times.windows(2).all(|w| w[0] >= w[1]),
+        "newest first: {times:?}"
+    );
+    assert_eq!(admin(&d, "GET", "/api/v1/apps/nope/events", "").status, 404);
+
+    // Persisted: a restarted daemon still has the API app (and keeps its container), and the
+    // recorded history.
     d.terminate(Duration::from_secs(15));
     let mut d = Daemon::start_with(&dir.path().join("outpost.toml"), dir.path().join("data"));
     d.wait_until("viaapi back", Duration::from_secs(20), |d| {
         app_status(d, "viaapi")["state"] == "ACTIVE"
     });
+    assert!(events(&d, "crashy").len() >= history.len());
 
     // Delete → the container is removed.
     let r = admin(&d, "DELETE", "/api/v1/apps/viaapi", "");
@@ -232,6 +264,10 @@ command = ["sh", "-c", "exit 3"]
         inspect("outpost-app-viaapi").is_none()
     });
     assert!(app_status(&d, "viaapi").is_null());
+    // ... and so is its bus identity.
+    d.wait_until("app-viaapi device removed", Duration::from_secs(5), |d| {
+        admin(d, "GET", "/api/v1/devices/app-viaapi", "").status == 404
+    });
 
     // The foreign, unlabelled container was never touched.
     assert!(running("outpost-test-foreign"));
@@ -344,4 +380,75 @@ fn supervised_subsystems_forced_to_fail_are_restarted() {
     );
     assert_eq!(d.get("/readyz").0, 200);
     d.terminate(Duration::from_secs(15));
+}
+
+#[test]
+fn serial_an_app_receives_readings_over_the_local_bus() {
+    require_engine();
+    assert!(
+        docker(&["image", "inspect", MQTT_IMAGE]).0,
+        "no {MQTT_IMAGE}: run `bash scripts/ensure-docker.sh`"
+    );
+    cleanup(&["bus"]);
+    let dir = tempfile::tempdir().unwrap();
+    // The front must be reachable from containers (host.docker.internal is the bridge gateway).
+    let config = apps_config("[mqtt]\nlisten = \"0.0.0.0:0\"\n");
+    let mut d = Daemon::start(dir.path(), &config);
+    let secret = outpost_e2e::admin::create_device(&d, "sensor-1", None);
+    // What a real app does: subscribe with the URL and credentials from its environment.
+    let script = r#"exec mosquitto_sub -L "$OUTPOST_MQTT_URL/devices/+/#" -u "$OUTPOST_DEVICE_ID" -P "$OUTPOST_DEVICE_SECRET" -i "$OUTPOST_DEVICE_ID" -q 1 -v"#;
+    let body = serde_json::json!({
+        "name": "bus",
+        "image": MQTT_IMAGE,
+        "command": ["sh", "-c", script],
+    });
+    let r = admin(&d, "POST", "/api/v1/apps", &body.to_string());
+    assert_eq!(r.status, 201, "{}", r.text());
+    d.wait_until(
+        "the app connected to the bus",
+        Duration::from_secs(30),
+        |d| {
+            app_status(d, "bus")["state"] == "ACTIVE" && d.metric("outpost_mqtt_connections") >= 1.0
+        },
+    );
+    let logs = |d: &Daemon| admin(d, "GET", "/api/v1/apps/bus/logs?tail=100", "").text();
+    // A reading over HTTP reaches the app; retried until its SUBSCRIBE has gone through.
+    let auth = format!(
+        "Basic {}",
+        base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            format!("sensor-1:{secret}")
+        )
+    );
+    let expected = r#"devices/sensor-1/http/room/temp {"t":21.5}"#;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !logs(&d).contains(expected) {
+        assert!(
+            Instant::now() < deadline,
+            "the app never logged the reading; its logs: {}\nstatus: {}",
+            logs(&d),
+            app_status(&d, "bus")
+        );
+        let r = outpost_e2e::http::request(
+            d.admin,
+            "POST",
+            "/api/v1/ingest/room/temp",
+            &[
+                ("Authorization", auth.as_str()),
+                ("Content-Type", "application/json"),
+            ],
+            br#"{"t":21.5}"#,
+        );
+        assert_eq!(r.status, 201, "{}", r.text());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(app_status(&d, "bus")["restart_count"], 0);
+
+    // Deleting the app removes its container and its bus identity.
+    assert_eq!(admin(&d, "DELETE", "/api/v1/apps/bus", "").status, 204);
+    d.wait_until("app and identity removed", Duration::from_secs(10), |d| {
+        inspect("outpost-app-bus").is_none()
+            && admin(d, "GET", "/api/v1/devices/app-bus", "").status == 404
+    });
+    cleanup(&["bus"]);
 }

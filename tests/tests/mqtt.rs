@@ -509,3 +509,404 @@ fn the_broker_behind_the_front_is_on_loopback_and_refuses_everyone_else() {
     }
     assert!(records(&d).is_empty());
 }
+
+/// Runs a Python `paho-mqtt` (MQTT 5) script with host, port, user and password as arguments;
+/// the script prints one JSON document.
+fn paho_json(addr: SocketAddr, user: &str, password: &str, script: &str) -> serde_json::Value {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            script,
+            &addr.ip().to_string(),
+            &addr.port().to_string(),
+        ])
+        .args([user, password])
+        .output()
+        .expect("run python3 (paho-mqtt: scripts/setup-test-deps.sh)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).unwrap_or_else(|_| panic!("paho: {text} {}", stderr(&out)))
+}
+
+const PAHO_V5_SESSION: &str = r#"
+import sys, json, threading
+import paho.mqtt.client as mqtt
+from paho.mqtt.properties import Properties
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
+host, port, user, password = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+out = {"acks": {}, "messages": []}
+def client(cid, will=None):
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
+    c.username_pw_set(user, password)
+    if will:
+        c.will_set(will, "gone", qos=1)
+    return c
+def wait(ev, what):
+    if not ev.wait(10):
+        out["timeout"] = what
+        print(json.dumps(out)); sys.exit(0)
+
+c = client("v5-main")
+connected, subscribed, got = threading.Event(), threading.Event(), threading.Event()
+published = {}
+def on_connect(cl, ud, flags, rc, props):
+    out["connack"] = rc.value
+    out["receive_maximum"] = getattr(props, "ReceiveMaximum", None)
+    connected.set()
+def on_subscribe(cl, ud, mid, rcs, props):
+    out["suback"] = [r.value for r in rcs]
+    subscribed.set()
+def on_publish(cl, ud, mid, rc, props):
+    out["acks"][str(mid)] = rc.value
+    published.setdefault(mid, threading.Event()).set()
+def on_message(cl, ud, msg):
+    out["messages"].append([msg.topic, msg.payload.decode(), msg.retain])
+    if len(out["messages"]) >= 2:
+        got.set()
+c.on_connect, c.on_subscribe, c.on_publish, c.on_message = on_connect, on_subscribe, on_publish, on_message
+c.connect(host, port, 30)
+c.loop_start()
+wait(connected, "connack")
+c.subscribe([("devices/%s/commands/#" % user, 1), ("devices/other/#", 1)])
+wait(subscribed, "suback")
+
+def pub(name, topic, payload, qos, props=None, retain=False):
+    info = c.publish(topic, payload, qos=qos, properties=props, retain=retain)
+    if qos > 0:
+        wait(published.setdefault(info.mid, threading.Event()), name)
+        out["acks"][name] = out["acks"].pop(str(info.mid))
+    else:
+        info.wait_for_publish(5)
+
+props = Properties(PacketTypes.PUBLISH)
+props.ContentType = "application/json"
+props.UserProperty = [("unit", "C"), ("site", "north")]
+pub("q1", "devices/%s/temp" % user, '{"t":21}', 1, props)
+pub("q2", "devices/%s/q2" % user, "two", 2)
+pub("q0", "devices/%s/q0" % user, "zero", 0)
+pub("denied", "devices/other/x", "no", 1)
+pub("after_denied", "devices/%s/after" % user, "still here", 1)
+pub("retained", "devices/%s/commands/state" % user, "on", 1, retain=True)
+
+# A second session leaves with DISCONNECT 0x04: the broker publishes its will.
+w = client("v5-will", will="devices/%s/commands/will" % user)
+w_connected = threading.Event()
+w.on_connect = lambda cl, ud, flags, rc, props: w_connected.set()
+w.connect(host, port, 30)
+w.loop_start()
+wait(w_connected, "will connack")
+w.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=4))
+w.loop_stop()
+wait(got, "messages")
+
+# A late subscriber gets the retained message.
+r = client("v5-late")
+late = threading.Event()
+def on_late(cl, ud, msg):
+    out["late"] = [msg.topic, msg.payload.decode(), msg.retain]
+    late.set()
+r.on_message = on_late
+r.on_connect = lambda cl, ud, flags, rc, props: cl.subscribe("devices/%s/commands/state" % user, 1)
+r.connect(host, port, 30)
+r.loop_start()
+wait(late, "retained")
+r.disconnect(); r.loop_stop()
+c.disconnect(); c.loop_stop()
+print(json.dumps(out))
+"#;
+
+#[test]
+fn an_mqtt5_session_publishes_subscribes_and_gets_v5_reason_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut d, addr, secret) = start(dir.path(), "");
+    let out = paho_json(addr, "sensor-1", &secret, PAHO_V5_SESSION);
+    assert!(out.get("timeout").is_none(), "{out}");
+    assert_eq!(out["connack"], 0, "{out}");
+    assert_eq!(
+        out["receive_maximum"], 64,
+        "the front's in-flight window: {out}"
+    );
+    // Own commands granted at QoS 1; another device's topics: 0x87 not authorized.
+    assert_eq!(out["suback"], serde_json::json!([1, 0x87]), "{out}");
+    let acks = &out["acks"];
+    assert_eq!(
+        (
+            &acks["q1"],
+            &acks["q2"],
+            &acks["denied"],
+            &acks["after_denied"]
+        ),
+        (
+            &serde_json::json!(0),
+            &serde_json::json!(0),
+            &serde_json::json!(0x87),
+            &serde_json::json!(0)
+        ),
+        "{out}"
+    );
+    let messages = out["messages"].as_array().unwrap();
+    let topics: Vec<&str> = messages.iter().map(|m| m[0].as_str().unwrap()).collect();
+    assert!(topics.contains(&"devices/sensor-1/commands/state"), "{out}");
+    assert!(
+        messages.contains(&serde_json::json!([
+            "devices/sensor-1/commands/will",
+            "gone",
+            false
+        ])),
+        "the will after DISCONNECT 0x04: {out}"
+    );
+    assert_eq!(
+        out["late"],
+        serde_json::json!(["devices/sensor-1/commands/state", "on", true]),
+        "{out}"
+    );
+
+    d.wait_until("the QoS 0 record", Duration::from_secs(10), |d| {
+        records(d).iter().any(|r| r.topic == "devices/sensor-1/q0")
+    });
+    let recs = records(&d);
+    let temp = recs
+        .iter()
+        .find(|r| r.topic == "devices/sensor-1/temp")
+        .unwrap_or_else(|| panic!("{recs:?}"));
+    assert_eq!(temp.content_type.as_deref(), Some("application/json"));
+    assert_eq!(temp.payload, br#"{"t":21}"#);
+    for (k, v) in [("mqtt_qos", "1"), ("unit", "C"), ("site", "north")] {
+        assert!(
+            temp.headers.contains(&(k.to_owned(), v.to_owned())),
+            "{:?}",
+            temp.headers
+        );
+    }
+    assert!(recs.iter().any(|r| r.topic == "devices/sensor-1/q2"));
+    assert!(
+        recs.iter().all(|r| r.topic != "devices/other/x"),
+        "{recs:?}"
+    );
+    assert_eq!(d.metric("outpost_mqtt_refused_total{reason=\"acl\"}"), 2.0);
+    assert!(d.metric("outpost_mqtt_device_publishes_total{device=\"sensor-1\"}") >= 5.0);
+    assert!(d.metric("outpost_mqtt_deliveries_total") >= 3.0);
+    assert!(d.metric("outpost_mqtt_ack_latency_seconds_count") >= 4.0);
+    let status = admin(&d, "GET", "/api/v1/status", "");
+    let status: serde_json::Value = serde_json::from_str(&status.text()).unwrap();
+    assert!(
+        status["mqtt"]["publishes_in"].as_u64().unwrap() >= 5,
+        "{status}"
+    );
+    assert_eq!(status["mqtt"]["refused_acl"], 2, "{status}");
+}
+
+/// An MQTT 5 CONNECT as `user` with clean start and no properties.
+fn v5_connect(s: &mut TcpStream, client_id: &str, user: &str, password: &str) {
+    let mut connect = vec![0, 4, b'M', b'Q', b'T', b'T', 5, 0xC2, 0, 60, 0];
+    mqtt_str(&mut connect, client_id);
+    mqtt_str(&mut connect, user);
+    mqtt_str(&mut connect, password);
+    s.write_all(&packet(0x10, &connect)).unwrap();
+    let head = read_exact_n(s, 2);
+    assert_eq!(head[0], 0x20, "CONNACK");
+    let rest = read_exact_n(s, usize::from(head[1]));
+    assert_eq!(rest[..2], [0, 0], "CONNACK accepted");
+}
+
+/// A v5 PUBLISH (no properties) of `payload` to `topic` with packet id `pkid`.
+fn v5_publish(header: u8, topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    mqtt_str(&mut body, topic);
+    body.extend_from_slice(&pkid.to_be_bytes());
+    body.push(0);
+    body.extend_from_slice(payload);
+    long_packet(header, &body)
+}
+
+#[test]
+fn mqtt5_negative_acks_for_acl_and_a_full_outbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, addr, secret) = start(
+        dir.path(),
+        "[outbox]\nmax_bytes = \"1MiB\"\nmax_record_bytes = \"128KiB\"\n\
+         min_free_disk = \"0\"\nwhen_full = \"reject\"\n",
+    );
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    v5_connect(&mut s, "raw-v5", "sensor-1", &secret);
+
+    // QoS 2 outside the ACL: PUBREC 0x87; the connection stays.
+    s.write_all(&v5_publish(0x34, "devices/other/x", 9, b"no"))
+        .unwrap();
+    assert_eq!(
+        read_exact_n(&mut s, 6),
+        [0x50, 4, 0, 9, 0x87, 0],
+        "PUBREC 0x87"
+    );
+
+    // Fill the outbox with QoS 1: PUBACK 0x97 (quota exceeded) once it is full.
+    let payload = vec![b'x'; 100 * 1024];
+    let mut full_at = None;
+    for pkid in 1..=40u16 {
+        s.write_all(&v5_publish(0x32, "devices/sensor-1/fill", pkid, &payload))
+            .unwrap();
+        let ack = read_small_packet(&mut s);
+        assert_eq!(ack[..4], [0x40, ack[1], 0, u8::try_from(pkid).unwrap()]);
+        if ack.len() > 4 {
+            assert_eq!(ack, [0x40, 4, 0, u8::try_from(pkid).unwrap(), 0x97, 0]);
+            full_at = Some(pkid);
+            break;
+        }
+    }
+    let full_at = full_at.expect("the 1 MiB outbox refused within 40 × 100 KiB");
+    assert!(full_at > 1);
+    // QoS 2 into the full outbox: PUBREC 0x97; nothing was stored for the refused ones.
+    s.write_all(&v5_publish(0x34, "devices/sensor-1/fill", 100, &payload))
+        .unwrap();
+    assert_eq!(read_small_packet(&mut s), [0x50, 4, 0, 100, 0x97, 0]);
+    // Still served.
+    s.write_all(&[0xC0, 0]).unwrap();
+    assert_eq!(read_exact_n(&mut s, 2), [0xD0, 0], "PINGRESP");
+    assert_eq!(records(&d).len(), usize::from(full_at) - 1);
+    assert!(d.metric("outpost_mqtt_refused_total{reason=\"outbox_full\"}") >= 2.0);
+    assert_eq!(d.metric("outpost_mqtt_refused_total{reason=\"acl\"}"), 1.0);
+}
+
+/// Reads one packet with a one-byte remaining length.
+fn read_small_packet(s: &mut TcpStream) -> Vec<u8> {
+    let mut p = read_exact_n(s, 2);
+    let rest = read_exact_n(s, usize::from(p[1]));
+    p.extend(rest);
+    p
+}
+
+#[test]
+fn pipelined_publishes_are_acknowledged_in_order_each_after_its_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, addr, secret) = start(dir.path(), "[mqtt]\nmax_inflight = 8\n");
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut connect = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 60];
+    mqtt_str(&mut connect, "pipeliner");
+    mqtt_str(&mut connect, "sensor-1");
+    mqtt_str(&mut connect, &secret);
+    s.write_all(&packet(0x10, &connect)).unwrap();
+    assert_eq!(read_exact_n(&mut s, 4), [0x20, 2, 0, 0], "CONNACK accepted");
+    // 200 QoS 1 publishes in one write, none waiting for an ack: more than the window of 8.
+    let mut burst = Vec::new();
+    for pkid in 1..=200u16 {
+        let mut publish = Vec::new();
+        mqtt_str(&mut publish, "devices/sensor-1/burst");
+        publish.extend_from_slice(&pkid.to_be_bytes());
+        publish.extend_from_slice(pkid.to_string().as_bytes());
+        burst.extend(packet(0x32, &publish));
+    }
+    s.write_all(&burst).unwrap();
+    let acks = read_exact_n(&mut s, 4 * 200);
+    for (i, ack) in acks.chunks(4).enumerate() {
+        let pkid = u16::try_from(i + 1).unwrap();
+        let mut want = vec![0x40, 2];
+        want.extend_from_slice(&pkid.to_be_bytes());
+        assert_eq!(ack, want, "PUBACK {i} in order");
+    }
+    // Every acknowledged publish is in the outbox, in the order sent.
+    let recs = records(&d);
+    let payloads: Vec<String> = recs
+        .iter()
+        .map(|r| String::from_utf8(r.payload.clone()).unwrap())
+        .collect();
+    let sent: Vec<String> = (1..=200).map(|i: u16| i.to_string()).collect();
+    assert_eq!(payloads, sent);
+}
+
+#[test]
+fn anonymous_clients_publish_under_their_client_id_when_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, addr, _) = start(
+        dir.path(),
+        "[mqtt]\nlisten = \"127.0.0.1:0\"\nallow_anonymous = true\n",
+    );
+    let out = Command::new("mosquitto_pub")
+        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+        .args([
+            "-i",
+            "anon-1",
+            "-q",
+            "1",
+            "-t",
+            "devices/anonymous/anon-1/t",
+            "-m",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let recs = records(&d);
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert_eq!(recs[0].device_id, "anonymous/anon-1");
+}
+
+#[test]
+fn a_silent_device_is_disconnected_after_one_and_a_half_keep_alives() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_d, addr, secret) = start(dir.path(), "");
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // Keep-alive 1 s, clean session, no will: the front holds no broker session for it, so the
+    // front itself enforces the keep-alive.
+    let mut connect = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 1];
+    mqtt_str(&mut connect, "sleepy");
+    mqtt_str(&mut connect, "sensor-1");
+    mqtt_str(&mut connect, &secret);
+    s.write_all(&packet(0x10, &connect)).unwrap();
+    assert_eq!(read_exact_n(&mut s, 4), [0x20, 2, 0, 0], "CONNACK accepted");
+    s.write_all(&[0xC0, 0]).unwrap();
+    assert_eq!(
+        read_exact_n(&mut s, 2),
+        [0xD0, 0],
+        "PINGRESP from the front"
+    );
+    let t = std::time::Instant::now();
+    let mut byte = [0u8; 1];
+    let closed = matches!(s.read(&mut byte), Ok(0) | Err(_));
+    assert!(
+        closed && t.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn a_second_connection_with_the_same_client_id_takes_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_d, addr, secret) = start(dir.path(), "");
+    let connect = || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 60];
+        mqtt_str(&mut body, "same-id");
+        mqtt_str(&mut body, "sensor-1");
+        mqtt_str(&mut body, &secret);
+        s.write_all(&packet(0x10, &body)).unwrap();
+        assert_eq!(read_exact_n(&mut s, 4), [0x20, 2, 0, 0], "CONNACK accepted");
+        s
+    };
+    // Publish-only sessions (no broker session of their own): the front enforces it.
+    let mut first = connect();
+    let mut second = connect();
+    let mut byte = [0u8; 1];
+    let t = std::time::Instant::now();
+    let read = first.read(&mut byte);
+    assert!(
+        t.elapsed() < Duration::from_secs(2) && matches!(read, Ok(0) | Err(_)),
+        "the first connection is closed: {read:?} after {:?}",
+        t.elapsed()
+    );
+    second.write_all(&[0xC0, 0]).unwrap();
+    assert_eq!(
+        read_exact_n(&mut second, 2),
+        [0xD0, 0],
+        "the second is served"
+    );
+}

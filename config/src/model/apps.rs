@@ -55,6 +55,10 @@ pub struct AppsConfig {
     /// 1s to 10m.
     #[serde(with = "crate::units::duration")]
     pub restart_backoff_max: Duration,
+    /// MQTT filters the apps' bus identities (`app-<name>`) may subscribe to, on top of
+    /// `[mqtt.acl] subscribe` (same syntax; `{id}` is `app-<name>`). Default `["devices/+/#"]`:
+    /// every device's readings and commands. `[]` gives apps only what every device gets.
+    pub bus_subscribe: Vec<String>,
     /// `[[apps.app]]`: apps declared in the file. Default: none.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub app: Vec<AppConfig>,
@@ -70,6 +74,7 @@ impl Default for AppsConfig {
             crash_loop_failures: 5,
             crash_loop_window: Duration::from_secs(30),
             restart_backoff_max: Duration::from_secs(30),
+            bus_subscribe: vec!["devices/+/#".to_owned()],
             app: Vec::new(),
         }
     }
@@ -319,5 +324,16 @@ mod tests {
         let found = app.problems(Path::new("/var/lib/outpost/apps"));
         let keys: Vec<_> = found.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(keys, ["env[0]", "mounts[1]"], "{found:?}");
+    }
+
+    #[test]
+    fn bus_subscribe_defaults_to_every_device_and_is_checked() {
+        assert_eq!(AppsConfig::default().bus_subscribe, ["devices/+/#"]);
+        let found = match crate::from_toml_str("[apps]\nbus_subscribe = [\"ok/+\", \"a/#/b\"]\n") {
+            Ok(_) => Vec::new(),
+            Err(e) => e.problems().iter().map(ToString::to_string).collect(),
+        };
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].starts_with("apps.bus_subscribe[1]"), "{found:?}");
     }
 }

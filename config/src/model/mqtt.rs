@@ -28,6 +28,11 @@ pub struct MqttConfig {
     /// Largest MQTT packet accepted from a device; a larger one closes the connection.
     /// Default `"256KiB"`; 1KiB to 16MiB.
     pub max_packet: ByteSize,
+    /// PUBLISHes (any QoS) of one connection awaiting their outbox commit at once; the front
+    /// reads no further packets from that connection until one completes. MQTT 5 clients are
+    /// told this as their receive maximum. Bounds the front's memory per connection to about
+    /// `max_inflight × max_packet`. Default 64; 1 to 65535.
+    pub max_inflight: usize,
     /// `[mqtt.acl]`: topic filters a device may publish to and subscribe to.
     pub acl: MqttAclConfig,
 }
@@ -41,6 +46,7 @@ impl Default for MqttConfig {
             allow_anonymous: false,
             route: DEFAULT_ROUTE.to_owned(),
             max_packet: ByteSize::kib(256),
+            max_inflight: 64,
             acl: MqttAclConfig::default(),
         }
     }
@@ -109,6 +115,7 @@ mod tests {
         assert_eq!(c.listen.to_string(), "0.0.0.0:1883");
         assert_eq!((c.max_connections, c.allow_anonymous), (1000, false));
         assert_eq!(c.max_packet, ByteSize::kib(256));
+        assert_eq!(c.max_inflight, 64);
         assert_eq!(c.acl.publish, ["devices/{id}/#"]);
         assert_eq!(c.acl.subscribe, ["devices/{id}/commands/#"]);
     }

@@ -1,5 +1,6 @@
 //! Local app containers: `GET/POST /api/v1/apps`, `GET/PUT/DELETE /api/v1/apps/{name}`,
-//! `POST /api/v1/apps/{name}/restart`, `GET /api/v1/apps/{name}/logs?tail=N&follow=true`.
+//! `POST /api/v1/apps/{name}/restart`, `GET /api/v1/apps/{name}/logs?tail=N&follow=true`,
+//! `GET /api/v1/apps/{name}/events` (recorded status changes).
 //!
 //! Changes need the write scope. Apps declared in the configuration file are listed but cannot
 //! be changed or deleted here (409 `declared_in_config`). With `apps.enabled = false` every
@@ -152,6 +153,16 @@ pub async fn restart(
     let apps = apps(&s)?;
     apps.restart(&name)?;
     Ok((StatusCode::ACCEPTED, axum::Json(view(apps, &name)?)).into_response())
+}
+
+/// `GET /api/v1/apps/{name}/events`: the app's recorded status changes, newest first.
+pub async fn events(
+    _: Authorized<Read>,
+    State(s): State<ApiState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Result<Response, ApiError> {
+    let events = apps(&s)?.events(&name).await?;
+    Ok(axum::Json(serde_json::json!({ "events": events })).into_response())
 }
 
 #[derive(Debug, Deserialize)]

@@ -3,7 +3,7 @@
 //! `POST /api/v1/devices/{id}/commands` with `{"payload": <any JSON>, "ttl": "10m"}` answers 201
 //! with the command (`state: "queued"`); 409 `command_queue_full` when the device already has
 //! the maximum of queued commands (see `registry::commands`). Delivery happens elsewhere (device
-//! polling today, MQTT later); these routes only report it.
+//! polling, and MQTT through the local bus: `ingress::bus`); these routes only report it.
 
 use std::time::Duration;
 

@@ -13,7 +13,7 @@
 //!   them from memory); writes and command queries run on blocking threads.
 //! - Request bodies are limited to [`MAX_BODY`] (413 beyond).
 //!
-//! WIRING (app.rs): `admin_router.merge(api::router(api::ApiState::new(registry.clone(),
+//! Wiring (`app.rs`): `admin_router.merge(api::router(api::ApiState::new(registry.clone(),
 //! &config.api)))`. This router sets no fallback (axum refuses to merge two), so the admin
 //! router's JSON 404 applies to unknown paths.
 
@@ -153,6 +153,9 @@ pub static ROUTES: &[RouteSpec] = &[
         post(apps::restart)
     }),
     route("GET", "/api/v1/apps/{name}/logs", READ, || get(apps::logs)),
+    route("GET", "/api/v1/apps/{name}/events", READ, || {
+        get(apps::events)
+    }),
     route("GET", "/api/v1/openapi.json", None, || get(openapi::serve)),
 ];
 

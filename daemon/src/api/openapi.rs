@@ -270,6 +270,28 @@ fn management_operation(method: &str, path: &str) -> Option<Value> {
                 "503": error_response("The container engine is unreachable (`engine_unavailable`)")
             }
         }),
+        ("GET", "/api/v1/apps/{name}/events") => json!({
+            "operationId": "appEvents",
+            "summary": "The app's recorded status changes (newest first, the last 100), kept in apps.db across restarts",
+            "parameters": [app],
+            "responses": {
+                "200": { "description": "Events", "content": { "application/json": { "schema": {
+                    "type": "object",
+                    "properties": { "events": { "type": "array", "items": {
+                        "type": "object",
+                        "required": ["at_ms", "state", "restarts"],
+                        "properties": {
+                            "at_ms": { "type": "integer", "description": "Unix milliseconds" },
+                            "state": { "type": "string", "enum": ["ACTIVE", "INACTIVE", "FAILED"] },
+                            "reason": { "type": "string" },
+                            "exit_code": { "type": "integer" },
+                            "restarts": { "type": "integer" }
+                        }
+                    } } }
+                } } } },
+                "404": error_response("No such app")
+            }
+        }),
         ("POST", "/api/v1/zigbee/permit-join") => json!({
             "operationId": "zigbeePermitJoin",
             "summary": "Open the Zigbee network for joining (ZDO_MGMT_PERMIT_JOIN_REQ)",

@@ -15,6 +15,7 @@ pub mod reconcile;
 pub mod store;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use outpost_config::{AppConfig, AppsConfig};
@@ -23,6 +24,8 @@ use tokio::sync::Notify;
 
 use self::store::AppStore;
 
+/// Tag of the registry devices that are apps' bus identities (`app-<name>`).
+pub const DEVICE_TAG: &str = "outpost-app";
 /// Marks a container as Outpost's.
 pub const LABEL_MANAGED: &str = "io.outpost.managed";
 /// The app a container runs.
@@ -66,6 +69,16 @@ pub struct AppStatus {
     /// The container's health check: `starting`, `healthy`, `unhealthy`; absent without one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health: Option<String>,
+}
+
+impl AppState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppState::Active => "ACTIVE",
+            AppState::Inactive => "INACTIVE",
+            AppState::Failed => "FAILED",
+        }
+    }
 }
 
 impl AppStatus {
@@ -129,6 +142,8 @@ struct Inner {
     wake: Notify,
     /// `OUTPOST_MQTT_URL` for the apps; `None` without an MQTT front.
     bus_url: Option<String>,
+    /// Orders status-change records written by concurrent background tasks.
+    event_order: AtomicU64,
 }
 
 impl Apps {
@@ -175,6 +190,7 @@ impl Apps {
                 store,
                 wake: Notify::new(),
                 bus_url: None,
+                event_order: AtomicU64::new(0),
             }),
         }
     }
@@ -243,8 +259,45 @@ impl Apps {
         self.status_map(|s| s.clone())
     }
 
+    /// Sets an app's status; a change of state, reason, exit code or restart count is also
+    /// recorded in `apps.db` (`GET /api/v1/apps/{name}/events`), in the background.
     pub(crate) fn set_status(&self, name: &str, status: AppStatus) {
-        self.status_map(|s| s.insert(name.to_owned(), status));
+        let changed = self.status_map(|s| {
+            let before = s.insert(name.to_owned(), status.clone());
+            before.is_none_or(|b| {
+                b.state != status.state
+                    || b.reason != status.reason
+                    || b.last_exit_code != status.last_exit_code
+                    || b.restart_count != status.restart_count
+            })
+        });
+        if let (true, Some(store)) = (changed, self.inner.store.clone()) {
+            let event = store::AppEvent {
+                at_ms: outpost_sync::outbox::now_unix_ms(),
+                state: status.state.as_str().to_owned(),
+                reason: status.reason,
+                exit_code: status.last_exit_code,
+                restarts: status.restart_count,
+            };
+            let name = name.to_owned();
+            let order = self.inner.event_order.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                if let Err(e) = store.record(name, event, order).await {
+                    tracing::warn!(error = %e, "Recording an app status change failed");
+                }
+            });
+        }
+    }
+
+    /// The recorded status changes of `name`, newest first (empty without `apps.db`).
+    pub async fn events(&self, name: &str) -> Result<Vec<store::AppEvent>, AppsError> {
+        if !self.desired_map(|d| d.contains_key(name)) {
+            return Err(AppsError::NotFound(name.to_owned()));
+        }
+        match &self.inner.store {
+            Some(store) => Ok(store.events(name.to_owned()).await?),
+            None => Ok(Vec::new()),
+        }
     }
 
     pub(crate) fn forget_status(&self, name: &str) {

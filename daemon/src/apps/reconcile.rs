@@ -12,7 +12,7 @@
 //! Errors of one app (image missing, create refused) are shown on that app and retried with
 //! the same backoff; they never stop the loop.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use outpost_config::{AppConfig, RestartPolicy};
@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::engine::{Engine, EngineError, Observed};
 use super::{AppState, AppStatus, Apps};
-use crate::registry::{NewDevice, Protocol, Registry};
+use crate::registry::{ListQuery, NewDevice, Protocol, Registry};
 use crate::status::StatusBoard;
 
 /// How often the engine is looked at when nothing wakes the loop. Bounds how long a killed
@@ -59,7 +59,14 @@ pub async fn run(apps: Apps, registry: Registry, board: StatusBoard, stop: Cance
     let mut reconnect = RECONNECT_MIN;
     let socket = apps.settings().engine_socket.clone();
     let mut engine: Option<Engine> = None;
+    // The desired names the bus identities were last swept against.
+    let mut swept: Option<BTreeSet<String>> = None;
     loop {
+        let names: BTreeSet<String> = apps.desired().into_keys().collect();
+        if swept.as_ref() != Some(&names) {
+            remove_stale_identities(&registry, &names).await;
+            swept = Some(names);
+        }
         let current = match &engine {
             Some(e) => e.clone(),
             None => match tokio::select! {
@@ -418,6 +425,44 @@ impl Pass<'_> {
     }
 }
 
+/// Deletes the bus identities (`app-<name>` devices tagged [`super::DEVICE_TAG`]) of apps that
+/// are no longer desired, so a deleted app's credentials stop working (its open MQTT
+/// connection is closed by the front's registry re-check). Failures are logged and retried at
+/// the next change.
+async fn remove_stale_identities(registry: &Registry, desired: &BTreeSet<String>) {
+    let mut query = ListQuery {
+        tag: Some(super::DEVICE_TAG.to_owned()),
+        limit: crate::registry::MAX_PAGE,
+        ..ListQuery::default()
+    };
+    let mut stale = Vec::new();
+    loop {
+        let page = match registry.list(&query) {
+            Ok(page) => page,
+            Err(e) => {
+                tracing::warn!(error = %e, "Could not list app bus identities");
+                return;
+            }
+        };
+        stale.extend(page.devices.into_iter().map(|d| d.id).filter(|id| {
+            id.strip_prefix("app-")
+                .is_some_and(|n| !desired.contains(n))
+        }));
+        match page.next_cursor {
+            Some(next) => query.cursor = Some(next),
+            None => break,
+        }
+    }
+    for id in stale {
+        match registry.delete(&id).await {
+            Ok(()) => tracing::info!(device = %id, "Removed the bus identity of a deleted app"),
+            Err(e) => {
+                tracing::warn!(device = %id, error = %e, "Could not remove an app's bus identity")
+            }
+        }
+    }
+}
+
 /// The app's bus identity: registry device `app-<name>` (created with protocol mqtt if
 /// missing), with a fresh secret each time a container is created. Returns the environment.
 async fn credentials(registry: &Registry, app: &str) -> Result<Vec<String>, String> {
@@ -433,7 +478,7 @@ async fn credentials(registry: &Registry, app: &str) -> Result<Vec<String>, Stri
                 batch: String::new(),
                 firmware: String::new(),
                 location: String::new(),
-                tags: vec!["outpost-app".into()],
+                tags: vec![super::DEVICE_TAG.into()],
                 enabled: true,
                 protocols: vec![Protocol::Mqtt],
             })

@@ -1,5 +1,6 @@
-//! `apps.db`: the apps created through the API, one row per app holding its spec as JSON.
-//! Written before the change takes effect, read once at start. Config apps are never stored.
+//! `apps.db`: the apps created through the API, one row per app holding its spec as JSON
+//! (written before the change takes effect, read once at start; config apps are never stored),
+//! and `app_events`, every app's status changes (the newest [`EVENTS_PER_APP`] per app).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -28,6 +29,24 @@ pub enum StoreError {
     Task(String),
 }
 
+/// Status changes kept per app.
+pub const EVENTS_PER_APP: usize = 100;
+
+/// One recorded status change of an app.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AppEvent {
+    /// Unix milliseconds.
+    pub at_ms: i64,
+    /// `ACTIVE`, `INACTIVE` or `FAILED`.
+    pub state: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i64>,
+    /// Restarts made by Outpost so far (since the daemon started).
+    pub restarts: u64,
+}
+
 #[derive(Debug, Clone)]
 pub struct AppStore {
     path: Arc<PathBuf>,
@@ -46,7 +65,18 @@ impl AppStore {
         let conn = Connection::open(&path).map_err(sqlite)?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;
-             CREATE TABLE IF NOT EXISTS apps (name TEXT PRIMARY KEY, spec TEXT NOT NULL);",
+             CREATE TABLE IF NOT EXISTS apps (name TEXT PRIMARY KEY, spec TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS app_events (
+                 id        INTEGER PRIMARY KEY,
+                 name      TEXT    NOT NULL,
+                 at_ms     INTEGER NOT NULL,
+                 state     TEXT    NOT NULL,
+                 reason    TEXT,
+                 exit_code INTEGER,
+                 restarts  INTEGER NOT NULL,
+                 seq       INTEGER NOT NULL DEFAULT 0  -- order within one process and millisecond
+             );
+             CREATE INDEX IF NOT EXISTS app_events_by_name ON app_events(name, id);",
         )
         .map_err(sqlite)?;
         let rows: Vec<(String, String)> = {
@@ -112,6 +142,69 @@ impl AppStore {
             .map(drop)
         })
         .await
+    }
+
+    /// Records a status change of `name`, keeping the newest [`EVENTS_PER_APP`] of that app.
+    /// Events are written by background tasks that may run out of order; `order` (increasing
+    /// within a process) with the timestamp gives the order they happened in.
+    pub async fn record(
+        &self,
+        name: String,
+        event: AppEvent,
+        order: u64,
+    ) -> Result<(), StoreError> {
+        self.run(move |c| {
+            c.execute(
+                "INSERT INTO app_events (name, at_ms, state, reason, exit_code, restarts, seq)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                (
+                    &name,
+                    event.at_ms,
+                    &event.state,
+                    &event.reason,
+                    event.exit_code,
+                    event.restarts as i64,
+                    order as i64,
+                ),
+            )?;
+            c.execute(
+                "DELETE FROM app_events WHERE name = ?1 AND id <= (
+                     SELECT id FROM app_events WHERE name = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+                (&name, EVENTS_PER_APP as i64),
+            )
+            .map(drop)
+        })
+        .await
+    }
+
+    /// The recorded status changes of `name`, newest first.
+    pub async fn events(&self, name: String) -> Result<Vec<AppEvent>, StoreError> {
+        let (conn, path) = (Arc::clone(&self.conn), Arc::clone(&self.path));
+        tokio::task::spawn_blocking(move || {
+            let conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
+            let read = || -> rusqlite::Result<Vec<AppEvent>> {
+                let mut stmt = conn.prepare_cached(
+                    "SELECT at_ms, state, reason, exit_code, restarts FROM app_events
+                     WHERE name = ?1 ORDER BY at_ms DESC, seq DESC",
+                )?;
+                stmt.query_map([&name], |r| {
+                    Ok(AppEvent {
+                        at_ms: r.get(0)?,
+                        state: r.get(1)?,
+                        reason: r.get(2)?,
+                        exit_code: r.get(3)?,
+                        restarts: r.get::<_, i64>(4)? as u64,
+                    })
+                })?
+                .collect()
+            };
+            read().map_err(|source| StoreError::Sqlite {
+                path: path.to_path_buf(),
+                source,
+            })
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
     pub async fn delete(&self, name: String) -> Result<(), StoreError> {

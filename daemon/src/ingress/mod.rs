@@ -9,10 +9,11 @@
 //! device's signal quality, and numeric `lat` and `lon` its location (see [`reported`]).
 //!
 //! After the commit each record is also offered to the local readings stream (a bounded
-//! broadcast channel the local MQTT bus will publish from). A slow local subscriber misses
+//! broadcast channel the local MQTT bus publishes from, see [`bus`]). A slow local subscriber misses
 //! readings on that stream (it lags); the outbox still has every one of them.
 
 pub mod body;
+pub mod bus;
 pub mod coap;
 pub mod drivers;
 pub mod http;
@@ -58,6 +59,8 @@ pub struct Ingest {
     readings: broadcast::Sender<LocalReading>,
     /// `[[kafka.rules]]`: a matching rule's `priority` is given to a record when it is stored.
     rules: Option<Arc<Rules>>,
+    /// The local bus, for the MQTT front (ACLs of app identities, command delivery).
+    bus: bus::BusHandle,
 }
 
 impl Ingest {
@@ -71,7 +74,18 @@ impl Ingest {
             registry,
             readings,
             rules: None,
+            bus: bus::BusHandle::default(),
         }
+    }
+
+    /// Connects the MQTT front to the local bus.
+    pub fn with_bus(mut self, bus: bus::BusHandle) -> Self {
+        self.bus = bus;
+        self
+    }
+
+    pub fn bus(&self) -> &bus::BusHandle {
+        &self.bus
     }
 
     /// Gives stored records the priority of the first matching Kafka rule that sets one.

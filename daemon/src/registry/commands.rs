@@ -1,10 +1,12 @@
 //! Commands queued for devices, stored in `registry.db` (table `commands`).
 //!
 //! A command is `queued` until a delivery path hands it to the device (`delivered`), or until
-//! its TTL passes first (`expired`). Delivery is at most once: a command is marked delivered in
-//! the same transaction that reads it for the device, so a response lost on the way is not
-//! retried. Today devices fetch their commands by polling (the HTTP device endpoint calls
-//! [`super::Registry::take_pending_commands`]); MQTT delivery comes with the MQTT issue.
+//! its TTL passes first (`expired`). Polling is at most once: a command is marked delivered in
+//! the same transaction that reads it for the device (the HTTP device endpoint calls
+//! [`super::Registry::take_pending_commands`]), so a response lost on the way is not retried.
+//! Over MQTT (`ingress::bus`) a queued command is published on the device's command topic and
+//! marked delivered ([`super::Registry::mark_delivered`]) once the front relayed it to the
+//! device; until then it stays queued, and is published again when the device subscribes.
 //!
 //! Bounds (a device that never polls cannot fill the disk):
 //! - at most [`MAX_QUEUED`] commands queued per device: queuing one more fails with

@@ -24,7 +24,7 @@
 //! Monitoring semantics (state, rates) are in [`monitor`]; command queue rules in [`commands`];
 //! the file and its migrations in [`store`].
 //!
-//! WIRING (app.rs): open with `Registry::open(&data_dir, config.devices.offline_after)` in
+//! Wiring (`app.rs`): open with `Registry::open(&data_dir, config.devices.offline_after)` in
 //! `spawn_blocking` before ingress starts; raise an alarm if `registry.quarantine()` is `Some`;
 //! spawn `registry.clone().run_flusher(shutdown_token)` as task `registry-flush` (it flushes every
 //! [`FLUSH_INTERVAL`] and once more when cancelled — cancel it after ingress has stopped so the
@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 use outpost_sync::outbox::now_unix_ms;
 use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, broadcast};
 use tokio_util::sync::CancellationToken;
 
 pub use commands::Command;
@@ -57,6 +57,9 @@ pub use store::Quarantine;
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(10);
 /// Most argon2 verifications running at once.
 pub const VERIFY_CONCURRENCY: usize = 2;
+/// Queued commands kept for a slow MQTT delivery path before it misses some.
+const COMMAND_EVENTS: usize = 256;
+
 /// Default and largest page of [`Registry::list`].
 pub const DEFAULT_PAGE: usize = 100;
 pub const MAX_PAGE: usize = 1000;
@@ -269,6 +272,9 @@ struct Inner {
     epochs: AtomicU64,
     offline_after: Duration,
     quarantine: Option<Quarantine>,
+    /// Commands just queued, for the MQTT delivery path (lossy: a command missed there stays
+    /// queued for polling).
+    command_events: broadcast::Sender<Command>,
 }
 
 #[derive(Debug, Clone)]
@@ -456,12 +462,12 @@ impl Registry {
                 epochs: AtomicU64::new(epoch),
                 offline_after,
                 quarantine,
+                command_events: broadcast::channel(COMMAND_EVENTS).0,
             }),
         })
     }
 
     /// The corrupt file moved aside at open, if any: raise an alarm.
-    #[allow(dead_code)] // WIRING: app.rs raises the alarm from it
     pub fn quarantine(&self) -> Option<&Quarantine> {
         self.inner.quarantine.as_ref()
     }
@@ -964,6 +970,8 @@ impl Registry {
             match commands::queue(conn, &id, &text, ttl, now_unix_ms())? {
                 commands::Queued::Ok(c) => {
                     tracing::info!(device = %id, command = c.id, "Command queued");
+                    // No listener (MQTT off) is fine: the command waits for a poll.
+                    let _ = inner.command_events.send(c.clone());
                     Ok(c)
                 }
                 commands::Queued::Full => Err(RegistryError::CommandQueueFull {
@@ -973,6 +981,11 @@ impl Registry {
             }
         })
         .await
+    }
+
+    /// Commands as they are queued (for the MQTT delivery path).
+    pub fn command_events(&self) -> broadcast::Receiver<Command> {
+        self.inner.command_events.subscribe()
     }
 
     /// Every kept command of a device (queued, delivered, expired), oldest first.
@@ -1005,7 +1018,6 @@ impl Registry {
 
     /// Queued commands of a device, oldest first, at most `max`, without marking them. Pair
     /// with [`Registry::mark_delivered`] when the delivery path knows they arrived.
-    #[allow(dead_code)] // for the device-facing delivery paths (HTTP polling, MQTT)
     pub async fn pending_commands(
         &self,
         device_id: &str,
@@ -1017,7 +1029,6 @@ impl Registry {
     }
 
     /// Marks commands of a device delivered; returns how many were still queued.
-    #[allow(dead_code)] // for the device-facing delivery paths (HTTP polling, MQTT)
     pub async fn mark_delivered(
         &self,
         device_id: &str,

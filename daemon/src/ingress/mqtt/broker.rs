@@ -1,7 +1,9 @@
 //! The embedded rumqttd broker: routing, subscriptions, retained messages, wills and sessions.
 //!
 //! It listens on loopback only, on a port picked at start, and accepts exactly one user: the
-//! front, with a password drawn at random for this boot. Devices never reach it directly.
+//! front, with a password drawn at random for this boot. Devices never reach it directly. The
+//! gateway's own publishes (the local bus, [`crate::ingress::bus`]) use an in-process link
+//! created here before the broker serves.
 //!
 //! Memory bound: rumqttd keeps a log per subscribed filter of at most
 //! `max_segment_count × max_segment_size` bytes; here 2 × `mqtt.max_packet` (512 KiB with the
@@ -33,12 +35,15 @@ impl std::fmt::Debug for BrokerHandle {
     }
 }
 
-/// Starts the broker (MQTT 3.1.1 server) on a free loopback port.
+/// Starts the broker (MQTT 3.1.1 server) on a free loopback port, with the local bus's link.
 ///
 /// The port is found by binding port 0 and releasing it, because rumqttd does not report the
 /// port it bound; another process taking it in between makes the front's broker connections
 /// fail (devices get CONNACK "server unavailable"), which is logged.
-pub fn start(max_connections: usize, max_packet: usize) -> std::io::Result<BrokerHandle> {
+pub fn start(
+    max_connections: usize,
+    max_packet: usize,
+) -> std::io::Result<(BrokerHandle, crate::ingress::bus::BusLink)> {
     let addr = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?;
     let secret = crate::registry::secrets::generate();
     let connections = rumqttd::ConnectionSettings {
@@ -59,7 +64,8 @@ pub fn start(max_connections: usize, max_packet: usize) -> std::io::Result<Broke
     let config = rumqttd::Config {
         id: 0,
         router: rumqttd::RouterConfig {
-            max_connections,
+            // One more for the local bus's link.
+            max_connections: max_connections + 1,
             max_outgoing_packet_count: 200,
             max_segment_size: max_packet.max(64 * 1024),
             max_segment_count: 2,
@@ -69,6 +75,9 @@ pub fn start(max_connections: usize, max_packet: usize) -> std::io::Result<Broke
         ..Default::default()
     };
     let mut broker = rumqttd::Broker::new(config);
+    let (tx, rx) = broker
+        .link(crate::ingress::bus::LINK_CLIENT_ID)
+        .map_err(|e| std::io::Error::other(format!("local link to the broker: {e}")))?;
     std::thread::Builder::new()
         .name("mqtt-broker".to_owned())
         .spawn(move || {
@@ -76,5 +85,8 @@ pub fn start(max_connections: usize, max_packet: usize) -> std::io::Result<Broke
                 tracing::error!(error = %e, "Embedded MQTT broker stopped");
             }
         })?;
-    Ok(BrokerHandle { addr, secret })
+    Ok((
+        BrokerHandle { addr, secret },
+        crate::ingress::bus::BusLink::new(tx, rx),
+    ))
 }

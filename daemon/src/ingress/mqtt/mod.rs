@@ -2,74 +2,94 @@
 //!
 //! ```text
 //! device ──TCP──> front (this module) ──loopback TCP, front's credentials──> rumqttd (broker.rs)
-//!                  │ auth, ACL, outbox commit before PUBACK/PUBREC
+//!  3.1.1 or 5      │ auth, ACL, outbox commit before PUBACK/PUBREC           MQTT 3.1.1
 //!                  └──> Ingest::submit ──> outbox
 //! ```
 //!
 //! One task per device connection (in this module's own `TaskTracker`, awaited on shutdown),
 //! admitted by a semaphore of `mqtt.max_connections` permits taken *before* `accept`: excess
-//! connections wait in the kernel's backlog. Each connection opens its own connection to the
-//! broker, logging in with the front's per-boot secret; the broker client id is
-//! `<device id>|<client id>`, so devices cannot take over each other's sessions.
+//! connections wait in the kernel's backlog. A device that needs a broker session (a will, a
+//! persistent session, or from its first SUBSCRIBE/UNSUBSCRIBE on) gets its own connection to
+//! the broker, logging in with the front's per-boot secret; the broker client id is
+//! `<device id>|<client id>` (escaped, [`broker_client_id`]), so devices cannot take over each
+//! other's sessions. The publishes of the others are routed through one shared broker
+//! connection ([`forward`]), and the front answers their PINGREQs and enforces their keep-alive:
+//! rumqttd's fixed per-connection queues cost about 55 KiB, an idle publishing device then
+//! costs only its front task.
 //!
-//! Contract with the device (MQTT 3.1.1):
+//! Devices speak MQTT 3.1.1 or MQTT 5; the broker hop is always 3.1.1 (`codec.rs` translates,
+//! `docs/MQTT.md` lists what passes through). Contract with the device:
 //! - CONNECT: username = device id, password = device secret, checked against the registry.
-//!   Unknown device or wrong secret → CONNACK 0x04; disabled device, MQTT not allowed for it, no
-//!   credentials (unless `allow_anonymous`) or a will outside the publish ACL → CONNACK 0x05;
-//!   with `allow_anonymous`, a CONNECT without credentials is the identity
+//!   Unknown device or wrong secret → CONNACK 0x04 (v5: 0x86); disabled device, MQTT not
+//!   allowed for it, no credentials (unless `allow_anonymous`) or a will outside the publish ACL
+//!   → 0x05 (v5: 0x87); with `allow_anonymous`, a CONNECT without credentials is the identity
 //!   `anonymous/<client id>` (client id non-empty, without `/`, `+`, `#`), which is what its
-//!   records carry and what `{id}` stands for in its ACL;
-//!   broker unreachable → 0x03. The connection is then closed.
-//! - PUBLISH: outside the publish ACL → **the connection is closed** (3.1.1 has no negative
-//!   ack; a silent drop would make the device believe it was delivered), nothing stored or
-//!   routed. Otherwise appended to the outbox (route `mqtt.route`, headers `mqtt_qos` and
-//!   `mqtt_retain`), and only once committed: QoS 1 → PUBACK, QoS 2 → PUBREC; then forwarded
-//!   to the broker for subscribers. A QoS 2 PUBLISH whose packet id awaits its PUBREL (a DUP
-//!   retransmission) is answered with PUBREC again and not stored twice. QoS 0 is stored
-//!   best-effort (a refusal is only counted). Outbox refusal (full, storage error, closing) →
-//!   no ack and not routed: the device retransmits after reconnecting.
-//!   A record the outbox can never take (too large) closes the connection.
+//!   records carry and what `{id}` stands for in its ACL; broker unreachable → 0x03 (v5: 0x88).
+//!   The connection is then closed.
+//! - PUBLISH outside the publish ACL: nothing stored or routed. 3.1.1 → **the connection is
+//!   closed** once the acks of earlier publishes are out (3.1.1 has no negative ack; a silent
+//!   drop would make the device believe it was delivered). v5 → PUBACK/PUBREC 0x87, the
+//!   connection stays.
+//! - PUBLISH inside the ACL: appended to the outbox (route `mqtt.route`, headers `mqtt_qos`,
+//!   `mqtt_retain`, then a v5 publish's user properties in order; its content type as the
+//!   record's content type), and only once committed: QoS 1 → PUBACK, QoS 2 → PUBREC; then
+//!   forwarded to the broker for subscribers. A QoS 2 PUBLISH whose packet id awaits its PUBREL
+//!   (a DUP retransmission) is answered with PUBREC again and not stored twice. QoS 0 is stored
+//!   best-effort (a refusal is only counted). Outbox full (`reject`) → v5 0x97, storage error or
+//!   shutdown → v5 0x80; 3.1.1 → no ack (the device retransmits after reconnecting); never
+//!   routed. A record the outbox can never take (too large) closes the connection.
+//! - **Pipelining**: up to `mqtt.max_inflight` publishes of a connection await their commit at
+//!   once (the outbox commits them in groups); acks are written strictly in the order the
+//!   publishes arrived (a queue of futures completed in order). With the window full the front
+//!   reads nothing more from that device: TCP back-pressure. v5 clients get the window as
+//!   their receive maximum.
 //! - Publishes reach the broker with QoS ≤ 1 (a device's QoS 2 is forwarded as QoS 1: the
 //!   exactly-once part is the outbox record, which is what the gateway guarantees).
-//! - SUBSCRIBE: each filter outside the subscribe ACL gets SUBACK 0x80; the others are
-//!   subscribed at the broker and their codes relayed. UNSUBSCRIBE, PINGREQ, DISCONNECT and the
-//!   device's acks of deliveries pass through to the broker; deliveries come back unchanged.
+//! - SUBSCRIBE: each filter outside the subscribe ACL gets SUBACK 0x80 (v5: 0x87); the others
+//!   are subscribed at the broker and their codes relayed. UNSUBSCRIBE, PINGREQ, DISCONNECT and
+//!   the device's acks of deliveries pass through to the broker; deliveries come back.
 //! - A device disabled while connected is disconnected within 0.5 s (checked on a timer).
 //! - Malformed input (undecodable packet, a packet over `mqtt.max_packet`, anything but CONNECT
-//!   first, a second CONNECT) closes the connection and counts `outpost_mqtt_malformed`.
-//!
-//! MQTT 5: CONNECT is decoded with the v5 codec and refused with the v5 codes (0x86 unknown
-//! device / wrong secret, 0x87 not authorized). **An authenticated MQTT 5 session is not
-//! implemented yet**: it gets CONNACK 0x84 (unsupported protocol version), so a v5 client can
-//! fall back to 3.1.1. No MQTT 5 feature passes through today.
+//!   first, a second CONNECT, a v5 topic alias or AUTH) closes the connection and counts
+//!   `outpost_mqtt_malformed`.
 
 mod acl;
 pub mod broker;
+mod codec;
+mod metrics;
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use futures_util::FutureExt;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
 use outpost_config::MqttConfig;
 use outpost_sync::{AppendError, Source};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry as MetricsRegistry;
 use rumqttc::mqttbytes::{self, QoS};
-use rumqttc::{
-    ConnAck, Connect, ConnectReturnCode, Login, Packet, PubAck, PubComp, PubRec, Publish, SubAck,
-    Subscribe, SubscribeReasonCode,
-};
+use rumqttc::{Connect, ConnectReturnCode, Login, Packet, Publish, Subscribe};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use acl::Acl;
 pub use broker::BrokerHandle;
+pub use metrics::{MqttMetrics, MqttStatus};
 
+use self::codec::{
+    AckReason, ConnRefusal, DeviceCodec, DeviceConnect, Inbound, MAX_WRITE, PublishMeta, SubCode,
+    Version,
+};
+use self::metrics::{DeviceCounters, RefusedReason};
 use super::{Ingest, IngestRecord};
 use crate::registry::{Protocol, Refusal, Traffic};
 
@@ -77,8 +97,6 @@ use crate::registry::{Protocol, Refusal, Traffic};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a connected device's registry entry is checked (disabled → disconnect).
 const RECHECK_EVERY: Duration = Duration::from_millis(500);
-/// Largest packet the front writes (to the device or the broker); larger ones are bugs.
-const MAX_WRITE: usize = 64 * 1024 * 1024;
 
 /// What the front needs from the configuration.
 #[derive(Debug, Clone)]
@@ -86,6 +104,7 @@ pub struct MqttSettings {
     pub route: String,
     pub max_connections: usize,
     pub max_packet: usize,
+    pub max_inflight: usize,
     pub allow_anonymous: bool,
     pub acl: outpost_config::MqttAclConfig,
 }
@@ -96,57 +115,10 @@ impl MqttSettings {
             route: config.route.clone(),
             max_connections: config.max_connections,
             max_packet: usize::try_from(config.max_packet.bytes()).unwrap_or(usize::MAX),
+            max_inflight: config.max_inflight.clamp(1, usize::from(u16::MAX)),
             allow_anonymous: config.allow_anonymous,
             acl: config.acl.clone(),
         }
-    }
-}
-
-/// `outpost_mqtt_*` metrics. Clones share the counters.
-#[derive(Debug, Clone, Default)]
-pub struct MqttMetrics {
-    pub connections: Gauge,
-    pub connects_refused: Counter,
-    pub publishes: Counter,
-    pub acl_denied: Counter,
-    pub outbox_refused: Counter,
-    pub malformed: Counter,
-}
-
-impl MqttMetrics {
-    /// Registers every metric under the `outpost_mqtt_` prefix.
-    pub fn register(&self, registry: &mut MetricsRegistry) {
-        let r = registry.sub_registry_with_prefix("outpost_mqtt");
-        r.register(
-            "connections",
-            "Device connections open",
-            self.connections.clone(),
-        );
-        r.register(
-            "connects_refused",
-            "CONNECTs refused (credentials, disabled, broker unavailable)",
-            self.connects_refused.clone(),
-        );
-        r.register(
-            "publishes",
-            "PUBLISHes committed to the outbox",
-            self.publishes.clone(),
-        );
-        r.register(
-            "acl_denied",
-            "PUBLISH topics and SUBSCRIBE filters refused by the ACL",
-            self.acl_denied.clone(),
-        );
-        r.register(
-            "outbox_refused",
-            "PUBLISHes the outbox refused (not acknowledged)",
-            self.outbox_refused.clone(),
-        );
-        r.register(
-            "malformed",
-            "Connections closed for malformed or out-of-order packets",
-            self.malformed.clone(),
-        );
     }
 }
 
@@ -172,7 +144,42 @@ struct Front {
     settings: MqttSettings,
     broker: BrokerHandle,
     metrics: MqttMetrics,
+    /// Encoded publishes for the shared broker connection (see [`forward`]).
+    shared: mpsc::Sender<BytesMut>,
+    /// Packet ids on the shared connection.
+    shared_pkid: AtomicU16,
+    /// Open connections by broker client id, with a generation number: a new CONNECT with the
+    /// same (device, client id) closes the older connection (MQTT 3.1.4-2). The broker does
+    /// this for devices with a session there; this covers the others.
+    sessions: std::sync::Mutex<HashMap<String, (u64, CancellationToken)>>,
+    next_generation: AtomicU64,
 }
+
+/// Removes a connection from [`Front::sessions`] when it ends (unless a newer one took over).
+struct SessionEntry<'a> {
+    front: &'a Front,
+    key: String,
+    generation: u64,
+}
+
+impl Drop for SessionEntry<'_> {
+    fn drop(&mut self) {
+        let mut sessions = self
+            .front
+            .sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if sessions
+            .get(&self.key)
+            .is_some_and(|(g, _)| *g == self.generation)
+        {
+            sessions.remove(&self.key);
+        }
+    }
+}
+
+/// Batches of publishes waiting for the shared broker connection; when full, connections wait.
+const SHARED_QUEUE: usize = 256;
 
 /// Accepts device connections until `shutdown`, then waits for them to end.
 pub async fn run(
@@ -184,13 +191,19 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let permits = Arc::new(Semaphore::new(settings.max_connections));
+    let (shared, shared_rx) = mpsc::channel(SHARED_QUEUE);
+    let connections = TaskTracker::new();
+    connections.spawn(forward(shared_rx, broker.clone(), shutdown.clone()));
     let front = Arc::new(Front {
         ingest,
         settings,
         broker,
         metrics,
+        shared,
+        shared_pkid: AtomicU16::new(0),
+        sessions: std::sync::Mutex::default(),
+        next_generation: AtomicU64::new(0),
     });
-    let connections = TaskTracker::new();
     loop {
         let permit = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -228,11 +241,59 @@ pub async fn run(
             drop(permit);
         });
     }
+    // The shared forwarder ends once no connection can send to it any more.
+    drop(front);
     connections.close();
     connections.wait().await;
 }
 
-/// Reads one complete packet's bytes into `buf`: returns false on EOF.
+/// The shared broker connection: routes the publishes of devices that have no broker session
+/// of their own (no subscription, no will, clean session), so an idle publishing device costs
+/// the broker nothing. Reconnects after a failure; meanwhile the queue fills and connections
+/// wait (a batch being written when the connection failed is not routed: it is in the outbox,
+/// and the failure is logged). Ends when every sender is gone or on `stop`.
+async fn forward(mut rx: mpsc::Receiver<BytesMut>, broker: BrokerHandle, stop: CancellationToken) {
+    const CLIENT_ID: &str = "outpost-front|shared";
+    loop {
+        let connected = tokio::select! {
+            () = stop.cancelled() => return,
+            c = connect_front(&broker, CLIENT_ID, u16::MAX, true, None) => c,
+        };
+        let (mut rd, mut wr) = match connected {
+            Ok((rd, wr, _)) => (rd, wr),
+            Err(e) => {
+                tracing::error!(error = %e, "MQTT shared broker connection failed; retrying");
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        let mut sink = BytesMut::with_capacity(1024);
+        let mut ping = tokio::time::interval(Duration::from_secs(60));
+        let error = loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                batch = rx.recv() => match batch {
+                    None => return,
+                    Some(bytes) => if let Err(e) = wr.write_all(&bytes).await { break e.to_string() },
+                },
+                // The broker's PUBACKs and PINGRESPs: read and dropped.
+                r = rd.read_buf(&mut sink) => match r {
+                    Ok(0) => break "closed by the broker".to_owned(),
+                    Ok(_) => sink.clear(),
+                    Err(e) => break e.to_string(),
+                },
+                _ = ping.tick() => {
+                    if let Err(e) = wr.write_all(&[0xC0, 0]).await { break e.to_string() }
+                }
+            }
+        };
+        tracing::error!(error = %error, "MQTT shared broker connection lost; reconnecting");
+    }
+}
+
+/// Reads more bytes into `buf`: returns false on EOF.
 async fn fill(
     stream: &mut tokio::net::tcp::OwnedReadHalf,
     buf: &mut BytesMut,
@@ -240,94 +301,25 @@ async fn fill(
     Ok(stream.read_buf(buf).await? > 0)
 }
 
-fn encode(packet: &Packet) -> BytesMut {
-    let mut out = BytesMut::new();
-    // Packets the front builds are small; relayed ones were decoded under `max_packet`.
-    let _ = packet.write(&mut out, MAX_WRITE);
-    out
-}
-
-/// The protocol level of a CONNECT at the start of `buf`, once enough bytes are there.
-fn connect_level(buf: &[u8]) -> Result<Option<u8>, ConnError> {
-    let Some(&first) = buf.first() else {
-        return Ok(None);
-    };
-    if first >> 4 != 1 {
-        return Err(ConnError::Malformed(format!(
-            "first packet is type {}, not CONNECT",
-            first >> 4
-        )));
-    }
-    // Remaining length: up to 4 bytes of 7 bits.
-    let mut i = 1;
-    loop {
-        let Some(&b) = buf.get(i) else {
-            return Ok(None);
-        };
-        i += 1;
-        if b & 0x80 == 0 {
-            break;
-        }
-        if i > 4 {
-            return Err(ConnError::Malformed("bad remaining length".into()));
-        }
-    }
-    // Protocol name (length-prefixed "MQTT" or "MQIsdp"), then the level byte.
-    let (Some(&hi), Some(&lo)) = (buf.get(i), buf.get(i + 1)) else {
-        return Ok(None);
-    };
-    let name_len = usize::from(u16::from_be_bytes([hi, lo]));
-    if name_len > 6 {
-        return Err(ConnError::Malformed("bad protocol name".into()));
-    }
-    Ok(buf.get(i + 2 + name_len).copied())
-}
-
-fn v5_connack(code: u8) -> [u8; 5] {
-    // CONNACK, remaining length 3: flags 0, reason code, properties length 0.
-    [0x20, 3, 0, code, 0]
-}
-
-fn v4_refusal(refusal: Refusal) -> ConnectReturnCode {
+fn refusal_code(refusal: Refusal) -> ConnRefusal {
     match refusal {
-        Refusal::UnknownDevice | Refusal::BadSecret => ConnectReturnCode::BadUserNamePassword,
-        Refusal::Disabled | Refusal::ProtocolNotAllowed => ConnectReturnCode::NotAuthorized,
+        Refusal::UnknownDevice | Refusal::BadSecret => ConnRefusal::BadCredentials,
+        Refusal::Disabled | Refusal::ProtocolNotAllowed => ConnRefusal::NotAuthorized,
     }
 }
 
 async fn serve(stream: TcpStream, front: &Front, stop: CancellationToken) -> Result<(), ConnError> {
     let max = front.settings.max_packet;
+    let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();
-    let mut buf = BytesMut::with_capacity(4096);
+    let mut buf = BytesMut::with_capacity(1024);
     // The CONNECT: which protocol level, then the whole packet.
-    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
-    let level = loop {
-        if let Some(level) = connect_level(&buf)? {
-            break level;
-        }
-        let read = tokio::time::timeout_at(deadline, fill(&mut rd, &mut buf)).await;
-        match read {
-            Err(_) => return Err(ConnError::Refused("no CONNECT in time".into())),
-            Ok(r) => {
-                if !r? {
-                    return Ok(());
-                }
-            }
-        }
-    };
-    if level == 5 {
-        return serve_v5_connect(&mut rd, &mut wr, buf, front, deadline).await;
-    }
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
     let connect = loop {
-        match Packet::read(&mut buf, max) {
-            Ok(Packet::Connect(c)) => break c,
-            Ok(other) => {
-                return Err(ConnError::Malformed(format!(
-                    "expected CONNECT, got {other:?}"
-                )));
-            }
-            Err(mqttbytes::Error::InsufficientBytes(_)) => {}
-            Err(e) => return Err(ConnError::Malformed(e.to_string())),
+        if let Some(level) = codec::connect_level(&buf)?
+            && let Some(connect) = codec::read_connect(&mut buf, level, max)?
+        {
+            break connect;
         }
         match tokio::time::timeout_at(deadline, fill(&mut rd, &mut buf)).await {
             Err(_) => return Err(ConnError::Refused("no CONNECT in time".into())),
@@ -338,7 +330,7 @@ async fn serve(stream: TcpStream, front: &Front, stop: CancellationToken) -> Res
             }
         }
     };
-    let refuse = |code: ConnectReturnCode| encode(&Packet::ConnAck(ConnAck::new(code, false)));
+    let version = connect.version;
     let device_id = match &connect.login {
         Some(Login { username, password }) => {
             match front
@@ -352,7 +344,8 @@ async fn serve(stream: TcpStream, front: &Front, stop: CancellationToken) -> Res
                     front.metrics.connects_refused.inc();
                     front.ingest.registry().observe(username, Traffic::Refused);
                     tracing::warn!(device = %username, reason = %refusal, "Refused MQTT CONNECT");
-                    wr.write_all(&refuse(v4_refusal(refusal))).await?;
+                    wr.write_all(&codec::refuse(version, refusal_code(refusal)))
+                        .await?;
                     return Ok(());
                 }
             }
@@ -368,77 +361,183 @@ async fn serve(stream: TcpStream, front: &Front, stop: CancellationToken) -> Res
         None => {
             front.metrics.connects_refused.inc();
             tracing::warn!(client_id = %connect.client_id, "Refused MQTT CONNECT without credentials");
-            wr.write_all(&refuse(ConnectReturnCode::NotAuthorized))
+            wr.write_all(&codec::refuse(version, ConnRefusal::NotAuthorized))
                 .await?;
             return Ok(());
         }
     };
     let authenticated = connect.login.is_some();
-    let acl = Acl::for_device(&front.settings.acl, &device_id);
-    if let Some(will) = &connect.last_will
+    let acl = front
+        .ingest
+        .bus()
+        .acl_for(&front.settings.acl, front.ingest.registry(), &device_id);
+    if let Some(will) = &connect.will
         && !acl.may_publish(&will.topic)
     {
         front.metrics.connects_refused.inc();
-        front.metrics.acl_denied.inc();
+        front.metrics.refuse(RefusedReason::Acl);
         tracing::warn!(device = %device_id, topic = %will.topic, "Refused MQTT CONNECT: will outside ACL");
-        wr.write_all(&refuse(ConnectReturnCode::NotAuthorized))
+        wr.write_all(&codec::refuse(version, ConnRefusal::NotAuthorized))
             .await?;
         return Ok(());
     }
-    let (mut brd, mut bwr, session_present) =
-        match connect_broker(front, &device_id, &connect).await {
-            Ok(connected) => connected,
+    let assigned = connect
+        .client_id
+        .is_empty()
+        .then(crate::registry::secrets::generate);
+    let client_id = assigned
+        .clone()
+        .unwrap_or_else(|| connect.client_id.clone());
+    let taken_over = CancellationToken::new();
+    let _entry = {
+        let key = broker_client_id(&device_id, &client_id);
+        let generation = front.next_generation.fetch_add(1, Ordering::Relaxed);
+        let older = front
+            .sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key.clone(), (generation, taken_over.clone()));
+        if let Some((_, older)) = older {
+            older.cancel();
+        }
+        SessionEntry {
+            front,
+            key,
+            generation,
+        }
+    };
+    // A broker session of its own only when the device needs one now (a will, a persistent
+    // session); otherwise at its first SUBSCRIBE. Until then its publishes are routed through
+    // the shared connection.
+    let mut broker_conn: Option<(OwnedReadHalf, OwnedWriteHalf)> = None;
+    let mut session_present = false;
+    if connect.will.is_some() || !connect.clean_session {
+        match connect_broker(front, &device_id, &client_id, &connect).await {
+            Ok((rd, wr, present)) => {
+                broker_conn = Some((rd, wr));
+                session_present = present;
+            }
             Err(e) => {
                 front.metrics.connects_refused.inc();
                 tracing::error!(device = %device_id, error = %e, "MQTT broker unavailable");
-                wr.write_all(&refuse(ConnectReturnCode::ServiceUnavailable))
+                wr.write_all(&codec::refuse(version, ConnRefusal::Unavailable))
                     .await?;
                 return Ok(());
             }
-        };
-    wr.write_all(&encode(&Packet::ConnAck(ConnAck::new(
-        ConnectReturnCode::Success,
+        }
+    }
+    let limit = front.settings.max_inflight;
+    let codec = DeviceCodec::new(version, max);
+    let mut out = BytesMut::new();
+    codec.connack(
+        &mut out,
         session_present,
-    ))))
-    .await?;
+        u16::try_from(limit).unwrap_or(u16::MAX),
+        assigned.filter(|_| version == Version::V5),
+    );
+    wr.write_all(&out).await?;
+    out.clear();
+    let counters = if authenticated {
+        front.metrics.device(&device_id)
+    } else {
+        DeviceCounters::default()
+    };
     let mut session = Session {
         front,
-        device_id,
+        device_id: Arc::from(device_id),
         acl,
+        codec,
+        counters,
         awaiting_rel: HashSet::new(),
         pending_subs: HashMap::new(),
         next_pkid: 0,
+        closing: false,
+        own_broker: broker_conn.is_some(),
+        out,
+        bout: BytesMut::new(),
+        shared_out: BytesMut::new(),
     };
-    let mut bbuf = BytesMut::with_capacity(4096);
+    let mut inflight: InFlight<'_> = FuturesOrdered::new();
+    let mut bbuf = BytesMut::new();
     let mut recheck = tokio::time::interval(RECHECK_EVERY);
+    // Keep-alive: the device must send something within 1.5 × its keep-alive (MQTT 3.1.2.10).
+    let keep_alive = Duration::from_millis(u64::from(connect.keep_alive) * 1500);
+    let mut last_heard = Instant::now();
     loop {
-        // Handle every complete packet already buffered from the device.
-        loop {
-            match Packet::read(&mut buf, max) {
-                Ok(p) => {
-                    if !session.on_device_packet(p, &mut wr, &mut bwr).await? {
-                        return Ok(());
+        // Every complete packet already buffered from the device, while the window has room.
+        while inflight.len() < limit && !session.closing {
+            let Some(packet) = session.codec.read(&mut buf)? else {
+                break;
+            };
+            if broker_conn.is_none() && needs_broker(&packet) {
+                match connect_broker(front, &session.device_id, &client_id, &connect).await {
+                    Ok((rd, wr, _)) => {
+                        broker_conn = Some((rd, wr));
+                        session.own_broker = true;
+                    }
+                    Err(e) => {
+                        tracing::error!(device = %session.device_id, error = %e, "MQTT broker unavailable");
+                        return Err(ConnError::Broker(e));
                     }
                 }
-                Err(mqttbytes::Error::InsufficientBytes(_)) => break,
-                Err(e) => return Err(ConnError::Malformed(e.to_string())),
+            }
+            if let Flow::Disconnect { tell_broker } =
+                session.on_device_packet(packet, &mut inflight)?
+            {
+                // Finish what is committing (acks and routing), then leave.
+                while let Some(done) = inflight.next().await {
+                    if session.complete(done).is_err() {
+                        break;
+                    }
+                }
+                if tell_broker && session.own_broker {
+                    // Forwarded so the broker drops the will.
+                    codec::encode4(&mut session.bout, &Packet::Disconnect);
+                }
+                let _ = session
+                    .flush(&mut wr, broker_conn.as_mut().map(|b| &mut b.1))
+                    .await;
+                return Ok(());
             }
         }
         loop {
             match Packet::read(&mut bbuf, MAX_WRITE) {
-                Ok(p) => session.on_broker_packet(p, &mut wr).await?,
+                Ok(p) => session.on_broker_packet(p)?,
                 Err(mqttbytes::Error::InsufficientBytes(_)) => break,
                 Err(e) => return Err(ConnError::Broker(e.to_string())),
             }
         }
+        session
+            .flush(&mut wr, broker_conn.as_mut().map(|b| &mut b.1))
+            .await?;
+        let room = inflight.len() < limit && !session.closing;
         tokio::select! {
             () = stop.cancelled() => return Ok(()),
-            r = fill(&mut rd, &mut buf) => if !r? { return Ok(()) },
-            r = fill(&mut brd, &mut bbuf) => match r {
+            () = taken_over.cancelled() => {
+                return Err(ConnError::Refused("taken over by a new connection with the same client id".into()));
+            }
+            r = fill(&mut rd, &mut buf), if room => {
+                if !r? { return Ok(()) }
+                last_heard = Instant::now();
+            }
+            r = fill_broker(broker_conn.as_mut(), &mut bbuf) => match r {
                 Ok(true) => {}
                 Ok(false) => return Err(ConnError::Broker("closed by the broker".into())),
                 Err(e) => return Err(ConnError::Broker(e.to_string())),
             },
+            Some(done) = inflight.next(), if !inflight.is_empty() => {
+                // This one and whatever else completed meanwhile, in order: one write for all.
+                let mut result = session.complete(done);
+                while result.is_ok()
+                    && let Some(Some(done)) = inflight.next().now_or_never()
+                {
+                    result = session.complete(done);
+                }
+                if let Err(e) = result {
+                    let _ = session.flush(&mut wr, broker_conn.as_mut().map(|b| &mut b.1)).await;
+                    return Err(e);
+                }
+            }
             _ = recheck.tick() => {
                 if let Err(refusal) = front.ingest.registry().identify(&session.device_id, Protocol::Mqtt)
                     && authenticated
@@ -446,96 +545,86 @@ async fn serve(stream: TcpStream, front: &Front, stop: CancellationToken) -> Res
                     tracing::warn!(device = %session.device_id, reason = %refusal, "Disconnecting MQTT device");
                     return Err(ConnError::Refused(refusal.to_string()));
                 }
+                if !keep_alive.is_zero() && room && last_heard.elapsed() > keep_alive {
+                    return Err(ConnError::Refused("keep-alive expired".into()));
+                }
             }
         }
     }
 }
 
-/// MQTT 5 CONNECT: authenticated and refused with v5 codes; sessions are not implemented yet.
-async fn serve_v5_connect(
-    rd: &mut tokio::net::tcp::OwnedReadHalf,
-    wr: &mut tokio::net::tcp::OwnedWriteHalf,
-    mut buf: BytesMut,
-    front: &Front,
-    deadline: tokio::time::Instant,
-) -> Result<(), ConnError> {
-    use rumqttc::v5::mqttbytes::v5::Packet as P5;
-    let max = u32::try_from(front.settings.max_packet).unwrap_or(u32::MAX);
-    let login = loop {
-        match P5::read(&mut buf, Some(max)) {
-            Ok(P5::Connect(_, _, login)) => break login,
-            Ok(_) => return Err(ConnError::Malformed("expected CONNECT".into())),
-            Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => {}
-            Err(e) => return Err(ConnError::Malformed(e.to_string())),
-        }
-        match tokio::time::timeout_at(deadline, fill(rd, &mut buf)).await {
-            Err(_) => return Err(ConnError::Refused("no CONNECT in time".into())),
-            Ok(r) => {
-                if !r? {
-                    return Ok(());
-                }
-            }
-        }
-    };
-    front.metrics.connects_refused.inc();
-    let code = match login {
-        Some(login) => match front
-            .ingest
-            .registry()
-            .authenticate(&login.username, &login.password, Protocol::Mqtt)
-            .await
-        {
-            Ok(()) => {
-                tracing::warn!(device = %login.username, "Refused MQTT 5 session: not supported yet, use MQTT 3.1.1");
-                0x84
-            }
-            Err(Refusal::UnknownDevice | Refusal::BadSecret) => 0x86,
-            Err(Refusal::Disabled | Refusal::ProtocolNotAllowed) => 0x87,
-        },
-        None => 0x87,
-    };
-    wr.write_all(&v5_connack(code)).await?;
-    Ok(())
+/// Does this packet need the device's own broker session?
+fn needs_broker(packet: &Inbound) -> bool {
+    matches!(
+        packet,
+        Inbound::Packet(Packet::Subscribe(_) | Packet::Unsubscribe(_))
+    )
 }
 
+/// Reads from the device's broker session; never completes without one.
+async fn fill_broker(
+    conn: Option<&mut (OwnedReadHalf, OwnedWriteHalf)>,
+    buf: &mut BytesMut,
+) -> std::io::Result<bool> {
+    match conn {
+        Some((rd, _)) => fill(rd, buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A connection to the broker logged in as the front: (read half, write half, session present).
+type BrokerConn = (
+    tokio::net::tcp::OwnedReadHalf,
+    tokio::net::tcp::OwnedWriteHalf,
+    bool,
+);
+
+/// Opens a device's own broker session.
 async fn connect_broker(
     front: &Front,
     device_id: &str,
-    device: &Connect,
-) -> Result<
-    (
-        tokio::net::tcp::OwnedReadHalf,
-        tokio::net::tcp::OwnedWriteHalf,
-        bool,
-    ),
-    String,
-> {
-    let stream = TcpStream::connect(front.broker.addr)
+    client_id: &str,
+    device: &DeviceConnect,
+) -> Result<BrokerConn, String> {
+    // rumqttd refuses keep-alive 0 ("none"); the longest one stands in for it.
+    let keep_alive = if device.keep_alive == 0 {
+        u16::MAX
+    } else {
+        device.keep_alive
+    };
+    connect_front(
+        &front.broker,
+        &broker_client_id(device_id, client_id),
+        keep_alive,
+        device.clean_session,
+        device.will.clone(),
+    )
+    .await
+}
+
+async fn connect_front(
+    broker: &BrokerHandle,
+    client_id: &str,
+    keep_alive: u16,
+    clean_session: bool,
+    last_will: Option<rumqttc::LastWill>,
+) -> Result<BrokerConn, String> {
+    let stream = TcpStream::connect(broker.addr)
         .await
         .map_err(|e| e.to_string())?;
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();
-    let client_id = if device.client_id.is_empty() {
-        format!("{device_id}|{}", crate::registry::secrets::generate())
-    } else {
-        format!("{device_id}|{}", device.client_id)
-    };
     let connect = Connect {
         protocol: mqttbytes::Protocol::V4,
-        // rumqttd refuses keep-alive 0 ("none"); the longest one stands in for it.
-        keep_alive: if device.keep_alive == 0 {
-            u16::MAX
-        } else {
-            device.keep_alive
-        },
-        client_id,
-        clean_session: device.clean_session,
-        last_will: device.last_will.clone(),
-        login: Some(Login::new(broker::FRONT_USER, front.broker.secret.clone())),
+        keep_alive,
+        client_id: client_id.to_owned(),
+        clean_session,
+        last_will,
+        login: Some(Login::new(broker::FRONT_USER, broker.secret.clone())),
     };
-    wr.write_all(&encode(&Packet::Connect(connect)))
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut out = BytesMut::new();
+    codec::encode4(&mut out, &Packet::Connect(connect));
+    wr.write_all(&out).await.map_err(|e| e.to_string())?;
     let mut buf = BytesMut::new();
     let ack = tokio::time::timeout(CONNECT_TIMEOUT, async {
         loop {
@@ -560,144 +649,285 @@ async fn connect_broker(
     Ok((rd, wr, ack.session_present))
 }
 
+/// The broker client id of a device's session: `<device id>|<client id>`, each part with `%`,
+/// `/` and `|` percent-encoded, because rumqttd refuses a `/` in a client id (an anonymous
+/// identity has one) and so that no two (device, client) pairs share a session.
+fn broker_client_id(device_id: &str, client_id: &str) -> String {
+    let escape = |s: &str| {
+        s.replace('%', "%25")
+            .replace('/', "%2F")
+            .replace('|', "%7C")
+    };
+    format!("{}|{}", escape(device_id), escape(client_id))
+}
+
+/// Publishes of one connection awaiting their commit, completed in arrival order.
+type InFlight<'a> = FuturesOrdered<Pin<Box<dyn Future<Output = Done> + Send + 'a>>>;
+
+/// What a slot of the in-flight queue yields, in the order the publishes arrived.
+enum Done {
+    /// A publish's commit resolved.
+    Committed {
+        publish: Publish,
+        received: Instant,
+        result: Result<(), AppendError>,
+    },
+    /// A v5 publish refused before the outbox (ACL): negative ack.
+    Refused {
+        pkid: u16,
+        qos: QoS,
+        reason: AckReason,
+    },
+    /// A QoS 2 retransmission of a packet id already stored: PUBREC again.
+    Rec(u16),
+    /// A 3.1.1 publish outside the ACL: close once the earlier acks are out.
+    Close(String),
+}
+
+/// What the loop does after a device packet.
+enum Flow {
+    Continue,
+    /// The device is leaving; `tell_broker` false keeps the will (v5 reason 0x04).
+    Disconnect {
+        tell_broker: bool,
+    },
+}
+
 /// One authenticated device connection.
 struct Session<'a> {
     front: &'a Front,
-    device_id: String,
+    device_id: Arc<str>,
     acl: Acl,
-    /// QoS 2 packet ids stored and PUBREC'd, awaiting the device's PUBREL.
+    codec: DeviceCodec,
+    counters: DeviceCounters,
+    /// QoS 2 packet ids being stored or PUBREC'd, awaiting the device's PUBREL.
     awaiting_rel: HashSet<u16>,
-    /// SUBSCRIBE packet id → per filter: `None` if denied, else its index at the broker.
+    /// SUBSCRIBE packet id → per filter: allowed by the ACL (sent to the broker) or not.
     pending_subs: HashMap<u16, Vec<bool>>,
     /// Packet ids of the front's publishes to the broker.
     next_pkid: u16,
+    /// A 3.1.1 ACL refusal is queued: read nothing more from the device.
+    closing: bool,
+    /// The device has its own broker session (else its publishes go to the shared one).
+    own_broker: bool,
+    /// Bytes for the device, its broker session and the shared connection, written once per
+    /// loop turn.
+    out: BytesMut,
+    bout: BytesMut,
+    shared_out: BytesMut,
 }
 
-impl Session<'_> {
-    /// Handles one packet from the device; false ends the connection normally.
-    async fn on_device_packet(
+impl<'a> Session<'a> {
+    async fn flush(
         &mut self,
-        packet: Packet,
-        device: &mut tokio::net::tcp::OwnedWriteHalf,
-        broker: &mut tokio::net::tcp::OwnedWriteHalf,
-    ) -> Result<bool, ConnError> {
+        device: &mut OwnedWriteHalf,
+        broker: Option<&mut OwnedWriteHalf>,
+    ) -> Result<(), ConnError> {
+        if !self.out.is_empty() {
+            device.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        if let Some(broker) = broker
+            && !self.bout.is_empty()
+        {
+            broker
+                .write_all(&self.bout)
+                .await
+                .map_err(|e| ConnError::Broker(e.to_string()))?;
+        }
+        self.bout.clear();
+        if !self.shared_out.is_empty() {
+            // Closed only while shutting down: then routing does not matter any more.
+            let _ = self.front.shared.send(self.shared_out.split()).await;
+        }
+        Ok(())
+    }
+
+    /// Handles one packet from the device.
+    fn on_device_packet(
+        &mut self,
+        packet: Inbound,
+        inflight: &mut InFlight<'a>,
+    ) -> Result<Flow, ConnError> {
         match packet {
-            Packet::Publish(p) => self.publish(p, device, broker).await?,
-            Packet::PubRel(rel) => {
+            Inbound::Publish(p, meta) => self.publish(p, meta, inflight),
+            Inbound::DisconnectWithWill => return Ok(Flow::Disconnect { tell_broker: false }),
+            Inbound::Packet(Packet::PubRel(rel)) => {
                 self.awaiting_rel.remove(&rel.pkid);
-                device
-                    .write_all(&encode(&Packet::PubComp(PubComp::new(rel.pkid))))
-                    .await?;
+                self.codec.pubcomp(&mut self.out, rel.pkid);
             }
-            Packet::Subscribe(sub) => self.subscribe(sub, device, broker).await?,
-            p @ (Packet::PubAck(_)
-            | Packet::PubRec(_)
-            | Packet::PubComp(_)
-            | Packet::Unsubscribe(_)
-            | Packet::PingReq) => write_broker(broker, &p).await?,
-            Packet::Disconnect => {
-                // Forwarded so the broker drops the will.
-                let _ = write_broker(broker, &Packet::Disconnect).await;
-                return Ok(false);
+            Inbound::Packet(Packet::Subscribe(sub)) => self.subscribe(sub),
+            Inbound::Packet(Packet::PingReq) if !self.own_broker => {
+                self.codec.relay(&mut self.out, &Packet::PingResp);
             }
-            other => {
+            Inbound::Packet(
+                p @ (Packet::PubAck(_)
+                | Packet::PubRec(_)
+                | Packet::PubComp(_)
+                | Packet::Unsubscribe(_)
+                | Packet::PingReq),
+            ) => codec::encode4(&mut self.bout, &p),
+            Inbound::Packet(Packet::Disconnect) => {
+                return Ok(Flow::Disconnect { tell_broker: true });
+            }
+            Inbound::Packet(other) => {
                 return Err(ConnError::Malformed(format!(
                     "unexpected {} from a client",
                     packet_name(&other)
                 )));
             }
         }
-        Ok(true)
+        Ok(Flow::Continue)
     }
 
-    async fn publish(
-        &mut self,
-        p: Publish,
-        device: &mut tokio::net::tcp::OwnedWriteHalf,
-        broker: &mut tokio::net::tcp::OwnedWriteHalf,
-    ) -> Result<(), ConnError> {
-        let metrics = &self.front.metrics;
+    /// Queues a publish: refused (in order with the acks before it) or submitted to the outbox.
+    fn publish(&mut self, p: Publish, meta: PublishMeta, inflight: &mut InFlight<'a>) {
+        let received = Instant::now();
         if !self.acl.may_publish(&p.topic) {
-            metrics.acl_denied.inc();
-            tracing::warn!(device = %self.device_id, topic = %p.topic, "Refused publish outside ACL; disconnecting");
-            return Err(ConnError::Refused(format!(
-                "publish to {} outside ACL",
-                p.topic
-            )));
+            self.front.metrics.refuse(RefusedReason::Acl);
+            let done = if self.codec.version == Version::V5 {
+                tracing::warn!(device = %self.device_id, topic = %p.topic, "Refused publish outside ACL");
+                Done::Refused {
+                    pkid: p.pkid,
+                    qos: p.qos,
+                    reason: AckReason::NotAuthorized,
+                }
+            } else {
+                tracing::warn!(device = %self.device_id, topic = %p.topic, "Refused publish outside ACL; disconnecting");
+                self.closing = true;
+                Done::Close(format!("publish to {} outside ACL", p.topic))
+            };
+            inflight.push_back(Box::pin(std::future::ready(done)));
+            return;
         }
-        if p.qos == QoS::ExactlyOnce && self.awaiting_rel.contains(&p.pkid) {
-            device
-                .write_all(&encode(&Packet::PubRec(PubRec::new(p.pkid))))
-                .await?;
-            return Ok(());
+        if p.qos == QoS::ExactlyOnce && !self.awaiting_rel.insert(p.pkid) {
+            inflight.push_back(Box::pin(std::future::ready(Done::Rec(p.pkid))));
+            return;
         }
         let mut headers = vec![("mqtt_qos".to_owned(), (p.qos as u8).to_string())];
         if p.retain {
             headers.push(("mqtt_retain".to_owned(), "true".to_owned()));
         }
+        headers.extend(meta.user_properties);
         let record = IngestRecord {
             topic: p.topic.clone(),
-            content_type: None,
+            content_type: meta.content_type,
             payload: p.payload.to_vec(),
             headers,
         };
-        let committed = self
-            .front
-            .ingest
-            .submit(
-                &self.device_id,
-                Source::Mqtt,
-                &self.front.settings.route,
-                vec![record],
-            )
-            .await;
-        match committed {
-            Ok(_) => {
-                metrics.publishes.inc();
+        let front = self.front;
+        let device_id = Arc::clone(&self.device_id);
+        inflight.push_back(Box::pin(async move {
+            let result = front
+                .ingest
+                .submit(
+                    &device_id,
+                    Source::Mqtt,
+                    &front.settings.route,
+                    vec![record],
+                )
+                .await
+                .map(|_| ());
+            Done::Committed {
+                publish: p,
+                received,
+                result,
             }
+        }));
+    }
+
+    /// Writes the outcome of the oldest in-flight publish: its ack, and the publish to the
+    /// broker if it was stored.
+    fn complete(&mut self, done: Done) -> Result<(), ConnError> {
+        let metrics = &self.front.metrics;
+        let (publish, received, result) = match done {
+            Done::Committed {
+                publish,
+                received,
+                result,
+            } => (publish, received, result),
+            Done::Refused { pkid, qos, reason } => {
+                self.ack(pkid, qos, reason);
+                return Ok(());
+            }
+            Done::Rec(pkid) => {
+                self.codec.pubrec(&mut self.out, pkid, AckReason::Success);
+                return Ok(());
+            }
+            Done::Close(reason) => return Err(ConnError::Refused(reason)),
+        };
+        let reason = match result {
+            Ok(()) => AckReason::Success,
             Err(e @ AppendError::TooLarge { .. }) => {
-                metrics.outbox_refused.inc();
+                metrics.refuse(RefusedReason::OutboxError);
                 tracing::warn!(device = %self.device_id, error = %e, "Refused MQTT publish; disconnecting");
                 return Err(ConnError::Refused(e.to_string()));
             }
+            Err(e @ AppendError::Full { .. }) => {
+                metrics.refuse(RefusedReason::OutboxFull);
+                tracing::warn!(device = %self.device_id, error = %e, "Outbox refused MQTT publish");
+                AckReason::QuotaExceeded
+            }
             Err(e) => {
-                metrics.outbox_refused.inc();
-                tracing::warn!(device = %self.device_id, error = %e, "Outbox refused MQTT publish; not acknowledged");
-                return Ok(());
+                metrics.refuse(RefusedReason::OutboxError);
+                tracing::warn!(device = %self.device_id, error = %e, "Outbox refused MQTT publish");
+                AckReason::Unspecified
             }
+        };
+        self.ack(publish.pkid, publish.qos, reason);
+        if reason != AckReason::Success {
+            return Ok(());
         }
-        match p.qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => {
-                device
-                    .write_all(&encode(&Packet::PubAck(PubAck::new(p.pkid))))
-                    .await?;
-            }
-            QoS::ExactlyOnce => {
-                self.awaiting_rel.insert(p.pkid);
-                device
-                    .write_all(&encode(&Packet::PubRec(PubRec::new(p.pkid))))
-                    .await?;
-            }
+        metrics.publishes.inc();
+        if let Some(c) = &self.counters.publishes {
+            c.inc();
         }
-        let mut forward = p;
+        if publish.qos != QoS::AtMostOnce {
+            metrics
+                .ack_latency
+                .observe(received.elapsed().as_secs_f64());
+        }
+        let mut forward = publish;
         forward.dup = false;
         if forward.qos == QoS::AtMostOnce {
             forward.pkid = 0;
         } else {
             forward.qos = QoS::AtLeastOnce;
-            self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
-            forward.pkid = self.next_pkid;
+            forward.pkid = if self.own_broker {
+                self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+                self.next_pkid
+            } else {
+                // Wrapping; 0 is not a packet id.
+                self.front
+                    .shared_pkid
+                    .fetch_add(1, Ordering::Relaxed)
+                    .max(1)
+            };
         }
-        write_broker(broker, &Packet::Publish(forward)).await
+        let target = if self.own_broker {
+            &mut self.bout
+        } else {
+            &mut self.shared_out
+        };
+        codec::encode4(target, &Packet::Publish(forward));
+        Ok(())
     }
 
-    async fn subscribe(
-        &mut self,
-        sub: Subscribe,
-        device: &mut tokio::net::tcp::OwnedWriteHalf,
-        broker: &mut tokio::net::tcp::OwnedWriteHalf,
-    ) -> Result<(), ConnError> {
+    fn ack(&mut self, pkid: u16, qos: QoS, reason: AckReason) {
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.codec.puback(&mut self.out, pkid, reason),
+            QoS::ExactlyOnce => {
+                if reason != AckReason::Success {
+                    // Not stored: a retransmission is a new attempt.
+                    self.awaiting_rel.remove(&pkid);
+                }
+                self.codec.pubrec(&mut self.out, pkid, reason);
+            }
+        }
+    }
+
+    fn subscribe(&mut self, sub: Subscribe) {
         let allowed: Vec<bool> = sub
             .filters
             .iter()
@@ -705,7 +935,7 @@ impl Session<'_> {
             .collect();
         for (f, ok) in sub.filters.iter().zip(&allowed) {
             if !ok {
-                self.front.metrics.acl_denied.inc();
+                self.front.metrics.refuse(RefusedReason::Acl);
                 tracing::warn!(device = %self.device_id, filter = %f.path, "Refused subscribe outside ACL");
             }
         }
@@ -716,69 +946,68 @@ impl Session<'_> {
             .filter_map(|(f, ok)| ok.then_some(f))
             .collect();
         if filters.is_empty() {
-            let codes = vec![SubscribeReasonCode::Failure; allowed.len()];
-            device
-                .write_all(&encode(&Packet::SubAck(SubAck::new(sub.pkid, codes))))
-                .await?;
-            return Ok(());
+            let codes = vec![SubCode::Denied; allowed.len()];
+            self.codec.suback(&mut self.out, sub.pkid, &codes);
+            return;
         }
         self.pending_subs.insert(sub.pkid, allowed);
-        write_broker(
-            broker,
+        codec::encode4(
+            &mut self.bout,
             &Packet::Subscribe(Subscribe {
                 pkid: sub.pkid,
                 filters,
             }),
-        )
-        .await
+        );
     }
 
     /// Handles one packet from the broker.
-    async fn on_broker_packet(
-        &mut self,
-        packet: Packet,
-        device: &mut tokio::net::tcp::OwnedWriteHalf,
-    ) -> Result<(), ConnError> {
+    fn on_broker_packet(&mut self, packet: Packet) -> Result<(), ConnError> {
         match packet {
             // Acks of the front's own forwarded publishes.
-            Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) => Ok(()),
+            Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) => {}
             Packet::SubAck(ack) => {
                 let Some(allowed) = self.pending_subs.remove(&ack.pkid) else {
                     return Ok(());
                 };
                 let mut granted = ack.return_codes.into_iter();
-                let codes = allowed
+                let codes: Vec<SubCode> = allowed
                     .into_iter()
                     .map(|ok| {
-                        if ok {
-                            granted.next().unwrap_or(SubscribeReasonCode::Failure)
-                        } else {
-                            SubscribeReasonCode::Failure
+                        if !ok {
+                            return SubCode::Denied;
+                        }
+                        match granted.next() {
+                            Some(rumqttc::SubscribeReasonCode::Success(q)) => SubCode::Granted(q),
+                            _ => SubCode::Failed,
                         }
                     })
                     .collect();
-                device
-                    .write_all(&encode(&Packet::SubAck(SubAck::new(ack.pkid, codes))))
-                    .await?;
-                Ok(())
+                self.codec.suback(&mut self.out, ack.pkid, &codes);
+                if codes.iter().any(|c| matches!(c, SubCode::Granted(_))) {
+                    // Commands queued while the device was away go out now.
+                    self.front.ingest.bus().subscribed(&self.device_id);
+                }
             }
-            Packet::Disconnect => Err(ConnError::Broker("disconnected by the broker".into())),
+            Packet::Disconnect => {
+                return Err(ConnError::Broker("disconnected by the broker".into()));
+            }
             p => {
-                device.write_all(&encode(&p)).await?;
-                Ok(())
+                if let Packet::Publish(publish) = &p {
+                    // A command from the bus becomes `delivered` as it is written to the device.
+                    self.front
+                        .ingest
+                        .bus()
+                        .relayed(&self.device_id, &publish.topic);
+                    self.front.metrics.deliveries.inc();
+                    if let Some(c) = &self.counters.deliveries {
+                        c.inc();
+                    }
+                }
+                self.codec.relay(&mut self.out, &p);
             }
         }
+        Ok(())
     }
-}
-
-async fn write_broker(
-    broker: &mut tokio::net::tcp::OwnedWriteHalf,
-    packet: &Packet,
-) -> Result<(), ConnError> {
-    broker
-        .write_all(&encode(packet))
-        .await
-        .map_err(|e| ConnError::Broker(e.to_string()))
 }
 
 fn packet_name(p: &Packet) -> &'static str {
@@ -797,12 +1026,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn connect_level_reads_the_protocol_level() {
-        // CONNECT, remaining 12, "MQTT", level 4.
-        let v4 = [0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60];
-        assert_eq!(connect_level(&v4).unwrap(), Some(4));
-        assert_eq!(connect_level(&v4[..5]).unwrap(), None);
-        assert!(connect_level(&[0x30, 0]).is_err());
-        assert!(connect_level(&[0x10, 0xff, 0xff, 0xff, 0xff, 0x01]).is_err());
+    fn broker_client_ids_have_no_slash_and_do_not_collide() {
+        assert_eq!(broker_client_id("dev-1", "c"), "dev-1|c");
+        assert_eq!(
+            broker_client_id("anonymous/x", "x"),
+            "anonymous%2Fx|x",
+            "rumqttd refuses `/`"
+        );
+        assert_ne!(
+            broker_client_id("anonymous", "x|y"),
+            broker_client_id("anonymous|x", "y")
+        );
     }
 }

@@ -1,0 +1,467 @@
+//! The local bus: what the gateway publishes on the embedded broker by itself.
+//!
+//! ```text
+//!  Ingest (CoAP, HTTP, drivers) ──committed──> readings stream (broadcast, lossy) ──┐
+//!  Registry::queue_command (API) ──> command events (broadcast, lossy) ─────────────┤
+//!  MQTT front: BusHandle (subscribed, delivered; bounded, lossy) ────────────────────┤
+//!                                                                                   v
+//!                                  task `mqtt-bus` ──rumqttd local link──> broker ──> subscribers
+//!                                                  └──> registry (queued commands, delivered)
+//! ```
+//!
+//! **Readings.** Every reading committed from CoAP, HTTP or a driver is published (after its
+//! commit) on [`reading_topic`]: its own topic when that is already under `devices/<its device
+//! id>/…`, else `devices/<device id>/<source>/<topic>` (`source` = `coap`, `http`, `driver`).
+//! MQTT readings are not published here: the front forwards them to the broker itself, under the
+//! topic the device used. Payloads are the stored bytes, unchanged.
+//!
+//! **Commands.** A command queued through the API (`POST /api/v1/devices/{id}/commands`) for a
+//! device that may use MQTT is published on `devices/<id>/commands/<command id>` with the
+//! command's JSON `payload` as the message. rumqttd delivers at the QoS of the subscription
+//! (a device subscribed with QoS 1 gets QoS 1). The command stays `queued` (devices may still poll it) until the front
+//! relays it to one of the device's connections ([`BusHandle::relayed`]: `delivered`); when a
+//! device's SUBSCRIBE is granted ([`BusHandle::subscribed`]) its still-queued commands are
+//! published again, so a device that was away gets what was queued meanwhile.
+//!
+//! **Why the local link.** Publishing is one-way and needs no session, will or ACL of its own,
+//! which is exactly what rumqttd's in-process `Broker::link` offers: no socket, no credentials,
+//! no extra task per message. The link's publisher is a bounded channel into rumqttd's router;
+//! this task only ever uses its non-blocking `try_publish`.
+//!
+//! **Never slows ingestion.** The readings stream is a bounded broadcast: when this task (or the
+//! router) falls behind, it misses readings (`outpost_mqtt_bus_lagged`), the publishers never
+//! wait. Readings the router cannot take at once are kept in the link's buffer up to
+//! [`MAX_BUFFERED`]; beyond that they are dropped (`outpost_mqtt_bus_dropped`). The outbox
+//! always has every reading: the bus is a live view, not a delivery guarantee.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry as MetricsRegistry;
+use rumqttd::local::{LinkRx, LinkTx};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::LocalReading;
+use super::mqtt::Acl;
+use crate::registry::{Command, Protocol, Registry};
+use outpost_sync::Source;
+
+/// Client id of the gateway's own link at the broker.
+pub const LINK_CLIENT_ID: &str = "outpost-bus";
+/// Publishes waiting in the link's buffer for the router; beyond this they are dropped.
+pub const MAX_BUFFERED: usize = 1024;
+/// Front events (subscribed, delivered) waiting for the bus; beyond this they are dropped.
+const FRONT_EVENTS: usize = 1024;
+/// Queued commands sent per granted SUBSCRIBE (the registry's per-device queue bound).
+const MAX_QUEUED_COMMANDS: usize = crate::registry::commands::MAX_QUEUED;
+/// How often acknowledgements the router sends to the link are drained.
+const DRAIN_EVERY: Duration = Duration::from_millis(100);
+
+/// The broker end of the bus: rumqttd's local link, created before the broker starts serving.
+pub struct BusLink {
+    tx: LinkTx,
+    rx: LinkRx,
+}
+
+impl BusLink {
+    pub fn new(tx: LinkTx, rx: LinkRx) -> Self {
+        Self { tx, rx }
+    }
+}
+
+impl std::fmt::Debug for BusLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BusLink").finish_non_exhaustive()
+    }
+}
+
+/// `outpost_mqtt_bus_*` metrics. Clones share the counters.
+#[derive(Debug, Clone, Default)]
+pub struct BusMetrics {
+    pub published: Counter,
+    pub lagged: Counter,
+    pub dropped: Counter,
+    pub commands_published: Counter,
+}
+
+impl BusMetrics {
+    pub fn register(&self, registry: &mut MetricsRegistry) {
+        let r = registry.sub_registry_with_prefix("outpost_mqtt_bus");
+        r.register(
+            "published",
+            "Readings from CoAP, HTTP and drivers published on the local bus",
+            self.published.clone(),
+        );
+        r.register(
+            "lagged",
+            "Readings the local bus missed because it fell behind (the outbox has them)",
+            self.lagged.clone(),
+        );
+        r.register(
+            "dropped",
+            "Readings and commands not published because the broker did not take them in time",
+            self.dropped.clone(),
+        );
+        r.register(
+            "commands_published",
+            "API commands published on their device's command topic",
+            self.commands_published.clone(),
+        );
+    }
+}
+
+/// The bus topic of a reading, or `None` for readings that reach the broker another way (MQTT)
+/// or whose topic cannot be published (wildcards, which ingress already refuses).
+pub fn reading_topic(reading: &LocalReading) -> Option<String> {
+    if reading.source == Source::Mqtt || reading.topic.contains(['+', '#', '\0']) {
+        return None;
+    }
+    let mut levels = reading.topic.splitn(3, '/');
+    if levels.next() == Some("devices") && levels.next() == Some(reading.device_id.as_str()) {
+        return Some(reading.topic.clone());
+    }
+    let topic = reading.topic.trim_start_matches('/');
+    Some(if topic.is_empty() {
+        format!("devices/{}/{}", reading.device_id, reading.source)
+    } else {
+        format!("devices/{}/{}/{topic}", reading.device_id, reading.source)
+    })
+}
+
+/// The topic a command is published on.
+pub fn command_topic(command: &Command) -> String {
+    format!("devices/{}/commands/{}", command.device_id, command.id)
+}
+
+/// The command a PUBLISH on `topic` carries to `device_id`, if it is one of the bus's command
+/// messages for that device: `devices/<device_id>/commands/<command id>`.
+pub fn command_id(device_id: &str, topic: &str) -> Option<i64> {
+    let rest = topic.strip_prefix("devices/")?.strip_prefix(device_id)?;
+    rest.strip_prefix("/commands/")?.parse().ok()
+}
+
+/// What the MQTT front tells the bus about its connections.
+#[derive(Debug)]
+enum FrontEvent {
+    /// A SUBSCRIBE of the device was granted (at least one filter): send its queued commands.
+    Subscribed(String),
+    /// The front relayed a PUBLISH on a command topic to the device: mark it delivered.
+    Delivered(String, i64),
+}
+
+/// The front's side of the bus: cheap to clone, never blocks. Reached as
+/// [`super::Ingest::bus`]. A handle whose bus does not run (MQTT off, or the handle of a test)
+/// drops what it is told.
+#[derive(Debug, Clone)]
+pub struct BusHandle {
+    events: mpsc::Sender<FrontEvent>,
+    /// `apps.bus_subscribe` when apps are enabled, else empty.
+    app_subscribe: Arc<[String]>,
+}
+
+impl Default for BusHandle {
+    fn default() -> Self {
+        Self {
+            events: mpsc::channel(1).0,
+            app_subscribe: Arc::from([]),
+        }
+    }
+}
+
+impl BusHandle {
+    /// The ACL of an MQTT identity: `app-<name>` devices tagged `outpost-app` (the bus
+    /// identities the apps subsystem creates) may also subscribe to `apps.bus_subscribe`;
+    /// every identity has the `[mqtt.acl]` patterns.
+    pub fn acl_for(
+        &self,
+        mqtt: &outpost_config::MqttAclConfig,
+        registry: &Registry,
+        device_id: &str,
+    ) -> Acl {
+        acl_for(mqtt, &self.app_subscribe, registry, device_id)
+    }
+
+    /// The front granted a SUBSCRIBE of `device_id`: its queued commands go out (again).
+    pub fn subscribed(&self, device_id: &str) {
+        self.tell(FrontEvent::Subscribed(device_id.to_owned()));
+    }
+
+    /// The front relayed a PUBLISH on `topic` to `device_id`'s connection; if it is one of the
+    /// bus's command messages for that device, the command becomes `delivered` (the broker
+    /// retransmits a QoS 1 delivery the device does not acknowledge). Cheap for other topics.
+    pub fn relayed(&self, device_id: &str, topic: &str) {
+        if let Some(id) = command_id(device_id, topic) {
+            self.tell(FrontEvent::Delivered(device_id.to_owned(), id));
+        }
+    }
+
+    fn tell(&self, event: FrontEvent) {
+        // Full or not running: the command stays queued (sent at the next subscribe, or polled).
+        if let Err(e) = self.events.try_send(event) {
+            tracing::debug!(error = %e, "Local bus did not take a front event");
+        }
+    }
+}
+
+/// Creates the bus's front handle and the receiver [`run`] takes.
+pub fn handle(app_subscribe: Vec<String>) -> (BusHandle, FrontEvents) {
+    let (events, rx) = mpsc::channel(FRONT_EVENTS);
+    let handle = BusHandle {
+        events,
+        app_subscribe: app_subscribe.into(),
+    };
+    (handle, FrontEvents(rx))
+}
+
+/// The receiving end of [`BusHandle`] events.
+#[derive(Debug)]
+pub struct FrontEvents(mpsc::Receiver<FrontEvent>);
+
+/// The ACL of an MQTT identity (see [`BusHandle::acl_for`]).
+pub fn acl_for(
+    mqtt: &outpost_config::MqttAclConfig,
+    apps_subscribe: &[String],
+    registry: &Registry,
+    device_id: &str,
+) -> Acl {
+    let is_app = device_id.starts_with("app-")
+        && registry
+            .get(device_id)
+            .is_some_and(|d| d.tags.iter().any(|t| t == crate::apps::DEVICE_TAG));
+    if !is_app || apps_subscribe.is_empty() {
+        return Acl::for_device(mqtt, device_id);
+    }
+    let mut config = mqtt.clone();
+    config.subscribe.extend(apps_subscribe.iter().cloned());
+    Acl::for_device(&config, device_id)
+}
+
+/// Publishes readings and commands on the broker, and keeps commands' delivery state, until
+/// `stop`.
+pub async fn run(
+    link: BusLink,
+    mut readings: broadcast::Receiver<LocalReading>,
+    front: FrontEvents,
+    registry: Registry,
+    metrics: BusMetrics,
+    stop: CancellationToken,
+) {
+    let BusLink { mut tx, mut rx } = link;
+    let FrontEvents(mut front) = front;
+    let mut commands = registry.command_events();
+    let mut drain = tokio::time::interval(DRAIN_EVERY);
+    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut commands_open = true;
+    let send_command = |tx: &mut LinkTx, command: &Command| {
+        let may_mqtt = registry
+            .get(&command.device_id)
+            .is_some_and(|d| d.protocols.contains(&Protocol::Mqtt));
+        let payload = command.payload.to_string().into_bytes();
+        if may_mqtt && publish(tx, command_topic(command), payload, &metrics) {
+            metrics.commands_published.inc();
+            tracing::debug!(device = %command.device_id, command = command.id, "Command published on MQTT");
+        }
+    };
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            r = readings.recv() => match r {
+                Ok(reading) => {
+                    if let Some(topic) = reading_topic(&reading)
+                        && publish(&mut tx, topic, reading.payload.to_vec(), &metrics)
+                    {
+                        metrics.published.inc();
+                    }
+                }
+                Err(RecvError::Lagged(n)) => {
+                    metrics.lagged.inc_by(n);
+                    tracing::warn!(missed = n, "Local bus fell behind; readings not published (they are in the outbox)");
+                }
+                Err(RecvError::Closed) => return,
+            },
+            c = commands.recv(), if commands_open => match c {
+                Ok(command) => send_command(&mut tx, &command),
+                Err(RecvError::Lagged(n)) => {
+                    metrics.dropped.inc_by(n);
+                    tracing::warn!(missed = n, "Commands not published on MQTT (still queued: sent at the next subscribe, or polled)");
+                }
+                Err(RecvError::Closed) => commands_open = false,
+            },
+            Some(event) = front.recv() => match event {
+                FrontEvent::Subscribed(device) => {
+                    match registry.pending_commands(&device, MAX_QUEUED_COMMANDS).await {
+                        Ok(pending) => {
+                            for command in &pending {
+                                send_command(&mut tx, command);
+                            }
+                        }
+                        Err(e) => tracing::warn!(device = %device, error = %e, "Could not read queued commands"),
+                    }
+                }
+                FrontEvent::Delivered(device, id) => {
+                    match registry.mark_delivered(&device, &[id]).await {
+                        Ok(1) => tracing::debug!(device = %device, command = id, "Command delivered over MQTT"),
+                        Ok(_) => {} // already delivered (a retransmission) or expired
+                        Err(e) => tracing::warn!(device = %device, command = id, error = %e, "Could not mark a command delivered"),
+                    }
+                }
+            },
+            _ = drain.tick() => {
+                // The router answers the link (acks, nothing else: the link subscribes to
+                // nothing); keep its buffer from growing.
+                while let Ok(Some(_)) = rx.recv_deadline(std::time::Instant::now()) {}
+            }
+        }
+    }
+}
+
+/// Hands one message to the router without waiting; false (and counted) if it was dropped.
+fn publish(tx: &mut LinkTx, topic: String, payload: Vec<u8>, metrics: &BusMetrics) -> bool {
+    if tx.buffer().len() >= MAX_BUFFERED {
+        metrics.dropped.inc();
+        return false;
+    }
+    match tx.try_publish(topic, payload) {
+        Ok(_) => true,
+        // The router's queue is full: the message stays in the link's buffer (bounded above).
+        // A full queue means notifications are pending, and the router takes the whole buffer
+        // on each, so it goes out with one of them.
+        Err(rumqttd::local::LinkError::TrySend(_)) => true,
+        Err(e) => {
+            metrics.dropped.inc();
+            tracing::warn!(error = %e, "Local bus publish failed");
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn reading(source: Source, device: &str, topic: &str) -> LocalReading {
+        LocalReading {
+            seq: 1,
+            device_id: device.into(),
+            source,
+            topic: topic.into(),
+            content_type: None,
+            payload: Arc::from(&b"{}"[..]),
+        }
+    }
+
+    #[test]
+    fn reading_topics_follow_the_documented_scheme() {
+        let t = |s, d, topic| reading_topic(&reading(s, d, topic));
+        assert_eq!(
+            t(Source::Http, "d1", "devices/d1/temp").as_deref(),
+            Some("devices/d1/temp")
+        );
+        assert_eq!(
+            t(Source::Http, "d1", "temp").as_deref(),
+            Some("devices/d1/http/temp")
+        );
+        assert_eq!(
+            t(Source::Coap, "d1", "a/b").as_deref(),
+            Some("devices/d1/coap/a/b")
+        );
+        // Another device's prefix is not taken over.
+        assert_eq!(
+            t(Source::Driver, "d1", "devices/d2/x").as_deref(),
+            Some("devices/d1/driver/devices/d2/x")
+        );
+        assert_eq!(
+            t(Source::Driver, "m-1", "modbus/meter-1").as_deref(),
+            Some("devices/m-1/driver/modbus/meter-1")
+        );
+        assert_eq!(
+            t(Source::Http, "d1", "").as_deref(),
+            Some("devices/d1/http")
+        );
+        assert_eq!(t(Source::Mqtt, "d1", "devices/d1/temp"), None);
+        assert_eq!(t(Source::Http, "d1", "a/+"), None);
+    }
+
+    #[tokio::test]
+    async fn a_slow_bus_misses_readings_counts_them_and_never_blocks_the_sender() {
+        let (_, link) = crate::ingress::mqtt::broker::start(4, 64 * 1024).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(dir.path(), Duration::from_secs(60)).unwrap();
+        let (tx, rx) = broadcast::channel(4);
+        // Ten readings before the bus reads any: the sender never waits.
+        for _ in 0..10 {
+            tx.send(reading(Source::Http, "d1", "t")).unwrap();
+        }
+        let metrics = BusMetrics::default();
+        let stop = CancellationToken::new();
+        let (_front, events) = handle(Vec::new());
+        let task = tokio::spawn(run(
+            link,
+            rx,
+            events,
+            registry,
+            metrics.clone(),
+            stop.clone(),
+        ));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while metrics.published.get() < 4 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!((metrics.lagged.get(), metrics.published.get()), (6, 4));
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[test]
+    fn app_identities_get_the_apps_subscribe_filters_and_nobody_else_does() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(dir.path(), Duration::from_secs(60)).unwrap();
+        let device = |id: &str, tags: Vec<String>| crate::registry::NewDevice {
+            id: id.into(),
+            name: String::new(),
+            model: String::new(),
+            batch: String::new(),
+            firmware: String::new(),
+            location: String::new(),
+            tags,
+            enabled: true,
+            protocols: vec![Protocol::Mqtt],
+        };
+        rt.block_on(async {
+            let tag = vec![crate::apps::DEVICE_TAG.to_owned()];
+            registry.create(device("app-f", tag)).await.unwrap();
+            // Named like an app but not one: an ordinary device.
+            registry.create(device("app-x", vec![])).await.unwrap();
+            registry.create(device("d1", vec![])).await.unwrap();
+        });
+        let mqtt = outpost_config::MqttAclConfig::default();
+        let apps = ["devices/+/#".to_owned()];
+        let app = acl_for(&mqtt, &apps, &registry, "app-f");
+        assert!(app.may_subscribe("devices/+/#"));
+        assert!(app.may_subscribe("devices/d1/http/temp"));
+        assert!(!app.may_subscribe("#"));
+        assert!(!app.may_publish("devices/d1/x"), "publish ACL unchanged");
+        for id in ["app-x", "d1"] {
+            let acl = acl_for(&mqtt, &apps, &registry, id);
+            assert!(!acl.may_subscribe("devices/+/#"), "{id}");
+            assert!(acl.may_subscribe(&format!("devices/{id}/commands/#")));
+        }
+    }
+
+    #[test]
+    fn command_ids_come_only_from_the_device_s_own_command_topic() {
+        assert_eq!(command_id("d1", "devices/d1/commands/42"), Some(42));
+        assert_eq!(command_id("d1", "devices/d11/commands/42"), None);
+        assert_eq!(command_id("d1", "devices/d2/commands/42"), None);
+        assert_eq!(command_id("d1", "devices/d1/commands/reboot"), None);
+        assert_eq!(command_id("d1", "devices/d1/temp"), None);
+    }
+}
