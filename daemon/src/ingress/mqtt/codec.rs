@@ -18,7 +18,22 @@ use rumqttc::{
     SubAck, Subscribe, SubscribeFilter, SubscribeReasonCode, Unsubscribe,
 };
 
-use super::ConnError;
+/// Why a connection ended early. Each variant: close the connection (already counted).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    /// Undecodable or out-of-order input. Close; counted as malformed.
+    #[error("malformed input: {0}")]
+    Malformed(String),
+    /// The device's socket failed. Close.
+    #[error("device socket: {0}")]
+    Io(#[from] std::io::Error),
+    /// The broker connection failed or closed. Close the device too.
+    #[error("broker connection: {0}")]
+    Broker(String),
+    /// Refused by policy (ACL, disabled, outbox). Close.
+    #[error("{0}")]
+    Refused(String),
+}
 
 /// Largest packet the front writes (to the device or the broker); larger ones are bugs.
 pub const MAX_WRITE: usize = 64 * 1024 * 1024;

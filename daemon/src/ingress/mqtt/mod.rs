@@ -122,22 +122,9 @@ impl MqttSettings {
     }
 }
 
-/// Why a connection ended early. Each variant: close the connection (already counted).
-#[derive(Debug, thiserror::Error)]
-pub enum ConnError {
-    /// Undecodable or out-of-order input. Close; counted as malformed.
-    #[error("malformed input: {0}")]
-    Malformed(String),
-    /// The device's socket failed. Close.
-    #[error("device socket: {0}")]
-    Io(#[from] std::io::Error),
-    /// The broker connection failed or closed. Close the device too.
-    #[error("broker connection: {0}")]
-    Broker(String),
-    /// Refused by policy (ACL, disabled, outbox). Close.
-    #[error("{0}")]
-    Refused(String),
-}
+// The codec is self-contained (the fuzz target `mqtt_front` compiles it from its file), so the
+// connection error type lives there.
+pub use codec::ConnError;
 
 struct Front {
     ingest: Ingest,
