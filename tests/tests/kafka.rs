@@ -411,24 +411,22 @@ fn produce_errors_and_a_fatal_idempotence_error_lose_nothing() {
     assert_complete_in_order(&dev.id, &per_device(&got)[&dev.id], dev.next, WINDOW);
 }
 
-#[test]
-fn live_records_go_first_while_a_backlog_drains_at_its_rate() {
-    let kafka = MockKafka::start(1, &[(TOPIC, 2)]);
+/// A daemon whose only broker is down, draining a backlog at 500 records/s once it comes back,
+/// with `order` (the backlog tests).
+fn backlog_daemon(order: &str) -> (MockKafka, tempfile::TempDir, Daemon) {
+    let kafka = MockKafka::start(1, &[(TOPIC, 1)]);
     kafka.down(1);
     let dir = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start(
-        dir.path(),
-        &config(
-            kafka.bootstrap(),
-            "backlog_rate = 500\nmax_in_flight = 200\noffline_after = \"1s\"\n",
-            "",
-        ),
+    let kafka_extra = format!(
+        "order = \"{order}\"\nbacklog_rate = 500\nmax_in_flight = 200\noffline_after = \"1s\"\n"
     );
-    let mut backlogged = Device::new(&d, "old-1");
-    let mut fresh = Device::new(&d, "new-2");
-    for _ in 0..6 {
-        backlogged.send(&d, "t", 1000);
-    }
+    let d = Daemon::start(dir.path(), &config(kafka.bootstrap(), &kafka_extra, ""));
+    (kafka, dir, d)
+}
+
+/// Waits until the forwarder reports the outage, brings the broker back, and waits for the
+/// backlog drain to start.
+fn recover(kafka: &MockKafka, d: &mut Daemon) {
     d.wait_until("offline", Duration::from_secs(10), |d| {
         d.status()["kafka"]["state"] == "offline"
     });
@@ -436,6 +434,17 @@ fn live_records_go_first_while_a_backlog_drains_at_its_rate() {
     d.wait_until("backfill", Duration::from_secs(10), |d| {
         d.status()["kafka"]["state"] == "backfill"
     });
+}
+
+#[test]
+fn live_records_go_first_while_a_backlog_drains_at_its_rate() {
+    let (kafka, _dir, mut d) = backlog_daemon("per_device");
+    let mut backlogged = Device::new(&d, "old-1");
+    let mut fresh = Device::new(&d, "new-2");
+    for _ in 0..6 {
+        backlogged.send(&d, "t", 1000);
+    }
+    recover(&kafka, &mut d);
     // A fresh record of a device without a backlog reaches Kafka within 2 s although ~6000
     // records are ahead of it in the outbox (12 s of backlog at 500/s).
     let t0 = Instant::now();
@@ -483,29 +492,12 @@ fn live_records_go_first_while_a_backlog_drains_at_its_rate() {
 /// backlog; `outpost-seq` restores the receive order.
 #[test]
 fn live_first_order_sends_a_backlogged_devices_fresh_record_at_once() {
-    let kafka = MockKafka::start(1, &[(TOPIC, 1)]);
-    kafka.down(1);
-    let dir = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start(
-        dir.path(),
-        &config(
-            kafka.bootstrap(),
-            "order = \"live_first\"\nbacklog_rate = 500\nmax_in_flight = 200\n\
-             offline_after = \"1s\"\n",
-            "",
-        ),
-    );
+    let (kafka, _dir, mut d) = backlog_daemon("live_first");
     let mut dev = Device::new(&d, "lf-1");
     for _ in 0..6 {
         dev.send(&d, "t", 1000);
     }
-    d.wait_until("offline", Duration::from_secs(10), |d| {
-        d.status()["kafka"]["state"] == "offline"
-    });
-    kafka.up(1);
-    d.wait_until("backfill", Duration::from_secs(10), |d| {
-        d.status()["kafka"]["state"] == "backfill"
-    });
+    recover(&kafka, &mut d);
     let t0 = Instant::now();
     dev.send(&d, "t", 1); // counter 6000
     let got = consume(
