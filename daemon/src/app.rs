@@ -151,9 +151,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                  credentials, under the client id it chooses"
             );
         }
-        let (broker, bus_link) =
+        let (broker, bus_link, broker_stopped) =
             ingress::mqtt::broker::start(settings.max_connections, settings.max_packet)
                 .context("starting the embedded MQTT broker")?;
+        // The broker cannot be restarted in-process: if it stops, the essential subsystem
+        // `mqtt-broker` goes INACTIVE, the watchdog is no longer fed, systemd restarts us.
+        status.active("mqtt-broker", true);
+        let (board, stop) = (status.clone(), shutdown.clone());
+        tracker.spawn(named("mqtt-broker-watch", async move {
+            tokio::select! {
+                () = stop.cancelled() => {}
+                why = broker_stopped => {
+                    let why = why.unwrap_or_else(|_| "its thread ended".to_owned());
+                    tracing::error!(reason = %why, "Embedded MQTT broker stopped; the daemon needs a restart");
+                    board.inactive("mqtt-broker", format!("embedded broker stopped: {why}; restart the daemon"), true);
+                }
+            }
+        }));
         let listener = TcpListener::bind(config.mqtt.listen)
             .await
             .with_context(|| format!("binding the MQTT listener on {}", config.mqtt.listen))?;
@@ -296,7 +310,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     let coap_task = match coap {
         Some((socket, settings, coap_metrics)) => {
-            status.active("coap", false);
+            // Essential (ingress): while it is down /readyz says so and the watchdog is not fed.
+            status.active("coap", true);
             // Supervised: a failed or panicked endpoint is run again on a clone of its socket.
             let socket = socket.into_std().context("taking the CoAP socket")?;
             let (ingest, stop) = (ingest.clone(), ingress.clone());
@@ -304,7 +319,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 "coap",
                 supervisor::supervise(
                     "coap".into(),
-                    false,
+                    true,
                     status.clone(),
                     ingress.clone(),
                     tracker.clone(),
@@ -337,7 +352,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     let mqtt_task = match mqtt {
         Some((listener, settings, broker, mqtt_metrics, (bus_link, bus_metrics))) => {
-            status.active("mqtt", false);
+            // Essential (ingress), like CoAP.
+            status.active("mqtt", true);
             // The local bus: committed CoAP/HTTP/driver readings and API commands → broker.
             if let Some(bus_readings) = bus_readings {
                 tracker.spawn(named(
@@ -363,7 +379,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 "mqtt",
                 supervisor::supervise(
                     "mqtt".into(),
-                    false,
+                    true,
                     status.clone(),
                     ingress.clone(),
                     tracker.clone(),

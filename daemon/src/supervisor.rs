@@ -24,7 +24,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const HEALTHY_RUN: Duration = Duration::from_secs(60);
 
 /// Whether the debug fault hook asks subsystem `name` to fail once.
-fn fault_requested(name: &str) -> bool {
+pub fn fault_requested(name: &str) -> bool {
     cfg!(debug_assertions)
         && std::env::var("OUTPOST_DEBUG_FAIL").is_ok_and(|v| v.split(',').any(|n| n.trim() == name))
 }

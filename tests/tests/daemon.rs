@@ -330,7 +330,7 @@ fn failed_listeners_and_the_forwarder_are_restarted_by_the_supervisor() {
         names.iter().all(|name| {
             subsystems
                 .iter()
-                .any(|s| s["name"] == *name && s["restarts"] == 1)
+                .any(|s| s["name"] == *name && s["restarts"] == 1 && s["state"] == "ACTIVE")
         })
     });
     assert_eq!(
@@ -382,6 +382,39 @@ fn failed_listeners_and_the_forwarder_are_restarted_by_the_supervisor() {
         said.contains("not authori"),
         "MQTT front after its restart: {out:?}"
     );
+    let (status, _) = d.terminate(Duration::from_secs(15));
+    assert!(status.success(), "{}", d.logs().join("\n"));
+}
+
+/// The embedded broker cannot be restarted in-process: when it stops, the essential subsystem
+/// `mqtt-broker` is INACTIVE with the reason and /readyz answers 503 (and the watchdog is no
+/// longer fed, so systemd restarts the daemon).
+#[test]
+fn a_stopped_embedded_broker_makes_the_gateway_not_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = write_config(dir.path(), "");
+    let mut d = Daemon::start_with_env(
+        &config_path,
+        dir.path().join("data"),
+        &[("OUTPOST_DEBUG_FAIL", "mqtt-broker")],
+    );
+    d.wait_until("mqtt-broker inactive", Duration::from_secs(10), |d| {
+        d.status()["subsystems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| {
+                s["name"] == "mqtt-broker"
+                    && s["state"] == "INACTIVE"
+                    && s["essential"] == true
+                    && s["reason"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("restart the daemon")
+            })
+    });
+    assert_eq!(d.get("/readyz").0, 503);
+    assert_eq!(d.get("/healthz").0, 200, "alive, just not ready");
     let (status, _) = d.terminate(Duration::from_secs(15));
     assert!(status.success(), "{}", d.logs().join("\n"));
 }

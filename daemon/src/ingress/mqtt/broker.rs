@@ -40,10 +40,19 @@ impl std::fmt::Debug for BrokerHandle {
 /// The port is found by binding port 0 and releasing it, because rumqttd does not report the
 /// port it bound; another process taking it in between makes the front's broker connections
 /// fail (devices get CONNACK "server unavailable"), which is logged.
+///
+/// rumqttd cannot be restarted in-process (its router and the bus link are created together),
+/// so the returned receiver resolves with the reason if the broker ever stops: the caller marks
+/// the essential subsystem `mqtt-broker` INACTIVE, which stops the systemd watchdog and makes
+/// systemd restart the daemon.
 pub fn start(
     max_connections: usize,
     max_packet: usize,
-) -> std::io::Result<(BrokerHandle, crate::ingress::bus::BusLink)> {
+) -> std::io::Result<(
+    BrokerHandle,
+    crate::ingress::bus::BusLink,
+    tokio::sync::oneshot::Receiver<String>,
+)> {
     let addr = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?;
     let secret = crate::registry::secrets::generate();
     let connections = rumqttd::ConnectionSettings {
@@ -78,15 +87,24 @@ pub fn start(
     let (tx, rx) = broker
         .link(crate::ingress::bus::LINK_CLIENT_ID)
         .map_err(|e| std::io::Error::other(format!("local link to the broker: {e}")))?;
+    let (stopped_tx, stopped) = tokio::sync::oneshot::channel();
+    let fail_now = crate::supervisor::fault_requested("mqtt-broker");
     std::thread::Builder::new()
         .name("mqtt-broker".to_owned())
         .spawn(move || {
-            if let Err(e) = broker.start() {
-                tracing::error!(error = %e, "Embedded MQTT broker stopped");
-            }
+            let why = if fail_now {
+                "fault injected by OUTPOST_DEBUG_FAIL".to_owned()
+            } else {
+                match broker.start() {
+                    Ok(()) => "stopped".to_owned(),
+                    Err(e) => e.to_string(),
+                }
+            };
+            let _ = stopped_tx.send(why);
         })?;
     Ok((
         BrokerHandle { addr, secret },
         crate::ingress::bus::BusLink::new(tx, rx),
+        stopped,
     ))
 }
