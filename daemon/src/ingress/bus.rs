@@ -227,15 +227,24 @@ pub fn acl_for(
     registry: &Registry,
     device_id: &str,
 ) -> Acl {
-    let is_app = device_id.starts_with("app-")
-        && registry
-            .get(device_id)
-            .is_some_and(|d| d.tags.iter().any(|t| t == crate::apps::DEVICE_TAG));
-    if !is_app || apps_subscribe.is_empty() {
-        return Acl::for_device(mqtt, device_id);
-    }
+    let device = registry.get(device_id);
     let mut config = mqtt.clone();
-    config.subscribe.extend(apps_subscribe.iter().cloned());
+    if let Some(d) = &device {
+        // The device's own lists replace the global ones.
+        if let Some(publish) = &d.mqtt_publish {
+            config.publish.clone_from(publish);
+        }
+        if let Some(subscribe) = &d.mqtt_subscribe {
+            config.subscribe.clone_from(subscribe);
+        }
+    }
+    let is_app = device_id.starts_with("app-")
+        && device
+            .as_ref()
+            .is_some_and(|d| d.tags.iter().any(|t| t == crate::apps::DEVICE_TAG));
+    if is_app {
+        config.subscribe.extend(apps_subscribe.iter().cloned());
+    }
     Acl::for_device(&config, device_id)
 }
 
@@ -388,7 +397,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_slow_bus_misses_readings_counts_them_and_never_blocks_the_sender() {
-        let (_, link) = crate::ingress::mqtt::broker::start(4, 64 * 1024).unwrap();
+        let (_, link, _) = crate::ingress::mqtt::broker::start(4, 64 * 1024).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let registry = Registry::open(dir.path(), Duration::from_secs(60)).unwrap();
         let (tx, rx) = broadcast::channel(4);
@@ -434,6 +443,8 @@ mod tests {
             tags,
             enabled: true,
             protocols: vec![Protocol::Mqtt],
+            mqtt_publish: None,
+            mqtt_subscribe: None,
         };
         rt.block_on(async {
             let tag = vec![crate::apps::DEVICE_TAG.to_owned()];
