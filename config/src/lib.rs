@@ -35,17 +35,18 @@ mod validate;
 use std::path::Path;
 
 pub use error::{ConfigError, Problem};
-pub use model::check_kafka_topic;
 pub use model::{
     AdminConfig, ApiConfig, ApiTokenConfig, AppConfig, AppsConfig, CoapConfig, Config,
     DEFAULT_ROUTE, DataType, DevicesConfig, DriverConfig, FlowControl, GatewayConfig,
     HttpIngestConfig, IntegrityCheck, KafkaConfig, KafkaRule, KafkaSecurity, LineFormat, LogConfig,
     LogFormat, ModbusConfig, ModbusPointConfig, ModbusSlaveConfig, ModbusTransport, Mount,
-    MqttAclConfig, MqttConfig, Order, OutboxConfig, Parity, Port, RegisterKind, ReopenConfig,
-    RestartPolicy, Route, RouteConfig, Scope, SerialLineConfig, SerialPortConfig, SimulatorConfig,
-    Synchronous, WhenFull, ZigbeeConfig, parse_cidr,
+    MqttAclConfig, MqttConfig, MqttLimitsConfig, Order, OutboxConfig, Parity, Port, RegisterKind,
+    ReopenConfig, RestartPolicy, Route, RouteConfig, Scope, SerialLineConfig, SerialPortConfig,
+    SimulatorConfig, Synchronous, WhenFull, ZigbeeConfig, parse_cidr,
 };
 pub use model::{BacklogOrder, Compression, RuleAction, RuleKey, SaslMechanism, SecurityProtocol};
+pub use model::{MqttClientAuth, MqttTlsConfig};
+pub use model::{check_acl_pattern, check_kafka_topic};
 pub use units::ByteSize;
 pub use validate::check_device_id;
 

@@ -77,7 +77,8 @@ pub use kafka::{
     SaslMechanism, SecurityProtocol, check_kafka_topic,
 };
 pub(crate) use kafka::{RULE_SOURCES, check_broker, check_topic_filter, forwarder_property};
-pub use mqtt::{MqttAclConfig, MqttConfig, check_acl_pattern};
+pub use mqtt::{ClientAuth as MqttClientAuth, MqttTlsConfig};
+pub use mqtt::{MqttAclConfig, MqttConfig, MqttLimitsConfig, check_acl_pattern};
 
 pub use apps::{AppConfig, AppsConfig, Mount, Port, RestartPolicy};
 

@@ -280,6 +280,19 @@ impl Checker {
                 }
             }
         }
+        let burst = m.limits.burst;
+        if burst < Duration::from_secs(1) || burst > Duration::from_secs(3600) {
+            self.problem(
+                mqtt.key("limits").key("burst"),
+                format!(
+                    "must be between 1s and 1h, found {}",
+                    crate::units::duration::format(burst)
+                ),
+            );
+        }
+        for (key, message) in m.tls.problems(m.listen) {
+            self.problem(mqtt.key("tls").key(key), message);
+        }
     }
 
     /// `[kafka]`, checked whether or not forwarding is enabled, so that a file fails

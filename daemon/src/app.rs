@@ -175,12 +175,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             .local_addr()
             .context("reading the MQTT listener address")?;
         tracing::info!(addr = %addr, broker = %broker.addr, "MQTT listener bound");
+        let tls = ingress::mqtt::tls::bind(&config.mqtt.tls).await?;
         let mqtt_metrics = MqttMetrics::default();
         mqtt_metrics.register(&mut metrics);
         let bus_metrics = BusMetrics::default();
         bus_metrics.register(&mut metrics);
         Some((
-            listener,
+            (listener, tls),
             settings,
             broker,
             mqtt_metrics,
@@ -218,7 +219,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         // Apps reach the MQTT front through the engine's host gateway.
         let bus_url = mqtt
             .as_ref()
-            .and_then(|(listener, ..)| listener.local_addr().ok())
+            .and_then(|((listener, _), ..)| listener.local_addr().ok())
             .map(|addr| format!("mqtt://host.docker.internal:{}", addr.port()));
         let apps = apps::Apps::new(&config.apps, Some(store), saved).with_bus_url(bus_url);
         status.inactive("apps", "connecting to the container engine", false);
@@ -351,7 +352,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
 
     let mqtt_task = match mqtt {
-        Some((listener, settings, broker, mqtt_metrics, (bus_link, bus_metrics))) => {
+        Some(((listener, tls), settings, broker, mqtt_metrics, (bus_link, bus_metrics))) => {
             // Essential (ingress), like CoAP.
             status.active("mqtt", true);
             // The local bus: committed CoAP/HTTP/driver readings and API commands → broker.
@@ -374,6 +375,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             let socket = listener
                 .into_std()
                 .context("taking the MQTT listener socket")?;
+            let tls = match tls {
+                Some(l) => Some((
+                    l.listener
+                        .into_std()
+                        .context("taking the MQTT TLS listener socket")?,
+                    l.acceptor,
+                )),
+                None => None,
+            };
             let (ingest, stop) = (ingest.clone(), ingress.clone());
             Some(tracker.spawn(named(
                 "mqtt",
@@ -385,6 +395,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     tracker.clone(),
                     move || {
                         let listener = socket.try_clone().and_then(TcpListener::from_std);
+                        let tls = tls.as_ref().map(|(socket, acceptor)| {
+                            socket
+                                .try_clone()
+                                .and_then(TcpListener::from_std)
+                                .map(|listener| ingress::mqtt::tls::TlsListener {
+                                    listener,
+                                    acceptor: acceptor.clone(),
+                                })
+                        });
                         let (ingest, settings, broker, metrics, stop) = (
                             ingest.clone(),
                             settings.clone(),
@@ -393,14 +412,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                             stop.clone(),
                         );
                         async move {
-                            match listener {
-                                Ok(listener) => {
+                            match (listener, tls.transpose()) {
+                                (Ok(listener), Ok(tls)) => {
                                     ingress::mqtt::run(
-                                        listener, ingest, settings, broker, metrics, stop,
+                                        listener, tls, ingest, settings, broker, metrics, stop,
                                     )
                                     .await;
                                 }
-                                Err(e) => tracing::error!(error = %e, "MQTT socket unusable"),
+                                (Err(e), _) | (_, Err(e)) => {
+                                    tracing::error!(error = %e, "MQTT socket unusable");
+                                }
                             }
                         }
                     },

@@ -44,7 +44,7 @@ pub fn version_line() -> String {
 }
 
 /// Loads and fully validates a config: the typed checks of the config crate plus what only the
-/// daemon can judge (the log filter). `check-config` and `run` share this function.
+/// daemon can judge (the log filter, the MQTT TLS files). `check-config` and `run` share this function.
 pub fn load_config(path: Option<&Path>) -> Result<Config, ConfigError> {
     let config = match path {
         Some(path) => outpost_config::load_file(path)?,
@@ -57,6 +57,16 @@ pub fn load_config(path: Option<&Path>) -> Result<Config, ConfigError> {
                 path: "log.level".into(),
                 message: format!("not a valid log filter: {e}"),
             }],
+        });
+    }
+    // The TLS files: only the daemon reads them (certificate, key and CA must load).
+    if config.mqtt.enabled
+        && config.mqtt.tls.enabled
+        && let Err(problems) = crate::ingress::mqtt::tls::acceptor(&config.mqtt.tls)
+    {
+        return Err(ConfigError::Invalid {
+            path: path.map(Path::to_path_buf),
+            problems,
         });
     }
     Ok(config)

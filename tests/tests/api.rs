@@ -772,3 +772,75 @@ fn cli_manages_devices_with_a_token_from_token_new() {
     assert_eq!(code, 1);
     assert!(err.contains("cannot reach"), "{err}");
 }
+
+#[test]
+fn a_device_s_own_mqtt_acl_is_set_checked_and_cleared_through_the_api() {
+    let (_dir, d) = start();
+    // A bad pattern: 422 naming the field and the index.
+    expect_error(
+        &d.post(
+            "/api/v1/devices",
+            WRITE,
+            r#"{"id": "m", "mqtt_publish": ["plant/{id}/#", "a/#/b"]}"#,
+        ),
+        422,
+        "invalid_value",
+        Some("mqtt_publish[1]"),
+    );
+    let created = expect(
+        &d.post(
+            "/api/v1/devices",
+            WRITE,
+            r#"{"id": "m", "mqtt_publish": ["plant/{id}/#"]}"#,
+        ),
+        201,
+    );
+    assert_eq!(
+        created["device"]["mqtt_publish"],
+        serde_json::json!(["plant/{id}/#"])
+    );
+    assert_eq!(created["device"]["mqtt_subscribe"], Value::Null, "global");
+    expect_error(
+        &d.patch(
+            "/api/v1/devices/m",
+            WRITE,
+            r#"{"mqtt_subscribe": ["x/{name}"]}"#,
+        ),
+        422,
+        "invalid_value",
+        Some("mqtt_subscribe[0]"),
+    );
+    expect_error(
+        &d.patch("/api/v1/devices/m", WRITE, r#"{"mqtt_subscribe": "x/#"}"#),
+        422,
+        "invalid_type",
+        Some("mqtt_subscribe"),
+    );
+    // Absent keeps a list, null clears it.
+    let patched = expect(
+        &d.patch(
+            "/api/v1/devices/m",
+            WRITE,
+            r#"{"name": "meter", "mqtt_subscribe": ["plant/{id}/cmd/#"]}"#,
+        ),
+        200,
+    );
+    assert_eq!(
+        (&patched["mqtt_publish"], &patched["mqtt_subscribe"]),
+        (
+            &serde_json::json!(["plant/{id}/#"]),
+            &serde_json::json!(["plant/{id}/cmd/#"])
+        )
+    );
+    let patched = expect(
+        &d.patch("/api/v1/devices/m", WRITE, r#"{"mqtt_publish": null}"#),
+        200,
+    );
+    assert_eq!(patched["mqtt_publish"], Value::Null);
+    assert_eq!(
+        patched["mqtt_subscribe"],
+        serde_json::json!(["plant/{id}/cmd/#"])
+    );
+    let shown = expect(&d.get_with_token("/api/v1/devices/m", READ), 200);
+    assert_eq!(shown, patched);
+}

@@ -910,3 +910,304 @@ fn a_second_connection_with_the_same_client_id_takes_over() {
         "the second is served"
     );
 }
+
+/// One message per second with a 3 s burst: a budget of 3 messages, then 1 per second.
+const RATE_LIMITS: &str = "[mqtt.limits]\nmessages_per_second = 1\nburst = \"3s\"\n";
+
+const PAHO_V5_FLOOD: &str = r#"
+import sys, json, threading, time
+import paho.mqtt.client as mqtt
+host, port, user, password = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+out = {"acks": []}
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="v5-flood", protocol=mqtt.MQTTv5)
+c.username_pw_set(user, password)
+connected, acked = threading.Event(), {}
+codes = {}
+def on_connect(cl, ud, flags, rc, props):
+    connected.set()
+def on_publish(cl, ud, mid, rc, props):
+    codes[mid] = rc.value
+    acked.setdefault(mid, threading.Event()).set()
+c.on_connect, c.on_publish = on_connect, on_publish
+c.connect(host, port, 30)
+c.loop_start()
+if not connected.wait(10):
+    print(json.dumps({"timeout": "connack"})); sys.exit(0)
+start = time.monotonic()
+for i in range(10):
+    info = c.publish("devices/%s/flood" % user, str(i), qos=1)
+    if not acked.setdefault(info.mid, threading.Event()).wait(10):
+        out["timeout"] = "ack %d" % i
+        break
+    out["acks"].append(codes[info.mid])
+out["elapsed"] = time.monotonic() - start
+c.disconnect(); c.loop_stop()
+print(json.dumps(out))
+"#;
+
+#[test]
+fn mqtt5_publishes_over_the_rate_limit_get_0x97_and_are_not_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, addr, secret) = start(dir.path(), RATE_LIMITS);
+    let out = paho_json(addr, "sensor-1", &secret, PAHO_V5_FLOOD);
+    assert!(out.get("timeout").is_none(), "{out}");
+    let acks: Vec<u64> = out["acks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_u64().unwrap())
+        .collect();
+    assert_eq!(acks.len(), 10, "{out}");
+    assert_eq!(acks[..3], [0, 0, 0], "the burst: {out}");
+    assert!(acks.iter().all(|a| *a == 0 || *a == 0x97), "{out}");
+    let accepted = acks.iter().filter(|a| **a == 0).count();
+    let refused = acks.len() - accepted;
+    // The budget: the burst plus one message per second of the run.
+    let elapsed = out["elapsed"].as_f64().unwrap();
+    let budget = 3 + elapsed.ceil() as usize;
+    assert!(
+        accepted <= budget,
+        "{accepted} accepted in {elapsed} s: {out}"
+    );
+    assert!(refused >= 1, "{out}");
+    // Exactly the acknowledged ones are stored.
+    let recs = records(&d);
+    assert_eq!(recs.len(), accepted, "{recs:?}");
+    assert_eq!(
+        d.metric("outpost_mqtt_refused_total{reason=\"rate_limit\"}"),
+        f64::from(u32::try_from(refused).unwrap())
+    );
+    assert_eq!(
+        d.status()["mqtt"]["refused_rate_limit"],
+        u64::try_from(refused).unwrap()
+    );
+
+    // QoS 2 right after a refused QoS 1 (raw MQTT 5): PUBREC 0x97, not stored; still served.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    v5_connect(&mut s, "raw-v5", "sensor-1", &secret);
+    let mut refused_qos1 = false;
+    for pkid in 1..=10u16 {
+        s.write_all(&v5_publish(0x32, "devices/sensor-1/raw", pkid, b"1"))
+            .unwrap();
+        if read_small_packet(&mut s) == [0x40, 4, 0, u8::try_from(pkid).unwrap(), 0x97, 0] {
+            refused_qos1 = true;
+            break;
+        }
+    }
+    assert!(refused_qos1, "PUBACK 0x97 within 10 publishes");
+    s.write_all(&v5_publish(0x34, "devices/sensor-1/raw2", 100, b"2"))
+        .unwrap();
+    assert_eq!(
+        read_small_packet(&mut s),
+        [0x50, 4, 0, 100, 0x97, 0],
+        "PUBREC 0x97"
+    );
+    s.write_all(&[0xC0, 0]).unwrap();
+    assert_eq!(read_exact_n(&mut s, 2), [0xD0, 0], "PINGRESP");
+    assert!(
+        records(&d)
+            .iter()
+            .all(|r| r.topic != "devices/sensor-1/raw2")
+    );
+}
+
+#[test]
+fn over_the_rate_limit_3_1_1_qos0_is_dropped_and_qos1_unacked_until_a_retransmission() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut d, addr, secret) = start(dir.path(), RATE_LIMITS);
+    // QoS 0 from mosquitto_pub: 10 at once, the burst of 3 stored, the rest dropped.
+    let started = std::time::Instant::now();
+    let out = pub_(
+        addr,
+        "sensor-1",
+        &secret,
+        &[
+            "-q",
+            "0",
+            "-t",
+            "devices/sensor-1/q0",
+            "-m",
+            "x",
+            "--repeat",
+            "10",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let elapsed = started.elapsed().as_secs_f64();
+    let refused = |d: &Daemon| d.metric("outpost_mqtt_refused_total{reason=\"rate_limit\"}");
+    d.wait_until("10 QoS 0 publishes handled", Duration::from_secs(10), |d| {
+        records(d).len() + refused(d) as usize == 10
+    });
+    let stored = records(&d).len();
+    let budget = 3 + elapsed.ceil() as usize;
+    assert!(
+        (3..=budget).contains(&stored),
+        "{stored} stored in {elapsed} s"
+    );
+
+    // QoS 1 over the limit on a raw 3.1.1 connection: no PUBACK, the connection stays.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut connect = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 60];
+    mqtt_str(&mut connect, "raw-311");
+    mqtt_str(&mut connect, "sensor-1");
+    mqtt_str(&mut connect, &secret);
+    s.write_all(&packet(0x10, &connect)).unwrap();
+    assert_eq!(read_exact_n(&mut s, 4), [0x20, 2, 0, 0], "CONNACK accepted");
+    let publish = |header: u8, pkid: u16| {
+        let mut body = Vec::new();
+        mqtt_str(&mut body, "devices/sensor-1/q1");
+        body.extend_from_slice(&pkid.to_be_bytes());
+        body.extend_from_slice(b"limited");
+        packet(header, &body)
+    };
+    // Empty the bucket: publish until one goes unacknowledged.
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut unacked = None;
+    for pkid in 1..=10u16 {
+        s.write_all(&publish(0x32, pkid)).unwrap();
+        let mut ack = [0u8; 4];
+        match s.read_exact(&mut ack) {
+            Ok(()) => assert_eq!(ack, [0x40, 2, 0, u8::try_from(pkid).unwrap()]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                unacked = Some(pkid);
+                break;
+            }
+            Err(e) => panic!("connection failed at {pkid}: {e}"),
+        }
+    }
+    let unacked = unacked.expect("the rate limit refused one of 10 QoS 1 publishes");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&[0xC0, 0]).unwrap();
+    assert_eq!(read_exact_n(&mut s, 2), [0xD0, 0], "PINGRESP: still served");
+    let q1 = |d: &Daemon| {
+        records(d)
+            .iter()
+            .filter(|r| r.topic == "devices/sensor-1/q1")
+            .count()
+    };
+    assert_eq!(
+        q1(&d),
+        usize::from(unacked) - 1,
+        "nothing stored for the refused publish"
+    );
+    drop(s);
+    // The device reconnects after the bucket refilled and retransmits with DUP: acknowledged
+    // and stored.
+    std::thread::sleep(Duration::from_millis(1200)); // let one token refill (1 message/s)
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&packet(0x10, &connect)).unwrap();
+    assert_eq!(read_exact_n(&mut s, 4), [0x20, 2, 0, 0], "CONNACK accepted");
+    s.write_all(&publish(0x3A, unacked)).unwrap();
+    assert_eq!(
+        read_exact_n(&mut s, 4),
+        [0x40, 2, 0, u8::try_from(unacked).unwrap()],
+        "PUBACK of the retransmission"
+    );
+    assert_eq!(
+        q1(&d),
+        usize::from(unacked),
+        "the acknowledged ones, each once"
+    );
+    assert!(refused(&d) >= 8.0);
+}
+
+#[test]
+fn a_device_s_own_acl_from_the_registry_replaces_the_global_one_at_connect() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut d, addr, secret) = start(dir.path(), "");
+    let r = admin(
+        &d,
+        "POST",
+        "/api/v1/devices",
+        r#"{"id": "meter", "mqtt_publish": ["plant/{id}/#"], "mqtt_subscribe": ["plant/{id}/cmd/#"]}"#,
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let meter = r.json()["secret"].as_str().unwrap().to_owned();
+
+    // With its own ACL: outside the global default, stored.
+    let out = pub_(
+        addr,
+        "meter",
+        &meter,
+        &["-q", "1", "-t", "plant/meter/temp", "-m", "7"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Its own list replaced the global one: the default prefix is now outside.
+    let out = pub_(
+        addr,
+        "meter",
+        &meter,
+        &["-q", "1", "-t", "devices/meter/temp", "-m", "no"],
+    );
+    assert!(!out.status.success(), "outside its own ACL");
+    // Without one: the same kind of topic is refused (3.1.1: disconnected).
+    let out = pub_(
+        addr,
+        "sensor-1",
+        &secret,
+        &["-q", "1", "-t", "plant/sensor-1/temp", "-m", "no"],
+    );
+    assert!(!out.status.success(), "outside the global ACL");
+    // Subscribe: its own filters granted, the global default's refused (MQTT 5 SUBACK codes).
+    let suback = paho_json(addr, "meter", &meter, PAHO_V5_SUBSCRIBE);
+    assert_eq!(suback["suback"], serde_json::json!([1, 0x87]), "{suback}");
+
+    let recs = records(&d);
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert_eq!(
+        (recs[0].device_id.as_str(), recs[0].topic.as_str()),
+        ("meter", "plant/meter/temp")
+    );
+    assert_eq!(d.metric("outpost_mqtt_refused_total{reason=\"acl\"}"), 3.0);
+
+    // Cleared through the API: the global ACL applies from the next CONNECT.
+    let r = admin(
+        &d,
+        "PATCH",
+        "/api/v1/devices/meter",
+        r#"{"mqtt_publish": null}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let out = pub_(
+        addr,
+        "meter",
+        &meter,
+        &["-q", "1", "-t", "devices/meter/temp", "-m", "8"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    d.wait_until("2 records", Duration::from_secs(5), |d| {
+        records(d).len() == 2
+    });
+}
+
+/// Subscribes (MQTT 5) to `plant/<user>/cmd/#` and `devices/<user>/commands/#`; prints the
+/// SUBACK reason codes.
+const PAHO_V5_SUBSCRIBE: &str = r#"
+import sys, json, threading
+import paho.mqtt.client as mqtt
+host, port, user, password = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+out = {}
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="v5-sub", protocol=mqtt.MQTTv5)
+c.username_pw_set(user, password)
+done = threading.Event()
+def on_connect(cl, ud, flags, rc, props):
+    cl.subscribe([("plant/%s/cmd/#" % user, 1), ("devices/%s/commands/#" % user, 1)])
+def on_subscribe(cl, ud, mid, rcs, props):
+    out["suback"] = [r.value for r in rcs]
+    done.set()
+c.on_connect, c.on_subscribe = on_connect, on_subscribe
+c.connect(host, port, 30)
+c.loop_start()
+if not done.wait(10):
+    out["timeout"] = "suback"
+c.disconnect(); c.loop_stop()
+print(json.dumps(out))
+"#;

@@ -1,11 +1,15 @@
 //! `[mqtt]`: the MQTT front for devices (and the embedded broker behind it).
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use super::DEFAULT_ROUTE;
 use crate::units::ByteSize;
+
+mod tls;
+pub use tls::{ClientAuth, MqttTlsConfig};
 
 /// `[mqtt]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +39,10 @@ pub struct MqttConfig {
     pub max_inflight: usize,
     /// `[mqtt.acl]`: topic filters a device may publish to and subscribe to.
     pub acl: MqttAclConfig,
+    /// `[mqtt.limits]`: per-device publish rate limits.
+    pub limits: MqttLimitsConfig,
+    /// `[mqtt.tls]`: the TLS listener (off by default).
+    pub tls: MqttTlsConfig,
 }
 
 impl Default for MqttConfig {
@@ -48,6 +56,36 @@ impl Default for MqttConfig {
             max_packet: ByteSize::kib(256),
             max_inflight: 64,
             acl: MqttAclConfig::default(),
+            limits: MqttLimitsConfig::default(),
+            tls: MqttTlsConfig::default(),
+        }
+    }
+}
+
+/// `[mqtt.limits]`: per-device rate limits on PUBLISH, token buckets shared by every connection
+/// of a device (an anonymous identity counts as one device). A publish over either limit is
+/// refused like one the full outbox refuses: MQTT 5 PUBACK/PUBREC 0x97, MQTT 3.1.1 no ack,
+/// QoS 0 dropped; not stored, not routed, counted as `refused{reason="rate_limit"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "an [mqtt.limits] table")]
+pub struct MqttLimitsConfig {
+    /// PUBLISHes (any QoS) per second per device, sustained. Default 0: unlimited.
+    pub messages_per_second: u32,
+    /// Payload bytes per second per device, sustained. Default `"0"`: unlimited.
+    pub bytes_per_second: ByteSize,
+    /// How long a device may publish above its rates after being quiet: each bucket holds
+    /// `rate × burst`. A payload larger than the byte bucket passes only when the bucket is
+    /// full (the device then waits out the debt). Default `"10s"`; 1s to 1h.
+    #[serde(with = "crate::units::duration")]
+    pub burst: Duration,
+}
+
+impl Default for MqttLimitsConfig {
+    fn default() -> Self {
+        Self {
+            messages_per_second: 0,
+            bytes_per_second: ByteSize(0),
+            burst: Duration::from_secs(10),
         }
     }
 }
@@ -118,6 +156,30 @@ mod tests {
         assert_eq!(c.max_inflight, 64);
         assert_eq!(c.acl.publish, ["devices/{id}/#"]);
         assert_eq!(c.acl.subscribe, ["devices/{id}/commands/#"]);
+        assert_eq!(
+            (c.limits.messages_per_second, c.limits.bytes_per_second),
+            (0, ByteSize(0)),
+            "unlimited"
+        );
+        assert_eq!(c.limits.burst, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn limits_parse_human_units_and_burst_is_bounded() {
+        let c = crate::from_toml_str(
+            "[mqtt.limits]\nmessages_per_second = 50\nbytes_per_second = \"64KiB\"\nburst = \"2s\"\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.mqtt.limits.messages_per_second, 50);
+        assert_eq!(c.mqtt.limits.bytes_per_second, ByteSize::kib(64));
+        assert_eq!(c.mqtt.limits.burst, Duration::from_secs(2));
+        assert_eq!(
+            problems("[mqtt.limits]\nburst = \"0s\"\n")
+                .iter()
+                .map(|p| p.split(':').next().unwrap_or(""))
+                .collect::<Vec<_>>(),
+            ["mqtt.limits.burst"]
+        );
     }
 
     #[test]

@@ -418,6 +418,15 @@ fn schemas() -> Value {
     let protocols = json!({ "type": "array", "items": { "type": "string", "enum": ["mqtt", "coap", "http"] }, "uniqueItems": true });
     let tags = json!({ "type": "array", "maxItems": crate::registry::MAX_TAGS, "items": { "type": "string", "pattern": "^[A-Za-z0-9._:=/-]{1,64}$" } });
     let nullable_int = json!({ "type": "integer", "format": "int64", "nullable": true });
+    let acl = |which: &str| {
+        json!({
+            "type": "array",
+            "nullable": true,
+            "maxItems": crate::registry::MAX_ACL_PATTERNS,
+            "items": { "type": "string", "minLength": 1, "maxLength": crate::registry::MAX_ACL_PATTERN_LEN },
+            "description": format!("MQTT topic filters (`+`, `#`; `{{id}}` as a whole level is the device id) this device may {which}, replacing `[mqtt.acl]` `{which}` for it; null: the global list. Applies from the device's next CONNECT. A bad pattern: 422 naming e.g. `mqtt_{which}[1]`."),
+        })
+    };
     json!({
         "Error": {
             "type": "object",
@@ -442,6 +451,8 @@ fn schemas() -> Value {
                 "protocols": protocols,
                 "has_secret": { "type": "boolean" },
                 "source": { "type": "string", "description": "`api` or `driver:<name>`" },
+                "mqtt_publish": acl("publish"),
+                "mqtt_subscribe": acl("subscribe"),
                 "created_at_ms": { "type": "integer", "format": "int64" },
                 "updated_at_ms": { "type": "integer", "format": "int64" },
                 "state": { "type": "string", "enum": ["online", "offline", "disabled"] },
@@ -461,7 +472,9 @@ fn schemas() -> Value {
                 "location": text(256),
                 "tags": tags,
                 "enabled": { "type": "boolean", "default": true },
-                "protocols": protocols
+                "protocols": protocols,
+                "mqtt_publish": acl("publish"),
+                "mqtt_subscribe": acl("subscribe")
             }
         },
         "DeviceChanges": {
@@ -475,7 +488,9 @@ fn schemas() -> Value {
                 "location": text(256),
                 "tags": tags,
                 "enabled": { "type": "boolean" },
-                "protocols": protocols
+                "protocols": protocols,
+                "mqtt_publish": acl("publish"),
+                "mqtt_subscribe": acl("subscribe")
             }
         },
         "DeviceWithSecret": {

@@ -481,6 +481,8 @@ async fn credentials(registry: &Registry, app: &str) -> Result<Vec<String>, Stri
                 tags: vec![super::DEVICE_TAG.into()],
                 enabled: true,
                 protocols: vec![Protocol::Mqtt],
+                mqtt_publish: None,
+                mqtt_subscribe: None,
             })
             .await
     };

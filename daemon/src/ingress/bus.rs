@@ -172,9 +172,10 @@ impl Default for BusHandle {
 }
 
 impl BusHandle {
-    /// The ACL of an MQTT identity: `app-<name>` devices tagged `outpost-app` (the bus
-    /// identities the apps subsystem creates) may also subscribe to `apps.bus_subscribe`;
-    /// every identity has the `[mqtt.acl]` patterns.
+    /// The ACL of an MQTT identity: the device's own `mqtt_publish`/`mqtt_subscribe` from the
+    /// registry where it has them, else the `[mqtt.acl]` patterns; `app-<name>` devices tagged
+    /// `outpost-app` (the bus identities the apps subsystem creates) may also subscribe to
+    /// `apps.bus_subscribe`.
     pub fn acl_for(
         &self,
         mqtt: &outpost_config::MqttAclConfig,
@@ -465,6 +466,43 @@ mod tests {
             assert!(!acl.may_subscribe("devices/+/#"), "{id}");
             assert!(acl.may_subscribe(&format!("devices/{id}/commands/#")));
         }
+    }
+
+    #[test]
+    fn a_device_s_own_acl_lists_replace_the_global_ones() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(dir.path(), Duration::from_secs(60)).unwrap();
+        rt.block_on(async {
+            for (id, publish) in [
+                ("own", Some(vec!["plant/{id}/#".to_owned()])),
+                ("plain", None),
+            ] {
+                let new: crate::registry::NewDevice =
+                    serde_json::from_value(serde_json::json!({ "id": id })).unwrap();
+                registry
+                    .create(crate::registry::NewDevice {
+                        mqtt_publish: publish,
+                        ..new
+                    })
+                    .await
+                    .unwrap();
+            }
+        });
+        let mqtt = outpost_config::MqttAclConfig::default();
+        let own = acl_for(&mqtt, &[], &registry, "own");
+        assert!(own.may_publish("plant/own/temp"));
+        assert!(!own.may_publish("devices/own/temp"), "replaced, not added");
+        assert!(
+            own.may_subscribe("devices/own/commands/#"),
+            "subscribe: global"
+        );
+        let plain = acl_for(&mqtt, &[], &registry, "plain");
+        assert!(!plain.may_publish("plant/plain/temp"));
+        assert!(plain.may_publish("devices/plain/temp"));
     }
 
     #[test]

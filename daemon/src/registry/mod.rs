@@ -65,6 +65,10 @@ pub const DEFAULT_PAGE: usize = 100;
 pub const MAX_PAGE: usize = 1000;
 /// Longest secret worth verifying.
 pub const MAX_SECRET_LEN: usize = 1024;
+/// Most patterns in a device's `mqtt_publish` or `mqtt_subscribe`.
+pub const MAX_ACL_PATTERNS: usize = 32;
+/// Longest ACL pattern, in bytes.
+pub const MAX_ACL_PATTERN_LEN: usize = 256;
 /// Most tags per device.
 pub const MAX_TAGS: usize = 32;
 
@@ -184,6 +188,11 @@ pub struct Device {
     pub has_secret: bool,
     /// `api` or `driver:<name>`.
     pub source: String,
+    /// MQTT topic filters (with `{id}`) this device may publish to, replacing `[mqtt.acl]`
+    /// `publish` for it; `None`: the global list. Used at the device's next CONNECT.
+    pub mqtt_publish: Option<Vec<String>>,
+    /// Likewise for `[mqtt.acl]` `subscribe`.
+    pub mqtt_subscribe: Option<Vec<String>>,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
     pub state: State,
@@ -213,6 +222,12 @@ pub struct NewDevice {
     /// Default: all protocols.
     #[serde(default = "all_protocols")]
     pub protocols: Vec<Protocol>,
+    /// Default (absent or null): the global `[mqtt.acl]` `publish`.
+    #[serde(default)]
+    pub mqtt_publish: Option<Vec<String>>,
+    /// Default (absent or null): the global `[mqtt.acl]` `subscribe`.
+    #[serde(default)]
+    pub mqtt_subscribe: Option<Vec<String>>,
 }
 
 fn yes() -> bool {
@@ -235,6 +250,21 @@ pub struct DeviceChanges {
     pub tags: Option<Vec<String>>,
     pub enabled: Option<bool>,
     pub protocols: Option<Vec<Protocol>>,
+    /// Absent: kept; `null`: back to the global `[mqtt.acl]`; a list: the device's own.
+    #[serde(default, deserialize_with = "present")]
+    pub mqtt_publish: Option<Option<Vec<String>>>,
+    /// Like `mqtt_publish`.
+    #[serde(default, deserialize_with = "present")]
+    pub mqtt_subscribe: Option<Option<Vec<String>>>,
+}
+
+/// Tells a field given as `null` (`Some(None)`) from an absent one (`None`, the default).
+fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
 }
 
 /// A page of [`Registry::list`].
@@ -405,6 +435,33 @@ fn normalize_tags(tags: Vec<String>) -> Vec<String> {
     seen
 }
 
+/// Checks a device's own MQTT ACL patterns with the rule `[mqtt.acl]` is checked with.
+fn check_acl(field: &str, patterns: Option<&[String]>) -> Result<(), RegistryError> {
+    let Some(patterns) = patterns else {
+        return Ok(());
+    };
+    if patterns.len() > MAX_ACL_PATTERNS {
+        return Err(invalid(
+            field,
+            format!("at most {MAX_ACL_PATTERNS} patterns"),
+        ));
+    }
+    for (i, pattern) in patterns.iter().enumerate() {
+        let field = || format!("{field}[{i}]");
+        if pattern.len() > MAX_ACL_PATTERN_LEN {
+            return Err(invalid(
+                field(),
+                format!("at most {MAX_ACL_PATTERN_LEN} bytes"),
+            ));
+        }
+        if pattern.contains('\0') {
+            return Err(invalid(field(), "must not contain NUL"));
+        }
+        outpost_config::check_acl_pattern(pattern).map_err(|e| invalid(field(), e))?;
+    }
+    Ok(())
+}
+
 /// Checks every inventory field of a device (not the id).
 fn check_device(d: &Device) -> Result<(), RegistryError> {
     check_text("name", &d.name, 256)?;
@@ -412,7 +469,9 @@ fn check_device(d: &Device) -> Result<(), RegistryError> {
     check_text("batch", &d.batch, 128)?;
     check_text("firmware", &d.firmware, 128)?;
     check_text("location", &d.location, 256)?;
-    check_tags(&d.tags)
+    check_tags(&d.tags)?;
+    check_acl("mqtt_publish", d.mqtt_publish.as_deref())?;
+    check_acl("mqtt_subscribe", d.mqtt_subscribe.as_deref())
 }
 
 impl Registry {
@@ -628,6 +687,8 @@ impl Registry {
             protocols: Vec::new(),
             has_secret: false,
             source: source.to_owned(),
+            mqtt_publish: None,
+            mqtt_subscribe: None,
             created_at_ms: now_ms,
             updated_at_ms: now_ms,
             state: State::Online,
@@ -784,6 +845,8 @@ impl Registry {
             protocols: normalize_protocols(new.protocols),
             has_secret: true,
             source: "api".to_owned(),
+            mqtt_publish: new.mqtt_publish,
+            mqtt_subscribe: new.mqtt_subscribe,
             created_at_ms: now_ms,
             updated_at_ms: now_ms,
             state: State::Offline,
@@ -837,6 +900,8 @@ impl Registry {
                     tags,
                     enabled,
                     protocols,
+                    mqtt_publish,
+                    mqtt_subscribe,
                 } = changes;
                 let set = |slot: &mut String, v: Option<String>| {
                     if let Some(v) = v {
@@ -856,6 +921,12 @@ impl Registry {
                 }
                 if let Some(p) = protocols {
                     d.protocols = normalize_protocols(p);
+                }
+                if let Some(acl) = mqtt_publish {
+                    d.mqtt_publish = acl;
+                }
+                if let Some(acl) = mqtt_subscribe {
+                    d.mqtt_subscribe = acl;
                 }
                 check_device(&d)?;
                 d.updated_at_ms = now_unix_ms();

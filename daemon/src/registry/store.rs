@@ -33,7 +33,7 @@ pub use outpost_sync::sqlite::Quarantine;
 pub const FILE_NAME: &str = "registry.db";
 
 /// Migrations in order; `MIGRATIONS[i]` upgrades version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[
+pub(super) const MIGRATIONS: &[&str] = &[
     // v1: devices, their persisted monitoring, and their command queue.
     "CREATE TABLE devices (
          id             TEXT    PRIMARY KEY,
@@ -73,6 +73,9 @@ const MIGRATIONS: &[&str] = &[
          delivered_at_ms INTEGER
      );
      CREATE INDEX commands_by_device ON commands(device_id, id);",
+    // v2: a device's own MQTT ACL (JSON arrays of patterns; NULL: the global `[mqtt.acl]`).
+    "ALTER TABLE devices ADD COLUMN mqtt_publish TEXT;
+     ALTER TABLE devices ADD COLUMN mqtt_subscribe TEXT;",
 ];
 
 /// Opens (creating and migrating) the registry database. Blocking.
@@ -138,11 +141,21 @@ fn protocols_from_text(text: &str) -> Vec<Protocol> {
     text.split(',').filter_map(Protocol::parse).collect()
 }
 
+fn acl_to_text(patterns: Option<&[String]>) -> Option<String> {
+    patterns.map(|p| serde_json::to_string(p).unwrap_or_else(|_| "[]".to_owned()))
+}
+
+/// A stored ACL list; an unreadable one (never written by Outpost) allows nothing rather than
+/// falling back to the wider global default.
+fn acl_from_text(text: Option<String>) -> Option<Vec<String>> {
+    text.map(|t| serde_json::from_str(&t).unwrap_or_default())
+}
+
 /// Every device with its secret hash.
 pub fn load_devices(conn: &Connection) -> rusqlite::Result<Vec<(Device, Option<String>)>> {
     let mut stmt = conn.prepare(
         "SELECT id, name, model, batch, firmware, location, tags, enabled, protocols,
-                secret_hash, source, created_at_ms, updated_at_ms
+                secret_hash, source, created_at_ms, updated_at_ms, mqtt_publish, mqtt_subscribe
          FROM devices ORDER BY id",
     )?;
     let rows = stmt.query_map([], |r| {
@@ -161,6 +174,8 @@ pub fn load_devices(conn: &Connection) -> rusqlite::Result<Vec<(Device, Option<S
                 protocols: protocols_from_text(&r.get::<_, String>(8)?),
                 has_secret: secret_hash.is_some(),
                 source: r.get(10)?,
+                mqtt_publish: acl_from_text(r.get(13)?),
+                mqtt_subscribe: acl_from_text(r.get(14)?),
                 created_at_ms: r.get(11)?,
                 updated_at_ms: r.get(12)?,
                 state: super::State::Offline,
@@ -181,8 +196,9 @@ pub fn insert_device(
     let tags = serde_json::to_string(&d.tags).unwrap_or_else(|_| "[]".to_owned());
     let result = conn.execute(
         "INSERT INTO devices (id, name, model, batch, firmware, location, tags, enabled, protocols,
-                              secret_hash, source, created_at_ms, updated_at_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                              secret_hash, source, created_at_ms, updated_at_ms, mqtt_publish,
+                              mqtt_subscribe)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
         params![
             d.id,
             d.name,
@@ -196,7 +212,9 @@ pub fn insert_device(
             secret_hash,
             d.source,
             d.created_at_ms,
-            d.updated_at_ms
+            d.updated_at_ms,
+            acl_to_text(d.mqtt_publish.as_deref()),
+            acl_to_text(d.mqtt_subscribe.as_deref())
         ],
     );
     match result {
@@ -211,7 +229,8 @@ pub fn update_device(conn: &Connection, d: &Device) -> rusqlite::Result<bool> {
     let tags = serde_json::to_string(&d.tags).unwrap_or_else(|_| "[]".to_owned());
     let n = conn.execute(
         "UPDATE devices SET name = ?2, model = ?3, batch = ?4, firmware = ?5, location = ?6,
-                tags = ?7, enabled = ?8, protocols = ?9, updated_at_ms = ?10
+                tags = ?7, enabled = ?8, protocols = ?9, updated_at_ms = ?10,
+                mqtt_publish = ?11, mqtt_subscribe = ?12
          WHERE id = ?1",
         params![
             d.id,
@@ -223,7 +242,9 @@ pub fn update_device(conn: &Connection, d: &Device) -> rusqlite::Result<bool> {
             tags,
             d.enabled,
             protocols_to_text(&d.protocols),
-            d.updated_at_ms
+            d.updated_at_ms,
+            acl_to_text(d.mqtt_publish.as_deref()),
+            acl_to_text(d.mqtt_subscribe.as_deref())
         ],
     )?;
     Ok(n == 1)

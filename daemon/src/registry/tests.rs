@@ -19,6 +19,8 @@ fn new_device(id: &str) -> NewDevice {
         tags: Vec::new(),
         enabled: true,
         protocols: Protocol::ALL.to_vec(),
+        mqtt_publish: None,
+        mqtt_subscribe: None,
     }
 }
 
@@ -423,4 +425,57 @@ async fn corrupt_file_is_quarantined() {
     assert!(q.moved_to.exists());
     assert_eq!(reg.len(), 0);
     reg.create(new_device("d")).await.unwrap();
+}
+
+#[tokio::test]
+async fn own_mqtt_acl_lists_are_checked_persisted_and_cleared_with_null() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = open(dir.path());
+    let mut d = new_device("dev-1");
+    d.mqtt_publish = Some(vec!["plant/{id}/#".into(), "a/#/b".into()]);
+    match reg.create(d).await {
+        Err(RegistryError::Invalid { field, .. }) => assert_eq!(field, "mqtt_publish[1]"),
+        other => panic!("{other:?}"),
+    }
+    let mut d = new_device("dev-1");
+    d.mqtt_publish = Some(vec!["plant/{id}/#".into()]);
+    reg.create(d).await.unwrap();
+    let changes: DeviceChanges =
+        serde_json::from_str(r#"{"mqtt_subscribe": ["x/{idx}"]}"#).unwrap();
+    match reg.update("dev-1", changes).await {
+        Err(RegistryError::Invalid { field, .. }) => assert_eq!(field, "mqtt_subscribe[0]"),
+        other => panic!("{other:?}"),
+    }
+    let changes: DeviceChanges =
+        serde_json::from_str(r#"{"mqtt_subscribe": ["plant/{id}/cmd/#"]}"#).unwrap();
+    reg.update("dev-1", changes).await.unwrap();
+    drop(reg);
+
+    // Persisted (schema v2), and `null` goes back to the global lists; absent keeps.
+    let reg = open(dir.path());
+    let d = reg.get("dev-1").unwrap();
+    assert_eq!(d.mqtt_publish, Some(vec!["plant/{id}/#".to_owned()]));
+    assert_eq!(d.mqtt_subscribe, Some(vec!["plant/{id}/cmd/#".to_owned()]));
+    let changes: DeviceChanges = serde_json::from_str(r#"{"mqtt_publish": null}"#).unwrap();
+    let d = reg.update("dev-1", changes).await.unwrap();
+    assert_eq!(d.mqtt_publish, None);
+    assert_eq!(d.mqtt_subscribe, Some(vec!["plant/{id}/cmd/#".to_owned()]));
+}
+
+#[test]
+fn a_version_1_registry_is_migrated_and_keeps_its_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let conn = rusqlite::Connection::open(dir.path().join(store::FILE_NAME)).unwrap();
+        conn.execute_batch(&format!(
+            "{}; PRAGMA user_version = 1;
+             INSERT INTO devices VALUES ('old', '', '', '', '', '', '[]', 1, 'mqtt', NULL,
+                                         'api', 1, 1);",
+            store::MIGRATIONS[0]
+        ))
+        .unwrap();
+    }
+    let reg = open(dir.path());
+    let d = reg.get("old").unwrap();
+    assert_eq!((d.mqtt_publish, d.mqtt_subscribe), (None, None));
 }

@@ -81,7 +81,7 @@ pub enum AckReason {
     Success,
     /// 0x87: outside the ACL.
     NotAuthorized,
-    /// 0x97: the outbox is full.
+    /// 0x97: the outbox is full, or the device is over its rate limit.
     QuotaExceeded,
     /// 0x80: storage error or shutting down.
     Unspecified,

@@ -21,6 +21,8 @@ pub enum RefusedReason {
     OutboxFull,
     /// The outbox could not take it (storage error, closing, record too large).
     OutboxError,
+    /// Over the device's `[mqtt.limits]` rate.
+    RateLimit,
 }
 
 impl RefusedReason {
@@ -29,13 +31,14 @@ impl RefusedReason {
             Self::Acl => "acl",
             Self::OutboxFull => "outbox_full",
             Self::OutboxError => "outbox_error",
+            Self::RateLimit => "rate_limit",
         }
     }
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
-    /// `acl`, `outbox_full`, `outbox_error`.
+    /// `acl`, `outbox_full`, `outbox_error`, `rate_limit`.
     pub reason: &'static str,
 }
 
@@ -100,6 +103,7 @@ pub struct MqttStatus {
     pub refused_acl: u64,
     pub refused_outbox_full: u64,
     pub refused_outbox_error: u64,
+    pub refused_rate_limit: u64,
     pub malformed: u64,
 }
 
@@ -112,9 +116,14 @@ impl MqttMetrics {
             })
             .inc();
         match reason {
-            RefusedReason::Acl => self.acl_denied.inc(),
-            RefusedReason::OutboxFull | RefusedReason::OutboxError => self.outbox_refused.inc(),
-        };
+            RefusedReason::Acl => {
+                self.acl_denied.inc();
+            }
+            RefusedReason::OutboxFull | RefusedReason::OutboxError => {
+                self.outbox_refused.inc();
+            }
+            RefusedReason::RateLimit => {}
+        }
     }
 
     /// The per-device counters of a registered device.
@@ -142,6 +151,7 @@ impl MqttMetrics {
             refused_acl: refused(RefusedReason::Acl),
             refused_outbox_full: refused(RefusedReason::OutboxFull),
             refused_outbox_error: refused(RefusedReason::OutboxError),
+            refused_rate_limit: refused(RefusedReason::RateLimit),
             malformed: self.malformed.get(),
         }
     }

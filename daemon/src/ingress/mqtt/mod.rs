@@ -38,6 +38,11 @@
 //!   best-effort (a refusal is only counted). Outbox full (`reject`) → v5 0x97, storage error or
 //!   shutdown → v5 0x80; 3.1.1 → no ack (the device retransmits after reconnecting); never
 //!   routed. A record the outbox can never take (too large) closes the connection.
+//! - The ACL is resolved once at CONNECT: the device's own `mqtt_publish`/`mqtt_subscribe`
+//!   from the registry where set, else `[mqtt.acl]` ([`super::bus::acl_for`]).
+//! - Rate limits (`[mqtt.limits]`, `limits.rs`): a PUBLISH inside the ACL but over its device's
+//!   message or byte rate is refused like an outbox refusal (v5 0x97, 3.1.1 no ack, QoS 0
+//!   dropped), never stored or routed, counted as `rate_limit`.
 //! - **Pipelining**: up to `mqtt.max_inflight` publishes of a connection await their commit at
 //!   once (the outbox commits them in groups); acks are written strictly in the order the
 //!   publishes arrived (a queue of futures completed in order). With the window full the front
@@ -56,7 +61,9 @@
 mod acl;
 pub mod broker;
 mod codec;
+mod limits;
 mod metrics;
+pub mod tls;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -73,7 +80,7 @@ use outpost_config::MqttConfig;
 use outpost_sync::{AppendError, Source};
 use rumqttc::mqttbytes::{self, QoS};
 use rumqttc::{Connect, ConnectReturnCode, Login, Packet, Publish, Subscribe};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
@@ -89,6 +96,7 @@ use self::codec::{
     AckReason, ConnRefusal, DeviceCodec, DeviceConnect, Inbound, MAX_WRITE, PublishMeta, SubCode,
     Version,
 };
+use self::limits::{LimiterHandle, Limiters};
 use self::metrics::{DeviceCounters, RefusedReason};
 use super::{Ingest, IngestRecord};
 use crate::registry::{Protocol, Refusal, Traffic};
@@ -107,6 +115,7 @@ pub struct MqttSettings {
     pub max_inflight: usize,
     pub allow_anonymous: bool,
     pub acl: outpost_config::MqttAclConfig,
+    pub limits: outpost_config::MqttLimitsConfig,
 }
 
 impl MqttSettings {
@@ -118,6 +127,7 @@ impl MqttSettings {
             max_inflight: config.max_inflight.clamp(1, usize::from(u16::MAX)),
             allow_anonymous: config.allow_anonymous,
             acl: config.acl.clone(),
+            limits: config.limits.clone(),
         }
     }
 }
@@ -140,6 +150,8 @@ struct Front {
     /// this for devices with a session there; this covers the others.
     sessions: std::sync::Mutex<HashMap<String, (u64, CancellationToken)>>,
     next_generation: AtomicU64,
+    /// Per-device rate limits; `None` when `[mqtt.limits]` sets none.
+    limiters: Option<Limiters>,
 }
 
 /// Removes a connection from [`Front::sessions`] when it ends (unless a newer one took over).
@@ -168,9 +180,11 @@ impl Drop for SessionEntry<'_> {
 /// Batches of publishes waiting for the shared broker connection; when full, connections wait.
 const SHARED_QUEUE: usize = 256;
 
-/// Accepts device connections until `shutdown`, then waits for them to end.
+/// Accepts device connections (plain, and TLS with `tls`) until `shutdown`, then waits for them
+/// to end. Both listeners share the connection limit, sessions and rate limits.
 pub async fn run(
     listener: TcpListener,
+    tls: Option<tls::TlsListener>,
     ingest: Ingest,
     settings: MqttSettings,
     broker: BrokerHandle,
@@ -181,8 +195,10 @@ pub async fn run(
     let (shared, shared_rx) = mpsc::channel(SHARED_QUEUE);
     let connections = TaskTracker::new();
     connections.spawn(forward(shared_rx, broker.clone(), shutdown.clone()));
+    let limiters = Limiters::new(&settings.limits);
     let front = Arc::new(Front {
         ingest,
+        limiters,
         settings,
         broker,
         metrics,
@@ -199,23 +215,27 @@ pub async fn run(
                 Err(_) => break,
             },
         };
-        let (stream, peer) = tokio::select! {
+        let (accepted, acceptor) = tokio::select! {
             () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "MQTT accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+            accepted = listener.accept() => (accepted, None),
+            (accepted, acceptor) = tls::accept(tls.as_ref()) => (accepted, Some(acceptor)),
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "MQTT accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let front = Arc::clone(&front);
         let stop = shutdown.clone();
         connections.spawn(async move {
             front.metrics.connections.inc();
             let span = tracing::debug_span!("mqtt", peer = %peer);
-            let result = tracing::Instrument::instrument(serve(stream, &front, stop), span).await;
+            let result =
+                tracing::Instrument::instrument(serve_stream(stream, acceptor, &front, stop), span)
+                    .await;
             front.metrics.connections.dec();
             match result {
                 Ok(()) => {}
@@ -281,10 +301,7 @@ async fn forward(mut rx: mpsc::Receiver<BytesMut>, broker: BrokerHandle, stop: C
 }
 
 /// Reads more bytes into `buf`: returns false on EOF.
-async fn fill(
-    stream: &mut tokio::net::tcp::OwnedReadHalf,
-    buf: &mut BytesMut,
-) -> std::io::Result<bool> {
+async fn fill(stream: &mut (impl AsyncRead + Unpin), buf: &mut BytesMut) -> std::io::Result<bool> {
     Ok(stream.read_buf(buf).await? > 0)
 }
 
@@ -295,10 +312,37 @@ fn refusal_code(refusal: Refusal) -> ConnRefusal {
     }
 }
 
-async fn serve(stream: TcpStream, front: &Front, stop: CancellationToken) -> Result<(), ConnError> {
-    let max = front.settings.max_packet;
+/// One device connection: plain TCP (split without a lock) or TLS after its handshake.
+async fn serve_stream(
+    stream: TcpStream,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    front: &Front,
+    stop: CancellationToken,
+) -> Result<(), ConnError> {
     let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
+    match tls {
+        None => {
+            let (rd, wr) = stream.into_split();
+            serve(rd, wr, &[], front, stop).await
+        }
+        Some(acceptor) => {
+            let (stream, cert_names) = tls::handshake(acceptor, stream, CONNECT_TIMEOUT).await?;
+            let (rd, wr) = tokio::io::split(stream);
+            serve(rd, wr, &cert_names, front, stop).await
+        }
+    }
+}
+
+/// Serves one device connection; `cert_names` are the names of its verified TLS client
+/// certificate (see `tls.rs`), empty without one.
+async fn serve(
+    mut rd: impl AsyncRead + Unpin,
+    mut wr: impl AsyncWrite + Unpin,
+    cert_names: &[String],
+    front: &Front,
+    stop: CancellationToken,
+) -> Result<(), ConnError> {
+    let max = front.settings.max_packet;
     let mut buf = BytesMut::with_capacity(1024);
     // The CONNECT: which protocol level, then the whole packet.
     let deadline = Instant::now() + CONNECT_TIMEOUT;
@@ -318,7 +362,24 @@ async fn serve(stream: TcpStream, front: &Front, stop: CancellationToken) -> Res
         }
     };
     let version = connect.version;
+    // A verified client certificate naming a device authenticates it without a password.
+    let certified = match tls::certified_device(
+        cert_names,
+        connect.login.as_ref().map(|l| l.username.as_str()),
+        front.ingest.registry(),
+    ) {
+        None => None,
+        Some(Ok(id)) => Some(id),
+        Some(Err(refusal)) => {
+            front.metrics.connects_refused.inc();
+            tracing::warn!(names = ?cert_names, reason = %refusal, "Refused MQTT CONNECT with a client certificate");
+            wr.write_all(&codec::refuse(version, refusal_code(refusal)))
+                .await?;
+            return Ok(());
+        }
+    };
     let device_id = match &connect.login {
+        _ if certified.is_some() => certified.clone().unwrap_or_default(),
         Some(Login { username, password }) => {
             match front
                 .ingest
@@ -353,7 +414,7 @@ async fn serve(stream: TcpStream, front: &Front, stop: CancellationToken) -> Res
             return Ok(());
         }
     };
-    let authenticated = connect.login.is_some();
+    let authenticated = connect.login.is_some() || certified.is_some();
     let acl = front
         .ingest
         .bus()
@@ -429,12 +490,15 @@ async fn serve(stream: TcpStream, front: &Front, stop: CancellationToken) -> Res
     } else {
         DeviceCounters::default()
     };
+    let limiter = front.limiters.as_ref().map(|l| l.for_device(&device_id));
     let mut session = Session {
         front,
         device_id: Arc::from(device_id),
         acl,
         codec,
         counters,
+        limiter,
+        rate_limited: false,
         awaiting_rel: HashSet::new(),
         pending_subs: HashMap::new(),
         next_pkid: 0,
@@ -659,7 +723,8 @@ enum Done {
         received: Instant,
         result: Result<(), AppendError>,
     },
-    /// A v5 publish refused before the outbox (ACL): negative ack.
+    /// A publish refused before the outbox: negative ack (v5 ACL, or rate limit: v5 0x97,
+    /// 3.1.1 no ack, QoS 0 nothing).
     Refused {
         pkid: u16,
         qos: QoS,
@@ -687,6 +752,10 @@ struct Session<'a> {
     acl: Acl,
     codec: DeviceCodec,
     counters: DeviceCounters,
+    /// The device's rate limits, shared with its other connections.
+    limiter: Option<LimiterHandle<'a>>,
+    /// The last publish was refused by the rate limit (the next refusal is not logged again).
+    rate_limited: bool,
     /// QoS 2 packet ids being stored or PUBREC'd, awaiting the device's PUBREL.
     awaiting_rel: HashSet<u16>,
     /// SUBSCRIBE packet id → per filter: allowed by the ACL (sent to the broker) or not.
@@ -707,7 +776,7 @@ struct Session<'a> {
 impl<'a> Session<'a> {
     async fn flush(
         &mut self,
-        device: &mut OwnedWriteHalf,
+        device: &mut (impl AsyncWrite + Unpin),
         broker: Option<&mut OwnedWriteHalf>,
     ) -> Result<(), ConnError> {
         if !self.out.is_empty() {
@@ -790,6 +859,24 @@ impl<'a> Session<'a> {
         if p.qos == QoS::ExactlyOnce && !self.awaiting_rel.insert(p.pkid) {
             inflight.push_back(Box::pin(std::future::ready(Done::Rec(p.pkid))));
             return;
+        }
+        if let Some(limiter) = &self.limiter {
+            if !limiter.admit(p.payload.len(), received) {
+                // Refused like a full outbox (QoS 2: `ack` forgets the packet id again). Logged
+                // once per run of refusals: this is load shedding, the counter has every one.
+                self.front.metrics.refuse(RefusedReason::RateLimit);
+                if !self.rate_limited {
+                    tracing::warn!(device = %self.device_id, topic = %p.topic, "Refusing MQTT publishes over the device's rate limit");
+                    self.rate_limited = true;
+                }
+                inflight.push_back(Box::pin(std::future::ready(Done::Refused {
+                    pkid: p.pkid,
+                    qos: p.qos,
+                    reason: AckReason::QuotaExceeded,
+                })));
+                return;
+            }
+            self.rate_limited = false;
         }
         let mut headers = vec![("mqtt_qos".to_owned(), (p.qos as u8).to_string())];
         if p.retain {
