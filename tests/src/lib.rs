@@ -7,6 +7,7 @@ pub mod coap;
 pub mod daemon;
 pub mod http;
 pub mod kafka;
+pub mod mqtt_raw;
 pub mod pty;
 
 use std::env;

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use outpost_e2e::admin::{admin, admin_token_config, create_device};
 use outpost_e2e::daemon::Daemon;
+use outpost_e2e::mqtt_raw::{login_311, mqtt_str, packet, read_exact_n};
 use outpost_sync::{OutboxReader, Source, StoredRecord};
 
 /// Starts the daemon with the admin token (plus `extra`) and device `sensor-1`: (daemon, MQTT
@@ -312,36 +313,18 @@ fn malformed_input_closes_the_connection_and_the_daemon_keeps_serving() {
     assert_eq!(records(&d).len(), 1);
 }
 
-fn mqtt_str(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&u16::try_from(s.len()).unwrap().to_be_bytes());
-    out.extend_from_slice(s.as_bytes());
-}
-
-/// A packet with a one-byte remaining length (the tests' packets are short).
-fn packet(header: u8, body: &[u8]) -> Vec<u8> {
-    let mut p = vec![header, u8::try_from(body.len()).unwrap()];
-    p.extend_from_slice(body);
-    p
-}
-
-fn read_exact_n(s: &mut TcpStream, n: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; n];
-    s.read_exact(&mut buf).unwrap();
-    buf
-}
-
 #[test]
 fn a_qos2_publish_retransmitted_with_dup_before_pubrel_is_stored_once() {
     let dir = tempfile::tempdir().unwrap();
     let (d, addr, secret) = start(dir.path(), "");
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut connect = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 60];
-    mqtt_str(&mut connect, "raw-1");
-    mqtt_str(&mut connect, "sensor-1");
-    mqtt_str(&mut connect, &secret);
-    s.write_all(&packet(0x10, &connect)).unwrap();
-    assert_eq!(read_exact_n(&mut s, 4), [0x20, 2, 0, 0], "CONNACK accepted");
+    let mut s = login_311(
+        addr,
+        "raw-1",
+        "sensor-1",
+        &secret,
+        60,
+        Duration::from_secs(5),
+    );
 
     let mut publish = Vec::new();
     mqtt_str(&mut publish, "devices/sensor-1/once");
@@ -432,14 +415,14 @@ fn a_full_outbox_gets_no_puback_on_3_1_1_and_the_connection_stays_usable() {
         "[outbox]\nmax_bytes = \"1MiB\"\nmax_record_bytes = \"128KiB\"\n\
          min_free_disk = \"0\"\nwhen_full = \"reject\"\n",
     );
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut connect = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 60];
-    mqtt_str(&mut connect, "filler");
-    mqtt_str(&mut connect, "sensor-1");
-    mqtt_str(&mut connect, &secret);
-    s.write_all(&packet(0x10, &connect)).unwrap();
-    assert_eq!(read_exact_n(&mut s, 4), [0x20, 2, 0, 0], "CONNACK accepted");
+    let mut s = login_311(
+        addr,
+        "filler",
+        "sensor-1",
+        &secret,
+        60,
+        Duration::from_secs(5),
+    );
 
     let payload = vec![b'x'; 100 * 1024];
     let mut refused_at = None;
@@ -780,14 +763,14 @@ fn read_small_packet(s: &mut TcpStream) -> Vec<u8> {
 fn pipelined_publishes_are_acknowledged_in_order_each_after_its_commit() {
     let dir = tempfile::tempdir().unwrap();
     let (d, addr, secret) = start(dir.path(), "[mqtt]\nmax_inflight = 8\n");
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut connect = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 60];
-    mqtt_str(&mut connect, "pipeliner");
-    mqtt_str(&mut connect, "sensor-1");
-    mqtt_str(&mut connect, &secret);
-    s.write_all(&packet(0x10, &connect)).unwrap();
-    assert_eq!(read_exact_n(&mut s, 4), [0x20, 2, 0, 0], "CONNACK accepted");
+    let mut s = login_311(
+        addr,
+        "pipeliner",
+        "sensor-1",
+        &secret,
+        60,
+        Duration::from_secs(10),
+    );
     // 200 QoS 1 publishes in one write, none waiting for an ack: more than the window of 8.
     let mut burst = Vec::new();
     for pkid in 1..=200u16 {
@@ -846,16 +829,16 @@ fn anonymous_clients_publish_under_their_client_id_when_allowed() {
 fn a_silent_device_is_disconnected_after_one_and_a_half_keep_alives() {
     let dir = tempfile::tempdir().unwrap();
     let (_d, addr, secret) = start(dir.path(), "");
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     // Keep-alive 1 s, clean session, no will: the front holds no broker session for it, so the
     // front itself enforces the keep-alive.
-    let mut connect = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 1];
-    mqtt_str(&mut connect, "sleepy");
-    mqtt_str(&mut connect, "sensor-1");
-    mqtt_str(&mut connect, &secret);
-    s.write_all(&packet(0x10, &connect)).unwrap();
-    assert_eq!(read_exact_n(&mut s, 4), [0x20, 2, 0, 0], "CONNACK accepted");
+    let mut s = login_311(
+        addr,
+        "sleepy",
+        "sensor-1",
+        &secret,
+        1,
+        Duration::from_secs(5),
+    );
     s.write_all(&[0xC0, 0]).unwrap();
     assert_eq!(
         read_exact_n(&mut s, 2),
@@ -882,15 +865,14 @@ fn a_second_connection_with_the_same_client_id_takes_over() {
     let dir = tempfile::tempdir().unwrap();
     let (_d, addr, secret) = start(dir.path(), "");
     let connect = || {
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 60];
-        mqtt_str(&mut body, "same-id");
-        mqtt_str(&mut body, "sensor-1");
-        mqtt_str(&mut body, &secret);
-        s.write_all(&packet(0x10, &body)).unwrap();
-        assert_eq!(read_exact_n(&mut s, 4), [0x20, 2, 0, 0], "CONNACK accepted");
-        s
+        login_311(
+            addr,
+            "same-id",
+            "sensor-1",
+            &secret,
+            60,
+            Duration::from_secs(5),
+        )
     };
     // Publish-only sessions (no broker session of their own): the front enforces it.
     let mut first = connect();
@@ -1047,14 +1029,14 @@ fn over_the_rate_limit_3_1_1_qos0_is_dropped_and_qos1_unacked_until_a_retransmis
     );
 
     // QoS 1 over the limit on a raw 3.1.1 connection: no PUBACK, the connection stays.
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut connect = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 60];
-    mqtt_str(&mut connect, "raw-311");
-    mqtt_str(&mut connect, "sensor-1");
-    mqtt_str(&mut connect, &secret);
-    s.write_all(&packet(0x10, &connect)).unwrap();
-    assert_eq!(read_exact_n(&mut s, 4), [0x20, 2, 0, 0], "CONNACK accepted");
+    let mut s = login_311(
+        addr,
+        "raw-311",
+        "sensor-1",
+        &secret,
+        60,
+        Duration::from_secs(5),
+    );
     let publish = |header: u8, pkid: u16| {
         let mut body = Vec::new();
         mqtt_str(&mut body, "devices/sensor-1/q1");
@@ -1101,10 +1083,14 @@ fn over_the_rate_limit_3_1_1_qos0_is_dropped_and_qos1_unacked_until_a_retransmis
     // The device reconnects after the bucket refilled and retransmits with DUP: acknowledged
     // and stored.
     std::thread::sleep(Duration::from_millis(1200)); // let one token refill (1 message/s)
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(&packet(0x10, &connect)).unwrap();
-    assert_eq!(read_exact_n(&mut s, 4), [0x20, 2, 0, 0], "CONNACK accepted");
+    let mut s = login_311(
+        addr,
+        "raw-311",
+        "sensor-1",
+        &secret,
+        60,
+        Duration::from_secs(5),
+    );
     s.write_all(&publish(0x3A, unacked)).unwrap();
     assert_eq!(
         read_exact_n(&mut s, 4),

@@ -19,23 +19,12 @@ use std::time::{Duration, Instant};
 
 use outpost_e2e::admin::{admin_token_config, create_device};
 use outpost_e2e::daemon::Daemon;
+use outpost_e2e::mqtt_raw::{mqtt_str, packet};
 use outpost_sync::OutboxReader;
 use rand::RngExt;
 
 const CLIENTS: usize = 8;
 const CYCLES: u32 = 10;
-
-fn mqtt_str(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&u16::try_from(s.len()).unwrap().to_be_bytes());
-    out.extend_from_slice(s.as_bytes());
-}
-
-/// A packet (remaining length under 128: the test's packets are short).
-fn packet(header: u8, body: &[u8]) -> Vec<u8> {
-    let mut p = vec![header, u8::try_from(body.len()).unwrap()];
-    p.extend_from_slice(body);
-    p
-}
 
 /// Reads one short packet: (first byte, body). `None` when the connection ends.
 fn read_packet(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
