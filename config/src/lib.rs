@@ -32,6 +32,16 @@ mod path;
 pub mod units;
 mod validate;
 
+/// Every problem `text` has, as `key.path: message` lines (empty when it is valid). For the unit
+/// tests of the sections.
+#[cfg(test)]
+pub(crate) fn problems(text: &str) -> Vec<String> {
+    match from_toml_str(text) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.problems().iter().map(ToString::to_string).collect(),
+    }
+}
+
 use std::path::Path;
 
 pub use error::{ConfigError, Problem};

@@ -482,12 +482,7 @@ fn describe_value(value: &toml::Value) -> String {
 mod tests {
     use super::*;
 
-    fn problems(text: &str) -> Vec<String> {
-        match load(text) {
-            Ok(_) => Vec::new(),
-            Err(e) => e.problems().iter().map(ToString::to_string).collect(),
-        }
-    }
+    use crate::problems;
 
     #[test]
     fn unknown_keys_everywhere_name_the_key() {

@@ -479,12 +479,7 @@ pub(crate) const RULE_SOURCES: &[&str] = &["mqtt", "coap", "http", "driver"];
 mod tests {
     use super::*;
 
-    fn problems(text: &str) -> Vec<String> {
-        match crate::from_toml_str(text) {
-            Ok(_) => Vec::new(),
-            Err(e) => e.problems().iter().map(ToString::to_string).collect(),
-        }
-    }
+    use crate::problems;
 
     /// The key paths of `text`'s problems, in order.
     fn keys(text: &str) -> Vec<String> {

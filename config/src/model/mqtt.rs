@@ -140,12 +140,7 @@ pub fn check_acl_pattern(pattern: &str) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    fn problems(text: &str) -> Vec<String> {
-        match crate::from_toml_str(text) {
-            Ok(_) => Vec::new(),
-            Err(e) => e.problems().iter().map(ToString::to_string).collect(),
-        }
-    }
+    use crate::problems;
 
     #[test]
     fn defaults_are_the_documented_ones() {
