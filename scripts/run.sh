@@ -10,8 +10,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
 
-# Debian packages needed to build: a C toolchain (bundled SQLite) and pkg-config for -sys crates.
-BUILD_PACKAGES=(build-essential pkg-config)
+# Debian packages needed to build: a C and C++ toolchain (bundled SQLite, OpenSSL, librdkafka),
+# cmake (librdkafka is built with it), perl (OpenSSL's configure) and pkg-config for -sys crates.
+BUILD_PACKAGES=(build-essential cmake perl pkg-config)
 
 if command -v dpkg-query >/dev/null 2>&1; then
   ensure_apt_packages "${BUILD_PACKAGES[@]}"

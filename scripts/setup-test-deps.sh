@@ -20,6 +20,7 @@ PACKAGES=(
   docker.io              # the real container engine for the apps tests (scripts/ensure-docker.sh starts dockerd)
   busybox-static         # the rootfs of the local test image outpost-test/busybox:1 (no registry needed)
   cmake                  # builds the bundled librdkafka (rdkafka's cmake-build feature)
+  perl                   # OpenSSL's configure (rdkafka's ssl-vendored feature builds OpenSSL from source)
   g++                    # librdkafka is a C and C++ CMake project (it builds its C++ wrapper too)
   kcat                   # a real Kafka client reading the mock cluster in tests/tests/kafka.rs (Debian's kcat cannot talk to tansu)
 )
