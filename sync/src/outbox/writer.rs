@@ -88,7 +88,7 @@ struct Limits {
 /// The writer task. Spawn [`OutboxWriter::run`] once; appends complete only while it runs.
 #[derive(Debug)]
 pub struct OutboxWriter {
-    rx: mpsc::Receiver<Request>,
+    rx: mpsc::Receiver<Box<Request>>,
     state: Option<WriterState>,
     shared: Arc<Shared>,
     limits: Limits,
@@ -96,7 +96,7 @@ pub struct OutboxWriter {
 
 impl OutboxWriter {
     pub(crate) fn new(
-        rx: mpsc::Receiver<Request>,
+        rx: mpsc::Receiver<Box<Request>>,
         state: WriterState,
         shared: Arc<Shared>,
         options: &OutboxOptions,
@@ -121,13 +121,13 @@ impl OutboxWriter {
         loop {
             let first = if closing {
                 match self.rx.recv().await {
-                    Some(request) => request,
+                    Some(request) => *request,
                     None => break,
                 }
             } else {
                 tokio::select! {
                     request = self.rx.recv() => match request {
-                        Some(request) => request,
+                        Some(request) => *request,
                         None => break,
                     },
                     () = shutdown.cancelled() => {
@@ -166,14 +166,14 @@ impl OutboxWriter {
         let deadline = tokio::time::Instant::now() + self.limits.batch_max_delay;
         while records < self.limits.batch_max_records {
             let next = match self.rx.try_recv() {
-                Ok(request) => request,
+                Ok(request) => *request,
                 Err(TryRecvError::Disconnected) => break,
                 Err(TryRecvError::Empty) => {
                     if self.limits.batch_max_delay.is_zero() {
                         break;
                     }
                     match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                        Ok(Some(request)) => request,
+                        Ok(Some(request)) => *request,
                         Ok(None) | Err(_) => break,
                     }
                 }
