@@ -235,6 +235,77 @@ fn acl_keeps_publishes_inside_the_prefix_and_subscribers_get_allowed_messages() 
     assert_eq!(recs[0].topic, "devices/sensor-1/telemetry");
 }
 
+/// The front routes a publish to the broker only when a subscription there can receive it (or
+/// it is retained): a persistent session keeps receiving while its device is away, and its
+/// filters stop counting once the same client id starts clean.
+#[test]
+fn publishes_reach_the_broker_only_for_subscriptions_that_exist_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, addr, secret) = start(
+        dir.path(),
+        "[mqtt.acl]\npublish = [\"devices/{id}/#\"]\nsubscribe = [\"devices/+/telemetry\"]\n",
+    );
+    let watcher = create_device(&d, "watcher", None);
+    let publish = |message: &str| {
+        let out = pub_(
+            addr,
+            "sensor-1",
+            &secret,
+            &["-q", "1", "-t", "devices/sensor-1/telemetry", "-m", message],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    let unrouted = || d.metric("outpost_mqtt_unrouted_total");
+    // `-E`: subscribe, wait for the SUBACK, disconnect.
+    let subscribe_and_leave = |client_id: &str, persistent: bool| {
+        let mut cmd = sub_(addr, "watcher", &watcher, client_id);
+        cmd.args(["-q", "1", "-t", "devices/+/telemetry", "-E"]);
+        if persistent {
+            cmd.arg("-c");
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+
+    publish("nobody-listens");
+    assert_eq!(unrouted(), 1.0, "stored and acknowledged, not routed");
+
+    // A persistent session subscribes and goes away: the broker queues for it, so the front
+    // routes what follows, and delivers it when the session resumes (the broker sends it right
+    // behind the CONNACK).
+    subscribe_and_leave("watcher-p", true);
+    publish("while-away");
+    assert_eq!(unrouted(), 1.0);
+    let back = sub_(addr, "watcher", &watcher, "watcher-p")
+        .args([
+            "-c",
+            "-q",
+            "1",
+            "-t",
+            "devices/+/telemetry",
+            "-C",
+            "1",
+            "-W",
+            "10",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&back.stdout).trim(),
+        "while-away",
+        "{}",
+        stderr(&back)
+    );
+
+    // A clean session's subscription ends with its connection; the same client id starting
+    // clean drops the persistent one.
+    subscribe_and_leave("watcher-c", false);
+    subscribe_and_leave("watcher-p", false);
+    publish("nobody-again");
+    assert_eq!(unrouted(), 2.0);
+    assert_eq!(records(&d).len(), 3, "every publish is stored");
+}
+
 #[test]
 fn a_device_disabled_while_connected_is_disconnected_within_a_second() {
     let dir = tempfile::tempdir().unwrap();

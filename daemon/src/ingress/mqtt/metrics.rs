@@ -56,6 +56,8 @@ pub struct MqttMetrics {
     pub publishes: Counter,
     /// PUBLISHes delivered to devices (out).
     pub deliveries: Counter,
+    /// PUBLISHes stored but not routed: no subscription at the broker matches, not retained.
+    pub unrouted: Counter,
     pub acl_denied: Counter,
     pub outbox_refused: Counter,
     pub refused: Family<ReasonLabel, Counter>,
@@ -73,6 +75,7 @@ impl Default for MqttMetrics {
             connects_refused: Counter::default(),
             publishes: Counter::default(),
             deliveries: Counter::default(),
+            unrouted: Counter::default(),
             acl_denied: Counter::default(),
             outbox_refused: Counter::default(),
             refused: Family::default(),
@@ -178,6 +181,11 @@ impl MqttMetrics {
             "deliveries",
             "PUBLISHes delivered to devices (routed by the broker)",
             self.deliveries.clone(),
+        );
+        r.register(
+            "unrouted",
+            "PUBLISHes stored but not routed to the broker: no subscription matches and not retained",
+            self.unrouted.clone(),
         );
         r.register(
             "acl_denied",

@@ -14,8 +14,9 @@
 //! `<device id>|<client id>` (escaped, [`broker_client_id`]), so devices cannot take over each
 //! other's sessions. The publishes of the others are routed through one shared broker
 //! connection ([`forward`]), and the front answers their PINGREQs and enforces their keep-alive:
-//! rumqttd's fixed per-connection queues cost about 55 KiB, an idle publishing device then
-//! costs only its front task.
+//! a broker connection costs ~16 KiB even in the patched rumqttd (`vendor/rumqttd`), an idle
+//! publishing device then costs only its front task (~4 KiB). A stored publish goes on to the
+//! broker only if a subscription there can receive it or it is retained ([`interest`]).
 //!
 //! Devices speak MQTT 3.1.1 or MQTT 5; the broker hop is always 3.1.1 (`codec.rs` translates,
 //! `docs/MQTT.md` lists what passes through). Contract with the device:
@@ -61,6 +62,7 @@
 mod acl;
 pub mod broker;
 mod codec;
+mod interest;
 mod limits;
 mod metrics;
 pub mod tls;
@@ -152,17 +154,37 @@ struct Front {
     next_generation: AtomicU64,
     /// Per-device rate limits; `None` when `[mqtt.limits]` sets none.
     limiters: Option<Limiters>,
+    /// The broker's subscriptions as the front saw them go by: publishes nobody can receive
+    /// skip the broker.
+    interest: interest::Interest,
 }
 
-/// Removes a connection from [`Front::sessions`] when it ends (unless a newer one took over).
+/// Removes a connection from [`Front::sessions`] when it ends (unless a newer one took over),
+/// and tells [`Front::interest`] that its broker session, if it had one, is gone.
 struct SessionEntry<'a> {
     front: &'a Front,
     key: String,
     generation: u64,
+    /// Set once the connection has a broker session of its own: is that session clean?
+    broker_clean: Option<bool>,
+}
+
+impl SessionEntry<'_> {
+    fn broker_session_started(&mut self, clean: bool) {
+        self.front
+            .interest
+            .session_started(&self.key, self.generation, clean);
+        self.broker_clean = Some(clean);
+    }
 }
 
 impl Drop for SessionEntry<'_> {
     fn drop(&mut self) {
+        if let Some(clean) = self.broker_clean {
+            self.front
+                .interest
+                .session_ended(&self.key, self.generation, clean);
+        }
         let mut sessions = self
             .front
             .sessions
@@ -206,6 +228,7 @@ pub async fn run(
         shared_pkid: AtomicU16::new(0),
         sessions: std::sync::Mutex::default(),
         next_generation: AtomicU64::new(0),
+        interest: interest::Interest::default(),
     });
     loop {
         let permit = tokio::select! {
@@ -267,7 +290,8 @@ async fn forward(mut rx: mpsc::Receiver<BytesMut>, broker: BrokerHandle, stop: C
             c = connect_front(&broker, CLIENT_ID, u16::MAX, true, None) => c,
         };
         let (mut rd, mut wr) = match connected {
-            Ok((rd, wr, _)) => (rd, wr),
+            // The shared connection has no session: nothing follows the CONNACK unasked.
+            Ok((rd, wr, _, _)) => (rd, wr),
             Err(e) => {
                 tracing::error!(error = %e, "MQTT shared broker connection failed; retrying");
                 tokio::select! {
@@ -300,9 +324,22 @@ async fn forward(mut rx: mpsc::Receiver<BytesMut>, broker: BrokerHandle, stop: C
     }
 }
 
-/// Reads more bytes into `buf`: returns false on EOF.
+/// Room for the first read of a connection: an idle device holds little more than this.
+const READ_START: usize = 256;
+/// Room a busy connection's reads grow to.
+const READ_MAX: usize = 64 * 1024;
+
+/// Reads more bytes into `buf`: returns false on EOF. The room for a read starts at
+/// [`READ_START`] and doubles each time a read fills it (up to [`READ_MAX`]): idle connections
+/// stay small, busy ones read many packets per system call.
 async fn fill(stream: &mut (impl AsyncRead + Unpin), buf: &mut BytesMut) -> std::io::Result<bool> {
-    Ok(stream.read_buf(buf).await? > 0)
+    buf.reserve(READ_START);
+    let room = buf.capacity() - buf.len();
+    let n = stream.read_buf(buf).await?;
+    if n == room {
+        buf.reserve((room * 2).min(READ_MAX));
+    }
+    Ok(n > 0)
 }
 
 fn refusal_code(refusal: Refusal) -> ConnRefusal {
@@ -343,7 +380,7 @@ async fn serve(
     stop: CancellationToken,
 ) -> Result<(), ConnError> {
     let max = front.settings.max_packet;
-    let mut buf = BytesMut::with_capacity(1024);
+    let mut buf = BytesMut::new();
     // The CONNECT: which protocol level, then the whole packet.
     let deadline = Instant::now() + CONNECT_TIMEOUT;
     let connect = loop {
@@ -437,7 +474,7 @@ async fn serve(
         .clone()
         .unwrap_or_else(|| connect.client_id.clone());
     let taken_over = CancellationToken::new();
-    let _entry = {
+    let mut entry = {
         let key = broker_client_id(&device_id, &client_id);
         let generation = front.next_generation.fetch_add(1, Ordering::Relaxed);
         let older = front
@@ -452,6 +489,7 @@ async fn serve(
             front,
             key,
             generation,
+            broker_clean: None,
         }
     };
     // A broker session of its own only when the device needs one now (a will, a persistent
@@ -459,11 +497,14 @@ async fn serve(
     // the shared connection.
     let mut broker_conn: Option<(OwnedReadHalf, OwnedWriteHalf)> = None;
     let mut session_present = false;
+    let mut early = BytesMut::new();
     if connect.will.is_some() || !connect.clean_session {
         match connect_broker(front, &device_id, &client_id, &connect).await {
-            Ok((rd, wr, present)) => {
+            Ok((rd, wr, present, rest)) => {
                 broker_conn = Some((rd, wr));
                 session_present = present;
+                early = rest;
+                entry.broker_session_started(connect.clean_session);
             }
             Err(e) => {
                 front.metrics.connects_refused.inc();
@@ -494,6 +535,7 @@ async fn serve(
     let mut session = Session {
         front,
         device_id: Arc::from(device_id),
+        broker_key: entry.key.clone(),
         acl,
         codec,
         counters,
@@ -509,7 +551,8 @@ async fn serve(
         shared_out: BytesMut::new(),
     };
     let mut inflight: InFlight<'_> = FuturesOrdered::new();
-    let mut bbuf = BytesMut::new();
+    // The broker stream of the device's session, starting with what came with its CONNACK.
+    let mut bbuf = early;
     let mut recheck = tokio::time::interval(RECHECK_EVERY);
     // Keep-alive: the device must send something within 1.5 × its keep-alive (MQTT 3.1.2.10).
     let keep_alive = Duration::from_millis(u64::from(connect.keep_alive) * 1500);
@@ -522,9 +565,11 @@ async fn serve(
             };
             if broker_conn.is_none() && needs_broker(&packet) {
                 match connect_broker(front, &session.device_id, &client_id, &connect).await {
-                    Ok((rd, wr, _)) => {
+                    Ok((rd, wr, _, rest)) => {
                         broker_conn = Some((rd, wr));
+                        bbuf.unsplit(rest);
                         session.own_broker = true;
+                        entry.broker_session_started(connect.clean_session);
                     }
                     Err(e) => {
                         tracing::error!(device = %session.device_id, error = %e, "MQTT broker unavailable");
@@ -623,11 +668,14 @@ async fn fill_broker(
     }
 }
 
-/// A connection to the broker logged in as the front: (read half, write half, session present).
+/// A connection to the broker logged in as the front: (read half, write half, session present,
+/// the bytes read after the CONNACK). A resumed persistent session's queued publishes can
+/// arrive in the same read as the CONNACK; they are the start of the broker stream.
 type BrokerConn = (
     tokio::net::tcp::OwnedReadHalf,
     tokio::net::tcp::OwnedWriteHalf,
     bool,
+    BytesMut,
 );
 
 /// Opens a device's own broker session.
@@ -697,7 +745,7 @@ async fn connect_front(
     if ack.code != ConnectReturnCode::Success {
         return Err(format!("broker refused the front: {:?}", ack.code));
     }
-    Ok((rd, wr, ack.session_present))
+    Ok((rd, wr, ack.session_present, buf))
 }
 
 /// The broker client id of a device's session: `<device id>|<client id>`, each part with `%`,
@@ -722,6 +770,8 @@ enum Done {
         publish: Publish,
         received: Instant,
         result: Result<(), AppendError>,
+        /// To be passed on to the broker once stored (else its payload was already dropped).
+        routed: bool,
     },
     /// A publish refused before the outbox: negative ack (v5 ACL, or rate limit: v5 0x97,
     /// 3.1.1 no ack, QoS 0 nothing).
@@ -749,6 +799,8 @@ enum Flow {
 struct Session<'a> {
     front: &'a Front,
     device_id: Arc<str>,
+    /// The broker client id of this connection's session ([`broker_client_id`]).
+    broker_key: String,
     acl: Acl,
     codec: DeviceCodec,
     counters: DeviceCounters,
@@ -816,12 +868,14 @@ impl<'a> Session<'a> {
             Inbound::Packet(Packet::PingReq) if !self.own_broker => {
                 self.codec.relay(&mut self.out, &Packet::PingResp);
             }
+            Inbound::Packet(Packet::Unsubscribe(unsub)) => {
+                for filter in &unsub.topics {
+                    self.front.interest.unsubscribe(&self.broker_key, filter);
+                }
+                codec::encode4(&mut self.bout, &Packet::Unsubscribe(unsub));
+            }
             Inbound::Packet(
-                p @ (Packet::PubAck(_)
-                | Packet::PubRec(_)
-                | Packet::PubComp(_)
-                | Packet::Unsubscribe(_)
-                | Packet::PingReq),
+                p @ (Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) | Packet::PingReq),
             ) => codec::encode4(&mut self.bout, &p),
             Inbound::Packet(Packet::Disconnect) => {
                 return Ok(Flow::Disconnect { tell_broker: true });
@@ -837,7 +891,7 @@ impl<'a> Session<'a> {
     }
 
     /// Queues a publish: refused (in order with the acks before it) or submitted to the outbox.
-    fn publish(&mut self, p: Publish, meta: PublishMeta, inflight: &mut InFlight<'a>) {
+    fn publish(&mut self, mut p: Publish, meta: PublishMeta, inflight: &mut InFlight<'a>) {
         let received = Instant::now();
         if !self.acl.may_publish(&p.topic) {
             self.front.metrics.refuse(RefusedReason::Acl);
@@ -889,6 +943,14 @@ impl<'a> Session<'a> {
             payload: p.payload.to_vec(),
             headers,
         };
+        // Decided now, so that a publish nobody can receive lets go of its payload at once: the
+        // payload shares the connection's read buffer, which can then be reused for the next
+        // read instead of being reallocated while the commit is pending. A subscription made
+        // during the commit misses this publish, as if it had come a moment later.
+        let routed = p.retain || self.front.interest.wanted(&p.topic);
+        if !routed {
+            p.payload = bytes::Bytes::new();
+        }
         let front = self.front;
         let device_id = Arc::clone(&self.device_id);
         inflight.push_back(Box::pin(async move {
@@ -906,6 +968,7 @@ impl<'a> Session<'a> {
                 publish: p,
                 received,
                 result,
+                routed,
             }
         }));
     }
@@ -914,12 +977,13 @@ impl<'a> Session<'a> {
     /// broker if it was stored.
     fn complete(&mut self, done: Done) -> Result<(), ConnError> {
         let metrics = &self.front.metrics;
-        let (publish, received, result) = match done {
+        let (publish, received, result, routed) = match done {
             Done::Committed {
                 publish,
                 received,
                 result,
-            } => (publish, received, result),
+                routed,
+            } => (publish, received, result, routed),
             Done::Refused { pkid, qos, reason } => {
                 self.ack(pkid, qos, reason);
                 return Ok(());
@@ -960,6 +1024,12 @@ impl<'a> Session<'a> {
             metrics
                 .ack_latency
                 .observe(received.elapsed().as_secs_f64());
+        }
+        // Stored and acknowledged; routed only if a subscriber can get it (or the broker must
+        // retain it).
+        if !routed {
+            self.front.metrics.unrouted.inc();
+            return Ok(());
         }
         let mut forward = publish;
         forward.dup = false;
@@ -1023,6 +1093,9 @@ impl<'a> Session<'a> {
             let codes = vec![SubCode::Denied; allowed.len()];
             self.codec.suback(&mut self.out, sub.pkid, &codes);
             return;
+        }
+        for f in &filters {
+            self.front.interest.subscribe(&self.broker_key, &f.path);
         }
         self.pending_subs.insert(sub.pkid, allowed);
         codec::encode4(
