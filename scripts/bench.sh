@@ -10,9 +10,10 @@
 # http:   HTTP ingestion, single-record POSTs from 50 keep-alive connections with wrk (median of 5)
 # coap:   CoAP CON POSTs from 100 clients with the repo's bench client (median of 5)
 # mqtt:   MQTT QoS 1 from 100 rumqttc publishers (100-byte payloads) against outpost (PUBACK after
-#         the commit) and Debian's mosquitto (no persistence) in the same run: max msg/s and p99
-#         publish->PUBACK at 20,000 msg/s (median of 3 each), then RSS with 1,000 idle
-#         connections, plain and each subscribed to its commands (tests/src/bin/mqtt-bench.rs)
+#         the commit) and Debian's mosquitto (no persistence), runs alternating between them: max
+#         msg/s (median of 5), the same with one subscriber to every topic (median of 3), p99
+#         publish->PUBACK at 20,000 msg/s (median of 3), then RSS with 1,000 idle connections,
+#         plain and each subscribed to its commands (tests/src/bin/mqtt-bench.rs)
 # serial: serial line parsing throughput per format, one core (drivers/benches/line_parse.rs)
 # modbus: CPU of `outpost run` polling 50 registers at 10 Hz from 10 pymodbus TCP slaves (30 s)
 # kafka:  forwarder vs a tansu broker: plain-producer ceiling, 1,000,000-record backlog drain and
@@ -131,7 +132,8 @@ mqtt() {
   command -v mosquitto >/dev/null || { echo "mqtt: needs the mosquitto broker (apt-get install mosquitto)" >&2; exit 1; }
   cargo build --locked --release -p outpost -p outpost-e2e --bins
   local b="$target_dir/release/mqtt-bench"
-  "$b" --publishers 100 --seconds 10 --warmup 2 --runs 3
+  "$b" --publishers 100 --seconds 10 --warmup 2 --runs 5
+  "$b" --publishers 100 --seconds 10 --warmup 2 --runs 3 --watch
   "$b" --publishers 100 --seconds 10 --warmup 2 --runs 3 --rate 20000
   "$b" --idle 1000 --runs 3
   "$b" --idle 1000 --idle-subscribe --runs 3

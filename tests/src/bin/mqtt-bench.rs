@@ -8,7 +8,11 @@
 //! target/release/mqtt-bench --publishers 100 --seconds 10 --runs 3             # max msg/s
 //! target/release/mqtt-bench --publishers 100 --seconds 10 --runs 3 --rate 20000 # p99 at 20k/s
 //! target/release/mqtt-bench --idle 1000                                         # RSS, idle devices
+//! target/release/mqtt-bench --publishers 100 --seconds 10 --runs 3 --watch     # with a subscriber
 //! ```
+//!
+//! `--watch` adds one QoS 0 subscriber to every publisher's topic (`devices/anonymous/+/t`), so
+//! each publish is also routed to a client; it reports how many it received in the window.
 //!
 //! Latency is publish call → PUBACK: it includes the client's own queueing, so at a fixed rate
 //! it is what a device would see. Outpost runs with `mqtt.allow_anonymous` (publisher `i` is
@@ -43,6 +47,8 @@ struct Options {
     idle: usize,
     /// Idle connections also subscribe to their commands topic (a broker session each).
     idle_subscribe: bool,
+    /// One more client subscribes to all publishers' topics (routing cost included).
+    watch: bool,
     /// `outpost`, `mosquitto` or `both`.
     brokers: String,
 }
@@ -59,6 +65,7 @@ fn parse_args() -> anyhow::Result<Option<Options>> {
         inflight: 100,
         idle: 0,
         idle_subscribe: false,
+        watch: false,
         brokers: "both".to_owned(),
     };
     let mut args = std::env::args().skip(1);
@@ -81,12 +88,13 @@ fn parse_args() -> anyhow::Result<Option<Options>> {
             "--idle" => o.idle = usize::try_from(number()?)?,
             "--brokers" => o.brokers = text()?,
             "--idle-subscribe" => o.idle_subscribe = true,
+            "--watch" => o.watch = true,
             "-h" | "--help" => {
                 println!(
                     "mqtt-bench [--publishers 100] [--seconds 10] [--warmup 2] [--runs 1] \
                      [--threads 1 (client runtime workers)] [--payload 100] \
                      [--rate 0 (total msg/s; 0 = as fast as possible)] [--inflight 100] \
-                     [--idle N (RSS with N idle connections instead)] [--idle-subscribe] \
+                     [--idle N (RSS with N idle connections instead)] [--idle-subscribe] [--watch] \
                      [--brokers outpost|mosquitto|both]"
                 );
                 return Ok(None);
@@ -110,15 +118,23 @@ enum Server {
 }
 
 impl Server {
-    fn start(kind: &str, max_connections: usize) -> anyhow::Result<(Server, SocketAddr)> {
+    /// `watch`: Outpost's ACL also lets a client subscribe to every device's topics.
+    fn start(
+        kind: &str,
+        max_connections: usize,
+        watch: bool,
+    ) -> anyhow::Result<(Server, SocketAddr)> {
         let dir = tempfile::Builder::new()
             .prefix("mqtt-bench-")
             .tempdir_in(std::env::current_dir()?)?;
         if kind == "outpost" {
-            let config = format!(
+            let mut config = format!(
                 "[mqtt]\nlisten = \"127.0.0.1:0\"\nallow_anonymous = true\n\
                  max_connections = {max_connections}\n"
             );
+            if watch {
+                config.push_str("[mqtt.acl]\nsubscribe = [\"devices/#\"]\n");
+            }
             let mut daemon = Daemon::start(dir.path(), &config);
             let line = daemon.wait_for_log("MQTT listener bound", Duration::from_secs(10));
             let v: serde_json::Value = serde_json::from_str(&line)?;
@@ -211,7 +227,7 @@ fn main() -> anyhow::Result<()> {
         for kind in brokers {
             let mut figures = Vec::new();
             for run in 1..=o.runs {
-                let (server, addr) = Server::start(kind, o.idle + 16)?;
+                let (server, addr) = Server::start(kind, o.idle + 16, false)?;
                 let before = rss_kib(server.pid())?;
                 let held = runtime.block_on(idle_connections(addr, o.idle, o.idle_subscribe))?;
                 runtime.block_on(async { tokio::time::sleep(Duration::from_secs(3)).await });
@@ -248,12 +264,15 @@ fn main() -> anyhow::Result<()> {
          {} s measured after {} s warm-up, {} run(s)",
         o.publishers, o.payload, o.inflight, o.seconds, o.warmup, o.runs
     );
-    let mut medians = Vec::new();
-    for kind in &brokers {
-        let mut figures = Vec::new();
-        for run in 1..=o.runs {
-            figures.push(one_run(&o, &runtime, kind, run)?);
+    // Runs alternate between the brokers, so a slow phase of the machine hits both.
+    let mut figures = vec![Vec::new(); brokers.len()];
+    for run in 1..=o.runs {
+        for (kind, f) in brokers.iter().zip(&mut figures) {
+            f.push(one_run(&o, &runtime, kind, run)?);
         }
+    }
+    let mut medians = Vec::new();
+    for (kind, figures) in brokers.iter().zip(figures) {
         let mut rates: Vec<f64> = figures.iter().map(|f| f.0).collect();
         let mut p99s: Vec<f64> = figures.iter().map(|f| f.2).collect();
         rates.sort_by(f64::total_cmp);
@@ -281,13 +300,21 @@ fn one_run(
     kind: &str,
     run: usize,
 ) -> anyhow::Result<(f64, f64, f64, f64)> {
-    let (server, addr) = Server::start(kind, o.publishers + 16)?;
+    let (server, addr) = Server::start(kind, o.publishers + 16, o.watch)?;
     let measure = Duration::from_secs(o.seconds);
     let warmup = Duration::from_secs(o.warmup);
     let payload = bytes::Bytes::from(vec![b'x'; o.payload]);
-    let tallies = runtime.block_on(async {
+    let (tallies, watched) = runtime.block_on(async {
         let start = Instant::now() + Duration::from_millis(500);
         let window = (start + warmup, start + warmup + measure);
+        let watcher = if o.watch {
+            let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+            let task = tokio::spawn(watcher(addr, window, subscribed_tx));
+            subscribed.await.context("the watcher's SUBACK")?;
+            Some(task)
+        } else {
+            None
+        };
         let mut tasks = Vec::new();
         for i in 0..o.publishers {
             // Spread the publishers' ticks over one period.
@@ -310,7 +337,11 @@ fn one_run(
         for t in tasks {
             tallies.push(t.await??);
         }
-        anyhow::Ok(tallies)
+        let watched = match watcher {
+            Some(w) => Some(w.await??),
+            None => None,
+        };
+        anyhow::Ok((tallies, watched))
     })?;
     let mut latencies: Vec<u32> = tallies
         .iter()
@@ -341,7 +372,54 @@ fn one_run(
     if let Some(first) = errors.first() {
         println!("  first error: {first}");
     }
+    if let Some(n) = watched {
+        println!(
+            "  watcher: {n} messages received in the window = {:.0} msg/s",
+            n as f64 / measure.as_secs_f64()
+        );
+    }
     Ok((rate, p50, p99, max))
+}
+
+/// The `--watch` subscriber: QoS 0 on every publisher's topic; counts the messages that arrive
+/// inside the window. Tells `subscribed` once the SUBACK is in.
+async fn watcher(
+    addr: SocketAddr,
+    (from, until): (Instant, Instant),
+    subscribed: tokio::sync::oneshot::Sender<()>,
+) -> anyhow::Result<u64> {
+    let mut options = MqttOptions::new("bench-watch", addr.ip().to_string(), addr.port());
+    options
+        .set_keep_alive(Duration::from_secs(60))
+        .set_clean_session(true);
+    let (client, mut eventloop) = AsyncClient::new(options, 10);
+    client
+        .subscribe("devices/anonymous/+/t", QoS::AtMostOnce)
+        .await?;
+    let mut subscribed = Some(subscribed);
+    let mut received = 0u64;
+    loop {
+        let event = match tokio::time::timeout_at(until.into(), eventloop.poll()).await {
+            Err(_) => return Ok(received),
+            Ok(e) => e.context("watcher")?,
+        };
+        match event {
+            Event::Incoming(Packet::SubAck(ack)) => {
+                if ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, rumqttc::mqttbytes::v4::SubscribeReasonCode::Failure))
+                {
+                    bail!("the watcher's subscription was refused");
+                }
+                if let Some(s) = subscribed.take() {
+                    let _ = s.send(());
+                }
+            }
+            Event::Incoming(Packet::Publish(_)) if Instant::now() >= from => received += 1,
+            _ => {}
+        }
+    }
 }
 
 /// One publisher: QoS 1 publishes back to back (or every `period`) until the end of the
