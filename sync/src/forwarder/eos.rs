@@ -6,9 +6,12 @@
 //! after the commit are the records deleted from the outbox, and the next transaction begins only
 //! after that deletion — so at most the last committed batch can still be in the outbox after a
 //! crash. At start, the forwarder reads its last checkpoint (`read_committed`) and deletes those
-//! sequences without producing them again. A transaction that fails is aborted: `read_committed`
-//! consumers never see its records, which are still in the outbox and go in a later transaction.
-//! A new producer with the same `transactional.id` fences any zombie of a previous process.
+//! sequences without producing them again. A transaction that fails before its commit is
+//! requested is aborted: `read_committed` consumers never see its records, which are still in the
+//! outbox and go in a later transaction. A failed commit is ambiguous (the broker may have applied
+//! it and only the answer was lost), so it is treated like a restart: a new producer, then the
+//! checkpoint read again. A new producer with the same `transactional.id` fences any zombie of a
+//! previous process.
 //!
 //! Trade-offs (documented in `docs/KAFKA.md`): one batch in flight at a time (throughput is
 //! bounded by the transaction round trip), no live-first during a backlog (records go in
@@ -194,6 +197,9 @@ pub(super) async fn run(fw: Forwarder, stop: CancellationToken) -> Result<(), Fo
         }
         match transaction(&fw, &p, page).await {
             Ok(seqs) => {
+                if debug_crash_after_commit() {
+                    kill_this_process();
+                }
                 shared.metrics.transactions.inc();
                 backoff = kafka.reconnect_backoff_min;
                 shared.set_state(State::Live);
@@ -206,7 +212,7 @@ pub(super) async fn run(fw: Forwarder, stop: CancellationToken) -> Result<(), Fo
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
-            Err((error, fatal)) => {
+            Err(TxnFailed::BeforeCommit { error, fatal }) => {
                 shared.metrics.transaction_aborts.inc();
                 shared.signals.set_error(error.to_string());
                 tracing::warn!(%error, fatal, "Kafka transaction failed; its records are sent again");
@@ -216,6 +222,27 @@ pub(super) async fn run(fw: Forwarder, stop: CancellationToken) -> Result<(), Fo
                     producer = None;
                     shared.metrics.producer_restarts.inc();
                 }
+                shared.set_state(State::Offline);
+                sleep_or_stop(&stop, &mut backoff, kafka.reconnect_backoff_max).await;
+            }
+            Err(TxnFailed::InCommit { error }) => {
+                // The commit was requested: the broker may have applied it even though the
+                // answer never came back (a connection lost after EndTxn, a retried EndTxn the
+                // coordinator no longer recognises). Aborting now and sending the page again
+                // would duplicate it. Instead a new producer fences this one — its
+                // `init_transactions` returns only once the coordinator has settled the open
+                // transaction — and recovery reads the checkpoint again: if the transaction
+                // committed, its checkpoint is the last one and its records leave the outbox
+                // without being sent twice; if not, they go in a later transaction.
+                shared.metrics.transaction_aborts.inc();
+                shared.signals.set_error(error.to_string());
+                tracing::warn!(
+                    %error,
+                    "Kafka transaction commit failed; checking the checkpoint before sending its records again"
+                );
+                producer = None;
+                recovered = false;
+                shared.metrics.producer_restarts.inc();
                 shared.set_state(State::Offline);
                 sleep_or_stop(&stop, &mut backoff, kafka.reconnect_backoff_max).await;
             }
@@ -251,6 +278,28 @@ async fn prepare(
     Ok(())
 }
 
+/// Test-only fault hook, in debug builds only (release builds ignore it): when
+/// `OUTPOST_DEBUG_FAIL` names `kafka-commit-crash`, the process kills itself right after its
+/// [`CRASH_AFTER_COMMITS`]th committed transaction, before those records leave the outbox — the
+/// one moment when only the checkpoint says they were sent. A `kill -9` from outside can land
+/// there only by chance.
+fn debug_crash_after_commit() -> bool {
+    static COMMITS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    cfg!(debug_assertions)
+        && std::env::var("OUTPOST_DEBUG_FAIL")
+            .is_ok_and(|v| v.split(',').any(|n| n.trim() == "kafka-commit-crash"))
+        && COMMITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == CRASH_AFTER_COMMITS
+}
+
+/// See [`debug_crash_after_commit`].
+pub const CRASH_AFTER_COMMITS: u32 = 3;
+
+/// SIGKILL to ourselves: no destructor, no flush, no core file — what `kill -9` does.
+fn kill_this_process() {
+    tracing::error!("fault injected by OUTPOST_DEBUG_FAIL: killing the process after a commit");
+    let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
+}
+
 async fn sleep_or_stop(stop: &CancellationToken, backoff: &mut Duration, max: Duration) {
     tokio::select! {
         () = stop.cancelled() => {}
@@ -259,21 +308,30 @@ async fn sleep_or_stop(stop: &CancellationToken, backoff: &mut Duration, max: Du
     *backoff = (*backoff * 2).min(max);
 }
 
-/// One transaction: the page's records and the checkpoint. Returns the sequences to delete, or
-/// the error and whether it is fatal for the producer.
+/// Why a transaction did not commit, and so what its records' fate can be.
+enum TxnFailed {
+    /// Failed before the commit was requested: nothing of it is visible to `read_committed`
+    /// readers, and aborting it is safe. `fatal`: the producer cannot go on.
+    BeforeCommit { error: KafkaError, fatal: bool },
+    /// `commit_transaction` failed: the commit may or may not have been applied.
+    InCommit { error: KafkaError },
+}
+
+fn before_commit(error: KafkaError, producer: &Producer_) -> TxnFailed {
+    let fatal = producer.client().fatal_error().is_some()
+        || error.rdkafka_error_code() == Some(rdkafka::error::RDKafkaErrorCode::Fatal);
+    TxnFailed::BeforeCommit { error, fatal }
+}
+
+/// One transaction: the page's records and the checkpoint. Returns the sequences to delete.
 async fn transaction(
     fw: &Forwarder,
     producer: &Producer_,
     page: Vec<crate::StoredRecord>,
-) -> Result<Vec<u64>, (KafkaError, bool)> {
-    let is_fatal = |e: &KafkaError, p: &Producer_| {
-        p.client().fatal_error().is_some()
-            || e.rdkafka_error_code() == Some(rdkafka::error::RDKafkaErrorCode::Fatal)
-    };
-    producer.begin_transaction().map_err(|e| {
-        let fatal = is_fatal(&e, producer);
-        (e, fatal)
-    })?;
+) -> Result<Vec<u64>, TxnFailed> {
+    producer
+        .begin_transaction()
+        .map_err(|e| before_commit(e, producer))?;
     let shared = &fw.shared;
     let mut deliveries = Vec::with_capacity(page.len());
     let mut seqs = Vec::with_capacity(page.len());
@@ -312,10 +370,7 @@ async fn transaction(
         }
         match producer.send_result(r) {
             Ok(delivery) => deliveries.push((record.received_at_ms, delivery)),
-            Err((e, _)) => {
-                let fatal = is_fatal(&e, producer);
-                return Err((e, fatal));
-            }
+            Err((e, _)) => return Err(before_commit(e, producer)),
         }
         shared.metrics.produced.inc();
     }
@@ -328,10 +383,9 @@ async fn transaction(
     let r = FutureRecord::<str, [u8]>::to(&fw.options.kafka.checkpoint_topic)
         .key(&fw.options.gateway_id)
         .payload(&value);
-    let checkpoint_delivery = producer.send_result(r).map_err(|(e, _)| {
-        let fatal = is_fatal(&e, producer);
-        (e, fatal)
-    })?;
+    let checkpoint_delivery = producer
+        .send_result(r)
+        .map_err(|(e, _)| before_commit(e, producer))?;
     for (received_at_ms, delivery) in deliveries {
         match delivery.await {
             Ok(Ok(_)) => {
@@ -340,27 +394,20 @@ async fn transaction(
             }
             Ok(Err((e, _))) => {
                 shared.metrics.failed.inc();
-                let fatal = is_fatal(&e, producer);
-                return Err((e, fatal));
+                return Err(before_commit(e, producer));
             }
-            Err(_) => return Err((KafkaError::Canceled, false)),
+            Err(_) => return Err(before_commit(KafkaError::Canceled, producer)),
         }
     }
     match checkpoint_delivery.await {
         Ok(Ok(_)) => {}
-        Ok(Err((e, _))) => {
-            let fatal = is_fatal(&e, producer);
-            return Err((e, fatal));
-        }
-        Err(_) => return Err((KafkaError::Canceled, false)),
+        Ok(Err((e, _))) => return Err(before_commit(e, producer)),
+        Err(_) => return Err(before_commit(KafkaError::Canceled, producer)),
     }
     let p = producer.clone();
     blocking(move || p.commit_transaction(TXN_TIMEOUT))
         .await
-        .map_err(|e| {
-            let fatal = is_fatal(&e, producer);
-            (e, fatal)
-        })?;
+        .map_err(|error| TxnFailed::InCommit { error })?;
     let delivered = (page.len()) as u64;
     shared.metrics.delivered.inc_by(delivered);
     shared.count(&shared.delivered, delivered);
