@@ -35,11 +35,9 @@ impl std::fmt::Debug for BrokerHandle {
     }
 }
 
-/// Starts the broker (MQTT 3.1.1 server) on a free loopback port, with the local bus's link.
-///
-/// The port is found by binding port 0 and releasing it, because rumqttd does not report the
-/// port it bound; another process taking it in between makes the front's broker connections
-/// fail (devices get CONNACK "server unavailable"), which is logged.
+/// Starts the broker (MQTT 3.1.1 server) on an ephemeral loopback port, with the local bus's
+/// link. The listener is bound here and handed to rumqttd (`rumqttd::provide_listener`, a patch
+/// of the vendored copy), so the port is ours from the start.
 ///
 /// rumqttd cannot be restarted in-process (its router and the bus link are created together),
 /// so the returned receiver resolves with the reason if the broker ever stops: the caller marks
@@ -53,7 +51,7 @@ pub fn start(
     crate::ingress::bus::BusLink,
     tokio::sync::oneshot::Receiver<String>,
 )> {
-    let addr = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?;
+    let addr = rumqttd::provide_listener(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?)?;
     let secret = crate::registry::secrets::generate();
     let connections = rumqttd::ConnectionSettings {
         connection_timeout_ms: 5000,

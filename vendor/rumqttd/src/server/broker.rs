@@ -64,6 +64,30 @@ pub enum Error {
     Config(String),
 }
 
+// Outpost patch: listeners bound by the embedding program, by the address a server's
+// `ServerSettings::listen` names. rumqttd binds its own listeners otherwise and does not report
+// the port it bound, so a program wanting an ephemeral port had to find a free one and release
+// it first — a race with every other process on the machine.
+static PROVIDED_LISTENERS: std::sync::Mutex<Vec<(SocketAddr, std::net::TcpListener)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Outpost patch: hands rumqttd a listener already bound to `listener.local_addr()`. The server
+/// whose `listen` is that address accepts on it instead of binding its own.
+pub fn provide_listener(listener: std::net::TcpListener) -> std::io::Result<SocketAddr> {
+    let addr = listener.local_addr()?;
+    PROVIDED_LISTENERS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((addr, listener));
+    Ok(addr)
+}
+
+fn take_provided_listener(addr: &SocketAddr) -> Option<std::net::TcpListener> {
+    let mut provided = PROVIDED_LISTENERS.lock().unwrap_or_else(|e| e.into_inner());
+    let at = provided.iter().position(|(a, _)| a == addr)?;
+    Some(provided.swap_remove(at).1)
+}
+
 pub struct Broker {
     config: Arc<Config>,
     router_tx: Sender<(ConnectionId, Event)>,
@@ -380,7 +404,15 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
     }
 
     pub async fn start(&mut self, link_type: LinkType) -> Result<(), Error> {
-        let listener = TcpListener::bind(&self.config.listen).await?;
+        // Outpost patch: use a listener the embedding program bound already (see
+        // `provide_listener`), so no other process can take the port in between.
+        let listener = match take_provided_listener(&self.config.listen) {
+            Some(listener) => {
+                listener.set_nonblocking(true)?;
+                TcpListener::from_std(listener)?
+            }
+            None => TcpListener::bind(&self.config.listen).await?,
+        };
         let delay = Duration::from_millis(self.config.next_connection_delay_ms);
         let mut count: usize = 0;
 
