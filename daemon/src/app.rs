@@ -356,16 +356,31 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             // Essential (ingress), like CoAP.
             status.active("mqtt", true);
             // The local bus: committed CoAP/HTTP/driver readings and API commands → broker.
+            // Supervised, not essential: readings are in the outbox whether or not the bus
+            // publishes them.
             if let Some(bus_readings) = bus_readings {
+                let bus = Arc::new(tokio::sync::Mutex::new(ingress::bus::Bus::new(
+                    bus_link,
+                    bus_readings,
+                    bus_events,
+                )));
+                let (registry, stop) = (registry.clone(), ingress.clone());
                 tracker.spawn(named(
                     "mqtt-bus",
-                    ingress::bus::run(
-                        bus_link,
-                        bus_readings,
-                        bus_events,
-                        registry.clone(),
-                        bus_metrics,
+                    supervisor::supervise(
+                        "mqtt-bus".into(),
+                        false,
+                        status.clone(),
                         ingress.clone(),
+                        tracker.clone(),
+                        move || {
+                            ingress::bus::run(
+                                bus.clone(),
+                                registry.clone(),
+                                bus_metrics.clone(),
+                                stop.clone(),
+                            )
+                        },
                     ),
                 ));
             }

@@ -12,13 +12,23 @@ use std::time::Duration;
 
 use outpost_e2e::admin::{admin, admin_token_config, create_device};
 use outpost_e2e::coap::{self, Message};
-use outpost_e2e::daemon::{Daemon, signal};
+use outpost_e2e::daemon::{Daemon, signal, write_config};
 use outpost_e2e::http::request;
 
 /// Starts the daemon (admin token + `extra`) with devices `sensor-1` and `watcher`:
 /// (daemon, MQTT address, sensor-1's secret, watcher's secret).
 fn start(dir: &Path, extra: &str) -> (Daemon, SocketAddr, String, String) {
-    let mut d = Daemon::start(dir, &format!("{}\n{extra}", admin_token_config()));
+    start_with_env(dir, extra, &[])
+}
+
+/// [`start`] with environment variables for the daemon.
+fn start_with_env(
+    dir: &Path,
+    extra: &str,
+    env: &[(&str, &str)],
+) -> (Daemon, SocketAddr, String, String) {
+    let config_path = write_config(dir, &format!("{}\n{extra}", admin_token_config()));
+    let mut d = Daemon::start_with_env(&config_path, dir.join("data"), env);
     let line = d.wait_for_log("MQTT listener bound", Duration::from_secs(10));
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
     let addr = v["addr"].as_str().unwrap().parse().unwrap();
@@ -139,6 +149,31 @@ fn http_coap_and_mqtt_readings_reach_local_subscribers_once_on_documented_topics
         d.metric("outpost_mqtt_bus_published_total") == 3.0
     });
     assert_eq!(d.metric("outpost_mqtt_bus_lagged_total"), 0.0);
+    d.terminate(Duration::from_secs(15));
+}
+
+/// The bus runs under the supervisor: forced to fail once (the debug fault hook), it is
+/// restarted with the same broker link and publishes again.
+#[test]
+fn the_bus_restarted_by_the_supervisor_publishes_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut d, addr, sensor, watcher) = start_with_env(
+        dir.path(),
+        "[mqtt.acl]\nsubscribe = [\"devices/+/#\"]\n",
+        &[("OUTPOST_DEBUG_FAIL", "mqtt-bus")],
+    );
+    d.wait_until("mqtt-bus restarted", Duration::from_secs(15), |d| {
+        d.status()["subsystems"]
+            .as_array()
+            .is_some_and(|subsystems| {
+                subsystems.iter().any(|s| {
+                    s["name"] == "mqtt-bus" && s["restarts"] == 1 && s["state"] == "ACTIVE"
+                })
+            })
+    });
+    let sub = subscribe(&mut d, addr, "watcher", &watcher, "devices/+/#", 1);
+    http_post(&d, &basic("sensor-1", &sensor), "room/temp", r#"{"t":1}"#);
+    assert_eq!(lines(sub), [r#"devices/sensor-1/http/room/temp {"t":1}"#]);
     d.terminate(Duration::from_secs(15));
 }
 

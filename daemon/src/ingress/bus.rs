@@ -249,18 +249,46 @@ pub fn acl_for(
     Acl::for_device(&config, device_id)
 }
 
-/// Publishes readings and commands on the broker, and keeps commands' delivery state, until
-/// `stop`.
-pub async fn run(
+/// What the bus keeps across a restart by the supervisor: rumqttd's local link (it cannot be
+/// created again once the broker serves) and the receivers whose senders other tasks hold. A run
+/// borrows it through a `tokio::sync::Mutex`, which a panicking run releases without poisoning.
+#[derive(Debug)]
+pub struct Bus {
     link: BusLink,
-    mut readings: broadcast::Receiver<LocalReading>,
+    readings: broadcast::Receiver<LocalReading>,
     front: FrontEvents,
+}
+
+impl Bus {
+    pub fn new(
+        link: BusLink,
+        readings: broadcast::Receiver<LocalReading>,
+        front: FrontEvents,
+    ) -> Self {
+        Self {
+            link,
+            readings,
+            front,
+        }
+    }
+}
+
+/// Publishes readings and commands on the broker, and keeps commands' delivery state, until
+/// `stop`. Restartable: a run after a panic goes on with the same link; commands created while
+/// no run was listening stay queued in the registry (sent at the device's next subscribe, or
+/// polled).
+pub async fn run(
+    bus: std::sync::Arc<tokio::sync::Mutex<Bus>>,
     registry: Registry,
     metrics: BusMetrics,
     stop: CancellationToken,
 ) {
-    let BusLink { mut tx, mut rx } = link;
-    let FrontEvents(mut front) = front;
+    let mut bus = bus.lock().await;
+    let Bus {
+        link: BusLink { tx, rx },
+        readings,
+        front: FrontEvents(front),
+    } = &mut *bus;
     let mut commands = registry.command_events();
     let mut drain = tokio::time::interval(DRAIN_EVERY);
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -281,7 +309,7 @@ pub async fn run(
             r = readings.recv() => match r {
                 Ok(reading) => {
                     if let Some(topic) = reading_topic(&reading)
-                        && publish(&mut tx, topic, reading.payload.to_vec(), &metrics)
+                        && publish(tx, topic, reading.payload.to_vec(), &metrics)
                     {
                         metrics.published.inc();
                     }
@@ -293,7 +321,7 @@ pub async fn run(
                 Err(RecvError::Closed) => return,
             },
             c = commands.recv(), if commands_open => match c {
-                Ok(command) => send_command(&mut tx, &command),
+                Ok(command) => send_command(tx, &command),
                 Err(RecvError::Lagged(n)) => {
                     metrics.dropped.inc_by(n);
                     tracing::warn!(missed = n, "Commands not published on MQTT (still queued: sent at the next subscribe, or polled)");
@@ -305,7 +333,7 @@ pub async fn run(
                     match registry.pending_commands(&device, MAX_QUEUED_COMMANDS).await {
                         Ok(pending) => {
                             for command in &pending {
-                                send_command(&mut tx, command);
+                                send_command(tx, command);
                             }
                         }
                         Err(e) => tracing::warn!(device = %device, error = %e, "Could not read queued commands"),
@@ -409,14 +437,8 @@ mod tests {
         let metrics = BusMetrics::default();
         let stop = CancellationToken::new();
         let (_front, events) = handle(Vec::new());
-        let task = tokio::spawn(run(
-            link,
-            rx,
-            events,
-            registry,
-            metrics.clone(),
-            stop.clone(),
-        ));
+        let bus = std::sync::Arc::new(tokio::sync::Mutex::new(Bus::new(link, rx, events)));
+        let task = tokio::spawn(run(bus, registry, metrics.clone(), stop.clone()));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while metrics.published.get() < 4 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
