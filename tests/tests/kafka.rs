@@ -15,7 +15,7 @@ use base64::Engine;
 use outpost_e2e::admin::{admin_token_config, create_device};
 use outpost_e2e::daemon::{Daemon, outpost_cli, write_config};
 use outpost_e2e::http::request;
-use outpost_e2e::kafka::{Consumed, MockKafka, Tansu, consume};
+use outpost_e2e::kafka::{Consumed, MockKafka, Tansu, consume, produce_plain};
 
 const TOPIC: &str = "outpost.readings";
 /// `max_in_flight` of the tests that allow duplicates: the at-least-once window.
@@ -600,6 +600,9 @@ fn exactly_once_sends_nothing_twice_after_a_failed_commit_or_a_crash_after_a_com
         "the daemon died of something else:\n{}",
         d.logs().join("\n")
     );
+    // Other writers' records after the last checkpoint (on a real broker: other gateways'
+    // checkpoints, not yet compacted): recovery must look further back than its first window.
+    produce_plain(kafka.bootstrap(), "outpost.checkpoints", 1000, 40);
     let mut d = Daemon::start_with(&config_path, data_dir);
     let recovered = d.wait_for_log(
         "records of the last committed transaction removed",

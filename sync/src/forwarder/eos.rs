@@ -18,7 +18,6 @@
 //! priority and receive order), and librdkafka's message timeout cannot be infinite (a
 //! transaction that cannot finish within it is aborted and retried from the outbox).
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -76,7 +75,22 @@ async fn new_producer(fw: &Forwarder) -> Result<Producer_, ForwarderError> {
     Ok(producer)
 }
 
+/// How many records before the end of a checkpoint partition the search for this gateway's last
+/// checkpoint starts; each miss widens the window eightfold, down to the partition's start.
+const FIRST_WINDOW: i64 = 256;
+
+/// How long reading one window of a checkpoint partition may take before recovery gives up (and
+/// is retried): a partial read could return an older checkpoint, and the records of the last
+/// committed transaction would then be sent twice.
+const WINDOW_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The last checkpoint this gateway committed, read with `read_committed`.
+///
+/// The topic is compacted by key on a real broker, but compaction is lazy: until it runs, every
+/// checkpoint ever written is there, one per transaction of every gateway sharing the topic. So
+/// each partition is read backwards in growing windows from its end until one holds a checkpoint
+/// of this gateway; the latest of those (by commit time, should the key have moved partitions)
+/// is the answer.
 fn read_checkpoint(options: &ForwarderOptions) -> Result<Option<Checkpoint>, String> {
     let mut config = client::common_config(&options.kafka, &options.client_id)?;
     config
@@ -85,6 +99,8 @@ fn read_checkpoint(options: &ForwarderOptions) -> Result<Option<Checkpoint>, Str
             format!("outpost-checkpoint-{}", options.gateway_id),
         )
         .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed");
     let consumer: BaseConsumer = config.create().map_err(|e| e.to_string())?;
     let topic = &options.kafka.checkpoint_topic;
@@ -97,57 +113,72 @@ fn read_checkpoint(options: &ForwarderOptions) -> Result<Option<Checkpoint>, Str
         .filter(|t| t.name() == topic && t.error().is_none())
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
         .collect();
-    let mut ends = HashMap::new();
-    let mut assignment = TopicPartitionList::new();
+    let mut latest: Option<Checkpoint> = None;
     for partition in partitions {
         let (low, high) = consumer
             .fetch_watermarks(topic, partition, Duration::from_secs(10))
             .map_err(|e| e.to_string())?;
-        if high > low {
-            ends.insert(partition, high);
-            assignment
-                .add_partition_offset(topic, partition, Offset::Beginning)
-                .map_err(|e| e.to_string())?;
+        let mut window = FIRST_WINDOW;
+        loop {
+            let start = high.saturating_sub(window).max(low);
+            if start >= high {
+                break;
+            }
+            if let Some(found) = last_in(&consumer, options, partition, start)? {
+                if latest
+                    .as_ref()
+                    .is_none_or(|l| found.committed_at_ms > l.committed_at_ms)
+                {
+                    latest = Some(found);
+                }
+                break;
+            }
+            if start == low {
+                break;
+            }
+            window = window.saturating_mul(8);
         }
     }
-    if ends.is_empty() {
-        return Ok(None);
-    }
+    Ok(latest)
+}
+
+/// The last checkpoint of this gateway in `partition` of the checkpoint topic from offset
+/// `start` to the partition's end (for `read_committed`, its last stable offset: an open
+/// transaction's records are not readable yet, and an aborted one's never).
+fn last_in(
+    consumer: &BaseConsumer,
+    options: &ForwarderOptions,
+    partition: i32,
+    start: i64,
+) -> Result<Option<Checkpoint>, String> {
+    let topic = &options.kafka.checkpoint_topic;
+    let mut assignment = TopicPartitionList::new();
+    assignment
+        .add_partition_offset(topic, partition, Offset::Offset(start))
+        .map_err(|e| e.to_string())?;
     consumer.assign(&assignment).map_err(|e| e.to_string())?;
     let mut last = None;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !ends.is_empty() && std::time::Instant::now() < deadline {
-        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
-            // Read-committed consumers stop before an open or aborted transaction's records
-            // and control records: compare positions, not offsets of the messages seen.
-            let position = consumer.position().map_err(|e| e.to_string())?;
-            for element in position.elements() {
-                if let Offset::Offset(at) = element.offset()
-                    && ends
-                        .get(&element.partition())
-                        .is_some_and(|end| at >= *end - 1)
+    let deadline = std::time::Instant::now() + WINDOW_READ_TIMEOUT;
+    loop {
+        if std::time::Instant::now() >= deadline {
+            return Err(format!(
+                "reading checkpoints from {topic} [{partition}] at offset {start} took longer than {WINDOW_READ_TIMEOUT:?}"
+            ));
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            None => {}
+            Some(Err(KafkaError::PartitionEOF(p))) if p == partition => return Ok(last),
+            Some(Err(e)) => return Err(e.to_string()),
+            Some(Ok(message)) => {
+                if message.key() == Some(options.gateway_id.as_bytes())
+                    && let Some(value) = message.payload()
+                    && let Ok(checkpoint) = serde_json::from_slice::<Checkpoint>(value)
                 {
-                    ends.remove(&element.partition());
+                    last = Some(checkpoint);
                 }
             }
-            continue;
-        };
-        let message = message.map_err(|e| e.to_string())?;
-        let partition = message.partition();
-        if message.key() == Some(options.gateway_id.as_bytes())
-            && let Some(value) = message.payload()
-            && let Ok(checkpoint) = serde_json::from_slice::<Checkpoint>(value)
-        {
-            last = Some(checkpoint);
-        }
-        if ends
-            .get(&partition)
-            .is_some_and(|end| message.offset() + 1 >= *end)
-        {
-            ends.remove(&partition);
         }
     }
-    Ok(last)
 }
 
 pub(super) async fn run(fw: Forwarder, stop: CancellationToken) -> Result<(), ForwarderError> {
