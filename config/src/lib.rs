@@ -60,6 +60,14 @@ pub use model::{check_acl_pattern, check_kafka_topic};
 pub use units::ByteSize;
 pub use validate::check_device_id;
 
+/// The debug-build fault hook's switch, for tests: whether `OUTPOST_DEBUG_FAIL` (a comma-separated
+/// list) names `name`. Always false in release builds. Each user documents what its name does
+/// (the supervisor's subsystems, the forwarder's `kafka-commit-crash`).
+pub fn debug_fault_requested(name: &str) -> bool {
+    cfg!(debug_assertions)
+        && std::env::var("OUTPOST_DEBUG_FAIL").is_ok_and(|v| v.split(',').any(|n| n.trim() == name))
+}
+
 /// Parses, defaults and validates a configuration. An empty string gives [`Config::default`].
 pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
     load::load(text)

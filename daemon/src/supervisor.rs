@@ -25,8 +25,7 @@ const HEALTHY_RUN: Duration = Duration::from_secs(60);
 
 /// Whether the debug fault hook asks subsystem `name` to fail once.
 pub fn fault_requested(name: &str) -> bool {
-    cfg!(debug_assertions)
-        && std::env::var("OUTPOST_DEBUG_FAIL").is_ok_and(|v| v.split(',').any(|n| n.trim() == name))
+    outpost_config::debug_fault_requested(name)
 }
 
 /// Runs `make()` until `stop`, restarting it with backoff after a panic or an unexpected end.

@@ -316,14 +316,12 @@ async fn prepare(
 /// there only by chance.
 fn debug_crash_after_commit() -> bool {
     static COMMITS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    cfg!(debug_assertions)
-        && std::env::var("OUTPOST_DEBUG_FAIL")
-            .is_ok_and(|v| v.split(',').any(|n| n.trim() == "kafka-commit-crash"))
+    outpost_config::debug_fault_requested("kafka-commit-crash")
         && COMMITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == CRASH_AFTER_COMMITS
 }
 
 /// See [`debug_crash_after_commit`].
-pub const CRASH_AFTER_COMMITS: u32 = 3;
+const CRASH_AFTER_COMMITS: u32 = 3;
 
 /// SIGKILL to ourselves: no destructor, no flush, no core file — what `kill -9` does.
 fn kill_this_process() {
