@@ -25,6 +25,10 @@ pub struct Subsystem {
     /// Times its supervisor restarted it after a failure (absent when 0).
     #[serde(skip_serializing_if = "is_zero")]
     pub restarts: u64,
+    /// What a driver learnt from its hardware, e.g. the channel and PAN id a Zigbee stick is
+    /// really on (absent when empty).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub details: BTreeMap<String, String>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -75,6 +79,7 @@ impl StatusBoard {
                     reason,
                     essential,
                     restarts,
+                    details: BTreeMap::new(),
                 },
             );
         });
@@ -151,16 +156,23 @@ impl StatusBoard {
                 .map(|s| match i.drivers.get(&s.name) {
                     Some(stats) if s.state == State::Active => {
                         let snap = stats.snapshot();
+                        let details = snap
+                            .details
+                            .into_iter()
+                            .map(|(k, v)| (k.to_owned(), v))
+                            .collect();
                         if snap.up {
                             let reason = snap.last_error.map(|e| format!("up; last error: {e}"));
                             Subsystem {
                                 reason,
+                                details,
                                 ..s.clone()
                             }
                         } else {
                             Subsystem {
                                 state: State::Inactive,
                                 reason: Some(snap.last_error.unwrap_or_else(|| "starting".into())),
+                                details,
                                 ..s.clone()
                             }
                         }

@@ -13,7 +13,8 @@
 //!
 //! **Readings** are JSON objects (`content_type` `application/json`): the values by field name,
 //! numbers where the source gives numbers, plus `"units": {"<field>": "<unit>"}` when units are
-//! known and `"time_ms"` (Unix milliseconds) when the source gives its own timestamp. The device
+//! known and `"time_ms"` (Unix milliseconds: the source's own timestamp when it sends one, else
+//! the time the driver read it; every driver sets it). The device
 //! id and the driver name travel beside the payload (the envelope's device id and `driver`
 //! header), so a stored reading always carries device id, driver and unit.
 //!

@@ -1,7 +1,7 @@
 //! A built-in virtual sensor: for demos, installation checks and load tests.
 //!
 //! Every `interval` it emits one JSON reading per simulated device, numbered from 0 per device
-//! (`"n"`), padded to `payload_bytes`. Because each reading waits for room in the sink, the
+//! (`"n"`), with `time_ms` like every driver's reading, padded to `payload_bytes`. Because each reading waits for room in the sink, the
 //! readings of a device reach the outbox gap-free and in order.
 
 use std::time::Duration;
@@ -32,8 +32,10 @@ impl Simulator {
         let device_id = Self::device_id(&c.name, device);
         // A deterministic, plausible value: a slow sine around 21 °C.
         let value = 21.0 + 3.0 * ((n as f64) / 20.0 + f64::from(device)).sin();
-        let mut payload =
-            format!(r#"{{"device":"{device_id}","n":{n},"temperature":{value:.2},"pad":""#);
+        let received_at_ms = now_unix_ms();
+        let mut payload = format!(
+            r#"{{"device":"{device_id}","n":{n},"temperature":{value:.2},"time_ms":{received_at_ms},"pad":""#
+        );
         let target = c.payload_bytes.max(payload.len() + 2);
         while payload.len() + 2 < target {
             payload.push('x');
@@ -46,7 +48,7 @@ impl Simulator {
             route: c.route.clone(),
             content_type: Some("application/json".to_owned()),
             payload: payload.into_bytes(),
-            received_at_ms: now_unix_ms(),
+            received_at_ms,
         }
     }
 
@@ -112,6 +114,8 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("\"}"), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["time_ms"], r.received_at_ms);
     }
 
     #[tokio::test(start_paused = true)]

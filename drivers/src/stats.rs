@@ -22,6 +22,7 @@ pub struct DriverStats {
     up: AtomicBool,
     last_error: Mutex<Option<String>>,
     device_errors: Mutex<BTreeMap<(String, ErrorKind), u64>>,
+    details: Mutex<BTreeMap<&'static str, String>>,
 }
 
 /// A snapshot of [`DriverStats`] for reporting.
@@ -45,6 +46,9 @@ pub struct StatsSnapshot {
     pub last_error: Option<String>,
     /// Error counts per (device, kind).
     pub device_errors: Vec<(String, ErrorKind, u64)>,
+    /// What the driver learnt from its hardware (e.g. a Zigbee stick's channel and PAN id),
+    /// shown in `/api/v1/status`; empty until the driver says.
+    pub details: BTreeMap<&'static str, String>,
 }
 
 /// Kinds of per-device errors.
@@ -82,6 +86,7 @@ impl DriverStats {
             up: AtomicBool::new(false),
             last_error: Mutex::new(None),
             device_errors: Mutex::new(BTreeMap::new()),
+            details: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -135,6 +140,11 @@ impl DriverStats {
         *map.entry((device_id.to_owned(), kind)).or_default() += 1;
     }
 
+    /// Replaces what the driver reports about its hardware (see [`StatsSnapshot::details`]).
+    pub fn set_details(&self, details: BTreeMap<&'static str, String>) {
+        *self.details.lock().unwrap_or_else(PoisonError::into_inner) = details;
+    }
+
     /// Whether the driver is up.
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
@@ -164,6 +174,11 @@ impl DriverStats {
             up: self.up.load(Ordering::Relaxed),
             last_error,
             device_errors,
+            details: self
+                .details
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
         }
     }
 }
@@ -196,5 +211,8 @@ mod tests {
             snap.device_errors,
             [("m1".to_owned(), ErrorKind::Timeout, 2)]
         );
+        assert!(snap.details.is_empty());
+        s.set_details(BTreeMap::from([("channel", "15".to_owned())]));
+        assert_eq!(s.snapshot().details["channel"], "15");
     }
 }

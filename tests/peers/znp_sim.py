@@ -8,11 +8,13 @@ Outpost driver's encoder), so the end-to-end test catches encoder and decoder bu
 
 Usage: znp_sim.py LINK STATE_FILE
   LINK        path of a symlink to the pty the driver opens (replaced atomically)
-  STATE_FILE  "formed" persisted here, like the stick's NV memory, across restarts
+  STATE_FILE  "formed <channel> <pan id>" persisted here, like the stick's NV memory, across
+              restarts: the network formed with the channel and PAN id the driver asked for
 
-Answers the start-up SREQs. Reads commands on stdin, one per line: announce, reports, corrupt,
-unknown, exit. Writes events on stdout, one per line: "listening", "rx <cmd0> <cmd1> <hex>",
-"reset", "formation", "resumed", "ready", "permit_join <seconds>".
+Answers the start-up SREQs (ZDO_EXT_NWK_INFO with the stored network). Reads commands on stdin,
+one per line: announce, reports, corrupt, unknown, manufacturer, exit. Writes events on stdout,
+one per line: "listening", "rx <cmd0> <cmd1> <hex>", "reset", "formation", "resumed", "ready",
+"permit_join <seconds>".
 """
 
 import os
@@ -110,6 +112,13 @@ UNKNOWN = af_incoming(
     0x00, 0x05, [0x19, 0x22, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00]
 )
 
+# A manufacturer-specific Report Attributes on the temperature cluster (frame control 0x1c:
+# manufacturer-specific bit set, code 0x115F): attribute 0x0000 int16 0x0834 is the
+# manufacturer's attribute, not MeasuredValue (21.0 °C).
+MANUFACTURER = af_incoming(
+    0x02, 0x04, [0x1C, 0x5F, 0x11, 0x30, 0x0A, 0x00, 0x00, 0x29, 0x34, 0x08]
+)
+
 # ZDO_END_DEVICE_ANNCE_IND (AREQ 0x45 0xC1): SrcAddr(2) NwkAddr(2) IEEEAddr(8) Capabilities.
 ANNOUNCE = frame(0x45, 0xC1, NWK + NWK + IEEE + bytes([0x80]))
 
@@ -119,7 +128,11 @@ class Stick:
         self.fd = fd
         self.buf = b""
         self.state = 0  # devStates_t: 0 = hold, 9 = DEV_ZB_COORD
-        self.formed = os.path.exists(STATE) and open(STATE).read() == "formed"
+        stored = open(STATE).read().split() if os.path.exists(STATE) else []
+        self.formed = stored[:1] == ["formed"]
+        # The network: as stored, else what the driver asks for before formation.
+        self.channel = int(stored[1]) if self.formed else 0
+        self.pan_id = int(stored[2], 16) if self.formed else 0
 
     def send(self, data):
         os.write(self.fd, data)
@@ -159,9 +172,14 @@ class Stick:
                 self.srsp(cmd0, cmd1, bytes([0x01]))  # new network state
         elif (cmd0, cmd1) in ((0x21, 0x09), (0x2F, 0x08), (0x24, 0x00)):
             # SYS_OSAL_NV_WRITE, APP_CNF_BDB_SET_CHANNEL, AF_REGISTER -> Status
+            if (cmd0, cmd1) == (0x21, 0x09) and data[:2] == bytes([0x83, 0x00]):
+                # ZCD_NV_PANID: Id(2) Offset Len Value(2)
+                self.pan_id = data[4] | data[5] << 8
+            if (cmd0, cmd1) == (0x2F, 0x08) and data[0] == 1:
+                # primary channel mask (4 bytes, little endian): one bit set
+                mask = int.from_bytes(data[1:5], "little")
+                self.channel = mask.bit_length() - 1
             self.srsp(cmd0, cmd1, bytes([0x00]))
-            if cmd0 == 0x24:
-                event("ready")
         elif (cmd0, cmd1) == (0x2F, 0x05):  # APP_CNF_BDB_START_COMMISSIONING
             self.srsp(cmd0, cmd1, bytes([0x00]))
             event("formation")
@@ -172,13 +190,27 @@ class Stick:
             self.state = 9
             self.formed = True
             with open(STATE, "w") as f:
-                f.write("formed")
+                f.write("formed %d %04x" % (self.channel, self.pan_id))
         elif (cmd0, cmd1) == (0x25, 0x36):  # ZDO_MGMT_PERMIT_JOIN_REQ
             # AddrMode DstAddr(2) Duration TCSignificance
             self.srsp(cmd0, cmd1, bytes([0x00]))
             event("permit_join %d addr_mode=%02x dst=%02x%02x" % (data[3], data[0], data[2], data[1]))
             # ZDO_MGMT_PERMIT_JOIN_RSP: SrcAddr(2) Status
             self.send(frame(0x45, 0xB6, bytes([0x00, 0x00, 0x00])))
+        elif (cmd0, cmd1) == (0x25, 0x50):  # ZDO_EXT_NWK_INFO
+            # ShortAddr(2) DevState PanId(2) ParentAddr(2) ExtendedPanId(8) ParentExtAddr(8)
+            # Channel
+            self.srsp(
+                cmd0,
+                cmd1,
+                bytes([0x00, 0x00, self.state])
+                + self.pan_id.to_bytes(2, "little")
+                + bytes([0xFE, 0xFF])
+                + bytes([0xDD] * 8)
+                + bytes(8)
+                + bytes([self.channel]),
+            )
+            event("ready")  # the last request of the driver's start-up
         elif cmd0 >> 5 == 1:
             self.srsp(cmd0, cmd1, bytes([0x02]))  # unsupported: INVALID_PARAMETER
 
@@ -235,6 +267,8 @@ def main():
                 stick.send(corrupted())
             elif cmd == "unknown":
                 stick.send(UNKNOWN)
+            elif cmd == "manufacturer":
+                stick.send(MANUFACTURER)
             elif cmd == "exit" or not line:
                 os.unlink(LINK)
                 return

@@ -168,11 +168,23 @@ fn zigbee_coordinator_end_to_end() {
         "rx 2f 08 0000000000",     // APP_CNF_BDB_SET_CHANNEL secondary, none
         "rx 2f 05 04",             // APP_CNF_BDB_START_COMMISSIONING, formation
         "rx 24 00 01040105000000", // AF_REGISTER ep 1, profile 0x0104, device 0x0005
+        "rx 25 50 ",               // ZDO_EXT_NWK_INFO: the network the stick is on
     ];
     assert_eq!(requests.len(), expect.len(), "{requests:#?}");
     for (got, want) in requests.iter().zip(expect) {
         assert!(got.starts_with(want), "expected {want}, got {got}");
     }
+
+    // The network as the stick reports it: in the log and in the status.
+    let up = log_fields(&d.wait_for_log("Zigbee network up", WAIT));
+    assert_eq!(
+        (&up["channel"], &up["pan_id"]),
+        (&15.into(), &"0x1a62".into()),
+        "{up}"
+    );
+    let details = driver_details(&mut d);
+    assert_eq!(details["channel"], "15", "{details}");
+    assert_eq!(details["pan_id"], "0x1a62", "{details}");
 
     // Join: announce → device registered with its IEEE id.
     sim.send("announce");
@@ -185,6 +197,7 @@ fn zigbee_coordinator_end_to_end() {
     assert_eq!(joined[0]["event"], "joined");
     assert_eq!(joined[0]["ieee"], "00124b0012345678");
     assert_eq!(joined[0]["nwk"], "0x1234");
+    assert!(joined[0]["time_ms"].as_i64().unwrap() > 1_600_000_000_000);
 
     // Attribute reports of every supported cluster.
     sim.send("reports");
@@ -211,6 +224,8 @@ fn zigbee_coordinator_end_to_end() {
     assert_eq!(b[0]["units"]["battery"], "%");
     assert_eq!(b[0]["battery_voltage"], 3.0);
     assert_eq!(b[0]["units"]["battery_voltage"], "V");
+    // Every reading carries time_ms (docs/DRIVERS.md, framework section).
+    assert!(all.iter().all(|r| r["time_ms"].is_i64()), "{all:#?}");
 
     // Corrupted frames between good ones: bad checksum, length too long, length too short.
     sim.send("corrupt");
@@ -250,6 +265,20 @@ fn zigbee_coordinator_end_to_end() {
     assert_eq!(all[14]["zcl"]["cluster_specific"], true);
     assert_eq!(all[14]["zcl"]["command"], "0x00");
     assert_eq!(all[14]["zcl"]["frame"], "192200010000000000");
+
+    // A manufacturer-specific frame on the temperature cluster: attribute 0x0000 is the
+    // manufacturer's, kept raw with its code, never read as MeasuredValue (21.0 °C).
+    sim.send("manufacturer");
+    let all = wait_readings(&mut d, "the manufacturer-specific reading", |r| {
+        r.len() >= 16
+    });
+    let m = &all[15];
+    assert_eq!(m["cluster"], "0x0402", "{m}");
+    assert!(m.get("temperature").is_none(), "{m}");
+    assert_eq!(m["raw"][0]["manufacturer"], "0x115f", "{m}");
+    assert_eq!(m["raw"][0]["attribute"], "0x0000", "{m}");
+    assert_eq!(m["raw"][0]["type"], "0x29", "{m}");
+    assert_eq!(m["raw"][0]["data"], "3408", "{m}");
 
     // Permit join through the API, as text and as seconds; capped by permit_join_max.
     let r = admin(
@@ -314,6 +343,7 @@ fn zigbee_coordinator_end_to_end() {
         "rx 21 08 4f0000", // on a network: yes
         "rx 25 40 6400",   // ZDO_STARTUP_FROM_APP, delay 100 ms
         "rx 24 00 01040105000000",
+        "rx 25 50 ",
     ];
     assert_eq!(resumed.len(), expect.len(), "{resumed:#?}");
     for (got, want) in resumed.iter().zip(expect) {
@@ -326,7 +356,7 @@ fn zigbee_coordinator_end_to_end() {
     );
     assert!(driver_metric(&d, "outpost_driver_reopens_total") >= 1.0);
     sim.send("reports");
-    let all = wait_readings(&mut d, "reports after the replug", |r| r.len() >= 15 + 8);
+    let all = wait_readings(&mut d, "reports after the replug", |r| r.len() >= 16 + 8);
     assert_eq!(with_field(&all, "temperature").len(), 2 + 1 + 2);
     d.wait_until("permit join works again", WAIT, |d| {
         admin(d, "POST", "/api/v1/zigbee/permit-join", r#"{"duration":5}"#).status == 200
@@ -335,8 +365,56 @@ fn zigbee_coordinator_end_to_end() {
         sim.wait("permit_join"),
         "permit_join 5 addr_mode=0f dst=fffc"
     );
+
+    // A restart with another channel and PAN id: the stick keeps its network, and the daemon
+    // says so instead of logging the config's values.
+    d.terminate(Duration::from_secs(15));
+    let config = outpost_e2e::daemon::write_config(
+        dir.path(),
+        &extra
+            .replace("channel = 15", "channel = 20")
+            .replace("pan_id = 0x1a62", "pan_id = 0x2222"),
+    );
+    let mut d = Daemon::start_with(&config, d.data_dir.clone());
+    sim.wait("resumed");
+    let up = log_fields(&d.wait_for_log("Zigbee network up", WAIT));
+    assert_eq!(
+        (&up["channel"], &up["pan_id"]),
+        (&15.into(), &"0x1a62".into()),
+        "{up}"
+    );
+    let warned = log_fields(&d.wait_for_log("keeps the network it has", WAIT));
+    assert_eq!(
+        (&warned["config_channel"], &warned["config_pan_id"]),
+        (&20.into(), &"0x2222".into()),
+        "{warned}"
+    );
+    let details = driver_details(&mut d);
+    assert_eq!(details["channel"], "15", "{details}");
+    assert_eq!(details["pan_id"], "0x1a62", "{details}");
     sim.kill();
     d.terminate(Duration::from_secs(15));
+}
+
+/// The fields of a JSON log line.
+fn log_fields(line: &str) -> Value {
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
+}
+
+/// The `details` of subsystem `driver/zb` in `/api/v1/status`, once the driver reports them.
+fn driver_details(d: &mut Daemon) -> Value {
+    let mut details = Value::Null;
+    d.wait_until("driver details in the status", WAIT, |d| {
+        details = d
+            .status()
+            .get("subsystems")
+            .and_then(|s| s.as_array())
+            .and_then(|s| s.iter().find(|s| s["name"] == "driver/zb"))
+            .map(|s| s["details"].clone())
+            .unwrap_or(Value::Null);
+        details.get("channel").is_some()
+    });
+    details
 }
 
 #[test]

@@ -15,7 +15,9 @@
 //!    `ZCD_NV_LOGICAL_TYPE` = coordinator and `ZCD_NV_PANID`, `APP_CNF_BDB_SET_CHANNEL` (primary
 //!    = the configured channel, secondary = none), `APP_CNF_BDB_START_COMMISSIONING` (formation)
 //!    → wait for `ZDO_STATE_CHANGE_IND` 9;
-//! 5. `AF_REGISTER` endpoint 1, profile 0x0104 (Home Automation); "already registered" is fine.
+//! 5. `AF_REGISTER` endpoint 1, profile 0x0104 (Home Automation); "already registered" is fine;
+//! 6. `ZDO_EXT_NWK_INFO`: the channel, PAN id and extended PAN id the stick is really on, logged
+//!    and shown in the status (a resumed network keeps its own, whatever the config says).
 //!
 //! Running: `ZDO_END_DEVICE_ANNCE_IND` teaches the nwk → IEEE table (bounded, [`MAX_DEVICES`])
 //! and emits a `"joined"` reading, which registers the device (id [`mt::device_id`],
@@ -541,13 +543,51 @@ impl<'a, L: AsyncRead + AsyncWrite + Unpin> Session<'a, L> {
             &[STATUS_DUPLICATE],
         )
         .await?;
+        let nwk = self
+            .request(
+                sreq(subsystem::ZDO, ZDO_EXT_NWK_INFO, vec![]),
+                "ZDO_EXT_NWK_INFO",
+            )
+            .await?;
+        self.network_up(ieee, parse_network_info(&nwk));
+        Ok(())
+    }
+
+    /// Logs and reports the network the stick is on. That is the stick's own: a stick that
+    /// already has a network keeps it, and the configured channel and PAN id only apply when
+    /// forming a new one — so a difference is worth a warning, never a silent log of the
+    /// config's values.
+    fn network_up(&self, ieee: u64, network: Option<mt::NetworkInfo>) {
+        let c = &self.driver.config;
+        let coordinator = format!("{ieee:016x}");
+        let mut details = std::collections::BTreeMap::from([("coordinator", coordinator.clone())]);
+        let Some(n) = network else {
+            warn!(coordinator = %coordinator, "Zigbee network up; the stick did not report its channel and PAN id (ZDO_EXT_NWK_INFO)");
+            self.driver.ctx.stats.set_details(details);
+            return;
+        };
+        let pan_id = format!("{:#06x}", n.pan_id);
+        let extended_pan_id = format!("{:016x}", n.extended_pan_id);
         info!(
-            coordinator = %format!("{ieee:016x}"),
-            channel = self.driver.config.channel,
-            pan_id = %format!("{:#06x}", self.driver.config.pan_id),
+            coordinator = %coordinator,
+            channel = n.channel,
+            pan_id = %pan_id,
+            extended_pan_id = %extended_pan_id,
             "Zigbee network up"
         );
-        Ok(())
+        if n.channel != c.channel || n.pan_id != c.pan_id {
+            warn!(
+                channel = n.channel,
+                pan_id = %pan_id,
+                config_channel = c.channel,
+                config_pan_id = %format!("{:#06x}", c.pan_id),
+                "The Zigbee stick keeps the network it has; the configured channel and PAN id apply only when a new network is formed"
+            );
+        }
+        details.insert("channel", n.channel.to_string());
+        details.insert("pan_id", pan_id);
+        details.insert("extended_pan_id", extended_pan_id);
+        self.driver.ctx.stats.set_details(details);
     }
 
     async fn resume_or_form(&mut self) -> Result<(), SessionError> {
@@ -766,12 +806,18 @@ impl<'a, L: AsyncRead + AsyncWrite + Unpin> Session<'a, L> {
                         units.insert(v.name.into(), unit.into());
                     }
                 }
-                None => raw.push(json!({
-                    "cluster": format!("{:#06x}", a.cluster),
-                    "attribute": format!("{:#06x}", a.id),
-                    "type": format!("{:#04x}", a.data_type),
-                    "data": zcl::hex(&a.raw),
-                })),
+                None => {
+                    let mut entry = json!({
+                        "cluster": format!("{:#06x}", a.cluster),
+                        "attribute": format!("{:#06x}", a.id),
+                        "type": format!("{:#04x}", a.data_type),
+                        "data": zcl::hex(&a.raw),
+                    });
+                    if let Some(code) = a.manufacturer {
+                        entry["manufacturer"] = format!("{code:#06x}").into();
+                    }
+                    raw.push(entry);
+                }
             }
         }
         if !units.is_empty() {
@@ -830,9 +876,13 @@ impl<'a, L: AsyncRead + AsyncWrite + Unpin> Session<'a, L> {
         Ok(ieee)
     }
 
+    /// Sends one reading. Like every driver's, it carries `time_ms`: Zigbee reports have no
+    /// timestamp of their own, so it is the time the driver received the frame.
     async fn emit(&mut self, device_id: &str, mut payload: Json) -> Result<(), SessionError> {
+        let received_at_ms = now_unix_ms();
         if let Json::Object(map) = &mut payload {
             map.insert("device".into(), device_id.into());
+            map.insert("time_ms".into(), received_at_ms.into());
         }
         let c = &self.driver.config;
         let reading = Reading {
@@ -842,7 +892,7 @@ impl<'a, L: AsyncRead + AsyncWrite + Unpin> Session<'a, L> {
             route: c.route.clone(),
             content_type: Some(JSON.to_owned()),
             payload: payload.to_string().into_bytes(),
-            received_at_ms: now_unix_ms(),
+            received_at_ms,
         };
         self.sink
             .send(reading)
@@ -926,6 +976,14 @@ mod tests {
             }
             (UTIL, mt::UTIL_ADDRMGR_NWK_ADDR_LOOKUP, _) => vec![srsp(f, vec![0; 8])],
             (ZDO, mt::ZDO_MGMT_PERMIT_JOIN_REQ, _) => vec![srsp(f, vec![0])],
+            // On channel 15, PAN 0x2222 (the test's config says 11 / 0x1a62).
+            (ZDO, mt::ZDO_EXT_NWK_INFO, _) => {
+                let mut d = vec![0, 0, mt::DEV_ZB_COORD, 0x22, 0x22, 0xfe, 0xff];
+                d.extend([0xdd; 8]);
+                d.extend([0; 8]);
+                d.push(15);
+                vec![srsp(f, d)]
+            }
             _ => vec![],
         }
     }
@@ -967,9 +1025,15 @@ mod tests {
                 (0x27, 0x00),
                 (0x21, 0x08),
                 (0x25, 0x40),
-                (0x24, 0x00)
+                (0x24, 0x00),
+                (0x25, 0x50)
             ]
         );
+        // What the stick says, not the config.
+        let details = session.driver.ctx.stats.snapshot().details;
+        assert_eq!(details["channel"], "15");
+        assert_eq!(details["pan_id"], "0x2222");
+        assert_eq!(details["extended_pan_id"], "dddddddddddddddd");
 
         let mut queue = std::mem::replace(&mut session.driver.control, mpsc::channel(1).1);
         let serve = session.serve_with(&mut queue);
@@ -990,6 +1054,7 @@ mod tests {
             let v: Json = serde_json::from_slice(&r.payload).unwrap();
             assert_eq!(v["temperature"], 21.5);
             assert_eq!(v["linkquality"], 99);
+            assert_eq!(v["time_ms"], r.received_at_ms);
             let granted = control.permit_join(Duration::from_secs(100)).await;
             assert_eq!(granted, Ok(Duration::from_secs(30)));
             loop {

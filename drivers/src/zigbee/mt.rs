@@ -14,6 +14,7 @@ pub const AF_REGISTER: u8 = 0x00;
 pub const AF_INCOMING_MSG: u8 = 0x81;
 pub const ZDO_MGMT_PERMIT_JOIN_REQ: u8 = 0x36;
 pub const ZDO_STARTUP_FROM_APP: u8 = 0x40;
+pub const ZDO_EXT_NWK_INFO: u8 = 0x50;
 pub const ZDO_STATE_CHANGE_IND: u8 = 0xC0;
 pub const ZDO_END_DEVICE_ANNCE_IND: u8 = 0xC1;
 pub const UTIL_GET_DEVICE_INFO: u8 = 0x00;
@@ -144,6 +145,28 @@ pub fn parse_device_info(d: &[u8]) -> Option<(u64, u8)> {
     Some((u64_at(d, 1)?, *d.get(12)?))
 }
 
+/// The network the stick is on, from the `ZDO_EXT_NWK_INFO` response: ShortAddr(2)
+/// DevState PanId(2) ParentAddr(2) ExtendedPanId(8) ParentExtAddr(8) Channel.
+///
+/// This, not the configuration, is the truth once a network exists: `channel` and `pan_id` in
+/// the config are only used to *form* one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetworkInfo {
+    pub state: u8,
+    pub pan_id: u16,
+    pub extended_pan_id: u64,
+    pub channel: u8,
+}
+
+pub fn parse_network_info(d: &[u8]) -> Option<NetworkInfo> {
+    Some(NetworkInfo {
+        state: *d.get(2)?,
+        pan_id: u16_at(d, 3)?,
+        extended_pan_id: u64_at(d, 7)?,
+        channel: *d.get(23)?,
+    })
+}
+
 /// The device id of an IEEE address: `zigbee-` and 16 lower-case hex digits, most significant
 /// byte first (the way the address is printed on devices and by other tools).
 pub fn device_id(ieee: u64) -> String {
@@ -181,6 +204,27 @@ mod tests {
             bdb_set_channel(true, 1 << 11).encode().unwrap(),
             [0xFE, 0x05, 0x2F, 0x08, 0x01, 0x00, 0x08, 0x00, 0x00, 0x2B]
         );
+    }
+
+    #[test]
+    fn parses_network_info() {
+        // Coordinator 0x0000, state 9, PAN 0x1a62, no parent, extended PAN
+        // dd:dd:dd:dd:dd:dd:dd:dd, no parent, channel 15.
+        let mut d = vec![0x00, 0x00, 0x09, 0x62, 0x1a, 0xfe, 0xff];
+        d.extend([0xdd; 8]);
+        d.extend([0x00; 8]);
+        d.push(15);
+        let n = parse_network_info(&d).unwrap();
+        assert_eq!(
+            n,
+            NetworkInfo {
+                state: 9,
+                pan_id: 0x1a62,
+                extended_pan_id: 0xdddd_dddd_dddd_dddd,
+                channel: 15,
+            }
+        );
+        assert!(parse_network_info(&d[..23]).is_none());
     }
 
     #[test]

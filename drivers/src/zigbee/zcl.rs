@@ -5,8 +5,17 @@
 //! units ([`Value`]); everything else is kept raw (cluster, attribute and type ids plus the hex
 //! of the attribute data), never dropped. A malformed payload is an error for the caller to
 //! count; attributes decoded before the malformed part are kept.
+//!
+//! A frame with the manufacturer-specific bit (frame control bit 2) carries a manufacturer
+//! code, and under ZCL its attribute ids belong to that manufacturer, not to the cluster's
+//! standard attribute set: attribute 0x0000 of a manufacturer-specific frame on the temperature
+//! cluster is *not* MeasuredValue. Such attributes keep their [`Attribute::manufacturer`] and
+//! are never interpreted as standard values.
 
 use std::fmt::Write as _;
+
+/// Frame control bit: the frame carries a manufacturer code after the frame control.
+const FC_MANUFACTURER_SPECIFIC: u8 = 0x04;
 
 /// ZCL global command: Read Attributes Response.
 pub const CMD_READ_ATTRIBUTES_RSP: u8 = 0x01;
@@ -41,6 +50,9 @@ pub enum Data {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Attribute {
     pub cluster: u16,
+    /// The manufacturer code of a manufacturer-specific frame; its attribute ids are that
+    /// manufacturer's, so [`interpret`] leaves the attribute raw.
+    pub manufacturer: Option<u16>,
     pub id: u16,
     pub data_type: u8,
     /// The attribute's value bytes as on the air.
@@ -121,9 +133,11 @@ pub fn decode(cluster: u16, payload: &[u8]) -> Result<Decoded, ZclError> {
         at: 0,
     };
     let frame_control = c.u8()?;
-    if frame_control & 0x04 != 0 {
-        c.take(2)?; // manufacturer code
-    }
+    let manufacturer = if frame_control & FC_MANUFACTURER_SPECIFIC != 0 {
+        Some(c.u16()?)
+    } else {
+        None
+    };
     let _seq = c.u8()?;
     let command = c.u8()?;
     let global = frame_control & 0x03 == 0;
@@ -135,7 +149,7 @@ pub fn decode(cluster: u16, payload: &[u8]) -> Result<Decoded, ZclError> {
     }
     let mut out = Decoded::default();
     while !c.done() {
-        match attribute(&mut c, cluster, command) {
+        match attribute(&mut c, cluster, manufacturer, command) {
             Ok(Some(a)) => out.attributes.push(a),
             Ok(None) => {}
             Err(e) => {
@@ -147,7 +161,12 @@ pub fn decode(cluster: u16, payload: &[u8]) -> Result<Decoded, ZclError> {
     Ok(out)
 }
 
-fn attribute(c: &mut Cursor<'_>, cluster: u16, command: u8) -> Result<Option<Attribute>, ZclError> {
+fn attribute(
+    c: &mut Cursor<'_>,
+    cluster: u16,
+    manufacturer: Option<u16>,
+    command: u8,
+) -> Result<Option<Attribute>, ZclError> {
     let id = c.u16()?;
     if command == CMD_READ_ATTRIBUTES_RSP && c.u8()? != 0 {
         return Ok(None); // status != SUCCESS: no type, no value
@@ -156,6 +175,7 @@ fn attribute(c: &mut Cursor<'_>, cluster: u16, command: u8) -> Result<Option<Att
     let (raw, data) = value(c, data_type)?;
     Ok(Some(Attribute {
         cluster,
+        manufacturer,
         id,
         data_type,
         raw: raw.to_vec(),
@@ -284,8 +304,12 @@ fn round(v: f64, digits: i32) -> f64 {
 }
 
 /// The named value a known attribute stands for; `None` for unknown attributes, for a known
-/// attribute of an unexpected type, and for the ZCL "invalid" marker values.
+/// attribute of an unexpected type, for the ZCL "invalid" marker values, and for every attribute
+/// of a manufacturer-specific frame (its ids are the manufacturer's, not the standard ones).
 pub fn interpret(a: &Attribute) -> Option<Value> {
+    if a.manufacturer.is_some() {
+        return None;
+    }
     let num = |name, v: f64, unit| {
         Some(Value {
             name,
@@ -442,6 +466,29 @@ mod tests {
             decode(0x0006, &[0x01, 1, 0x01]),
             Err(ZclError::NotAttributes { .. })
         ));
+    }
+
+    #[test]
+    fn manufacturer_specific_attributes_are_never_standard_ones() {
+        // The temperature cluster's MeasuredValue id and type, but in a manufacturer-specific
+        // frame (code 0x115f): the manufacturer's attribute 0x0000, not 21.0 °C.
+        let d = decode(
+            0x0402,
+            &[0x1c, 0x5f, 0x11, 7, 0x0a, 0x00, 0x00, 0x29, 0x34, 0x08],
+        )
+        .unwrap();
+        assert_eq!(d.error, None);
+        let a = &d.attributes[0];
+        assert_eq!((a.manufacturer, a.id), (Some(0x115f), 0x0000));
+        assert_eq!(a.data, Data::Signed(0x0834));
+        assert_eq!(interpret(a), None);
+        // The same attribute without the bit is the standard one.
+        let d = decode(0x0402, &[0x18, 7, 0x0a, 0x00, 0x00, 0x29, 0x34, 0x08]).unwrap();
+        assert_eq!(d.attributes[0].manufacturer, None);
+        assert_eq!(
+            interpret(&d.attributes[0]).unwrap().value,
+            ValueKind::Number(21.0)
+        );
     }
 
     #[test]
