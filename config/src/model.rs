@@ -467,6 +467,18 @@ impl DriverConfig {
         }
     }
 
+    /// The device ids this driver's configuration names (Modbus slaves, a serial port's fixed
+    /// `device_id`, the simulator's devices); empty where devices are discovered (Zigbee, a
+    /// serial port with `device_field`).
+    pub fn configured_devices(&self) -> Vec<String> {
+        match self {
+            Self::Simulator(s) => (0..s.devices).map(|n| s.device_id(n)).collect(),
+            Self::Serial(s) => s.device_id.iter().cloned().collect(),
+            Self::Modbus(m) => m.slaves.iter().map(|s| s.device_id.clone()).collect(),
+            Self::Zigbee(_) => Vec::new(),
+        }
+    }
+
     /// The driver's unique name.
     pub fn name(&self) -> &str {
         match self {

@@ -125,6 +125,19 @@ fn close(a: &Value, b: f64) -> bool {
     a.as_f64().is_some_and(|a| (a - b).abs() < 1e-6)
 }
 
+/// A Modbus TCP driver `plant` with fast reconnects; its slaves follow.
+const PLANT_TCP: &str = r#"
+[[drivers]]
+kind = "modbus"
+name = "plant"
+transport = "tcp"
+timeout = "200ms"
+[drivers.reopen]
+backoff_initial = "50ms"
+backoff_max = "200ms"
+offline_after_failures = 3
+"#;
+
 const TEST_POINTS: &str = r#"
 [[drivers.slaves.points]]
 name = "u16"
@@ -222,16 +235,7 @@ fn modbus_tcp_and_rtu_slaves_are_decoded_and_a_dead_slave_is_isolated() {
 
     let config = format!(
         r#"{tokens}
-[[drivers]]
-kind = "modbus"
-name = "plant"
-transport = "tcp"
-timeout = "200ms"
-[drivers.reopen]
-backoff_initial = "50ms"
-backoff_max = "200ms"
-offline_after_failures = 3
-[[drivers.slaves]]
+{plant}[[drivers.slaves]]
 device_id = "meter-a"
 unit = 1
 address = "127.0.0.1:{port_a}"
@@ -267,6 +271,7 @@ data_type = "f32"
 word_order = "little"
 "#,
         tokens = admin_token_config(),
+        plant = PLANT_TCP,
         points = TEST_POINTS.replace("address = ", "interval = \"100ms\"\naddress = "),
         rtu = pty.dev.display(),
     );
@@ -373,4 +378,87 @@ word_order = "little"
     drop(tcp_a);
     let (status, _) = d.terminate(Duration::from_secs(15));
     assert!(status.success(), "{status}");
+}
+
+/// Configured slaves are in the registry from the start (source `driver:<name>`), offline with
+/// a reason until first heard: one with no listener at its address, one that answers every
+/// poll with an exception (illegal address). The driver's own offline report then replaces the
+/// "not heard from yet" reason, and a restart keeps them registered and offline.
+#[test]
+fn configured_slaves_never_heard_from_are_registered_offline_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let port_a = free_port();
+    let _slave = Slave::start(&["--tcp", &format!("127.0.0.1:{port_a}"), "--units", "1"]);
+    // Nothing listens here: the port was free a moment ago.
+    let nobody = free_port();
+    let config = format!(
+        r#"{tokens}
+{plant}[[drivers.slaves]]
+device_id = "meter-3"
+unit = 1
+address = "127.0.0.1:{nobody}"
+[[drivers.slaves.points]]
+name = "u16"
+address = 0
+interval = "100ms"
+[[drivers.slaves]]
+device_id = "meter-exc"
+unit = 1
+address = "127.0.0.1:{port_a}"
+[[drivers.slaves.points]]
+name = "beyond_the_map"
+address = 9000
+interval = "100ms"
+"#,
+        tokens = admin_token_config(),
+        plant = PLANT_TCP,
+    );
+    let mut d = Daemon::start(dir.path(), &config);
+    for id in ["meter-3", "meter-exc"] {
+        let device = admin(&d, "GET", &format!("/api/v1/devices/{id}"), "");
+        assert_eq!(device.status, 200, "{id}: {}", device.text());
+        assert_eq!(device.json()["source"], json!("driver:plant"));
+        let status = device_state(&d, id);
+        assert_eq!(status["state"], json!("offline"), "{status}");
+        assert!(
+            !status["offline_reason"].as_str().unwrap().is_empty(),
+            "{status}"
+        );
+    }
+    // The driver's reasons (they name the slave) replace "not heard from yet".
+    for id in ["meter-3", "meter-exc"] {
+        d.wait_until(
+            &format!("the driver's offline reason for {id}"),
+            WAIT,
+            |d| {
+                device_state(d, id)["offline_reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains(id))
+            },
+        );
+        assert_eq!(device_state(&d, id)["state"], json!("offline"));
+    }
+    assert!(
+        metric(
+            &d,
+            "outpost_driver_device_errors_total{driver=\"plant\",device=\"meter-exc\",kind=\"exception\"}"
+        ) >= 3.0
+    );
+    assert!(
+        !stored(&d).iter().any(|r| r.device_id.starts_with("meter-")),
+        "nothing was read, nothing is stored"
+    );
+    let (status, _) = d.terminate(Duration::from_secs(15));
+    assert!(status.success(), "{status}");
+
+    // Across a restart: still registered, still offline, with the reason.
+    let d = Daemon::start_with(&d.config_path.clone(), d.data_dir.clone());
+    let status = device_state(&d, "meter-3");
+    assert_eq!(status["state"], json!("offline"), "{status}");
+    assert!(
+        status["offline_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("not heard from yet") || r.contains("meter-3")),
+        "{status}"
+    );
 }

@@ -199,6 +199,32 @@ pub struct Device {
     pub last_seen_ms: Option<i64>,
 }
 
+impl Device {
+    /// A device registered by a driver (`source` `driver:<name>`): no secret, no protocols,
+    /// enabled, no inventory fields.
+    fn automatic(id: &str, source: &str, now_ms: i64) -> Device {
+        Device {
+            id: id.to_owned(),
+            name: String::new(),
+            model: String::new(),
+            batch: String::new(),
+            firmware: String::new(),
+            location: String::new(),
+            tags: Vec::new(),
+            enabled: true,
+            protocols: Vec::new(),
+            has_secret: false,
+            source: source.to_owned(),
+            mqtt_publish: None,
+            mqtt_subscribe: None,
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+            state: State::Online,
+            last_seen_ms: None,
+        }
+    }
+}
+
 /// A new device (the body of `POST /api/v1/devices`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -675,25 +701,7 @@ impl Registry {
             tracing::warn!(device = device_id, source, error = %e, "Not registering a device with an invalid id");
             return false;
         }
-        let device = Device {
-            id: device_id.to_owned(),
-            name: String::new(),
-            model: String::new(),
-            batch: String::new(),
-            firmware: String::new(),
-            location: String::new(),
-            tags: Vec::new(),
-            enabled: true,
-            protocols: Vec::new(),
-            has_secret: false,
-            source: source.to_owned(),
-            mqtt_publish: None,
-            mqtt_subscribe: None,
-            created_at_ms: now_ms,
-            updated_at_ms: now_ms,
-            state: State::Online,
-            last_seen_ms: None,
-        };
+        let device = Device::automatic(device_id, source, now_ms);
         let result = self
             .blocking(move |inner, conn| {
                 // Registered by someone else meanwhile: fine, it exists.
@@ -718,6 +726,58 @@ impl Registry {
             m.seen(now, now_ms);
         }
         enabled
+    }
+
+    /// For drivers, at start-up: the devices their configuration names (`(device id, source)`,
+    /// source `driver:<name>`) are registered like [`Registry::register_seen`] would, without
+    /// being marked seen. A device never heard from (no `last_seen`) is reported offline with
+    /// `offline_reason` "not heard from yet" until its first reading — so a Modbus slave that
+    /// never answered is visible in the API, not a 404 (docs/DRIVERS.md).
+    pub async fn register_configured(&self, devices: Vec<(String, String)>) {
+        let now_ms = now_unix_ms();
+        let mut fresh = Vec::new();
+        for (id, source) in &devices {
+            if self.inner.index_read().contains_key(id) {
+                continue;
+            }
+            match validate_id(id) {
+                Ok(()) => fresh.push(Device::automatic(id, source, now_ms)),
+                Err(e) => {
+                    tracing::warn!(device = %id, source = %source, error = %e, "Not registering a configured device with an invalid id");
+                }
+            }
+        }
+        if !fresh.is_empty() {
+            let result = self
+                .blocking(move |inner, conn| {
+                    let tx = conn.transaction()?;
+                    let mut added = Vec::new();
+                    for device in fresh {
+                        if store::insert_device(&tx, &device, None)? {
+                            added.push(device);
+                        }
+                    }
+                    tx.commit()?;
+                    for device in added {
+                        tracing::info!(device = %device.id, source = %device.source, "Configured device registered");
+                        inner.install(device, None);
+                    }
+                    Ok(())
+                })
+                .await;
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "Cannot register the devices named in the drivers' configuration");
+            }
+        }
+        let mut monitors = lock(&self.inner.monitors);
+        for (id, source) in &devices {
+            if let Some(m) = monitors.get_mut(id.as_str())
+                && m.last_seen_ms.is_none()
+                && m.offline_reason.is_none()
+            {
+                m.offline_reason = Some(format!("not heard from yet (configured for {source})"));
+            }
+        }
     }
 
     // ---- monitoring persistence ---------------------------------------------------------------
