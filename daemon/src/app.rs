@@ -210,18 +210,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     tracing::info!(addr = %admin_addr, "Admin listener bound");
     // Local app containers: the desired set (config + apps.db); the loop is spawned below.
     let apps = if config.apps.enabled {
-        let (store, saved) = {
+        let (store, saved, failed) = {
             let dir = data_dir.clone();
-            tokio::task::spawn_blocking(move || apps::store::AppStore::open(&dir))
-                .await
-                .context("opening apps.db")??
+            tokio::task::spawn_blocking(move || {
+                let (store, saved) = apps::store::AppStore::open(&dir)?;
+                let failed = store.failures()?;
+                Ok::<_, apps::store::StoreError>((store, saved, failed))
+            })
+            .await
+            .context("opening apps.db")??
         };
         // Apps reach the MQTT front through the engine's host gateway.
         let bus_url = mqtt
             .as_ref()
             .and_then(|((listener, _), ..)| listener.local_addr().ok())
             .map(|addr| format!("mqtt://host.docker.internal:{}", addr.port()));
-        let apps = apps::Apps::new(&config.apps, Some(store), saved).with_bus_url(bus_url);
+        let apps = apps::Apps::new(&config.apps, Some(store), saved)
+            .with_failures(failed)
+            .with_bus_url(bus_url);
         status.inactive("apps", "connecting to the container engine", false);
         status.watch_apps(apps.clone());
         metrics.register_collector(Box::new(telemetry::apps::AppMetrics::new(apps.clone())));
@@ -272,6 +278,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             false,
         );
     }
+    let admin_router = admin::with_json_errors(
+        admin_router,
+        admin::OWN_ROUTES
+            .iter()
+            .chain(ingress::http::ROUTES)
+            .copied()
+            .chain(api::ROUTES.iter().map(|r| (r.method, r.path))),
+    );
     let admin_stop = ingress.clone();
     // The admin listener (API, metrics, HTTP ingestion) runs under a supervisor: if it fails or
     // panics it is served again on the same bound socket (a clone of it), with backoff.
@@ -449,6 +463,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
     };
 
+    // Devices the drivers' config names are in the registry before the first poll, offline
+    // until heard from: a slave that never answers is visible, not a 404.
+    registry
+        .register_configured(
+            config
+                .drivers
+                .iter()
+                .flat_map(|d| {
+                    let source = format!("driver:{}", d.name());
+                    d.configured_devices()
+                        .into_iter()
+                        .map(move |id| (id, source.clone()))
+                })
+                .collect(),
+        )
+        .await;
     let (readings_tx, readings_rx) = mpsc::channel(READINGS_QUEUE);
     let health: Arc<dyn DeviceHealth> =
         Arc::new(ingress::drivers::RegistryHealth(registry.clone()));

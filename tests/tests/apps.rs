@@ -2,7 +2,7 @@
 //! `dockerd` and imports the test image `outpost-test/busybox:1` from Debian's busybox-static):
 //! deploy from config and from the API, env / limits / labels as the engine reports them,
 //! restart after `docker kill`, crash-loop detection, removal, API apps persisted across a
-//! daemon restart, foreign containers untouched, an unreachable engine, and an app (Debian's
+//! daemon restart, FAILED kept across a daemon restart, foreign containers untouched, an unreachable engine, and an app (Debian's
 //! `mosquitto_sub` in `outpost-test/mqtt-sub:1`) that reads the local MQTT bus with the
 //! credentials Outpost gave it.
 //!
@@ -274,6 +274,114 @@ command = ["sh", "-c", "exit 3"]
     d.terminate(Duration::from_secs(15));
     cleanup(&names);
     docker(&["rm", "-f", "outpost-test-foreign"]);
+}
+
+/// The engine's start time of a container (changes whenever it is started again).
+fn started_at(name: &str) -> String {
+    inspect(name).unwrap_or_else(|| panic!("no container {name}: {:?}", docker(&["ps", "-a"])))
+        ["State"]["StartedAt"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// FAILED survives a daemon restart (config and API apps alike): the new daemon adopts the
+/// exited containers as FAILED without starting them; an API restart or a changed spec (PUT,
+/// or an edited config file) clears it.
+#[test]
+fn serial_a_failed_app_stays_failed_across_a_daemon_restart() {
+    require_engine();
+    let names = ["failing", "apifail"];
+    cleanup(&names);
+    let dir = tempfile::tempdir().unwrap();
+    let app = |command: &str| {
+        apps_config(&format!(
+            "[[apps.app]]\nname = \"failing\"\nimage = \"{IMAGE}\"\ncommand = {command}\n"
+        ))
+    };
+    let config_path =
+        outpost_e2e::daemon::write_config(dir.path(), &app(r#"["sh", "-c", "exit 3"]"#));
+    let data = dir.path().join("data");
+    let mut d = Daemon::start_with(&config_path, data.clone());
+    let body = format!(r#"{{"name":"apifail","image":"{IMAGE}","command":["sh","-c","exit 4"]}}"#);
+    let r = admin(&d, "POST", "/api/v1/apps", &body);
+    assert_eq!(r.status, 201, "{}", r.text());
+    d.wait_until("both FAILED", Duration::from_secs(30), |d| {
+        names.iter().all(|n| app_status(d, n)["state"] == "FAILED")
+    });
+    let before: Vec<(String, Value)> = names
+        .iter()
+        .map(|n| (started_at(&format!("outpost-app-{n}")), app_status(&d, n)))
+        .collect();
+    d.terminate(Duration::from_secs(15));
+
+    // Restarted: adopted as FAILED, with reason and exit code, never started again.
+    let mut d = Daemon::start_with(&config_path, data.clone());
+    d.wait_until(
+        "both FAILED after the restart",
+        Duration::from_secs(20),
+        |d| names.iter().all(|n| app_status(d, n)["state"] == "FAILED"),
+    );
+    for (n, (started, status)) in names.iter().zip(&before) {
+        let now = app_status(&d, n);
+        assert_eq!(now["reason"], status["reason"], "{n}: {now}");
+        assert_eq!(
+            now["last_exit_code"], status["last_exit_code"],
+            "{n}: {now}"
+        );
+        assert_eq!(now["restart_count"], status["restart_count"], "{n}: {now}");
+        assert_eq!(
+            &started_at(&format!("outpost-app-{n}")),
+            started,
+            "{n} was started again"
+        );
+    }
+    assert_eq!(app_status(&d, "failing")["last_exit_code"], 3);
+    assert_eq!(app_status(&d, "apifail")["last_exit_code"], 4);
+    // A pass of the reconcile loop later still nothing was started.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !d.logs()
+            .iter()
+            .any(|l| l.contains("App exited; restarting it")),
+        "{:#?}",
+        d.logs()
+    );
+    for (n, (started, _)) in names.iter().zip(&before) {
+        assert_eq!(app_status(&d, n)["state"], "FAILED");
+        assert_eq!(&started_at(&format!("outpost-app-{n}")), started, "{n}");
+    }
+
+    // An API restart clears FAILED: the container is recreated and runs again (and fails
+    // again).
+    let r = admin(&d, "POST", "/api/v1/apps/apifail/restart", "");
+    assert_eq!(r.status, 202, "{}", r.text());
+    d.wait_until("apifail started again", Duration::from_secs(10), |_| {
+        inspect("outpost-app-apifail")
+            .is_some_and(|c| c["State"]["StartedAt"].as_str() != Some(before[1].0.as_str()))
+    });
+    // A new spec through the API clears it too, and the app runs.
+    let body = format!(r#"{{"name":"apifail","image":"{IMAGE}","command":["sleep","3600"]}}"#);
+    let r = admin(&d, "PUT", "/api/v1/apps/apifail", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    d.wait_until("apifail ACTIVE", Duration::from_secs(20), |d| {
+        app_status(d, "apifail")["state"] == "ACTIVE" && running("outpost-app-apifail")
+    });
+    d.terminate(Duration::from_secs(15));
+
+    // A changed spec in the config file clears it: the app is recreated and runs.
+    outpost_e2e::daemon::write_config(dir.path(), &app(r#"["sleep", "3600"]"#));
+    let mut d = Daemon::start_with(&config_path, data);
+    d.wait_until(
+        "failing ACTIVE with its new spec",
+        Duration::from_secs(20),
+        |d| app_status(d, "failing")["state"] == "ACTIVE" && running("outpost-app-failing"),
+    );
+    d.wait_until("apifail ACTIVE", Duration::from_secs(20), |d| {
+        app_status(d, "apifail")["state"] == "ACTIVE"
+    });
+    d.terminate(Duration::from_secs(15));
+    cleanup(&names);
 }
 
 #[test]

@@ -45,7 +45,8 @@ pub struct AppsConfig {
     /// Host directory under which app mounts must lie. Default `"/var/lib/outpost/apps"`.
     pub allowed_mount_root: PathBuf,
     /// Consecutive fast failures (a container that exits within `crash_loop_window` of its
-    /// start) after which an app is FAILED and not restarted. Default 5; 1 to 100.
+    /// start) after which an app is FAILED and not restarted (also not after a daemon restart)
+    /// until its spec changes or it is restarted through the API. Default 5; 1 to 100.
     pub crash_loop_failures: u32,
     /// A container that exits sooner than this after starting counts as a fast failure.
     /// Default `"30s"`; 1s to 1h.

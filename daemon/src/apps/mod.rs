@@ -144,6 +144,9 @@ struct Inner {
     bus_url: Option<String>,
     /// Orders status-change records written by concurrent background tasks.
     event_order: AtomicU64,
+    /// FAILED apps read from `apps.db` at start, taken by the reconcile loop
+    /// ([`Apps::take_stored_failures`]).
+    stored_failures: Mutex<BTreeMap<String, store::Failure>>,
 }
 
 impl Apps {
@@ -191,7 +194,48 @@ impl Apps {
                 wake: Notify::new(),
                 bus_url: None,
                 event_order: AtomicU64::new(0),
+                stored_failures: Mutex::new(BTreeMap::new()),
             }),
+        }
+    }
+
+    /// The FAILED apps `apps.db` remembers (call before sharing the handle).
+    pub fn with_failures(self, failed: Vec<(String, store::Failure)>) -> Apps {
+        *self
+            .inner
+            .stored_failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = failed.into_iter().collect();
+        self
+    }
+
+    /// The FAILED apps remembered from before this start (once; later calls get nothing).
+    pub(crate) fn take_stored_failures(&self) -> BTreeMap<String, store::Failure> {
+        std::mem::take(
+            &mut self
+                .inner
+                .stored_failures
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
+    /// Remembers in `apps.db` that `name` FAILED, so a daemon restart keeps it FAILED. A failed
+    /// write is logged: the app is FAILED for this run anyway.
+    pub(crate) async fn remember_failure(&self, name: &str, failure: store::Failure) {
+        if let Some(store) = &self.inner.store
+            && let Err(e) = store.save_failure(name.to_owned(), failure).await
+        {
+            tracing::warn!(app = name, error = %e, "Could not record the FAILED state in apps.db; a daemon restart will start the app again");
+        }
+    }
+
+    /// Forgets a remembered FAILED state of `name` (restarted, changed, deleted, running).
+    pub(crate) async fn forget_failure(&self, name: &str) {
+        if let Some(store) = &self.inner.store
+            && let Err(e) = store.clear_failure(name.to_owned()).await
+        {
+            tracing::warn!(app = name, error = %e, "Could not clear the FAILED state in apps.db");
         }
     }
 

@@ -9,6 +9,9 @@
 //!
 //! A fast failure is an exit within `apps.crash_loop_window` of the start; the pause before a
 //! restart doubles from 250ms per consecutive fast failure up to `apps.restart_backoff_max`.
+//! FAILED is remembered in `apps.db` with the digest of the spec that failed: after a daemon
+//! restart the app is adopted as FAILED (its container is neither restarted nor recreated)
+//! until it is restarted through the API or its spec changes.
 //! Errors of one app (image missing, create refused) are shown on that app and retried with
 //! the same backoff; they never stop the loop.
 
@@ -21,6 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::engine::{Engine, EngineError, Observed};
+use super::store::Failure;
 use super::{AppState, AppStatus, Apps};
 use crate::registry::{ListQuery, NewDevice, Protocol, Registry};
 use crate::status::StatusBoard;
@@ -54,8 +58,15 @@ struct Runtime {
     epoch: u64,
 }
 
+impl Runtime {
+    /// Given up on as FAILED (remembered in `apps.db`).
+    fn failed(&self) -> bool {
+        matches!(self.stopped, Some((AppState::Failed, _)))
+    }
+}
+
 pub async fn run(apps: Apps, registry: Registry, board: StatusBoard, stop: CancellationToken) {
-    let mut runtimes: HashMap<String, Runtime> = HashMap::new();
+    let mut runtimes = adopt_failures(&apps).await;
     let mut reconnect = RECONNECT_MIN;
     let socket = apps.settings().engine_socket.clone();
     let mut engine: Option<Engine> = None;
@@ -114,6 +125,35 @@ pub async fn run(apps: Apps, registry: Registry, board: StatusBoard, stop: Cance
             () = tokio::time::sleep(TICK) => {}
         }
     }
+}
+
+/// The apps that were FAILED when the daemon last ran stay FAILED: their runtime starts as
+/// given up on, with the exit that failed them already handled, so the loop neither restarts
+/// the exited container nor creates a new one. A remembered failure whose spec changed since
+/// (a config edit) or whose app is gone is forgotten instead.
+async fn adopt_failures(apps: &Apps) -> HashMap<String, Runtime> {
+    let desired = apps.desired();
+    let mut runtimes = HashMap::new();
+    for (name, failure) in apps.take_stored_failures() {
+        match desired.get(&name) {
+            Some(d) if spec_digest(&d.spec) == failure.spec_digest => {
+                tracing::warn!(app = %name, reason = %failure.reason, "App FAILED before the daemon restarted; not starting it until it is restarted through the API or its spec changes");
+                runtimes.insert(
+                    name,
+                    Runtime {
+                        handled_exit: failure.finished_at,
+                        restarts: failure.restarts,
+                        last_exit: failure.exit_code,
+                        stopped: Some((AppState::Failed, failure.reason)),
+                        epoch: d.restart_epoch,
+                        ..Runtime::default()
+                    },
+                );
+            }
+            _ => apps.forget_failure(&name).await,
+        }
+    }
+    runtimes
 }
 
 fn engine_down(
@@ -201,7 +241,19 @@ impl Pass<'_> {
             }
         }
         // Apps removed while nothing ran for them.
-        self.runtimes.retain(|name, _| desired.contains_key(name));
+        let gone: Vec<String> = self
+            .runtimes
+            .keys()
+            .filter(|name| !desired.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(rt) = self.runtimes.remove(&name)
+                && rt.failed()
+            {
+                self.apps.forget_failure(&name).await;
+            }
+        }
         for name in self.apps.statuses().into_keys() {
             if !desired.contains_key(&name) {
                 self.apps.forget_status(&name);
@@ -213,6 +265,10 @@ impl Pass<'_> {
             if rt.epoch != d.restart_epoch {
                 // An explicit restart (or a replaced spec): start afresh.
                 rt.epoch = d.restart_epoch;
+                if rt.failed() {
+                    self.apps.forget_failure(&name).await;
+                }
+                let rt = self.runtimes.entry(name.clone()).or_default();
                 rt.stopped = None;
                 rt.consecutive_fast = 0;
                 rt.retries = 0;
@@ -249,6 +305,11 @@ impl Pass<'_> {
         };
         let rt = self.runtimes.entry(name.to_owned()).or_default();
         if obs.running {
+            if rt.failed() {
+                // Started by someone else (e.g. `docker start`): it is not FAILED any more.
+                self.apps.forget_failure(name).await;
+            }
+            let rt = self.runtimes.entry(name.to_owned()).or_default();
             let started = *rt.started.get_or_insert(now);
             if now.duration_since(started) >= window {
                 rt.consecutive_fast = 0;
@@ -293,13 +354,21 @@ impl Pass<'_> {
             };
             match verdict {
                 Some((state, reason)) => {
+                    rt.stopped = Some((state, reason.clone()));
+                    rt.next_attempt = None;
                     if state == AppState::Failed {
                         tracing::error!(app = name, exit_code = code, reason = %reason, "App FAILED; not restarting it");
+                        let failure = Failure {
+                            spec_digest: spec_digest(spec),
+                            reason,
+                            exit_code: obs.exit_code,
+                            finished_at: obs.finished_at.clone(),
+                            restarts: rt.restarts,
+                        };
+                        self.apps.remember_failure(name, failure).await;
                     } else {
                         tracing::info!(app = name, exit_code = code, "App stopped");
                     }
-                    rt.stopped = Some((state, reason));
-                    rt.next_attempt = None;
                 }
                 None => {
                     let pause = backoff(

@@ -1,6 +1,9 @@
 //! `apps.db`: the apps created through the API, one row per app holding its spec as JSON
 //! (written before the change takes effect, read once at start; config apps are never stored),
-//! and `app_events`, every app's status changes (the newest [`EVENTS_PER_APP`] per app).
+//! `app_events`, every app's status changes (the newest [`EVENTS_PER_APP`] per app), and
+//! `app_failed`, the apps given up on as FAILED (config and API apps alike), so that a daemon
+//! restart adopts them as FAILED instead of running their crash loop again. A FAILED row holds
+//! the digest of the spec that failed: a changed spec (or an API restart) clears it.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -47,6 +50,19 @@ pub struct AppEvent {
     pub restarts: u64,
 }
 
+/// An app given up on as FAILED, as `app_failed` keeps it across daemon restarts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// [`super::reconcile::spec_digest`] of the spec that failed.
+    pub spec_digest: String,
+    pub reason: String,
+    pub exit_code: Option<i64>,
+    /// The engine's `finished_at` of the exit that made it FAILED: that exit is not counted
+    /// again after a restart.
+    pub finished_at: Option<String>,
+    pub restarts: u64,
+}
+
 #[derive(Debug, Clone)]
 pub struct AppStore {
     path: Arc<PathBuf>,
@@ -76,7 +92,15 @@ impl AppStore {
                  restarts  INTEGER NOT NULL,
                  seq       INTEGER NOT NULL DEFAULT 0  -- order within one process and millisecond
              );
-             CREATE INDEX IF NOT EXISTS app_events_by_name ON app_events(name, id);",
+             CREATE INDEX IF NOT EXISTS app_events_by_name ON app_events(name, id);
+             CREATE TABLE IF NOT EXISTS app_failed (
+                 name        TEXT PRIMARY KEY,
+                 spec_digest TEXT    NOT NULL,
+                 reason      TEXT    NOT NULL,
+                 exit_code   INTEGER,
+                 finished_at TEXT,             -- the engine's finished_at of the exit handled
+                 restarts    INTEGER NOT NULL
+             );",
         )
         .map_err(sqlite)?;
         let rows: Vec<(String, String)> = {
@@ -173,6 +197,66 @@ impl AppStore {
                 (&name, EVENTS_PER_APP as i64),
             )
             .map(drop)
+        })
+        .await
+    }
+
+    /// The FAILED apps, by name (read once at start).
+    pub fn failures(&self) -> Result<Vec<(String, Failure)>, StoreError> {
+        let conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        let read = || -> rusqlite::Result<Vec<(String, Failure)>> {
+            let mut stmt = conn.prepare(
+                "SELECT name, spec_digest, reason, exit_code, finished_at, restarts
+                 FROM app_failed ORDER BY name",
+            )?;
+            stmt.query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    Failure {
+                        spec_digest: r.get(1)?,
+                        reason: r.get(2)?,
+                        exit_code: r.get(3)?,
+                        finished_at: r.get(4)?,
+                        restarts: r.get::<_, i64>(5)? as u64,
+                    },
+                ))
+            })?
+            .collect()
+        };
+        read().map_err(|source| StoreError::Sqlite {
+            path: self.path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Remembers that `name` FAILED (replacing an earlier failure of it).
+    pub async fn save_failure(&self, name: String, f: Failure) -> Result<(), StoreError> {
+        self.run(move |c| {
+            c.execute(
+                "INSERT INTO app_failed (name, spec_digest, reason, exit_code, finished_at, restarts)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT(name) DO UPDATE SET spec_digest = excluded.spec_digest,
+                     reason = excluded.reason, exit_code = excluded.exit_code,
+                     finished_at = excluded.finished_at, restarts = excluded.restarts",
+                (
+                    &name,
+                    &f.spec_digest,
+                    &f.reason,
+                    f.exit_code,
+                    &f.finished_at,
+                    f.restarts as i64,
+                ),
+            )
+            .map(drop)
+        })
+        .await
+    }
+
+    /// Forgets a FAILED state (restarted, changed, deleted, or running again).
+    pub async fn clear_failure(&self, name: String) -> Result<(), StoreError> {
+        self.run(move |c| {
+            c.execute("DELETE FROM app_failed WHERE name = ?1", [&name])
+                .map(drop)
         })
         .await
     }
