@@ -58,7 +58,7 @@ pub use model::{BacklogOrder, Compression, RuleAction, RuleKey, SaslMechanism, S
 pub use model::{MqttClientAuth, MqttTlsConfig};
 pub use model::{check_acl_pattern, check_kafka_topic};
 pub use units::ByteSize;
-pub use validate::check_device_id;
+pub use validate::{MAX_TOPIC_BYTES, check_device_id, check_record_topic};
 
 /// The debug-build fault hook's switch, for tests: whether `OUTPOST_DEBUG_FAIL` (a comma-separated
 /// list) names `name`. Always false in release builds. Each user documents what its name does

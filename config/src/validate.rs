@@ -1086,23 +1086,41 @@ pub fn check_device_id(id: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// An MQTT topic name to publish to, with `{device}` as the only placeholder.
-fn check_topic(topic: &str) -> Result<(), String> {
+/// The longest topic a record may have, in bytes (MQTT allows 65,535; a gateway topic that
+/// long is a mistake or an attack, and every ingress refuses it alike).
+pub const MAX_TOPIC_BYTES: usize = 256;
+
+/// The topic rule of every record, whatever its ingress (MQTT PUBLISH, HTTP, CoAP, drivers'
+/// topic templates): 1 to [`MAX_TOPIC_BYTES`] bytes, no wildcards (`+`, `#`), not starting
+/// with `$` (reserved for the broker), no control characters (U+0000 included). The one
+/// definition: every ingress calls it (re-exported as `outpost_config::check_record_topic`)
+/// and answers a refusal in its own protocol's terms.
+pub fn check_record_topic(topic: &str) -> Result<(), String> {
     if topic.is_empty() {
-        return Err("must not be empty".into());
+        return Err("topic must not be empty".into());
     }
-    if topic.len() > 65_535 {
-        return Err("longer than MQTT's 65535 bytes".into());
+    if topic.len() > MAX_TOPIC_BYTES {
+        return Err(format!(
+            "topic of {} bytes is longer than {MAX_TOPIC_BYTES}",
+            topic.len()
+        ));
     }
     if topic.contains(['#', '+']) {
-        return Err("wildcards '#' and '+' are not allowed in a topic to publish to".into());
-    }
-    if topic.chars().any(char::is_control) {
-        return Err("control characters are not allowed".into());
+        return Err("topic must not contain the wildcards + or #".into());
     }
     if topic.starts_with('$') {
-        return Err("topics starting with '$' are reserved for the broker".into());
+        return Err("topics starting with $ are reserved for the broker".into());
     }
+    if topic.chars().any(char::is_control) {
+        return Err("topic must not contain control characters".into());
+    }
+    Ok(())
+}
+
+/// A driver's topic template: a record topic once `{device}` is replaced, which is the only
+/// placeholder.
+fn check_topic(topic: &str) -> Result<(), String> {
+    check_record_topic(topic)?;
     let without_placeholder = topic.replace("{device}", "");
     if without_placeholder.contains(['{', '}']) {
         return Err("the only placeholder is {device}".into());
@@ -1178,6 +1196,16 @@ mod tests {
     }
 
     #[test]
+    fn the_record_topic_rule() {
+        assert!(check_record_topic("devices/a/telemetry").is_ok());
+        assert!(check_record_topic(&"x".repeat(MAX_TOPIC_BYTES)).is_ok());
+        for bad in ["", "a/+/b", "a/#", "$SYS/x", "a\u{0}b", "a\nb"] {
+            assert!(check_record_topic(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_record_topic(&"x".repeat(MAX_TOPIC_BYTES + 1)).is_err());
+    }
+
+    #[test]
     fn names_and_topics() {
         let mut config = Config::default();
         config.routes.push(RouteConfig {
@@ -1196,11 +1224,9 @@ mod tests {
         config.drivers.push(DriverConfig::Simulator(sim));
         let found = messages(&config);
         assert_eq!(found.len(), 4, "{found:#?}");
-        assert!(
-            found
-                .iter()
-                .any(|m| m.starts_with("drivers[0].topic: invalid topic \"sim/+/x\": wildcards"))
-        );
+        assert!(found.iter().any(|m| m.starts_with(
+            "drivers[0].topic: invalid topic \"sim/+/x\": topic must not contain the wildcards"
+        )));
         assert!(found.iter().any(|m| m.contains("did you mean \"default\"")));
         assert!(check_topic("sim/{device}/reading").is_ok());
         assert!(check_topic("$SYS/x").is_err());

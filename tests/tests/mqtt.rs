@@ -822,6 +822,55 @@ fn mqtt5_negative_acks_for_acl_and_a_full_outbox() {
     assert_eq!(d.metric("outpost_mqtt_refused_total{reason=\"acl\"}"), 1.0);
 }
 
+/// The topic rule of every ingress (`outpost_config::check_record_topic`, the one HTTP and
+/// CoAP apply): a topic over 256 bytes or starting with `$` is refused — MQTT 5 with PUBACK /
+/// PUBREC 0x90 (Topic Name invalid), 3.1.1 by closing the connection — and nothing is stored.
+#[test]
+fn topics_other_ingresses_refuse_are_refused_over_mqtt_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, addr, secret) = start(dir.path(), "");
+    let long = format!("devices/sensor-1/{}", "x".repeat(300));
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    v5_connect(&mut s, "raw-v5", "sensor-1", &secret);
+    s.write_all(&v5_publish(0x32, &long, 1, b"long")).unwrap();
+    assert_eq!(
+        read_small_packet(&mut s),
+        [0x40, 4, 0, 1, 0x90, 0],
+        "PUBACK 0x90"
+    );
+    s.write_all(&v5_publish(0x34, "$share/x", 2, b"dollar"))
+        .unwrap();
+    assert_eq!(
+        read_small_packet(&mut s),
+        [0x50, 4, 0, 2, 0x90, 0],
+        "PUBREC 0x90"
+    );
+    // The connection stays; a good topic is stored.
+    s.write_all(&v5_publish(0x32, "devices/sensor-1/ok", 3, b"ok"))
+        .unwrap();
+    assert_eq!(read_small_packet(&mut s), [0x40, 2, 0, 3], "PUBACK");
+
+    // 3.1.1 has no negative ack: the connection is closed.
+    let out = pub_(
+        addr,
+        "sensor-1",
+        &secret,
+        &["-q", "1", "-t", &long, "-m", "long"],
+    );
+    assert!(
+        !out.status.success(),
+        "mosquitto_pub succeeded: {}",
+        stderr(&out)
+    );
+    let stored: Vec<String> = records(&d).into_iter().map(|r| r.topic).collect();
+    assert_eq!(stored, ["devices/sensor-1/ok"]);
+    assert_eq!(
+        d.metric("outpost_mqtt_refused_total{reason=\"invalid_topic\"}"),
+        3.0
+    );
+}
+
 /// Reads one packet with a one-byte remaining length.
 fn read_small_packet(s: &mut TcpStream) -> Vec<u8> {
     let mut p = read_exact_n(s, 2);

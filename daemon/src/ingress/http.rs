@@ -39,8 +39,6 @@ use crate::registry::{Protocol, Refusal, Traffic};
 
 /// Seconds a device is told to wait before retrying when the outbox refuses.
 const RETRY_AFTER_SECS: u32 = 5;
-/// Longest topic accepted, in bytes.
-const MAX_TOPIC: usize = 256;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabel {
@@ -79,10 +77,16 @@ pub struct HttpIngestState {
     pub metrics: HttpIngestMetrics,
 }
 
+/// The routes of [`router`], `(method, path)`.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("POST", "/api/v1/ingest/{*topic}"),
+    ("GET", "/api/v1/device/commands"),
+];
+
 pub fn router(state: HttpIngestState) -> Router {
     Router::new()
-        .route("/api/v1/ingest/{*topic}", post(ingest))
-        .route("/api/v1/device/commands", get(poll_commands))
+        .route(ROUTES[0].1, post(ingest))
+        .route(ROUTES[1].1, get(poll_commands))
         .with_state(state)
 }
 
@@ -156,7 +160,7 @@ async fn handle(s: &HttpIngestState, topic: String, headers: &HeaderMap, body: B
         Err(response) => return response,
     };
     let registry = s.ingest.registry();
-    if let Err(message) = check_topic(&topic) {
+    if let Err(message) = outpost_config::check_record_topic(&topic) {
         registry.observe(&device, Traffic::Malformed);
         return error(
             StatusCode::BAD_REQUEST,
@@ -327,26 +331,6 @@ fn credentials(value: &str) -> Option<(String, String)> {
     (!device.is_empty() && !secret.is_empty()).then(|| (device.to_owned(), secret.to_owned()))
 }
 
-/// A topic a device may publish to: what an MQTT PUBLISH would accept.
-pub fn check_topic(topic: &str) -> Result<(), String> {
-    if topic.is_empty() {
-        return Err("topic must not be empty".into());
-    }
-    if topic.len() > MAX_TOPIC {
-        return Err(format!("topic longer than {MAX_TOPIC} bytes"));
-    }
-    if topic.contains(['+', '#']) {
-        return Err("topic must not contain the wildcards + or #".into());
-    }
-    if topic.starts_with('$') {
-        return Err("topics starting with $ are reserved".into());
-    }
-    if topic.chars().any(char::is_control) {
-        return Err("topic must not contain control characters".into());
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -365,14 +349,5 @@ mod tests {
         assert_eq!(credentials("bearer dev-1:"), None);
         assert_eq!(credentials("Digest x"), None);
         assert_eq!(credentials("Basic !!!"), None);
-    }
-
-    #[test]
-    fn topics() {
-        assert!(check_topic("devices/a/telemetry").is_ok());
-        for bad in ["", "a/+/b", "a/#", "$SYS/x", "a\u{0}b"] {
-            assert!(check_topic(bad).is_err(), "{bad:?}");
-        }
-        assert!(check_topic(&"x".repeat(300)).is_err());
     }
 }

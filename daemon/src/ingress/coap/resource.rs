@@ -41,7 +41,6 @@ use super::message::{self, Block, OptionProblem, Response};
 use super::{CoapMetrics, CoapSettings};
 use crate::ingress::IngestRecord;
 use crate::ingress::body::{self, BodyError, Format};
-use crate::ingress::http::check_topic;
 
 /// Seconds a device is told to wait (Max-Age of a 5.03) before retrying.
 pub const RETRY_AFTER_SECS: u32 = 5;
@@ -199,7 +198,7 @@ impl<B: Backend> Resources<B> {
             self.backend.observe(device, Event::Malformed);
             Response::error(code, diagnostic)
         };
-        if let Err(why) = check_topic(topic) {
+        if let Err(why) = outpost_config::check_record_topic(topic) {
             return malformed(ResponseType::BadRequest, format!("topic: {why}"));
         }
         let content_format =

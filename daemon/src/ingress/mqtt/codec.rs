@@ -85,6 +85,8 @@ pub enum AckReason {
     QuotaExceeded,
     /// 0x80: storage error or shutting down.
     Unspecified,
+    /// 0x90: the topic breaks the record topic rule (`outpost_config::check_record_topic`).
+    TopicNameInvalid,
 }
 
 /// Why a CONNECT is refused.
@@ -420,6 +422,7 @@ impl DeviceCodec {
                     AckReason::NotAuthorized => p5::PubAckReason::NotAuthorized,
                     AckReason::QuotaExceeded => p5::PubAckReason::QuotaExceeded,
                     AckReason::Unspecified => p5::PubAckReason::UnspecifiedError,
+                    AckReason::TopicNameInvalid => p5::PubAckReason::TopicNameInvalid,
                 };
                 put5(out, &p5::Packet::PubAck(ack));
             }
@@ -440,6 +443,7 @@ impl DeviceCodec {
                     AckReason::NotAuthorized => p5::PubRecReason::NotAuthorized,
                     AckReason::QuotaExceeded => p5::PubRecReason::QuotaExceeded,
                     AckReason::Unspecified => p5::PubRecReason::UnspecifiedError,
+                    AckReason::TopicNameInvalid => p5::PubRecReason::TopicNameInvalid,
                 };
                 put5(out, &p5::Packet::PubRec(ack));
             }

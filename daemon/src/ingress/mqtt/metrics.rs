@@ -23,6 +23,8 @@ pub enum RefusedReason {
     OutboxError,
     /// Over the device's `[mqtt.limits]` rate.
     RateLimit,
+    /// The topic breaks the record topic rule every ingress applies.
+    InvalidTopic,
 }
 
 impl RefusedReason {
@@ -32,13 +34,14 @@ impl RefusedReason {
             Self::OutboxFull => "outbox_full",
             Self::OutboxError => "outbox_error",
             Self::RateLimit => "rate_limit",
+            Self::InvalidTopic => "invalid_topic",
         }
     }
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
-    /// `acl`, `outbox_full`, `outbox_error`, `rate_limit`.
+    /// `acl`, `outbox_full`, `outbox_error`, `rate_limit`, `invalid_topic`.
     pub reason: &'static str,
 }
 
@@ -107,6 +110,7 @@ pub struct MqttStatus {
     pub refused_outbox_full: u64,
     pub refused_outbox_error: u64,
     pub refused_rate_limit: u64,
+    pub refused_invalid_topic: u64,
     pub malformed: u64,
 }
 
@@ -125,7 +129,7 @@ impl MqttMetrics {
             RefusedReason::OutboxFull | RefusedReason::OutboxError => {
                 self.outbox_refused.inc();
             }
-            RefusedReason::RateLimit => {}
+            RefusedReason::RateLimit | RefusedReason::InvalidTopic => {}
         }
     }
 
@@ -155,6 +159,7 @@ impl MqttMetrics {
             refused_outbox_full: refused(RefusedReason::OutboxFull),
             refused_outbox_error: refused(RefusedReason::OutboxError),
             refused_rate_limit: refused(RefusedReason::RateLimit),
+            refused_invalid_topic: refused(RefusedReason::InvalidTopic),
             malformed: self.malformed.get(),
         }
     }

@@ -31,6 +31,10 @@
 //!   closed** once the acks of earlier publishes are out (3.1.1 has no negative ack; a silent
 //!   drop would make the device believe it was delivered). v5 → PUBACK/PUBREC 0x87, the
 //!   connection stays.
+//! - PUBLISH to a topic that breaks the record topic rule of every ingress
+//!   (`outpost_config::check_record_topic`: empty, wildcards, leading `$`, over 256 bytes,
+//!   control characters): refused like one outside the ACL, v5 with 0x90 (Topic Name invalid),
+//!   counted as `invalid_topic`.
 //! - PUBLISH inside the ACL: appended to the outbox (route `mqtt.route`, headers `mqtt_qos`,
 //!   `mqtt_retain`, then a v5 publish's user properties in order; its content type as the
 //!   record's content type), and only once committed: QoS 1 → PUBACK, QoS 2 → PUBREC; then
@@ -893,6 +897,25 @@ impl<'a> Session<'a> {
     /// Queues a publish: refused (in order with the acks before it) or submitted to the outbox.
     fn publish(&mut self, mut p: Publish, meta: PublishMeta, inflight: &mut InFlight<'a>) {
         let received = Instant::now();
+        if let Err(why) = outpost_config::check_record_topic(&p.topic) {
+            // The topic rule of every ingress: refused like a publish outside the ACL, with
+            // MQTT 5's "Topic Name invalid".
+            self.front.metrics.refuse(RefusedReason::InvalidTopic);
+            let done = if self.codec.version == Version::V5 {
+                tracing::warn!(device = %self.device_id, topic = %p.topic.escape_debug(), error = %why, "Refused publish to an invalid topic");
+                Done::Refused {
+                    pkid: p.pkid,
+                    qos: p.qos,
+                    reason: AckReason::TopicNameInvalid,
+                }
+            } else {
+                tracing::warn!(device = %self.device_id, topic = %p.topic.escape_debug(), error = %why, "Refused publish to an invalid topic; disconnecting");
+                self.closing = true;
+                Done::Close(format!("publish to an invalid topic: {why}"))
+            };
+            inflight.push_back(Box::pin(std::future::ready(done)));
+            return;
+        }
         if !self.acl.may_publish(&p.topic) {
             self.front.metrics.refuse(RefusedReason::Acl);
             let done = if self.codec.version == Version::V5 {
