@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use outpost_sync::Outbox;
@@ -14,6 +15,7 @@ use outpost_sync::outbox::now_unix_ms;
 use prometheus_client::registry::Registry;
 use serde_json::json;
 
+use crate::api::error::ApiError;
 use crate::status::StatusBoard;
 
 /// What the admin handlers read. Cheap to clone.
@@ -28,11 +30,12 @@ pub struct AdminState {
 }
 
 pub fn router(state: AdminState) -> Router {
+    // The same paths as OWN_ROUTES.
     Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/api/v1/status", get(status))
+        .route(OWN_ROUTES[0].1, get(healthz))
+        .route(OWN_ROUTES[1].1, get(readyz))
+        .route(OWN_ROUTES[2].1, get(metrics))
+        .route(OWN_ROUTES[3].1, get(status))
         .fallback(not_found)
         .with_state(state)
 }
@@ -109,10 +112,86 @@ async fn status(State(s): State<AdminState>) -> Response {
     .into_response()
 }
 
-async fn not_found() -> Response {
-    (
-        StatusCode::NOT_FOUND,
-        axum::Json(json!({ "error": "not_found" })),
+/// No route for this path: the API's JSON error shape (docs/HTTP.md), like every other error.
+async fn not_found(method: Method, uri: Uri) -> Response {
+    ApiError::not_found(format!("no route {method} {}", uri.path())).into_response()
+}
+
+/// The admin listener's routes, `(method, path in axum syntax)`: its own, the management API's
+/// ([`crate::api::ROUTES`]) and device ingestion's. Used to answer a wrong method with the
+/// methods the path does take.
+pub const OWN_ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("GET", "/api/v1/status"),
+];
+
+/// Which methods each path of the admin listener takes.
+#[derive(Debug, Clone)]
+struct AllowTable(Arc<matchit::Router<Vec<&'static str>>>);
+
+impl AllowTable {
+    fn new(routes: impl IntoIterator<Item = (&'static str, &'static str)>) -> AllowTable {
+        let mut by_path: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+        for (method, path) in routes {
+            let methods = by_path.entry(path).or_default();
+            if !methods.contains(&method) {
+                methods.push(method);
+            }
+            // axum answers HEAD wherever it answers GET.
+            if method == "GET" && !methods.contains(&"HEAD") {
+                methods.push("HEAD");
+            }
+        }
+        let mut table = matchit::Router::new();
+        for (path, methods) in by_path {
+            // The same syntax axum's router accepted: cannot fail for a path it serves.
+            if let Err(e) = table.insert(path, methods) {
+                tracing::error!(path, error = %e, "Route missing from the Allow table");
+            }
+        }
+        AllowTable(Arc::new(table))
+    }
+
+    fn allowed(&self, path: &str) -> Option<String> {
+        self.0.at(path).ok().map(|m| m.value.join(", "))
+    }
+}
+
+/// Gives every answer of the admin listener the documented error shape. A known path asked with
+/// a method it does not take gets 405 `method_not_allowed` with `Allow` listing the methods it
+/// takes (from `routes`, every `(method, path)` the listener serves: axum's own 405 carries an
+/// empty `Allow` once the router has a fallback). Unknown paths already get the JSON 404 of
+/// [`router`]'s fallback.
+pub fn with_json_errors(
+    router: Router,
+    routes: impl IntoIterator<Item = (&'static str, &'static str)>,
+) -> Router {
+    let table = AllowTable::new(routes);
+    router.layer(axum::middleware::from_fn(
+        move |request: Request, next: Next| {
+            let table = table.clone();
+            method_not_allowed_as_json(table, request, next)
+        },
+    ))
+}
+
+async fn method_not_allowed_as_json(table: AllowTable, request: Request, next: Next) -> Response {
+    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    let response = next.run(request).await;
+    if response.status() != StatusCode::METHOD_NOT_ALLOWED {
+        return response;
+    }
+    let allow = table.allowed(&path).unwrap_or_default();
+    let mut json = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {path}; allowed: {allow}"),
     )
-        .into_response()
+    .into_response();
+    if let Ok(value) = HeaderValue::from_str(&allow) {
+        json.headers_mut().insert(header::ALLOW, value);
+    }
+    json
 }

@@ -420,6 +420,54 @@ fn bad_requests_answer_json_naming_the_field() {
     );
 }
 
+/// An unknown route and a wrong method get the same JSON error shape as every other error
+/// (docs/HTTP.md), and a 405 says which methods the path allows.
+#[test]
+fn unknown_routes_and_wrong_methods_answer_the_json_error_shape() {
+    let (_dir, d) = start();
+    let r = d.get_with_token("/api/v1/nope", READ);
+    expect_error(&r, 404, "not_found", None);
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("/api/v1/nope")
+    );
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    for (method, path, allow) in [
+        ("GET", "/api/v1/ingest/room/temp", "POST"),
+        ("DELETE", "/api/v1/devices", "GET,POST"),
+        ("PUT", "/api/v1/devices/h1", "GET,PATCH,DELETE"),
+        ("POST", "/healthz", "GET"),
+    ] {
+        let auth = format!("Bearer {ADMIN}");
+        let r = d.request(method, path, &[("Authorization", &auth)], b"");
+        expect_error(&r, 405, "method_not_allowed", None);
+        assert_eq!(
+            r.header("content-type"),
+            Some("application/json"),
+            "{method} {path}"
+        );
+        let mut allowed: Vec<&str> = r
+            .header("allow")
+            .unwrap_or_else(|| panic!("{method} {path}: no Allow header"))
+            .split(',')
+            .map(str::trim)
+            .collect();
+        let mut expected: Vec<&str> = allow.split(',').collect();
+        allowed.sort_unstable();
+        expected.sort_unstable();
+        // axum adds HEAD wherever GET is served.
+        allowed.retain(|m| *m != "HEAD");
+        assert_eq!(allowed, expected, "{method} {path}");
+        let message = r.json()["message"].as_str().unwrap().to_owned();
+        assert!(
+            message.contains(method) && message.contains(path),
+            "{message}"
+        );
+    }
+}
+
 #[test]
 fn listing_is_paginated_in_id_order_and_filtered() {
     let (_dir, d) = start();

@@ -227,6 +227,23 @@ fn refusals_have_their_codes_and_store_nothing() {
             coap_client(&["-m", "delete", &uri(addr, "t/a?d=sensor-1")]).1,
             "4.05",
         ),
+        // Sent through us as a forward proxy (Proxy-Uri): we are not one (RFC 7252 §5.7.2).
+        (
+            coap_client(&[
+                "-m",
+                "post",
+                "-t",
+                "50",
+                "-e",
+                "{}",
+                "-P",
+                &format!("coap://{addr}"),
+                // TEST-NET-1: never contacted, the request goes to the "proxy".
+                "coap://192.0.2.1/t/a?d=sensor-1",
+            ])
+            .1,
+            "5.05",
+        ),
     ];
     for (i, (stderr, code)) in cases.iter().enumerate() {
         assert!(

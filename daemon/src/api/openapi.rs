@@ -23,6 +23,10 @@ pub async fn serve() -> Response {
 
 static DOCUMENT: LazyLock<Value> = LazyLock::new(document);
 
+/// Every `/api/v1/apps…` route answers this with `apps.enabled = false`.
+const APPS_DISABLED: &str =
+    "The apps subsystem is disabled: apps.enabled = false (`apps_disabled`)";
+
 fn error_response(description: &str) -> Value {
     json!({
         "description": description,
@@ -199,7 +203,7 @@ fn management_operation(method: &str, path: &str) -> Option<Value> {
             "summary": "Every app (config and API) with its status, and why the engine is unreachable if it is",
             "responses": {
                 "200": json_response("The apps", "AppList"),
-                "409": error_response("apps.enabled = false (`apps_disabled`)")
+                "409": error_response(APPS_DISABLED)
             }
         }),
         ("POST", "/api/v1/apps") => json!({
@@ -220,7 +224,8 @@ fn management_operation(method: &str, path: &str) -> Option<Value> {
             "parameters": [app],
             "responses": {
                 "200": json_response("The app", "App"),
-                "404": error_response("No such app")
+                "404": error_response("No such app"),
+                "409": error_response(APPS_DISABLED)
             }
         }),
         ("PUT", "/api/v1/apps/{name}") => json!({
@@ -232,7 +237,7 @@ fn management_operation(method: &str, path: &str) -> Option<Value> {
                 "200": json_response("The app", "App"),
                 "400": error_response("Malformed JSON"),
                 "404": error_response("No such app"),
-                "409": error_response("Declared in the configuration file (`declared_in_config`)"),
+                "409": error_response("Declared in the configuration file (`declared_in_config`), or apps disabled (`apps_disabled`)"),
                 "413": error_response("Body too large"),
                 "422": error_response("Unknown field, wrong type or invalid value (`field` names it)")
             }
@@ -244,7 +249,7 @@ fn management_operation(method: &str, path: &str) -> Option<Value> {
             "responses": {
                 "204": { "description": "Deleted" },
                 "404": error_response("No such app"),
-                "409": error_response("Declared in the configuration file (`declared_in_config`)")
+                "409": error_response("Declared in the configuration file (`declared_in_config`), or apps disabled (`apps_disabled`)")
             }
         }),
         ("POST", "/api/v1/apps/{name}/restart") => json!({
@@ -253,7 +258,8 @@ fn management_operation(method: &str, path: &str) -> Option<Value> {
             "parameters": [app],
             "responses": {
                 "202": json_response("Restart requested", "App"),
-                "404": error_response("No such app")
+                "404": error_response("No such app"),
+                "409": error_response(APPS_DISABLED)
             }
         }),
         ("GET", "/api/v1/apps/{name}/logs") => json!({
@@ -267,6 +273,7 @@ fn management_operation(method: &str, path: &str) -> Option<Value> {
             "responses": {
                 "200": { "description": "Log text", "content": { "text/plain": { "schema": { "type": "string" } } } },
                 "404": error_response("No such app, or no container yet"),
+                "409": error_response(APPS_DISABLED),
                 "503": error_response("The container engine is unreachable (`engine_unavailable`)")
             }
         }),
@@ -289,7 +296,8 @@ fn management_operation(method: &str, path: &str) -> Option<Value> {
                         }
                     } } }
                 } } } },
-                "404": error_response("No such app")
+                "404": error_response("No such app"),
+                "409": error_response(APPS_DISABLED)
             }
         }),
         ("POST", "/api/v1/zigbee/permit-join") => json!({
@@ -627,7 +635,7 @@ fn schemas() -> Value {
         "AppList": {
             "type": "object",
             "properties": {
-                "engine_problem": { "type": ["string", "null"] },
+                "engine_problem": { "type": "string", "nullable": true, "description": "Why the container engine is unreachable; null while it answers" },
                 "items": { "type": "array", "items": { "$ref": "#/components/schemas/App" } }
             }
         }

@@ -129,6 +129,67 @@ fn document_and_routes_agree() {
     }
 }
 
+/// OpenAPI 3.0 (the document's version) has no type arrays; `nullable` says "or null".
+#[test]
+fn the_document_uses_only_openapi_3_0_types() {
+    use serde_json::Value;
+    fn walk(v: &Value, at: &str) {
+        match v {
+            Value::Object(map) => {
+                if let Some(t) = map.get("type") {
+                    assert!(
+                        t.is_string(),
+                        "{at}: \"type\" must be a string in 3.0.3: {t}"
+                    );
+                }
+                for (k, child) in map {
+                    walk(child, &format!("{at}/{k}"));
+                }
+            }
+            Value::Array(items) => {
+                for (i, child) in items.iter().enumerate() {
+                    walk(child, &format!("{at}/{i}"));
+                }
+            }
+            _ => {}
+        }
+    }
+    let doc = openapi::document();
+    assert_eq!(doc["openapi"], "3.0.3");
+    walk(&doc, "");
+}
+
+/// With `apps.enabled = false` every apps route answers 409 `apps_disabled`: documented on each.
+#[tokio::test]
+async fn every_apps_route_documents_and_answers_apps_disabled() {
+    let doc = openapi::document();
+    let dir = tempfile::tempdir().unwrap();
+    let router = router(state(dir.path()));
+    for spec in ROUTES.iter().filter(|s| s.path.starts_with("/api/v1/apps")) {
+        let op = &doc["paths"][spec.path][spec.method.to_ascii_lowercase()];
+        let documented = op["responses"]["409"]["description"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(
+            documented.contains("apps_disabled"),
+            "{} {}: 409 apps_disabled undocumented",
+            spec.method,
+            spec.path
+        );
+        let body = (matches!(spec.method, "POST" | "PUT") && !spec.path.ends_with("restart"))
+            .then_some(r#"{"name":"x","image":"i"}"#);
+        let path = spec.path.replace("{name}", "x");
+        let (status, answer, _) = call(&router, spec.method, &path, Some(ADMIN_TOKEN), body).await;
+        assert_eq!(
+            status,
+            StatusCode::CONFLICT,
+            "{} {path}: {answer}",
+            spec.method
+        );
+        assert_eq!(answer["error"], "apps_disabled", "{} {path}", spec.method);
+    }
+}
+
 #[tokio::test]
 async fn every_documented_management_route_answers() {
     let dir = tempfile::tempdir().unwrap();

@@ -1020,3 +1020,58 @@ impl Pump {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::Headers as _;
+
+    /// The fixed headers first, then the content type, then the record's own headers in the
+    /// order they were stored (docs/KAFKA.md, "Record format").
+    #[test]
+    fn own_headers_follow_the_fixed_ones_in_order() {
+        let record = StoredRecord {
+            seq: 42,
+            priority: 0,
+            route: "default".into(),
+            boot_id: Arc::from("boot-1"),
+            device_id: "dev-1".into(),
+            source: crate::Source::Mqtt,
+            topic: "t/1".into(),
+            received_at_ms: 7,
+            content_type: Some("application/json".into()),
+            headers: vec![
+                ("mqtt_qos".into(), "1".into()),
+                ("unit".into(), "C".into()),
+                ("unit".into(), "K".into()),
+            ],
+            payload: b"{}".to_vec(),
+            size: 66,
+        };
+        let h = headers(&record, "gw-1");
+        let got: Vec<(String, String)> = h
+            .iter()
+            .map(|h| {
+                let value = String::from_utf8(h.value.unwrap_or_default().to_vec()).unwrap();
+                (h.key.to_owned(), value)
+            })
+            .collect();
+        let want: Vec<(String, String)> = [
+            ("outpost-gateway", "gw-1"),
+            ("outpost-device", "dev-1"),
+            ("outpost-source", "mqtt"),
+            ("outpost-topic", "t/1"),
+            ("outpost-seq", "42"),
+            ("outpost-boot", "boot-1"),
+            ("outpost-received-at", "7"),
+            ("outpost-content-type", "application/json"),
+            ("mqtt_qos", "1"),
+            ("unit", "C"),
+            ("unit", "K"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        assert_eq!(got, want);
+    }
+}
