@@ -50,9 +50,9 @@ pub use model::{
     DEFAULT_ROUTE, DataType, DevicesConfig, DriverConfig, FlowControl, GatewayConfig,
     HttpIngestConfig, IntegrityCheck, KafkaConfig, KafkaRule, KafkaSecurity, LineFormat, LogConfig,
     LogFormat, ModbusConfig, ModbusPointConfig, ModbusSlaveConfig, ModbusTransport, Mount,
-    MqttAclConfig, MqttConfig, MqttLimitsConfig, Order, OutboxConfig, Parity, Port, RegisterKind,
-    ReopenConfig, RestartPolicy, Route, RouteConfig, Scope, SerialLineConfig, SerialPortConfig,
-    SimulatorConfig, Synchronous, WhenFull, ZigbeeConfig, parse_cidr,
+    MqttAclConfig, MqttConfig, MqttLimitsConfig, MqttSessionsConfig, Order, OutboxConfig, Parity,
+    Port, RegisterKind, ReopenConfig, RestartPolicy, Route, RouteConfig, Scope, SerialLineConfig,
+    SerialPortConfig, SimulatorConfig, Synchronous, WhenFull, ZigbeeConfig, parse_cidr,
 };
 pub use model::{BacklogOrder, Compression, RuleAction, RuleKey, SaslMechanism, SecurityProtocol};
 pub use model::{MqttClientAuth, MqttTlsConfig};

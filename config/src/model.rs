@@ -78,7 +78,9 @@ pub use kafka::{
 };
 pub(crate) use kafka::{RULE_SOURCES, check_broker, check_topic_filter, forwarder_property};
 pub use mqtt::{ClientAuth as MqttClientAuth, MqttTlsConfig};
-pub use mqtt::{MqttAclConfig, MqttConfig, MqttLimitsConfig, check_acl_pattern};
+pub use mqtt::{
+    MqttAclConfig, MqttConfig, MqttLimitsConfig, MqttSessionsConfig, check_acl_pattern,
+};
 
 pub use apps::{AppConfig, AppsConfig, Mount, Port, RestartPolicy};
 

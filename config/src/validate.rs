@@ -293,6 +293,28 @@ impl Checker {
         for (key, message) in m.tls.problems(m.listen) {
             self.problem(mqtt.key("tls").key(key), message);
         }
+        self.duration_range(
+            mqtt.key("connect_timeout"),
+            m.connect_timeout,
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+        );
+        self.range(
+            mqtt.key("max_pending_handshakes"),
+            m.max_pending_handshakes,
+            1,
+            100_000,
+        );
+        self.range(
+            mqtt.key("max_pending_per_address"),
+            m.max_pending_per_address,
+            1,
+            100_000,
+        );
+        self.range(mqtt.key("max_retained"), m.max_retained, 0, 1_000_000);
+        for (key, message) in m.sessions.problems() {
+            self.problem(mqtt.key("sessions").key(key), message);
+        }
     }
 
     /// `[kafka]`, checked whether or not forwarding is enabled, so that a file fails

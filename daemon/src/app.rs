@@ -34,7 +34,6 @@ use crate::admin::{self, AdminState};
 use crate::ingress::bus::BusMetrics;
 use crate::ingress::coap::{CoapMetrics, CoapSettings};
 use crate::ingress::http::{HttpIngestMetrics, HttpIngestState};
-use crate::ingress::mqtt::{MqttMetrics, MqttSettings};
 use crate::ingress::{Ingest, READINGS_STREAM_CAPACITY};
 use crate::registry::Registry;
 use crate::status::StatusBoard;
@@ -142,51 +141,68 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         None
     };
 
-    // The MQTT front binds before READY too; the broker behind it starts first.
+    // The MQTT server binds before READY too; its session store opens first.
     let mqtt = if config.mqtt.enabled {
-        let settings = MqttSettings::from_config(&config.mqtt);
+        let settings = outpost_mqtt::settings::Settings::from_config(&config.mqtt);
         if settings.allow_anonymous {
             tracing::warn!(
                 "mqtt.allow_anonymous = true: ANY client on the network can publish without \
                  credentials, under the client id it chooses"
             );
         }
-        let (broker, bus_link, broker_stopped) =
-            ingress::mqtt::broker::start(settings.max_connections, settings.max_packet)
-                .context("starting the embedded MQTT broker")?;
-        // The broker cannot be restarted in-process: if it stops, the essential subsystem
-        // `mqtt-broker` goes INACTIVE, the watchdog is no longer fed, systemd restarts us.
-        status.active("mqtt-broker", true);
-        let (board, stop) = (status.clone(), shutdown.clone());
-        tracker.spawn(named("mqtt-broker-watch", async move {
-            tokio::select! {
-                () = stop.cancelled() => {}
-                why = broker_stopped => {
-                    let why = why.unwrap_or_else(|_| "its thread ended".to_owned());
-                    tracing::error!(reason = %why, "Embedded MQTT broker stopped; the daemon needs a restart");
-                    board.inactive("mqtt-broker", format!("embedded broker stopped: {why}; restart the daemon"), true);
-                }
-            }
-        }));
+        let store = {
+            let path = data_dir.join("sessions.db");
+            tokio::task::spawn_blocking(move || outpost_mqtt::store::Store::open(&path))
+                .await
+                .context("opening sessions.db")?
+                .context("opening sessions.db")?
+        };
+        if let Some((moved, why)) = &store.1.quarantined {
+            status.alarm(
+                "mqtt",
+                format!(
+                    "damaged sessions.db moved to {}: {why}; persistent sessions were lost",
+                    moved.display()
+                ),
+            );
+        }
         let listener = TcpListener::bind(config.mqtt.listen)
             .await
             .with_context(|| format!("binding the MQTT listener on {}", config.mqtt.listen))?;
         let addr = listener
             .local_addr()
             .context("reading the MQTT listener address")?;
-        tracing::info!(addr = %addr, broker = %broker.addr, "MQTT listener bound");
-        let tls = ingress::mqtt::tls::bind(&config.mqtt.tls).await?;
-        let mqtt_metrics = MqttMetrics::default();
+        tracing::info!(addr = %addr, "MQTT listener bound");
+        let tls = outpost_mqtt::tls::bind(&config.mqtt.tls)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let mqtt_metrics = outpost_mqtt::metrics::MqttMetrics::default();
         mqtt_metrics.register(&mut metrics);
         let bus_metrics = BusMetrics::default();
         bus_metrics.register(&mut metrics);
-        Some((
-            (listener, tls),
-            settings,
-            broker,
-            mqtt_metrics,
-            (bus_link, bus_metrics),
-        ))
+        let backend = Arc::new(ingress::mqtt::GatewayBackend::new(
+            ingest.clone(),
+            &config.mqtt,
+        ));
+        let broker =
+            outpost_mqtt::broker::Broker::new(settings, backend, Some(store), mqtt_metrics.clone());
+        // The session store's writer is not restarted in-process (like the outbox writer): if
+        // it stops, the essential subsystem `mqtt-sessions` goes INACTIVE, the watchdog is no
+        // longer fed, and systemd restarts the daemon.
+        status.active("mqtt-sessions", true);
+        let (board, stop, watched) = (status.clone(), shutdown.clone(), Arc::clone(&broker));
+        tracker.spawn(named("mqtt-sessions-watch", async move {
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = watched.store_stopped() => {
+                    if !stop.is_cancelled() {
+                        tracing::error!("The MQTT session store (sessions.db) stopped; the daemon needs a restart");
+                        board.inactive("mqtt-sessions", "session store stopped; restart the daemon", true);
+                    }
+                }
+            }
+        }));
+        Some(((listener, tls), broker, mqtt_metrics, bus_metrics))
     } else {
         None
     };
@@ -366,15 +382,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
 
     let mqtt_task = match mqtt {
-        Some(((listener, tls), settings, broker, mqtt_metrics, (bus_link, bus_metrics))) => {
+        Some(((listener, tls), broker, mqtt_metrics, bus_metrics)) => {
             // Essential (ingress), like CoAP.
             status.active("mqtt", true);
-            // The local bus: committed CoAP/HTTP/driver readings and API commands → broker.
+            // The local bus: committed CoAP/HTTP/driver readings and API commands → MQTT.
             // Supervised, not essential: readings are in the outbox whether or not the bus
             // publishes them.
             if let Some(bus_readings) = bus_readings {
                 let bus = Arc::new(tokio::sync::Mutex::new(ingress::bus::Bus::new(
-                    bus_link,
+                    Arc::clone(&broker),
                     bus_readings,
                     bus_events,
                 )));
@@ -398,9 +414,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     ),
                 ));
             }
-            status.watch_mqtt(mqtt_metrics.clone());
-            // Supervised: a failed or panicked front serves again on a clone of its socket
-            // (devices reconnect; the broker behind it keeps running in its own threads).
+            status.watch_mqtt(mqtt_metrics);
+            // Supervised: a failed or panicked server serves again on a clone of its socket;
+            // the broker (sessions, subscriptions, retained messages) lives on, and clients
+            // reconnect to their sessions.
             let socket = listener
                 .into_std()
                 .context("taking the MQTT listener socket")?;
@@ -413,7 +430,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 )),
                 None => None,
             };
-            let (ingest, stop) = (ingest.clone(), ingress.clone());
+            let stop = ingress.clone();
             Some(tracker.spawn(named(
                 "mqtt",
                 supervisor::supervise(
@@ -428,25 +445,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                             socket
                                 .try_clone()
                                 .and_then(TcpListener::from_std)
-                                .map(|listener| ingress::mqtt::tls::TlsListener {
+                                .map(|listener| outpost_mqtt::tls::TlsListener {
                                     listener,
                                     acceptor: acceptor.clone(),
                                 })
                         });
-                        let (ingest, settings, broker, metrics, stop) = (
-                            ingest.clone(),
-                            settings.clone(),
-                            broker.clone(),
-                            mqtt_metrics.clone(),
-                            stop.clone(),
-                        );
+                        let (broker, stop) = (Arc::clone(&broker), stop.clone());
                         async move {
                             match (listener, tls.transpose()) {
                                 (Ok(listener), Ok(tls)) => {
-                                    ingress::mqtt::run(
-                                        listener, tls, ingest, settings, broker, metrics, stop,
-                                    )
-                                    .await;
+                                    outpost_mqtt::server::run(broker, listener, tls, stop).await;
                                 }
                                 (Err(e), _) | (_, Err(e)) => {
                                     tracing::error!(error = %e, "MQTT socket unusable");

@@ -62,7 +62,7 @@ pub fn load_config(path: Option<&Path>) -> Result<Config, ConfigError> {
     // The TLS files: only the daemon reads them (certificate, key and CA must load).
     if config.mqtt.enabled
         && config.mqtt.tls.enabled
-        && let Err(problems) = crate::ingress::mqtt::tls::acceptor(&config.mqtt.tls)
+        && let Err(problems) = outpost_mqtt::tls::acceptor(&config.mqtt.tls)
     {
         return Err(ConfigError::Invalid {
             path: path.map(Path::to_path_buf),

@@ -58,7 +58,7 @@ struct Inner {
     /// The Kafka forwarder, whose state is read when the status is asked for.
     forwarder: Option<outpost_sync::forwarder::ForwarderHandle>,
     /// The MQTT front's counters, read when the status is asked for.
-    mqtt: Option<crate::ingress::mqtt::MqttMetrics>,
+    mqtt: Option<outpost_mqtt::metrics::MqttMetrics>,
 }
 
 impl StatusBoard {
@@ -133,12 +133,12 @@ impl StatusBoard {
     }
 
     /// The MQTT front's figures are read from `metrics` (shown under `"mqtt"`).
-    pub fn watch_mqtt(&self, metrics: crate::ingress::mqtt::MqttMetrics) {
+    pub fn watch_mqtt(&self, metrics: outpost_mqtt::metrics::MqttMetrics) {
         self.with(|i| i.mqtt = Some(metrics));
     }
 
     /// The MQTT front's figures; `None` when the front is disabled.
-    pub fn mqtt(&self) -> Option<crate::ingress::mqtt::MqttStatus> {
+    pub fn mqtt(&self) -> Option<outpost_mqtt::metrics::MqttStatus> {
         self.with(|i| i.mqtt.clone()).map(|m| m.status())
     }
 

@@ -386,25 +386,25 @@ fn failed_listeners_and_the_forwarder_are_restarted_by_the_supervisor() {
     assert!(status.success(), "{}", d.logs().join("\n"));
 }
 
-/// The embedded broker cannot be restarted in-process: when it stops, the essential subsystem
-/// `mqtt-broker` is INACTIVE with the reason and /readyz answers 503 (and the watchdog is no
-/// longer fed, so systemd restarts the daemon).
+/// The MQTT session store cannot be restarted in-process: when its writer stops, the essential
+/// subsystem `mqtt-sessions` is INACTIVE with the reason and /readyz answers 503 (and the
+/// watchdog is no longer fed, so systemd restarts the daemon).
 #[test]
-fn a_stopped_embedded_broker_makes_the_gateway_not_ready() {
+fn a_stopped_session_store_makes_the_gateway_not_ready() {
     let dir = tempfile::tempdir().unwrap();
     let config_path = write_config(dir.path(), "");
     let mut d = Daemon::start_with_env(
         &config_path,
         dir.path().join("data"),
-        &[("OUTPOST_DEBUG_FAIL", "mqtt-broker")],
+        &[("OUTPOST_DEBUG_FAIL", "mqtt-sessions")],
     );
-    d.wait_until("mqtt-broker inactive", Duration::from_secs(10), |d| {
+    d.wait_until("mqtt-sessions inactive", Duration::from_secs(10), |d| {
         d.status()["subsystems"]
             .as_array()
             .unwrap()
             .iter()
             .any(|s| {
-                s["name"] == "mqtt-broker"
+                s["name"] == "mqtt-sessions"
                     && s["state"] == "INACTIVE"
                     && s["essential"] == true
                     && s["reason"]

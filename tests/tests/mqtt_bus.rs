@@ -56,8 +56,10 @@ fn subscribe(
         .stderr(Stdio::piped())
         .spawn()
         .expect("run mosquitto_sub");
+    // Connected — or already done, when what it waits for was there at once.
     d.wait_until("the subscriber", Duration::from_secs(5), |d| {
         d.metric("outpost_mqtt_connections") > before
+            || d.metric("outpost_mqtt_deliveries_total") > 0.0
     });
     // The SUBSCRIBE follows the CONNECT; give it a moment to reach the broker.
     std::thread::sleep(Duration::from_millis(500));

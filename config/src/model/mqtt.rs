@@ -1,11 +1,11 @@
-//! `[mqtt]`: the MQTT front for devices (and the embedded broker behind it).
+//! `[mqtt]`: the MQTT server for devices and local apps.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::DEFAULT_ROUTE;
+use super::{DEFAULT_ROUTE, WhenFull};
 use crate::units::ByteSize;
 
 mod tls;
@@ -15,13 +15,13 @@ pub use tls::{ClientAuth, MqttTlsConfig};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, expecting = "an [mqtt] table")]
 pub struct MqttConfig {
-    /// Run the MQTT front (and the embedded broker behind it). Default `true`.
+    /// Run the MQTT server. Default `true`.
     pub enabled: bool,
     /// TCP address of the front as `IP:port`. Default `"0.0.0.0:1883"`; port 0 picks a free port.
     #[serde(with = "super::socket_addr")]
     pub listen: SocketAddr,
-    /// Device connections held at once; further ones wait for a free slot. Default 1000;
-    /// 1 to 100000.
+    /// Authenticated connections held at once; a CONNECT beyond it is refused (MQTT 5 0x9F,
+    /// 3.1.1 0x03). Default 1000; 1 to 100000.
     pub max_connections: usize,
     /// Accept CONNECT without credentials. **Anyone** on the network can then publish as the
     /// client id they choose (the records carry no device identity). Default `false`; when `true`
@@ -37,12 +37,129 @@ pub struct MqttConfig {
     /// told this as their receive maximum. Bounds the front's memory per connection to about
     /// `max_inflight × max_packet`. Default 64; 1 to 65535.
     pub max_inflight: usize,
+    /// How long a new connection may take to send its CONNECT (and finish its TLS handshake).
+    /// Default `"5s"`; 1s to 60s.
+    #[serde(with = "crate::units::duration")]
+    pub connect_timeout: Duration,
+    /// Connections still in their handshake (no CONNECT yet) held at once, apart from
+    /// `max_connections`. When full, the oldest pending one is closed: a device that sends its
+    /// CONNECT at once never waits behind sockets that send nothing. Default 256; 1 to 100000.
+    pub max_pending_handshakes: usize,
+    /// Pending handshakes from one IP address; a further one is closed at once. Default 32;
+    /// 1 to 100000.
+    pub max_pending_per_address: usize,
+    /// MQTT 5 topic aliases a client may define per connection (announced in CONNACK).
+    /// Default 16; 0 (no aliases) to 65535.
+    pub topic_alias_maximum: u16,
+    /// Retained messages kept (one per topic); a retained publish to a new topic beyond this is
+    /// refused (MQTT 5 0x97, 3.1.1 no ack). Default 10000; 0 to 1000000.
+    pub max_retained: usize,
+    /// `[mqtt.sessions]`: persistent sessions and their queues.
+    pub sessions: MqttSessionsConfig,
     /// `[mqtt.acl]`: topic filters a device may publish to and subscribe to.
     pub acl: MqttAclConfig,
     /// `[mqtt.limits]`: per-device publish rate limits.
     pub limits: MqttLimitsConfig,
     /// `[mqtt.tls]`: the TLS listener (off by default).
     pub tls: MqttTlsConfig,
+}
+
+/// `[mqtt.sessions]`: sessions that outlive their connection (MQTT 3.1.1 clean session 0,
+/// MQTT 5 Session Expiry Interval > 0). Their subscriptions, the QoS 1 and 2 messages queued for
+/// them and their QoS 2 state are kept in `sessions.db` (and the outbox), committed before the
+/// publisher's acknowledgement, so they survive a restart and `kill -9`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "an [mqtt.sessions] table")]
+pub struct MqttSessionsConfig {
+    /// The longest a session is kept after its connection ends: a longer MQTT 5 Session Expiry
+    /// Interval is cut to this (and the client told in CONNACK); an MQTT 3.1.1 persistent
+    /// session, which never expires by the specification, expires after this. Default `"7d"`;
+    /// 0s (no persistent sessions) to 136y.
+    #[serde(with = "crate::units::duration")]
+    pub max_expiry: Duration,
+    /// Persistent sessions kept at once; a CONNECT that would create one more is refused
+    /// (MQTT 5 0x97, 3.1.1 0x03). Default 10000; 0 to 1000000.
+    pub max_persistent: usize,
+    /// Messages queued per session (waiting or unacknowledged). Default 1000; 1 to 1000000.
+    pub max_queued_messages: usize,
+    /// Bytes of queued messages of all persistent sessions together (on disk, not in memory).
+    /// A publish that would pass it is refused (MQTT 5 0x97, 3.1.1 no ack). Default `"64MiB"`;
+    /// 64KiB to 64GiB.
+    pub max_queued_bytes: ByteSize,
+    /// What a session's full queue does with one more message: `"drop_oldest"` (default: the
+    /// oldest message not yet sent is dropped and counted) or `"reject"` (the publisher is
+    /// refused: MQTT 5 0x97, 3.1.1 no ack; nothing is stored).
+    pub when_full: WhenFull,
+    /// Topic filters one session may hold; beyond it SUBACK says 0x97 (3.1.1 0x80).
+    /// Default 100; 1 to 100000.
+    pub max_subscriptions: usize,
+    /// QoS 1 and 2 messages sent to one connection and not yet acknowledged; lower if the
+    /// client's MQTT 5 Receive Maximum says so. Default 64; 1 to 65535.
+    pub max_inflight_out: u16,
+}
+
+impl Default for MqttSessionsConfig {
+    fn default() -> Self {
+        Self {
+            max_expiry: Duration::from_secs(7 * 24 * 3600),
+            max_persistent: 10_000,
+            max_queued_messages: 1000,
+            max_queued_bytes: ByteSize::mib(64),
+            when_full: WhenFull::DropOldest,
+            max_subscriptions: 100,
+            max_inflight_out: 64,
+        }
+    }
+}
+
+impl MqttSessionsConfig {
+    /// Problems of this section: (key under `mqtt.sessions`, message).
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        let mut range = |key, value: u64, min: u64, max: u64| {
+            if value < min || value > max {
+                out.push((
+                    key,
+                    format!("must be between {min} and {max}, found {value}"),
+                ));
+            }
+        };
+        range("max_persistent", self.max_persistent as u64, 0, 1_000_000);
+        range(
+            "max_queued_messages",
+            self.max_queued_messages as u64,
+            1,
+            1_000_000,
+        );
+        range(
+            "max_subscriptions",
+            self.max_subscriptions as u64,
+            1,
+            100_000,
+        );
+        range(
+            "max_inflight_out",
+            u64::from(self.max_inflight_out),
+            1,
+            65_535,
+        );
+        if self.max_queued_bytes < ByteSize::kib(64) || self.max_queued_bytes > ByteSize::gib(64) {
+            out.push((
+                "max_queued_bytes",
+                format!(
+                    "must be between 64KiB and 64GiB, found {}",
+                    self.max_queued_bytes
+                ),
+            ));
+        }
+        if self.max_expiry.as_secs() > u64::from(u32::MAX) {
+            out.push((
+                "max_expiry",
+                "must be at most 136y (MQTT's largest Session Expiry Interval)".to_owned(),
+            ));
+        }
+        out
+    }
 }
 
 impl Default for MqttConfig {
@@ -55,6 +172,12 @@ impl Default for MqttConfig {
             route: DEFAULT_ROUTE.to_owned(),
             max_packet: ByteSize::kib(256),
             max_inflight: 64,
+            connect_timeout: Duration::from_secs(5),
+            max_pending_handshakes: 256,
+            max_pending_per_address: 32,
+            topic_alias_maximum: 16,
+            max_retained: 10_000,
+            sessions: MqttSessionsConfig::default(),
             acl: MqttAclConfig::default(),
             limits: MqttLimitsConfig::default(),
             tls: MqttTlsConfig::default(),
@@ -174,6 +297,36 @@ mod tests {
                 .map(|p| p.split(':').next().unwrap_or(""))
                 .collect::<Vec<_>>(),
             ["mqtt.limits.burst"]
+        );
+    }
+
+    #[test]
+    fn sessions_and_handshake_keys_are_checked_with_their_paths() {
+        let c = crate::from_toml_str(
+            "[mqtt]\nconnect_timeout = \"2s\"\n[mqtt.sessions]\nmax_expiry = \"1h\"\nwhen_full = \"reject\"\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.mqtt.connect_timeout, Duration::from_secs(2));
+        assert_eq!(c.mqtt.sessions.max_expiry, Duration::from_secs(3600));
+        assert_eq!(c.mqtt.sessions.when_full, WhenFull::Reject);
+        let found = problems(
+            "[mqtt]\nconnect_timeout = \"0s\"\nmax_pending_handshakes = 0\n\
+             [mqtt.sessions]\nmax_queued_messages = 0\nmax_queued_bytes = \"1KiB\"\nmax_inflight_out = 0\n",
+        );
+        let keys: Vec<&str> = found
+            .iter()
+            .map(|p| p.split(':').next().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "mqtt.connect_timeout",
+                "mqtt.max_pending_handshakes",
+                "mqtt.sessions.max_inflight_out",
+                "mqtt.sessions.max_queued_bytes",
+                "mqtt.sessions.max_queued_messages",
+            ],
+            "{found:?}"
         );
     }
 

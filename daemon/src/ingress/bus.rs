@@ -1,82 +1,58 @@
-//! The local bus: what the gateway publishes on the embedded broker by itself.
+//! The local bus: what the gateway publishes on its MQTT server by itself.
 //!
 //! ```text
 //!  Ingest (CoAP, HTTP, drivers) ──committed──> readings stream (broadcast, lossy) ──┐
 //!  Registry::queue_command (API) ──> command events (broadcast, lossy) ─────────────┤
-//!  MQTT front: BusHandle (subscribed, delivered; bounded, lossy) ────────────────────┤
+//!  MQTT server: BusHandle (subscribed, delivered; bounded, lossy) ───────────────────┤
 //!                                                                                   v
-//!                                  task `mqtt-bus` ──rumqttd local link──> broker ──> subscribers
+//!                                  task `mqtt-bus` ──Broker::publish_local──> subscribers
 //!                                                  └──> registry (queued commands, delivered)
 //! ```
 //!
 //! **Readings.** Every reading committed from CoAP, HTTP or a driver is published (after its
 //! commit) on [`reading_topic`]: its own topic when that is already under `devices/<its device
 //! id>/…`, else `devices/<device id>/<source>/<topic>` (`source` = `coap`, `http`, `driver`).
-//! MQTT readings are not published here: the front forwards them to the broker itself, under the
-//! topic the device used. Payloads are the stored bytes, unchanged.
+//! MQTT readings are not published here: the server routes them itself, under the topic the
+//! device used. Payloads are the stored bytes, unchanged; the record's content type goes with
+//! them (MQTT 5 Content Type).
 //!
 //! **Commands.** A command queued through the API (`POST /api/v1/devices/{id}/commands`) for a
 //! device that may use MQTT is published on `devices/<id>/commands/<command id>` with the
-//! command's JSON `payload` as the message. rumqttd delivers at the QoS of the subscription
-//! (a device subscribed with QoS 1 gets QoS 1). The command stays `queued` (devices may still poll it) until the front
-//! relays it to one of the device's connections ([`BusHandle::relayed`]: `delivered`); when a
-//! device's SUBSCRIBE is granted ([`BusHandle::subscribed`]) its still-queued commands are
-//! published again, so a device that was away gets what was queued meanwhile.
+//! command's JSON `payload` as the message. The command stays `queued` (devices may still poll
+//! it) until the server writes it to one of the device's connections ([`BusHandle::relayed`]:
+//! `delivered`); when a device's SUBSCRIBE is granted ([`BusHandle::subscribed`]) its
+//! still-queued commands are published again, so a device that was away gets what was queued
+//! meanwhile.
 //!
-//! **Why the local link.** Publishing is one-way and needs no session, will or ACL of its own,
-//! which is exactly what rumqttd's in-process `Broker::link` offers: no socket, no credentials,
-//! no extra task per message. The link's publisher is a bounded channel into rumqttd's router;
-//! this task only ever uses its non-blocking `try_publish`.
+//! Both are published with QoS 1 and delivered at the lower of that and the subscription's QoS
+//! (MQTT-3.8.4-6); a persistent session subscribed with QoS 1 or 2 gets them queued on disk
+//! while it is offline (bounded by `[mqtt.sessions]`).
 //!
-//! **Never slows ingestion.** The readings stream is a bounded broadcast: when this task (or the
-//! router) falls behind, it misses readings (`outpost_mqtt_bus_lagged`), the publishers never
-//! wait. Readings the router cannot take at once are kept in the link's buffer up to
-//! [`MAX_BUFFERED`]; beyond that they are dropped (`outpost_mqtt_bus_dropped`). The outbox
-//! always has every reading: the bus is a live view, not a delivery guarantee.
+//! **Never slows ingestion.** The readings stream is a bounded broadcast: when this task falls
+//! behind (for instance while persistent sessions' copies are committed), it misses readings
+//! (`outpost_mqtt_bus_lagged`), the publishers never wait. The outbox always has every reading:
+//! the bus is a live view, not a delivery guarantee.
 
 use std::sync::Arc;
-use std::time::Duration;
 
+use outpost_mqtt::acl::Acl;
+use outpost_mqtt::broker::{Broker, Message};
+use outpost_mqtt::codec::QoS;
+use outpost_mqtt::codec::props::PublishProps;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry as MetricsRegistry;
-use rumqttd::local::{LinkRx, LinkTx};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::LocalReading;
-use super::mqtt::Acl;
 use crate::registry::{Command, Protocol, Registry};
 use outpost_sync::Source;
 
-/// Client id of the gateway's own link at the broker.
-pub const LINK_CLIENT_ID: &str = "outpost-bus";
-/// Publishes waiting in the link's buffer for the router; beyond this they are dropped.
-pub const MAX_BUFFERED: usize = 1024;
-/// Front events (subscribed, delivered) waiting for the bus; beyond this they are dropped.
+/// Server events (subscribed, delivered) waiting for the bus; beyond this they are dropped.
 const FRONT_EVENTS: usize = 1024;
 /// Queued commands sent per granted SUBSCRIBE (the registry's per-device queue bound).
 const MAX_QUEUED_COMMANDS: usize = crate::registry::commands::MAX_QUEUED;
-/// How often acknowledgements the router sends to the link are drained.
-const DRAIN_EVERY: Duration = Duration::from_millis(100);
-
-/// The broker end of the bus: rumqttd's local link, created before the broker starts serving.
-pub struct BusLink {
-    tx: LinkTx,
-    rx: LinkRx,
-}
-
-impl BusLink {
-    pub fn new(tx: LinkTx, rx: LinkRx) -> Self {
-        Self { tx, rx }
-    }
-}
-
-impl std::fmt::Debug for BusLink {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BusLink").finish_non_exhaustive()
-    }
-}
 
 /// `outpost_mqtt_bus_*` metrics. Clones share the counters.
 #[derive(Debug, Clone, Default)]
@@ -102,7 +78,7 @@ impl BusMetrics {
         );
         r.register(
             "dropped",
-            "Readings and commands not published because the broker did not take them in time",
+            "Readings and commands not published: a full persistent-session queue refused them, or sessions.db failed",
             self.dropped.clone(),
         );
         r.register(
@@ -249,69 +225,57 @@ pub fn acl_for(
     Acl::for_device(&config, device_id)
 }
 
-/// What the bus keeps across a restart by the supervisor: rumqttd's local link (it cannot be
-/// created again once the broker serves) and the receivers whose senders other tasks hold. A run
-/// borrows it through a `tokio::sync::Mutex`, which a panicking run releases without poisoning.
+/// What the bus keeps across a restart by the supervisor: the receivers whose senders other
+/// tasks hold. A run borrows it through a `tokio::sync::Mutex`, which a panicking run releases
+/// without poisoning.
 #[derive(Debug)]
 pub struct Bus {
-    link: BusLink,
+    broker: Arc<Broker>,
     readings: broadcast::Receiver<LocalReading>,
     front: FrontEvents,
 }
 
 impl Bus {
     pub fn new(
-        link: BusLink,
+        broker: Arc<Broker>,
         readings: broadcast::Receiver<LocalReading>,
         front: FrontEvents,
     ) -> Self {
         Self {
-            link,
+            broker,
             readings,
             front,
         }
     }
 }
 
-/// Publishes readings and commands on the broker, and keeps commands' delivery state, until
-/// `stop`. Restartable: a run after a panic goes on with the same link; commands created while
-/// no run was listening stay queued in the registry (sent at the device's next subscribe, or
-/// polled).
+/// Publishes readings and commands on the MQTT server, and keeps commands' delivery state,
+/// until `stop`. Restartable: commands created while no run was listening stay queued in the
+/// registry (sent at the device's next subscribe, or polled).
 pub async fn run(
-    bus: std::sync::Arc<tokio::sync::Mutex<Bus>>,
+    bus: Arc<tokio::sync::Mutex<Bus>>,
     registry: Registry,
     metrics: BusMetrics,
     stop: CancellationToken,
 ) {
     let mut bus = bus.lock().await;
     let Bus {
-        link: BusLink { tx, rx },
+        broker,
         readings,
         front: FrontEvents(front),
     } = &mut *bus;
     let mut commands = registry.command_events();
-    let mut drain = tokio::time::interval(DRAIN_EVERY);
-    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut commands_open = true;
-    let send_command = |tx: &mut LinkTx, command: &Command| {
-        let may_mqtt = registry
-            .get(&command.device_id)
-            .is_some_and(|d| d.protocols.contains(&Protocol::Mqtt));
-        let payload = command.payload.to_string().into_bytes();
-        if may_mqtt && publish(tx, command_topic(command), payload, &metrics) {
-            metrics.commands_published.inc();
-            tracing::debug!(device = %command.device_id, command = command.id, "Command published on MQTT");
-        }
-    };
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             r = readings.recv() => match r {
                 Ok(reading) => {
-                    if let Some(topic) = reading_topic(&reading)
-                        && publish(tx, topic, reading.payload.to_vec(), &metrics)
-                    {
-                        metrics.published.inc();
+                    if let Some(topic) = reading_topic(&reading) {
+                        let payload = bytes::Bytes::from(reading.payload.to_vec());
+                        if publish(broker, topic, payload, reading.content_type, &metrics).await {
+                            metrics.published.inc();
+                        }
                     }
                 }
                 Err(RecvError::Lagged(n)) => {
@@ -321,7 +285,7 @@ pub async fn run(
                 Err(RecvError::Closed) => return,
             },
             c = commands.recv(), if commands_open => match c {
-                Ok(command) => send_command(tx, &command),
+                Ok(command) => send_command(broker, &registry, &command, &metrics).await,
                 Err(RecvError::Lagged(n)) => {
                     metrics.dropped.inc_by(n);
                     tracing::warn!(missed = n, "Commands not published on MQTT (still queued: sent at the next subscribe, or polled)");
@@ -333,7 +297,7 @@ pub async fn run(
                     match registry.pending_commands(&device, MAX_QUEUED_COMMANDS).await {
                         Ok(pending) => {
                             for command in &pending {
-                                send_command(tx, command);
+                                send_command(broker, &registry, command, &metrics).await;
                             }
                         }
                         Err(e) => tracing::warn!(device = %device, error = %e, "Could not read queued commands"),
@@ -347,27 +311,52 @@ pub async fn run(
                     }
                 }
             },
-            _ = drain.tick() => {
-                // The router answers the link (acks, nothing else: the link subscribes to
-                // nothing); keep its buffer from growing.
-                while let Ok(Some(_)) = rx.recv_deadline(std::time::Instant::now()) {}
-            }
         }
     }
 }
 
-/// Hands one message to the router without waiting; false (and counted) if it was dropped.
-fn publish(tx: &mut LinkTx, topic: String, payload: Vec<u8>, metrics: &BusMetrics) -> bool {
-    if tx.buffer().len() >= MAX_BUFFERED {
-        metrics.dropped.inc();
-        return false;
+async fn send_command(
+    broker: &Broker,
+    registry: &Registry,
+    command: &Command,
+    metrics: &BusMetrics,
+) {
+    let may_mqtt = registry
+        .get(&command.device_id)
+        .is_some_and(|d| d.protocols.contains(&Protocol::Mqtt));
+    if !may_mqtt {
+        return;
     }
-    match tx.try_publish(topic, payload) {
+    let payload = bytes::Bytes::from(command.payload.to_string().into_bytes());
+    let json = Some("application/json".to_owned());
+    if publish(broker, command_topic(command), payload, json, metrics).await {
+        metrics.commands_published.inc();
+        tracing::debug!(device = %command.device_id, command = command.id, "Command published on MQTT");
+    }
+}
+
+/// Publishes one message at QoS 1; false (and counted) if it could not be.
+async fn publish(
+    broker: &Broker,
+    topic: String,
+    payload: bytes::Bytes,
+    content_type: Option<String>,
+    metrics: &BusMetrics,
+) -> bool {
+    let message = Message {
+        topic: Arc::from(topic),
+        payload,
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        props: PublishProps {
+            content_type,
+            ..PublishProps::default()
+        },
+        expires_at: None,
+        origin: None,
+    };
+    match broker.publish_local(message).await {
         Ok(_) => true,
-        // The router's queue is full: the message stays in the link's buffer (bounded above).
-        // A full queue means notifications are pending, and the router takes the whole buffer
-        // on each, so it goes out with one of them.
-        Err(rumqttd::local::LinkError::TrySend(_)) => true,
         Err(e) => {
             metrics.dropped.inc();
             tracing::warn!(error = %e, "Local bus publish failed");
@@ -380,6 +369,7 @@ fn publish(tx: &mut LinkTx, topic: String, payload: Vec<u8>, metrics: &BusMetric
 mod tests {
     use super::*;
     use std::sync::Arc;
+    use std::time::Duration;
 
     fn reading(source: Source, device: &str, topic: &str) -> LocalReading {
         LocalReading {
@@ -426,7 +416,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_slow_bus_misses_readings_counts_them_and_never_blocks_the_sender() {
-        let (_, link, _) = crate::ingress::mqtt::broker::start(4, 64 * 1024).unwrap();
+        let broker = outpost_mqtt::broker::Broker::new(
+            outpost_mqtt::settings::Settings::default(),
+            std::sync::Arc::new(outpost_mqtt::backend::fake::FakeBackend::default()),
+            None,
+            outpost_mqtt::metrics::MqttMetrics::default(),
+        );
         let dir = tempfile::tempdir().unwrap();
         let registry = Registry::open(dir.path(), Duration::from_secs(60)).unwrap();
         let (tx, rx) = broadcast::channel(4);
@@ -437,7 +432,7 @@ mod tests {
         let metrics = BusMetrics::default();
         let stop = CancellationToken::new();
         let (_front, events) = handle(Vec::new());
-        let bus = std::sync::Arc::new(tokio::sync::Mutex::new(Bus::new(link, rx, events)));
+        let bus = std::sync::Arc::new(tokio::sync::Mutex::new(Bus::new(broker, rx, events)));
         let task = tokio::spawn(run(bus, registry, metrics.clone(), stop.clone()));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while metrics.published.get() < 4 && tokio::time::Instant::now() < deadline {

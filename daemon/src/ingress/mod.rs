@@ -107,47 +107,57 @@ impl Ingest {
         route: &str,
         records: Vec<IngestRecord>,
     ) -> Result<Vec<u64>, AppendError> {
-        let route: Arc<str> = Arc::from(route);
-        let received_at_ms = outpost_sync::outbox::now_unix_ms();
         let bytes: u64 = records.iter().map(|r| r.payload.len() as u64).sum();
-        let envelopes: Vec<Envelope> = records
-            .into_iter()
-            .map(|r| Envelope {
-                route: Arc::clone(&route),
-                device_id: device_id.to_owned(),
-                source,
-                topic: r.topic,
-                received_at_ms,
-                content_type: r.content_type,
-                headers: r.headers,
-                payload: r.payload,
-                priority: None,
-            })
-            .collect();
+        let envelopes = envelopes(device_id, source, route, records);
         let reports: Vec<Traffic> = envelopes.iter().flat_map(reported).collect();
-        match self.append(envelopes).await {
-            Ok(seqs) => {
-                self.registry
-                    .observe(device_id, Traffic::Accepted { bytes });
-                for report in reports {
-                    self.registry.observe(device_id, report);
-                }
-                Ok(seqs)
+        let result = self.append(envelopes).await;
+        self.account(device_id, bytes, reports, result.is_ok());
+        result
+    }
+
+    /// Like [`Ingest::submit`] for one record stored under an idempotency key (an MQTT
+    /// persistent session's QoS 2 packet): not stored again while the key is held (see
+    /// `Outbox::append_once`). Not published on the local stream (MQTT records never are).
+    pub async fn submit_once(
+        &self,
+        device_id: &str,
+        route: &str,
+        record: IngestRecord,
+        key: String,
+    ) -> Result<u64, AppendError> {
+        let bytes = record.payload.len() as u64;
+        let mut envelopes = envelopes(device_id, Source::Mqtt, route, vec![record]);
+        self.prioritise(&mut envelopes);
+        let reports: Vec<Traffic> = envelopes.iter().flat_map(reported).collect();
+        let Some(envelope) = envelopes.pop() else {
+            return Err(AppendError::Closed);
+        };
+        let result = self.outbox.append_once(envelope, key).await;
+        self.account(device_id, bytes, reports, result.is_ok());
+        result
+    }
+
+    /// The outbox, for the MQTT server's idempotency keys.
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    fn account(&self, device_id: &str, bytes: u64, reports: Vec<Traffic>, stored: bool) {
+        if stored {
+            self.registry
+                .observe(device_id, Traffic::Accepted { bytes });
+            for report in reports {
+                self.registry.observe(device_id, report);
             }
-            Err(e) => {
-                self.registry.observe(device_id, Traffic::Dropped);
-                Err(e)
-            }
+        } else {
+            self.registry.observe(device_id, Traffic::Dropped);
         }
     }
 
-    /// Appends envelopes atomically (any devices; the caller has checked them) and, once they
-    /// are committed, publishes them on the local readings stream. No registry accounting: the
-    /// caller does that ([`Ingest::submit`] for device protocols, the driver-ingest task for
-    /// drivers).
-    pub async fn append(&self, mut envelopes: Vec<Envelope>) -> Result<Vec<u64>, AppendError> {
+    /// Gives records the priority of the first matching Kafka rule that sets one.
+    fn prioritise(&self, envelopes: &mut [Envelope]) {
         if let Some(rules) = &self.rules {
-            for e in &mut envelopes {
+            for e in envelopes {
                 let view = RecordView {
                     device_id: &e.device_id,
                     source: e.source,
@@ -157,6 +167,14 @@ impl Ingest {
                 e.priority = e.priority.or(rules.priority(&view, &self.registry));
             }
         }
+    }
+
+    /// Appends envelopes atomically (any devices; the caller has checked them) and, once they
+    /// are committed, publishes them on the local readings stream. No registry accounting: the
+    /// caller does that ([`Ingest::submit`] for device protocols, the driver-ingest task for
+    /// drivers).
+    pub async fn append(&self, mut envelopes: Vec<Envelope>) -> Result<Vec<u64>, AppendError> {
+        self.prioritise(&mut envelopes);
         // Copies for the local stream only when someone listens.
         let local = (self.readings.receiver_count() > 0).then(|| envelopes.clone());
         let seqs = self.outbox.append_all(envelopes).await?;
@@ -175,6 +193,31 @@ impl Ingest {
         }
         Ok(seqs)
     }
+}
+
+/// The envelopes of one device's records, received now.
+fn envelopes(
+    device_id: &str,
+    source: Source,
+    route: &str,
+    records: Vec<IngestRecord>,
+) -> Vec<Envelope> {
+    let route: Arc<str> = Arc::from(route);
+    let received_at_ms = outpost_sync::outbox::now_unix_ms();
+    records
+        .into_iter()
+        .map(|r| Envelope {
+            route: Arc::clone(&route),
+            device_id: device_id.to_owned(),
+            source,
+            topic: r.topic,
+            received_at_ms,
+            content_type: r.content_type,
+            headers: r.headers,
+            payload: r.payload,
+            priority: None,
+        })
+        .collect()
 }
 
 /// Signal quality and location a JSON reading reports about its device: a numeric top-level

@@ -505,6 +505,8 @@ impl Registry {
     /// the persisted monitoring into memory. Blocking.
     pub fn open(data_dir: &Path, offline_after: Duration) -> Result<Registry, RegistryError> {
         let (conn, quarantine) = store::open(data_dir)?;
+        // Made now (blocking is fine here), so that no refused login ever pays for making it.
+        let _ = secrets::dummy_hash();
         let path = data_dir.join(store::FILE_NAME);
         let devices = store::load_devices(&conn).map_err(|source| RegistryError::Open {
             path: path.clone(),
@@ -599,7 +601,22 @@ impl Registry {
         // A rotation that lands while a verification runs makes the epoch move: verify again
         // against the new state rather than accept a secret that was just replaced.
         for _ in 0..3 {
-            let (hash, epoch) = self.credentials(device_id)?;
+            let (hash, epoch) = match self.credentials(device_id) {
+                Ok(c) => c,
+                Err(refusal) => {
+                    // An unknown device (or one without a secret) costs one argon2
+                    // verification like a wrong secret: timing must not tell which ids exist.
+                    let Ok(_permit) = self.inner.verify_permits.acquire().await else {
+                        return Err(refusal);
+                    };
+                    let secret = secret.to_owned();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        secrets::verify(&secret, secrets::dummy_hash())
+                    })
+                    .await;
+                    return Err(refusal);
+                }
+            };
             let verified = if self.inner.cache.hit(device_id, &digest, epoch) {
                 true
             } else {
@@ -636,6 +653,18 @@ impl Registry {
         let entry = index.get(device_id).ok_or(Refusal::UnknownDevice)?;
         let hash = entry.secret_hash.clone().ok_or(Refusal::BadSecret)?;
         Ok((hash, entry.epoch))
+    }
+
+    /// A fingerprint of the device's current secret (its stored hash): it changes when the
+    /// secret is rotated, so a connection authenticated with the old one can tell. `None` for
+    /// unknown devices and devices without a secret.
+    pub fn credential_stamp(&self, device_id: &str) -> Option<u64> {
+        let index = self.inner.index_read();
+        let hash = index.get(device_id)?.secret_hash.clone()?;
+        let digest = secrets::sha256(hash.as_bytes());
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        Some(u64::from_le_bytes(first))
     }
 
     fn current_epoch(&self, device_id: &str) -> Option<u64> {

@@ -9,15 +9,6 @@ pub fn init(config: &LogConfig) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    // The embedded MQTT broker logs every (front) connection at INFO; keep it to warnings unless
-    // the level names it (`RUST_LOG=info,rumqttd=debug`).
-    let names_broker = std::env::var("RUST_LOG")
-        .unwrap_or_else(|_| config.level.clone())
-        .contains("rumqttd");
-    let filter = match "rumqttd=warn".parse() {
-        Ok(directive) if !names_broker => filter.add_directive(directive),
-        _ => filter,
-    };
     // systemd sets JOURNAL_STREAM when stderr is connected to the journal.
     let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let builder = tracing_subscriber::fmt()

@@ -154,8 +154,16 @@ pub(crate) struct Pending {
 pub(crate) enum Request {
     Append {
         records: Vec<Pending>,
+        /// Idempotency key (one record): stored only if the key is new.
+        key: Option<String>,
         queued_at: Instant,
         reply: oneshot::Sender<Result<Vec<u64>, AppendError>>,
+    },
+    /// Forgets idempotency keys: these, and every key starting with `prefix`.
+    Release {
+        keys: Vec<String>,
+        prefix: Option<String>,
+        reply: oneshot::Sender<Result<(), AckError>>,
     },
     Ack {
         seqs: Vec<u64>,
@@ -217,10 +225,51 @@ impl Outbox {
     /// Appends records atomically: either all are committed (sequence numbers returned in
     /// order) or none is.
     pub async fn append_all(&self, envelopes: Vec<Envelope>) -> Result<Vec<u64>, AppendError> {
+        self.append_request(envelopes, None).await
+    }
+
+    /// Appends `envelope` unless a record was stored under `key` before (and the key not
+    /// released since): then nothing is stored and that record's sequence is returned. The key
+    /// is committed in the same transaction as the record, so the check holds across a crash.
+    pub async fn append_once(&self, envelope: Envelope, key: String) -> Result<u64, AppendError> {
+        let seqs = self.append_request(vec![envelope], Some(key)).await?;
+        seqs.first().copied().ok_or(AppendError::Closed)
+    }
+
+    /// Forgets idempotency keys: `keys`, and with `prefix` every key that starts with it.
+    /// Resolves after the commit.
+    pub async fn release_keys(
+        &self,
+        keys: Vec<String>,
+        prefix: Option<String>,
+    ) -> Result<(), AckError> {
+        let (reply, done) = oneshot::channel();
+        self.tx
+            .send(Box::new(Request::Release {
+                keys,
+                prefix,
+                reply,
+            }))
+            .await
+            .map_err(|_| AckError::Closed)?;
+        done.await.map_err(|_| AckError::Closed)?
+    }
+
+    /// The idempotency keys held that start with `prefix`.
+    pub fn held_keys(&self, prefix: &str) -> Result<Vec<String>, rusqlite::Error> {
+        self.reader()?.keys_with_prefix(prefix)
+    }
+
+    async fn append_request(
+        &self,
+        envelopes: Vec<Envelope>,
+        key: Option<String>,
+    ) -> Result<Vec<u64>, AppendError> {
         let records = self.prepare(envelopes)?;
         let (reply, done) = oneshot::channel();
         let request = Request::Append {
             records,
+            key,
             queued_at: Instant::now(),
             reply,
         };

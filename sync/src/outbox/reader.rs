@@ -175,6 +175,22 @@ impl OutboxReader {
 
     /// Every record, in forwarding order. For tests and tools on small outboxes only: it holds
     /// the whole outbox in memory.
+    /// The idempotency keys that start with `prefix`, in order.
+    pub fn keys_with_prefix(&mut self, prefix: &str) -> rusqlite::Result<Vec<String>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT key FROM dedupe WHERE key >= ?1 ORDER BY key")?;
+        let mut keys = Vec::new();
+        for key in stmt.query_map([prefix], |r| r.get::<_, String>(0))? {
+            let key = key?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            keys.push(key);
+        }
+        Ok(keys)
+    }
+
     pub fn read_all(&mut self) -> rusqlite::Result<Vec<StoredRecord>> {
         let mut all = Vec::new();
         let mut at = ReadPosition::START;

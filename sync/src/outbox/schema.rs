@@ -44,6 +44,15 @@ const MIGRATIONS: &[&str] = &[
          record_bytes   INTEGER NOT NULL
      );
      INSERT INTO meta (id, next_seq, record_count, record_bytes) VALUES (1, 1, 0, 0);",
+    // v2: idempotency keys. An append with a key stores its record only if the key is new,
+    // in the same transaction; the key stays (with the record's sequence) until released.
+    // MQTT uses them for a persistent session's QoS 2 packets: exactly once into the outbox
+    // across reconnects and restarts. Independent of the record's life (a record forwarded
+    // and deleted keeps its key until the PUBREL).
+    "CREATE TABLE dedupe (
+         key  TEXT    PRIMARY KEY,
+         seq  INTEGER NOT NULL
+     ) WITHOUT ROWID;",
 ];
 
 /// The schema version this binary writes.

@@ -204,7 +204,7 @@ impl OutboxWriter {
 fn weight(request: &Request) -> usize {
     match request {
         Request::Append { records, .. } => records.len().max(1),
-        Request::Ack { .. } => 1,
+        Request::Ack { .. } | Request::Release { .. } => 1,
     }
 }
 
@@ -213,6 +213,7 @@ enum Outcome {
     Appended(Vec<u64>),
     Refused(AppendError),
     Acked(u64),
+    Released,
 }
 
 /// Applies a group of requests in one transaction and completes their futures. Blocking.
@@ -236,17 +237,45 @@ fn commit_group(state: &mut WriterState, shared: &Shared, limits: Limits, batch:
             // Prepared once per group: most requests carry a single record.
             let mut insert_stmt = tx.prepare_cached(INSERT_SQL)?;
             for request in &batch {
+                // Stored before under the same key: that record's sequence, nothing new.
+                if let Request::Append { key: Some(key), .. } = request
+                    && let Some(seq) = keyed_seq(&tx, key)?
+                {
+                    outcomes.push(Outcome::Appended(vec![seq]));
+                    continue;
+                }
                 outcomes.push(match request {
-                    Request::Append { records, .. } => {
+                    Request::Append { records, key, .. } => {
                         let verdict =
                             room.admit(&tx, records, totals, group_first_seq, shared, quiet)?;
                         deleted_any |= room.evicted_any;
                         match verdict {
                             Err(refusal) => Outcome::Refused(refusal),
                             Ok(()) => {
-                                Outcome::Appended(insert(&mut insert_stmt, *boot, records, totals)?)
+                                let seqs = insert(&mut insert_stmt, *boot, records, totals)?;
+                                if let (Some(key), Some(seq)) = (key, seqs.first()) {
+                                    tx.execute(
+                                        "INSERT INTO dedupe (key, seq) VALUES (?1, ?2)",
+                                        (key, *seq as i64),
+                                    )?;
+                                }
+                                Outcome::Appended(seqs)
                             }
                         }
+                    }
+                    Request::Release { keys, prefix, .. } => {
+                        let mut stmt = tx.prepare_cached("DELETE FROM dedupe WHERE key = ?1")?;
+                        for key in keys {
+                            stmt.execute([key])?;
+                        }
+                        if let Some(prefix) = prefix {
+                            // Keys are text: the range [prefix, prefix + U+10FFFF) is the prefix.
+                            tx.execute(
+                                "DELETE FROM dedupe WHERE key >= ?1 AND key < ?1 || char(1114111)",
+                                [prefix],
+                            )?;
+                        }
+                        Outcome::Released
                     }
                     Request::Ack { seqs, .. } => {
                         deleted_any = true;
@@ -315,10 +344,21 @@ fn commit_group(state: &mut WriterState, shared: &Shared, limits: Limits, batch:
                     Request::Ack { reply, .. } => {
                         let _ = reply.send(Err(AckError::Storage(message.clone())));
                     }
+                    Request::Release { reply, .. } => {
+                        let _ = reply.send(Err(AckError::Storage(message.clone())));
+                    }
                 }
             }
         }
     }
+}
+
+/// The sequence of the record stored under idempotency key `key`, if any.
+fn keyed_seq(tx: &Transaction<'_>, key: &str) -> rusqlite::Result<Option<u64>> {
+    tx.prepare_cached("SELECT seq FROM dedupe WHERE key = ?1")?
+        .query_row([key], |r| r.get::<_, i64>(0))
+        .optional()
+        .map(|seq| seq.map(|s| s as u64))
 }
 
 fn complete(request: Request, outcome: Outcome, shared: &Shared) {
@@ -344,12 +384,20 @@ fn complete(request: Request, outcome: Outcome, shared: &Shared) {
             metrics.acked_records.inc_by(n);
             let _ = reply.send(Ok(n));
         }
+        (Request::Release { reply, .. }, Outcome::Released) => {
+            let _ = reply.send(Ok(()));
+        }
         (Request::Ack { reply, .. }, _) => {
             let _ = reply.send(Err(AckError::Storage(
                 "internal: mismatched outcome".into(),
             )));
         }
-        (Request::Append { reply, .. }, Outcome::Acked(_)) => {
+        (Request::Release { reply, .. }, _) => {
+            let _ = reply.send(Err(AckError::Storage(
+                "internal: mismatched outcome".into(),
+            )));
+        }
+        (Request::Append { reply, .. }, Outcome::Acked(_) | Outcome::Released) => {
             let _ = reply.send(Err(AppendError::Storage(
                 "internal: mismatched outcome".into(),
             )));

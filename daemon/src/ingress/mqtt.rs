@@ -1,0 +1,248 @@
+//! The MQTT server (crate `outpost-mqtt`, `daemon/mqtt/`) wired to the gateway: who a client
+//! is comes from the registry, a publish becomes an outbox record, subscriptions and command
+//! deliveries reach the local bus. The server's own contract (CONNECT, sessions, acks after
+//! the commit, QoS 2, deliveries) is stated in `daemon/mqtt/src/connection.rs`.
+//!
+//! Identities:
+//! - user name = device id, password = its secret (argon2id, checked by the registry; an
+//!   unknown device costs the same time as a wrong secret);
+//! - a verified TLS client certificate whose subject CN or a SAN DNS name is a device id
+//!   (`[mqtt.tls]`): with a user name, the name must be one of the certificate's; without one,
+//!   the first name that is a registered device;
+//! - with `mqtt.allow_anonymous`, a CONNECT without credentials is `anonymous/<client id>`
+//!   (never a registered id: those have no `/`), whose ACL prefix follows from it.
+//!
+//! Revocation: every PUBLISH and SUBSCRIBE checks that the device is still enabled, still
+//! allowed MQTT and — for a password login — still has the secret it logged in with. A device
+//! disabled, deleted or rotated through the API is refused from its next packet on, and its
+//! connection closed; idle connections are checked every half second.
+//!
+//! Records: route `mqtt.route`, headers `mqtt_qos`, `mqtt_retain` (when set), then an MQTT 5
+//! publish's user properties in order; its content type as the record's content type.
+
+use std::sync::Arc;
+
+use outpost_config::MqttAclConfig;
+use outpost_mqtt::backend::{
+    AuthRefusal, Backend, BoxFuture, Credentials, Identity, Observation, Record, StoreRefusal,
+};
+use outpost_sync::{AppendError, Source};
+
+use super::{Ingest, IngestRecord};
+use crate::registry::{Protocol, Refusal, Registry, Traffic};
+
+/// The gateway's side of the MQTT server.
+#[derive(Debug, Clone)]
+pub struct GatewayBackend {
+    ingest: Ingest,
+    route: Arc<str>,
+    allow_anonymous: bool,
+    acl: MqttAclConfig,
+}
+
+impl GatewayBackend {
+    pub fn new(ingest: Ingest, config: &outpost_config::MqttConfig) -> GatewayBackend {
+        GatewayBackend {
+            ingest,
+            route: Arc::from(config.route.as_str()),
+            allow_anonymous: config.allow_anonymous,
+            acl: config.acl.clone(),
+        }
+    }
+
+    fn registry(&self) -> &Registry {
+        self.ingest.registry()
+    }
+
+    fn identity(&self, device_id: String, registered: bool, password: bool) -> Identity {
+        let acl = self
+            .ingest
+            .bus()
+            .acl_for(&self.acl, self.registry(), &device_id);
+        // Certificate logins carry no secret to revoke (0); anonymous clients none at all.
+        let grant = if password {
+            self.registry().credential_stamp(&device_id).unwrap_or(0)
+        } else {
+            0
+        };
+        Identity {
+            device_id: Arc::from(device_id),
+            acl,
+            registered,
+            grant,
+        }
+    }
+}
+
+fn refusal(r: Refusal) -> AuthRefusal {
+    match r {
+        Refusal::UnknownDevice | Refusal::BadSecret => AuthRefusal::BadCredentials,
+        Refusal::Disabled | Refusal::ProtocolNotAllowed => AuthRefusal::NotAuthorized,
+    }
+}
+
+/// The device a verified client certificate (its `names`) authenticates: `None` when the
+/// certificate grants nothing (password authentication applies), else the device id or why it
+/// is refused. See the module header for the rules.
+pub fn certified_device(
+    names: &[String],
+    username: Option<&str>,
+    registry: &Registry,
+) -> Option<Result<String, Refusal>> {
+    let candidate = match username {
+        Some(user) => names.iter().find(|n| *n == user)?,
+        None => names
+            .iter()
+            .find(|n| registry.identify(n, Protocol::Mqtt) != Err(Refusal::UnknownDevice))?,
+    };
+    Some(
+        registry
+            .identify(candidate, Protocol::Mqtt)
+            .map(|()| candidate.clone()),
+    )
+}
+
+impl Backend for GatewayBackend {
+    fn authenticate<'a>(
+        &'a self,
+        c: Credentials<'a>,
+    ) -> BoxFuture<'a, Result<Identity, AuthRefusal>> {
+        Box::pin(async move {
+            if let Some(certified) = certified_device(c.cert_names, c.username, self.registry()) {
+                let id = certified.map_err(refusal)?;
+                return Ok(self.identity(id, true, false));
+            }
+            if let Some(user) = c.username {
+                // Device secrets are text; a password that is not UTF-8 cannot be one.
+                let password = c
+                    .password
+                    .and_then(|p| std::str::from_utf8(p).ok())
+                    .unwrap_or("");
+                return match self
+                    .registry()
+                    .authenticate(user, password, Protocol::Mqtt)
+                    .await
+                {
+                    Ok(()) => Ok(self.identity(user.to_owned(), true, true)),
+                    Err(r) => {
+                        self.registry().observe(user, Traffic::Refused);
+                        Err(refusal(r))
+                    }
+                };
+            }
+            let id = c.client_id;
+            if self.allow_anonymous && !id.is_empty() && !id.contains(['/', '+', '#']) {
+                return Ok(self.identity(format!("anonymous/{id}"), false, false));
+            }
+            Err(AuthRefusal::NotAuthorized)
+        })
+    }
+
+    fn check(&self, identity: &Identity) -> Result<(), String> {
+        if !identity.registered {
+            return Ok(());
+        }
+        let registry = self.registry();
+        registry
+            .identify(&identity.device_id, Protocol::Mqtt)
+            .map_err(|r| r.to_string())?;
+        if identity.grant != 0
+            && registry.credential_stamp(&identity.device_id) != Some(identity.grant)
+        {
+            return Err("the device's secret was rotated".to_owned());
+        }
+        Ok(())
+    }
+
+    fn store(
+        &self,
+        identity: &Identity,
+        record: Record,
+        key: Option<String>,
+    ) -> BoxFuture<'static, Result<u64, StoreRefusal>> {
+        let mut headers = vec![("mqtt_qos".to_owned(), (record.qos as u8).to_string())];
+        if record.retain {
+            headers.push(("mqtt_retain".to_owned(), "true".to_owned()));
+        }
+        headers.extend(record.user);
+        let record = IngestRecord {
+            topic: record.topic.to_string(),
+            content_type: record.content_type,
+            payload: record.payload.to_vec(),
+            headers,
+        };
+        let (ingest, route, device) = (
+            self.ingest.clone(),
+            Arc::clone(&self.route),
+            Arc::clone(&identity.device_id),
+        );
+        Box::pin(async move {
+            let result = match key {
+                Some(key) => ingest.submit_once(&device, &route, record, key).await,
+                None => ingest
+                    .submit(&device, Source::Mqtt, &route, vec![record])
+                    .await
+                    .map(|seqs| seqs.first().copied().unwrap_or(0)),
+            };
+            result.map_err(|e| match e {
+                AppendError::Full { .. } => StoreRefusal::Full(e.to_string()),
+                AppendError::TooLarge { .. } | AppendError::UnknownRoute(_) => {
+                    StoreRefusal::Never(e.to_string())
+                }
+                AppendError::Storage(_) | AppendError::Closed => {
+                    StoreRefusal::Unavailable(e.to_string())
+                }
+            })
+        })
+    }
+
+    fn release(&self, keys: Vec<String>) -> BoxFuture<'static, Result<(), String>> {
+        let outbox = self.ingest.outbox().clone();
+        Box::pin(async move {
+            outbox
+                .release_keys(keys, None)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn release_prefix(&self, prefix: String) -> BoxFuture<'static, Result<(), String>> {
+        let outbox = self.ingest.outbox().clone();
+        Box::pin(async move {
+            outbox
+                .release_keys(Vec::new(), Some(prefix))
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn held_keys(&self, prefix: String) -> BoxFuture<'static, Result<Vec<String>, String>> {
+        let outbox = self.ingest.outbox().clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || outbox.held_keys(&prefix))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn observe(&self, device_id: &str, event: Observation) {
+        let traffic = match event {
+            // Stored publishes are accounted by `Ingest::submit`.
+            Observation::Accepted { .. } => return,
+            Observation::Malformed => Traffic::Malformed,
+            Observation::Refused => Traffic::Refused,
+        };
+        self.registry().observe(device_id, traffic);
+    }
+
+    fn subscribed(&self, identity: &Identity) {
+        if identity.registered {
+            self.ingest.bus().subscribed(&identity.device_id);
+        }
+    }
+
+    fn delivered(&self, identity: &Identity, topic: &str) {
+        self.ingest.bus().relayed(&identity.device_id, topic);
+    }
+}
