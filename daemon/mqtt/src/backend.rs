@@ -151,8 +151,9 @@ pub mod fake {
 
     #[derive(Debug, Default)]
     pub struct State {
-        /// Stored records in commit order: (sequence, device, record).
-        pub records: Vec<(u64, String, Record)>,
+        /// Stored records in the order the store calls were first polled (like the outbox's
+        /// queue): (that order, sequence, device, record).
+        pub records: Vec<(u64, u64, String, Record)>,
         pub keys: BTreeMap<String, u64>,
         pub disabled: BTreeSet<String>,
         pub delivered: Vec<(String, String)>,
@@ -163,6 +164,7 @@ pub mod fake {
     struct Inner {
         state: Mutex<State>,
         next_seq: AtomicU64,
+        next_ticket: AtomicU64,
         /// `None`: commits wait; `Some`: they take this verdict.
         gate: watch::Sender<Option<Verdict>>,
         held: AtomicU64,
@@ -180,6 +182,7 @@ pub mod fake {
                 inner: Arc::new(Inner {
                     state: Mutex::default(),
                     next_seq: AtomicU64::new(1),
+                    next_ticket: AtomicU64::new(0),
                     gate: watch::channel(Some(Verdict::Commit)).0,
                     held: AtomicU64::new(0),
                 }),
@@ -221,11 +224,14 @@ pub mod fake {
 
         /// Topics of the stored records, in order.
         pub fn topics(&self) -> Vec<String> {
-            self.lock()
+            let mut records: Vec<(u64, String)> = self
+                .lock()
                 .records
                 .iter()
-                .map(|(_, _, r)| r.topic.to_string())
-                .collect()
+                .map(|(ticket, _, _, r)| (*ticket, r.topic.to_string()))
+                .collect();
+            records.sort();
+            records.into_iter().map(|(_, t)| t).collect()
         }
     }
 
@@ -271,6 +277,7 @@ pub mod fake {
             let mut gate = inner.gate.subscribe();
             let device = identity.device_id.to_string();
             Box::pin(async move {
+                let ticket = inner.next_ticket.fetch_add(1, Ordering::SeqCst);
                 let verdict = loop {
                     if let Some(v) = gate.borrow_and_update().clone() {
                         break v;
@@ -295,7 +302,7 @@ pub mod fake {
                 if let Some(k) = key {
                     state.keys.insert(k, seq);
                 }
-                state.records.push((seq, device, record));
+                state.records.push((ticket, seq, device, record));
                 Ok(seq)
             })
         }

@@ -14,3 +14,6 @@ pub mod settings;
 pub mod store;
 pub mod tls;
 pub mod topic;
+
+#[cfg(test)]
+mod tests;

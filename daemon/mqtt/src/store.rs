@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
@@ -234,7 +234,8 @@ const SCHEMA: &str = "
         device_id       TEXT NOT NULL,
         client_id       TEXT NOT NULL,
         expiry          INTEGER NOT NULL,  -- Session Expiry Interval, seconds
-        disconnected_at INTEGER            -- broker clock; NULL while connected
+        disconnected_at INTEGER,           -- broker clock; NULL while connected
+        next_no         INTEGER NOT NULL DEFAULT 1  -- the next row number: never reused
     ) WITHOUT ROWID;
     CREATE TABLE IF NOT EXISTS subscriptions (
         session  TEXT NOT NULL,
@@ -601,18 +602,19 @@ fn load(conn: &Connection) -> Result<Loaded, StoreError> {
     })
 }
 
-/// The broker clock: seconds since a base loaded from `sessions.db`.
+/// The broker clock: seconds since a base loaded from `sessions.db`. Monotonic (tokio's
+/// clock, which tests can pause and advance).
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {
     base: u64,
-    started: Instant,
+    started: tokio::time::Instant,
 }
 
 impl Clock {
     pub fn new(base: u64) -> Clock {
         Clock {
             base,
-            started: Instant::now(),
+            started: tokio::time::Instant::now(),
         }
     }
 
@@ -862,19 +864,21 @@ fn apply_one(
                 "INSERT INTO messages (session, no, qos, retain, topic, payload, props, expires_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?;
+            let mut touched = Vec::new();
             for row in rows {
                 let no = match next_no.get(&row.session) {
                     Some(n) => *n,
                     None => {
-                        let max: Option<i64> = tx
+                        // Numbers never go back, even once every row was acknowledged: the
+                        // session keeps its next number.
+                        let next: Option<i64> = tx
                             .query_row(
-                                "SELECT MAX(no) FROM messages WHERE session = ?1",
+                                "SELECT next_no FROM sessions WHERE key = ?1",
                                 [&row.session],
                                 |r| r.get(0),
                             )
-                            .optional()?
-                            .flatten();
-                        max.map_or(1, |m| u64::try_from(m).unwrap_or(0) + 1)
+                            .optional()?;
+                        next.map_or(1, |n| u64::try_from(n).unwrap_or(1))
                     }
                 };
                 insert.execute(rusqlite::params![
@@ -887,8 +891,19 @@ fn apply_one(
                     encode_props(&row.props),
                     row.expires_at.map(i64_of),
                 ])?;
+                if !touched.contains(&row.session) {
+                    touched.push(row.session.clone());
+                }
                 next_no.insert(row.session, no + 1);
                 done.numbers.push(no);
+            }
+            for key in touched {
+                if let Some(n) = next_no.get(&key) {
+                    tx.execute(
+                        "UPDATE sessions SET next_no = ?2 WHERE key = ?1",
+                        (&key, i64_of(*n)),
+                    )?;
+                }
             }
             if let Answer::Enqueued(_, v) = answer {
                 *v = done;
@@ -1074,6 +1089,14 @@ mod tests {
         let (store, _) = Store::open(&path).unwrap();
         let done = store.enqueue(vec![row("k", "t")], vec![]).await.unwrap();
         assert_eq!(done.numbers, [2]);
+        store.acked("k", 1);
+        store.acked("k", 2);
+        drop(store);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Every row acknowledged, then a reopen: the numbers still do not go back.
+        let (store, _) = Store::open(&path).unwrap();
+        let done = store.enqueue(vec![row("k", "t")], vec![]).await.unwrap();
+        assert_eq!(done.numbers, [3]);
         store.delete_session("k").await.unwrap();
         assert!(store.load_queue("k", 0, 10).await.unwrap().is_empty());
     }
