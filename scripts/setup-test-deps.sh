@@ -14,6 +14,7 @@ PACKAGES=(
   libc6-dev-arm64-cross  # aarch64 glibc headers, crt files and dynamic loader (qemu -L)
   socat                  # pseudo-terminals for serial driver tests
   mosquitto-clients      # a real MQTT client for end-to-end tests
+  mosquitto              # the reference broker of the MQTT conformance tests (tests/tests/mqtt_conformance.rs)
   openssl                # test CA and certificates for the MQTT TLS tests (tests/tests/mqtt_tls.rs)
   sqlite3                # inspecting the outbox database in tests and by hand
   libcoap3-bin           # coap-client (libcoap) for the CoAP end-to-end tests (tests/tests/coap.rs)

@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod http;
 pub mod kafka;
 pub mod mqtt_raw;
+pub mod mqtt_wire;
 pub mod pty;
 
 use std::env;

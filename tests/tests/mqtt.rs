@@ -1282,3 +1282,162 @@ if not done.wait(10):
 c.disconnect(); c.loop_stop()
 print(json.dumps(out))
 "#;
+
+/// Defect found by black-box testing: an MQTT 5 DISCONNECT with remaining length 0 (what
+/// libmosquitto and paho send; reason 0x00 implied) was taken for a malformed packet, so the
+/// will was published, QoS 0 publishes just before it were lost, and every normal disconnect
+/// counted as malformed. 50 `mosquitto_pub -V mqttv5 -q 0` runs with a will: 50 records, no
+/// will, nothing malformed.
+#[test]
+fn mqtt5_normal_disconnects_lose_nothing_drop_the_will_and_are_not_malformed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, addr, secret) = start(
+        dir.path(),
+        "[mqtt.acl]\npublish = [\"devices/{id}/#\"]\nsubscribe = [\"devices/{id}/#\"]\n",
+    );
+    let mut watcher = sub_(addr, "sensor-1", &secret, "watcher")
+        .args(["-V", "mqttv5", "-t", "devices/sensor-1/will", "-W", "3"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..50 {
+        let out = pub_(
+            addr,
+            "sensor-1",
+            &secret,
+            &[
+                "-V",
+                "mqttv5",
+                "-q",
+                "0",
+                "-t",
+                "devices/sensor-1/n",
+                "-m",
+                &i.to_string(),
+                "--will-topic",
+                "devices/sensor-1/will",
+                "--will-payload",
+                "gone",
+            ],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let stored: Vec<String> = records(&d)
+        .iter()
+        .filter(|r| r.topic == "devices/sensor-1/n")
+        .map(|r| String::from_utf8(r.payload.clone()).unwrap())
+        .collect();
+    assert_eq!(stored.len(), 50, "{stored:?}");
+    assert_eq!(d.metric("outpost_mqtt_malformed_total"), 0.0);
+    let _ = watcher.wait();
+    let mut out = String::new();
+    watcher
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(
+        out.is_empty(),
+        "a will was published after a normal disconnect: {out}"
+    );
+}
+
+/// Handshake slots: sockets that never send CONNECT hold a pending handshake, not a
+/// connection, and the oldest are closed for new ones; a device connecting among 300 such
+/// sockets from its own address gets its CONNACK and publishes.
+#[test]
+fn sockets_that_never_send_connect_do_not_keep_a_device_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, addr, secret) = start(
+        dir.path(),
+        "[mqtt]\nlisten = \"127.0.0.1:0\"\nmax_connections = 50\nmax_pending_handshakes = 100\n\
+         max_pending_per_address = 64\nconnect_timeout = \"10s\"\n",
+    );
+    let idle: Vec<TcpStream> = (0..300)
+        .map(|_| TcpStream::connect(addr).unwrap())
+        .collect();
+    let started = std::time::Instant::now();
+    let out = pub_(
+        addr,
+        "sensor-1",
+        &secret,
+        &["-q", "1", "-t", "devices/sensor-1/t", "-m", "made it"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    eprintln!(
+        "published after {:?} among 300 idle sockets",
+        started.elapsed()
+    );
+    assert_eq!(records(&d).len(), 1);
+    assert!(
+        d.metric("outpost_mqtt_handshakes_evicted_total") >= 236.0,
+        "{}",
+        d.metric("outpost_mqtt_handshakes_evicted_total")
+    );
+    drop(idle);
+}
+
+/// Disable, delete and rotate act at once: after the API answered, the very next PUBLISH of a
+/// connected device is refused (MQTT 5: DISCONNECT 0x87) and nothing more is stored. A
+/// rotated secret closes the connections authenticated with the old one.
+#[test]
+fn revoking_a_device_through_the_api_refuses_its_next_publish() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, addr, secret) = start(dir.path(), "");
+    for (action, method, path) in [
+        ("disable", "POST", "/api/v1/devices/sensor-1/disable"),
+        ("rotate", "POST", "/api/v1/devices/sensor-1/rotate-secret"),
+        ("delete", "DELETE", "/api/v1/devices/sensor-1"),
+    ] {
+        let secret = if action == "disable" {
+            secret.clone()
+        } else {
+            // Re-enabled (or recreated) for the next action, with a fresh secret.
+            let r = admin(&d, "POST", "/api/v1/devices/sensor-1/enable", "");
+            assert!(r.status == 200 || r.status == 404, "{}", r.text());
+            let r = admin(&d, "POST", "/api/v1/devices/sensor-1/rotate-secret", "");
+            if r.status == 404 {
+                create_device(&d, "sensor-1", None)
+            } else {
+                r.json()["secret"].as_str().unwrap().to_owned()
+            }
+        };
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        v5_connect(&mut s, &format!("revoke-{action}"), "sensor-1", &secret);
+        s.write_all(&v5_publish(
+            0x32,
+            "devices/sensor-1/before",
+            1,
+            action.as_bytes(),
+        ))
+        .unwrap();
+        assert_eq!(
+            read_small_packet(&mut s),
+            [0x40, 2, 0, 1],
+            "{action}: PUBACK before"
+        );
+        let r = admin(&d, method, path, "");
+        assert!(r.status < 300, "{action}: {} {}", r.status, r.text());
+        s.write_all(&v5_publish(
+            0x32,
+            "devices/sensor-1/after",
+            2,
+            action.as_bytes(),
+        ))
+        .unwrap();
+        assert_eq!(
+            read_small_packet(&mut s),
+            [0xE0, 2, 0x87, 0],
+            "{action}: DISCONNECT 0x87 for the next publish"
+        );
+        let after: Vec<_> = records(&d)
+            .into_iter()
+            .filter(|r| r.topic == "devices/sensor-1/after")
+            .collect();
+        assert!(after.is_empty(), "{action}: stored after the API answered");
+    }
+}

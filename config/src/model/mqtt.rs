@@ -45,8 +45,8 @@ pub struct MqttConfig {
     /// `max_connections`. When full, the oldest pending one is closed: a device that sends its
     /// CONNECT at once never waits behind sockets that send nothing. Default 256; 1 to 100000.
     pub max_pending_handshakes: usize,
-    /// Pending handshakes from one IP address; a further one is closed at once. Default 32;
-    /// 1 to 100000.
+    /// Pending handshakes from one IP address; beyond it the oldest one of that address is
+    /// closed. Default 32; 1 to 100000.
     pub max_pending_per_address: usize,
     /// MQTT 5 topic aliases a client may define per connection (announced in CONNACK).
     /// Default 16; 0 (no aliases) to 65535.

@@ -214,6 +214,9 @@ type Match = (QoS, bool, Vec<u32>);
 pub struct Plan {
     pub msg: Arc<Message>,
     targets: Vec<Target>,
+    /// The idempotency key of a persistent session's QoS 2 publish: committed with the rows it
+    /// routes (see [`Broker::routed_keys`]).
+    pub routed_key: Option<String>,
 }
 
 impl Plan {
@@ -884,6 +887,7 @@ impl Broker {
                 let qos = msg.qos.min(opts.qos);
                 let row = persistent && qos != QoS::AtMostOnce && self.store.is_some();
                 Plan {
+                    routed_key: None,
                     targets: vec![Target {
                         session: Arc::clone(session),
                         qos,
@@ -965,7 +969,11 @@ impl Broker {
                 no: None,
             });
         }
-        Ok(Plan { msg, targets })
+        Ok(Plan {
+            msg,
+            targets,
+            routed_key: None,
+        })
     }
 
     /// Step 2 of a publish: persistent sessions' copies (and a retained message) committed to
@@ -974,7 +982,13 @@ impl Broker {
         if let Some(store) = &self.store {
             let mut rows = Vec::new();
             let mut evict = Vec::new();
+            let mut routed = Vec::new();
             for plan in &plans {
+                if let Some(key) = &plan.routed_key
+                    && plan.targets.iter().any(|t| t.row)
+                {
+                    routed.push(key.clone());
+                }
                 for t in &plan.targets {
                     if t.row {
                         let mut props = plan.msg.props.clone();
@@ -995,7 +1009,7 @@ impl Broker {
                 }
             }
             if !rows.is_empty() || !evict.is_empty() {
-                let done = store.enqueue(rows, evict).await?;
+                let done = store.enqueue(rows, evict, routed).await?;
                 let mut numbers = done.numbers.into_iter();
                 for plan in &mut plans {
                     let len = plan.msg.payload.len() as u64;
@@ -1299,6 +1313,23 @@ impl Broker {
         }
         o.released = true;
         PubRec::Release(o.delivery.no)
+    }
+
+    /// The routed keys of a session (see [`Store::enqueue`]): its QoS 2 publishes whose
+    /// copies for persistent sessions were committed. Empty without a store.
+    pub async fn routed_keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        match &self.store {
+            Some(store) => store.routed_keys(prefix).await,
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Forgets routed keys (their PUBREL came).
+    pub async fn forget_routed(&self, keys: Vec<String>) -> Result<(), StoreError> {
+        match &self.store {
+            Some(store) => store.forget_routed(keys).await,
+            None => Ok(()),
+        }
     }
 
     /// Commits that a row got its PUBREC (see [`Store::released`]).

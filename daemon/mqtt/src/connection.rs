@@ -197,8 +197,10 @@ enum Refusal {
 enum Qos2In {
     /// Being stored: its outcome comes on the channel (`Some(0)` stored, `Some(code)` refused).
     Pending(watch::Receiver<Option<u8>>),
-    /// Stored; waiting for PUBREL.
-    Stored,
+    /// Stored; waiting for PUBREL. `routed: false` only for a resumed session whose publish was
+    /// stored in the outbox but whose routing was not committed when the gateway stopped: its
+    /// retransmission is routed (and not stored again: the outbox key holds).
+    Stored { routed: bool },
 }
 
 /// A served connection after a successful CONNECT.
@@ -382,19 +384,25 @@ pub async fn serve(
     }
     // A resumed persistent session's QoS 2 packets awaiting PUBREL.
     if attached.present && conn.persistent {
-        match broker.backend.held_keys(conn.key_prefix.clone()).await {
-            Ok(keys) => {
+        let held = broker.backend.held_keys(conn.key_prefix.clone()).await;
+        let routed = broker.routed_keys(&conn.key_prefix).await;
+        match (held, routed) {
+            (Ok(keys), Ok(routed)) => {
                 for key in keys {
                     if let Some(pkid) = key
                         .strip_prefix(&conn.key_prefix)
                         .and_then(|p| p.parse::<u16>().ok())
                     {
-                        conn.qos2.insert(pkid, Qos2In::Stored);
+                        let routed = routed.contains(&key);
+                        conn.qos2.insert(pkid, Qos2In::Stored { routed });
                     }
                 }
             }
-            Err(e) => {
-                tracing::warn!(device = %conn.identity.device_id, error = %e, "Could not read a resumed session's QoS 2 state")
+            (Err(e), _) => {
+                tracing::warn!(device = %conn.identity.device_id, error = %e, "Could not read a resumed session's QoS 2 state");
+            }
+            (_, Err(e)) => {
+                tracing::warn!(device = %conn.identity.device_id, error = %e, "Could not read a resumed session's QoS 2 state");
             }
         }
     }
@@ -787,7 +795,7 @@ impl Conn {
         let mut outcome = None;
         if p.qos == QoS::ExactlyOnce {
             match self.qos2.get(&p.pkid) {
-                Some(Qos2In::Stored) => {
+                Some(Qos2In::Stored { routed: true }) => {
                     Self::push_ready(
                         inflight,
                         Done::Rec {
@@ -816,7 +824,9 @@ impl Conn {
                     }));
                     return Ok(());
                 }
-                None => {
+                // New, or stored but not routed before a restart: stored (idempotently)
+                // and routed.
+                None | Some(Qos2In::Stored { routed: false }) => {
                     let (tx, rx) = watch::channel(None);
                     self.qos2.insert(p.pkid, Qos2In::Pending(rx));
                     outcome = Some(tx);
@@ -853,8 +863,13 @@ impl Conn {
             props: p.props.clone(),
             origin: Some(self.session.id),
         });
+        let key = (self.persistent && p.qos == QoS::ExactlyOnce)
+            .then(|| format!("{}{}", self.key_prefix, p.pkid));
         let plan = match self.broker.plan(msg) {
-            Ok(plan) => plan,
+            Ok(mut plan) => {
+                plan.routed_key.clone_from(&key);
+                plan
+            }
             Err(e) => {
                 tracing::debug!(device = %self.identity.device_id, topic = %p.topic, error = ?e, "Refused publish: queue or retained cap full");
                 self.refused_qos2(&p, outcome, reason::QUOTA_EXCEEDED);
@@ -878,8 +893,6 @@ impl Conn {
             user: p.props.user,
         };
         let bytes = record.payload.len() as u64;
-        let key = (self.persistent && p.qos == QoS::ExactlyOnce)
-            .then(|| format!("{}{}", self.key_prefix, p.pkid));
         let stored = self.broker.backend.store(&self.identity, record, key);
         let broker = Arc::clone(&self.broker);
         let (pkid, qos) = (p.pkid, p.qos);
@@ -940,10 +953,18 @@ impl Conn {
         } else {
             reason::PACKET_IDENTIFIER_NOT_FOUND
         };
+        let key = format!("{}{pkid}", self.key_prefix);
+        // Both forgotten before PUBCOMP: the client may reuse the packet id right after it.
         let release = (self.persistent && known.is_some()).then(|| {
-            self.broker
-                .backend
-                .release(vec![format!("{}{pkid}", self.key_prefix)])
+            let outbox = self.broker.backend.release(vec![key.clone()]);
+            let broker = Arc::clone(&self.broker);
+            async move {
+                outbox.await?;
+                broker
+                    .forget_routed(vec![key])
+                    .await
+                    .map_err(|e| e.to_string())
+            }
         });
         let pending = match known {
             Some(Qos2In::Pending(rx)) => Some(rx),
@@ -1093,7 +1114,7 @@ impl Conn {
             } => match result {
                 Ok(plans) => {
                     if qos == QoS::ExactlyOnce {
-                        self.qos2.insert(pkid, Qos2In::Stored);
+                        self.qos2.insert(pkid, Qos2In::Stored { routed: true });
                     }
                     self.ack(pkid, qos, reason::SUCCESS);
                     let metrics = &self.broker.metrics;

@@ -1,10 +1,10 @@
 //! The accept loop: plain and TLS listeners, the handshake budget, the connection limit.
 //!
 //! A socket that has not sent its CONNECT yet holds a *pending handshake*, not a connection:
-//! at most `mqtt.max_pending_handshakes` of them at once (when full, the **oldest** is closed,
-//! so sockets that send nothing cannot keep a device that connects properly waiting), at most
-//! `mqtt.max_pending_per_address` from one IP address (a further one is closed at once), each
-//! for at most `mqtt.connect_timeout` (TLS handshake and CONNECT together). Only an
+//! at most `mqtt.max_pending_handshakes` of them at once and `mqtt.max_pending_per_address`
+//! from one IP address — beyond either, the **oldest** pending one (of all, or of that address)
+//! is closed, so sockets that send nothing cannot keep a device that connects properly waiting
+//! — each for at most `mqtt.connect_timeout` (TLS handshake and CONNECT together). Only an
 //! authenticated CONNECT takes one of `mqtt.max_connections` slots; beyond them the CONNECT is
 //! refused (MQTT 5 0x9F, 3.1.1 0x03) instead of waiting.
 
@@ -71,17 +71,26 @@ impl Drop for Ticket {
 }
 
 impl Pending {
-    /// A place for a new socket from `ip`: `None` over the per-address limit. When the budget
-    /// is full, the oldest pending socket is evicted (its token cancelled) and counted.
+    /// A place for a new socket from `ip`. Over the per-address limit the oldest pending socket
+    /// *of that address* is evicted; over the budget, the oldest of all. Evicted sockets have
+    /// their token cancelled and are counted. A new socket always gets in: a client that sends
+    /// its CONNECT at once never loses to sockets that send nothing, even from its own address.
     fn admit(
         self: &Arc<Self>,
         ip: IpAddr,
         evicted_count: &prometheus_client::metrics::counter::Counter,
-    ) -> Option<Ticket> {
+    ) -> Ticket {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         if inner.by_address.get(&ip).copied().unwrap_or(0) >= self.per_address {
-            evicted_count.inc();
-            return None;
+            let oldest = inner
+                .live
+                .iter()
+                .find(|(_, (addr, _))| *addr == ip)
+                .map(|(id, _)| *id);
+            if let Some(token) = oldest.and_then(|id| inner.forget(id)) {
+                token.cancel();
+                evicted_count.inc();
+            }
         }
         while inner.live.len() >= self.max {
             let Some(oldest) = inner.live.keys().next().copied() else {
@@ -97,11 +106,11 @@ impl Pending {
         let evicted = CancellationToken::new();
         inner.live.insert(id, (ip, evicted.clone()));
         *inner.by_address.entry(ip).or_default() += 1;
-        Some(Ticket {
+        Ticket {
             pending: Arc::clone(self),
             id,
             evicted,
-        })
+        }
     }
 }
 
@@ -137,10 +146,7 @@ pub async fn run(
                 continue;
             }
         };
-        let Some(ticket) = pending.admit(peer.ip(), &broker.metrics.handshakes_evicted) else {
-            tracing::debug!(peer = %peer, "Closed a connection: too many pending handshakes from its address");
-            continue;
-        };
+        let ticket = pending.admit(peer.ip(), &broker.metrics.handshakes_evicted);
         let (broker, slots, stop) = (Arc::clone(&broker), Arc::clone(&slots), stop.clone());
         connections.spawn(async move {
             let span = tracing::debug_span!("mqtt", peer = %peer);

@@ -163,7 +163,17 @@ enum Op {
         rows: Vec<NewRow>,
         /// Per session: drop this many of its oldest unsent rows first.
         evict: Vec<(String, usize)>,
+        /// Idempotency keys of QoS 2 publishes these rows route (see [`Store::enqueue`]).
+        routed: Vec<String>,
         reply: Reply<Enqueued>,
+    },
+    RoutedKeys {
+        prefix: String,
+        reply: Reply<Vec<String>>,
+    },
+    ForgetRouted {
+        keys: Vec<String>,
+        reply: Reply<()>,
     },
     Sent {
         key: String,
@@ -256,6 +266,9 @@ const SCHEMA: &str = "
         sent       INTEGER NOT NULL DEFAULT 0,
         released   INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (session, no)
+    ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS routed (
+        key        TEXT PRIMARY KEY          -- a persistent session's QoS 2 idempotency key
     ) WITHOUT ROWID;
     CREATE TABLE IF NOT EXISTS retained (
         topic      TEXT PRIMARY KEY,
@@ -401,13 +414,37 @@ impl Store {
     }
 
     /// Queues `rows` (after evicting, per session, its oldest unsent rows); resolves once
-    /// committed.
+    /// committed. `routed` are the idempotency keys of the QoS 2 publishes these rows come
+    /// from, committed with them: a retransmission of such a publish after a crash is known to
+    /// be routed already (and is routed if its key is missing).
     pub async fn enqueue(
         &self,
         rows: Vec<NewRow>,
         evict: Vec<(String, usize)>,
+        routed: Vec<String>,
     ) -> Result<Enqueued, StoreError> {
-        self.call(|reply| Op::Enqueue { rows, evict, reply }).await
+        self.call(|reply| Op::Enqueue {
+            rows,
+            evict,
+            routed,
+            reply,
+        })
+        .await
+    }
+
+    /// The routed keys starting with `prefix`.
+    pub async fn routed_keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        self.call(|reply| Op::RoutedKeys {
+            prefix: prefix.to_owned(),
+            reply,
+        })
+        .await
+    }
+
+    /// Forgets routed keys (their PUBREL came); resolves once committed, so that a reused
+    /// packet identifier is never taken for routed.
+    pub async fn forget_routed(&self, keys: Vec<String>) -> Result<(), StoreError> {
+        self.call(|reply| Op::ForgetRouted { keys, reply }).await
     }
 
     /// A row was written to the client. Lost in a crash, its resend lacks the DUP flag.
@@ -636,6 +673,7 @@ enum Answer {
     Unit(Reply<()>),
     Enqueued(Reply<Enqueued>, Enqueued),
     Rows(Reply<Vec<QueuedRow>>, Vec<QueuedRow>),
+    Keys(Reply<Vec<String>>, Vec<String>),
 }
 
 impl Answer {
@@ -649,6 +687,9 @@ impl Answer {
                 let _ = r.send(res.map(|()| v));
             }
             (Answer::Rows(r, v), res) => {
+                let _ = r.send(res.map(|()| v));
+            }
+            (Answer::Keys(r, v), res) => {
                 let _ = r.send(res.map(|()| v));
             }
         }
@@ -671,7 +712,9 @@ enum Action {
     DeleteSession(String),
     Subscribe(String, StoredSub),
     Unsubscribe(String, String),
-    Enqueue(Vec<NewRow>, Vec<(String, usize)>),
+    Enqueue(Vec<NewRow>, Vec<(String, usize)>, Vec<String>),
+    RoutedKeys(String),
+    ForgetRouted(Vec<String>),
     Sent(String, u64),
     Released(String, u64),
     Acked(String, u64),
@@ -704,10 +747,19 @@ fn split(op: Op) -> (Action, Answer) {
         Op::Unsubscribe { key, filter, reply } => {
             (Action::Unsubscribe(key, filter), Answer::Unit(reply))
         }
-        Op::Enqueue { rows, evict, reply } => (
-            Action::Enqueue(rows, evict),
+        Op::Enqueue {
+            rows,
+            evict,
+            routed,
+            reply,
+        } => (
+            Action::Enqueue(rows, evict, routed),
             Answer::Enqueued(reply, Enqueued::default()),
         ),
+        Op::RoutedKeys { prefix, reply } => {
+            (Action::RoutedKeys(prefix), Answer::Keys(reply, Vec::new()))
+        }
+        Op::ForgetRouted { keys, reply } => (Action::ForgetRouted(keys), Answer::Unit(reply)),
         Op::Sent { key, no } => (Action::Sent(key, no), Answer::None),
         Op::Released { key, no, reply } => (Action::Released(key, no), Answer::Unit(reply)),
         Op::Acked { key, no } => (Action::Acked(key, no), Answer::None),
@@ -815,6 +867,10 @@ fn apply_one(
             )?;
         }
         Action::DeleteSession(key) => {
+            tx.execute(
+                "DELETE FROM routed WHERE key >= ?1 AND key < ?1 || char(1114111)",
+                [format!("{key}|")],
+            )?;
             tx.execute("DELETE FROM sessions WHERE key = ?1", [&key])?;
             tx.execute("DELETE FROM subscriptions WHERE session = ?1", [&key])?;
             tx.execute("DELETE FROM messages WHERE session = ?1", [&key])?;
@@ -836,8 +892,11 @@ fn apply_one(
                 (&key, &filter),
             )?;
         }
-        Action::Enqueue(rows, evict) => {
+        Action::Enqueue(rows, evict, routed) => {
             let mut done = Enqueued::default();
+            for key in routed {
+                tx.execute("INSERT OR IGNORE INTO routed (key) VALUES (?1)", [key])?;
+            }
             for (key, n) in evict {
                 let mut stmt = tx.prepare_cached(
                     "DELETE FROM messages WHERE session = ?1 AND no IN (
@@ -907,6 +966,23 @@ fn apply_one(
             }
             if let Answer::Enqueued(_, v) = answer {
                 *v = done;
+            }
+        }
+        Action::RoutedKeys(prefix) => {
+            let mut stmt = tx.prepare_cached(
+                "SELECT key FROM routed WHERE key >= ?1 AND key < ?1 || char(1114111) ORDER BY key",
+            )?;
+            let keys = stmt
+                .query_map([prefix], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            if let Answer::Keys(_, v) = answer {
+                *v = keys;
+            }
+        }
+        Action::ForgetRouted(keys) => {
+            let mut stmt = tx.prepare_cached("DELETE FROM routed WHERE key = ?1")?;
+            for key in keys {
+                stmt.execute([key])?;
             }
         }
         Action::Sent(key, no) => {
@@ -1024,6 +1100,7 @@ mod tests {
             .enqueue(
                 vec![row("d|c", "a/1"), row("d|c", "a/2"), row("d|c", "a/3")],
                 vec![],
+                vec!["d|c|7".into()],
             )
             .await
             .unwrap();
@@ -1032,7 +1109,7 @@ mod tests {
         store.acked("d|c", 1);
         // Evicting the oldest unsent one: 3 (1 is gone, 2 was sent).
         let done = store
-            .enqueue(vec![row("d|c", "a/4")], vec![("d|c".into(), 1)])
+            .enqueue(vec![row("d|c", "a/4")], vec![("d|c".into(), 1)], vec![])
             .await
             .unwrap();
         assert_eq!(done.numbers, [4]);
@@ -1051,6 +1128,9 @@ mod tests {
             .await
             .unwrap();
         store.disconnected("d|c", 300, 5);
+        assert_eq!(store.routed_keys("d|c|").await.unwrap(), ["d|c|7"]);
+        store.forget_routed(vec!["d|c|7".into()]).await.unwrap();
+        assert!(store.routed_keys("d|c|").await.unwrap().is_empty());
         let rows = store.load_queue("d|c", 0, 10).await.unwrap();
         assert_eq!(rows.iter().map(|r| r.no).collect::<Vec<_>>(), [2, 4]);
         assert!(rows[0].released && rows[0].sent && !rows[1].sent);
@@ -1083,11 +1163,17 @@ mod tests {
         let path = dir.path().join("sessions.db");
         let (store, _) = Store::open(&path).unwrap();
         store.upsert_session("k", "d", "c", 10).await.unwrap();
-        store.enqueue(vec![row("k", "t")], vec![]).await.unwrap();
+        store
+            .enqueue(vec![row("k", "t")], vec![], vec![])
+            .await
+            .unwrap();
         drop(store);
         tokio::time::sleep(Duration::from_millis(50)).await;
         let (store, _) = Store::open(&path).unwrap();
-        let done = store.enqueue(vec![row("k", "t")], vec![]).await.unwrap();
+        let done = store
+            .enqueue(vec![row("k", "t")], vec![], vec![])
+            .await
+            .unwrap();
         assert_eq!(done.numbers, [2]);
         store.acked("k", 1);
         store.acked("k", 2);
@@ -1095,7 +1181,10 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         // Every row acknowledged, then a reopen: the numbers still do not go back.
         let (store, _) = Store::open(&path).unwrap();
-        let done = store.enqueue(vec![row("k", "t")], vec![]).await.unwrap();
+        let done = store
+            .enqueue(vec![row("k", "t")], vec![], vec![])
+            .await
+            .unwrap();
         assert_eq!(done.numbers, [3]);
         store.delete_session("k").await.unwrap();
         assert!(store.load_queue("k", 0, 10).await.unwrap().is_empty());

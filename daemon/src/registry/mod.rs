@@ -325,6 +325,8 @@ struct Inner {
     monitors: Mutex<HashMap<String, monitor::Monitor>>,
     cache: cache::AuthCache,
     verify_permits: Semaphore,
+    /// argon2 verifications run (real and stand-in), for tests of the equal-cost rule.
+    verifications: AtomicU64,
     epochs: AtomicU64,
     offline_after: Duration,
     quarantine: Option<Quarantine>,
@@ -546,6 +548,7 @@ impl Registry {
                 monitors: Mutex::new(monitors),
                 cache: cache::AuthCache::default(),
                 verify_permits: Semaphore::new(VERIFY_CONCURRENCY),
+                verifications: AtomicU64::new(0),
                 epochs: AtomicU64::new(epoch),
                 offline_after,
                 quarantine,
@@ -610,6 +613,7 @@ impl Registry {
                         return Err(refusal);
                     };
                     let secret = secret.to_owned();
+                    self.inner.verifications.fetch_add(1, Ordering::Relaxed);
                     let _ = tokio::task::spawn_blocking(move || {
                         secrets::verify(&secret, secrets::dummy_hash())
                     })
@@ -628,6 +632,7 @@ impl Registry {
                     true
                 } else {
                     let secret = secret.to_owned();
+                    self.inner.verifications.fetch_add(1, Ordering::Relaxed);
                     let ok = tokio::task::spawn_blocking(move || secrets::verify(&secret, &hash))
                         .await
                         .unwrap_or(false);
@@ -653,6 +658,11 @@ impl Registry {
         let entry = index.get(device_id).ok_or(Refusal::UnknownDevice)?;
         let hash = entry.secret_hash.clone().ok_or(Refusal::BadSecret)?;
         Ok((hash, entry.epoch))
+    }
+
+    /// argon2 verifications run so far (real ones and the stand-in for unknown devices).
+    pub fn verifications(&self) -> u64 {
+        self.inner.verifications.load(Ordering::Relaxed)
     }
 
     /// A fingerprint of the device's current secret (its stored hash): it changes when the

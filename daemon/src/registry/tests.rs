@@ -76,6 +76,60 @@ async fn authenticate_checks_secret_state_and_protocol() {
     );
 }
 
+/// Timing must not tell which device ids exist: a refusal for an unknown device (or one
+/// without a secret) runs one argon2 verification, exactly like a wrong secret.
+#[tokio::test]
+async fn an_unknown_device_costs_one_argon2_verification_like_a_wrong_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = open(dir.path());
+    let (_, secret) = reg.create(new_device("dev-1")).await.unwrap();
+    reg.register_seen("driver-only", "driver:x").await;
+    let cost = |before: u64| reg.verifications() - before;
+    let before = reg.verifications();
+    assert!(
+        reg.authenticate("dev-1", "wrong-secret", Protocol::Mqtt)
+            .await
+            .is_err()
+    );
+    assert_eq!(cost(before), 1, "a wrong secret");
+    let before = reg.verifications();
+    assert_eq!(
+        reg.authenticate("nobody", &secret, Protocol::Mqtt).await,
+        Err(Refusal::UnknownDevice)
+    );
+    assert_eq!(cost(before), 1, "an unknown device");
+    let before = reg.verifications();
+    assert!(
+        reg.authenticate("driver-only", &secret, Protocol::Mqtt)
+            .await
+            .is_err()
+    );
+    assert_eq!(cost(before), 1, "a device without a secret");
+}
+
+/// A rotated secret changes the credential stamp that open connections are checked against.
+#[tokio::test]
+async fn rotating_a_secret_changes_its_stamp() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = open(dir.path());
+    reg.create(new_device("dev-1")).await.unwrap();
+    let stamp = reg.credential_stamp("dev-1").unwrap();
+    reg.update(
+        "dev-1",
+        serde_json::from_value(serde_json::json!({"name": "renamed"})).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        reg.credential_stamp("dev-1"),
+        Some(stamp),
+        "other changes keep it"
+    );
+    reg.rotate_secret("dev-1").await.unwrap();
+    assert_ne!(reg.credential_stamp("dev-1"), Some(stamp));
+    assert_eq!(reg.credential_stamp("nobody"), None);
+}
+
 #[tokio::test]
 async fn cache_holds_successes_only_and_is_invalidated_by_changes() {
     let dir = tempfile::tempdir().unwrap();
