@@ -1441,3 +1441,48 @@ fn revoking_a_device_through_the_api_refuses_its_next_publish() {
         assert!(after.is_empty(), "{action}: stored after the API answered");
     }
 }
+
+/// A will the server publishes (its client went away) is a reading like any other: stored in
+/// the outbox under the client's identity, marked with the header `mqtt_will: true`.
+#[test]
+fn a_published_will_is_stored_in_the_outbox_with_the_mqtt_will_header() {
+    use outpost_e2e::mqtt_wire::{Connect, Will, Wire};
+    let dir = tempfile::tempdir().unwrap();
+    let (mut d, addr, secret) = start(dir.path(), "");
+    let connect = Connect::v311("willing")
+        .login("sensor-1", &secret)
+        .will(Will {
+            topic: "devices/sensor-1/status".into(),
+            payload: b"offline".to_vec(),
+            qos: 1,
+            retain: true,
+            props: outpost_e2e::mqtt_wire::Props::new(),
+        });
+    let (w, ack) = Wire::connect(addr, &connect);
+    assert_eq!(ack.connack(), (false, 0));
+    drop(w); // the network goes away: the will is due
+    d.wait_until("the will stored", Duration::from_secs(5), |d| {
+        records(d)
+            .iter()
+            .any(|r| r.topic == "devices/sensor-1/status")
+    });
+    let r = records(&d)
+        .into_iter()
+        .find(|r| r.topic == "devices/sensor-1/status")
+        .unwrap();
+    assert_eq!(
+        (r.device_id.as_str(), &r.payload[..]),
+        ("sensor-1", &b"offline"[..])
+    );
+    for h in [
+        ("mqtt_qos", "1"),
+        ("mqtt_retain", "true"),
+        ("mqtt_will", "true"),
+    ] {
+        assert!(
+            r.headers.contains(&(h.0.to_owned(), h.1.to_owned())),
+            "{:?}",
+            r.headers
+        );
+    }
+}

@@ -58,6 +58,8 @@ pub struct Record {
     pub content_type: Option<String>,
     /// MQTT 5 user properties, in order.
     pub user: Vec<(String, String)>,
+    /// A will, published by the server because its client went away.
+    pub will: bool,
 }
 
 /// Why the outbox did not take a publish.

@@ -1183,6 +1183,7 @@ impl Broker {
             retain: msg.retain,
             content_type: msg.props.content_type.clone(),
             user: msg.props.user.clone(),
+            will: true,
         };
         if let Err(e) = self.backend.store(&w.identity, record, None).await {
             tracing::warn!(device = %w.identity.device_id, error = %e, "Will not stored in the outbox");

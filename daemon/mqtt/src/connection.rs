@@ -891,6 +891,7 @@ impl Conn {
             retain: p.retain,
             content_type: p.props.content_type,
             user: p.props.user,
+            will: false,
         };
         let bytes = record.payload.len() as u64;
         let stored = self.broker.backend.store(&self.identity, record, key);

@@ -17,8 +17,9 @@
 //! disabled, deleted or rotated through the API is refused from its next packet on, and its
 //! connection closed; idle connections are checked every half second.
 //!
-//! Records: route `mqtt.route`, headers `mqtt_qos`, `mqtt_retain` (when set), then an MQTT 5
-//! publish's user properties in order; its content type as the record's content type.
+//! Records: route `mqtt.route`, headers `mqtt_qos`, `mqtt_retain` (when set), `mqtt_will`
+//! (`true` for a will the server published), then an MQTT 5 publish's user properties in
+//! order; its content type as the record's content type.
 
 use std::sync::Arc;
 
@@ -163,6 +164,9 @@ impl Backend for GatewayBackend {
         let mut headers = vec![("mqtt_qos".to_owned(), (record.qos as u8).to_string())];
         if record.retain {
             headers.push(("mqtt_retain".to_owned(), "true".to_owned()));
+        }
+        if record.will {
+            headers.push(("mqtt_will".to_owned(), "true".to_owned()));
         }
         headers.extend(record.user);
         let record = IngestRecord {
