@@ -11,6 +11,7 @@
 //! the protocol, not Outpost's authentication (tested in `mqtt.rs`).
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+#![allow(clippy::disallowed_methods)] // std::thread::sleep: blocking test code, no async runtime here
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};

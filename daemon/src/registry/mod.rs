@@ -661,6 +661,7 @@ impl Registry {
     }
 
     /// argon2 verifications run so far (real ones and the stand-in for unknown devices).
+    #[cfg(test)]
     pub fn verifications(&self) -> u64 {
         self.inner.verifications.load(Ordering::Relaxed)
     }
