@@ -32,7 +32,7 @@ PACKAGES=(
 PIP_PACKAGES=(
   "pymodbus>=3.10,<4:pymodbus"  # a real Modbus TCP/RTU slave (tests/peers/modbus_slave.py)
   "pyserial:serial"             # pymodbus' serial (RTU) transport
-  "paho-mqtt>=2,<3:paho.mqtt"   # MQTT 5 client for the MQTT front tests (tests/tests/mqtt.rs)
+  "paho-mqtt>=2,<3:paho.mqtt"   # MQTT 5 client for the MQTT server tests (tests/tests/mqtt.rs)
 )
 
 # rustup components and targets.

@@ -126,7 +126,7 @@ pub struct Config {
     pub coap: CoapConfig,
     /// `[apps]`: local app containers (and `[[apps.app]]`, the declared apps).
     pub apps: AppsConfig,
-    /// `[mqtt]`: the MQTT front for devices.
+    /// `[mqtt]`: the MQTT server for devices.
     pub mqtt: MqttConfig,
     /// `[kafka]`: forwarding to a cloud Kafka (and `[[kafka.rules]]`).
     pub kafka: KafkaConfig,

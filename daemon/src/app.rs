@@ -236,7 +236,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             .await
             .context("opening apps.db")??
         };
-        // Apps reach the MQTT front through the engine's host gateway.
+        // Apps reach the MQTT server through the engine's host gateway.
         let bus_url = mqtt
             .as_ref()
             .and_then(|((listener, _), ..)| listener.local_addr().ok())

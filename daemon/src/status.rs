@@ -57,7 +57,7 @@ struct Inner {
     apps: Option<crate::apps::Apps>,
     /// The Kafka forwarder, whose state is read when the status is asked for.
     forwarder: Option<outpost_sync::forwarder::ForwarderHandle>,
-    /// The MQTT front's counters, read when the status is asked for.
+    /// The MQTT server's counters, read when the status is asked for.
     mqtt: Option<outpost_mqtt::metrics::MqttMetrics>,
 }
 
@@ -132,12 +132,12 @@ impl StatusBoard {
         self.with(|i| i.forwarder.clone()).map(|f| f.status())
     }
 
-    /// The MQTT front's figures are read from `metrics` (shown under `"mqtt"`).
+    /// The MQTT server's figures are read from `metrics` (shown under `"mqtt"`).
     pub fn watch_mqtt(&self, metrics: outpost_mqtt::metrics::MqttMetrics) {
         self.with(|i| i.mqtt = Some(metrics));
     }
 
-    /// The MQTT front's figures; `None` when the front is disabled.
+    /// The MQTT server's figures; `None` when the server is disabled.
     pub fn mqtt(&self) -> Option<outpost_mqtt::metrics::MqttStatus> {
         self.with(|i| i.mqtt.clone()).map(|m| m.status())
     }

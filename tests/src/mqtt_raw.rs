@@ -22,7 +22,7 @@ pub fn packet(header: u8, body: &[u8]) -> Vec<u8> {
 /// Exactly `n` bytes from `s`; panics on a short read or a timeout.
 pub fn read_exact_n(s: &mut TcpStream, n: usize) -> Vec<u8> {
     let mut buf = vec![0u8; n];
-    s.read_exact(&mut buf).expect("read from the MQTT front");
+    s.read_exact(&mut buf).expect("read from the MQTT server");
     buf
 }
 
@@ -46,7 +46,7 @@ pub fn login_311(
     keep_alive: u16,
     read_timeout: Duration,
 ) -> TcpStream {
-    let mut s = TcpStream::connect(addr).expect("connect to the MQTT front");
+    let mut s = TcpStream::connect(addr).expect("connect to the MQTT server");
     s.set_read_timeout(Some(read_timeout))
         .expect("read timeout");
     s.write_all(&connect_311(client_id, user, password, keep_alive))

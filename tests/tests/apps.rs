@@ -499,7 +499,7 @@ fn serial_an_app_receives_readings_over_the_local_bus() {
     );
     cleanup(&["bus"]);
     let dir = tempfile::tempdir().unwrap();
-    // The front must be reachable from containers (host.docker.internal is the bridge gateway).
+    // The server must be reachable from containers (host.docker.internal is the bridge gateway).
     let config = apps_config("[mqtt]\nlisten = \"0.0.0.0:0\"\n");
     let mut d = Daemon::start(dir.path(), &config);
     let secret = outpost_e2e::admin::create_device(&d, "sensor-1", None);

@@ -358,8 +358,8 @@ fn failed_listeners_and_the_forwarder_are_restarted_by_the_supervisor() {
         String::from_utf8_lossy(&out.stdout).contains("</t>"),
         "discovery after the restart: {out:?}"
     );
-    // The restarted MQTT front accepts a device (mosquitto_pub, anonymous access refused
-    // with "not authorised" proves the CONNECT was answered by the front).
+    // The restarted MQTT server accepts a device (mosquitto_pub, anonymous access refused
+    // with "not authorised" proves the CONNECT was answered by the server).
     let mqtt = d
         .logs()
         .iter()
@@ -380,7 +380,7 @@ fn failed_listeners_and_the_forwarder_are_restarted_by_the_supervisor() {
     let said = String::from_utf8_lossy(&out.stderr).to_lowercase();
     assert!(
         said.contains("not authori"),
-        "MQTT front after its restart: {out:?}"
+        "MQTT server after its restart: {out:?}"
     );
     let (status, _) = d.terminate(Duration::from_secs(15));
     assert!(status.success(), "{}", d.logs().join("\n"));

@@ -17,7 +17,7 @@ pub use tls::{ClientAuth, MqttTlsConfig};
 pub struct MqttConfig {
     /// Run the MQTT server. Default `true`.
     pub enabled: bool,
-    /// TCP address of the front as `IP:port`. Default `"0.0.0.0:1883"`; port 0 picks a free port.
+    /// TCP address of the server as `IP:port`. Default `"0.0.0.0:1883"`; port 0 picks a free port.
     #[serde(with = "super::socket_addr")]
     pub listen: SocketAddr,
     /// Authenticated connections held at once; a CONNECT beyond it is refused (MQTT 5 0x9F,
@@ -32,9 +32,9 @@ pub struct MqttConfig {
     /// Largest MQTT packet accepted from a device; a larger one closes the connection.
     /// Default `"256KiB"`; 1KiB to 16MiB.
     pub max_packet: ByteSize,
-    /// PUBLISHes (any QoS) of one connection awaiting their outbox commit at once; the front
+    /// PUBLISHes (any QoS) of one connection awaiting their outbox commit at once; the server
     /// reads no further packets from that connection until one completes. MQTT 5 clients are
-    /// told this as their receive maximum. Bounds the front's memory per connection to about
+    /// told this as their receive maximum. Bounds the server's memory per connection to about
     /// `max_inflight × max_packet`. Default 64; 1 to 65535.
     pub max_inflight: usize,
     /// How long a new connection may take to send its CONNECT (and finish its TLS handshake).

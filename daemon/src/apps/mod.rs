@@ -140,7 +140,7 @@ struct Inner {
     engine: Mutex<Option<String>>,
     store: Option<AppStore>,
     wake: Notify,
-    /// `OUTPOST_MQTT_URL` for the apps; `None` without an MQTT front.
+    /// `OUTPOST_MQTT_URL` for the apps; `None` without an MQTT server.
     bus_url: Option<String>,
     /// Orders status-change records written by concurrent background tasks.
     event_order: AtomicU64,

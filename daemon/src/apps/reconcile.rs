@@ -496,7 +496,7 @@ impl Pass<'_> {
 
 /// Deletes the bus identities (`app-<name>` devices tagged [`super::DEVICE_TAG`]) of apps that
 /// are no longer desired, so a deleted app's credentials stop working (its open MQTT
-/// connection is closed by the front's registry re-check). Failures are logged and retried at
+/// connection is closed by the server's registry re-check). Failures are logged and retried at
 /// the next change.
 async fn remove_stale_identities(registry: &Registry, desired: &BTreeSet<String>) {
     let mut query = ListQuery {

@@ -78,7 +78,7 @@ impl BusMetrics {
         );
         r.register(
             "dropped",
-            "Readings and commands not published: a full persistent-session queue refused them, or sessions.db failed",
+            "Commands the bus missed (announcements lagged; still queued) and messages sessions.db could not take",
             self.dropped.clone(),
         );
         r.register(
@@ -119,16 +119,16 @@ pub fn command_id(device_id: &str, topic: &str) -> Option<i64> {
     rest.strip_prefix("/commands/")?.parse().ok()
 }
 
-/// What the MQTT front tells the bus about its connections.
+/// What the MQTT server tells the bus about its connections.
 #[derive(Debug)]
 enum FrontEvent {
     /// A SUBSCRIBE of the device was granted (at least one filter): send its queued commands.
     Subscribed(String),
-    /// The front relayed a PUBLISH on a command topic to the device: mark it delivered.
+    /// The server relayed a PUBLISH on a command topic to the device: mark it delivered.
     Delivered(String, i64),
 }
 
-/// The front's side of the bus: cheap to clone, never blocks. Reached as
+/// The server's side of the bus: cheap to clone, never blocks. Reached as
 /// [`super::Ingest::bus`]. A handle whose bus does not run (MQTT off, or the handle of a test)
 /// drops what it is told.
 #[derive(Debug, Clone)]
@@ -161,12 +161,12 @@ impl BusHandle {
         acl_for(mqtt, &self.app_subscribe, registry, device_id)
     }
 
-    /// The front granted a SUBSCRIBE of `device_id`: its queued commands go out (again).
+    /// The server granted a SUBSCRIBE of `device_id`: its queued commands go out (again).
     pub fn subscribed(&self, device_id: &str) {
         self.tell(FrontEvent::Subscribed(device_id.to_owned()));
     }
 
-    /// The front relayed a PUBLISH on `topic` to `device_id`'s connection; if it is one of the
+    /// The server relayed a PUBLISH on `topic` to `device_id`'s connection; if it is one of the
     /// bus's command messages for that device, the command becomes `delivered` (the broker
     /// retransmits a QoS 1 delivery the device does not acknowledge). Cheap for other topics.
     pub fn relayed(&self, device_id: &str, topic: &str) {

@@ -59,7 +59,7 @@ pub struct Ingest {
     readings: broadcast::Sender<LocalReading>,
     /// `[[kafka.rules]]`: a matching rule's `priority` is given to a record when it is stored.
     rules: Option<Arc<Rules>>,
-    /// The local bus, for the MQTT front (ACLs of app identities, command delivery).
+    /// The local bus, for the MQTT server (ACLs of app identities, command delivery).
     bus: bus::BusHandle,
 }
 
@@ -78,7 +78,7 @@ impl Ingest {
         }
     }
 
-    /// Connects the MQTT front to the local bus.
+    /// Connects the MQTT server to the local bus.
     pub fn with_bus(mut self, bus: bus::BusHandle) -> Self {
         self.bus = bus;
         self

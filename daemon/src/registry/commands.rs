@@ -5,7 +5,7 @@
 //! the same transaction that reads it for the device (the HTTP device endpoint calls
 //! [`super::Registry::take_pending_commands`]), so a response lost on the way is not retried.
 //! Over MQTT (`ingress::bus`) a queued command is published on the device's command topic and
-//! marked delivered ([`super::Registry::mark_delivered`]) once the front relayed it to the
+//! marked delivered ([`super::Registry::mark_delivered`]) once the server relayed it to the
 //! device; until then it stays queued, and is published again when the device subscribes.
 //!
 //! Bounds (a device that never polls cannot fill the disk):

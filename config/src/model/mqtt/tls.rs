@@ -1,4 +1,4 @@
-//! `[mqtt.tls]`: the MQTT front's TLS listener.
+//! `[mqtt.tls]`: the MQTT server's TLS listener.
 //!
 //! Checked here: what the text alone can tell (files named when required, `client_auth` only
 //! with a CA). Whether the files exist and hold a usable certificate and key is checked by the
