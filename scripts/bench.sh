@@ -9,11 +9,14 @@
 # size:   stripped release binary sizes (x86_64, and aarch64 if cross/build.sh has run)
 # http:   HTTP ingestion, single-record POSTs from 50 keep-alive connections with wrk (median of 5)
 # coap:   CoAP CON POSTs from 100 clients with the repo's bench client (median of 5)
-# mqtt:   MQTT QoS 1 from 100 rumqttc publishers (100-byte payloads) against outpost (PUBACK after
-#         the commit) and Debian's mosquitto (no persistence), runs alternating between them: max
-#         msg/s (median of 5), the same with one subscriber to every topic (median of 3), p99
-#         publish->PUBACK at 20,000 msg/s (median of 3), then RSS with 1,000 idle connections,
-#         plain and each subscribed to its commands (tests/src/bin/mqtt-bench.rs)
+# mqtt:   the MQTT server against Debian's mosquitto (no persistence), runs alternating between
+#         them (tests/src/bin/mqtt-bench/): QoS 1 msg/s from 100 rumqttc publishers, 100-byte
+#         payloads (median of 5); p99 publish->PUBACK at 20,000 msg/s (median of 3); one
+#         subscriber to every topic, MQTT 3.1.1 vs MQTT 5 with a content type and 2 user
+#         properties (median of 3); RSS with 1,000 idle devices (plain, subscribed, persistent
+#         sessions); RSS growth with 10,000 messages queued for 100 offline sessions; CONNACK
+#         latency when 1,000 registered devices connect at once, after a restart and with the
+#         gateway running (Outpost only). OUTPOST_BIN=<binary> measures another build.
 # serial: serial line parsing throughput per format, one core (drivers/benches/line_parse.rs)
 # modbus: CPU of `outpost run` polling 50 registers at 10 Hz from 10 pymodbus TCP slaves (30 s)
 # kafka:  forwarder vs a tansu broker: plain-producer ceiling, 1,000,000-record backlog drain and
@@ -133,10 +136,13 @@ mqtt() {
   cargo build --locked --release -p outpost -p outpost-e2e --bins
   local b="$target_dir/release/mqtt-bench"
   "$b" --publishers 100 --seconds 10 --warmup 2 --runs 5
-  "$b" --publishers 100 --seconds 10 --warmup 2 --runs 3 --watch
   "$b" --publishers 100 --seconds 10 --warmup 2 --runs 3 --rate 20000
+  "$b" --publishers 100 --seconds 10 --warmup 2 --runs 3 --watch --protocol both
   "$b" --idle 1000 --runs 3
   "$b" --idle 1000 --idle-subscribe --runs 3
+  "$b" --idle 1000 --idle-persistent --runs 3
+  "$b" --queued 10000 --sessions 100 --runs 3
+  "$b" --storm 1000 --runs 3 --brokers outpost
 }
 
 serial() {

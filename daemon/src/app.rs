@@ -166,14 +166,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 ),
             );
         }
-        let listener = TcpListener::bind(config.mqtt.listen)
-            .await
+        let backlog = outpost_mqtt::server::backlog(
+            config.mqtt.max_connections,
+            config.mqtt.max_pending_handshakes,
+        );
+        let listener = outpost_mqtt::server::bind(config.mqtt.listen, backlog)
             .with_context(|| format!("binding the MQTT listener on {}", config.mqtt.listen))?;
         let addr = listener
             .local_addr()
             .context("reading the MQTT listener address")?;
         tracing::info!(addr = %addr, "MQTT listener bound");
-        let tls = outpost_mqtt::tls::bind(&config.mqtt.tls)
+        let tls = outpost_mqtt::tls::bind(&config.mqtt.tls, backlog)
             .await
             .map_err(anyhow::Error::msg)?;
         let mqtt_metrics = outpost_mqtt::metrics::MqttMetrics::default();

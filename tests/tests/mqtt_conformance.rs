@@ -4,8 +4,9 @@
 //! bytes on the wire (`outpost_e2e::mqtt_wire`, written from the specifications).
 //!
 //! Every case must pass on Outpost. On Mosquitto a case either passes or is listed in
-//! [`MOSQUITTO_DIFFERS`] with the reason; a listed case that starts passing on Mosquitto fails
-//! the reference test, so the list stays true.
+//! [`MOSQUITTO_DIFFERS`] with the reason; a case listed as failing that starts passing on
+//! Mosquitto fails the reference test, so the list stays true (a case whose outcome there
+//! depends on timing is listed as varying, with the measurement).
 //!
 //! Both servers run with anonymous access and an ACL allowing every topic, so the cases test
 //! the protocol, not Outpost's authentication (tested in `mqtt.rs`).
@@ -811,10 +812,17 @@ fn mqtt_3_1_4_2_a_second_connection_with_the_client_id_takes_over(
     )
 }
 
+/// Keep-alive 1 s and silence: open until 1.5 s have passed (checked up to 1.2 s), closed by
+/// 2.5 s (1.5 s plus a second for the server's timer and the machine).
 fn mqtt_3_1_2_24_the_keep_alive_is_enforced(addr: SocketAddr, id: &str) -> Result<(), String> {
     let mut w = open(addr, &Connect::v311(id).keep_alive(1))?;
-    let (closed, _) = w.closes_within(Duration::from_secs(4));
-    check(closed, "still open after 4 s with keep-alive 1 s")
+    w.quiet_for(Duration::from_millis(1200))
+        .map_err(|e| format!("closed before 1.5 × keep-alive: {e}"))?;
+    let (closed, _) = w.closes_within(Duration::from_millis(1300));
+    check(
+        closed,
+        "still open 2.5 s after the last packet, keep-alive 1 s",
+    )
 }
 
 fn mqtt_3_12_4_1_pingreq_gets_pingresp(addr: SocketAddr, id: &str) -> Result<(), String> {
@@ -1015,11 +1023,23 @@ const CASES: &[(&str, Case)] = &[
     ),
 ];
 
-/// Cases Mosquitto 2.0 (Debian's) does not pass, and why. Each is checked to still fail there.
-const MOSQUITTO_DIFFERS: &[(&str, &str)] = &[(
+/// How a case goes on Mosquitto when it does not simply pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnMosquitto {
+    /// Fails every time; checked to still fail.
+    Fails,
+    /// Passes or fails from one run to the next (timing); not asserted either way.
+    Varies,
+}
+
+/// Cases Mosquitto 2.0 (Debian's) does not reliably pass, and why.
+const MOSQUITTO_DIFFERS: &[(&str, OnMosquitto, &str)] = &[(
     "mqtt_3_1_2_24_the_keep_alive_is_enforced",
-    "Mosquitto 2.0 checks keep-alives on a coarse periodic timer: with keep-alive 1 s it closed \
-     the connection after about 4.4 s (measured), not within 1.5 × 1 s",
+    OnMosquitto::Varies,
+    "Mosquitto 2.0 enforces keep-alives from a periodic check: with keep-alive 1 s an idle \
+     broker closed the connection 4.7-5.8 s after the CONNACK (24 trials, measured), not by \
+     1.5 s + 1 s; on a broker that is busy with other clients the check can fall inside the \
+     window, so the case passes there now and then",
 )];
 
 /// Runs every case; returns the failures as (case, why).
@@ -1122,12 +1142,12 @@ fn mosquitto_as_the_reference_passes_every_case_it_is_not_known_to_fail() {
     let failed = run_all(m.addr);
     let mut wrong = Vec::new();
     for (name, why) in &failed {
-        if !MOSQUITTO_DIFFERS.iter().any(|(n, _)| n == name) {
+        if !MOSQUITTO_DIFFERS.iter().any(|(n, ..)| n == name) {
             wrong.push(format!("  {name}: failed on Mosquitto: {why}"));
         }
     }
-    for (name, reason) in MOSQUITTO_DIFFERS {
-        if !failed.iter().any(|(n, _)| n == name) {
+    for (name, how, reason) in MOSQUITTO_DIFFERS {
+        if *how == OnMosquitto::Fails && !failed.iter().any(|(n, _)| n == name) {
             wrong.push(format!(
                 "  {name}: listed as failing on Mosquitto ({reason}) but passes: update the list"
             ));

@@ -42,11 +42,12 @@ pub struct MqttConfig {
     #[serde(with = "crate::units::duration")]
     pub connect_timeout: Duration,
     /// Connections still in their handshake (no CONNECT yet) held at once, apart from
-    /// `max_connections`. When full, the oldest pending one is closed: a device that sends its
-    /// CONNECT at once never waits behind sockets that send nothing. Default 256; 1 to 100000.
+    /// `max_connections`. When full, the oldest pending one is closed once it is 250 ms old
+    /// (until then new sockets wait in the listen backlog): a device that sends its CONNECT at
+    /// once never waits long behind sockets that send nothing. Default 256; 1 to 100000.
     pub max_pending_handshakes: usize,
     /// Pending handshakes from one IP address; beyond it the oldest one of that address is
-    /// closed. Default 32; 1 to 100000.
+    /// closed (once 250 ms old). Default 32; 1 to 100000.
     pub max_pending_per_address: usize,
     /// MQTT 5 topic aliases a client may define per connection (announced in CONNACK).
     /// Default 16; 0 (no aliases) to 65535.

@@ -539,6 +539,13 @@ impl Conn {
                     }
                     r = fill(rd, buf), if room => {
                         if !r? {
+                            // What the client sent before closing still counts (QoS 0 too):
+                            // finish the commits under way before letting go of them.
+                            while let Some(done) = inflight.next().await {
+                                if self.complete(done).is_err() {
+                                    break;
+                                }
+                            }
                             return Err(ConnError::Closed("closed by the client".into()));
                         }
                         last_heard = Instant::now();

@@ -1,22 +1,29 @@
 //! The accept loop: plain and TLS listeners, the handshake budget, the connection limit.
 //!
 //! A socket that has not sent its CONNECT yet holds a *pending handshake*, not a connection:
-//! at most `mqtt.max_pending_handshakes` of them at once and `mqtt.max_pending_per_address`
-//! from one IP address — beyond either, the **oldest** pending one (of all, or of that address)
-//! is closed, so sockets that send nothing cannot keep a device that connects properly waiting
-//! — each for at most `mqtt.connect_timeout` (TLS handshake and CONNECT together). Only an
-//! authenticated CONNECT takes one of `mqtt.max_connections` slots; beyond them the CONNECT is
-//! refused (MQTT 5 0x9F, 3.1.1 0x03) instead of waiting.
+//! at most `mqtt.max_pending_handshakes` of them at once, each for at most
+//! `mqtt.connect_timeout` (TLS handshake and CONNECT together). When the budget is full the
+//! **oldest** pending handshake is closed to make room — but only once it is
+//! [`EVICTABLE_AFTER`] old; while every pending one is younger, the accept loop waits and new
+//! sockets stay in the kernel's backlog. So sockets that send nothing cannot keep a device that
+//! connects properly waiting for long (they are closed, oldest first), and a burst of devices
+//! connecting at once is not mistaken for them (each gets time to send its CONNECT). Beyond
+//! `mqtt.max_pending_per_address` from one IP address, the oldest pending handshake of that
+//! address is closed in the same way, so one address cannot hold the whole budget for long.
+//! Only an authenticated CONNECT takes one of `mqtt.max_connections` slots; beyond them the
+//! CONNECT is refused (MQTT 5 0x9F, 3.1.1 0x03) instead of waiting.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -24,31 +31,51 @@ use crate::broker::Broker;
 use crate::connection::{self, ConnError};
 use crate::tls::{self, TlsListener};
 
+/// A pending handshake younger than this is never closed to make room for a newer socket.
+pub const EVICTABLE_AFTER: Duration = Duration::from_millis(250);
+
 /// The pending handshakes, oldest first.
 #[derive(Debug)]
 struct Pending {
     max: usize,
     per_address: usize,
     inner: Mutex<PendingInner>,
+    /// Told when a pending handshake ends (the accept loop may be waiting for room).
+    freed: Notify,
+}
+
+#[derive(Debug)]
+struct Entry {
+    ip: IpAddr,
+    since: Instant,
+    evicted: CancellationToken,
 }
 
 #[derive(Debug, Default)]
 struct PendingInner {
     next: u64,
-    live: BTreeMap<u64, (IpAddr, CancellationToken)>,
+    live: BTreeMap<u64, Entry>,
     by_address: HashMap<IpAddr, usize>,
 }
 
 impl PendingInner {
     fn forget(&mut self, id: u64) -> Option<CancellationToken> {
-        let (ip, token) = self.live.remove(&id)?;
-        if let Some(n) = self.by_address.get_mut(&ip) {
+        let entry = self.live.remove(&id)?;
+        if let Some(n) = self.by_address.get_mut(&entry.ip) {
             *n -= 1;
             if *n == 0 {
-                self.by_address.remove(&ip);
+                self.by_address.remove(&entry.ip);
             }
         }
-        Some(token)
+        Some(entry.evicted)
+    }
+
+    /// Closes pending handshake `id` (counted).
+    fn evict(&mut self, id: u64, count: &Counter) {
+        if let Some(token) = self.forget(id) {
+            token.cancel();
+            count.inc();
+        }
     }
 }
 
@@ -62,49 +89,61 @@ struct Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.pending
-            .inner
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .forget(self.id);
+        self.pending.lock().forget(self.id);
+        self.pending.freed.notify_one();
     }
 }
 
 impl Pending {
-    /// A place for a new socket from `ip`. Over the per-address limit the oldest pending socket
-    /// *of that address* is evicted; over the budget, the oldest of all. Evicted sockets have
-    /// their token cancelled and are counted. A new socket always gets in: a client that sends
-    /// its CONNECT at once never loses to sockets that send nothing, even from its own address.
-    fn admit(
-        self: &Arc<Self>,
-        ip: IpAddr,
-        evicted_count: &prometheus_client::metrics::counter::Counter,
-    ) -> Ticket {
-        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+    fn lock(&self) -> MutexGuard<'_, PendingInner> {
+        // The maps are consistent between statements: recover from a poisoned lock.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Room for one more socket. With the budget full, closes the oldest pending handshake if
+    /// it is old enough; otherwise says how long until it will be (or one ends first).
+    fn make_room(&self, evicted_count: &Counter) -> Result<(), Duration> {
+        let mut inner = self.lock();
+        if inner.live.len() < self.max {
+            return Ok(());
+        }
+        let Some((&oldest, entry)) = inner.live.iter().next() else {
+            return Ok(());
+        };
+        let age = entry.since.elapsed();
+        if age < EVICTABLE_AFTER {
+            return Err(EVICTABLE_AFTER - age);
+        }
+        inner.evict(oldest, evicted_count);
+        Ok(())
+    }
+
+    /// A place for a new socket from `ip` (after [`Pending::make_room`]). Over the per-address
+    /// limit, the oldest pending handshake of that address is closed if it is old enough.
+    fn admit(self: &Arc<Self>, ip: IpAddr, evicted_count: &Counter) -> Ticket {
+        let mut inner = self.lock();
         if inner.by_address.get(&ip).copied().unwrap_or(0) >= self.per_address {
             let oldest = inner
                 .live
                 .iter()
-                .find(|(_, (addr, _))| *addr == ip)
+                .find(|(_, e)| e.ip == ip)
+                .filter(|(_, e)| e.since.elapsed() >= EVICTABLE_AFTER)
                 .map(|(id, _)| *id);
-            if let Some(token) = oldest.and_then(|id| inner.forget(id)) {
-                token.cancel();
-                evicted_count.inc();
-            }
-        }
-        while inner.live.len() >= self.max {
-            let Some(oldest) = inner.live.keys().next().copied() else {
-                break;
-            };
-            if let Some(token) = inner.forget(oldest) {
-                token.cancel();
-                evicted_count.inc();
+            if let Some(id) = oldest {
+                inner.evict(id, evicted_count);
             }
         }
         inner.next += 1;
         let id = inner.next;
         let evicted = CancellationToken::new();
-        inner.live.insert(id, (ip, evicted.clone()));
+        inner.live.insert(
+            id,
+            Entry {
+                ip,
+                since: Instant::now(),
+                evicted: evicted.clone(),
+            },
+        );
         *inner.by_address.entry(ip).or_default() += 1;
         Ticket {
             pending: Arc::clone(self),
@@ -112,6 +151,26 @@ impl Pending {
             evicted,
         }
     }
+}
+
+/// Binds an MQTT listener whose accept backlog can hold a storm of devices reconnecting at
+/// once (`backlog`: the caller passes `max_connections` plus the pending-handshake budget; the
+/// kernel caps it at `net.core.somaxconn`). With a short backlog, connections beyond it are
+/// dropped by the kernel and the devices retry only after a SYN timeout (1 s, then 3 s, ...).
+pub fn bind(addr: SocketAddr, backlog: usize) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(u32::try_from(backlog.clamp(1024, 65_535)).unwrap_or(65_535))
+}
+
+/// The accept backlog for `settings` (see [`bind`]).
+pub fn backlog(max_connections: usize, max_pending_handshakes: usize) -> usize {
+    max_connections.saturating_add(max_pending_handshakes)
 }
 
 /// Accepts connections on `plain` (and `tls`) until `stop`, then waits for every connection to
@@ -129,10 +188,21 @@ pub async fn run(
         max: settings.max_pending_handshakes,
         per_address: settings.max_pending_per_address,
         inner: Mutex::default(),
+        freed: Notify::new(),
     });
     let housekeeping_stop = CancellationToken::new();
     let housekeeping = tokio::spawn(Arc::clone(&broker).housekeeping(housekeeping_stop.clone()));
     loop {
+        // Room first: while the budget is full of young handshakes, new sockets wait in the
+        // listen backlog rather than push out devices that are about to send their CONNECT.
+        if let Err(wait) = pending.make_room(&broker.metrics.handshakes_evicted) {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(wait) => {}
+                () = pending.freed.notified() => {}
+            }
+            continue;
+        }
         let (accepted, acceptor) = tokio::select! {
             () = stop.cancelled() => break,
             accepted = plain.accept() => (accepted, None),
@@ -189,9 +259,11 @@ async fn accept_one(
         }
         Some(acceptor) => {
             let evicted = ticket.evicted.clone();
+            // Biased: progress made before the eviction was seen still counts.
             let shaken = tokio::select! {
-                () = evicted.cancelled() => return Err(ConnError::Closed("pending handshake evicted".into())),
+                biased;
                 r = tls::handshake(acceptor, stream, timeout) => r?,
+                () = evicted.cancelled() => return Err(ConnError::Closed("pending handshake evicted".into())),
             };
             let (stream, names) = shaken;
             let (rd, wr) = tokio::io::split(stream);
@@ -213,10 +285,10 @@ async fn handshake_then_serve(
 ) -> Result<(), ConnError> {
     let mut buf = BytesMut::new();
     let max = broker.settings.max_packet;
+    // Biased: a CONNECT that has already arrived is served even if the socket was just
+    // evicted (its task may run only after the eviction).
     let connect = tokio::select! {
-        () = ticket.evicted.cancelled() => {
-            return Err(ConnError::Closed("pending handshake evicted".into()));
-        }
+        biased;
         r = tokio::time::timeout(
             broker.settings.connect_timeout,
             connection::read_first(&mut rd, &mut wr, &mut buf, max),
@@ -227,6 +299,9 @@ async fn handshake_then_serve(
                 None => return Ok(()),
             },
         },
+        () = ticket.evicted.cancelled() => {
+            return Err(ConnError::Closed("pending handshake evicted".into()));
+        }
     };
     drop(ticket);
     let slot = Arc::clone(slots).try_acquire_owned().ok();
@@ -244,4 +319,64 @@ async fn handshake_then_serve(
     .await;
     drop(slot);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(max: usize, per_address: usize) -> Arc<Pending> {
+        Arc::new(Pending {
+            max,
+            per_address,
+            inner: Mutex::default(),
+            freed: Notify::new(),
+        })
+    }
+
+    const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
+    const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_budget_of_young_handshakes_makes_the_accept_loop_wait_then_evicts_the_oldest() {
+        let (p, count) = (pending(2, 10), Counter::default());
+        assert_eq!(p.make_room(&count), Ok(()));
+        let first = p.admit(A, &count);
+        tokio::time::advance(Duration::from_millis(100)).await;
+        let second = p.admit(B, &count);
+        // Full, and the oldest is 100 ms old: wait the rest of its grace, close nobody.
+        assert_eq!(
+            p.make_room(&count),
+            Err(EVICTABLE_AFTER - Duration::from_millis(100))
+        );
+        assert_eq!(count.get(), 0);
+        tokio::time::advance(EVICTABLE_AFTER).await;
+        assert_eq!(p.make_room(&count), Ok(()));
+        assert!(first.evicted.is_cancelled(), "the oldest is closed");
+        assert!(!second.evicted.is_cancelled());
+        assert_eq!(count.get(), 1);
+        // A handshake that ends frees its place at once.
+        drop(second);
+        assert_eq!(p.make_room(&count), Ok(()));
+        assert_eq!(p.lock().live.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_address_over_its_limit_loses_its_oldest_once_it_is_old_enough() {
+        let (p, count) = (pending(100, 2), Counter::default());
+        let a1 = p.admit(A, &count);
+        let a2 = p.admit(A, &count);
+        let b1 = p.admit(B, &count);
+        // A third from A while A's are young: admitted over the limit, nobody closed.
+        let a3 = p.admit(A, &count);
+        assert_eq!(count.get(), 0);
+        tokio::time::advance(EVICTABLE_AFTER).await;
+        // Now A's oldest is old enough: it goes, not B's (older than a2, a3, but another address).
+        let _a4 = p.admit(A, &count);
+        assert!(a1.evicted.is_cancelled());
+        assert!(!b1.evicted.is_cancelled() && !a2.evicted.is_cancelled());
+        assert!(!a3.evicted.is_cancelled());
+        assert_eq!(count.get(), 1);
+        assert_eq!(p.lock().by_address.get(&A), Some(&3));
+    }
 }

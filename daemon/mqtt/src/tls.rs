@@ -127,7 +127,7 @@ pub fn acceptor(config: &MqttTlsConfig) -> Result<TlsAcceptor, Vec<Problem>> {
 
 /// Binds the TLS listener when `[mqtt.tls]` enables it (the files were checked with the config;
 /// they are read again here).
-pub async fn bind(config: &MqttTlsConfig) -> Result<Option<TlsListener>, String> {
+pub async fn bind(config: &MqttTlsConfig, backlog: usize) -> Result<Option<TlsListener>, String> {
     if !config.enabled {
         return Ok(None);
     }
@@ -135,8 +135,7 @@ pub async fn bind(config: &MqttTlsConfig) -> Result<Option<TlsListener>, String>
         let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
         text.join("; ")
     })?;
-    let listener = TcpListener::bind(config.listen)
-        .await
+    let listener = crate::server::bind(config.listen, backlog)
         .map_err(|e| format!("binding the MQTT TLS listener on {}: {e}", config.listen))?;
     let addr = listener
         .local_addr()

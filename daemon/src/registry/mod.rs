@@ -10,15 +10,18 @@
 //!   with the database connection still locked, so index and file never disagree in order.
 //!   Authentication, identification and monitoring read only memory; `observe` is a map update
 //!   under a short lock.
-//! - **Secrets are never kept in clear.** They are generated here, returned once by
-//!   [`Registry::create`] / [`Registry::rotate_secret`], and stored as argon2id hashes
-//!   ([`secrets`]). Verification runs on a blocking thread, at most [`VERIFY_CONCURRENCY`] at a
-//!   time (argon2 uses 19 MiB each), and successes are cached ([`cache`]) keyed by the SHA-256 of
-//!   the presented secret and the device's credential epoch: any change to a device (update,
-//!   enable/disable, rotate, delete) invalidates its cache entries at once.
-//! - **Bounded memory.** The index, the monitoring map and the auth cache hold at most one entry
-//!   per registered device (the cache at most [`cache::CAPACITY`]); traffic for unknown ids is
-//!   not recorded per device.
+//! - **Secrets are never kept in clear.** They are 32 random bytes generated here, returned once
+//!   by [`Registry::create`] / [`Registry::rotate_secret`], and stored as an argon2id hash plus,
+//!   once the secret is known to be right, its SHA-256 digest ([`secrets`], [`store`]). A right
+//!   secret is recognised by its digest (microseconds, also right after a restart, so a storm
+//!   of reconnecting devices is not a queue of argon2 runs); everything else — a wrong secret,
+//!   an unknown device, a secret whose digest is not known yet — costs one argon2 verification
+//!   on a blocking thread, at most [`VERIFY_CONCURRENCY`] at a time (19 MiB each). For a
+//!   256-bit random secret the digest is as hard to invert as the argon2 hash; argon2's cost
+//!   protects guessable passwords, which these never are, and it stays as the price of every
+//!   refusal (timing tells nothing, guessing is throttled).
+//! - **Bounded memory.** The index and the monitoring map hold at most one entry per registered
+//!   device; traffic for unknown ids is not recorded per device.
 //! - Lock order: database connection → index → monitoring map. No lock is held across `.await`.
 //!
 //! Monitoring semantics (state, rates) are in [`monitor`]; command queue rules in [`commands`];
@@ -30,7 +33,6 @@
 //! [`FLUSH_INTERVAL`] and once more when cancelled — cancel it after ingress has stopped so the
 //! last counts are saved); hand clones to the ingress paths and to `api::ApiState`.
 
-pub mod cache;
 pub mod commands;
 pub mod monitor;
 pub mod secrets;
@@ -323,11 +325,9 @@ struct Inner {
     conn: Mutex<Connection>,
     index: RwLock<BTreeMap<String, Entry>>,
     monitors: Mutex<HashMap<String, monitor::Monitor>>,
-    cache: cache::AuthCache,
     verify_permits: Semaphore,
     /// argon2 verifications run (real and stand-in), for tests of the equal-cost rule.
     verifications: AtomicU64,
-    epochs: AtomicU64,
     offline_after: Duration,
     quarantine: Option<Quarantine>,
     /// Commands just queued, for the MQTT delivery path (lossy: a command missed there stays
@@ -338,9 +338,25 @@ struct Inner {
 #[derive(Debug, Clone)]
 struct Entry {
     device: Device,
-    secret_hash: Option<Arc<str>>,
-    /// Credential epoch: changes with every change to the device.
-    epoch: u64,
+    secret: Option<Secret>,
+}
+
+/// A device's secret as the registry knows it (never in clear).
+#[derive(Debug, Clone)]
+struct Secret {
+    /// argon2id PHC string.
+    hash: Arc<str>,
+    /// SHA-256 of the secret, once known to be right (generated here or verified once).
+    digest: Option<secrets::Sha256Digest>,
+}
+
+impl Secret {
+    fn from_stored(stored: store::StoredSecret) -> Secret {
+        Secret {
+            hash: Arc::from(stored.hash),
+            digest: stored.digest.as_deref().and_then(secrets::parse_sha256_hex),
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -355,10 +371,6 @@ impl Inner {
 
     fn index_write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Entry>> {
         self.index.write().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn next_epoch(&self) -> u64 {
-        self.epochs.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// Fills the monitoring-derived fields of a device.
@@ -383,24 +395,18 @@ impl Inner {
         d
     }
 
-    /// Replaces (or inserts) a device in the index with a new epoch and drops its cached
-    /// verifications. Called with the connection locked, after the commit.
-    fn install(&self, device: Device, secret_hash: Option<Arc<str>>) {
+    /// Replaces (or inserts) a device in the index. Called with the connection locked, after
+    /// the commit.
+    fn install(&self, device: Device, secret: Option<Secret>) {
         let id = device.id.clone();
-        let entry = Entry {
-            device,
-            secret_hash,
-            epoch: self.next_epoch(),
-        };
-        self.index_write().insert(id.clone(), entry);
-        lock(&self.monitors).entry(id.clone()).or_default();
-        self.cache.invalidate(&id);
+        self.index_write()
+            .insert(id.clone(), Entry { device, secret });
+        lock(&self.monitors).entry(id).or_default();
     }
 
     fn remove(&self, id: &str) {
         self.index_write().remove(id);
         lock(&self.monitors).remove(id);
-        self.cache.invalidate(id);
     }
 }
 
@@ -519,15 +525,12 @@ impl Registry {
             source,
         })?;
         let mut index = BTreeMap::new();
-        let mut epoch = 0;
-        for (device, hash) in devices {
-            epoch += 1;
+        for (device, secret) in devices {
             index.insert(
                 device.id.clone(),
                 Entry {
                     device,
-                    secret_hash: hash.map(Arc::from),
-                    epoch,
+                    secret: secret.map(Secret::from_stored),
                 },
             );
         }
@@ -546,10 +549,8 @@ impl Registry {
                 conn: Mutex::new(conn),
                 index: RwLock::new(index),
                 monitors: Mutex::new(monitors),
-                cache: cache::AuthCache::default(),
                 verify_permits: Semaphore::new(VERIFY_CONCURRENCY),
                 verifications: AtomicU64::new(0),
-                epochs: AtomicU64::new(epoch),
                 offline_after,
                 quarantine,
                 command_events: broadcast::channel(COMMAND_EVENTS).0,
@@ -585,8 +586,9 @@ impl Registry {
 
     // ---- device-facing ----------------------------------------------------------------------
 
-    /// Checks a device's secret and whether it may connect over `protocol`. Fast after the
-    /// first success (cached); a wrong secret always costs one argon2 verification.
+    /// Checks a device's secret and whether it may connect over `protocol`. A right secret is
+    /// recognised by its digest (fast); a wrong one, an unknown device and a secret whose digest
+    /// is not known yet cost one argon2 verification each (see the module docs).
     pub async fn authenticate(
         &self,
         device_id: &str,
@@ -601,63 +603,91 @@ impl Registry {
             };
         }
         let digest = secrets::sha256(secret.as_bytes());
-        // A rotation that lands while a verification runs makes the epoch move: verify again
+        // A rotation that lands while a verification runs changes the hash: verify again
         // against the new state rather than accept a secret that was just replaced.
         for _ in 0..3 {
-            let (hash, epoch) = match self.credentials(device_id) {
-                Ok(c) => c,
+            let known = match self.credentials(device_id) {
+                Ok(s) => s,
                 Err(refusal) => {
                     // An unknown device (or one without a secret) costs one argon2
                     // verification like a wrong secret: timing must not tell which ids exist.
-                    let Ok(_permit) = self.inner.verify_permits.acquire().await else {
-                        return Err(refusal);
-                    };
-                    let secret = secret.to_owned();
-                    self.inner.verifications.fetch_add(1, Ordering::Relaxed);
-                    let _ = tokio::task::spawn_blocking(move || {
-                        secrets::verify(&secret, secrets::dummy_hash())
-                    })
-                    .await;
+                    self.verify_slowly(secret, Arc::from(secrets::dummy_hash()))
+                        .await;
                     return Err(refusal);
                 }
             };
-            let verified = if self.inner.cache.hit(device_id, &digest, epoch) {
-                true
-            } else {
-                let Ok(_permit) = self.inner.verify_permits.acquire().await else {
-                    return Err(Refusal::BadSecret);
-                };
-                // Another request may have verified the same secret while we waited.
-                if self.inner.cache.hit(device_id, &digest, epoch) {
-                    true
-                } else {
-                    let secret = secret.to_owned();
-                    self.inner.verifications.fetch_add(1, Ordering::Relaxed);
-                    let ok = tokio::task::spawn_blocking(move || secrets::verify(&secret, &hash))
-                        .await
-                        .unwrap_or(false);
-                    if !ok {
-                        return Err(Refusal::BadSecret);
-                    }
-                    if self.current_epoch(device_id) == Some(epoch) {
-                        self.inner.cache.insert(device_id, digest, epoch);
-                    }
-                    true
+            if let Some(right) = &known.digest {
+                if secrets::digest_eq(right, &digest) {
+                    return self.identify(device_id, protocol);
                 }
-            };
-            if verified && self.current_epoch(device_id) == Some(epoch) {
+                // Wrong: it still costs what a verification costs.
+                self.verify_slowly(secret, known.hash).await;
+                return Err(Refusal::BadSecret);
+            }
+            if !self.verify_slowly(secret, Arc::clone(&known.hash)).await {
+                return Err(Refusal::BadSecret);
+            }
+            if self.remember_digest(device_id, &known.hash, digest) {
                 return self.identify(device_id, protocol);
             }
         }
         Err(Refusal::BadSecret)
     }
 
-    /// The secret hash and credential epoch of a device.
-    fn credentials(&self, device_id: &str) -> Result<(Arc<str>, u64), Refusal> {
+    /// One argon2 verification of `secret` against `hash`, on a blocking thread, at most
+    /// [`VERIFY_CONCURRENCY`] at a time.
+    async fn verify_slowly(&self, secret: &str, hash: Arc<str>) -> bool {
+        let Ok(_permit) = self.inner.verify_permits.acquire().await else {
+            return false;
+        };
+        self.inner.verifications.fetch_add(1, Ordering::Relaxed);
+        let secret = secret.to_owned();
+        tokio::task::spawn_blocking(move || secrets::verify(&secret, &hash))
+            .await
+            .unwrap_or(false)
+    }
+
+    /// After a successful verification against `hash`: keeps the secret's digest, in memory at
+    /// once and in `registry.db` in the background, so its next logins (also after a restart)
+    /// need no argon2. False if the device's secret changed meanwhile (verify again).
+    fn remember_digest(
+        &self,
+        device_id: &str,
+        hash: &Arc<str>,
+        digest: secrets::Sha256Digest,
+    ) -> bool {
+        {
+            let mut index = self.inner.index_write();
+            match index.get_mut(device_id).and_then(|e| e.secret.as_mut()) {
+                Some(s) if s.hash == *hash => s.digest = Some(digest),
+                _ => return false,
+            }
+        }
+        let (registry, id, hash) = (self.clone(), device_id.to_owned(), hash.to_string());
+        tokio::spawn(async move {
+            let saved = registry
+                .blocking(move |_, conn| {
+                    Ok(store::set_secret_digest(
+                        conn,
+                        &id,
+                        &hash,
+                        &secrets::hex(&digest),
+                    )?)
+                })
+                .await;
+            if let Err(e) = saved {
+                // Only speed is lost: the next start verifies this secret with argon2 again.
+                tracing::warn!(error = %e, "Could not save a verified secret digest");
+            }
+        });
+        true
+    }
+
+    /// The stored secret of a device.
+    fn credentials(&self, device_id: &str) -> Result<Secret, Refusal> {
         let index = self.inner.index_read();
         let entry = index.get(device_id).ok_or(Refusal::UnknownDevice)?;
-        let hash = entry.secret_hash.clone().ok_or(Refusal::BadSecret)?;
-        Ok((hash, entry.epoch))
+        entry.secret.clone().ok_or(Refusal::BadSecret)
     }
 
     /// argon2 verifications run so far (real ones and the stand-in for unknown devices).
@@ -671,15 +701,11 @@ impl Registry {
     /// unknown devices and devices without a secret.
     pub fn credential_stamp(&self, device_id: &str) -> Option<u64> {
         let index = self.inner.index_read();
-        let hash = index.get(device_id)?.secret_hash.clone()?;
+        let hash = index.get(device_id)?.secret.as_ref()?.hash.clone();
         let digest = secrets::sha256(hash.as_bytes());
         let mut first = [0u8; 8];
         first.copy_from_slice(&digest[..8]);
         Some(u64::from_le_bytes(first))
-    }
-
-    fn current_epoch(&self, device_id: &str) -> Option<u64> {
-        self.inner.index_read().get(device_id).map(|e| e.epoch)
     }
 
     /// Without a secret: the device exists, is enabled and may use `protocol`. For paths where
@@ -957,13 +983,13 @@ impl Registry {
             return Err(RegistryError::AlreadyExists { id: device.id });
         }
         let secret = secrets::generate();
-        let hash = self.hash_secret(&secret).await?;
+        let stored = self.hash_secret(&secret).await?;
         let id = device.id.clone();
         self.blocking(move |inner, conn| {
-            if !store::insert_device(conn, &device, Some(&hash))? {
+            if !store::insert_device(conn, &device, Some(&stored))? {
                 return Err(RegistryError::AlreadyExists { id: device.id });
             }
-            inner.install(device, Some(Arc::from(hash)));
+            inner.install(device, Some(Secret::from_stored(stored)));
             Ok(())
         })
         .await?;
@@ -972,12 +998,19 @@ impl Registry {
         Ok((device, secret))
     }
 
-    async fn hash_secret(&self, secret: &str) -> Result<String, RegistryError> {
+    /// A new secret as stored: its argon2id hash and (it is generated here, so right) its
+    /// digest.
+    async fn hash_secret(&self, secret: &str) -> Result<store::StoredSecret, RegistryError> {
+        let digest = secrets::hex(&secrets::sha256(secret.as_bytes()));
         let secret = secret.to_owned();
-        tokio::task::spawn_blocking(move || secrets::hash(&secret))
+        let hash = tokio::task::spawn_blocking(move || secrets::hash(&secret))
             .await
             .map_err(|e| RegistryError::Task(e.to_string()))?
-            .map_err(RegistryError::Hash)
+            .map_err(RegistryError::Hash)?;
+        Ok(store::StoredSecret {
+            hash,
+            digest: Some(digest),
+        })
     }
 
     /// Applies `changes` to a device.
@@ -1033,7 +1066,7 @@ impl Registry {
                 if !store::update_device(conn, &d)? {
                     return Err(RegistryError::NotFound { id });
                 }
-                inner.install(d, entry.secret_hash);
+                inner.install(d, entry.secret);
                 Ok(id)
             })
             .await?;
@@ -1075,7 +1108,7 @@ impl Registry {
             return Err(RegistryError::NotFound { id: id.to_owned() });
         }
         let secret = secrets::generate();
-        let hash = self.hash_secret(&secret).await?;
+        let stored = self.hash_secret(&secret).await?;
         let id = id.to_owned();
         let id2 = id.clone();
         self.blocking(move |inner, conn| {
@@ -1083,13 +1116,13 @@ impl Registry {
             let Some(entry) = inner.index_read().get(&id).cloned() else {
                 return Err(RegistryError::NotFound { id });
             };
-            if !store::set_secret_hash(conn, &id, &hash, now_ms)? {
+            if !store::set_secret(conn, &id, &stored, now_ms)? {
                 return Err(RegistryError::NotFound { id });
             }
             let mut d = entry.device;
             d.has_secret = true;
             d.updated_at_ms = now_ms;
-            inner.install(d, Some(Arc::from(hash)));
+            inner.install(d, Some(Secret::from_stored(stored)));
             Ok(())
         })
         .await?;

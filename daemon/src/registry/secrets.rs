@@ -3,9 +3,10 @@
 //! Invariants:
 //! - A secret is 32 bytes from the thread-local CSPRNG (ChaCha seeded by the OS), written as 64
 //!   lowercase hex digits. It exists in clear only in the response that creates or rotates it;
-//!   the registry stores its argon2id PHC string (salted, default cost: 19 MiB, 2 passes).
+//!   the registry stores its argon2id PHC string (salted, default cost: 19 MiB, 2 passes) and,
+//!   once it is known to be right, its SHA-256 digest.
 //! - Verification is slow on purpose (tens of ms): callers run it in `spawn_blocking` behind a
-//!   concurrency limit and keep positive results in [`super::cache::AuthCache`].
+//!   concurrency limit, and only when the digest cannot decide (see `Registry::authenticate`).
 //! - Digests are compared in constant time ([`digest_eq`]).
 
 use argon2::Argon2;

@@ -9,7 +9,10 @@
 //!   `registry.db.corrupt-<unix seconds>` (with its `-wal`/`-shm`), a fresh registry is created
 //!   and the [`Quarantine`] is reported so the daemon raises an alarm. Other errors (permissions,
 //!   a newer schema) stop the start instead.
-//! - Secrets exist here only as argon2id PHC strings (`devices.secret_hash`).
+//! - Secrets are never stored in clear: `devices.secret_hash` is the argon2id PHC string, and
+//!   `devices.secret_digest` the SHA-256 of the secret once it is known to be right (generated
+//!   here, or verified once against the hash). Secrets are 32 random bytes, so the digest cannot
+//!   be reversed or guessed any more than the hash can (see `Registry::authenticate`).
 //! - `device_status` and `commands` rows go with their device (`ON DELETE CASCADE`, foreign keys
 //!   on).
 //!
@@ -76,7 +79,17 @@ pub(super) const MIGRATIONS: &[&str] = &[
     // v2: a device's own MQTT ACL (JSON arrays of patterns; NULL: the global `[mqtt.acl]`).
     "ALTER TABLE devices ADD COLUMN mqtt_publish TEXT;
      ALTER TABLE devices ADD COLUMN mqtt_subscribe TEXT;",
+    // v3: the SHA-256 (hex) of a device's secret once known to be right; NULL: not yet (a
+    // secret from before v3 is verified with argon2 once, then its digest is filled in).
+    "ALTER TABLE devices ADD COLUMN secret_digest TEXT;",
 ];
+
+/// A device's stored secret: the argon2id PHC string and, once known, the SHA-256 (hex).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSecret {
+    pub hash: String,
+    pub digest: Option<String>,
+}
 
 /// Opens (creating and migrating) the registry database. Blocking.
 pub fn open(data_dir: &Path) -> Result<(Connection, Option<Quarantine>), RegistryError> {
@@ -151,16 +164,18 @@ fn acl_from_text(text: Option<String>) -> Option<Vec<String>> {
     text.map(|t| serde_json::from_str(&t).unwrap_or_default())
 }
 
-/// Every device with its secret hash.
-pub fn load_devices(conn: &Connection) -> rusqlite::Result<Vec<(Device, Option<String>)>> {
+/// Every device with its stored secret.
+pub fn load_devices(conn: &Connection) -> rusqlite::Result<Vec<(Device, Option<StoredSecret>)>> {
     let mut stmt = conn.prepare(
         "SELECT id, name, model, batch, firmware, location, tags, enabled, protocols,
-                secret_hash, source, created_at_ms, updated_at_ms, mqtt_publish, mqtt_subscribe
+                secret_hash, source, created_at_ms, updated_at_ms, mqtt_publish, mqtt_subscribe,
+                secret_digest
          FROM devices ORDER BY id",
     )?;
     let rows = stmt.query_map([], |r| {
         let tags: String = r.get(6)?;
         let secret_hash: Option<String> = r.get(9)?;
+        let secret_digest: Option<String> = r.get(15)?;
         Ok((
             Device {
                 id: r.get(0)?,
@@ -181,7 +196,10 @@ pub fn load_devices(conn: &Connection) -> rusqlite::Result<Vec<(Device, Option<S
                 state: super::State::Offline,
                 last_seen_ms: None,
             },
-            secret_hash,
+            secret_hash.map(|hash| StoredSecret {
+                hash,
+                digest: secret_digest,
+            }),
         ))
     })?;
     rows.collect()
@@ -191,14 +209,14 @@ pub fn load_devices(conn: &Connection) -> rusqlite::Result<Vec<(Device, Option<S
 pub fn insert_device(
     conn: &Connection,
     d: &Device,
-    secret_hash: Option<&str>,
+    secret: Option<&StoredSecret>,
 ) -> rusqlite::Result<bool> {
     let tags = serde_json::to_string(&d.tags).unwrap_or_else(|_| "[]".to_owned());
     let result = conn.execute(
         "INSERT INTO devices (id, name, model, batch, firmware, location, tags, enabled, protocols,
                               secret_hash, source, created_at_ms, updated_at_ms, mqtt_publish,
-                              mqtt_subscribe)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                              mqtt_subscribe, secret_digest)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
         params![
             d.id,
             d.name,
@@ -209,12 +227,13 @@ pub fn insert_device(
             tags,
             d.enabled,
             protocols_to_text(&d.protocols),
-            secret_hash,
+            secret.map(|s| &s.hash),
             d.source,
             d.created_at_ms,
             d.updated_at_ms,
             acl_to_text(d.mqtt_publish.as_deref()),
-            acl_to_text(d.mqtt_subscribe.as_deref())
+            acl_to_text(d.mqtt_subscribe.as_deref()),
+            secret.and_then(|s| s.digest.as_ref())
         ],
     );
     match result {
@@ -250,15 +269,31 @@ pub fn update_device(conn: &Connection, d: &Device) -> rusqlite::Result<bool> {
     Ok(n == 1)
 }
 
-pub fn set_secret_hash(
+/// Replaces a device's secret; `Ok(false)` if it does not exist.
+pub fn set_secret(
     conn: &Connection,
     id: &str,
-    hash: &str,
+    secret: &StoredSecret,
     updated_at_ms: i64,
 ) -> rusqlite::Result<bool> {
     let n = conn.execute(
-        "UPDATE devices SET secret_hash = ?2, updated_at_ms = ?3 WHERE id = ?1",
-        params![id, hash, updated_at_ms],
+        "UPDATE devices SET secret_hash = ?2, secret_digest = ?3, updated_at_ms = ?4 WHERE id = ?1",
+        params![id, secret.hash, secret.digest, updated_at_ms],
+    )?;
+    Ok(n == 1)
+}
+
+/// Records the digest of a secret just verified against `hash`, unless the device's secret
+/// changed meanwhile; `Ok(false)` then.
+pub fn set_secret_digest(
+    conn: &Connection,
+    id: &str,
+    hash: &str,
+    digest: &str,
+) -> rusqlite::Result<bool> {
+    let n = conn.execute(
+        "UPDATE devices SET secret_digest = ?3 WHERE id = ?1 AND secret_hash = ?2",
+        params![id, hash, digest],
     )?;
     Ok(n == 1)
 }

@@ -1,4 +1,4 @@
-//! Unit tests of the registry: authentication and its cache, inventory changes, monitoring
+//! Unit tests of the registry: authentication (digests and argon2), inventory changes, monitoring
 //! persistence, listing, commands.
 
 use super::commands::CommandState;
@@ -130,34 +130,30 @@ async fn rotating_a_secret_changes_its_stamp() {
     assert_eq!(reg.credential_stamp("nobody"), None);
 }
 
+/// A right secret is recognised by its digest, without argon2: from its creation, after other
+/// changes, after a restart; rotation replaces it at once. A secret stored before the digest
+/// existed (schema v2) costs one argon2 verification, then its digest is saved for good.
 #[tokio::test]
-async fn cache_holds_successes_only_and_is_invalidated_by_changes() {
+async fn a_right_secret_needs_no_argon2_also_after_a_restart_and_rotation_replaces_it() {
     let dir = tempfile::tempdir().unwrap();
     let reg = open(dir.path());
     let (_, secret) = reg.create(new_device("d")).await.unwrap();
-    assert_eq!(reg.inner.cache.len(), 0);
-    reg.authenticate("d", "wrong", Protocol::Mqtt)
-        .await
-        .unwrap_err();
-    assert_eq!(reg.inner.cache.len(), 0, "failures are never cached");
-    reg.authenticate("d", &secret, Protocol::Mqtt)
-        .await
-        .unwrap();
-    assert_eq!(reg.inner.cache.len(), 1);
+    let runs = |reg: &Registry| reg.verifications();
+    let login = |reg: Registry, secret: String| async move {
+        reg.authenticate("d", &secret, Protocol::Mqtt).await
+    };
 
-    // A cached success is fast: no argon2 run.
-    let t0 = Instant::now();
-    for _ in 0..100 {
-        reg.authenticate("d", &secret, Protocol::Mqtt)
-            .await
-            .unwrap();
-    }
-    assert!(
-        t0.elapsed() < Duration::from_millis(200),
-        "{:?}",
-        t0.elapsed()
+    assert_eq!(login(reg.clone(), secret.clone()).await, Ok(()));
+    assert_eq!(
+        runs(&reg),
+        0,
+        "a secret generated here is known to be right"
     );
-
+    assert_eq!(
+        login(reg.clone(), "wrong".repeat(13)).await,
+        Err(Refusal::BadSecret)
+    );
+    assert_eq!(runs(&reg), 1, "a wrong secret costs one verification");
     reg.update(
         "d",
         DeviceChanges {
@@ -167,32 +163,57 @@ async fn cache_holds_successes_only_and_is_invalidated_by_changes() {
     )
     .await
     .unwrap();
-    assert_eq!(
-        reg.inner.cache.len(),
-        0,
-        "an update drops the device's entries"
-    );
-    reg.authenticate("d", &secret, Protocol::Mqtt)
-        .await
-        .unwrap();
-
+    assert_eq!(login(reg.clone(), secret.clone()).await, Ok(()));
     let (_, new_secret) = reg.rotate_secret("d").await.unwrap();
-    assert_ne!(new_secret, secret);
     assert_eq!(
-        reg.authenticate("d", &secret, Protocol::Mqtt).await,
+        login(reg.clone(), secret.clone()).await,
         Err(Refusal::BadSecret),
         "the old secret stops working at once"
     );
-    reg.authenticate("d", &new_secret, Protocol::Mqtt)
-        .await
+    assert_eq!(login(reg.clone(), new_secret.clone()).await, Ok(()));
+    assert_eq!(runs(&reg), 2, "only the two refusals ran argon2");
+    drop(reg);
+
+    let reg = open(dir.path());
+    assert_eq!(login(reg.clone(), new_secret.clone()).await, Ok(()));
+    assert_eq!(runs(&reg), 0, "after a restart too");
+    drop(reg);
+
+    // A secret from before schema v3: no digest yet.
+    let file = dir.path().join(store::FILE_NAME);
+    let digest_of_d = || -> Option<String> {
+        rusqlite::Connection::open(&file)
+            .unwrap()
+            .query_row(
+                "SELECT secret_digest FROM devices WHERE id = 'd'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    rusqlite::Connection::open(&file)
+        .unwrap()
+        .execute("UPDATE devices SET secret_digest = NULL", [])
         .unwrap();
+    let reg = open(dir.path());
+    assert_eq!(login(reg.clone(), new_secret.clone()).await, Ok(()));
+    assert_eq!(login(reg.clone(), new_secret.clone()).await, Ok(()));
+    assert_eq!(runs(&reg), 1, "verified once, then known");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while digest_of_d().is_none() {
+        assert!(Instant::now() < deadline, "the digest was never saved");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        digest_of_d().as_deref(),
+        Some(secrets::hex(&secrets::sha256(new_secret.as_bytes())).as_str())
+    );
 
     reg.delete("d").await.unwrap();
     assert_eq!(
-        reg.authenticate("d", &new_secret, Protocol::Mqtt).await,
+        login(reg.clone(), new_secret).await,
         Err(Refusal::UnknownDevice)
     );
-    assert_eq!(reg.inner.cache.len(), 0);
 }
 
 #[tokio::test]

@@ -350,3 +350,20 @@ async fn a_second_connection_with_the_same_client_id_takes_the_session_over() {
     );
     assert_eq!(first.next(QUIET).await, None, "closed");
 }
+
+/// A client that closes its connection right after publishing (no DISCONNECT, no wait for
+/// acks): what it sent still reaches the outbox, QoS 0 included.
+#[tokio::test(start_paused = true)]
+async fn publishes_sent_before_the_client_closes_are_still_stored() {
+    let h = Harness::new(false);
+    let (mut c, _) = h.connect(&connect(4, "c1", "dev", true, &[])).await;
+    h.backend.hold();
+    c.send(&publish(0, false, "t/0", 0, None, b"x")).await;
+    c.send(&publish(1, false, "t/1", 1, None, b"x")).await;
+    tokio::time::sleep(QUIET).await;
+    drop(c);
+    tokio::time::sleep(QUIET).await;
+    h.backend.open(Verdict::Commit);
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(h.backend.topics(), ["t/0", "t/1"]);
+}
