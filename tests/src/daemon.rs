@@ -60,7 +60,23 @@ impl Daemon {
 
     /// Like [`Daemon::start_with`], with extra environment variables for the daemon.
     pub fn start_with_env(config_path: &Path, data_dir: PathBuf, env: &[(&str, &str)]) -> Daemon {
-        let mut child = Command::new(outpost_bin())
+        Self::start_binary(&outpost_bin(), config_path, data_dir, env)
+    }
+
+    /// Like [`Daemon::start`], running the `outpost` binary `bin` (another build, for a
+    /// benchmark's before/after).
+    pub fn start_other(bin: &Path, dir: &Path, extra: &str) -> Daemon {
+        let config_path = write_config(dir, extra);
+        Self::start_binary(bin, &config_path, dir.join("data"), &[])
+    }
+
+    fn start_binary(
+        bin: &Path,
+        config_path: &Path,
+        data_dir: PathBuf,
+        env: &[(&str, &str)],
+    ) -> Daemon {
+        let mut child = Command::new(bin)
             .arg("run")
             .arg("--config")
             .arg(config_path)

@@ -195,10 +195,14 @@ fn take_packet(buf: &mut BytesMut, max: usize) -> Result<Option<(u8, Bytes)>, De
         buf.reserve(size - buf.len());
         return Ok(None);
     }
-    let mut packet = buf.split_to(size);
-    packet.advance(header);
+    // The body is copied out rather than split off: a split-off body (and the payload sliced
+    // from it) would keep the whole read buffer alive until the record is committed and
+    // delivered, so every read would need a fresh buffer (a 64 KiB allocation and a copy of
+    // the partial packet at its end). Copying keeps the read buffer reusable in place.
+    let body = Bytes::copy_from_slice(&buf[header..size]);
+    buf.advance(size);
     debug_assert!(remaining <= MAX_VARINT);
-    Ok(Some((first, packet.freeze())))
+    Ok(Some((first, body)))
 }
 
 /// Reads the CONNECT that must open a connection. `max` bounds its size.

@@ -140,7 +140,7 @@ pub fn run(o: &Options, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()>
         medians.push((*kind, *protocol, rate, p99, delivered));
     }
     for &(kind, protocol, rate, p99, delivered) in &medians {
-        if kind != "outpost" {
+        if kind == "mosquitto" {
             continue;
         }
         if let Some(&(.., m_rate, m_p99, m_delivered)) = medians
@@ -148,7 +148,7 @@ pub fn run(o: &Options, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()>
             .find(|m| m.0 == "mosquitto" && m.1 == protocol)
         {
             println!(
-                "ratio outpost/mosquitto, MQTT {}: throughput {:.2}, p99 latency {:.2}{}",
+                "ratio {kind}/mosquitto, MQTT {}: throughput {:.2}, p99 latency {:.2}{}",
                 protocol.name(),
                 rate / m_rate,
                 p99 / m_p99,

@@ -17,7 +17,9 @@
 //! Outpost runs with `mqtt.allow_anonymous` (client `c` is the identity `anonymous/c`, whose
 //! default ACL covers `devices/anonymous/c/#`), except for `--storm`, which registers real devices
 //! with secrets (argon2). Its data directory is under the current directory (same disk as the
-//! project). `OUTPOST_BIN` picks another `outpost` binary (e.g. an older commit for a before/after).
+//! project). `OUTPOST_BIN` picks another `outpost` binary; `--brokers` may also name `before`,
+//! the `outpost` binary in `OUTPOST_BEFORE_BIN` (an older build), run alternating with the
+//! others for a before/after in the same run.
 
 #![allow(clippy::unwrap_used)] // bench code: a panic is the failure report
 #![allow(clippy::disallowed_methods)] // std::thread::sleep: blocking setup outside the runtime
@@ -77,7 +79,7 @@ pub struct Options {
     pub sessions: usize,
     /// Instead of publishing: this many registered devices connect at once; CONNACK latency.
     pub storm: usize,
-    /// `outpost`, `mosquitto` or both.
+    /// Servers under test, in the order runs alternate: `outpost`, `mosquitto`, `before`.
     pub brokers: Vec<&'static str>,
 }
 
@@ -134,11 +136,18 @@ fn parse_args() -> anyhow::Result<Option<Options>> {
                 }
             }
             "--brokers" => {
-                o.brokers = match text()?.as_str() {
-                    "outpost" => vec!["outpost"],
-                    "mosquitto" => vec!["mosquitto"],
-                    "both" => vec!["outpost", "mosquitto"],
-                    other => bail!("--brokers: outpost, mosquitto or both, not {other}"),
+                o.brokers = Vec::new();
+                for name in text()?.split(',') {
+                    match name {
+                        "outpost" => o.brokers.push("outpost"),
+                        "mosquitto" => o.brokers.push("mosquitto"),
+                        "before" => o.brokers.push("before"),
+                        "both" => o.brokers.extend(["outpost", "mosquitto"]),
+                        other => bail!(
+                            "--brokers: a comma-separated list of outpost, mosquitto, before \
+                             (or both), not {other}"
+                        ),
+                    }
                 }
             }
             "-h" | "--help" => {
@@ -146,7 +155,7 @@ fn parse_args() -> anyhow::Result<Option<Options>> {
                     "mqtt-bench [--publishers 100] [--seconds 10] [--warmup 2] [--runs 1] \
                      [--threads 1 (client runtime workers)] [--payload 100] \
                      [--rate 0 (total msg/s; 0 = as fast as possible)] [--inflight 100] \
-                     [--watch] [--protocol v3|v5|both] [--brokers outpost|mosquitto|both]\n\
+                     [--watch] [--protocol v3|v5|both] [--brokers outpost,mosquitto,before]\n\
                      mqtt-bench --idle N [--idle-subscribe | --idle-persistent] [--runs 1]\n\
                      mqtt-bench --queued N [--sessions 100] [--runs 1]\n\
                      mqtt-bench --storm N [--runs 1]   (Outpost only)"
@@ -167,6 +176,7 @@ fn parse_args() -> anyhow::Result<Option<Options>> {
 
 /// A broker under test: where it listens and its process id (for RSS).
 pub enum Server {
+    /// Outpost: this build's (or `OUTPOST_BIN`), or the `before` build.
     Outpost(Box<Daemon>, tempfile::TempDir),
     Mosquitto(Child, tempfile::TempDir),
 }
@@ -182,12 +192,18 @@ impl Server {
         let dir = tempfile::Builder::new()
             .prefix("mqtt-bench-")
             .tempdir_in(std::env::current_dir()?)?;
-        if kind == "outpost" {
+        if kind == "outpost" || kind == "before" {
             let config = format!(
                 "[mqtt]\nlisten = \"127.0.0.1:0\"\nallow_anonymous = true\n\
                  max_connections = {max_connections}\n{outpost_extra}"
             );
-            let mut daemon = Daemon::start(dir.path(), &config);
+            let mut daemon = if kind == "before" {
+                let bin = std::env::var_os("OUTPOST_BEFORE_BIN")
+                    .context("--brokers before needs OUTPOST_BEFORE_BIN=<outpost binary>")?;
+                Daemon::start_other(std::path::Path::new(&bin), dir.path(), &config)
+            } else {
+                Daemon::start(dir.path(), &config)
+            };
             let addr = mqtt_addr(&mut daemon)?;
             return Ok((Server::Outpost(Box::new(daemon), dir), addr));
         }
@@ -291,9 +307,9 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     if o.idle > 0 {
-        memory::idle(&o, &runtime)
+        memory::idle(&o)
     } else if o.queued > 0 {
-        memory::queued(&o, &runtime)
+        memory::queued(&o)
     } else if o.storm > 0 {
         storm::run(&o, &runtime)
     } else {
