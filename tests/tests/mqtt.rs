@@ -1383,8 +1383,13 @@ fn sockets_that_never_send_connect_do_not_keep_a_device_waiting() {
         started.elapsed()
     );
     assert_eq!(records(&d).len(), 1);
+    // The device's socket was accepted after all 300 idle ones, and at that moment at most
+    // 100 handshakes were pending (the budget), the device's among them: at least
+    // 300 - 99 idle ones were closed. (The per-address limit of 64 is not a floor here: while
+    // an address's oldest pending handshake is younger than 250 ms, a new socket from it is
+    // let in over that limit, inside the global budget.)
     assert!(
-        d.metric("outpost_mqtt_handshakes_evicted_total") >= 236.0,
+        d.metric("outpost_mqtt_handshakes_evicted_total") >= 201.0,
         "{}",
         d.metric("outpost_mqtt_handshakes_evicted_total")
     );

@@ -224,6 +224,12 @@ impl Plan {
     pub fn routed(&self) -> bool {
         !self.targets.is_empty()
     }
+
+    /// Whether [`Broker::commit`] has anything to write for it (copies for persistent
+    /// sessions, an eviction, a retained message); most publishes have not.
+    pub fn needs_commit(&self) -> bool {
+        self.msg.retain || self.targets.iter().any(|t| t.row || t.evict > 0)
+    }
 }
 
 #[derive(Debug)]

@@ -906,7 +906,10 @@ impl Conn {
         let (pkid, qos) = (p.pkid, p.qos);
         inflight.push_back(Box::pin(async move {
             let result = match stored.await {
-                Ok(_) => broker.commit(vec![plan]).await.map_err(|e| {
+                Ok(_) if !plan.needs_commit() => Ok(vec![plan]),
+                // Boxed: most publishes never get here, and the commit's state would otherwise
+                // make every publish's future (allocated per publish) that much larger.
+                Ok(_) => Box::pin(broker.commit(vec![plan])).await.map_err(|e| {
                     tracing::warn!(error = %e, "sessions.db refused a publish's queued copies");
                     Refusal::Nack(reason::UNSPECIFIED_ERROR, RefusedReason::OutboxError)
                 }),

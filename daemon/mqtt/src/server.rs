@@ -9,7 +9,9 @@
 //! connects properly waiting for long (they are closed, oldest first), and a burst of devices
 //! connecting at once is not mistaken for them (each gets time to send its CONNECT). Beyond
 //! `mqtt.max_pending_per_address` from one IP address, the oldest pending handshake of that
-//! address is closed in the same way, so one address cannot hold the whole budget for long.
+//! address is closed once it is old enough (while it is younger, the new socket is let in
+//! over the per-address limit, still inside the budget), so one address cannot hold the whole
+//! budget for long and devices behind one NAT reconnecting together are not refused.
 //! Only an authenticated CONNECT takes one of `mqtt.max_connections` slots; beyond them the
 //! CONNECT is refused (MQTT 5 0x9F, 3.1.1 0x03) instead of waiting.
 

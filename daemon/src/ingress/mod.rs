@@ -8,9 +8,10 @@
 //! Monitoring: a committed JSON object record with a numeric top-level `rssi` (dBm) reports the
 //! device's signal quality, and numeric `lat` and `lon` its location (see [`reported`]).
 //!
-//! After the commit each record is also offered to the local readings stream (a bounded
-//! broadcast channel the local MQTT bus publishes from, see [`bus`]). A slow local subscriber misses
-//! readings on that stream (it lags); the outbox still has every one of them.
+//! After the commit each record that did not come over MQTT is also offered to the local readings
+//! stream (a bounded broadcast channel the local MQTT bus publishes from, see [`bus`]; the MQTT
+//! server routes MQTT records itself). A slow local subscriber misses readings on that stream (it
+//! lags); the outbox still has every one of them.
 
 pub mod body;
 pub mod bus;
@@ -175,11 +176,23 @@ impl Ingest {
     /// drivers).
     pub async fn append(&self, mut envelopes: Vec<Envelope>) -> Result<Vec<u64>, AppendError> {
         self.prioritise(&mut envelopes);
-        // Copies for the local stream only when someone listens.
-        let local = (self.readings.receiver_count() > 0).then(|| envelopes.clone());
+        // Copies for the local stream only when someone listens, and never of MQTT records:
+        // the MQTT server has routed those itself, and the stream exists for the bus.
+        let local: Option<Vec<(usize, Envelope)>> =
+            (self.readings.receiver_count() > 0).then(|| {
+                envelopes
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, e)| e.source != Source::Mqtt)
+                    .map(|(i, e)| (i, e.clone()))
+                    .collect()
+            });
         let seqs = self.outbox.append_all(envelopes).await?;
         if let Some(local) = local {
-            for (seq, e) in seqs.iter().zip(local) {
+            for (i, e) in local {
+                let Some(seq) = seqs.get(i) else {
+                    continue;
+                };
                 // No receiver left is fine: the outbox has the record.
                 let _ = self.readings.send(LocalReading {
                     seq: *seq,
