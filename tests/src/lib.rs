@@ -67,3 +67,11 @@ fn is_executable(path: &Path) -> bool {
     path.metadata()
         .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
+
+/// This package's directory, as the test runner reports it when the test runs (cargo and
+/// nextest set it): a test binary reused from a build in another checkout must not read that
+/// checkout's files, which may be gone.
+pub fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+}

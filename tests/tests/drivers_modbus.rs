@@ -12,7 +12,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -32,7 +32,7 @@ struct Slave {
 
 impl Slave {
     fn start(args: &[&str]) -> Slave {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/modbus_slave.py");
+        let script = outpost_e2e::manifest_dir().join("peers/modbus_slave.py");
         let mut child = Command::new(require_command("python3"))
             .arg(script)
             .args(args)

@@ -11,7 +11,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
@@ -36,7 +36,7 @@ struct Sim {
 impl Sim {
     fn start(link: &Path, state: &Path) -> Sim {
         let python = require_command("python3");
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/znp_sim.py");
+        let script = outpost_e2e::manifest_dir().join("peers/znp_sim.py");
         let mut child = Command::new(python)
             .arg(script)
             .arg(link)

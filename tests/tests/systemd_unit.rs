@@ -23,7 +23,7 @@ const INSTALLED_BIN: &str = "/usr/bin/outpost";
 const DAEMON_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 fn systemd_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd")
+    outpost_e2e::manifest_dir().join("../systemd")
 }
 
 fn read(name: &str) -> String {
