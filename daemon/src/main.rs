@@ -1,9 +1,10 @@
 //! The `outpost` binary: command-line edge of the daemon. Everything here turns `anyhow` errors
 //! and typed results into exit codes; the work happens in the library modules.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)] // one exception: the allocator options in `allocator`
 
 mod admin;
+mod allocator;
 mod api;
 mod app;
 mod apps;
