@@ -30,6 +30,7 @@
 //! - **Keep-alive**: nothing from the client for 1.5 × its keep-alive closes the connection
 //!   (MQTT 5 0x8D).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -698,12 +699,13 @@ impl Conn {
                     };
                     if version.is_v5() {
                         let props = delivery_props(&delivery, now);
+                        let props = &*props;
                         encode::publish(
                             &mut self.out,
                             version,
                             h,
                             &delivery.msg.topic,
-                            &props,
+                            props,
                             &delivery.msg.payload,
                         );
                     } else {
@@ -1235,14 +1237,26 @@ fn identity_device(a: &crate::broker::Attached) -> String {
 }
 
 /// The properties a delivery carries: the message's, its subscription identifiers, and what is
-/// left of its expiry.
-fn delivery_props(d: &Delivery, now: u64) -> PublishProps {
-    let mut props = d.msg.props.clone();
-    props.topic_alias = None;
-    props.subscription_ids.clone_from(&d.sub_ids);
-    props.message_expiry = d
+/// left of its expiry. Borrowed when there is nothing to add (the common case), so a delivery
+/// does not copy every string property of its message.
+fn delivery_props(d: &Delivery, now: u64) -> Cow<'_, PublishProps> {
+    let expiry = d
         .msg
         .expires_at
         .map(|at| u32::try_from(at.saturating_sub(now).max(1)).unwrap_or(u32::MAX));
-    props
+    // A stored message never keeps the publisher's topic alias (resolved on receipt) nor
+    // subscription identifiers (server to client only), so its own properties are exact
+    // whenever the delivery adds neither identifiers nor an expiry.
+    if d.sub_ids.is_empty()
+        && expiry.is_none()
+        && d.msg.props.topic_alias.is_none()
+        && d.msg.props.subscription_ids.is_empty()
+    {
+        return Cow::Borrowed(&d.msg.props);
+    }
+    let mut props = d.msg.props.clone();
+    props.topic_alias = None;
+    props.subscription_ids.clone_from(&d.sub_ids);
+    props.message_expiry = expiry;
+    Cow::Owned(props)
 }

@@ -238,7 +238,7 @@ fn envelopes(
 /// mention these keys are not parsed at all.
 pub fn reported(envelope: &Envelope) -> Vec<Traffic> {
     let is_json = envelope.content_type.as_deref() == Some(body::Format::Json.mime());
-    let mentions = |key: &[u8]| envelope.payload.windows(key.len()).any(|w| w == key);
+    let mentions = |key: &[u8]| memchr::memmem::find(&envelope.payload, key).is_some();
     if !is_json || !(mentions(b"\"rssi\"") || mentions(b"\"lat\"")) {
         return Vec::new();
     }

@@ -5,6 +5,11 @@
 //!
 //! Latency is publish call → PUBACK: it includes the client's own queueing, so at a fixed rate it
 //! is what a device would see. A PUBACK counts when its publish was made inside the window.
+//!
+//! The load client shares the machine's cores with the broker, so at full speed a figure is
+//! partly the client's: the bench also reports the broker's own CPU time per PUBACKed message
+//! in the window (all its threads, from `/proc/<pid>/stat`), which is what compares protocols
+//! or builds without the client's cost in it.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -88,6 +93,8 @@ struct Figures {
     p99: f64,
     /// Messages per second the `--watch` subscriber received.
     delivered: Option<f64>,
+    /// The broker's CPU time per PUBACKed message in the window, microseconds.
+    cpu_us: f64,
 }
 
 pub fn run(o: &Options, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {
@@ -127,9 +134,10 @@ pub fn run(o: &Options, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()>
         let rate = median(figures.iter().map(|f| f.rate).collect());
         let p99 = median(figures.iter().map(|f| f.p99).collect());
         let delivered = median(figures.iter().filter_map(|f| f.delivered).collect());
+        let cpu_us = median(figures.iter().map(|f| f.cpu_us).collect());
         print!(
             "{kind} MQTT {}: median of {} runs: {rate:.0} msg/s PUBACKed, p99 publish->PUBACK \
-             {p99:.2} ms",
+             {p99:.2} ms, broker CPU {cpu_us:.2} us per message",
             protocol.name(),
             o.runs
         );
@@ -137,13 +145,13 @@ pub fn run(o: &Options, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()>
             print!(", {delivered:.0} msg/s delivered to the subscriber");
         }
         println!();
-        medians.push((*kind, *protocol, rate, p99, delivered));
+        medians.push((*kind, *protocol, rate, p99, delivered, cpu_us));
     }
-    for &(kind, protocol, rate, p99, delivered) in &medians {
+    for &(kind, protocol, rate, p99, delivered, _) in &medians {
         if kind == "mosquitto" {
             continue;
         }
-        if let Some(&(.., m_rate, m_p99, m_delivered)) = medians
+        if let Some(&(.., m_rate, m_p99, m_delivered, _)) = medians
             .iter()
             .find(|m| m.0 == "mosquitto" && m.1 == protocol)
         {
@@ -160,21 +168,24 @@ pub fn run(o: &Options, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()>
             );
         }
     }
-    for &(kind, protocol, rate, _, delivered) in &medians {
+    for &(kind, protocol, rate, _, delivered, cpu_us) in &medians {
         if protocol != Protocol::V5 {
             continue;
         }
-        if let Some(&(.., v3_rate, _, v3_delivered)) =
+        if let Some(&(.., v3_rate, _, v3_delivered, v3_cpu_us)) =
             medians.iter().find(|m| m.0 == kind && m.1 == Protocol::V3)
         {
+            // The CPU ratio is the throughput ratio the broker alone would allow.
             println!(
-                "ratio MQTT 5 + properties / 3.1.1, {kind}: PUBACKed {:.2}{}",
+                "ratio MQTT 5 + properties / 3.1.1, {kind}: PUBACKed {:.2}{}, messages per \
+                 broker CPU second {:.2}",
                 rate / v3_rate,
                 if o.watch {
                     format!(", delivered {:.2}", delivered / v3_delivered)
                 } else {
                     String::new()
-                }
+                },
+                v3_cpu_us / cpu_us
             );
         }
     }
@@ -193,9 +204,16 @@ fn one_run(
     let measure = Duration::from_secs(o.seconds);
     let warmup = Duration::from_secs(o.warmup);
     let payload = Bytes::from(vec![b'x'; o.payload]);
-    let (tallies, watched) = runtime.block_on(async {
+    let pid = server.pid();
+    let (tallies, watched, cpu_seconds) = runtime.block_on(async {
         let start = Instant::now() + Duration::from_millis(500);
         let window = (start + warmup, start + warmup + measure);
+        let cpu = tokio::spawn(async move {
+            tokio::time::sleep_until(window.0.into()).await;
+            let before = cpu_seconds(pid)?;
+            tokio::time::sleep_until(window.1.into()).await;
+            anyhow::Ok(cpu_seconds(pid)? - before)
+        });
         let watcher = if o.watch {
             let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
             let task = tokio::spawn(watcher(addr, protocol, window, subscribed_tx));
@@ -234,7 +252,8 @@ fn one_run(
             Some(w) => Some(w.await??),
             None => None,
         };
-        anyhow::Ok((tallies, watched))
+        let cpu_seconds = cpu.await??;
+        anyhow::Ok((tallies, watched, cpu_seconds))
     })?;
     let mut latencies: Vec<u32> = tallies
         .iter()
@@ -244,6 +263,7 @@ fn one_run(
     let errors: Vec<&String> = tallies.iter().flat_map(|t| &t.errors).collect();
     let acked = latencies.len();
     let rate = acked as f64 / measure.as_secs_f64();
+    let cpu_us = cpu_seconds * 1e6 / acked.max(1) as f64;
     let (p50, p99, max) = (
         quantile_ms(&latencies, 0.50),
         quantile_ms(&latencies, 0.99),
@@ -252,7 +272,8 @@ fn one_run(
     let stored = server.stop()?;
     println!(
         "{kind} MQTT {} run {run}: {acked} PUBACKs in {:.0} s = {rate:.0} msg/s; publish->PUBACK \
-         p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms; {} errors{}",
+         p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms; broker CPU {cpu_seconds:.2} s = \
+         {cpu_us:.2} us per message; {} errors{}",
         protocol.name(),
         measure.as_secs_f64(),
         errors.len(),
@@ -276,7 +297,25 @@ fn one_run(
         rate,
         p99,
         delivered,
+        cpu_us,
     })
+}
+
+/// CPU time (user + system, all threads) a process has used, in seconds. `/proc` reports it in
+/// USER_HZ clock ticks, 100 per second on Linux whatever the kernel's own tick rate.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which is in parentheses and may contain spaces): state is
+    // field 3, utime and stime fields 14 and 15.
+    let rest = stat.rsplit_once(')').context("/proc/<pid>/stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields
+            .get(i - 3)
+            .context("/proc/<pid>/stat field")?
+            .parse::<u64>()? as f64)
+    };
+    Ok((ticks(14)? + ticks(15)?) / 100.0)
 }
 
 /// The `--watch` subscriber: QoS 0 on every publisher's topic; counts the messages that arrive
