@@ -201,6 +201,9 @@ fn one_run(
 ) -> anyhow::Result<Figures> {
     let acl = if o.watch { WATCH_ACL } else { "" };
     let (server, addr) = Server::start(kind, o.publishers + 16, acl)?;
+    if let Some(cpus) = &o.broker_cpus {
+        crate::pin(server.pid(), cpus)?;
+    }
     let measure = Duration::from_secs(o.seconds);
     let warmup = Duration::from_secs(o.warmup);
     let payload = Bytes::from(vec![b'x'; o.payload]);
