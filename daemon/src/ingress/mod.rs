@@ -238,8 +238,7 @@ fn envelopes(
 /// mention these keys are not parsed at all.
 pub fn reported(envelope: &Envelope) -> Vec<Traffic> {
     let is_json = envelope.content_type.as_deref() == Some(body::Format::Json.mime());
-    let mentions = |key: &[u8]| memchr::memmem::find(&envelope.payload, key).is_some();
-    if !is_json || !(mentions(b"\"rssi\"") || mentions(b"\"lat\"")) {
+    if !is_json || !mentions_report_keys(&envelope.payload) {
         return Vec::new();
     }
     let Ok(serde_json::Value::Object(fields)) = serde_json::from_slice(&envelope.payload) else {
@@ -257,6 +256,15 @@ pub fn reported(envelope: &Envelope) -> Vec<Traffic> {
         out.push(Traffic::Location { lat, lon });
     }
     out
+}
+
+/// Whether a payload mentions the key `"rssi"` or `"lat"`: one pass over its quote characters
+/// (this runs for every JSON reading, most of which mention neither).
+fn mentions_report_keys(payload: &[u8]) -> bool {
+    memchr::memchr_iter(b'"', payload).any(|i| {
+        let rest = &payload[i + 1..];
+        rest.starts_with(b"rssi\"") || rest.starts_with(b"lat\"")
+    })
 }
 
 #[cfg(test)]
@@ -333,5 +341,13 @@ mod tests {
         assert!(reported(&env("application/json", br#"{"lat":91,"lon":0}"#)).is_empty());
         assert!(reported(&env("application/cbor", br#"{"rssi":-60}"#)).is_empty());
         assert!(reported(&env("application/json", br#"{"rssi":"weak"}"#)).is_empty());
+        // Only the quoted keys count; a key found after other quoted text still counts.
+        assert_eq!(
+            reported(&env("application/json", br#"{"a":"x","lat":1,"lon":2}"#)),
+            vec![Traffic::Location { lat: 1.0, lon: 2.0 }]
+        );
+        assert!(!mentions_report_keys(br#"{"latency":1,"xrssi":2}"#));
+        assert!(!mentions_report_keys(b"rssi lat"));
+        assert!(mentions_report_keys(br#"{"rssi":1}"#));
     }
 }

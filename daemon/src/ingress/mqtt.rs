@@ -161,7 +161,8 @@ impl Backend for GatewayBackend {
         record: Record,
         key: Option<String>,
     ) -> BoxFuture<'static, Result<u64, StoreRefusal>> {
-        let mut headers = vec![("mqtt_qos".to_owned(), (record.qos as u8).to_string())];
+        let mut headers = Vec::with_capacity(3 + record.user.len());
+        headers.push(("mqtt_qos".to_owned(), (record.qos as u8).to_string()));
         if record.retain {
             headers.push(("mqtt_retain".to_owned(), "true".to_owned()));
         }

@@ -416,13 +416,18 @@ fn insert(
     totals: &mut Totals,
 ) -> rusqlite::Result<Vec<u64>> {
     let mut seqs = Vec::with_capacity(records.len());
+    // One buffer for every record's headers JSON: the writer thread is shared by all ingress.
+    let mut headers_json = Vec::new();
     for record in records {
         let e = &record.envelope;
         let seq = totals.next_seq;
         let headers = if e.headers.is_empty() {
             None
         } else {
-            Some(serde_json::to_string(&e.headers).unwrap_or_default())
+            headers_json.clear();
+            // Serialising strings into a Vec cannot fail, and the JSON is UTF-8.
+            let _ = serde_json::to_writer(&mut headers_json, &e.headers);
+            std::str::from_utf8(&headers_json).ok()
         };
         stmt.execute(rusqlite::params![
             seq as i64,
