@@ -13,7 +13,8 @@
 #         them (tests/src/bin/mqtt-bench/): QoS 1 msg/s from 100 rumqttc publishers, 100-byte
 #         payloads (median of 5); p99 publish->PUBACK at 20,000 msg/s (median of 3); one
 #         subscriber to every topic, MQTT 3.1.1 vs MQTT 5 with a content type and 2 user
-#         properties (median of 3); RSS with 1,000 idle devices (plain, subscribed, persistent
+#         properties (median of 5), once on shared cores and once with the load client and
+#         the broker on separate cores (--client-cpus/--broker-cpus); RSS with 1,000 idle devices (plain, subscribed, persistent
 #         sessions); RSS growth with 10,000 messages queued for 100 offline sessions; CONNACK
 #         latency when 1,000 registered devices connect at once, after a restart and with the
 #         gateway running (Outpost only). OUTPOST_BIN=<binary> measures another build.
@@ -137,7 +138,9 @@ mqtt() {
   local b="$target_dir/release/mqtt-bench"
   "$b" --publishers 100 --seconds 10 --warmup 2 --runs 5
   "$b" --publishers 100 --seconds 10 --warmup 2 --runs 3 --rate 20000
-  "$b" --publishers 100 --seconds 10 --warmup 2 --runs 3 --watch --protocol both
+  "$b" --publishers 100 --seconds 10 --warmup 2 --runs 5 --watch --protocol both
+  # The same with the load client on core 0 and the broker on core 1 (a figure of the broker alone).
+  "$b" --publishers 100 --seconds 10 --warmup 2 --runs 5 --watch --protocol both --client-cpus 0 --broker-cpus 1
   "$b" --idle 1000 --runs 3
   "$b" --idle 1000 --idle-subscribe --runs 3
   "$b" --idle 1000 --idle-persistent --runs 3
