@@ -14,8 +14,8 @@
 #         payloads (median of 5); p99 publish->PUBACK at 20,000 msg/s (median of 3); one
 #         subscriber to every topic, MQTT 3.1.1 vs MQTT 5 with a content type and 2 user
 #         properties (median of 5), once on shared cores and once with the load client and
-#         the broker on separate cores (--client-cpus/--broker-cpus); RSS with 1,000 idle devices (plain, subscribed, persistent
-#         sessions); RSS growth with 10,000 messages queued for 100 offline sessions; CONNACK
+#         the broker on separate cores (--client-cpus/--broker-cpus); RSS with 1,000 idle
+#         devices (plain, subscribed, persistent sessions); RSS growth with 10,000 messages queued for 100 offline sessions; CONNACK
 #         latency when 1,000 registered devices connect at once, after a restart and with the
 #         gateway running (Outpost only). OUTPOST_BIN=<binary> measures another build.
 # serial: serial line parsing throughput per format, one core (drivers/benches/line_parse.rs)

@@ -699,13 +699,12 @@ impl Conn {
                     };
                     if version.is_v5() {
                         let props = delivery_props(&delivery, now);
-                        let props = &*props;
                         encode::publish(
                             &mut self.out,
                             version,
                             h,
                             &delivery.msg.topic,
-                            props,
+                            &props,
                             &delivery.msg.payload,
                         );
                     } else {

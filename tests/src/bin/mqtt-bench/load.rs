@@ -201,13 +201,13 @@ fn one_run(
 ) -> anyhow::Result<Figures> {
     let acl = if o.watch { WATCH_ACL } else { "" };
     let (server, addr) = Server::start(kind, o.publishers + 16, acl)?;
+    let pid = server.pid();
     if let Some(cpus) = &o.broker_cpus {
-        crate::pin(server.pid(), cpus)?;
+        crate::pin(pid, cpus)?;
     }
     let measure = Duration::from_secs(o.seconds);
     let warmup = Duration::from_secs(o.warmup);
     let payload = Bytes::from(vec![b'x'; o.payload]);
-    let pid = server.pid();
     let (tallies, watched, cpu_seconds) = runtime.block_on(async {
         let start = Instant::now() + Duration::from_millis(500);
         let window = (start + warmup, start + warmup + measure);
