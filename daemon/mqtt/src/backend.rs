@@ -9,6 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use bytestring::ByteString;
 
 use crate::acl::Acl;
 use crate::codec::QoS;
@@ -55,9 +56,9 @@ pub struct Record {
     pub payload: Bytes,
     pub qos: QoS,
     pub retain: bool,
-    pub content_type: Option<String>,
+    pub content_type: Option<ByteString>,
     /// MQTT 5 user properties, in order.
-    pub user: Vec<(String, String)>,
+    pub user: Vec<(ByteString, ByteString)>,
     /// A will, published by the server because its client went away.
     pub will: bool,
 }

@@ -349,7 +349,7 @@ async fn publish(
         qos: QoS::AtLeastOnce,
         retain: false,
         props: PublishProps {
-            content_type,
+            content_type: content_type.map(Into::into),
             ..PublishProps::default()
         },
         expires_at: None,

@@ -169,10 +169,16 @@ impl Backend for GatewayBackend {
         if record.will {
             headers.push(("mqtt_will".to_owned(), "true".to_owned()));
         }
-        headers.extend(record.user);
+        // The properties share the packet's buffer; the outbox record owns its copies.
+        headers.extend(
+            record
+                .user
+                .iter()
+                .map(|(k, v)| (String::from(&**k), String::from(&**v))),
+        );
         let record = IngestRecord {
             topic: record.topic.to_string(),
-            content_type: record.content_type,
+            content_type: record.content_type.as_deref().map(String::from),
             payload: record.payload.to_vec(),
             headers,
         };

@@ -3,6 +3,7 @@
 //! buffer and leave partial ones there (`Ok(None)`: read more).
 
 use bytes::{Buf, Bytes, BytesMut};
+use bytestring::ByteString;
 
 use super::{
     Ack, Connect, Disconnect, MAX_VARINT, Packet, Publish, QoS, Subscribe, SubscribeFilter,
@@ -144,15 +145,20 @@ impl Cursor {
 
     /// A UTF-8 Encoded String: well-formed UTF-8 without U+0000 (MQTT-1.5.4-1, -2).
     pub fn string(&mut self) -> Result<String, DecodeError> {
-        let bytes = self.binary()?;
-        let text = std::str::from_utf8(&bytes)
+        Ok(String::from(&*self.text()?))
+    }
+
+    /// [`Cursor::string`], sharing the packet's buffer instead of copying: for the MQTT 5
+    /// properties a message carries to its subscribers and into the outbox.
+    pub fn text(&mut self) -> Result<ByteString, DecodeError> {
+        let text = ByteString::try_from(self.binary()?)
             .map_err(|_| DecodeError::Malformed("a string is not well-formed UTF-8".into()))?;
         if text.contains('\0') {
             return Err(DecodeError::Malformed(
                 "a string contains U+0000".to_owned(),
             ));
         }
-        Ok(text.to_owned())
+        Ok(text)
     }
 
     /// Everything left.

@@ -7,6 +7,7 @@
 //! (Receive Maximum 0, Maximum Packet Size 0, a Payload Format Indicator other than 0 or 1, …).
 
 use bytes::{BufMut, Bytes, BytesMut};
+use bytestring::ByteString;
 
 use super::decode::{Cursor, DecodeError};
 use super::encode::{put_binary, put_str, put_varint, varint_len};
@@ -45,12 +46,12 @@ pub struct PublishProps {
     pub message_expiry: Option<u32>,
     /// Client to server only (resolved by the connection, never forwarded).
     pub topic_alias: Option<u16>,
-    pub response_topic: Option<String>,
+    pub response_topic: Option<ByteString>,
     pub correlation_data: Option<Bytes>,
-    pub user: Vec<(String, String)>,
+    pub user: Vec<(ByteString, ByteString)>,
     /// Server to client only: the identifiers of the subscriptions a delivery matched.
     pub subscription_ids: Vec<u32>,
-    pub content_type: Option<String>,
+    pub content_type: Option<ByteString>,
 }
 
 impl PublishProps {
@@ -137,7 +138,7 @@ pub struct ConnectProps {
     pub topic_alias_maximum: Option<u16>,
     pub request_response_information: Option<u8>,
     pub request_problem_information: Option<u8>,
-    pub user: Vec<(String, String)>,
+    pub user: Vec<(ByteString, ByteString)>,
     pub authentication_method: Option<String>,
     pub authentication_data: Option<Bytes>,
 }
@@ -201,8 +202,8 @@ fn read_section_with(
     Ok(())
 }
 
-fn user_property(c: &mut Cursor) -> Result<(String, String), DecodeError> {
-    Ok((c.string()?, c.string()?))
+fn user_property(c: &mut Cursor) -> Result<(ByteString, ByteString), DecodeError> {
+    Ok((c.text()?, c.text()?))
 }
 
 /// Reads one of the application-message properties into `p`; false if `id` is not one.
@@ -212,9 +213,9 @@ fn message_property(id: u8, c: &mut Cursor, p: &mut PublishProps) -> Result<bool
             p.payload_format = Some(byte_flag(c, "Payload Format Indicator")?)
         }
         MESSAGE_EXPIRY_INTERVAL => p.message_expiry = Some(c.u32()?),
-        CONTENT_TYPE => p.content_type = Some(c.string()?),
+        CONTENT_TYPE => p.content_type = Some(c.text()?),
         RESPONSE_TOPIC => {
-            let topic = c.string()?;
+            let topic = c.text()?;
             if topic.is_empty() || topic.contains(['+', '#']) {
                 return Err(DecodeError::Protocol(
                     "the Response Topic must be a topic name (no wildcards)".into(),

@@ -323,7 +323,7 @@ fn publish_rules() {
     };
     assert_eq!(p.props.payload_format, Some(1));
     assert_eq!(p.props.content_type.as_deref(), Some("text"));
-    assert_eq!(p.props.user, vec![("k".to_owned(), "v".to_owned())]);
+    assert_eq!(p.props.user, vec![("k".into(), "v".into())]);
 }
 
 #[test]
