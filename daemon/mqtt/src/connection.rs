@@ -495,11 +495,7 @@ impl Conn {
                             }
                             how.will = d.reason == reason::DISCONNECT_WITH_WILL;
                             // What is committing still gets its ack; then the client is gone.
-                            while let Some(done) = inflight.next().await {
-                                if self.complete(done).is_err() {
-                                    break;
-                                }
-                            }
+                            self.settle(&mut inflight).await;
                             let _ = wr.write_all(&self.out).await;
                             return Ok(());
                         }
@@ -531,22 +527,22 @@ impl Conn {
                 tokio::select! {
                     () = stop.cancelled() => {
                         how.will = false;
+                        self.settle(&mut inflight).await;
                         self.disconnect(wr, reason::SERVER_SHUTTING_DOWN).await;
                         return Err(ConnError::Closed("server shutting down".into()));
                     }
                     () = kick.cancelled() => {
+                        // The new connection may have won the race against this one's last
+                        // packets (a client that publishes, disconnects and reconnects at once):
+                        // what was received here is still committed, never dropped mid-way.
+                        self.settle(&mut inflight).await;
                         self.disconnect(wr, reason::SESSION_TAKEN_OVER).await;
                         return Err(ConnError::Closed("taken over by a new connection".into()));
                     }
                     r = fill(rd, buf), if room => {
                         if !r? {
-                            // What the client sent before closing still counts (QoS 0 too):
-                            // finish the commits under way before letting go of them.
-                            while let Some(done) = inflight.next().await {
-                                if self.complete(done).is_err() {
-                                    break;
-                                }
-                            }
+                            // What the client sent before closing still counts (QoS 0 too).
+                            self.settle(&mut inflight).await;
                             return Err(ConnError::Closed("closed by the client".into()));
                         }
                         last_heard = Instant::now();
@@ -587,6 +583,17 @@ impl Conn {
             let _ = wr.write_all(&self.out).await;
         }
         (result, how)
+    }
+
+    /// Finishes every publish, PUBREL and subscription under way before the connection ends,
+    /// whatever ends it: a store future dropped half-way would lose a QoS 0 publish the client
+    /// sent before it left. Their acks go into `out` (written if the socket still takes them).
+    async fn settle(&mut self, inflight: &mut InFlight) {
+        while let Some(done) = inflight.next().await {
+            if self.complete(done).is_err() {
+                break;
+            }
+        }
     }
 
     fn malformed(&mut self, e: &DecodeError) {

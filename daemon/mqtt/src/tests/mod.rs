@@ -351,6 +351,40 @@ async fn a_second_connection_with_the_same_client_id_takes_the_session_over() {
     assert_eq!(first.next(QUIET).await, None, "closed");
 }
 
+/// A takeover that wins the race against the old connection's last publishes (a client that
+/// publishes, disconnects and reconnects at once with the same client id): what the old
+/// connection received is committed, QoS 0 included, before it closes.
+#[tokio::test(start_paused = true)]
+async fn publishes_received_before_a_takeover_are_still_stored() {
+    let h = Harness::new(false);
+    let (mut first, _) = h.connect(&connect(5, "same", "dev", true, &[])).await;
+    h.backend.hold();
+    first
+        .send(&publish(0, false, "t/0", 0, Some(&[]), b"x"))
+        .await;
+    first
+        .send(&publish(1, false, "t/1", 1, Some(&[]), b"x"))
+        .await;
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(h.backend.held(), 2, "both publishes are committing");
+    // The takeover's CONNACK waits for the old connection to let go of the session, which it
+    // does once its commits are done.
+    let second = connect(5, "same", "dev", true, &[]);
+    let ((_second, connack), ()) = tokio::join!(h.connect(&second), async {
+        tokio::time::sleep(QUIET).await;
+        h.backend.open(Verdict::Commit);
+    });
+    assert_eq!(connack.body[1], 0, "CONNACK success");
+    let g = first.expect().await;
+    assert_eq!(
+        (g.first, g.pkid()),
+        (0x40, 1),
+        "the old connection's PUBACK"
+    );
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(h.backend.topics(), ["t/0", "t/1"]);
+}
+
 /// A client that closes its connection right after publishing (no DISCONNECT, no wait for
 /// acks): what it sent still reaches the outbox, QoS 0 included.
 #[tokio::test(start_paused = true)]
