@@ -56,7 +56,7 @@ pub use model::{
 };
 pub use model::{BacklogOrder, Compression, RuleAction, RuleKey, SaslMechanism, SecurityProtocol};
 pub use model::{MqttClientAuth, MqttTlsConfig};
-pub use model::{check_acl_pattern, check_kafka_topic};
+pub use model::{check_acl_pattern, check_kafka_topic, derived_gateway_id, machine_id};
 pub use units::ByteSize;
 pub use validate::{MAX_TOPIC_BYTES, check_device_id, check_record_topic};
 

@@ -562,8 +562,45 @@ impl Default for SimulatorConfig {
 /// Where the daemon's state lives when nothing is configured and systemd sets no
 /// `$STATE_DIRECTORY`.
 const FALLBACK_DATA_DIR: &str = "./outpost-data";
-/// Gateway id when none is configured and the host name is unavailable.
+/// Gateway id when none is configured and neither a machine id nor the host name is available.
 const FALLBACK_GATEWAY_ID: &str = "outpost";
+
+/// The files systemd (and D-Bus before it) keep the machine id in: 32 hex digits, given once
+/// when the system is installed (machine-id(5)).
+const MACHINE_ID_FILES: [&str; 2] = ["/etc/machine-id", "/var/lib/dbus/machine-id"];
+
+/// This installation's machine id, when the system has one.
+pub fn machine_id() -> Option<String> {
+    MACHINE_ID_FILES.iter().find_map(|path| {
+        let id = std::fs::read_to_string(path)
+            .ok()?
+            .trim()
+            .to_ascii_lowercase();
+        (id.len() == 32
+            && id.bytes().all(|b| b.is_ascii_hexdigit())
+            && id.bytes().any(|b| b != b'0'))
+        .then_some(id)
+    })
+}
+
+/// The default gateway id on a machine with a machine id: `outpost-` and 12 hex digits of a
+/// SHA-256 of an Outpost-specific label and the machine id. Unique per installation (a fleet of
+/// Pis all called `raspberrypi` gets distinct ids, so no two share a Kafka `transactional.id`),
+/// stable across renames and reboots, and it does not disclose the machine id itself, which
+/// machine-id(5) asks applications to keep confidential. 48 bits: among 10,000 gateways the
+/// chance that two share an id is below one in a million.
+pub fn derived_gateway_id(machine_id: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::new()
+        .chain_update(b"outpost gateway id\0")
+        .chain_update(machine_id.as_bytes())
+        .finalize();
+    let mut id = String::from("outpost-");
+    for byte in &digest[..6] {
+        id.push_str(&format!("{byte:02x}"));
+    }
+    id
+}
 
 impl Config {
     /// `gateway.data_dir`, else the first entry of `$STATE_DIRECTORY` (colon-separated, set by
@@ -582,10 +619,14 @@ impl Config {
             .unwrap_or_else(|| PathBuf::from(FALLBACK_DATA_DIR))
     }
 
-    /// `gateway.id`, else the host name from `/proc/sys/kernel/hostname`, else `outpost`.
+    /// `gateway.id`, else one derived from the machine id ([`derived_gateway_id`]), else the host
+    /// name from `/proc/sys/kernel/hostname`, else `outpost`.
     pub fn gateway_id(&self) -> String {
         if let Some(id) = &self.gateway.id {
             return id.clone();
+        }
+        if let Some(machine) = machine_id() {
+            return derived_gateway_id(&machine);
         }
         std::fs::read_to_string("/proc/sys/kernel/hostname")
             .ok()
@@ -719,6 +760,29 @@ mod tests {
         assert_eq!(config.gateway_id(), "gw-7");
         assert_eq!(config.data_dir(), PathBuf::from("/var/lib/outpost"));
         assert!(!Config::default().gateway_id().is_empty());
+    }
+
+    #[test]
+    fn the_default_gateway_id_comes_from_the_machine_id() {
+        let a = derived_gateway_id("3d1219c7c4c5404aaa1f6d2a48adfda4");
+        let b = derived_gateway_id("3d1219c7c4c5404aaa1f6d2a48adfda5");
+        assert!(
+            a.starts_with("outpost-") && a.len() == "outpost-".len() + 12,
+            "{a}"
+        );
+        assert_ne!(a, b, "two machines, two ids");
+        assert_eq!(
+            a,
+            derived_gateway_id("3d1219c7c4c5404aaa1f6d2a48adfda4"),
+            "stable"
+        );
+        assert!(
+            !a.contains("3d1219c7"),
+            "the machine id itself is not disclosed"
+        );
+        if let Some(machine) = machine_id() {
+            assert_eq!(Config::default().gateway_id(), derived_gateway_id(&machine));
+        }
     }
 
     #[test]

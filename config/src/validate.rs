@@ -10,7 +10,7 @@ use crate::model::{
     Config, DEFAULT_ROUTE, DataType, DriverConfig, KafkaRule, KafkaSecurity, LineFormat,
     ModbusConfig, ModbusTransport, RULE_SOURCES, ReopenConfig, RuleAction, SaslMechanism,
     SecurityProtocol, SerialLineConfig, SerialPortConfig, SimulatorConfig, ZigbeeConfig,
-    check_broker, check_kafka_topic, check_topic_filter, forwarder_property,
+    check_broker, check_kafka_topic, check_topic_filter, forwarder_property, machine_id,
 };
 use crate::path::{Issue, KeyPath, suggest};
 use crate::units::{ByteSize, duration};
@@ -112,7 +112,7 @@ impl Checker {
                     gateway.key("id"),
                     format!(
                         "invalid gateway id \"{id}\": use 1 to 128 characters without \
-                         whitespace, '/', '#' or '+' (or leave it unset to use the host name)"
+                         whitespace, '/', '#' or '+' (or leave it unset for one derived from the machine id)"
                     ),
                 );
             }
@@ -340,6 +340,19 @@ impl Checker {
             ("checkpoint_topic", &k.checkpoint_topic),
         ] {
             self.kafka_topic(kafka.key(key), topic);
+        }
+        if let Some(why) = exactly_once_identity_problem(config, machine_id().is_some()) {
+            self.problem(root("gateway").key("id"), why);
+        }
+        if k.heartbeat_topic == k.default_topic {
+            self.problem(
+                kafka.key("heartbeat_topic"),
+                format!(
+                    "must differ from kafka.default_topic (\"{}\"): heartbeats would reach every \
+                     consumer of readings, and readings would be compacted away by gateway id",
+                    k.default_topic
+                ),
+            );
         }
         if let Some(id) = &k.client_id {
             let printable = id.chars().all(|c| c == ' ' || c.is_ascii_graphic());
@@ -1073,6 +1086,18 @@ impl Checker {
     }
 }
 
+/// Exactly-once mode needs a gateway id no other gateway has: the transactional producer's id is
+/// derived from it, and two gateways with one id fence each other's transactions endlessly. An id
+/// set in `gateway.id` or derived from the machine id is taken as unique; the host name (the last
+/// fallback, on a system without a machine id) is not: Raspberry Pis are all `raspberrypi`.
+fn exactly_once_identity_problem(config: &Config, has_machine_id: bool) -> Option<String> {
+    (config.kafka.exactly_once && config.gateway.id.is_none() && !has_machine_id).then(|| {
+        "kafka.exactly_once needs a gateway id unique in the fleet, and this system has no \
+         machine id (/etc/machine-id) to derive one from: set gateway.id"
+            .to_owned()
+    })
+}
+
 fn driver_topic(driver: &DriverConfig) -> &str {
     match driver {
         DriverConfig::Simulator(c) => &c.topic,
@@ -1252,5 +1277,45 @@ mod tests {
         assert!(found.iter().any(|m| m.contains("did you mean \"default\"")));
         assert!(check_topic("sim/{device}/reading").is_ok());
         assert!(check_topic("$SYS/x").is_err());
+    }
+
+    #[test]
+    fn exactly_once_refuses_a_gateway_id_that_may_be_shared() {
+        let mut config = Config::default();
+        config.kafka.exactly_once = true;
+        let why = exactly_once_identity_problem(&config, false).expect("refused");
+        assert!(why.contains("set gateway.id"), "{why}");
+        assert_eq!(
+            exactly_once_identity_problem(&config, true),
+            None,
+            "machine id"
+        );
+        config.gateway.id = Some("gw-7".into());
+        assert_eq!(
+            exactly_once_identity_problem(&config, false),
+            None,
+            "explicit id"
+        );
+        config.gateway.id = None;
+        config.kafka.exactly_once = false;
+        assert_eq!(
+            exactly_once_identity_problem(&config, false),
+            None,
+            "at-least-once"
+        );
+    }
+
+    #[test]
+    fn heartbeats_may_not_share_the_readings_topic() {
+        let mut config = Config::default();
+        config.kafka.heartbeat_topic = config.kafka.default_topic.clone();
+        let found = messages(&config);
+        assert!(
+            found
+                .iter()
+                .any(|m| m
+                    .starts_with("kafka.heartbeat_topic: must differ from kafka.default_topic")),
+            "{found:#?}"
+        );
     }
 }

@@ -201,6 +201,13 @@ fn render_stats(s: &inspect::Stats, now_ms: i64) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "outbox:        {}", s.path.display());
     let _ = writeln!(out, "schema:        v{}", s.schema_version);
+    let _ = writeln!(
+        out,
+        "outbox id:     {}",
+        s.outbox_id
+            .as_deref()
+            .unwrap_or("- (assigned when the daemon next opens it)")
+    );
     let _ = writeln!(out, "records:       {}", s.records);
     let _ = writeln!(out, "bytes:         {}", s.bytes);
     let _ = writeln!(out, "oldest age:    {}", age(s.oldest_received_ms));

@@ -60,13 +60,49 @@ async fn garbage_file_is_quarantined_and_a_fresh_outbox_starts() {
     assert_eq!(outbox.metrics().corruption_alarm.get(), 1);
     let stop = CancellationToken::new();
     let task = tokio::spawn(writer.run(stop.clone()));
-    assert_eq!(
-        outbox.append(envelope(1)).await.unwrap(),
-        1,
-        "fresh outbox starts at seq 1"
+    // The old file cannot be read: the new one starts from the clock-derived floor, above
+    // anything the old one can have given (it started at 1, or at an earlier floor).
+    let floor = outbox::now_unix_ms() as u64 * 1_000;
+    let seq = outbox.append(envelope(1)).await.unwrap();
+    assert!(
+        (floor..floor + 60_000_000).contains(&seq),
+        "sequence {seq} continues from the clock floor {floor}"
     );
     stop.cancel();
     task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_new_outbox_continues_above_the_quarantined_ones_and_has_its_own_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox.db");
+    let options = OutboxOptions::with_path(&path);
+    assert_eq!(fill(&options, 10).await, (1..=10).collect::<Vec<_>>());
+    let (first, _writer) = outbox::open(options.clone()).unwrap();
+    let first_id = first.id().to_owned();
+    assert_eq!(first_id.len(), 32, "128 random bits in hex: {first_id}");
+    drop((first, _writer));
+    let (again, _writer) = outbox::open(options.clone()).unwrap();
+    assert_eq!(again.id(), first_id, "the id lives in the file");
+    drop((again, _writer));
+    // Set aside as a quarantine does (the file is readable: it continues above its sequences).
+    for suffix in ["", "-wal", "-shm"] {
+        let from = format!("{}{suffix}", path.display());
+        if std::path::Path::new(&from).exists() {
+            std::fs::rename(
+                &from,
+                format!("{}.corrupt-1700000000{suffix}", path.display()),
+            )
+            .unwrap();
+        }
+    }
+    assert_eq!(
+        fill(&options, 3).await,
+        vec![11, 12, 13],
+        "sequences never restart: (gateway, outbox seq) stays unique for consumers"
+    );
+    let (second, _writer) = outbox::open(options).unwrap();
+    assert_ne!(second.id(), first_id, "a new file is a new outbox");
 }
 
 #[tokio::test]
@@ -82,10 +118,19 @@ async fn damaged_pages_are_quarantined() {
     f.write_all(&[0xA5; 4096 * 4]).unwrap();
     f.sync_all().unwrap();
     drop(f);
-    let (outbox, _writer) = outbox::open(options).unwrap();
+    let (outbox, writer) = outbox::open(options).unwrap();
     let q = outbox.quarantine().expect("damaged file detected");
     assert!(!q.reason.is_empty());
     assert_eq!(outbox.figures().0, 0, "fresh outbox");
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(writer.run(stop.clone()));
+    let seq = outbox.append(envelope(1)).await.unwrap();
+    assert!(
+        seq > 2000,
+        "sequence {seq} continues above the damaged file's 2,000"
+    );
+    stop.cancel();
+    task.await.unwrap().unwrap();
 }
 
 #[tokio::test]

@@ -135,11 +135,15 @@ fn endpoints_metrics_and_buffer_cli_on_a_live_daemon() {
     let stats: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(stats["records"].as_u64().unwrap() >= 30);
     assert_eq!(stats["routes"][0]["route"], "default");
+    let outbox_id = stats["outbox_id"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(outbox_id.len(), 32, "{stats}");
     let config = d.config_path.to_str().unwrap().to_owned();
     let (code, out, err) = outpost_cli(&["buffer", "stats", "--config", &config]);
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.contains("oldest age:") && out.contains("default"),
+        out.contains("oldest age:")
+            && out.contains("default")
+            && out.contains(&format!("outbox id:     {outbox_id}")),
         "{out}"
     );
     let (code, out, err) = outpost_cli(&["buffer", "verify", "--data-dir", &data]);

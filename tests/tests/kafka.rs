@@ -190,6 +190,11 @@ fn records_reach_kafka_keyed_by_device_with_headers_in_receive_order() {
         assert!(r.header("outpost-boot").is_some_and(|b| b.len() >= 32));
         let seq: u64 = r.header("outpost-seq").unwrap().parse().unwrap();
         assert!(seq >= 1);
+        let outbox = r.header("outpost-outbox").unwrap_or_default();
+        assert!(
+            outbox.len() == 32 && outbox.bytes().all(|b| b.is_ascii_hexdigit()),
+            "outpost-outbox: {outbox:?}"
+        );
         let received: i64 = r.header("outpost-received-at").unwrap().parse().unwrap();
         assert_eq!(
             r.timestamp,
@@ -614,6 +619,67 @@ fn exactly_once_sends_nothing_twice_after_a_failed_commit_or_a_crash_after_a_com
         dev.send(&d, "t", 30);
     }
     wait_delivered(&mut d, "all committed", Duration::from_secs(60));
+    assert_topic_holds(kafka.bootstrap(), &devices, 0, true);
+}
+
+/// A new outbox (here: the data directory's outbox wiped, as a reinstall does) starts its
+/// sequences again, and the last checkpoint in Kafka names the *old* outbox's sequences. Recovery
+/// must not take it for its own: before outboxes had ids it deleted the new file's unsent records
+/// that reused those numbers.
+#[test]
+fn exactly_once_ignores_the_checkpoint_of_another_outbox() {
+    let kafka = MockKafka::start(1, &[(TOPIC, 2), ("outpost.checkpoints", 1)]);
+    let dir = tempfile::tempdir().unwrap();
+    let text = config(
+        kafka.bootstrap(),
+        "exactly_once = true\nread_batch = 100\n",
+        "",
+    );
+    let config_path = write_config(dir.path(), &text);
+    let data_dir = dir.path().join("data");
+    let mut d = Daemon::start_with(&config_path, data_dir.clone());
+    let mut devices = [Device::new(&d, "e-1"), Device::new(&d, "e-2")];
+    for dev in &mut devices {
+        dev.send(&d, "t", 40);
+    }
+    wait_delivered(
+        &mut d,
+        "the first outbox's records committed",
+        Duration::from_secs(30),
+    );
+    let (status, _) = d.terminate(Duration::from_secs(20));
+    assert!(status.success());
+    for entry in std::fs::read_dir(&data_dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("outbox.db")
+        {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    // Kafka is away while the new outbox fills: recovery reads the checkpoint only once the
+    // broker is back, with 100 unsent records (sequences 1 to 100) waiting.
+    kafka.down(1);
+    let mut d = Daemon::start_with(&config_path, data_dir);
+    for dev in &mut devices {
+        dev.send(&d, "t", 50);
+    }
+    kafka.up(1);
+    wait_delivered(
+        &mut d,
+        "the new outbox's records committed",
+        Duration::from_secs(60),
+    );
+    assert!(
+        !d.logs()
+            .iter()
+            .any(|l| l.contains("records of the last committed transaction removed")),
+        "the old outbox's checkpoint was taken for this one's:\n{}",
+        d.logs().join("\n")
+    );
     assert_topic_holds(kafka.bootstrap(), &devices, 0, true);
 }
 

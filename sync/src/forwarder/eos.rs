@@ -38,9 +38,21 @@ use crate::outbox::{ReadPosition, now_unix_ms};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
     pub gateway: String,
+    /// The outbox whose sequences these are ([`crate::Outbox::id`]); absent in checkpoints
+    /// written before outboxes had ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbox: Option<String>,
     /// Inclusive ranges of the outbox sequences committed in the transaction.
     pub seqs: Vec<(u64, u64)>,
     pub committed_at_ms: i64,
+}
+
+impl Checkpoint {
+    /// The highest sequence the checkpoint names: of two checkpoints of one outbox, the one
+    /// with the higher is the later (the forwarder commits in sequence order; wall clocks jump).
+    pub fn last_seq(&self) -> u64 {
+        self.seqs.iter().map(|&(_, last)| last).max().unwrap_or(0)
+    }
 }
 
 fn ranges(mut seqs: Vec<u64>) -> Vec<(u64, u64)> {
@@ -84,14 +96,20 @@ const FIRST_WINDOW: i64 = 256;
 /// committed transaction would then be sent twice.
 const WINDOW_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The last checkpoint this gateway committed, read with `read_committed`.
+/// The last checkpoint this gateway committed for this outbox (`owns`), read with
+/// `read_committed`.
 ///
 /// The topic is compacted by key on a real broker, but compaction is lazy: until it runs, every
 /// checkpoint ever written is there, one per transaction of every gateway sharing the topic. So
 /// each partition is read backwards in growing windows from its end until one holds a checkpoint
-/// of this gateway; the latest of those (by commit time, should the key have moved partitions)
-/// is the answer.
-fn read_checkpoint(options: &ForwarderOptions) -> Result<Option<Checkpoint>, String> {
+/// of this gateway and outbox; the latest of those (by sequence, should the key have moved
+/// partitions: wall clocks jump) is the answer. Checkpoints of another outbox of the same gateway
+/// (the file before a quarantine or a wiped data directory) are skipped: their sequences are not
+/// this outbox's.
+fn read_checkpoint(
+    options: &ForwarderOptions,
+    owns: impl Fn(&Checkpoint) -> bool,
+) -> Result<Option<Checkpoint>, String> {
     let mut config = client::common_config(&options.kafka, &options.client_id)?;
     config
         .set(
@@ -124,10 +142,10 @@ fn read_checkpoint(options: &ForwarderOptions) -> Result<Option<Checkpoint>, Str
             if start >= high {
                 break;
             }
-            if let Some(found) = last_in(&consumer, options, partition, start)? {
+            if let Some(found) = last_in(&consumer, options, &owns, partition, start)? {
                 if latest
                     .as_ref()
-                    .is_none_or(|l| found.committed_at_ms > l.committed_at_ms)
+                    .is_none_or(|l| found.last_seq() > l.last_seq())
                 {
                     latest = Some(found);
                 }
@@ -142,12 +160,13 @@ fn read_checkpoint(options: &ForwarderOptions) -> Result<Option<Checkpoint>, Str
     Ok(latest)
 }
 
-/// The last checkpoint of this gateway in `partition` of the checkpoint topic from offset
+/// The last checkpoint of this gateway and outbox in `partition` of the checkpoint topic from offset
 /// `start` to the partition's end (for `read_committed`, its last stable offset: an open
 /// transaction's records are not readable yet, and an aborted one's never).
 fn last_in(
     consumer: &BaseConsumer,
     options: &ForwarderOptions,
+    owns: &impl Fn(&Checkpoint) -> bool,
     partition: i32,
     start: i64,
 ) -> Result<Option<Checkpoint>, String> {
@@ -173,6 +192,7 @@ fn last_in(
                 if message.key() == Some(options.gateway_id.as_bytes())
                     && let Some(value) = message.payload()
                     && let Ok(checkpoint) = serde_json::from_slice::<Checkpoint>(value)
+                    && owns(&checkpoint)
                 {
                     last = Some(checkpoint);
                 }
@@ -293,7 +313,9 @@ async fn prepare(
     }
     if !*recovered {
         let options = fw.options.clone();
-        let checkpoint = tokio::task::spawn_blocking(move || read_checkpoint(&options))
+        let outbox = fw.outbox.clone();
+        let owns = move |c: &Checkpoint| outbox.owns_checkpoint(c.outbox.as_deref());
+        let checkpoint = tokio::task::spawn_blocking(move || read_checkpoint(&options, owns))
             .await
             .map_err(|e| e.to_string())??;
         if let Some(checkpoint) = checkpoint {
@@ -390,7 +412,7 @@ async fn transaction(
         };
         let mut r = FutureRecord::<str, [u8]>::to(topic)
             .payload(&record.payload)
-            .headers(headers(record, &fw.options.gateway_id))
+            .headers(headers(record, &fw.options.gateway_id, fw.outbox.id()))
             .timestamp(record.received_at_ms);
         match key {
             RuleKey::Device => r = r.key(&record.device_id),
@@ -405,6 +427,7 @@ async fn transaction(
     }
     let checkpoint = Checkpoint {
         gateway: fw.options.gateway_id.clone(),
+        outbox: Some(fw.outbox.id().to_owned()),
         seqs: ranges(seqs.clone()),
         committed_at_ms: now_unix_ms(),
     };

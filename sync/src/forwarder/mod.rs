@@ -77,6 +77,7 @@ pub mod header {
     pub const SEQ: &str = "outpost-seq";
     pub const BOOT: &str = "outpost-boot";
     pub const RECEIVED_AT: &str = "outpost-received-at";
+    pub const OUTBOX: &str = "outpost-outbox";
 }
 
 /// Everything the forwarder needs, resolved by the composition root.
@@ -412,11 +413,11 @@ async fn with_reader<T: Send + 'static>(
 }
 
 /// The Kafka record of an outbox record: headers per `docs/KAFKA.md`.
-fn headers(record: &StoredRecord, gateway_id: &str) -> OwnedHeaders {
+fn headers(record: &StoredRecord, gateway_id: &str, outbox_id: &str) -> OwnedHeaders {
     let seq = record.seq.to_string();
     let received = record.received_at_ms.to_string();
-    let mut h = OwnedHeaders::new_with_capacity(8 + record.headers.len());
-    let fixed: [(&str, &str); 7] = [
+    let mut h = OwnedHeaders::new_with_capacity(9 + record.headers.len());
+    let fixed: [(&str, &str); 8] = [
         (header::GATEWAY, gateway_id),
         (header::DEVICE, &record.device_id),
         (header::SOURCE, record.source.as_str()),
@@ -424,6 +425,7 @@ fn headers(record: &StoredRecord, gateway_id: &str) -> OwnedHeaders {
         (header::SEQ, &seq),
         (header::BOOT, &record.boot_id),
         (header::RECEIVED_AT, &received),
+        (header::OUTBOX, outbox_id),
     ];
     for (key, value) in fixed {
         h = h.insert(Header {
@@ -774,7 +776,11 @@ impl Pump {
         }
         let mut kafka_record = FutureRecord::<str, [u8]>::to(&topic)
             .payload(&record.payload)
-            .headers(headers(&record, &self.fw.options.gateway_id))
+            .headers(headers(
+                &record,
+                &self.fw.options.gateway_id,
+                self.fw.outbox.id(),
+            ))
             .timestamp(record.received_at_ms);
         if let Some(key) = key {
             kafka_record = kafka_record.key(key);
@@ -1048,7 +1054,7 @@ mod tests {
             payload: b"{}".to_vec(),
             size: 66,
         };
-        let h = headers(&record, "gw-1");
+        let h = headers(&record, "gw-1", "0f1e2d3c");
         let got: Vec<(String, String)> = h
             .iter()
             .map(|h| {
@@ -1064,6 +1070,7 @@ mod tests {
             ("outpost-seq", "42"),
             ("outpost-boot", "boot-1"),
             ("outpost-received-at", "7"),
+            ("outpost-outbox", "0f1e2d3c"),
             ("outpost-content-type", "application/json"),
             ("mqtt_qos", "1"),
             ("unit", "C"),

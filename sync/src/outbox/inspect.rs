@@ -36,6 +36,9 @@ pub struct RouteStats {
 pub struct Stats {
     pub path: PathBuf,
     pub schema_version: u32,
+    /// The outbox's identity (`outpost-outbox` on every record); `None` for a file not yet
+    /// upgraded to schema 3 by a running daemon.
+    pub outbox_id: Option<String>,
     pub records: u64,
     pub bytes: u64,
     pub oldest_seq: Option<u64>,
@@ -90,6 +93,12 @@ pub fn stats(path: &Path) -> Result<Stats, InspectError> {
     let next_seq: i64 = tx
         .query_row("SELECT next_seq FROM meta WHERE id = 1", [], |r| r.get(0))
         .map_err(sqlite)?;
+    let outbox_id: Option<String> = if schema_version >= 3 {
+        tx.query_row("SELECT outbox_id FROM meta WHERE id = 1", [], |r| r.get(0))
+            .map_err(sqlite)?
+    } else {
+        None
+    };
     let oldest_received_ms: Option<i64> = tx
         .query_row(
             "SELECT received_at_ms FROM records ORDER BY seq LIMIT 1",
@@ -125,6 +134,7 @@ pub fn stats(path: &Path) -> Result<Stats, InspectError> {
     Ok(Stats {
         path: path.to_path_buf(),
         schema_version,
+        outbox_id,
         records: records as u64,
         bytes: bytes as u64,
         oldest_seq: oldest_seq.map(|s| s as u64),

@@ -196,6 +196,10 @@ pub(crate) struct Shared {
     /// The next sequence number to be assigned, published after every commit: every record
     /// with a smaller sequence is committed (or already deleted). The forwarder waits on it.
     pub next_seq: tokio::sync::watch::Sender<u64>,
+    /// The outbox's identity (`meta.outbox_id`), given when the file was created.
+    pub outbox_id: Arc<str>,
+    /// `meta.unnamed_checkpoints`: see [`Outbox::owns_checkpoint`].
+    pub unnamed_checkpoints: bool,
 }
 
 impl Shared {
@@ -216,6 +220,22 @@ pub struct Outbox {
 }
 
 impl Outbox {
+    /// The outbox's identity: random, given when the file was created, sent with every record as
+    /// `outpost-outbox`. A new file (after a quarantine, or a wiped data directory) gets a new one.
+    pub fn id(&self) -> &str {
+        &self.shared.outbox_id
+    }
+
+    /// Whether an exactly-once checkpoint naming `outbox` (`None`: written before outboxes had
+    /// ids) describes this outbox's records. One of another outbox — the file before a
+    /// quarantine, a wiped data directory — never does: its sequences are not this file's.
+    pub fn owns_checkpoint(&self, outbox: Option<&str>) -> bool {
+        match outbox {
+            Some(id) => id == &*self.shared.outbox_id,
+            None => self.shared.unnamed_checkpoints,
+        }
+    }
+
     /// Appends one record; resolves with its sequence number once it is committed.
     pub async fn append(&self, envelope: Envelope) -> Result<u64, AppendError> {
         let seqs = self.append_all(vec![envelope]).await?;

@@ -84,13 +84,33 @@ pub fn open(options: OutboxOptions) -> Result<(Outbox, OutboxWriter), OpenError>
         source,
     })?;
 
-    let (next_seq, count, bytes): (i64, i64, i64) = conn
+    let (mut next_seq, count, bytes, outbox_id, unnamed_checkpoints): (
+        i64,
+        i64,
+        i64,
+        String,
+        bool,
+    ) = conn
         .query_row(
-            "SELECT next_seq, record_count, record_bytes FROM meta WHERE id = 1",
+            "SELECT next_seq, record_count, record_bytes, outbox_id, unnamed_checkpoints \
+             FROM meta WHERE id = 1",
             [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
         )
         .map_err(sqlite)?;
+    if next_seq == 1
+        && let Some(floor) = sequence_floor(&path)
+    {
+        // Written before anything else: a crash right after this leaves a file that still
+        // starts above the quarantined ones (and the floor is found again anyway).
+        conn.execute("UPDATE meta SET next_seq = ?1 WHERE id = 1", [floor])
+            .map_err(sqlite)?;
+        tracing::warn!(
+            next_seq = floor,
+            "A quarantined outbox lies beside this new one: its sequences continue above the old file's"
+        );
+        next_seq = floor;
+    }
     conn.execute(
         "INSERT INTO boots (boot_id, opened_at_ms) VALUES (?1, ?2)",
         (kernel_boot_id(), now_unix_ms()),
@@ -137,9 +157,12 @@ pub fn open(options: OutboxOptions) -> Result<(Outbox, OutboxWriter), OpenError>
         bytes: AtomicU64::new(bytes as u64),
         oldest_received_ms: AtomicI64::new(oldest.unwrap_or(i64::MIN)),
         next_seq: tokio::sync::watch::Sender::new(next_seq as u64),
+        outbox_id: Arc::from(outbox_id.as_str()),
+        unnamed_checkpoints,
     });
     tracing::info!(
         path = %path.display(),
+        outbox_id = %outbox_id,
         records = count,
         bytes,
         next_seq,
@@ -189,4 +212,64 @@ pub fn kernel_boot_id() -> String {
         },
         |s| s.trim().to_owned(),
     )
+}
+
+/// Where a new outbox's sequences start when quarantined outboxes lie beside it: above the highest
+/// sequence any of them used, so that `(outpost-gateway, outpost-seq)` never names two records a
+/// consumer could confuse. A file that cannot be read counts with a floor derived from the wall
+/// clock ([`clock_floor`]). `None` when there is no quarantined file (a first start: sequence 1).
+fn sequence_floor(path: &Path) -> Option<i64> {
+    let dir = path.parent()?;
+    let prefix = format!("{}.corrupt-", path.file_name()?.to_string_lossy());
+    let quarantined = fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name().is_some_and(|n| {
+                let n = n.to_string_lossy();
+                n.starts_with(&prefix) && !n.ends_with("-wal") && !n.ends_with("-shm")
+            })
+        })
+        .collect::<Vec<_>>();
+    quarantined
+        .iter()
+        .map(|p| {
+            highest_next_seq(p).unwrap_or_else(|e| {
+                tracing::warn!(file = %p.display(), error = %e, "Cannot read the sequences of a quarantined outbox: continuing from a floor derived from the clock");
+                clock_floor()
+            })
+        })
+        .max()
+}
+
+/// The next sequence a (quarantined) outbox file would have given: above its `meta.next_seq` and
+/// its highest record, whichever is higher (a corrupt file may disagree with itself).
+fn highest_next_seq(path: &Path) -> rusqlite::Result<i64> {
+    let conn = Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    let from_meta: i64 =
+        conn.query_row("SELECT next_seq FROM meta WHERE id = 1", [], |r| r.get(0))?;
+    let from_records: Option<i64> =
+        conn.query_row("SELECT max(seq) FROM records", [], |r| r.get(0))?;
+    Ok(from_meta.max(from_records.map_or(1, |s| s + 1)))
+}
+
+/// A sequence floor from the wall clock: Unix milliseconds × 1,000. Above anything an outbox
+/// started from sequence 1 can reach, and above the sequences of an outbox that itself started
+/// from an earlier floor unless it stored more than 1,000 records per millisecond on average since
+/// (the writer commits at most a few hundred). Stays below 2^53 (exact in JSON and doubles) until
+/// the year 2255. Only as good as the clock: a gateway without a real-time clock that starts in
+/// 1970 gets a floor that may be too low, which is logged.
+fn clock_floor() -> i64 {
+    let ms = now_unix_ms();
+    if ms < 1_577_836_800_000 {
+        tracing::warn!(
+            unix_ms = ms,
+            "The wall clock is before 2020: the sequence floor derived from it may reuse old sequences"
+        );
+    }
+    ms.max(1).saturating_mul(1_000)
 }

@@ -53,6 +53,18 @@ const MIGRATIONS: &[&str] = &[
          key  TEXT    PRIMARY KEY,
          seq  INTEGER NOT NULL
      ) WITHOUT ROWID;",
+    // v3: the outbox's identity. A random id given once, when the file is created (or upgraded),
+    // and sent with every record (`outpost-outbox`): sequences are unique per outbox, and an
+    // exactly-once checkpoint names the outbox it belongs to, so one written by an older file
+    // (before a quarantine, a reinstall) never deletes this file's records.
+    // `unnamed_checkpoints`: whether exactly-once checkpoints written before outboxes had ids
+    // (they name no outbox) may be this file's — only if it was upgraded after it had given out
+    // sequences. A file created with this schema never honours them: an older file's checkpoint
+    // would otherwise delete its unsent records that reuse the same numbers.
+    "ALTER TABLE meta ADD COLUMN outbox_id TEXT;
+     ALTER TABLE meta ADD COLUMN unnamed_checkpoints INTEGER NOT NULL DEFAULT 0;
+     UPDATE meta SET outbox_id = lower(hex(randomblob(16))), unnamed_checkpoints = (next_seq > 1)
+      WHERE id = 1;",
 ];
 
 /// The schema version this binary writes.
@@ -61,4 +73,51 @@ pub const CURRENT_VERSION: u32 = MIGRATIONS.len() as u32;
 /// Brings the schema up to [`CURRENT_VERSION`].
 pub fn migrate(conn: &mut Connection) -> Result<(), MigrateError> {
     sqlite::migrate(conn, MIGRATIONS, "Outbox")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+    use super::*;
+
+    fn identity(conn: &Connection) -> (String, bool, i64) {
+        conn.query_row(
+            "SELECT outbox_id, unnamed_checkpoints, next_seq FROM meta WHERE id = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn only_an_upgraded_outbox_that_gave_out_sequences_honours_unnamed_checkpoints() {
+        let mut fresh = Connection::open_in_memory().unwrap();
+        migrate(&mut fresh).unwrap();
+        let (id, unnamed, _) = identity(&fresh);
+        assert_eq!(id.len(), 32, "{id}");
+        assert!(
+            !unnamed,
+            "a new file never takes an older file's checkpoint"
+        );
+
+        // A file of schema 2 that had stored records, upgraded: its checkpoints (without an
+        // outbox id) may be its own.
+        let mut used = Connection::open_in_memory().unwrap();
+        sqlite::migrate(&mut used, &MIGRATIONS[..2], "Outbox").unwrap();
+        used.execute("UPDATE meta SET next_seq = 42 WHERE id = 1", [])
+            .unwrap();
+        migrate(&mut used).unwrap();
+        let (other, unnamed, next) = identity(&used);
+        assert!(unnamed && next == 42);
+        assert_ne!(other, id, "every outbox its own id");
+
+        let mut unused = Connection::open_in_memory().unwrap();
+        sqlite::migrate(&mut unused, &MIGRATIONS[..2], "Outbox").unwrap();
+        migrate(&mut unused).unwrap();
+        assert!(
+            !identity(&unused).1,
+            "no sequence given out: no checkpoint can be its own"
+        );
+    }
 }
