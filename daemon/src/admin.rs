@@ -102,6 +102,8 @@ async fn status(State(s): State<AdminState>) -> Response {
         "mqtt": s.status.mqtt(),
         "outbox": {
             "path": s.outbox.path().display().to_string(),
+            "id": s.outbox.id(),
+            "synchronous": s.outbox.synchronous(),
             "records": records,
             "bytes": bytes,
             "max_bytes": s.max_bytes,

@@ -47,6 +47,7 @@ async fn garbage_file_is_quarantined_and_a_fresh_outbox_starts() {
         b"this is not a database, just bytes that look like nothing".repeat(100),
     )
     .unwrap();
+    let floor = outbox::now_unix_ms() as u64 * 1_000;
     let (outbox, writer) = outbox::open(OutboxOptions::with_path(&path)).unwrap();
     let q = outbox.quarantine().expect("quarantine reported").clone();
     assert!(
@@ -62,7 +63,6 @@ async fn garbage_file_is_quarantined_and_a_fresh_outbox_starts() {
     let task = tokio::spawn(writer.run(stop.clone()));
     // The old file cannot be read: the new one starts from the clock-derived floor, above
     // anything the old one can have given (it started at 1, or at an earlier floor).
-    let floor = outbox::now_unix_ms() as u64 * 1_000;
     let seq = outbox.append(envelope(1)).await.unwrap();
     assert!(
         (floor..floor + 60_000_000).contains(&seq),

@@ -48,10 +48,21 @@ fn serial_completed_appends_survive_kill_9() {
             .spawn()
             .unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap());
-        let reader =
-            std::thread::spawn(move || stdout.lines().map_while(Result::ok).collect::<Vec<_>>());
-        // Let it start (first cycle creates the file) and then run for a random while.
-        std::thread::sleep(Duration::from_millis(rng.random_range(150..700)));
+        let (started, ready) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let mut lines = Vec::new();
+            for line in stdout.lines().map_while(Result::ok) {
+                if lines.is_empty() {
+                    let _ = started.send(());
+                }
+                lines.push(line);
+            }
+            lines
+        });
+        // Wait until it runs (opening replays the WAL and checks the file, which takes a while
+        // on a loaded machine; a kill before that would test nothing), then a random while.
+        let _ = ready.recv_timeout(Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(rng.random_range(50..600)));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         let lines = reader.join().unwrap();

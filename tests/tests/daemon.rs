@@ -137,6 +137,12 @@ fn endpoints_metrics_and_buffer_cli_on_a_live_daemon() {
     assert_eq!(stats["routes"][0]["route"], "default");
     let outbox_id = stats["outbox_id"].as_str().unwrap_or_default().to_owned();
     assert_eq!(outbox_id.len(), 32, "{stats}");
+    let status = d.status();
+    assert_eq!(status["outbox"]["id"], outbox_id.as_str(), "{status}");
+    assert_eq!(
+        status["outbox"]["synchronous"], "full",
+        "the live writer connection's durability: {status}"
+    );
     let config = d.config_path.to_str().unwrap().to_owned();
     let (code, out, err) = outpost_cli(&["buffer", "stats", "--config", &config]);
     assert_eq!(code, 0, "{err}");

@@ -493,6 +493,52 @@ fn live_records_go_first_while_a_backlog_drains_at_its_rate() {
     assert_eq!(d.status()["kafka"]["state"], "live");
 }
 
+/// Priority is the one deliberate exception to per-device order (docs/KAFKA.md, "Order"): during
+/// a backlog a device's higher-priority records (here from a rule) go before its older
+/// lower-priority ones; within a priority the receive order holds, and `outpost-seq` restores the
+/// receive order across priorities.
+#[test]
+fn a_devices_higher_priority_records_overtake_its_backlog_and_seq_restores_the_order() {
+    let kafka = MockKafka::start(1, &[(TOPIC, 1)]);
+    kafka.down(1);
+    let dir = tempfile::tempdir().unwrap();
+    let rules = "[[kafka.rules]]\ntopic = \"alarms\"\npriority = 9\n";
+    let config_path = write_config(dir.path(), &config(kafka.bootstrap(), "", rules));
+    let data_dir = dir.path().join("data");
+    let mut d = Daemon::start_with(&config_path, data_dir.clone());
+    let mut dev = Device::new(&d, "p-1");
+    dev.send(&d, "t", 3); // counters 0, 1, 2: priority 0
+    dev.send(&d, "alarms", 2); // counters 3, 4: priority 9
+    // Committed, never acknowledged by Kafka: after a restart all five are the backlog.
+    d.kill9();
+    kafka.up(1);
+    let mut d = Daemon::start_with(&config_path, data_dir);
+    wait_delivered(&mut d, "backlog drained", Duration::from_secs(30));
+    let got = consume(kafka.bootstrap(), TOPIC, 6, Duration::from_secs(3), false);
+    let arrival: Vec<u64> = got.iter().map(counter).collect();
+    assert_eq!(
+        arrival,
+        [3, 4, 0, 1, 2],
+        "alarms first, each priority in receive order"
+    );
+    let mut by_seq: Vec<(u64, u64)> = got
+        .iter()
+        .map(|r| {
+            (
+                r.header("outpost-seq").unwrap().parse().unwrap(),
+                counter(r),
+            )
+        })
+        .collect();
+    by_seq.sort_unstable();
+    let restored: Vec<u64> = by_seq.into_iter().map(|(_, n)| n).collect();
+    assert_eq!(
+        restored,
+        [0, 1, 2, 3, 4],
+        "outpost-seq restores the receive order"
+    );
+}
+
 /// `order = "live_first"`: a fresh record of a device that has a backlog jumps ahead of that
 /// backlog; `outpost-seq` restores the receive order.
 #[test]

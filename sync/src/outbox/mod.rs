@@ -200,6 +200,9 @@ pub(crate) struct Shared {
     pub outbox_id: Arc<str>,
     /// `meta.unnamed_checkpoints`: see [`Outbox::owns_checkpoint`].
     pub unnamed_checkpoints: bool,
+    /// `PRAGMA synchronous` as the running writer's connection reports it (0 OFF, 1 NORMAL,
+    /// 2 FULL, 3 EXTRA); -1 until the writer has started.
+    pub synchronous: AtomicI64,
 }
 
 impl Shared {
@@ -356,6 +359,18 @@ impl Outbox {
 
     pub fn metrics(&self) -> &OutboxMetrics {
         &self.shared.metrics
+    }
+
+    /// The durability the running writer's connection really has (`PRAGMA synchronous` read back
+    /// on the writer thread): `"full"`, `"normal"`, …; `None` before the writer started.
+    pub fn synchronous(&self) -> Option<&'static str> {
+        match self.shared.synchronous.load(Ordering::Relaxed) {
+            0 => Some("off"),
+            1 => Some("normal"),
+            2 => Some("full"),
+            3 => Some("extra"),
+            _ => None,
+        }
     }
 
     /// The corrupt file this outbox replaced at startup, if any: an alarm for status reports.

@@ -159,6 +159,7 @@ pub fn open(options: OutboxOptions) -> Result<(Outbox, OutboxWriter), OpenError>
         next_seq: tokio::sync::watch::Sender::new(next_seq as u64),
         outbox_id: Arc::from(outbox_id.as_str()),
         unnamed_checkpoints,
+        synchronous: AtomicI64::new(-1),
     });
     tracing::info!(
         path = %path.display(),

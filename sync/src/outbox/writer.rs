@@ -1,9 +1,9 @@
 //! The outbox writer: the only task that writes the database, committing in groups.
 //!
 //! One iteration of [`OutboxWriter::run`]: wait for the first request, gather what else is queued
-//! (up to `batch_max_records`, lingering up to `batch_max_delay`), then move the connection to a
-//! blocking thread, apply every request in **one** transaction, commit (one fsync for the whole
-//! group), and complete each request's future. A failed commit rolls back and fails every request
+//! (up to `batch_max_records`, lingering up to `batch_max_delay`), then hand the group to the
+//! writer's own thread (which owns the connection), apply every request in **one** transaction,
+//! commit (one fsync for the whole group), and complete each request's future. A failed commit rolls back and fails every request
 //! of the group, so a completed append is always a committed one.
 //!
 //! Shutdown: when the token is cancelled the queue is closed to new requests, whatever is already
@@ -94,6 +94,50 @@ pub struct OutboxWriter {
     limits: Limits,
 }
 
+type Job = Box<dyn FnOnce(&mut WriterState) + Send>;
+
+/// The thread that owns the write connection: every commit, and the WAL checkpoint at shutdown,
+/// runs there. Not the runtime's shared blocking pool: registry jobs (which wait on one mutex),
+/// the forwarder's reads and DNS lookups queue there behind one another, and a burst of them
+/// during a slow fsync would delay every acknowledgement of every protocol.
+struct CommitThread {
+    /// Capacity 1, and the writer awaits each job's result before it sends the next: a send
+    /// never blocks the runtime.
+    jobs: std::sync::mpsc::SyncSender<Job>,
+}
+
+impl CommitThread {
+    fn spawn(mut state: WriterState) -> Result<Self, WriterError> {
+        let (jobs, rx) = std::sync::mpsc::sync_channel::<Job>(1);
+        std::thread::Builder::new()
+            .name("outbox-writer".into())
+            .spawn(move || {
+                // Ends when the writer drops its sender (or a job panics: the connection is
+                // gone with the thread, and the next job reports it).
+                while let Ok(job) = rx.recv() {
+                    job(&mut state);
+                }
+            })
+            .map_err(|e| WriterError::Panicked(format!("cannot start the writer thread: {e}")))?;
+        Ok(Self { jobs })
+    }
+
+    /// Runs `f` on the thread and waits for its result.
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut WriterState) -> T + Send + 'static,
+    ) -> Result<T, WriterError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move |state| {
+                let _ = tx.send(f(state));
+            }))
+            .map_err(|_| WriterError::Panicked("the writer thread is gone".into()))?;
+        rx.await
+            .map_err(|_| WriterError::Panicked("a commit panicked on the writer thread".into()))
+    }
+}
+
 impl OutboxWriter {
     pub(crate) fn new(
         rx: mpsc::Receiver<Box<Request>>,
@@ -117,6 +161,22 @@ impl OutboxWriter {
     /// Runs until `shutdown` is cancelled (or every handle is dropped) and the queue is drained.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), WriterError> {
         self.shared.beat();
+        let Some(state) = self.state.take() else {
+            return Err(WriterError::Panicked("writer state lost".into()));
+        };
+        let thread = CommitThread::spawn(state)?;
+        // What the live connection really does (not what was asked): status and tests read it.
+        let synchronous = thread
+            .run(|state| {
+                state
+                    .conn
+                    .pragma_query_value(None, "synchronous", |r| r.get::<_, i64>(0))
+            })
+            .await?;
+        match synchronous {
+            Ok(level) => self.shared.synchronous.store(level, Ordering::Relaxed),
+            Err(e) => tracing::warn!(error = %e, "Cannot read the outbox's synchronous setting"),
+        }
         let mut closing = false;
         loop {
             let first = if closing {
@@ -143,18 +203,20 @@ impl OutboxWriter {
                 }
             };
             let batch = self.gather(first).await;
-            self.commit(batch).await?;
+            let (shared, limits) = (Arc::clone(&self.shared), self.limits);
+            thread
+                .run(move |state| commit_group(state, &shared, limits, batch))
+                .await?;
             self.shared.beat();
         }
-        if let Some(state) = self.state.take() {
-            let _ = tokio::task::spawn_blocking(move || {
+        let _ = thread
+            .run(|state| {
                 // Fold the WAL back into the main file so a clean stop leaves one tidy file.
                 if let Err(e) = state.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
                     tracing::warn!(error = %e, "Outbox checkpoint at shutdown failed");
                 }
             })
             .await;
-        }
         tracing::info!("Outbox writer stopped; every queued append was committed or refused");
         Ok(())
     }
@@ -182,22 +244,6 @@ impl OutboxWriter {
             batch.push(next);
         }
         batch
-    }
-
-    async fn commit(&mut self, batch: Vec<Request>) -> Result<(), WriterError> {
-        let Some(mut state) = self.state.take() else {
-            return Err(WriterError::Panicked("writer state lost".into()));
-        };
-        let shared = Arc::clone(&self.shared);
-        let limits = self.limits;
-        let state = tokio::task::spawn_blocking(move || {
-            commit_group(&mut state, &shared, limits, batch);
-            state
-        })
-        .await
-        .map_err(|e| WriterError::Panicked(e.to_string()))?;
-        self.state = Some(state);
-        Ok(())
     }
 }
 
