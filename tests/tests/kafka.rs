@@ -377,10 +377,101 @@ fn a_broker_outage_loses_nothing_and_keeps_device_order() {
     }
     wait_delivered(&mut d, "backlog delivered", Duration::from_secs(60));
     assert_topic_holds(kafka.bootstrap(), &devices, WINDOW, false);
+    let status = d.status();
+    assert_eq!(status["kafka"]["offline_since_ms"], serde_json::Value::Null);
     assert_eq!(
-        d.status()["kafka"]["offline_since_ms"],
-        serde_json::Value::Null
+        status["kafka"]["last_error"],
+        serde_json::Value::Null,
+        "the outage's error is cleared by the recovery: {status}"
     );
+    // 200 records were in flight when the broker came back: one recovery, one line.
+    let recoveries = d
+        .logs()
+        .iter()
+        .filter(|l| l.contains("Kafka is reachable again"))
+        .count();
+    assert_eq!(recoveries, 1, "one outage, one recovery line");
+}
+
+/// With nothing in flight no acknowledgement can tell that Kafka is gone: the forwarder probes
+/// it and reports an outage, and the recovery, within 15 s — after a start with the broker
+/// already unreachable, and when it goes away while the gateway is idle; in both delivery modes.
+#[test]
+fn an_idle_forwarder_reports_an_outage_and_the_recovery_within_15_s() {
+    for extra in ["", "exactly_once = true\n"] {
+        let kafka = MockKafka::start(1, &[(TOPIC, 1), ("outpost.checkpoints", 1)]);
+        kafka.down(1);
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = Daemon::start(dir.path(), &config(kafka.bootstrap(), extra, ""));
+        d.wait_until(
+            "offline after a start without Kafka",
+            Duration::from_secs(15),
+            |d| d.status()["kafka"]["state"] == "offline",
+        );
+        kafka.up(1);
+        d.wait_until("live once Kafka is there", Duration::from_secs(15), |d| {
+            d.status()["kafka"]["state"] == "live"
+        });
+        let mut dev = Device::new(&d, "idle-1");
+        dev.send(&d, "t", 3);
+        wait_delivered(&mut d, "delivered", Duration::from_secs(30));
+        kafka.down(1);
+        d.wait_until("offline while idle", Duration::from_secs(15), |d| {
+            d.status()["kafka"]["state"] == "offline"
+        });
+        kafka.up(1);
+        d.wait_until("live again", Duration::from_secs(15), |d| {
+            d.status()["kafka"]["state"] == "live"
+        });
+        let status = d.status();
+        assert_eq!(
+            status["kafka"]["last_error"],
+            serde_json::Value::Null,
+            "{extra}: {status}"
+        );
+        dev.send(&d, "t", 2);
+        wait_delivered(
+            &mut d,
+            "delivered after the outage",
+            Duration::from_secs(30),
+        );
+        let (exit, _) = d.terminate(Duration::from_secs(15));
+        assert!(exit.success());
+    }
+}
+
+/// A record the producer refuses outright (here: larger than librdkafka's `message.max.bytes`,
+/// which `max_record_bytes = "2MiB"` lets into the outbox) counts as a failed record.
+#[test]
+fn a_produce_refused_outright_counts_as_failed() {
+    let kafka = MockKafka::start(1, &[(TOPIC, 1)]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(
+        dir.path(),
+        &config(
+            kafka.bootstrap(),
+            "",
+            "[outbox]\nmax_record_bytes = \"2MiB\"\n[http_ingest]\nmax_body = \"2MiB\"\n",
+        ),
+    );
+    let dev = Device::new(&d, "big-1");
+    let body = format!("{{\"blob\":\"{}\"}}", "x".repeat(1_500_000));
+    let r = request(
+        d.admin,
+        "POST",
+        "/api/v1/ingest/t",
+        &[
+            ("Authorization", &dev.auth),
+            ("Content-Type", "application/json"),
+        ],
+        body.as_bytes(),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    d.wait_until("counted as failed", Duration::from_secs(15), |d| {
+        d.metric("outpost_kafka_failed_records_total") >= 1.0
+    });
+    let status = d.status();
+    assert!(status["kafka"]["failed"].as_u64() >= Some(1), "{status}");
 }
 
 #[test]

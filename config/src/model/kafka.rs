@@ -48,8 +48,10 @@ pub struct KafkaConfig {
     /// Default `"30s"`; at least `reconnect_backoff_min`.
     #[serde(with = "crate::units::duration")]
     pub reconnect_backoff_max: Duration,
-    /// Kafka is reported offline when records are in flight and none was acknowledged for this
-    /// long, or when every broker is down. Default `"10s"`; 100ms to 1h.
+    /// Kafka is reported offline after this long without a sign of it: no acknowledgement of
+    /// the records in flight or, with nothing in flight, no answer to the metadata probe sent
+    /// every `offline_after / 2` (at least 1 s) — or when every broker is down. Default
+    /// `"10s"`; 100ms to 1h.
     #[serde(with = "crate::units::duration")]
     pub offline_after: Duration,
     /// Interval of the gateway heartbeat on `heartbeat_topic`. Default `"30s"`; 1s to 1h.

@@ -38,6 +38,13 @@ impl LinkSignals {
             *last = Some(error);
         }
     }
+
+    /// Kafka is reachable again: the status no longer shows the outage's error.
+    pub fn clear_error(&self) {
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = None;
+        }
+    }
 }
 
 /// The producer's context: librdkafka's errors and logs go to tracing and to [`LinkSignals`].

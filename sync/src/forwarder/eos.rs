@@ -29,8 +29,8 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Forwarder, ForwarderError, ForwarderOptions, Producer_, RuleKey, State, client, headers,
-    metrics, rules,
+    Forwarder, ForwarderError, ForwarderOptions, IdleProbe, Producer_, RuleKey, State, client,
+    headers, metrics, rules,
 };
 use crate::outbox::{ReadPosition, now_unix_ms};
 
@@ -209,6 +209,7 @@ pub(super) async fn run(fw: Forwarder, stop: CancellationToken) -> Result<(), Fo
     let mut backoff = kafka.reconnect_backoff_min;
     let mut producer: Option<Producer_> = None;
     let mut recovered = false;
+    let mut link = IdleProbe::new();
 
     loop {
         if stop.is_cancelled() {
@@ -216,8 +217,22 @@ pub(super) async fn run(fw: Forwarder, stop: CancellationToken) -> Result<(), Fo
             return Ok(());
         }
         if producer.is_none() || !recovered {
-            match prepare(&fw, &mut producer, &mut recovered).await {
-                Ok(()) => {}
+            // `init_transactions` and the checkpoint read can take their full timeouts (30 s)
+            // against an unreachable broker: the status says so after `offline_after`.
+            let preparing = prepare(&fw, &mut producer, &mut recovered);
+            tokio::pin!(preparing);
+            let prepared = tokio::select! {
+                r = &mut preparing => r,
+                () = tokio::time::sleep(kafka.offline_after) => {
+                    if shared.state() != State::Offline {
+                        tracing::warn!("Kafka (exactly-once) not reachable yet; records stay in the outbox");
+                        shared.set_state(State::Offline);
+                    }
+                    preparing.await
+                }
+            };
+            match prepared {
+                Ok(()) => link.contact(),
                 Err(e) => {
                     tracing::warn!(error = %e, "Kafka (exactly-once) not ready; retrying");
                     shared.signals.set_error(e);
@@ -236,7 +251,20 @@ pub(super) async fn run(fw: Forwarder, stop: CancellationToken) -> Result<(), Fo
         })
         .await?;
         if page.is_empty() {
-            if shared.state() != State::Offline {
+            // Nothing to send, so no commit tells whether Kafka is there: probe it.
+            let offline_after = kafka.offline_after;
+            if link.poll(&p, &kafka.default_topic, offline_after) == Some(true)
+                && shared.state() == State::Offline
+            {
+                tracing::info!("Kafka is reachable again");
+                shared.signals.clear_error();
+            }
+            if link.silent_for() >= offline_after {
+                if shared.state() != State::Offline {
+                    tracing::warn!("Kafka unreachable; records stay in the outbox");
+                    shared.set_state(State::Offline);
+                }
+            } else {
                 shared.set_state(State::Live);
             }
             tokio::select! {
@@ -253,6 +281,11 @@ pub(super) async fn run(fw: Forwarder, stop: CancellationToken) -> Result<(), Fo
                 }
                 shared.metrics.transactions.inc();
                 backoff = kafka.reconnect_backoff_min;
+                link.contact();
+                if shared.state() == State::Offline {
+                    tracing::info!("Kafka is reachable again");
+                    shared.signals.clear_error();
+                }
                 shared.set_state(State::Live);
                 // The next transaction begins only after this deletion (see the module docs).
                 while let Err(e) = fw.outbox.ack(seqs.clone()).await {

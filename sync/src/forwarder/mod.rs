@@ -18,11 +18,13 @@
 //!   have a backlog; once the backlog is drained it rescans from `live_from` and forwards those
 //!   devices' live records, so every device's records reach Kafka in receive order. With
 //!   `order = "live_first"` nothing is skipped.
-//! * **Offline**: records are in flight and none was acknowledged for `offline_after`, or
-//!   librdkafka reports every broker down. Nothing is dropped: librdkafka holds at most
-//!   `max_in_flight` records (it never expires them, see [`client`]) and everything else waits in
-//!   the outbox. The first acknowledgement (or a metadata probe when nothing is in flight) ends
-//!   it and a new plan puts live records first.
+//! * **Offline**: no sign of Kafka for `offline_after` — records are in flight and none was
+//!   acknowledged, or nothing is in flight and no metadata probe (sent every `offline_after / 2`
+//!   while idle) succeeded — or librdkafka reports every broker down. Nothing is dropped:
+//!   librdkafka holds at most `max_in_flight` records (it never expires them, see [`client`]) and
+//!   everything else waits in the outbox. The first acknowledgement (or a successful probe when
+//!   nothing is in flight) ends it, once: the recovery is logged once and clears the last error,
+//!   and a new plan puts live records first.
 //! * **Draining**: on shutdown, no more reading; in-flight records get `drain_timeout` to be
 //!   acknowledged. Unacknowledged ones stay in the outbox and are sent again after the restart.
 //!
@@ -448,6 +450,64 @@ fn headers(record: &StoredRecord, gateway_id: &str, outbox_id: &str) -> OwnedHea
     h
 }
 
+/// Whether Kafka answers while nothing is in flight, when no acknowledgement can tell: a
+/// metadata request for one topic (small on any cluster; it proves a broker answers), sent every
+/// `offline_after / 2` (at least 1 s) with a 2 s timeout. An outage is then reported within
+/// `offline_after` + one interval + the timeout (12 s with the default 10 s). The price is one
+/// small request every interval on an idle link: raise `offline_after` on a metered uplink.
+struct IdleProbe {
+    /// The last sign of a reachable Kafka: an acknowledgement, a commit or a successful probe.
+    last_contact: Instant,
+    next: Instant,
+    running: Option<JoinHandle<bool>>,
+}
+
+impl IdleProbe {
+    fn new() -> Self {
+        Self {
+            last_contact: Instant::now(),
+            next: Instant::now(),
+            running: None,
+        }
+    }
+
+    /// Kafka answered (an acknowledgement or a commit).
+    fn contact(&mut self) {
+        self.last_contact = Instant::now();
+    }
+
+    fn silent_for(&self) -> Duration {
+        self.last_contact.elapsed()
+    }
+
+    /// Starts a probe when one is due; the outcome of one that finished since the last call.
+    fn poll(&mut self, producer: &Producer_, topic: &str, offline_after: Duration) -> Option<bool> {
+        let mut outcome = None;
+        if self.running.as_ref().is_some_and(JoinHandle::is_finished) {
+            let ok = self
+                .running
+                .take()
+                .and_then(futures_util::FutureExt::now_or_never)
+                .is_some_and(|r| matches!(r, Ok(true)));
+            if ok {
+                self.contact();
+            }
+            outcome = Some(ok);
+        }
+        if self.running.is_none() && Instant::now() >= self.next {
+            let (producer, topic) = (producer.clone(), topic.to_owned());
+            self.next = Instant::now() + (offline_after / 2).max(Duration::from_secs(1));
+            self.running = Some(tokio::task::spawn_blocking(move || {
+                producer
+                    .client()
+                    .fetch_metadata(Some(&topic), Duration::from_secs(2))
+                    .is_ok_and(|m| !m.brokers().is_empty())
+            }));
+        }
+        outcome
+    }
+}
+
 /// Records per second for the backlog, with a burst of 50 ms.
 #[derive(Debug)]
 struct TokenBucket {
@@ -530,8 +590,11 @@ struct Pump {
     rewind: Option<Rewind>,
     failure_backoff: Duration,
     last_progress: Instant,
-    probe: Option<JoinHandle<bool>>,
-    next_probe: Instant,
+    /// Whether Kafka answers while nothing is in flight.
+    link: IdleProbe,
+    /// Set when an outage ended, until the next plan: the recovery is announced once, not once
+    /// per record still settling.
+    recovered: bool,
 }
 
 impl Pump {
@@ -555,8 +618,8 @@ impl Pump {
             rewind: None,
             failure_backoff,
             last_progress: Instant::now(),
-            probe: None,
-            next_probe: Instant::now(),
+            link: IdleProbe::new(),
+            recovered: false,
         })
     }
 
@@ -630,6 +693,7 @@ impl Pump {
 
     /// Decides live_from and the backlog from what the outbox holds now.
     async fn plan(&mut self) -> Result<(), ForwarderError> {
+        self.recovered = false;
         let next = *self.committed.borrow_and_update();
         let unsettled_below = self.unsettled.iter().filter(|s| **s < next).count() as u64;
         let per_device = self.kafka().order == BacklogOrder::PerDevice;
@@ -819,6 +883,10 @@ impl Pump {
                     }
                 }
                 Err((error, _)) => {
+                    // Refused before it was queued (too large for the client, an invalid
+                    // topic, …): a failed record like one whose delivery failed.
+                    self.fw.shared.metrics.failed.inc();
+                    self.fw.shared.count(&self.fw.shared.failed, 1);
                     self.fail(&error);
                     return;
                 }
@@ -844,18 +912,14 @@ impl Pump {
                 let age = (now_unix_ms() - settled.received_at_ms).max(0) as f64 / 1000.0;
                 shared.metrics.delivery_latency.observe(age);
                 self.last_progress = Instant::now();
+                self.link.contact();
                 self.failure_backoff = self.kafka().reconnect_backoff_min;
                 shared
                     .signals
                     .all_brokers_down
                     .store(false, Ordering::Relaxed);
                 if shared.state() == State::Offline {
-                    tracing::info!("Kafka is reachable again");
-                    // Plan again at the next turn: live records first.
-                    self.rewind.get_or_insert(Rewind {
-                        at: Instant::now(),
-                        recreate: false,
-                    });
+                    self.recover();
                 }
             }
             Err(error) => {
@@ -865,6 +929,22 @@ impl Pump {
                 self.fail(&error);
             }
         }
+    }
+
+    /// The first sign of Kafka after an outage: announce it once, clear the outage's error, and
+    /// plan again at the next turn (live records first). The state stays Offline until that
+    /// plan, while the rest of the in-flight records settle.
+    fn recover(&mut self) {
+        if self.recovered {
+            return;
+        }
+        self.recovered = true;
+        tracing::info!("Kafka is reachable again");
+        self.fw.shared.signals.clear_error();
+        self.rewind.get_or_insert(Rewind {
+            at: Instant::now(),
+            recreate: false,
+        });
     }
 
     /// A produce or a delivery failed: stop producing, let in-flight records settle, then
@@ -928,56 +1008,38 @@ impl Pump {
         }
     }
 
-    /// Offline detection and the metadata probe that ends Offline when nothing is in flight.
+    /// Offline detection. Without any sign of Kafka for `offline_after` — no acknowledgement of
+    /// what is in flight or, with nothing in flight, no successful [`IdleProbe`] — the forwarder
+    /// is Offline, whether or not records are waiting.
     fn watch_link(&mut self) {
         let shared = Arc::clone(&self.fw.shared);
-        let state = shared.state();
-        let stalled = !self.in_flight.is_empty()
-            && self.last_progress.elapsed() >= self.kafka().offline_after;
+        let offline_after = self.kafka().offline_after;
+        let idle = self.in_flight.is_empty();
+        if idle {
+            let topic = &self.fw.options.kafka.default_topic;
+            if self.link.poll(&self.producer, topic, offline_after) == Some(true)
+                && shared.state() == State::Offline
+            {
+                shared
+                    .signals
+                    .all_brokers_down
+                    .store(false, Ordering::Relaxed);
+                self.recover();
+            }
+        }
+        let silent = if idle {
+            self.link.silent_for() >= offline_after
+        } else {
+            self.last_progress.elapsed() >= offline_after
+        };
         let down = shared.signals.all_brokers_down.load(Ordering::Relaxed);
-        if (stalled || down) && state != State::Offline && state != State::Draining {
+        let state = shared.state();
+        if (silent || down) && state != State::Offline && state != State::Draining {
             tracing::warn!(
                 in_flight = self.in_flight.len(),
                 "Kafka unreachable; records stay in the outbox"
             );
             shared.set_state(State::Offline);
-        }
-        if shared.state() != State::Offline {
-            return;
-        }
-        if let Some(probe) = &self.probe
-            && probe.is_finished()
-        {
-            let ok = self
-                .probe
-                .take()
-                .map(futures_util::FutureExt::now_or_never)
-                .is_some_and(|r| matches!(r, Some(Ok(true))));
-            if ok && self.in_flight.is_empty() {
-                shared
-                    .signals
-                    .all_brokers_down
-                    .store(false, Ordering::Relaxed);
-                tracing::info!("Kafka is reachable again");
-                self.rewind.get_or_insert(Rewind {
-                    at: Instant::now(),
-                    recreate: false,
-                });
-            }
-        }
-        if self.probe.is_none() && self.in_flight.is_empty() && Instant::now() >= self.next_probe {
-            let producer = self.producer.clone();
-            self.next_probe = Instant::now()
-                + self
-                    .kafka()
-                    .reconnect_backoff_min
-                    .max(Duration::from_secs(1));
-            self.probe = Some(tokio::task::spawn_blocking(move || {
-                producer
-                    .client()
-                    .fetch_metadata(None, Duration::from_secs(2))
-                    .is_ok_and(|m| !m.brokers().is_empty())
-            }));
         }
     }
 
