@@ -328,3 +328,22 @@ pub fn outpost_cli(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// CPU time (user + system, all threads) a process has used, in seconds: the benchmarks' "CPU"
+/// figures. `/proc` reports it in USER_HZ clock ticks, 100 per second on Linux whatever the
+/// kernel's own tick rate.
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    use anyhow::Context;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which is in parentheses and may contain spaces): state is
+    // field 3, utime and stime fields 14 and 15.
+    let rest = stat.rsplit_once(')').context("/proc/<pid>/stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields
+            .get(i - 3)
+            .context("/proc/<pid>/stat field")?
+            .parse::<u64>()? as f64)
+    };
+    Ok((ticks(14)? + ticks(15)?) / 100.0)
+}

@@ -508,7 +508,7 @@ impl IdleProbe {
     }
 }
 
-/// Records per second for the backlog, with a burst of 50 ms.
+/// Records per second for the backlog, with a burst of 50 ms (also the batch it is read in).
 #[derive(Debug)]
 struct TokenBucket {
     rate: f64,
@@ -541,9 +541,16 @@ impl TokenBucket {
         self.tokens -= n as f64;
     }
 
-    /// How long until one token is available.
-    fn wait(&self) -> Duration {
-        Duration::from_secs_f64(((1.0 - self.tokens) / self.rate).max(0.0))
+    /// The batch to wait for: a full bucket, or `limit` if smaller (never 0 unless `limit` is).
+    fn batch(&self, limit: usize) -> usize {
+        (self.burst.floor() as usize)
+            .clamp(1, limit.max(1))
+            .min(limit)
+    }
+
+    /// How long until `n` tokens are available.
+    fn wait_for(&self, n: usize) -> Duration {
+        Duration::from_secs_f64(((n as f64 - self.tokens) / self.rate).max(0.0))
     }
 }
 
@@ -740,7 +747,14 @@ impl Pump {
         }
         let batch = room.min(self.kafka().read_batch);
         let after = self.live_after;
-        let live = with_reader(&mut self.reader, move |r| r.read_after(after, batch)).await?;
+        // Nothing committed beyond the live cursor: no query (this runs on every wake-up, and
+        // a rate-limited backlog wakes the forwarder often).
+        let committed_next = *self.committed.borrow();
+        let live = if committed_next > after.saturating_add(1) {
+            with_reader(&mut self.reader, move |r| r.read_after(after, batch)).await?
+        } else {
+            Vec::new()
+        };
         let mut progressed = !live.is_empty();
         for record in live {
             self.live_after = record.seq;
@@ -763,10 +777,15 @@ impl Pump {
         let Some(backlog) = self.backlog.as_mut() else {
             return Ok(progressed);
         };
-        let tokens = backlog.bucket.available().min(room).min(read_batch);
-        if tokens == 0 {
+        // The backlog is read in batches (a full bucket: 50 ms of `backlog_rate`, at most the
+        // window and `read_batch`), not a few records per wake-up: one query, one wake-up and
+        // one hop to the reader's thread per batch is what keeps a rate-limited drain cheap.
+        let want = backlog.bucket.batch(room.min(read_batch));
+        let tokens = backlog.bucket.available();
+        if want == 0 || tokens < want {
             return Ok(progressed);
         }
+        let tokens = tokens.min(room).min(read_batch);
         let (pos, below) = (backlog.pos, backlog.below);
         let (page, next) = with_reader(&mut self.reader, move |r| {
             r.read_window(pos, 0..below, tokens, u64::MAX)
@@ -1048,8 +1067,20 @@ impl Pump {
         if !self.delivered.is_empty() {
             wake = wake.min(Duration::from_millis(10));
         }
-        if let Some(b) = &self.backlog {
-            wake = wake.min(b.bucket.wait().max(Duration::from_millis(1)));
+        let room = self
+            .kafka()
+            .max_in_flight
+            .saturating_sub(self.in_flight.len())
+            .min(self.kafka().read_batch);
+        if let Some(b) = &self.backlog
+            && room > 0
+        {
+            // A full window wakes on its deliveries instead.
+            wake = wake.min(
+                b.bucket
+                    .wait_for(b.bucket.batch(room))
+                    .max(Duration::from_millis(1)),
+            );
         }
         if let Some(r) = &self.rewind {
             wake = wake.min(r.at.saturating_duration_since(Instant::now()));

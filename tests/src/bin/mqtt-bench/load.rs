@@ -20,6 +20,7 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 
 use crate::{Options, Protocol, Server, median, quantile_ms};
+use outpost_e2e::daemon::cpu_seconds;
 
 /// The topic filter of the `--watch` subscriber, and what it lets Outpost's ACL allow.
 const WATCH_FILTER: &str = "devices/anonymous/+/t";
@@ -302,23 +303,6 @@ fn one_run(
         delivered,
         cpu_us,
     })
-}
-
-/// CPU time (user + system, all threads) a process has used, in seconds. `/proc` reports it in
-/// USER_HZ clock ticks, 100 per second on Linux whatever the kernel's own tick rate.
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which is in parentheses and may contain spaces): state is
-    // field 3, utime and stime fields 14 and 15.
-    let rest = stat.rsplit_once(')').context("/proc/<pid>/stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| -> anyhow::Result<f64> {
-        Ok(fields
-            .get(i - 3)
-            .context("/proc/<pid>/stat field")?
-            .parse::<u64>()? as f64)
-    };
-    Ok((ticks(14)? + ticks(15)?) / 100.0)
 }
 
 /// The `--watch` subscriber: QoS 0 on every publisher's topic; counts the messages that arrive
