@@ -497,12 +497,30 @@ fn insert(
     Ok(seqs)
 }
 
+/// Deletes the records of `seqs` (any order, duplicates and unknown sequences allowed). One
+/// statement per run of consecutive sequences, not per record: the forwarder acknowledges
+/// mostly contiguous runs, and a statement execution costs more than the rows it removes.
 fn delete(tx: &Transaction<'_>, seqs: &[u64], totals: &mut Totals) -> rusqlite::Result<u64> {
-    let mut stmt = tx.prepare_cached("DELETE FROM records WHERE seq = ?1 RETURNING size")?;
+    let mut sorted = seqs.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut stmt =
+        tx.prepare_cached("DELETE FROM records WHERE seq BETWEEN ?1 AND ?2 RETURNING size")?;
     let mut deleted = 0;
-    for &seq in seqs {
-        let size: Option<i64> = stmt.query_row([seq as i64], |r| r.get(0)).optional()?;
-        if let Some(size) = size {
+    let mut i = 0;
+    while i < sorted.len() {
+        // Every sequence of the run `first..=last` is in `seqs`: deleting the range removes
+        // exactly those records.
+        let first = sorted[i];
+        let mut last = first;
+        while i + 1 < sorted.len() && sorted[i + 1] == last + 1 {
+            i += 1;
+            last = sorted[i];
+        }
+        i += 1;
+        let mut rows = stmt.query((first as i64, last as i64))?;
+        while let Some(row) = rows.next()? {
+            let size: i64 = row.get(0)?;
             deleted += 1;
             totals.count -= 1;
             totals.bytes = totals.bytes.saturating_sub(size as u64);
