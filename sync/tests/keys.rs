@@ -3,25 +3,12 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::sync::Arc;
-
 use outpost_sync::outbox;
-use outpost_sync::{Envelope, Outbox, OutboxOptions, Source};
+use outpost_sync::{Outbox, OutboxOptions};
 use tokio_util::sync::CancellationToken;
 
-fn envelope(n: u32) -> Envelope {
-    Envelope {
-        route: Arc::from("default"),
-        device_id: "d".into(),
-        source: Source::Mqtt,
-        topic: "t".into(),
-        received_at_ms: 0,
-        content_type: None,
-        headers: vec![],
-        payload: n.to_string().into_bytes(),
-        priority: None,
-    }
-}
+mod common;
+use common::reading;
 
 fn open(dir: &std::path::Path) -> (Outbox, CancellationToken, tokio::task::JoinHandle<()>) {
     let (outbox, writer) = outbox::open(OutboxOptions::with_path(dir.join("outbox.db"))).unwrap();
@@ -44,13 +31,13 @@ async fn a_keyed_append_is_stored_once_until_released_even_across_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let (outbox, stop, task) = open(dir.path());
     let first = outbox
-        .append_once(envelope(1), "s|c|7".into())
+        .append_once(reading(1), "s|c|7".into())
         .await
         .unwrap();
     // The same key in the same group and in a later one: no new record, the same sequence.
     let (a, b) = tokio::join!(
-        outbox.append_once(envelope(2), "s|c|7".into()),
-        outbox.append_once(envelope(3), "s|c|8".into())
+        outbox.append_once(reading(2), "s|c|7".into()),
+        outbox.append_once(reading(3), "s|c|8".into())
     );
     assert_eq!(a.unwrap(), first);
     assert_ne!(b.unwrap(), first);
@@ -63,7 +50,7 @@ async fn a_keyed_append_is_stored_once_until_released_even_across_a_reopen() {
     let (outbox, stop, task) = open(dir.path());
     assert_eq!(
         outbox
-            .append_once(envelope(4), "s|c|7".into())
+            .append_once(reading(4), "s|c|7".into())
             .await
             .unwrap(),
         first,
@@ -76,14 +63,14 @@ async fn a_keyed_append_is_stored_once_until_released_even_across_a_reopen() {
         .await
         .unwrap();
     let again = outbox
-        .append_once(envelope(5), "s|c|7".into())
+        .append_once(reading(5), "s|c|7".into())
         .await
         .unwrap();
     assert!(again > first);
     assert_eq!(count(&outbox), 3);
     // Released by prefix: every key of the session, no other.
     outbox
-        .append_once(envelope(6), "t|c|1".into())
+        .append_once(reading(6), "t|c|1".into())
         .await
         .unwrap();
     outbox

@@ -3,27 +3,15 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 #![allow(clippy::disallowed_methods)] // std::thread::sleep: on a blocking-pool thread, on purpose
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outpost_config::Synchronous;
+use outpost_sync::OutboxOptions;
 use outpost_sync::outbox;
-use outpost_sync::{Envelope, OutboxOptions, Source};
 use tokio_util::sync::CancellationToken;
 
-fn envelope() -> Envelope {
-    Envelope {
-        route: Arc::from("default"),
-        device_id: "dev".into(),
-        source: Source::Driver,
-        topic: "t".into(),
-        received_at_ms: 7,
-        content_type: None,
-        headers: vec![],
-        payload: b"reading".to_vec(),
-        priority: None,
-    }
-}
+mod common;
+use common::reading;
 
 /// Commits run on the writer's own thread: with the runtime's whole blocking pool busy (here one
 /// thread, held for 10 s — on a gateway: registry jobs queued behind a slow one), an append
@@ -45,7 +33,7 @@ fn appends_commit_while_the_blocking_pool_is_busy() {
         let blocker = tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_secs(10)));
         tokio::time::sleep(Duration::from_millis(100)).await;
         let started = Instant::now();
-        let seq = tokio::time::timeout(Duration::from_secs(5), outbox.append(envelope()))
+        let seq = tokio::time::timeout(Duration::from_secs(5), outbox.append(reading(1)))
             .await
             .expect("the append waited for the blocking pool")
             .unwrap();
@@ -76,7 +64,7 @@ async fn the_running_writer_reports_the_synchronous_mode_it_really_has() {
         );
         let stop = CancellationToken::new();
         let task = tokio::spawn(writer.run(stop.clone()));
-        outbox.append(envelope()).await.unwrap();
+        outbox.append(reading(1)).await.unwrap();
         assert_eq!(outbox.synchronous(), Some(want));
         stop.cancel();
         task.await.unwrap().unwrap();

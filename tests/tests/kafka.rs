@@ -9,6 +9,7 @@
 #![allow(clippy::disallowed_methods)] // std::thread::sleep: blocking test code, no async runtime here
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -694,20 +695,27 @@ fn live_first_order_sends_a_backlogged_devices_fresh_record_at_once() {
 // forwarder did not produce them again; where a fault can leave records of an uncommitted
 // transaction behind, the mock shows them, and the bound says how many that can be.
 
+/// The files of an exactly-once daemon on `kafka` reading `read_batch` records per transaction:
+/// the directory (dropping it removes them), the config and the data directory.
+fn exactly_once_files(kafka: &MockKafka, read_batch: u64) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let text = config(
+        kafka.bootstrap(),
+        &format!("exactly_once = true\nread_batch = {read_batch}\n"),
+        "",
+    );
+    let config_path = write_config(dir.path(), &text);
+    let data_dir = dir.path().join("data");
+    (dir, config_path, data_dir)
+}
+
 /// A commit that fails after its records reached the broker, and a crash right after a commit
 /// (before the records leave the outbox): in both, only the checkpoint tells the forwarder that
 /// the records were sent, and nothing is sent twice.
 #[test]
 fn exactly_once_sends_nothing_twice_after_a_failed_commit_or_a_crash_after_a_commit() {
     let kafka = MockKafka::start(1, &[(TOPIC, 2), ("outpost.checkpoints", 1)]);
-    let dir = tempfile::tempdir().unwrap();
-    let text = config(
-        kafka.bootstrap(),
-        "exactly_once = true\nread_batch = 100\n",
-        "",
-    );
-    let config_path = write_config(dir.path(), &text);
-    let data_dir = dir.path().join("data");
+    let (_dir, config_path, data_dir) = exactly_once_files(&kafka, 100);
     // The first commit fails: the broker answers EndTxn with an error.
     kafka.errors("EndTxn", 1, "KafkaStorageError");
     let mut d = Daemon::start_with_env(
@@ -766,14 +774,7 @@ fn exactly_once_sends_nothing_twice_after_a_failed_commit_or_a_crash_after_a_com
 #[test]
 fn exactly_once_ignores_the_checkpoint_of_another_outbox() {
     let kafka = MockKafka::start(1, &[(TOPIC, 2), ("outpost.checkpoints", 1)]);
-    let dir = tempfile::tempdir().unwrap();
-    let text = config(
-        kafka.bootstrap(),
-        "exactly_once = true\nread_batch = 100\n",
-        "",
-    );
-    let config_path = write_config(dir.path(), &text);
-    let data_dir = dir.path().join("data");
+    let (_dir, config_path, data_dir) = exactly_once_files(&kafka, 100);
     let mut d = Daemon::start_with(&config_path, data_dir.clone());
     let mut devices = [Device::new(&d, "e-1"), Device::new(&d, "e-2")];
     for dev in &mut devices {
@@ -828,14 +829,7 @@ fn exactly_once_ignores_the_checkpoint_of_another_outbox() {
 fn exactly_once_loses_nothing_across_an_outage_and_kill_9() {
     const READ_BATCH: u64 = 200;
     let kafka = MockKafka::start(1, &[(TOPIC, 2), ("outpost.checkpoints", 1)]);
-    let dir = tempfile::tempdir().unwrap();
-    let text = config(
-        kafka.bootstrap(),
-        &format!("exactly_once = true\nread_batch = {READ_BATCH}\n"),
-        "",
-    );
-    let config_path = write_config(dir.path(), &text);
-    let data_dir = dir.path().join("data");
+    let (_dir, config_path, data_dir) = exactly_once_files(&kafka, READ_BATCH);
     let mut d = Daemon::start_with(&config_path, data_dir.clone());
     let mut devices = [Device::new(&d, "e-1"), Device::new(&d, "e-2")];
     for _ in 0..10 {

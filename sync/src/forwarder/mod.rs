@@ -543,9 +543,7 @@ impl TokenBucket {
 
     /// The batch to wait for: a full bucket, or `limit` if smaller (never 0 unless `limit` is).
     fn batch(&self, limit: usize) -> usize {
-        (self.burst.floor() as usize)
-            .clamp(1, limit.max(1))
-            .min(limit)
+        (self.burst as usize).max(1).min(limit)
     }
 
     /// How long until `n` tokens are available.
