@@ -47,18 +47,21 @@ use std::path::Path;
 pub use error::{ConfigError, Problem};
 pub use model::{
     AdminConfig, ApiConfig, ApiTokenConfig, AppConfig, AppsConfig, CoapConfig, Config,
-    DEFAULT_ROUTE, DataType, DevicesConfig, DriverConfig, FlowControl, GatewayConfig,
-    HttpIngestConfig, IntegrityCheck, KafkaConfig, KafkaRule, KafkaSecurity, LineFormat, LogConfig,
-    LogFormat, ModbusConfig, ModbusPointConfig, ModbusSlaveConfig, ModbusTransport, Mount,
-    MqttAclConfig, MqttConfig, MqttLimitsConfig, MqttSessionsConfig, Order, OutboxConfig, Parity,
-    Port, RegisterKind, ReopenConfig, RestartPolicy, Route, RouteConfig, Scope, SerialLineConfig,
-    SerialPortConfig, SimulatorConfig, Synchronous, WhenFull, ZigbeeConfig, parse_cidr,
+    DEFAULT_ROUTE, DataType, DeadLetterConfig, DevicesConfig, DriverConfig, FlowControl,
+    GatewayConfig, HttpIngestConfig, IntegrityCheck, KafkaConfig, KafkaRule, KafkaSecurity,
+    LineFormat, LogConfig, LogFormat, ModbusConfig, ModbusPointConfig, ModbusSlaveConfig,
+    ModbusTransport, Mount, MqttAclConfig, MqttConfig, MqttLimitsConfig, MqttSessionsConfig, Order,
+    OutboxConfig, Parity, Port, RegisterKind, ReopenConfig, RestartPolicy, Route, RouteConfig,
+    Scope, SerialLineConfig, SerialPortConfig, SimulatorConfig, Synchronous, WhenFull,
+    ZigbeeConfig, parse_cidr,
 };
 pub use model::{BacklogOrder, Compression, RuleAction, RuleKey, SaslMechanism, SecurityProtocol};
 pub use model::{MqttClientAuth, MqttTlsConfig};
 pub use model::{check_acl_pattern, check_kafka_topic, derived_gateway_id, machine_id};
 pub use units::ByteSize;
-pub use validate::{MAX_TOPIC_BYTES, check_device_id, check_record_topic};
+pub use validate::{
+    KAFKA_DEFAULT_MAX_MESSAGE_BYTES, MAX_TOPIC_BYTES, check_device_id, check_record_topic,
+};
 
 /// The debug-build fault hook's switch, for tests: whether `OUTPOST_DEBUG_FAIL` (a comma-separated
 /// list) names `name`. Always false in release builds. Each user documents what its name does
@@ -87,5 +90,11 @@ impl Config {
     /// sorted by key path; empty when the configuration is valid. [`from_toml_str`] runs this.
     pub fn validate(&self) -> Vec<Problem> {
         path::into_problems(validate::check(self))
+    }
+
+    /// Settings that are valid but probably not what the operator wants (`outpost check-config`
+    /// prints them as warnings, `outpost run` logs them); each names its key.
+    pub fn warnings(&self) -> Vec<Problem> {
+        path::into_problems(validate::warnings(self))
     }
 }

@@ -73,8 +73,8 @@ mod kafka;
 mod mqtt;
 
 pub use kafka::{
-    BacklogOrder, Compression, KafkaConfig, KafkaRule, KafkaSecurity, RuleAction, RuleKey,
-    SaslMechanism, SecurityProtocol, check_kafka_topic,
+    BacklogOrder, Compression, DeadLetterConfig, KafkaConfig, KafkaRule, KafkaSecurity, RuleAction,
+    RuleKey, SaslMechanism, SecurityProtocol, check_kafka_topic,
 };
 pub(crate) use kafka::{RULE_SOURCES, check_broker, check_topic_filter, forwarder_property};
 pub use mqtt::{ClientAuth as MqttClientAuth, MqttTlsConfig};

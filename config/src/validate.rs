@@ -31,6 +31,29 @@ pub(crate) fn check(config: &Config) -> Vec<Issue> {
     checker.issues
 }
 
+/// The size above which a record is refused by Kafka's defaults: librdkafka's and the brokers'
+/// `message.max.bytes` (the brokers' is 1,048,588 including the batch overhead).
+pub const KAFKA_DEFAULT_MAX_MESSAGE_BYTES: u64 = 1_000_000;
+
+/// Valid settings that are probably mistakes (see [`Config::warnings`]).
+pub(crate) fn warnings(config: &Config) -> Vec<Issue> {
+    let mut issues = Vec::new();
+    let max = config.outbox.max_record_bytes.bytes();
+    if max > KAFKA_DEFAULT_MAX_MESSAGE_BYTES {
+        issues.push(Issue::new(
+            root("outbox").key("max_record_bytes"),
+            format!(
+                "{max} bytes is more than Kafka accepts by default ({KAFKA_DEFAULT_MAX_MESSAGE_BYTES} \
+                 bytes: librdkafka's and the brokers' message.max.bytes); larger records are \
+                 accepted from devices and then refused by Kafka, and end up as dead letters \
+                 unless the brokers and topics are configured for them (and \
+                 kafka.properties.\"message.max.bytes\" raised)"
+            ),
+        ));
+    }
+    issues
+}
+
 #[derive(Default)]
 struct Checker {
     issues: Vec<Issue>,
@@ -377,7 +400,44 @@ impl Checker {
         }
         self.range(kafka.key("read_batch"), k.read_batch, 1, 100_000);
         self.range(kafka.key("max_in_flight"), k.max_in_flight, 1, 1_000_000);
+        if let Some(cap) = k.max_in_flight_per_topic {
+            self.range(
+                kafka.key("max_in_flight_per_topic"),
+                cap,
+                1,
+                k.max_in_flight.max(1),
+            );
+        }
         self.range(kafka.key("backlog_rate"), k.backlog_rate, 1, 10_000_000);
+        let dead = kafka.key("dead_letter");
+        if let Some(topic) = &k.dead_letter.topic {
+            self.kafka_topic(dead.key("topic"), topic);
+            if topic == &k.default_topic
+                || k.rules
+                    .iter()
+                    .any(|r| r.kafka_topic.as_ref() == Some(topic))
+            {
+                self.problem(
+                    dead.key("topic"),
+                    format!(
+                        "\"{topic}\" also receives forwarded records: poison records would be \
+                         refused there again; use a topic of its own"
+                    ),
+                );
+            }
+        }
+        self.range(
+            dead.key("max_attempts"),
+            k.dead_letter.max_attempts,
+            1,
+            1_000,
+        );
+        self.duration_range(
+            dead.key("unknown_topic_timeout"),
+            k.dead_letter.unknown_topic_timeout,
+            s(1),
+            s(3_600),
+        );
         let (min, max) = (k.reconnect_backoff_min, k.reconnect_backoff_max);
         self.duration_range(kafka.key("reconnect_backoff_min"), min, ms(10), s(3_600));
         if max < min {
@@ -1277,6 +1337,40 @@ mod tests {
         assert!(found.iter().any(|m| m.contains("did you mean \"default\"")));
         assert!(check_topic("sim/{device}/reading").is_ok());
         assert!(check_topic("$SYS/x").is_err());
+    }
+
+    #[test]
+    fn dead_letter_and_per_topic_settings_are_checked() {
+        let config = crate::from_toml_str(
+            "[kafka]\nmax_in_flight = 10\nmax_in_flight_per_topic = 11\n\
+             [kafka.dead_letter]\ntopic = \"outpost.readings\"\nmax_attempts = 0\n\
+             unknown_topic_timeout = \"2h\"\n",
+        );
+        let err = config.expect_err("invalid").to_string();
+        for want in [
+            "kafka.max_in_flight_per_topic: must be between 1 and 10, found 11",
+            "kafka.dead_letter.topic: \"outpost.readings\" also receives forwarded records",
+            "kafka.dead_letter.max_attempts: must be between 1 and 1000, found 0",
+            "kafka.dead_letter.unknown_topic_timeout: must be between 1s and 1h",
+        ] {
+            assert!(err.contains(want), "{want} in {err}");
+        }
+        let ok = crate::from_toml_str(
+            "[kafka]\nmax_in_flight_per_topic = 7\n[kafka.dead_letter]\ntopic = \"dead\"\n",
+        )
+        .expect("valid");
+        assert_eq!(ok.kafka.topic_in_flight_cap(), 7);
+    }
+
+    #[test]
+    fn a_record_limit_above_kafkas_default_is_a_warning_not_an_error() {
+        let config = crate::from_toml_str("[outbox]\nmax_record_bytes = \"2MiB\"\n")
+            .expect("valid: a broker may be configured for large records");
+        let warnings = config.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].path, "outbox.max_record_bytes");
+        assert!(warnings[0].message.contains("1000000"), "{warnings:?}");
+        assert!(Config::default().warnings().is_empty());
     }
 
     #[test]

@@ -74,7 +74,11 @@ pub fn load_config(path: Option<&Path>) -> Result<Config, ConfigError> {
 
 fn check_config(path: &Path) -> ExitCode {
     match load_config(Some(path)) {
-        Ok(_) => {
+        Ok(config) => {
+            // Warnings do not fail the check: the setting may be deliberate.
+            for warning in config.warnings() {
+                eprintln!("warning: {warning}");
+            }
             println!("{}: ok", path.display());
             ExitCode::SUCCESS
         }
@@ -95,6 +99,9 @@ fn run(path: Option<&Path>) -> ExitCode {
         }
     };
     telemetry::logging::init(&config.log);
+    for warning in config.warnings() {
+        tracing::warn!(key = %warning.path, "Configuration: {}", warning.message);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("outpost-worker")

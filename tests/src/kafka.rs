@@ -151,6 +151,19 @@ impl MockKafka {
         self.command(&format!("topic {name} {partitions}"));
     }
 
+    /// Metadata requests for `topic` answer `error` (`"TopicAuthorizationFailed"`, …;
+    /// `"NoError"` clears it).
+    pub fn topic_error(&self, topic: &str, error: &str) {
+        self.command(&format!("topic-error {topic} {error}"));
+    }
+
+    /// Moves the leader of `topic`'s `partition` to `broker`, or (`None`) leaves it without
+    /// one: its records wait until a leader is back.
+    pub fn leader(&self, topic: &str, partition: i32, broker: Option<i32>) {
+        let broker = broker.map_or("none".to_owned(), |b| b.to_string());
+        self.command(&format!("leader {topic} {partition} {broker}"));
+    }
+
     /// Sends one command and panics unless the reply is `OK`.
     fn command(&self, command: &str) {
         let mut control = self.control.lock().unwrap_or_else(|e| e.into_inner());

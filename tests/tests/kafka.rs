@@ -443,24 +443,13 @@ fn an_idle_forwarder_reports_an_outage_and_the_recovery_within_15_s() {
 
 /// A record the producer refuses outright (here: larger than librdkafka's `message.max.bytes`,
 /// which `max_record_bytes = "2MiB"` lets into the outbox) counts as a failed record.
-#[test]
-fn a_produce_refused_outright_counts_as_failed() {
-    let kafka = MockKafka::start(1, &[(TOPIC, 1)]);
-    let dir = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start(
-        dir.path(),
-        &config(
-            kafka.bootstrap(),
-            "",
-            "[outbox]\nmax_record_bytes = \"2MiB\"\n[http_ingest]\nmax_body = \"2MiB\"\n",
-        ),
-    );
-    let dev = Device::new(&d, "big-1");
-    let body = format!("{{\"blob\":\"{}\"}}", "x".repeat(1_500_000));
+/// Posts one JSON record `{"n":0,"blob":"xxx…"}` of about `size` bytes for `dev` on `topic`.
+fn post_big(d: &Daemon, dev: &Device, topic: &str, size: usize) {
+    let body = format!("{{\"n\":0,\"blob\":\"{}\"}}", "x".repeat(size));
     let r = request(
         d.admin,
         "POST",
-        "/api/v1/ingest/t",
+        &format!("/api/v1/ingest/{topic}"),
         &[
             ("Authorization", &dev.auth),
             ("Content-Type", "application/json"),
@@ -468,11 +457,142 @@ fn a_produce_refused_outright_counts_as_failed() {
         body.as_bytes(),
     );
     assert_eq!(r.status, 201, "{}", r.text());
-    d.wait_until("counted as failed", Duration::from_secs(15), |d| {
-        d.metric("outpost_kafka_failed_records_total") >= 1.0
-    });
+}
+
+/// Kafka settings for the poison-record tests: a dead-letter topic, and a rule that sends
+/// `locked/#` to a topic the broker refuses.
+const POISON_KAFKA: &str = "[kafka.dead_letter]\ntopic = \"outpost.dead\"\n\n\
+    [[kafka.rules]]\ntopic = \"locked/#\"\nkafka_topic = \"forbidden\"\n";
+/// Records up to 2 MiB accepted from devices: more than Kafka takes by default (a warning).
+const LARGE_RECORDS: &str =
+    "[outbox]\nmax_record_bytes = \"2MiB\"\n[http_ingest]\nmax_body = \"2MiB\"\n";
+
+/// One bad record never blocks the others (docs/KAFKA.md, "Poison records"). A 1.5 MB record
+/// (accepted: `max_record_bytes` is 2 MiB) that Kafka's client refuses as too large, and a record
+/// for a topic the broker refuses (TopicAuthorizationFailed): before, each failure made the
+/// forwarder stop and plan again forever, and another device's 31 records waited behind them.
+/// Now the refused-topic record goes to the dead-letter topic with its error headers, the too-large
+/// one (which the dead-letter topic refuses too) to the local dead-letter table, and the rest flows.
+#[test]
+fn poison_records_are_moved_aside_and_never_block_the_others() {
+    let kafka = MockKafka::start(1, &[(TOPIC, 1), ("forbidden", 1), ("outpost.dead", 1)]);
+    kafka.topic_error("forbidden", "TopicAuthorizationFailed");
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(
+        dir.path(),
+        &config(kafka.bootstrap(), POISON_KAFKA, LARGE_RECORDS),
+    );
+    let big = Device::new(&d, "big-1");
+    post_big(&d, &big, "t", 1_500_000);
+    let mut locked = Device::new(&d, "locked-1");
+    locked.send(&d, "locked/a", 1);
+    let mut other = Device::new(&d, "other-1");
+    other.send(&d, "t", 31);
+    wait_delivered(
+        &mut d,
+        "every record forwarded or moved aside",
+        Duration::from_secs(30),
+    );
+    other.send(&d, "t", 9);
+    wait_delivered(&mut d, "later records", Duration::from_secs(10));
+
+    let poison = |reason: &str, to: &str| {
+        d.metric(&format!(
+            "outpost_kafka_poison_records_total{{reason=\"{reason}\",to=\"{to}\"}}"
+        ))
+    };
+    assert_eq!(poison("too_large", "local"), 1.0);
+    assert_eq!(poison("topic_authorization", "topic"), 1.0);
+    assert_eq!(d.metric("outpost_outbox_dead_letters"), 1.0);
+    assert!(d.metric("outpost_kafka_failed_records_total") >= 2.0);
     let status = d.status();
-    assert!(status["kafka"]["failed"].as_u64() >= Some(1), "{status}");
+    assert_eq!(status["kafka"]["poison"].as_u64(), Some(2), "{status}");
+
+    let got = consume(kafka.bootstrap(), TOPIC, 41, Duration::from_secs(3), false);
+    assert_complete_in_order(&other.id, &per_device(&got)[&other.id], other.next, 0);
+    assert!(
+        got.iter()
+            .all(|r| r.header("outpost-device").as_deref() == Some("other-1"))
+    );
+
+    let dead = consume(
+        kafka.bootstrap(),
+        "outpost.dead",
+        2,
+        Duration::from_secs(3),
+        false,
+    );
+    assert_eq!(
+        dead.len(),
+        1,
+        "only the refused-topic record reached the dead-letter topic"
+    );
+    let r = &dead[0];
+    assert_eq!(r.key.as_deref(), Some(&b"locked-1"[..]));
+    assert_eq!(counter(r), 0, "the original payload");
+    for (header, want) in [
+        ("outpost-device", "locked-1"),
+        ("outpost-topic", "locked/a"),
+        ("outpost-error-reason", "topic_authorization"),
+        ("outpost-error-topic", "forbidden"),
+        ("outpost-error-attempts", "1"),
+    ] {
+        assert_eq!(r.header(header).as_deref(), Some(want), "{header}");
+    }
+    assert!(r.header("outpost-error").unwrap().contains("uthorization"));
+}
+
+/// A topic whose partition has no leader holds only its share of the window
+/// (`max_in_flight_per_topic`, half of `max_in_flight` by default): another topic's records keep
+/// flowing. Before, the stuck topic's records filled the whole window and nothing else moved. When
+/// the leader is back, the stuck records arrive complete and in order.
+#[test]
+fn a_stuck_partition_holds_only_its_topics_share_of_the_window() {
+    let kafka = MockKafka::start(1, &[(TOPIC, 1), ("slow", 1)]);
+    kafka.leader("slow", 0, None);
+    let dir = tempfile::tempdir().unwrap();
+    let rules =
+        "max_in_flight = 100\n[[kafka.rules]]\ntopic = \"slow/#\"\nkafka_topic = \"slow\"\n";
+    let mut d = Daemon::start(dir.path(), &config(kafka.bootstrap(), rules, ""));
+    let mut slow = Device::new(&d, "slow-1");
+    slow.send(&d, "slow/a", 150);
+    d.wait_until(
+        "the stuck topic's share in flight",
+        Duration::from_secs(10),
+        |d| d.status()["kafka"]["in_flight"].as_u64() == Some(50),
+    );
+    let mut fast = Device::new(&d, "fast-1");
+    fast.send(&d, "t", 60);
+    fast.send(&d, "t", 60);
+    let got = consume(
+        kafka.bootstrap(),
+        TOPIC,
+        120,
+        Duration::from_secs(20),
+        false,
+    );
+    assert_complete_in_order(&fast.id, &per_device(&got)[&fast.id], fast.next, 0);
+    assert_eq!(
+        d.status()["kafka"]["in_flight"].as_u64(),
+        Some(50),
+        "the stuck topic never took more than its share"
+    );
+
+    kafka.leader("slow", 0, Some(1));
+    slow.send(&d, "slow/a", 10);
+    wait_delivered(
+        &mut d,
+        "the stuck topic after its leader is back",
+        Duration::from_secs(60),
+    );
+    let got = consume(
+        kafka.bootstrap(),
+        "slow",
+        161,
+        Duration::from_secs(5),
+        false,
+    );
+    assert_complete_in_order(&slow.id, &per_device(&got)[&slow.id], slow.next, 0);
 }
 
 #[test]
@@ -825,6 +945,36 @@ fn exactly_once_ignores_the_checkpoint_of_another_outbox() {
 /// On a broker with isolation, `read_committed` consumers would see no duplicates; the mock (see
 /// above) also shows the records of transactions that were aborted or left open, so duplicates
 /// are bounded by one batch per aborted transaction plus one for the transaction open at the kill.
+/// Exactly-once mode with a poison record: the transaction holding it is aborted, the record
+/// moved aside (its dead letter is refused by the dead-letter topic too: too large), and the
+/// others are committed exactly once. Before, the transaction failed and was retried forever.
+#[test]
+fn exactly_once_moves_a_poison_record_aside_and_commits_the_rest() {
+    let kafka = MockKafka::start(
+        1,
+        &[(TOPIC, 1), ("outpost.checkpoints", 1), ("outpost.dead", 1)],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let kafka_extra = format!("exactly_once = true\nread_batch = 100\n{POISON_KAFKA}");
+    let mut d = Daemon::start(
+        dir.path(),
+        &config(kafka.bootstrap(), &kafka_extra, LARGE_RECORDS),
+    );
+    let big = Device::new(&d, "big-1");
+    post_big(&d, &big, "t", 1_500_000);
+    let mut other = Device::new(&d, "other-1");
+    other.send(&d, "t", 40);
+    wait_delivered(&mut d, "committed or moved aside", Duration::from_secs(30));
+    other.send(&d, "t", 10);
+    wait_delivered(&mut d, "later records", Duration::from_secs(20));
+    assert_eq!(
+        d.metric("outpost_kafka_poison_records_total{reason=\"too_large\",to=\"local\"}"),
+        1.0
+    );
+    assert_eq!(d.metric("outpost_outbox_dead_letters"), 1.0);
+    assert_topic_holds(kafka.bootstrap(), &[other], 0, true);
+}
+
 #[test]
 fn exactly_once_loses_nothing_across_an_outage_and_kill_9() {
     const READ_BATCH: u64 = 200;

@@ -36,6 +36,11 @@ pub struct KafkaConfig {
     /// memory (docs/BENCHMARKS.md measures it) and how much can be sent twice after a failure.
     /// Default 2000; 1 to 1000000.
     pub max_in_flight: usize,
+    /// Records of one Kafka topic in flight at most: a topic whose partition is stuck (no
+    /// leader, a slow broker) holds at most this many slots of `max_in_flight`, and the other
+    /// topics keep flowing. Default: half of `max_in_flight` (at least 1); 1 to `max_in_flight`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_in_flight_per_topic: Option<usize>,
     /// Records per second at most while a backlog drains after an outage or a restart; live
     /// records are not counted against it. Default 20000; 1 to 10000000.
     pub backlog_rate: u32,
@@ -65,6 +70,8 @@ pub struct KafkaConfig {
     /// Compacted topic of exactly-once checkpoints, keyed by gateway id.
     /// Default `"outpost.checkpoints"`.
     pub checkpoint_topic: String,
+    /// `[kafka.dead_letter]`: what happens to a record Kafka refuses for good.
+    pub dead_letter: DeadLetterConfig,
     /// `[kafka.security]`: TLS and SASL.
     pub security: KafkaSecurity,
     /// `[kafka.properties]`: further librdkafka settings, passed through as strings. Settings
@@ -89,6 +96,7 @@ impl Default for KafkaConfig {
             linger: Duration::from_millis(5),
             read_batch: 2000,
             max_in_flight: 2000,
+            max_in_flight_per_topic: None,
             backlog_rate: 20_000,
             order: BacklogOrder::PerDevice,
             reconnect_backoff_min: Duration::from_millis(500),
@@ -98,9 +106,54 @@ impl Default for KafkaConfig {
             heartbeat_topic: "outpost.heartbeats".to_owned(),
             inventory_topic: "outpost.inventory".to_owned(),
             checkpoint_topic: "outpost.checkpoints".to_owned(),
+            dead_letter: DeadLetterConfig::default(),
             security: KafkaSecurity::default(),
             properties: BTreeMap::new(),
             rules: Vec::new(),
+        }
+    }
+}
+
+impl KafkaConfig {
+    /// [`max_in_flight_per_topic`](Self::max_in_flight_per_topic) with its default applied.
+    pub fn topic_in_flight_cap(&self) -> usize {
+        self.max_in_flight_per_topic
+            .unwrap_or(self.max_in_flight / 2)
+            .clamp(1, self.max_in_flight.max(1))
+    }
+}
+
+/// `[kafka.dead_letter]`: records Kafka refuses for good ("poison records": too large, invalid,
+/// a topic the broker refuses or does not have) are moved aside so they never block the others:
+/// to `topic` when set (the original record with `outpost-error-*` headers), else — or when that
+/// topic refuses them too — to the outbox's local dead-letter table, listed, retried and dropped
+/// through `/api/v1/dead-letters` and `outpost dead-letters`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    default,
+    deny_unknown_fields,
+    expecting = "a [kafka.dead_letter] table"
+)]
+pub struct DeadLetterConfig {
+    /// Kafka topic for poison records. Default: none (the local dead-letter table only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    /// Deliveries of one record that may fail with an error not known to be permanent (nor an
+    /// outage, which never counts) before the record is moved aside. Default 5; 1 to 1000.
+    pub max_attempts: u32,
+    /// How long records for a topic the cluster does not have are held (librdkafka's
+    /// `topic.metadata.propagation.max.ms`: the time a new topic takes to appear) before they
+    /// count as poison. Default `"60s"`; 1s to 1h.
+    #[serde(with = "crate::units::duration")]
+    pub unknown_topic_timeout: Duration,
+}
+
+impl Default for DeadLetterConfig {
+    fn default() -> Self {
+        Self {
+            topic: None,
+            max_attempts: 5,
+            unknown_topic_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -454,6 +507,10 @@ pub(crate) const FORWARDER_PROPERTIES: &[(&str, &str)] = &[
          records awaiting acknowledgement",
     ),
     (
+        "topic.metadata.propagation.max.ms",
+        "use kafka.dead_letter.unknown_topic_timeout",
+    ),
+    (
         "retries",
         "the forwarder retries every record until Kafka acknowledges it; use \
          kafka.reconnect_backoff_min and kafka.reconnect_backoff_max for the waits",
@@ -518,6 +575,15 @@ mod tests {
         assert_eq!(c.security, KafkaSecurity::default());
         assert_eq!(c.security.protocol, SecurityProtocol::Plaintext);
         assert!(c.properties.is_empty() && c.rules.is_empty());
+        assert_eq!(
+            (c.max_in_flight_per_topic, c.topic_in_flight_cap()),
+            (None, 1000)
+        );
+        assert_eq!(
+            (c.dead_letter.topic.as_deref(), c.dead_letter.max_attempts),
+            (None, 5)
+        );
+        assert_eq!(c.dead_letter.unknown_topic_timeout, Duration::from_secs(60));
         let rule = KafkaRule::default();
         assert_eq!(
             (rule.key, rule.action, rule.sample_every),
@@ -876,6 +942,11 @@ mod tests {
     fn example_documents_every_kafka_key() {
         let full = KafkaConfig {
             client_id: Some("c".into()),
+            max_in_flight_per_topic: Some(10),
+            dead_letter: DeadLetterConfig {
+                topic: Some("dead".into()),
+                ..DeadLetterConfig::default()
+            },
             security: KafkaSecurity {
                 sasl_mechanism: Some(SaslMechanism::Plain),
                 username: Some("u".into()),

@@ -97,7 +97,17 @@ pub fn producer_config(
             "queue.buffering.max.messages",
             (kafka.max_in_flight + 1000).min(10_000_000).to_string(),
         )
-        .set("queue.buffering.max.kbytes", "16384");
+        .set("queue.buffering.max.kbytes", "16384")
+        // Records for a topic the cluster does not have are held this long (a new topic may
+        // take a moment to appear), then fail with "unknown topic": a poison record.
+        .set(
+            "topic.metadata.propagation.max.ms",
+            kafka
+                .dead_letter
+                .unknown_topic_timeout
+                .as_millis()
+                .to_string(),
+        );
     match transactional_id {
         None => {
             c.set("message.timeout.ms", "0");

@@ -30,9 +30,20 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Forwarder, ForwarderError, ForwarderOptions, IdleProbe, Producer_, RuleKey, State, client,
-    headers, metrics, rules,
+    dead_letter_headers, headers, metrics, poison, rules,
 };
-use crate::outbox::{ReadPosition, now_unix_ms};
+use crate::outbox::{DeadLetterCause, ReadPosition, now_unix_ms};
+
+/// Poison records in exactly-once mode ([`poison`]): a transaction holding one is aborted, the
+/// record moved aside, and the batch sent again at once without it — as its dead letter on the
+/// dead-letter topic (committed with the checkpoint, so it too is there exactly once) or, with
+/// no such topic or when that refuses it too, after moving it to the local dead-letter table.
+#[derive(Debug, Default)]
+struct Poison {
+    attempts: poison::Attempts,
+    /// Records whose next transaction carries their dead letter instead.
+    dead: std::collections::HashMap<u64, DeadLetterCause>,
+}
 
 /// The checkpoint record's value.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -210,6 +221,7 @@ pub(super) async fn run(fw: Forwarder, stop: CancellationToken) -> Result<(), Fo
     let mut producer: Option<Producer_> = None;
     let mut recovered = false;
     let mut link = IdleProbe::new();
+    let mut poisoned = Poison::default();
 
     loop {
         if stop.is_cancelled() {
@@ -274,7 +286,7 @@ pub(super) async fn run(fw: Forwarder, stop: CancellationToken) -> Result<(), Fo
             }
             continue;
         }
-        match transaction(&fw, &p, page).await {
+        match transaction(&fw, &p, page, &mut poisoned).await {
             Ok(seqs) => {
                 if debug_crash_after_commit() {
                     kill_this_process();
@@ -294,6 +306,46 @@ pub(super) async fn run(fw: Forwarder, stop: CancellationToken) -> Result<(), Fo
                         break;
                     }
                     tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+            Err(TxnFailed::Poison { seq, cause, local }) => {
+                // Not an outage: abort, move the record aside, and go on at once.
+                shared.signals.set_error(cause.error.clone());
+                let q = p.clone();
+                if blocking(move || q.abort_transaction(TXN_TIMEOUT))
+                    .await
+                    .is_err()
+                {
+                    producer = None;
+                    shared.metrics.producer_restarts.inc();
+                }
+                shared.metrics.transaction_aborts.inc();
+                if local {
+                    poisoned.dead.remove(&seq);
+                    match fw.outbox.dead_letter(seq, cause.clone()).await {
+                        Ok(_) => {
+                            poisoned.attempts.forget(seq);
+                            count_poison(&fw, cause.reason, "local");
+                            tracing::error!(
+                                seq,
+                                reason = cause.reason,
+                                error = %cause.error,
+                                "Poison record moved to the outbox's dead-letter table (see `outpost dead-letters list`)"
+                            );
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, seq, "Moving a poison record aside failed; retrying");
+                            sleep_or_stop(&stop, &mut backoff, kafka.reconnect_backoff_max).await;
+                        }
+                    }
+                } else {
+                    tracing::warn!(
+                        seq,
+                        reason = cause.reason,
+                        error = %cause.error,
+                        "Poison record: its dead letter goes in the next transaction"
+                    );
+                    poisoned.dead.insert(seq, cause);
                 }
             }
             Err(TxnFailed::BeforeCommit { error, fatal }) => {
@@ -399,6 +451,72 @@ enum TxnFailed {
     BeforeCommit { error: KafkaError, fatal: bool },
     /// `commit_transaction` failed: the commit may or may not have been applied.
     InCommit { error: KafkaError },
+    /// Record `seq` is poison (or its dead letter was refused too: `local`). Abort, move it
+    /// aside, go on.
+    Poison {
+        seq: u64,
+        cause: DeadLetterCause,
+        local: bool,
+    },
+}
+
+fn count_poison(fw: &Forwarder, reason: &'static str, to: &'static str) {
+    fw.shared
+        .metrics
+        .poison
+        .get_or_create(&metrics::PoisonLabel { reason, to })
+        .inc();
+    fw.shared.count(&fw.shared.poison, 1);
+}
+
+/// What a failed produce or delivery of `seq` (to `topic`; `dead`: its dead letter) means for
+/// the transaction: see [`poison`].
+fn record_failed(
+    fw: &Forwarder,
+    producer: &Producer_,
+    poisoned: &mut Poison,
+    seq: u64,
+    topic: &str,
+    error: KafkaError,
+) -> TxnFailed {
+    fw.shared.metrics.failed.inc();
+    fw.shared.count(&fw.shared.failed, 1);
+    let verdict = poison::classify(&error);
+    if verdict == poison::Verdict::Outage {
+        return before_commit(error, producer);
+    }
+    if let Some(cause) = poisoned.dead.get(&seq) {
+        let mut cause = cause.clone();
+        cause.error = format!(
+            "{}; the dead-letter topic refused it too: {error}",
+            cause.error
+        );
+        return TxnFailed::Poison {
+            seq,
+            cause,
+            local: true,
+        };
+    }
+    let dead_letter = &fw.options.kafka.dead_letter;
+    let reason = match verdict {
+        poison::Verdict::Poison(reason) => reason,
+        _ if poisoned.attempts.fail(seq, dead_letter.max_attempts) => poison::Reason::Attempts,
+        _ => return before_commit(error, producer),
+    };
+    let attempts = match reason {
+        poison::Reason::Attempts => poisoned.attempts.of(seq),
+        _ => poisoned.attempts.of(seq) + 1,
+    };
+    TxnFailed::Poison {
+        seq,
+        cause: DeadLetterCause {
+            reason: reason.as_str(),
+            error: error.to_string(),
+            kafka_topic: topic.to_owned(),
+            attempts,
+        },
+        local: dead_letter.topic.is_none(),
+    }
 }
 
 fn before_commit(error: KafkaError, producer: &Producer_) -> TxnFailed {
@@ -412,6 +530,7 @@ async fn transaction(
     fw: &Forwarder,
     producer: &Producer_,
     page: Vec<crate::StoredRecord>,
+    poisoned: &mut Poison,
 ) -> Result<Vec<u64>, TxnFailed> {
     producer
         .begin_transaction()
@@ -419,8 +538,37 @@ async fn transaction(
     let shared = &fw.shared;
     let mut deliveries = Vec::with_capacity(page.len());
     let mut seqs = Vec::with_capacity(page.len());
+    let mut dead_letters = Vec::new();
     for record in &page {
         seqs.push(record.seq);
+        if let Some(cause) = poisoned.dead.get(&record.seq)
+            && let Some(dead_topic) = &fw.options.kafka.dead_letter.topic
+        {
+            let headers =
+                dead_letter_headers(record, &fw.options.gateway_id, fw.outbox.id(), cause);
+            let r = FutureRecord::<str, [u8]>::to(dead_topic)
+                .payload(&record.payload)
+                .headers(headers)
+                .key(&record.device_id)
+                .timestamp(record.received_at_ms);
+            match producer.send_result(r) {
+                Ok(delivery) => {
+                    deliveries.push((
+                        record.seq,
+                        dead_topic.as_str(),
+                        record.received_at_ms,
+                        delivery,
+                    ));
+                }
+                Err((e, _)) => {
+                    return Err(record_failed(
+                        fw, producer, poisoned, record.seq, dead_topic, e,
+                    ));
+                }
+            }
+            dead_letters.push(record.seq);
+            continue;
+        }
         let decision = fw.rules.decide(
             &rules::RecordView {
                 device_id: &record.device_id,
@@ -453,8 +601,10 @@ async fn transaction(
             RuleKey::None => {}
         }
         match producer.send_result(r) {
-            Ok(delivery) => deliveries.push((record.received_at_ms, delivery)),
-            Err((e, _)) => return Err(before_commit(e, producer)),
+            Ok(delivery) => deliveries.push((record.seq, topic, record.received_at_ms, delivery)),
+            Err((e, _)) => {
+                return Err(record_failed(fw, producer, poisoned, record.seq, topic, e));
+            }
         }
         shared.metrics.produced.inc();
     }
@@ -471,15 +621,14 @@ async fn transaction(
     let checkpoint_delivery = producer
         .send_result(r)
         .map_err(|(e, _)| before_commit(e, producer))?;
-    for (received_at_ms, delivery) in deliveries {
+    for (seq, topic, received_at_ms, delivery) in deliveries {
         match delivery.await {
             Ok(Ok(_)) => {
                 let age = (now_unix_ms() - received_at_ms).max(0) as f64 / 1000.0;
                 shared.metrics.delivery_latency.observe(age);
             }
             Ok(Err((e, _))) => {
-                shared.metrics.failed.inc();
-                return Err(before_commit(e, producer));
+                return Err(record_failed(fw, producer, poisoned, seq, topic, e));
             }
             Err(_) => return Err(before_commit(KafkaError::Canceled, producer)),
         }
@@ -493,7 +642,15 @@ async fn transaction(
     blocking(move || p.commit_transaction(TXN_TIMEOUT))
         .await
         .map_err(|error| TxnFailed::InCommit { error })?;
-    let delivered = (page.len()) as u64;
+    for seq in &seqs {
+        poisoned.attempts.forget(*seq);
+    }
+    for seq in &dead_letters {
+        if let Some(cause) = poisoned.dead.remove(seq) {
+            count_poison(fw, cause.reason, "topic");
+        }
+    }
+    let delivered = (page.len() - dead_letters.len()) as u64;
     shared.metrics.delivered.inc_by(delivered);
     shared.count(&shared.delivered, delivered);
     Ok(seqs)

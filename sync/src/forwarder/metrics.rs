@@ -21,8 +21,17 @@ pub struct StateLabel {
     pub state: &'static str,
 }
 
+/// Label of the poison-record counter: why, and where it went (`topic`: the dead-letter Kafka
+/// topic; `local`: the outbox's dead-letter table). Both sets are fixed.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoisonLabel {
+    pub reason: &'static str,
+    pub to: &'static str,
+}
+
 #[derive(Debug)]
 pub struct ForwarderMetrics {
+    pub poison: Family<PoisonLabel, Counter>,
     pub produced: Counter,
     pub delivered: Counter,
     pub failed: Counter,
@@ -44,6 +53,7 @@ impl Default for ForwarderMetrics {
             delivered: Counter::default(),
             failed: Counter::default(),
             dropped: Family::default(),
+            poison: Family::default(),
             producer_restarts: Counter::default(),
             transactions: Counter::default(),
             transaction_aborts: Counter::default(),
@@ -83,6 +93,12 @@ impl ForwarderMetrics {
             "dropped_records",
             "Records deleted without forwarding by a drop or sample rule, by rule",
             self.dropped.clone(),
+        );
+        r.register(
+            "poison_records",
+            "Records Kafka refused for good, moved aside by reason and destination (topic: the \
+             dead-letter topic; local: the outbox's dead-letter table)",
+            self.poison.clone(),
         );
         r.register(
             "producer_restarts",

@@ -44,9 +44,10 @@ pub mod client;
 mod eos;
 pub mod fleet;
 pub mod metrics;
+pub mod poison;
 pub mod rules;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -64,7 +65,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::envelope::StoredRecord;
-use crate::outbox::{AckError, Outbox, OutboxReader, ReadPosition, now_unix_ms};
+use crate::outbox::{AckError, DeadLetterCause, Outbox, OutboxReader, ReadPosition, now_unix_ms};
 pub use client::LinkSignals;
 pub use metrics::ForwarderMetrics;
 pub use rules::{DeviceTags, NoTags, Rules};
@@ -155,6 +156,8 @@ pub struct ForwarderStatus {
     pub delivered: u64,
     pub failed: u64,
     pub dropped: u64,
+    /// Records Kafka refused for good, moved to the dead-letter topic or table.
+    pub poison: u64,
     pub in_flight: u64,
     /// Records and bytes in the outbox waiting for Kafka, and the age of the oldest.
     pub backlog_records: u64,
@@ -180,6 +183,8 @@ pub struct Shared {
     delivered: AtomicU64,
     failed: AtomicU64,
     dropped: AtomicU64,
+    /// Records moved aside as poison (to the dead-letter topic or table).
+    poison: AtomicU64,
     in_flight: AtomicU64,
     exactly_once: bool,
 }
@@ -207,6 +212,7 @@ impl Shared {
             delivered: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            poison: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             exactly_once,
         }
@@ -278,6 +284,7 @@ impl ForwarderHandle {
             delivered: s.delivered.load(Ordering::Relaxed),
             failed: s.failed.load(Ordering::Relaxed),
             dropped: s.dropped.load(Ordering::Relaxed),
+            poison: s.poison.load(Ordering::Relaxed),
             in_flight: s.in_flight.load(Ordering::Relaxed),
             backlog_records: records,
             backlog_bytes: bytes,
@@ -391,6 +398,10 @@ type Producer_ = FutureProducer<client::Context>;
 struct Settled {
     seq: u64,
     received_at_ms: i64,
+    /// The Kafka topic it went to (for the per-topic window).
+    topic: Arc<str>,
+    /// Set when this was the record's dead letter, produced to the dead-letter topic.
+    dead: Option<Box<DeadLetterCause>>,
     result: Result<(), KafkaError>,
 }
 
@@ -445,6 +456,29 @@ fn headers(record: &StoredRecord, gateway_id: &str, outbox_id: &str) -> OwnedHea
         h = h.insert(Header {
             key: key.as_str(),
             value: Some(value.as_str()),
+        });
+    }
+    h
+}
+
+/// A poison record as the dead-letter topic gets it: its own headers, then why it is there.
+fn dead_letter_headers(
+    record: &StoredRecord,
+    gateway_id: &str,
+    outbox_id: &str,
+    cause: &DeadLetterCause,
+) -> OwnedHeaders {
+    let attempts = cause.attempts.to_string();
+    let mut h = headers(record, gateway_id, outbox_id);
+    for (key, value) in [
+        (poison::header::ERROR, cause.error.as_str()),
+        (poison::header::REASON, cause.reason),
+        (poison::header::TOPIC, cause.kafka_topic.as_str()),
+        (poison::header::ATTEMPTS, attempts.as_str()),
+    ] {
+        h = h.insert(Header {
+            key,
+            value: Some(value),
         });
     }
     h
@@ -569,7 +603,103 @@ type AckDone = Result<AckResult, tokio::task::JoinError>;
 enum Wake {
     Settled(Settled),
     Acked(AckDone),
+    /// Dead letters were put back: plan again (they are below the cursors).
+    Revived,
     Other,
+}
+
+/// A record found poison, waiting to be moved aside (its sequence stays unsettled meanwhile).
+#[derive(Debug)]
+struct Poisoned {
+    seq: u64,
+    cause: DeadLetterCause,
+    /// The dead-letter topic refused it too (or there is none): the local table.
+    local: bool,
+}
+
+/// The window per Kafka topic: a topic holds at most `cap` records in flight, so one whose
+/// partition is stuck (no leader, a slow broker) cannot take the whole window from the others.
+///
+/// A record of a topic at its cap is skipped, and its topic stays *closed* (every later record
+/// of it skipped too, so the topic's records still go in sequence order) until its in-flight
+/// count has fallen to half the cap; then the cursors read again from the first skipped record
+/// (records already in flight are unsettled and skipped). The hysteresis keeps a slowly
+/// recovering topic from costing a rescan per acknowledgement.
+#[derive(Debug, Default)]
+struct TopicWindow {
+    cap: usize,
+    in_flight: HashMap<Arc<str>, usize>,
+    closed: HashSet<Arc<str>>,
+    /// The live cursor skipped records from this sequence on.
+    live_from: Option<u64>,
+    /// The backlog cursor skipped records.
+    backlog: bool,
+    /// A closed topic has room again: rescan at the next fill.
+    due: bool,
+}
+
+impl TopicWindow {
+    fn new(cap: usize) -> Self {
+        Self {
+            cap: cap.max(1),
+            ..Self::default()
+        }
+    }
+
+    /// The topic's shared name, and whether a record of it may be produced now.
+    fn admit(&mut self, topic: &str) -> (Arc<str>, bool) {
+        let name = match self.in_flight.get_key_value(topic) {
+            Some((name, _)) => Arc::clone(name),
+            None => {
+                let name: Arc<str> = Arc::from(topic);
+                self.in_flight.insert(Arc::clone(&name), 0);
+                name
+            }
+        };
+        let open = !self.closed.contains(&name)
+            && self.in_flight.get(&name).copied().unwrap_or(0) < self.cap;
+        (name, open)
+    }
+
+    fn produced(&mut self, topic: &Arc<str>) {
+        *self.in_flight.entry(Arc::clone(topic)).or_insert(0) += 1;
+    }
+
+    /// A record of `topic` was skipped by the live cursor (`Some(seq)`) or the backlog's.
+    fn skipped(&mut self, topic: Arc<str>, live_seq: Option<u64>) {
+        self.closed.insert(topic);
+        match live_seq {
+            Some(seq) => self.live_from = Some(self.live_from.map_or(seq, |s| s.min(seq))),
+            None => self.backlog = true,
+        }
+    }
+
+    fn settled(&mut self, topic: &Arc<str>) {
+        if let Some(n) = self.in_flight.get_mut(topic) {
+            *n = n.saturating_sub(1);
+            if *n <= self.cap / 2 && self.closed.contains(topic) {
+                self.due = true;
+            }
+        }
+    }
+
+    /// Takes a due rescan: where the live cursor restarts and whether the backlog's does.
+    fn rescan(&mut self) -> Option<(Option<u64>, bool)> {
+        if !self.due {
+            return None;
+        }
+        self.due = false;
+        self.closed.clear();
+        Some((self.live_from.take(), std::mem::take(&mut self.backlog)))
+    }
+
+    /// A new plan reads everything again anyway.
+    fn reset(&mut self) {
+        self.closed.clear();
+        self.live_from = None;
+        self.backlog = false;
+        self.due = false;
+    }
 }
 
 /// What must happen before producing resumes after a failure.
@@ -600,6 +730,11 @@ struct Pump {
     /// Set when an outage ended, until the next plan: the recovery is announced once, not once
     /// per record still settling.
     recovered: bool,
+    attempts: poison::Attempts,
+    poisoned: Vec<Poisoned>,
+    topics: TopicWindow,
+    /// Dead letters put back into the outbox (below the cursors): plan again.
+    revived: watch::Receiver<u64>,
 }
 
 impl Pump {
@@ -607,7 +742,9 @@ impl Pump {
         let producer = fw.producer(None)?;
         let reader = Some(fw.reader()?);
         let committed = fw.outbox.committed();
+        let revived = fw.outbox.revived();
         let failure_backoff = fw.options.kafka.reconnect_backoff_min;
+        let topics = TopicWindow::new(fw.options.kafka.topic_in_flight_cap());
         Ok(Self {
             fw,
             producer,
@@ -625,6 +762,10 @@ impl Pump {
             last_progress: Instant::now(),
             link: IdleProbe::new(),
             recovered: false,
+            attempts: poison::Attempts::default(),
+            poisoned: Vec::new(),
+            topics,
+            revived,
         })
     }
 
@@ -661,6 +802,9 @@ impl Pump {
                 self.plan().await?;
                 continue;
             }
+            if !self.poisoned.is_empty() {
+                self.move_aside().await?;
+            }
             if self.rewind.is_none() && self.fill().await? {
                 tokio::task::yield_now().await;
                 continue;
@@ -672,6 +816,13 @@ impl Pump {
                     self.acking = None;
                     self.acked(done);
                 }
+                Wake::Revived => {
+                    self.revived.mark_unchanged();
+                    self.rewind.get_or_insert(Rewind {
+                        at: Instant::now(),
+                        recreate: false,
+                    });
+                }
                 Wake::Other => {}
             }
         }
@@ -682,6 +833,7 @@ impl Pump {
         let in_flight = &mut self.in_flight;
         let acking = &mut self.acking;
         let committed = &mut self.committed;
+        let revived = &mut self.revived;
         tokio::select! {
             () = stop.cancelled() => Wake::Other,
             Some(settled) = in_flight.next(), if !in_flight.is_empty() => Wake::Settled(settled),
@@ -692,6 +844,7 @@ impl Pump {
                 }
             } => Wake::Acked(done),
             _ = committed.changed() => Wake::Other,
+            _ = revived.changed() => Wake::Revived,
             () = tokio::time::sleep(wake) => Wake::Other,
         }
     }
@@ -699,6 +852,7 @@ impl Pump {
     /// Decides live_from and the backlog from what the outbox holds now.
     async fn plan(&mut self) -> Result<(), ForwarderError> {
         self.recovered = false;
+        self.topics.reset();
         let next = *self.committed.borrow_and_update();
         let unsettled_below = self.unsettled.iter().filter(|s| **s < next).count() as u64;
         let per_device = self.kafka().order == BacklogOrder::PerDevice;
@@ -743,6 +897,14 @@ impl Pump {
         if room == 0 {
             return Ok(false);
         }
+        if let Some((live_from, backlog)) = self.topics.rescan() {
+            if let Some(from) = live_from {
+                self.live_after = self.live_after.min(from.saturating_sub(1));
+            }
+            if backlog && let Some(b) = self.backlog.as_mut() {
+                b.pos = ReadPosition::START;
+            }
+        }
         let batch = room.min(self.kafka().read_batch);
         let after = self.live_after;
         // Nothing committed beyond the live cursor: no query (this runs on every wake-up, and
@@ -761,7 +923,7 @@ impl Pump {
                 .as_ref()
                 .is_some_and(|b| b.gated.contains(&record.device_id));
             if !gated {
-                self.send(record).await;
+                self.send(record, true).await;
                 if self.rewind.is_some() {
                     return Ok(false);
                 }
@@ -790,6 +952,10 @@ impl Pump {
         })
         .await?;
         if page.is_empty() {
+            if self.topics.backlog {
+                // Records of a closed topic were skipped: not drained until they went.
+                return Ok(progressed);
+            }
             // Drained. Devices held back for order get their live records now: rescan from
             // live_from; everything already produced is unsettled and skipped.
             let Some(done) = self.backlog.take() else {
@@ -808,7 +974,7 @@ impl Pump {
             b.bucket.spend(page.len());
         }
         for record in page {
-            self.send(record).await;
+            self.send(record, false).await;
             if self.rewind.is_some() {
                 return Ok(false);
             }
@@ -816,12 +982,14 @@ impl Pump {
         Ok(progressed)
     }
 
-    /// Hands one record to the producer (or drops it per the rules).
-    async fn send(&mut self, record: StoredRecord) {
+    /// Hands one record to the producer (or drops it per the rules). `live`: read by the live
+    /// cursor (else the backlog's), for a rescan should its topic's window be full.
+    async fn send(&mut self, record: StoredRecord, live: bool) {
         if self.unsettled.contains(&record.seq) {
             return;
         }
-        let decision = self.fw.rules.decide(
+        let rules = Arc::clone(&self.fw.rules);
+        let decision = rules.decide(
             &rules::RecordView {
                 device_id: &record.device_id,
                 source: record.source,
@@ -845,23 +1013,40 @@ impl Pump {
                 self.delivered.push(record.seq);
                 return;
             }
-            rules::Decision::Forward { topic, key } => (topic.to_owned(), key),
+            rules::Decision::Forward { topic, key } => (topic, key),
         };
+        let (topic, open) = self.topics.admit(topic);
+        if !open {
+            // Its topic's share of the window is full: read again later (see [`TopicWindow`]).
+            self.topics.skipped(topic, live.then_some(record.seq));
+            return;
+        }
         let key: Option<&str> = match key {
             RuleKey::Device => Some(&record.device_id),
             RuleKey::Topic => Some(&record.topic),
             RuleKey::None => None,
         };
+        let headers = headers(&record, &self.fw.options.gateway_id, self.fw.outbox.id());
+        self.produce(&record, &topic, key, headers, None).await;
+    }
+
+    /// Produces `record` to `topic` (its own, or the dead-letter topic with `dead`), waiting
+    /// for room in librdkafka's queue when needed. A record refused outright is handled like a
+    /// failed delivery.
+    async fn produce(
+        &mut self,
+        record: &StoredRecord,
+        topic: &Arc<str>,
+        key: Option<&str>,
+        headers: OwnedHeaders,
+        dead: Option<Box<DeadLetterCause>>,
+    ) {
         if self.in_flight.is_empty() {
             self.last_progress = Instant::now();
         }
-        let mut kafka_record = FutureRecord::<str, [u8]>::to(&topic)
+        let mut kafka_record = FutureRecord::<str, [u8]>::to(topic)
             .payload(&record.payload)
-            .headers(headers(
-                &record,
-                &self.fw.options.gateway_id,
-                self.fw.outbox.id(),
-            ))
+            .headers(headers)
             .timestamp(record.received_at_ms);
         if let Some(key) = key {
             kafka_record = kafka_record.key(key);
@@ -871,6 +1056,8 @@ impl Pump {
                 Ok(delivery) => {
                     let (seq, received_at_ms) = (record.seq, record.received_at_ms);
                     self.unsettled.insert(seq);
+                    self.topics.produced(topic);
+                    let topic = Arc::clone(topic);
                     self.in_flight.push(Box::pin(async move {
                         let result = match delivery.await {
                             Ok(Ok(_)) => Ok(()),
@@ -880,6 +1067,8 @@ impl Pump {
                         Settled {
                             seq,
                             received_at_ms,
+                            topic,
+                            dead,
                             result,
                         }
                     }));
@@ -900,11 +1089,10 @@ impl Pump {
                     }
                 }
                 Err((error, _)) => {
-                    // Refused before it was queued (too large for the client, an invalid
-                    // topic, …): a failed record like one whose delivery failed.
-                    self.fw.shared.metrics.failed.inc();
-                    self.fw.shared.count(&self.fw.shared.failed, 1);
-                    self.fail(&error);
+                    // Refused before it was queued (too large for the client, …): a failed
+                    // delivery, classified like one.
+                    self.unsettled.insert(record.seq);
+                    self.failed(record.seq, topic, dead, &error);
                     return;
                 }
             }
@@ -920,14 +1108,28 @@ impl Pump {
     }
 
     fn settle(&mut self, settled: Settled) {
-        let shared = &self.fw.shared;
+        self.topics.settled(&settled.topic);
+        let shared = Arc::clone(&self.fw.shared);
         match settled.result {
             Ok(()) => {
                 self.delivered.push(settled.seq);
-                shared.metrics.delivered.inc();
-                shared.count(&shared.delivered, 1);
-                let age = (now_unix_ms() - settled.received_at_ms).max(0) as f64 / 1000.0;
-                shared.metrics.delivery_latency.observe(age);
+                self.attempts.forget(settled.seq);
+                if let Some(cause) = settled.dead {
+                    // Kafka has its dead letter: the record leaves the outbox like a delivered
+                    // one.
+                    self.count_poison(cause.reason, "topic");
+                    tracing::warn!(
+                        seq = settled.seq,
+                        reason = cause.reason,
+                        error = %cause.error,
+                        "Poison record moved to the dead-letter topic"
+                    );
+                } else {
+                    shared.metrics.delivered.inc();
+                    shared.count(&shared.delivered, 1);
+                    let age = (now_unix_ms() - settled.received_at_ms).max(0) as f64 / 1000.0;
+                    shared.metrics.delivery_latency.observe(age);
+                }
                 self.last_progress = Instant::now();
                 self.link.contact();
                 self.failure_backoff = self.kafka().reconnect_backoff_min;
@@ -939,13 +1141,134 @@ impl Pump {
                     self.recover();
                 }
             }
-            Err(error) => {
-                self.unsettled.remove(&settled.seq);
-                shared.metrics.failed.inc();
-                shared.count(&shared.failed, 1);
-                self.fail(&error);
+            Err(error) => self.failed(settled.seq, &settled.topic, settled.dead, &error),
+        }
+    }
+
+    /// A produce or a delivery of `seq` (unsettled) failed: an outage rewinds, a poison record
+    /// is moved aside (the others go on), anything else is tried again up to
+    /// `dead_letter.max_attempts` times ([`poison`]).
+    fn failed(
+        &mut self,
+        seq: u64,
+        topic: &Arc<str>,
+        dead: Option<Box<DeadLetterCause>>,
+        error: &KafkaError,
+    ) {
+        let shared = &self.fw.shared;
+        shared.metrics.failed.inc();
+        shared.count(&shared.failed, 1);
+        let verdict = poison::classify(error);
+        if let Some(mut cause) = dead {
+            if verdict == poison::Verdict::Outage {
+                // Not its fault: it is still in the outbox and will be found poison again.
+                self.unsettled.remove(&seq);
+                self.fail(error);
+            } else {
+                cause.error = format!(
+                    "{}; the dead-letter topic refused it too: {error}",
+                    cause.error
+                );
+                self.poisoned.push(Poisoned {
+                    seq,
+                    cause: *cause,
+                    local: true,
+                });
+            }
+            return;
+        }
+        let reason = match verdict {
+            poison::Verdict::Outage => None,
+            poison::Verdict::Poison(reason) => Some(reason),
+            poison::Verdict::Retry => {
+                let max = self.kafka().dead_letter.max_attempts;
+                self.attempts
+                    .fail(seq, max)
+                    .then_some(poison::Reason::Attempts)
+            }
+        };
+        let Some(reason) = reason else {
+            self.unsettled.remove(&seq);
+            self.fail(error);
+            return;
+        };
+        let attempts = match reason {
+            poison::Reason::Attempts => self.attempts.of(seq),
+            _ => self.attempts.of(seq) + 1,
+        };
+        self.fw.shared.signals.set_error(error.to_string());
+        self.poisoned.push(Poisoned {
+            seq,
+            cause: DeadLetterCause {
+                reason: reason.as_str(),
+                error: error.to_string(),
+                kafka_topic: topic.to_string(),
+                attempts,
+            },
+            local: self.kafka().dead_letter.topic.is_none(),
+        });
+    }
+
+    /// Moves the poison records aside: to the dead-letter topic (deleted from the outbox once
+    /// Kafka has them, see [`Self::settle`]) or into the outbox's dead-letter table.
+    async fn move_aside(&mut self) -> Result<(), ForwarderError> {
+        for poisoned in std::mem::take(&mut self.poisoned) {
+            let Poisoned { seq, cause, local } = poisoned;
+            let dead_topic = self.kafka().dead_letter.topic.clone();
+            if let (false, Some(dead_topic)) = (local, dead_topic) {
+                let record = with_reader(&mut self.reader, move |r| r.read_seq(seq)).await?;
+                let Some(record) = record else {
+                    self.unsettled.remove(&seq);
+                    continue;
+                };
+                let (dead_topic, _) = self.topics.admit(&dead_topic);
+                let headers = dead_letter_headers(
+                    &record,
+                    &self.fw.options.gateway_id,
+                    self.fw.outbox.id(),
+                    &cause,
+                );
+                let key = record.device_id.clone();
+                self.produce(
+                    &record,
+                    &dead_topic,
+                    Some(&key),
+                    headers,
+                    Some(Box::new(cause)),
+                )
+                .await;
+                continue;
+            }
+            match self.fw.outbox.dead_letter(seq, cause.clone()).await {
+                Ok(_) => {
+                    self.unsettled.remove(&seq);
+                    self.attempts.forget(seq);
+                    self.count_poison(cause.reason, "local");
+                    tracing::error!(
+                        seq,
+                        reason = cause.reason,
+                        error = %cause.error,
+                        "Poison record moved to the outbox's dead-letter table (see `outpost dead-letters list`)"
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, seq, "Moving a poison record aside failed; retrying");
+                    self.poisoned.push(Poisoned { seq, cause, local });
+                    return Ok(());
+                }
             }
         }
+        Ok(())
+    }
+
+    fn count_poison(&self, reason: &'static str, to: &'static str) {
+        self.fw
+            .shared
+            .metrics
+            .poison
+            .get_or_create(&metrics::PoisonLabel { reason, to })
+            .inc();
+        self.fw.shared.count(&self.fw.shared.poison, 1);
     }
 
     /// The first sign of Kafka after an outage: announce it once, clear the outage's error, and

@@ -40,6 +40,8 @@ pub struct OutboxMetrics {
     pub dropped_records: Family<RouteReason, Counter>,
     pub rejected_records: Family<RouteReason, Counter>,
     pub corruption_alarm: Gauge,
+    /// Records in the dead-letter table (refused by Kafka for good; an alarm when not 0).
+    pub dead_letters: Gauge,
 }
 
 impl Default for OutboxMetrics {
@@ -57,6 +59,7 @@ impl Default for OutboxMetrics {
             dropped_records: Family::default(),
             rejected_records: Family::default(),
             corruption_alarm: Gauge::default(),
+            dead_letters: Gauge::default(),
         }
     }
 }
@@ -124,6 +127,12 @@ impl OutboxMetrics {
             "corruption_alarm",
             "1 when a corrupt outbox file was quarantined at startup",
             self.corruption_alarm.clone(),
+        );
+        r.register(
+            "dead_letters",
+            "Records Kafka refused for good, held in the local dead-letter table (an alarm when \
+             not 0: list them with `outpost dead-letters list`)",
+            self.dead_letters.clone(),
         );
     }
 

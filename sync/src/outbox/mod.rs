@@ -169,6 +169,56 @@ pub(crate) enum Request {
         seqs: Vec<u64>,
         reply: oneshot::Sender<Result<u64, AckError>>,
     },
+    /// Moves a record Kafka refused for good to the dead-letter table.
+    DeadLetter {
+        seq: u64,
+        why: DeadLetterCause,
+        reply: oneshot::Sender<Result<bool, AckError>>,
+    },
+    /// Dead letters back into `records` (same sequences; `None`: all), or dropped for good.
+    DeadLetters {
+        seqs: Option<Vec<u64>>,
+        action: DeadLetterAction,
+        reply: oneshot::Sender<Result<u64, AckError>>,
+    },
+}
+
+/// Why the forwarder gave up on a record (stored with it in the dead-letter table).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterCause {
+    /// `too_large`, `invalid_record`, `topic_authorization`, `invalid_topic`, `unknown_topic`,
+    /// `attempts` (docs/KAFKA.md, "Poison records").
+    pub reason: &'static str,
+    /// The last error, as Kafka's client reported it.
+    pub error: String,
+    /// The Kafka topic the forwarder tried.
+    pub kafka_topic: String,
+    pub attempts: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DeadLetterAction {
+    Retry,
+    Drop,
+}
+
+/// A record in the dead-letter table, as the API and the CLI list it (the payload is not
+/// listed: it can be megabytes; its size is).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeadLetter {
+    pub seq: u64,
+    pub device_id: String,
+    pub source: String,
+    pub topic: String,
+    pub route: String,
+    pub received_at_ms: i64,
+    pub content_type: Option<String>,
+    pub size: u64,
+    pub reason: String,
+    pub error: String,
+    pub kafka_topic: String,
+    pub attempts: u32,
+    pub dead_at_ms: i64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -200,6 +250,12 @@ pub(crate) struct Shared {
     pub outbox_id: Arc<str>,
     /// `meta.unnamed_checkpoints`: see [`Outbox::owns_checkpoint`].
     pub unnamed_checkpoints: bool,
+    /// Records and bytes in the dead-letter table.
+    pub dead_letters: AtomicU64,
+    pub dead_letter_bytes: AtomicU64,
+    /// Bumped after every commit that moved dead letters back into `records`: their sequences
+    /// are below what the forwarder has read, so it plans again.
+    pub revived: tokio::sync::watch::Sender<u64>,
     /// `PRAGMA synchronous` as the running writer's connection reports it (0 OFF, 1 NORMAL,
     /// 2 FULL, 3 EXTRA); -1 until the writer has started.
     pub synchronous: AtomicI64,
@@ -340,6 +396,72 @@ impl Outbox {
             .await
             .map_err(|_| AckError::Closed)?;
         done.await.map_err(|_| AckError::Closed)?
+    }
+
+    /// Moves the record `seq` to the dead-letter table with `why`, after Kafka refused it for
+    /// good. Resolves after the commit: true if it was moved, false if it is no longer in the
+    /// outbox (already acknowledged or evicted).
+    pub async fn dead_letter(&self, seq: u64, why: DeadLetterCause) -> Result<bool, AckError> {
+        let (reply, done) = oneshot::channel();
+        self.tx
+            .send(Box::new(Request::DeadLetter { seq, why, reply }))
+            .await
+            .map_err(|_| AckError::Closed)?;
+        done.await.map_err(|_| AckError::Closed)?
+    }
+
+    /// Puts dead letters back into the outbox to be forwarded again, under their own sequences
+    /// (`None`: every dead letter). Resolves with how many moved, after the commit; the
+    /// forwarder picks them up at once (see [`Outbox::revived`]).
+    pub async fn retry_dead_letters(&self, seqs: Option<Vec<u64>>) -> Result<u64, AckError> {
+        self.dead_letters_request(seqs, DeadLetterAction::Retry)
+            .await
+    }
+
+    /// Deletes dead letters for good (`None`: all). Resolves with how many, after the commit.
+    pub async fn drop_dead_letters(&self, seqs: Option<Vec<u64>>) -> Result<u64, AckError> {
+        self.dead_letters_request(seqs, DeadLetterAction::Drop)
+            .await
+    }
+
+    async fn dead_letters_request(
+        &self,
+        seqs: Option<Vec<u64>>,
+        action: DeadLetterAction,
+    ) -> Result<u64, AckError> {
+        let (reply, done) = oneshot::channel();
+        self.tx
+            .send(Box::new(Request::DeadLetters {
+                seqs,
+                action,
+                reply,
+            }))
+            .await
+            .map_err(|_| AckError::Closed)?;
+        done.await.map_err(|_| AckError::Closed)?
+    }
+
+    /// Up to `limit` dead letters with a sequence above `after`, oldest first. Blocking (a
+    /// read-only connection of its own): call it off the async threads.
+    pub fn list_dead_letters(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, rusqlite::Error> {
+        self.reader()?.dead_letters(after, limit)
+    }
+
+    /// Records and bytes in the dead-letter table: an alarm when not zero.
+    pub fn dead_letter_figures(&self) -> (u64, u64) {
+        (
+            self.shared.dead_letters.load(Ordering::Relaxed),
+            self.shared.dead_letter_bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Changes whenever dead letters were put back into the outbox.
+    pub fn revived(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.revived.subscribe()
     }
 
     /// Watches the next sequence number to be assigned: it changes after every commit that

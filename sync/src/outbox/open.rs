@@ -19,7 +19,7 @@ use rusqlite::{Connection, OptionalExtension};
 use tokio::sync::mpsc;
 
 use super::schema;
-use super::writer::{OutboxWriter, WriterState};
+use super::writer::{OutboxWriter, Totals, WriterState};
 use super::{Outbox, OutboxMetrics, OutboxOptions, RouteInfo, Shared, now_unix_ms};
 use crate::sqlite::{self, MigrateError, QuarantineError};
 
@@ -126,7 +126,23 @@ pub fn open(options: OutboxOptions) -> Result<(Outbox, OutboxWriter), OpenError>
         .optional()
         .map_err(sqlite)?;
 
+    let (dead, dead_bytes): (i64, i64) = conn
+        .query_row(
+            "SELECT count(*), coalesce(sum(size), 0) FROM dead_letters",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(sqlite)?;
+    if dead > 0 {
+        tracing::warn!(
+            records = dead,
+            bytes = dead_bytes,
+            "The outbox holds dead letters (records Kafka refused for good): see `outpost dead-letters list`"
+        );
+    }
+
     let metrics = OutboxMetrics::default();
+    metrics.dead_letters.set(dead);
     metrics.records.set(count);
     metrics.bytes.set(bytes);
     if quarantine.is_some() {
@@ -159,6 +175,9 @@ pub fn open(options: OutboxOptions) -> Result<(Outbox, OutboxWriter), OpenError>
         next_seq: tokio::sync::watch::Sender::new(next_seq as u64),
         outbox_id: Arc::from(outbox_id.as_str()),
         unnamed_checkpoints,
+        dead_letters: AtomicU64::new(dead as u64),
+        dead_letter_bytes: AtomicU64::new(dead_bytes as u64),
+        revived: tokio::sync::watch::Sender::new(0),
         synchronous: AtomicI64::new(-1),
     });
     tracing::info!(
@@ -171,7 +190,14 @@ pub fn open(options: OutboxOptions) -> Result<(Outbox, OutboxWriter), OpenError>
     );
 
     let (tx, rx) = mpsc::channel(options.queue_capacity.max(1));
-    let state = WriterState::new(conn, dir, boot, next_seq as u64, count as u64, bytes as u64);
+    let totals = Totals {
+        next_seq: next_seq as u64,
+        count: count as u64,
+        bytes: bytes as u64,
+        dead_count: dead as u64,
+        dead_bytes: dead_bytes as u64,
+    };
+    let state = WriterState::new(conn, dir, boot, totals);
     let writer = OutboxWriter::new(rx, state, Arc::clone(&shared), &options);
     Ok((Outbox { tx, shared }, writer))
 }

@@ -151,6 +151,12 @@ impl OutboxReader {
         Ok(page)
     }
 
+    /// The record `seq`, if it is still held.
+    pub fn read_seq(&mut self, seq: u64) -> rusqlite::Result<Option<StoredRecord>> {
+        let page = self.read_after(seq.saturating_sub(1), 1)?;
+        Ok(page.into_iter().find(|r| r.seq == seq))
+    }
+
     /// The devices with records below sequence `below`: after an outage, these devices have a
     /// backlog their live records must wait behind (per-device order).
     pub fn devices_below(&mut self, below: u64) -> rusqlite::Result<HashSet<String>> {
@@ -173,8 +179,40 @@ impl OutboxReader {
         Ok((count as u64, bytes as u64))
     }
 
-    /// Every record, in forwarding order. For tests and tools on small outboxes only: it holds
-    /// the whole outbox in memory.
+    /// Up to `limit` dead letters with a sequence above `after`, in sequence order.
+    pub fn dead_letters(
+        &mut self,
+        after: u64,
+        limit: usize,
+    ) -> rusqlite::Result<Vec<super::DeadLetter>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, device_id, source, topic, route, received_at_ms, content_type, size, \
+             reason, error, kafka_topic, attempts, dead_at_ms FROM dead_letters WHERE seq > ?1 \
+             ORDER BY seq LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(
+            (after.min(i64::MAX as u64) as i64, limit.max(1) as i64),
+            |r| {
+                Ok(super::DeadLetter {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    device_id: r.get(1)?,
+                    source: r.get(2)?,
+                    topic: r.get(3)?,
+                    route: r.get(4)?,
+                    received_at_ms: r.get(5)?,
+                    content_type: r.get(6)?,
+                    size: r.get::<_, i64>(7)? as u64,
+                    reason: r.get(8)?,
+                    error: r.get(9)?,
+                    kafka_topic: r.get(10)?,
+                    attempts: r.get(11)?,
+                    dead_at_ms: r.get(12)?,
+                })
+            },
+        )?;
+        rows.collect()
+    }
+
     /// The idempotency keys that start with `prefix`, in order.
     pub fn keys_with_prefix(&mut self, prefix: &str) -> rusqlite::Result<Vec<String>> {
         let mut stmt = self
@@ -191,6 +229,8 @@ impl OutboxReader {
         Ok(keys)
     }
 
+    /// Every record, in forwarding order. For tests and tools on small outboxes only: it holds
+    /// the whole outbox in memory.
     pub fn read_all(&mut self) -> rusqlite::Result<Vec<StoredRecord>> {
         let mut all = Vec::new();
         let mut at = ReadPosition::START;

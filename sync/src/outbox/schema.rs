@@ -65,6 +65,30 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE meta ADD COLUMN unnamed_checkpoints INTEGER NOT NULL DEFAULT 0;
      UPDATE meta SET outbox_id = lower(hex(randomblob(16))), unnamed_checkpoints = (next_seq > 1)
       WHERE id = 1;",
+    // v4: dead letters. A record Kafka refuses for good (too large, invalid, a topic the broker
+    // refuses) moves here from `records`, in one transaction, with why: it no longer blocks the
+    // others, and nothing is lost — an operator lists, retries (back into `records`, same
+    // sequence) or drops it. Not counted in meta's totals (those are the forwarding backlog);
+    // the writer counts the table at open, and its bytes count against the byte cap.
+    "CREATE TABLE dead_letters (
+         seq            INTEGER PRIMARY KEY,
+         priority       INTEGER NOT NULL,
+         route          TEXT    NOT NULL,
+         boot           INTEGER NOT NULL REFERENCES boots(id),
+         received_at_ms INTEGER NOT NULL,
+         device_id      TEXT    NOT NULL,
+         source         TEXT    NOT NULL,
+         topic          TEXT    NOT NULL,
+         content_type   TEXT,
+         headers        TEXT,
+         payload        BLOB    NOT NULL,
+         size           INTEGER NOT NULL,
+         reason         TEXT    NOT NULL,     -- too_large, invalid_record, ... (docs/KAFKA.md)
+         error          TEXT    NOT NULL,     -- the last error, as Kafka's client said it
+         kafka_topic    TEXT    NOT NULL,     -- where the forwarder tried to send it
+         attempts       INTEGER NOT NULL,
+         dead_at_ms     INTEGER NOT NULL
+     );",
 ];
 
 /// The schema version this binary writes.

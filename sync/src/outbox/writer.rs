@@ -20,7 +20,10 @@ use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior};
 use tokio::sync::mpsc::{self, error::TryRecvError};
 use tokio_util::sync::CancellationToken;
 
-use super::{AckError, AppendError, FullReason, OutboxOptions, Pending, Request, Shared, disk};
+use super::{
+    AckError, AppendError, DeadLetterAction, DeadLetterCause, FullReason, OutboxOptions, Pending,
+    Request, Shared, disk, now_unix_ms,
+};
 
 /// How often an idle writer proves it is alive (for the watchdog).
 const IDLE_BEAT: Duration = Duration::from_millis(500);
@@ -37,12 +40,16 @@ pub enum WriterError {
     Panicked(String),
 }
 
-/// Running totals, restored from `meta` at open and written back in every commit.
+/// Running totals, restored from `meta` (and the dead-letter table) at open and written back in
+/// every commit.
 #[derive(Debug, Clone, Copy)]
-struct Totals {
-    next_seq: u64,
-    count: u64,
-    bytes: u64,
+pub(crate) struct Totals {
+    pub next_seq: u64,
+    pub count: u64,
+    pub bytes: u64,
+    /// The dead-letter table's rows and bytes (not in `meta`: counted at open).
+    pub dead_count: u64,
+    pub dead_bytes: u64,
 }
 
 #[derive(Debug)]
@@ -55,23 +62,12 @@ pub(crate) struct WriterState {
 }
 
 impl WriterState {
-    pub fn new(
-        conn: Connection,
-        dir: PathBuf,
-        boot: i64,
-        next_seq: u64,
-        count: u64,
-        bytes: u64,
-    ) -> Self {
+    pub fn new(conn: Connection, dir: PathBuf, boot: i64, totals: Totals) -> Self {
         Self {
             conn,
             dir,
             boot,
-            totals: Totals {
-                next_seq,
-                count,
-                bytes,
-            },
+            totals,
             quiet: LogLimiter::default(),
         }
     }
@@ -250,7 +246,10 @@ impl OutboxWriter {
 fn weight(request: &Request) -> usize {
     match request {
         Request::Append { records, .. } => records.len().max(1),
-        Request::Ack { .. } | Request::Release { .. } => 1,
+        Request::Ack { .. }
+        | Request::Release { .. }
+        | Request::DeadLetter { .. }
+        | Request::DeadLetters { .. } => 1,
     }
 }
 
@@ -260,6 +259,9 @@ enum Outcome {
     Refused(AppendError),
     Acked(u64),
     Released,
+    DeadLettered(bool),
+    /// Dead letters retried or dropped.
+    Moved(u64),
 }
 
 /// Applies a group of requests in one transaction and completes their futures. Blocking.
@@ -327,6 +329,15 @@ fn commit_group(state: &mut WriterState, shared: &Shared, limits: Limits, batch:
                         deleted_any = true;
                         Outcome::Acked(delete(&tx, seqs, totals)?)
                     }
+                    Request::DeadLetter { seq, why, .. } => {
+                        deleted_any = true;
+                        Outcome::DeadLettered(bury(&tx, *seq, why, totals)?)
+                    }
+                    Request::DeadLetters { seqs, action, .. } => {
+                        // Retried records may be older than every held one.
+                        deleted_any = true;
+                        Outcome::Moved(dead_letters(&tx, seqs.as_deref(), *action, totals)?)
+                    }
                 });
             }
         }
@@ -369,6 +380,28 @@ fn commit_group(state: &mut WriterState, shared: &Shared, limits: Limits, batch:
             if totals.next_seq != before.next_seq {
                 shared.next_seq.send_replace(totals.next_seq);
             }
+            shared
+                .dead_letters
+                .store(totals.dead_count, Ordering::Relaxed);
+            shared
+                .dead_letter_bytes
+                .store(totals.dead_bytes, Ordering::Relaxed);
+            metrics.dead_letters.set(totals.dead_count as i64);
+            let retried = batch.iter().zip(&outcomes).any(|(request, outcome)| {
+                matches!(
+                    (request, outcome),
+                    (
+                        Request::DeadLetters {
+                            action: DeadLetterAction::Retry,
+                            ..
+                        },
+                        Outcome::Moved(n)
+                    ) if *n > 0
+                )
+            });
+            if retried {
+                shared.revived.send_modify(|generation| *generation += 1);
+            }
             for (request, outcome) in batch.into_iter().zip(outcomes) {
                 complete(request, outcome, shared);
             }
@@ -391,6 +424,12 @@ fn commit_group(state: &mut WriterState, shared: &Shared, limits: Limits, batch:
                         let _ = reply.send(Err(AckError::Storage(message.clone())));
                     }
                     Request::Release { reply, .. } => {
+                        let _ = reply.send(Err(AckError::Storage(message.clone())));
+                    }
+                    Request::DeadLetter { reply, .. } => {
+                        let _ = reply.send(Err(AckError::Storage(message.clone())));
+                    }
+                    Request::DeadLetters { reply, .. } => {
                         let _ = reply.send(Err(AckError::Storage(message.clone())));
                     }
                 }
@@ -433,20 +472,31 @@ fn complete(request: Request, outcome: Outcome, shared: &Shared) {
         (Request::Release { reply, .. }, Outcome::Released) => {
             let _ = reply.send(Ok(()));
         }
-        (Request::Ack { reply, .. }, _) => {
-            let _ = reply.send(Err(AckError::Storage(
-                "internal: mismatched outcome".into(),
-            )));
+        (Request::DeadLetter { reply, .. }, Outcome::DeadLettered(moved)) => {
+            let _ = reply.send(Ok(moved));
         }
-        (Request::Release { reply, .. }, _) => {
-            let _ = reply.send(Err(AckError::Storage(
-                "internal: mismatched outcome".into(),
-            )));
+        (Request::DeadLetters { reply, .. }, Outcome::Moved(n)) => {
+            let _ = reply.send(Ok(n));
         }
-        (Request::Append { reply, .. }, Outcome::Acked(_) | Outcome::Released) => {
-            let _ = reply.send(Err(AppendError::Storage(
-                "internal: mismatched outcome".into(),
-            )));
+        (request, _) => mismatched(request),
+    }
+}
+
+/// A request completed with another request's outcome: a bug in [`commit_group`].
+fn mismatched(request: Request) {
+    let why = "internal: mismatched outcome";
+    match request {
+        Request::Append { reply, .. } => {
+            let _ = reply.send(Err(AppendError::Storage(why.into())));
+        }
+        Request::Ack { reply, .. } | Request::DeadLetters { reply, .. } => {
+            let _ = reply.send(Err(AckError::Storage(why.into())));
+        }
+        Request::Release { reply, .. } => {
+            let _ = reply.send(Err(AckError::Storage(why.into())));
+        }
+        Request::DeadLetter { reply, .. } => {
+            let _ = reply.send(Err(AckError::Storage(why.into())));
         }
     }
 }
@@ -527,6 +577,92 @@ fn delete(tx: &Transaction<'_>, seqs: &[u64], totals: &mut Totals) -> rusqlite::
         }
     }
     Ok(deleted)
+}
+
+/// The columns `records` and `dead_letters` share, in order.
+const RECORD_COLUMNS: &str = "seq, priority, route, boot, received_at_ms, device_id, source, \
+     topic, content_type, headers, payload, size";
+
+/// Moves record `seq` to the dead-letter table with `why`. False if it is not held (already
+/// acknowledged, evicted or dead-lettered).
+fn bury(
+    tx: &Transaction<'_>,
+    seq: u64,
+    why: &DeadLetterCause,
+    totals: &mut Totals,
+) -> rusqlite::Result<bool> {
+    let moved = tx.execute(
+        &format!(
+            "INSERT INTO dead_letters ({RECORD_COLUMNS}, reason, error, kafka_topic, attempts, \
+             dead_at_ms) SELECT {RECORD_COLUMNS}, ?2, ?3, ?4, ?5, ?6 FROM records WHERE seq = ?1"
+        ),
+        rusqlite::params![
+            seq as i64,
+            why.reason,
+            why.error,
+            why.kafka_topic,
+            why.attempts,
+            now_unix_ms()
+        ],
+    )?;
+    if moved == 0 {
+        return Ok(false);
+    }
+    let size: i64 = tx.query_row(
+        "DELETE FROM records WHERE seq = ?1 RETURNING size",
+        [seq as i64],
+        |r| r.get(0),
+    )?;
+    totals.count -= 1;
+    totals.bytes = totals.bytes.saturating_sub(size as u64);
+    totals.dead_count += 1;
+    totals.dead_bytes += size as u64;
+    Ok(true)
+}
+
+/// Retries (back into `records`, same sequence) or drops the dead letters `seqs` (`None`: all).
+/// Returns how many rows it moved or deleted; unknown sequences are ignored.
+fn dead_letters(
+    tx: &Transaction<'_>,
+    seqs: Option<&[u64]>,
+    action: DeadLetterAction,
+    totals: &mut Totals,
+) -> rusqlite::Result<u64> {
+    let (filter, every): (&str, Vec<i64>) = match seqs {
+        Some(seqs) => ("WHERE seq = ?1", seqs.iter().map(|&s| s as i64).collect()),
+        None => ("", vec![0]),
+    };
+    let mut n = 0u64;
+    for seq in every {
+        let bind = |sql: &str| -> Vec<i64> {
+            if sql.contains("?1") {
+                vec![seq]
+            } else {
+                vec![]
+            }
+        };
+        if action == DeadLetterAction::Retry {
+            let sql = format!(
+                "INSERT INTO records ({RECORD_COLUMNS}) SELECT {RECORD_COLUMNS} FROM dead_letters \
+                 {filter}"
+            );
+            tx.execute(&sql, rusqlite::params_from_iter(bind(&sql)))?;
+        }
+        let sql = format!("DELETE FROM dead_letters {filter} RETURNING size");
+        let mut stmt = tx.prepare(&sql)?;
+        let mut rows = stmt.query(rusqlite::params_from_iter(bind(&sql)))?;
+        while let Some(row) = rows.next()? {
+            let size = row.get::<_, i64>(0)? as u64;
+            n += 1;
+            totals.dead_count = totals.dead_count.saturating_sub(1);
+            totals.dead_bytes = totals.dead_bytes.saturating_sub(size);
+            if action == DeadLetterAction::Retry {
+                totals.count += 1;
+                totals.bytes += size;
+            }
+        }
+    }
+    Ok(n)
 }
 
 /// The space accounting of one group: the byte cap and the free-disk floor.
@@ -642,7 +778,8 @@ impl Room {
 
     /// How many bytes are missing for `need` more, and which limit is hit first.
     fn shortfall(&self, totals: &Totals, need: u64) -> Option<(FullReason, u64)> {
-        let after = totals.bytes + need;
+        // Dead letters are on the same disk: they count against the cap until dropped.
+        let after = totals.bytes + totals.dead_bytes + need;
         if after > self.limits.max_bytes {
             return Some((FullReason::ByteCap, after - self.limits.max_bytes));
         }

@@ -15,7 +15,11 @@
 //!   `NotLeaderForPartition` or `NOT_LEADER_FOR_PARTITION`; `Transport` disconnects instead);
 //! - `clear <api>`: drop the pending errors of `api`;
 //! - `rtt <broker_id> <ms>`: delay every response of a broker;
-//! - `topic <name> <partitions>`: create a topic.
+//! - `topic <name> <partitions>`: create a topic;
+//! - `topic-error <name> <error>`: metadata requests for the topic answer `error` (e.g.
+//!   `TopicAuthorizationFailed`; `NoError` clears it);
+//! - `leader <topic> <partition> <broker_id|none>`: move a partition's leader, or leave it
+//!   without one (its records wait: a stuck partition).
 //!
 //! It exits at end of stdin, so it never outlives the test process that holds the pipe.
 
@@ -106,6 +110,18 @@ fn command(cluster: &Cluster, line: &str) -> Result<(), String> {
                 .map_err(|e| e.to_string())
         }
         ["topic", name, partitions] => create_topic(cluster, name, int(partitions)?),
+        ["topic-error", name, error] => cluster
+            .topic_error(name, error_code(error)?)
+            .map_err(|e| e.to_string()),
+        ["leader", topic, partition, broker] => {
+            let broker = match *broker {
+                "none" => None,
+                id => Some(int(id)?),
+            };
+            cluster
+                .partition_leader(topic, int(partition)?, broker)
+                .map_err(|e| e.to_string())
+        }
         _ => Err(format!("unknown command {line:?}")),
     }
 }
@@ -156,6 +172,7 @@ fn api_key(name: &str) -> Result<RDKafkaApiKey, String> {
 const ERRORS: &[(&str, RDKafkaRespErr)] = {
     use RDKafkaRespErr::*;
     &[
+        ("NoError", RD_KAFKA_RESP_ERR_NO_ERROR),
         (
             "NotLeaderForPartition",
             RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
