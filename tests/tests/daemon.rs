@@ -80,6 +80,16 @@ fn check_config_reports_every_problem_and_run_refuses() {
     let good = write_config(dir.path(), "");
     let (code, out, err) = outpost_cli(&["check-config", good.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
+    assert!(!err.contains("warning"), "{err}");
+
+    // Valid but probably a mistake: a warning naming the key, and the check still passes.
+    let large = write_config(dir.path(), "[outbox]\nmax_record_bytes = \"2MiB\"\n");
+    let (code, out, err) = outpost_cli(&["check-config", large.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("warning: outbox.max_record_bytes: 2097152 bytes is more than Kafka accepts"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -542,6 +542,51 @@ fn poison_records_are_moved_aside_and_never_block_the_others() {
     assert!(r.header("outpost-error").unwrap().contains("uthorization"));
 }
 
+/// An error neither known to be permanent nor an outage is retried, counting the record's
+/// attempts: after `dead_letter.max_attempts` failures the record is poison (reason `attempts`)
+/// and goes to the dead-letter topic; the records after it are delivered.
+#[test]
+fn a_record_that_keeps_failing_is_moved_aside_after_its_attempts() {
+    let kafka = MockKafka::start(1, &[(TOPIC, 1), ("outpost.dead", 1)]);
+    let dir = tempfile::tempdir().unwrap();
+    let kafka_extra = "[kafka.dead_letter]\ntopic = \"outpost.dead\"\nmax_attempts = 2\n";
+    let mut d = Daemon::start(dir.path(), &config(kafka.bootstrap(), kafka_extra, ""));
+    let mut dev = Device::new(&d, "a-1");
+    dev.send(&d, "t", 1);
+    wait_delivered(&mut d, "the first record", Duration::from_secs(20));
+    kafka.errors("Produce", 2, "InvalidRequiredAcks");
+    dev.send(&d, "t", 1);
+    d.wait_until("moved aside", Duration::from_secs(20), |d| {
+        d.metric("outpost_kafka_poison_records_total{reason=\"attempts\",to=\"topic\"}") == 1.0
+    });
+    dev.send(&d, "t", 3);
+    wait_delivered(&mut d, "the records after it", Duration::from_secs(20));
+    let dead = consume(
+        kafka.bootstrap(),
+        "outpost.dead",
+        2,
+        Duration::from_secs(3),
+        false,
+    );
+    assert_eq!(dead.len(), 1);
+    assert_eq!(counter(&dead[0]), 1);
+    assert_eq!(
+        dead[0].header("outpost-error-reason").as_deref(),
+        Some("attempts")
+    );
+    assert_eq!(
+        dead[0].header("outpost-error-attempts").as_deref(),
+        Some("2")
+    );
+    let got = consume(kafka.bootstrap(), TOPIC, 5, Duration::from_secs(3), false);
+    let counters: Vec<u64> = got.iter().map(counter).collect();
+    assert_eq!(
+        counters,
+        [0, 2, 3, 4],
+        "all but the poison record, in order"
+    );
+}
+
 /// A topic whose partition has no leader holds only its share of the window
 /// (`max_in_flight_per_topic`, half of `max_in_flight` by default): another topic's records keep
 /// flowing. Before, the stuck topic's records filled the whole window and nothing else moved. When

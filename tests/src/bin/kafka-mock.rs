@@ -173,6 +173,12 @@ const ERRORS: &[(&str, RDKafkaRespErr)] = {
     use RDKafkaRespErr::*;
     &[
         ("NoError", RD_KAFKA_RESP_ERR_NO_ERROR),
+        // Not retried by the producer, not an outage nor a poison error to the forwarder: an
+        // unclassified failure, counted against the record's attempts.
+        (
+            "InvalidRequiredAcks",
+            RD_KAFKA_RESP_ERR_INVALID_REQUIRED_ACKS,
+        ),
         (
             "NotLeaderForPartition",
             RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
