@@ -399,7 +399,7 @@ struct Settled {
     seq: u64,
     received_at_ms: i64,
     /// The Kafka topic it went to (for the per-topic window).
-    topic: Arc<str>,
+    topic: TopicId,
     /// Set when this was the record's dead letter, produced to the dead-letter topic.
     dead: Option<Box<DeadLetterCause>>,
     result: Result<(), KafkaError>,
@@ -625,11 +625,20 @@ struct Poisoned {
 /// count has fallen to half the cap; then the cursors read again from the first skipped record
 /// (records already in flight are unsettled and skipped). The hysteresis keeps a slowly
 /// recovering topic from costing a rescan per acknowledgement.
+/// A Kafka topic's index in [`TopicWindow`].
+type TopicId = usize;
+
 #[derive(Debug, Default)]
 struct TopicWindow {
     cap: usize,
-    in_flight: HashMap<Arc<str>, usize>,
-    closed: HashSet<Arc<str>>,
+    /// Per topic, by [`TopicId`]: its name, records in flight, and whether it is closed.
+    names: Vec<Arc<str>>,
+    in_flight: Vec<usize>,
+    closed: Vec<bool>,
+    index: HashMap<Arc<str>, TopicId>,
+    /// The topic of the last record: most records go where the one before went, and comparing
+    /// the name is cheaper than hashing it.
+    last: Option<TopicId>,
     /// The live cursor skipped records from this sequence on.
     live_from: Option<u64>,
     /// The backlog cursor skipped records.
@@ -646,40 +655,50 @@ impl TopicWindow {
         }
     }
 
-    /// The topic's shared name, and whether a record of it may be produced now.
-    fn admit(&mut self, topic: &str) -> (Arc<str>, bool) {
-        let name = match self.in_flight.get_key_value(topic) {
-            Some((name, _)) => Arc::clone(name),
-            None => {
-                let name: Arc<str> = Arc::from(topic);
-                self.in_flight.insert(Arc::clone(&name), 0);
-                name
-            }
+    /// The topic's id, and whether a record of it may be produced now.
+    fn admit(&mut self, topic: &str) -> (TopicId, bool) {
+        let id = match self.last {
+            Some(id) if &*self.names[id] == topic => id,
+            _ => match self.index.get(topic) {
+                Some(&id) => id,
+                None => {
+                    // Topics come from the configuration (rules, the dead-letter topic): few.
+                    let name: Arc<str> = Arc::from(topic);
+                    let id = self.names.len();
+                    self.names.push(Arc::clone(&name));
+                    self.in_flight.push(0);
+                    self.closed.push(false);
+                    self.index.insert(name, id);
+                    id
+                }
+            },
         };
-        let open = !self.closed.contains(&name)
-            && self.in_flight.get(&name).copied().unwrap_or(0) < self.cap;
-        (name, open)
+        self.last = Some(id);
+        (id, !self.closed[id] && self.in_flight[id] < self.cap)
     }
 
-    fn produced(&mut self, topic: &Arc<str>) {
-        *self.in_flight.entry(Arc::clone(topic)).or_insert(0) += 1;
+    fn name(&self, id: TopicId) -> Arc<str> {
+        Arc::clone(&self.names[id])
     }
 
-    /// A record of `topic` was skipped by the live cursor (`Some(seq)`) or the backlog's.
-    fn skipped(&mut self, topic: Arc<str>, live_seq: Option<u64>) {
-        self.closed.insert(topic);
+    fn produced(&mut self, id: TopicId) {
+        self.in_flight[id] += 1;
+    }
+
+    /// A record of topic `id` was skipped by the live cursor (`Some(seq)`) or the backlog's.
+    fn skipped(&mut self, id: TopicId, live_seq: Option<u64>) {
+        self.closed[id] = true;
         match live_seq {
             Some(seq) => self.live_from = Some(self.live_from.map_or(seq, |s| s.min(seq))),
             None => self.backlog = true,
         }
     }
 
-    fn settled(&mut self, topic: &Arc<str>) {
-        if let Some(n) = self.in_flight.get_mut(topic) {
-            *n = n.saturating_sub(1);
-            if *n <= self.cap / 2 && self.closed.contains(topic) {
-                self.due = true;
-            }
+    fn settled(&mut self, id: TopicId) {
+        let n = &mut self.in_flight[id];
+        *n = n.saturating_sub(1);
+        if *n <= self.cap / 2 && self.closed[id] {
+            self.due = true;
         }
     }
 
@@ -689,13 +708,13 @@ impl TopicWindow {
             return None;
         }
         self.due = false;
-        self.closed.clear();
+        self.closed.fill(false);
         Some((self.live_from.take(), std::mem::take(&mut self.backlog)))
     }
 
     /// A new plan reads everything again anyway.
     fn reset(&mut self) {
-        self.closed.clear();
+        self.closed.fill(false);
         self.live_from = None;
         self.backlog = false;
         self.due = false;
@@ -988,8 +1007,7 @@ impl Pump {
         if self.unsettled.contains(&record.seq) {
             return;
         }
-        let rules = Arc::clone(&self.fw.rules);
-        let decision = rules.decide(
+        let decision = self.fw.rules.decide(
             &rules::RecordView {
                 device_id: &record.device_id,
                 source: record.source,
@@ -1027,7 +1045,7 @@ impl Pump {
             RuleKey::None => None,
         };
         let headers = headers(&record, &self.fw.options.gateway_id, self.fw.outbox.id());
-        self.produce(&record, &topic, key, headers, None).await;
+        self.produce(&record, topic, key, headers, None).await;
     }
 
     /// Produces `record` to `topic` (its own, or the dead-letter topic with `dead`), waiting
@@ -1036,7 +1054,7 @@ impl Pump {
     async fn produce(
         &mut self,
         record: &StoredRecord,
-        topic: &Arc<str>,
+        topic: TopicId,
         key: Option<&str>,
         headers: OwnedHeaders,
         dead: Option<Box<DeadLetterCause>>,
@@ -1044,7 +1062,8 @@ impl Pump {
         if self.in_flight.is_empty() {
             self.last_progress = Instant::now();
         }
-        let mut kafka_record = FutureRecord::<str, [u8]>::to(topic)
+        let name = self.topics.name(topic);
+        let mut kafka_record = FutureRecord::<str, [u8]>::to(&name)
             .payload(&record.payload)
             .headers(headers)
             .timestamp(record.received_at_ms);
@@ -1057,7 +1076,6 @@ impl Pump {
                     let (seq, received_at_ms) = (record.seq, record.received_at_ms);
                     self.unsettled.insert(seq);
                     self.topics.produced(topic);
-                    let topic = Arc::clone(topic);
                     self.in_flight.push(Box::pin(async move {
                         let result = match delivery.await {
                             Ok(Ok(_)) => Ok(()),
@@ -1108,7 +1126,7 @@ impl Pump {
     }
 
     fn settle(&mut self, settled: Settled) {
-        self.topics.settled(&settled.topic);
+        self.topics.settled(settled.topic);
         let shared = Arc::clone(&self.fw.shared);
         match settled.result {
             Ok(()) => {
@@ -1141,7 +1159,7 @@ impl Pump {
                     self.recover();
                 }
             }
-            Err(error) => self.failed(settled.seq, &settled.topic, settled.dead, &error),
+            Err(error) => self.failed(settled.seq, settled.topic, settled.dead, &error),
         }
     }
 
@@ -1151,7 +1169,7 @@ impl Pump {
     fn failed(
         &mut self,
         seq: u64,
-        topic: &Arc<str>,
+        topic: TopicId,
         dead: Option<Box<DeadLetterCause>>,
         error: &KafkaError,
     ) {
@@ -1202,7 +1220,7 @@ impl Pump {
             cause: DeadLetterCause {
                 reason: reason.as_str(),
                 error: error.to_string(),
-                kafka_topic: topic.to_string(),
+                kafka_topic: self.topics.name(topic).to_string(),
                 attempts,
             },
             local: self.kafka().dead_letter.topic.is_none(),
@@ -1231,7 +1249,7 @@ impl Pump {
                 let key = record.device_id.clone();
                 self.produce(
                     &record,
-                    &dead_topic,
+                    dead_topic,
                     Some(&key),
                     headers,
                     Some(Box::new(cause)),
