@@ -427,17 +427,19 @@ async fn with_reader<T: Send + 'static>(
 
 /// The Kafka record of an outbox record: headers per `docs/KAFKA.md`.
 fn headers(record: &StoredRecord, gateway_id: &str, outbox_id: &str) -> OwnedHeaders {
-    let seq = record.seq.to_string();
-    let received = record.received_at_ms.to_string();
+    // Formatted on the stack: this runs for every forwarded record.
+    let (mut seq, mut received) = (itoa::Buffer::new(), itoa::Buffer::new());
+    let seq = seq.format(record.seq);
+    let received = received.format(record.received_at_ms);
     let mut h = OwnedHeaders::new_with_capacity(9 + record.headers.len());
     let fixed: [(&str, &str); 8] = [
         (header::GATEWAY, gateway_id),
         (header::DEVICE, &record.device_id),
         (header::SOURCE, record.source.as_str()),
         (header::TOPIC, &record.topic),
-        (header::SEQ, &seq),
+        (header::SEQ, seq),
         (header::BOOT, &record.boot_id),
-        (header::RECEIVED_AT, &received),
+        (header::RECEIVED_AT, received),
         (header::OUTBOX, outbox_id),
     ];
     for (key, value) in fixed {

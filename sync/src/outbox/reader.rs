@@ -265,7 +265,7 @@ struct RawRow {
     route: String,
     boot: i64,
     device_id: String,
-    source: String,
+    source: Source,
     topic: String,
     received_at_ms: i64,
     content_type: Option<String>,
@@ -282,7 +282,14 @@ impl RawRow {
             route: r.get(2)?,
             boot: r.get(3)?,
             device_id: r.get(4)?,
-            source: r.get(5)?,
+            // Only this crate writes the column; an unknown value would mean a newer writer,
+            // and the schema version check refuses those. Fall back rather than fail the page.
+            source: r
+                .get_ref(5)?
+                .as_str()
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(Source::Driver),
             topic: r.get(6)?,
             received_at_ms: r.get(7)?,
             content_type: r.get(8)?,
@@ -299,9 +306,7 @@ impl RawRow {
             route: self.route,
             boot_id,
             device_id: self.device_id,
-            // Only this crate writes the column; an unknown value would mean a newer writer, and
-            // the schema version check refuses those. Fall back rather than fail the page.
-            source: self.source.parse().unwrap_or(Source::Driver),
+            source: self.source,
             topic: self.topic,
             received_at_ms: self.received_at_ms,
             content_type: self.content_type,
