@@ -372,6 +372,11 @@ pub struct OutboxConfig {
     /// Free-space floor on the data directory's filesystem: the outbox counts as full when
     /// less than this is free. Default `"128MiB"`; any value (0 disables the floor).
     pub min_free_disk: ByteSize,
+    /// Space kept in reserve beside the outbox (the file `outbox.reserve`) so that delivered
+    /// records can still be deleted when the filesystem is full, whoever filled it: it is
+    /// released when the disk is found full, and appends are refused until there is room for it
+    /// again. Default `"4MiB"`; 0 (no reserve) to 1GiB.
+    pub disk_reserve: ByteSize,
     /// Largest accepted record. Default `"256KiB"`; at least 1KiB and at most `max_bytes / 4`.
     pub max_record_bytes: ByteSize,
     /// Group commit: at most this many records per transaction. Default 8192; 1 to 100000.
@@ -396,6 +401,7 @@ impl Default for OutboxConfig {
             synchronous: Synchronous::Full,
             max_bytes: ByteSize::gib(1),
             min_free_disk: ByteSize::mib(128),
+            disk_reserve: ByteSize::mib(4),
             max_record_bytes: ByteSize::kib(256),
             batch_max_records: 8192,
             batch_max_delay: Duration::ZERO,

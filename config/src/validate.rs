@@ -177,6 +177,12 @@ impl Checker {
                 format!("must be at least 1MiB, found {}", o.max_bytes),
             );
         }
+        if o.disk_reserve > ByteSize::gib(1) {
+            self.problem(
+                outbox.key("disk_reserve"),
+                format!("must be at most 1GiB, found {}", o.disk_reserve),
+            );
+        }
         let quarter = ByteSize(o.max_bytes.bytes() / 4);
         if o.max_record_bytes < ByteSize::kib(1) {
             self.problem(

@@ -80,6 +80,7 @@ async fn metrics(State(s): State<AdminState>) -> Response {
 
 async fn status(State(s): State<AdminState>) -> Response {
     let (records, bytes, oldest) = s.outbox.figures();
+    let (dead_letters, dead_letter_bytes) = s.outbox.dead_letter_figures();
     let quarantine = s
         .outbox
         .quarantine()
@@ -108,6 +109,9 @@ async fn status(State(s): State<AdminState>) -> Response {
             "bytes": bytes,
             "max_bytes": s.max_bytes,
             "oldest_received_ms": oldest,
+            "dead_letters": dead_letters,
+            "disk_full": s.outbox.disk_full(),
+            "dead_letter_bytes": dead_letter_bytes,
             "quarantined": quarantine,
         },
     }))
@@ -196,4 +200,81 @@ async fn method_not_allowed_as_json(table: AllowTable, request: Request, next: N
         json.headers_mut().insert(header::ALLOW, value);
     }
     json
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn status_json(state: &AdminState) -> serde_json::Value {
+        let response = status(State(state.clone())).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    /// The status shows the dead letters beside the outbox figures, and an `outbox` alarm while
+    /// there are any.
+    #[tokio::test]
+    async fn status_shows_dead_letters_and_alarms_while_there_are_any() {
+        let dir = tempfile::tempdir().unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (outbox, seqs, _writer) =
+            crate::api::tests::outbox_with_dead_letters(dir.path(), 3, &[0, 2], stop.clone()).await;
+        let board = StatusBoard::default();
+        board.alarm("registry", "corrupt registry moved aside");
+        board.watch_outbox(outbox.clone());
+        let state = AdminState {
+            gateway_id: Arc::from("gw-1"),
+            outbox: outbox.clone(),
+            max_bytes: 1 << 20,
+            status: board,
+            registry: Arc::new(Registry::default()),
+            started: Instant::now(),
+        };
+        let (dead, dead_bytes) = outbox.dead_letter_figures();
+        assert_eq!(dead, 2);
+        let s = status_json(&state).await;
+        assert_eq!(s["outbox"]["records"], 1, "{s}");
+        assert_eq!(s["outbox"]["dead_letters"], 2, "{s}");
+        assert_eq!(s["outbox"]["dead_letter_bytes"], dead_bytes, "{s}");
+        let alarms = s["alarms"].as_array().unwrap();
+        assert_eq!(alarms.len(), 2, "{s}");
+        assert_eq!(alarms[0]["subsystem"], "registry", "raised alarms stay");
+        assert_eq!(alarms[1]["subsystem"], "outbox");
+        let message = alarms[1]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with(&format!("2 dead letter(s) ({dead_bytes} bytes)"))
+                && message.contains("outpost dead-letters list"),
+            "{message}"
+        );
+
+        outbox.drop_dead_letters(Some(vec![seqs[0]])).await.unwrap();
+        let s = status_json(&state).await;
+        assert_eq!(s["outbox"]["dead_letters"], 1, "{s}");
+        assert!(
+            s["alarms"][1]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("1 dead letter(s)")
+        );
+
+        outbox.retry_dead_letters(None).await.unwrap();
+        let s = status_json(&state).await;
+        assert_eq!(
+            (
+                &s["outbox"]["dead_letters"],
+                &s["outbox"]["dead_letter_bytes"]
+            ),
+            (&serde_json::json!(0), &serde_json::json!(0)),
+            "{s}"
+        );
+        assert_eq!(s["outbox"]["records"], 2, "{s}");
+        let alarms = s["alarms"].as_array().unwrap();
+        assert_eq!(alarms.len(), 1, "no dead letters, no alarm: {s}");
+        assert_eq!(alarms[0]["subsystem"], "registry");
+        stop.cancel();
+    }
 }

@@ -75,6 +75,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         );
     }
     status.active("outbox", true);
+    status.watch_outbox(outbox.clone());
     let writer_stop = CancellationToken::new();
     let mut writer_task = tracker.spawn(named("outbox-writer", writer.run(writer_stop.clone())));
 
@@ -285,7 +286,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let mut admin_router = admin::router(admin_state).merge(api::router(
         api::ApiState::new(registry.clone(), &config.api)
             .with_zigbee(zigbee.clone())
-            .with_apps(apps.clone()),
+            .with_apps(apps.clone())
+            .with_outbox(outbox.clone()),
     ));
     if let Some(state) = http_ingest {
         admin_router = admin_router.merge(ingress::http::router(state));

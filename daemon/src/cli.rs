@@ -51,6 +51,14 @@ pub enum Command {
         #[command(flatten)]
         api: crate::cli_devices::ApiArgs,
     },
+    /// Records Kafka refused for good (the outbox's dead-letter table): list, retry, drop,
+    /// through the running daemon's API (token as for `devices`).
+    DeadLetters {
+        #[command(subcommand)]
+        command: crate::cli_devices::DeadLettersCommand,
+        #[command(flatten)]
+        api: crate::cli_devices::ApiArgs,
+    },
     /// The fleet as Kafka sees it (heartbeats of every gateway on `kafka.heartbeat_topic`).
     Fleet {
         #[command(subcommand)]
@@ -84,7 +92,7 @@ pub enum FleetCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum BufferCommand {
-    /// Record count, bytes, oldest record age, per-route counts.
+    /// Record count, bytes, oldest record age, dead letters, per-route counts.
     Stats {
         /// Print JSON instead of text.
         #[arg(long)]

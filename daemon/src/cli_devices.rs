@@ -1,11 +1,12 @@
-//! `outpost devices …` and `outpost token new`: the device inventory from the command line.
+//! `outpost devices …`, `outpost apps …`, `outpost dead-letters …` and `outpost token new`: the
+//! management API from the command line.
 //!
-//! `devices` talks to the *running* daemon through its management API (plain HTTP to the admin
-//! listener, blocking `ureq` client), so the daemon stays the only writer of `registry.db` and
-//! its in-memory index and auth cache stay right. The URL is `--url`, else `admin.listen` of
-//! `--config` (`0.0.0.0`/`::` become loopback), else `http://127.0.0.1:8080`; the token is
-//! `--token` or `$OUTPOST_API_TOKEN` (prefer the variable: command lines are visible to other
-//! users).
+//! `devices`, `apps` and `dead-letters` talk to the *running* daemon through its management API
+//! (plain HTTP to the admin listener, blocking `ureq` client), so the daemon stays the only
+//! writer of `registry.db` and `outbox.db` and its in-memory state (index, auth cache, outbox
+//! figures) stays right. The URL is `--url`, else `admin.listen` of `--config` (`0.0.0.0`/`::`
+//! become loopback), else `http://127.0.0.1:8080`; the token is `--token` or
+//! `$OUTPOST_API_TOKEN` (prefer the variable: command lines are visible to other users).
 //!
 //! `token new` works offline: it prints a fresh random token and the `[[api.tokens]]` entry
 //! holding only its SHA-256, so installers never write a clear token into the config.
@@ -507,7 +508,7 @@ fn render_apps(apps: &[Value]) -> String {
         "HEALTH",
         "REASON",
     ];
-    let rows: Vec<Vec<String>> = apps
+    let rows = apps
         .iter()
         .map(|a| {
             let s = &a["status"];
@@ -528,6 +529,11 @@ fn render_apps(apps: &[Value]) -> String {
             ]
         })
         .collect();
+    columns(&header, rows)
+}
+
+/// Left-aligned columns under `header`, the last one unpadded; no trailing newline.
+fn columns(header: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -550,6 +556,172 @@ fn render_apps(apps: &[Value]) -> String {
         out.push('\n');
     }
     out.trim_end().to_owned()
+}
+
+/// `outpost dead-letters …`: records Kafka refused for good, in the outbox's dead-letter table.
+#[derive(Debug, Subcommand)]
+pub enum DeadLettersCommand {
+    /// List dead letters, oldest first (every one, unless --limit is given).
+    List {
+        /// Only sequence numbers above this.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// Show at most N.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        limit: Option<u64>,
+    },
+    /// Put dead letters back into the outbox to be forwarded again (needs `write`).
+    Retry(Selection),
+    /// Delete dead letters for good (needs `admin`).
+    Drop(Selection),
+}
+
+/// Which dead letters: `--all`, or sequence numbers.
+#[derive(Debug, Args)]
+pub struct Selection {
+    /// Every dead letter.
+    #[arg(long, conflicts_with = "seqs")]
+    pub all: bool,
+    /// Sequence numbers (the SEQ column of `list`).
+    #[arg(required_unless_present = "all")]
+    pub seqs: Vec<u64>,
+}
+
+impl Selection {
+    fn body(&self) -> Value {
+        if self.all {
+            json!({ "all": true })
+        } else {
+            json!({ "seqs": self.seqs })
+        }
+    }
+}
+
+pub fn dead_letters(command: DeadLettersCommand, api: &ApiArgs) -> ExitCode {
+    finish(Client::new(api).and_then(|client| run_dead_letters(&client, command, api.json)))
+}
+
+/// Largest page the API serves.
+const DEAD_LETTER_PAGE: u64 = 1000;
+
+fn run_dead_letters(
+    client: &Client,
+    command: DeadLettersCommand,
+    as_json: bool,
+) -> Result<(), Failure> {
+    match command {
+        DeadLettersCommand::List { after, limit } => {
+            let mut items: Vec<Value> = Vec::new();
+            let mut after = after;
+            let (total, bytes) = loop {
+                let wanted = limit.map_or(DEAD_LETTER_PAGE, |l| l - items.len() as u64);
+                let query = format!("after={after}&limit={}", wanted.min(DEAD_LETTER_PAGE));
+                let page = client.ok("GET", &format!("/api/v1/dead-letters?{query}"), None)?;
+                if let Some(list) = page["dead_letters"].as_array() {
+                    items.extend(list.iter().cloned());
+                }
+                let done = limit.is_some_and(|l| items.len() as u64 >= l);
+                match page["next_after"].as_u64() {
+                    Some(next) if !done => after = next,
+                    _ => break (page["total"].clone(), page["bytes"].clone()),
+                }
+            };
+            if as_json {
+                let v = json!({ "dead_letters": items, "total": total, "bytes": bytes });
+                println!("{v:#}");
+            } else {
+                println!("{}", render_dead_letters(&items, now_ms()));
+                if total.as_u64() != Some(0) {
+                    println!(
+                        "{} shown; {} dead letter(s) held ({} bytes)",
+                        items.len(),
+                        text(&total),
+                        text(&bytes)
+                    );
+                }
+            }
+        }
+        DeadLettersCommand::Retry(selection) => {
+            let reply = client.ok(
+                "POST",
+                "/api/v1/dead-letters/retry",
+                Some(&selection.body()),
+            )?;
+            let n = reply["retried"].as_u64().unwrap_or(0);
+            let text = format!(
+                "{n} dead letter(s) put back into the outbox to be forwarded again{}",
+                skipped(&selection, n)
+            );
+            report(as_json, &reply, &text);
+        }
+        DeadLettersCommand::Drop(selection) => {
+            let reply = client.ok("POST", "/api/v1/dead-letters/drop", Some(&selection.body()))?;
+            let n = reply["dropped"].as_u64().unwrap_or(0);
+            let text = format!(
+                "{n} dead letter(s) deleted for good{}",
+                skipped(&selection, n)
+            );
+            report(as_json, &reply, &text);
+        }
+    }
+    Ok(())
+}
+
+/// A note when fewer dead letters were touched than sequences given.
+fn skipped(selection: &Selection, n: u64) -> String {
+    let asked = selection.seqs.len() as u64;
+    if selection.all || n >= asked {
+        String::new()
+    } else {
+        format!(
+            "; {} given sequence number(s) matched no dead letter",
+            asked - n
+        )
+    }
+}
+
+/// Longest error text shown in the table; `--json` has it whole.
+const ERROR_WIDTH: usize = 60;
+
+fn render_dead_letters(items: &[Value], now: i64) -> String {
+    if items.is_empty() {
+        return "(no dead letters)".to_owned();
+    }
+    let header = [
+        "SEQ",
+        "DEVICE",
+        "TOPIC",
+        "KAFKA TOPIC",
+        "REASON",
+        "ATTEMPTS",
+        "SIZE",
+        "AGE",
+        "ERROR",
+    ];
+    let rows = items
+        .iter()
+        .map(|d| {
+            let error = d["error"].as_str().unwrap_or_default();
+            let error = if error.chars().count() > ERROR_WIDTH {
+                let cut: String = error.chars().take(ERROR_WIDTH - 1).collect();
+                format!("{cut}…")
+            } else {
+                error.to_owned()
+            };
+            vec![
+                text(&d["seq"]),
+                text(&d["device_id"]),
+                text(&d["topic"]),
+                text(&d["kafka_topic"]),
+                text(&d["reason"]),
+                text(&d["attempts"]),
+                text(&d["size"]),
+                ago(d["received_at_ms"].as_i64(), now),
+                error.replace(['\n', '\r'], " "),
+            ]
+        })
+        .collect();
+    columns(&header, rows)
 }
 
 fn report(as_json: bool, value: &Value, text: &str) {
@@ -782,6 +954,80 @@ mod tests {
         assert_eq!(encode("dev-1_a"), "dev-1_a");
         assert_eq!(encode("a.b:c"), "a%2Eb%3Ac");
         assert_eq!(encode(".."), "%2E%2E");
+    }
+
+    #[test]
+    fn dead_letter_selection_is_all_or_sequences() {
+        use clap::Parser;
+        #[derive(Debug, Parser)]
+        struct Cli {
+            #[command(subcommand)]
+            command: DeadLettersCommand,
+        }
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("dead-letters").chain(args.iter().copied()))
+                .map(|c| c.command)
+        };
+        let Ok(DeadLettersCommand::Retry(s)) = parse(&["retry", "3", "7"]) else {
+            panic!("retry with sequences");
+        };
+        assert_eq!(s.body(), json!({ "seqs": [3, 7] }));
+        let Ok(DeadLettersCommand::Drop(s)) = parse(&["drop", "--all"]) else {
+            panic!("drop --all");
+        };
+        assert_eq!(s.body(), json!({ "all": true }));
+        assert!(parse(&["drop"]).is_err(), "neither --all nor a sequence");
+        assert!(parse(&["retry", "--all", "3"]).is_err(), "both");
+        assert!(parse(&["retry", "x"]).is_err(), "not a number");
+        let Ok(DeadLettersCommand::List { after, limit }) = parse(&["list", "--limit", "5"]) else {
+            panic!("list");
+        };
+        assert_eq!((after, limit), (0, Some(5)));
+        assert!(parse(&["list", "--limit", "0"]).is_err());
+
+        let asked = Selection {
+            all: false,
+            seqs: vec![1, 2, 3],
+        };
+        assert_eq!(skipped(&asked, 3), "");
+        assert_eq!(
+            skipped(&asked, 1),
+            "; 2 given sequence number(s) matched no dead letter"
+        );
+    }
+
+    #[test]
+    fn dead_letter_table_truncates_errors() {
+        let long = "x".repeat(200);
+        let items = vec![
+            json!({"seq": 7, "device_id": "pump-1", "topic": "t/a", "kafka_topic": "readings",
+                   "reason": "too_large", "attempts": 1, "size": 1500000,
+                   "received_at_ms": 1000, "error": "Broker: Message size too large"}),
+            json!({"seq": 12, "device_id": "d", "topic": "locked/a", "kafka_topic": "forbidden",
+                   "reason": "topic_authorization", "attempts": 2, "size": 90,
+                   "received_at_ms": 1000, "error": format!("line 1\n{long}")}),
+        ];
+        let table = render_dead_letters(&items, 121_000);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        assert!(
+            lines[0].starts_with("SEQ  DEVICE  TOPIC     KAFKA TOPIC  REASON"),
+            "{table}"
+        );
+        assert!(
+            lines[1].starts_with("7    pump-1  t/a       readings     too_large")
+                && lines[1].contains("1500000")
+                && lines[1].contains("2m ago")
+                && lines[1].ends_with("Broker: Message size too large"),
+            "{table}"
+        );
+        let error = lines[2].split("2m ago").nth(1).unwrap().trim();
+        assert_eq!(error.chars().count(), ERROR_WIDTH, "{error}");
+        assert!(
+            error.starts_with("line 1 xxx") && error.ends_with('…'),
+            "{error}"
+        );
+        assert_eq!(render_dead_letters(&[], 0), "(no dead letters)");
     }
 
     #[test]

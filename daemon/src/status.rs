@@ -59,6 +59,8 @@ struct Inner {
     forwarder: Option<outpost_sync::forwarder::ForwarderHandle>,
     /// The MQTT server's counters, read when the status is asked for.
     mqtt: Option<outpost_mqtt::metrics::MqttMetrics>,
+    /// The outbox, whose dead letters are an alarm while there are any.
+    outbox: Option<outpost_sync::Outbox>,
 }
 
 impl StatusBoard {
@@ -137,6 +139,11 @@ impl StatusBoard {
         self.with(|i| i.mqtt = Some(metrics));
     }
 
+    /// Dead letters in `outbox` are an alarm of subsystem `outbox` while there are any.
+    pub fn watch_outbox(&self, outbox: outpost_sync::Outbox) {
+        self.with(|i| i.outbox = Some(outbox));
+    }
+
     /// The MQTT server's figures; `None` when the server is disabled.
     pub fn mqtt(&self) -> Option<outpost_mqtt::metrics::MqttStatus> {
         self.with(|i| i.mqtt.clone()).map(|m| m.status())
@@ -201,8 +208,33 @@ impl StatusBoard {
         })
     }
 
+    /// Standing alarms: those raised at start, then the live ones (a full disk, dead letters).
     pub fn alarms(&self) -> Vec<Alarm> {
-        self.with(|i| i.alarms.clone())
+        self.with(|i| {
+            let mut alarms = i.alarms.clone();
+            if i.outbox
+                .as_ref()
+                .is_some_and(outpost_sync::Outbox::disk_full)
+            {
+                alarms.push(Alarm {
+                    subsystem: "outbox".into(),
+                    message: "disk full: appends are refused until the data directory's \
+                              filesystem has room again (delivered records are still deleted)"
+                        .into(),
+                });
+            }
+            let dead = i.outbox.as_ref().map(|o| o.dead_letter_figures());
+            if let Some((records, bytes)) = dead.filter(|(records, _)| *records > 0) {
+                alarms.push(Alarm {
+                    subsystem: "outbox".into(),
+                    message: format!(
+                        "{records} dead letter(s) ({bytes} bytes): records Kafka refused for \
+                         good; list them with `outpost dead-letters list`, then retry or drop them"
+                    ),
+                });
+            }
+            alarms
+        })
     }
 
     /// Essential subsystems that are not active, with their reasons.

@@ -121,6 +121,24 @@ pub fn is_corruption(e: &rusqlite::Error) -> bool {
     )
 }
 
+/// Whether SQLite's error means the filesystem is full ("database or disk is full", or an I/O
+/// error while growing a file, which is how a full disk shows in the shared-memory file).
+pub fn is_disk_full(e: &rusqlite::Error) -> bool {
+    match e {
+        rusqlite::Error::SqliteFailure(f, _) => {
+            f.code == ErrorCode::DiskFull
+                || matches!(
+                    f.extended_code,
+                    rusqlite::ffi::SQLITE_IOERR_WRITE
+                        | rusqlite::ffi::SQLITE_IOERR_SHMSIZE
+                        | rusqlite::ffi::SQLITE_IOERR_TRUNCATE
+                        | rusqlite::ffi::SQLITE_IOERR_FSYNC
+                )
+        }
+        _ => false,
+    }
+}
+
 /// Renames the database at `path` with its `-wal` and `-shm` companions to
 /// `<path>.corrupt-<unix seconds>` (plus `.1`, `.2`, … if that name is taken) and returns the new
 /// path of the database. Companions that do not exist are skipped. Fails only with

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use outpost_e2e::admin::{admin_token_config, create_device};
+use outpost_e2e::admin::{ADMIN_TOKEN, admin_token_config, create_device};
 use outpost_e2e::daemon::{Daemon, outpost_cli, write_config};
 use outpost_e2e::http::request;
 use outpost_e2e::kafka::{Consumed, MockKafka, Tansu, consume, produce_plain};
@@ -540,6 +540,98 @@ fn poison_records_are_moved_aside_and_never_block_the_others() {
         assert_eq!(r.header(header).as_deref(), Some(want), "{header}");
     }
     assert!(r.header("outpost-error").unwrap().contains("uthorization"));
+}
+
+/// The local dead-letter table through the real CLI: with no dead-letter topic, records for a
+/// topic the broker refuses are moved to the table (an alarm in the status); `outpost
+/// dead-letters list` shows them with why; once the broker accepts the topic, `retry` sends one
+/// again under its own sequence and it reaches Kafka; `drop --all` deletes the rest for good.
+#[test]
+fn dead_letters_are_listed_retried_and_dropped_with_the_cli() {
+    let kafka = MockKafka::start(1, &[(TOPIC, 1), ("forbidden", 1)]);
+    kafka.topic_error("forbidden", "TopicAuthorizationFailed");
+    let dir = tempfile::tempdir().unwrap();
+    let rules = "[[kafka.rules]]\ntopic = \"locked/#\"\nkafka_topic = \"forbidden\"\n";
+    let mut d = Daemon::start(dir.path(), &config(kafka.bootstrap(), rules, ""));
+    let mut locked = Device::new(&d, "locked-1");
+    locked.send(&d, "locked/a", 3);
+    d.wait_until("three dead letters", Duration::from_secs(20), |d| {
+        d.metric("outpost_outbox_dead_letters") == 3.0
+    });
+    let status = d.status();
+    assert!(
+        status["alarms"].to_string().contains("3 dead letter(s)"),
+        "{status}"
+    );
+    let url = format!("http://{}", d.admin);
+    let cli = |args: &[&str]| {
+        let mut all = vec!["dead-letters"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--url", &url, "--token", ADMIN_TOKEN]);
+        outpost_cli(&all)
+    };
+    let (code, out, err) = cli(&["list", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let listed = listed
+        .as_array()
+        .or_else(|| listed["dead_letters"].as_array())
+        .unwrap()
+        .clone();
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    for l in &listed {
+        assert_eq!(l["reason"], "topic_authorization");
+        assert_eq!(l["kafka_topic"], "forbidden");
+        assert_eq!(l["device_id"], "locked-1");
+    }
+    let first = listed[0]["seq"].as_u64().unwrap();
+    let (code, out, err) = cli(&["list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("topic_authorization") && out.contains("locked-1"),
+        "{out}"
+    );
+
+    // The broker accepts the topic again. librdkafka learns it at its next metadata refresh: a
+    // retry before that is refused again and comes back to the table, so retry until it goes,
+    // as an operator would.
+    kafka.topic_error("forbidden", "NoError");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (code, out, err) = cli(&["retry", &first.to_string()]);
+        assert_eq!(code, 0, "{out}{err}");
+        std::thread::sleep(Duration::from_secs(1));
+        if d.metric("outpost_kafka_delivered_records_total") >= 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the retried record never went");
+    }
+    d.wait_until("the retried record deleted", Duration::from_secs(10), |d| {
+        d.metric("outpost_outbox_records") == 0.0 && d.metric("outpost_outbox_dead_letters") == 2.0
+    });
+    let got = consume(
+        kafka.bootstrap(),
+        "forbidden",
+        2,
+        Duration::from_secs(5),
+        false,
+    );
+    assert_eq!(got.len(), 1);
+    assert_eq!(counter(&got[0]), 0);
+    assert_eq!(
+        got[0].header("outpost-seq"),
+        Some(first.to_string()),
+        "its own sequence"
+    );
+
+    let (code, out, err) = cli(&["drop", "--all"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(d.metric("outpost_outbox_dead_letters"), 0.0);
+    let status = d.status();
+    assert!(
+        !status["alarms"].to_string().contains("dead letter"),
+        "{status}"
+    );
 }
 
 /// An error neither known to be permanent nor an outage is retried, counting the record's

@@ -4,11 +4,13 @@
 //! - 400 `malformed_json`: the body is not JSON (syntax, truncation, trailing data);
 //!   `bad_request`: a path or query parameter is not understood;
 //! - 401 `unauthorized` (with `WWW-Authenticate: Bearer`), 403 `forbidden`;
-//! - 404 `not_found`; 409 `already_exists` / `command_queue_full`;
+//! - 404 `not_found`; 409 `already_exists` / `command_queue_full` / `apps_disabled` /
+//!   `no_zigbee_driver` / `no_outbox`;
 //! - 413 `body_too_large`;
 //! - 422 `unknown_field`, `invalid_type`, `missing_field`, `invalid_value`: the JSON is well-formed
 //!   but does not fit the schema; `field` is the JSON path of the culprit (`tags[2]`, `ttl`);
-//! - 500 `internal`: storage failed; the message says what, nothing of the request took effect.
+//! - 500 `internal`: storage failed; the message says what, nothing of the request took effect;
+//! - 503 `outbox_unavailable`: the outbox could not be read or written (dead letters); retry.
 //!
 //! Request bodies are deserialized here from bytes with `serde_path_to_error`, because axum's
 //! `Json` rejection does not say which field was wrong.

@@ -1,6 +1,6 @@
-//! The management REST API under `/api/v1`: device inventory, monitoring, commands, and the
-//! OpenAPI document. JSON in and out; bearer tokens with scopes ([`auth`]); errors name the
-//! field ([`error`]).
+//! The management REST API under `/api/v1`: device inventory, monitoring, commands, apps, the
+//! outbox's dead letters, and the OpenAPI document. JSON in and out; bearer tokens with scopes
+//! ([`auth`]); errors name the field ([`error`]).
 //!
 //! Invariants:
 //! - [`ROUTES`] is the one list of what this router serves: [`router`] registers exactly these
@@ -10,16 +10,18 @@
 //!   handler's signature (`Authorized<Read|Write|Admin>`) and repeated in [`ROUTES`] for the
 //!   document (a test checks that they agree).
 //! - Handlers never touch SQLite for reads of the inventory or monitoring (the registry serves
-//!   them from memory); writes and command queries run on blocking threads.
+//!   them from memory); writes, command queries and dead-letter listings run on blocking
+//!   threads (retrying and dropping dead letters goes through the outbox writer).
 //! - Request bodies are limited to [`MAX_BODY`] (413 beyond).
 //!
 //! Wiring (`app.rs`): `admin_router.merge(api::router(api::ApiState::new(registry.clone(),
-//! &config.api)))`. This router sets no fallback (axum refuses to merge two), so the admin
-//! router's JSON 404 applies to unknown paths.
+//! &config.api).with_outbox(outbox.clone())…))`. This router sets no fallback (axum refuses to
+//! merge two), so the admin router's JSON 404 applies to unknown paths.
 
 pub mod apps;
 pub mod auth;
 pub mod commands;
+pub mod dead_letters;
 pub mod devices;
 pub mod error;
 pub mod openapi;
@@ -53,6 +55,8 @@ pub struct ApiState {
     pub zigbee: outpost_drivers::zigbee::ZigbeeControl,
     /// The apps subsystem; `None` when `apps.enabled = false`.
     pub apps: Option<crate::apps::Apps>,
+    /// The outbox, for its dead letters; `None` only in tests that build the API without one.
+    pub outbox: Option<outpost_sync::Outbox>,
 }
 
 impl ApiState {
@@ -62,7 +66,14 @@ impl ApiState {
             tokens: Arc::new(TokenSet::from_config(config)),
             zigbee: outpost_drivers::zigbee::ZigbeeControl::default(),
             apps: None,
+            outbox: None,
         }
+    }
+
+    /// Serves `/api/v1/dead-letters` from `outbox`.
+    pub fn with_outbox(mut self, outbox: outpost_sync::Outbox) -> ApiState {
+        self.outbox = Some(outbox);
+        self
     }
 
     /// Serves `/api/v1/apps` from `apps`.
@@ -156,6 +167,15 @@ pub static ROUTES: &[RouteSpec] = &[
     route("GET", "/api/v1/apps/{name}/events", READ, || {
         get(apps::events)
     }),
+    route("GET", "/api/v1/dead-letters", READ, || {
+        get(dead_letters::list)
+    }),
+    route("POST", "/api/v1/dead-letters/retry", WRITE, || {
+        post(dead_letters::retry)
+    }),
+    route("POST", "/api/v1/dead-letters/drop", ADMIN, || {
+        post(dead_letters::drop)
+    }),
     route("GET", "/api/v1/openapi.json", None, || get(openapi::serve)),
 ];
 
@@ -218,4 +238,4 @@ impl<T: DeserializeOwned> FromRequest<ApiState> for JsonBody<T> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

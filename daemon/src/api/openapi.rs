@@ -12,8 +12,8 @@ use axum::response::{IntoResponse, Response};
 use outpost_config::Scope;
 use serde_json::{Map, Value, json};
 
-use super::ROUTES;
 use super::auth::scope_name;
+use super::{ROUTES, dead_letters};
 use crate::registry::{MAX_PAGE, commands};
 
 /// `GET /api/v1/openapi.json` (no token needed).
@@ -26,6 +26,13 @@ static DOCUMENT: LazyLock<Value> = LazyLock::new(document);
 /// Every `/api/v1/apps…` route answers this with `apps.enabled = false`.
 const APPS_DISABLED: &str =
     "The apps subsystem is disabled: apps.enabled = false (`apps_disabled`)";
+
+/// Every `/api/v1/dead-letters…` route answers this when the API has no outbox (tests only).
+const NO_OUTBOX: &str = "This API was built without an outbox (`no_outbox`)";
+
+/// Every `/api/v1/dead-letters…` route answers this when SQLite fails.
+const OUTBOX_UNAVAILABLE: &str =
+    "The outbox could not be read or written; nothing changed, retry (`outbox_unavailable`)";
 
 fn error_response(description: &str) -> Value {
     json!({
@@ -314,6 +321,54 @@ fn management_operation(method: &str, path: &str) -> Option<Value> {
                 "503": error_response("The Zigbee stick is unplugged, starting or busy; retry (`zigbee_unavailable`)")
             }
         }),
+        ("GET", "/api/v1/dead-letters") => json!({
+            "operationId": "listDeadLetters",
+            "summary": "Records Kafka refused for good, kept in the outbox's dead-letter table; oldest first, paginated by sequence",
+            "parameters": [
+                { "name": "after", "in": "query", "schema": { "type": "integer", "format": "int64", "minimum": 0, "default": 0 }, "description": "Only sequences above this: `next_after` of the previous page" },
+                { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": dead_letters::MAX_PAGE, "default": dead_letters::DEFAULT_PAGE } }
+            ],
+            "responses": {
+                "200": json_response("A page of dead letters, with the table's totals", "DeadLetterPage"),
+                "400": error_response("Unknown or invalid query parameter (`field` names it)"),
+                "409": error_response(NO_OUTBOX),
+                "503": error_response(OUTBOX_UNAVAILABLE)
+            }
+        }),
+        ("POST", "/api/v1/dead-letters/retry") => json!({
+            "operationId": "retryDeadLetters",
+            "summary": "Put dead letters back into the outbox under their own sequences; the forwarder sends them again at once. Unknown sequences are ignored",
+            "requestBody": json_body("DeadLetterSelection"),
+            "responses": {
+                "200": { "description": "How many were put back", "content": { "application/json": { "schema": {
+                    "type": "object",
+                    "required": ["retried"],
+                    "properties": { "retried": { "type": "integer", "format": "int64" } }
+                } } } },
+                "400": error_response("Malformed JSON"),
+                "409": error_response(NO_OUTBOX),
+                "413": error_response("Body too large"),
+                "422": error_response("Not exactly one of `seqs` and `all: true`, unknown field or wrong type (`field` names it)"),
+                "503": error_response(OUTBOX_UNAVAILABLE)
+            }
+        }),
+        ("POST", "/api/v1/dead-letters/drop") => json!({
+            "operationId": "dropDeadLetters",
+            "summary": "Delete dead letters for good. Unknown sequences are ignored",
+            "requestBody": json_body("DeadLetterSelection"),
+            "responses": {
+                "200": { "description": "How many were deleted", "content": { "application/json": { "schema": {
+                    "type": "object",
+                    "required": ["dropped"],
+                    "properties": { "dropped": { "type": "integer", "format": "int64" } }
+                } } } },
+                "400": error_response("Malformed JSON"),
+                "409": error_response(NO_OUTBOX),
+                "413": error_response("Body too large"),
+                "422": error_response("Not exactly one of `seqs` and `all: true`, unknown field or wrong type (`field` names it)"),
+                "503": error_response(OUTBOX_UNAVAILABLE)
+            }
+        }),
         ("GET", "/api/v1/openapi.json") => json!({
             "operationId": "getOpenApi",
             "summary": "This document",
@@ -440,7 +495,7 @@ fn schemas() -> Value {
             "type": "object",
             "required": ["error", "message", "field"],
             "properties": {
-                "error": { "type": "string", "description": "Machine-readable code: malformed_json, bad_request, unknown_field, invalid_type, missing_field, invalid_value, unauthorized, forbidden, not_found, already_exists, command_queue_full, body_too_large, no_zigbee_driver, zigbee_unavailable, zigbee_refused, internal" },
+                "error": { "type": "string", "description": "Machine-readable code: malformed_json, bad_request, unknown_field, invalid_type, missing_field, invalid_value, unauthorized, forbidden, not_found, already_exists, command_queue_full, body_too_large, apps_disabled, declared_in_config, engine_unavailable, no_zigbee_driver, zigbee_unavailable, zigbee_refused, no_outbox, outbox_unavailable, internal" },
                 "message": { "type": "string" },
                 "field": { "type": "string", "nullable": true, "description": "JSON path of the offending field, e.g. `tags[1]`" }
             }
@@ -632,6 +687,45 @@ fn schemas() -> Value {
                 }
             }
         },
+        "DeadLetter": {
+            "type": "object",
+            "description": "A record Kafka refused for good (docs/KAFKA.md, \"Poison records\"); the payload is not listed, its size is",
+            "required": ["seq", "device_id", "source", "topic", "route", "received_at_ms", "content_type", "size", "reason", "error", "kafka_topic", "attempts", "dead_at_ms"],
+            "properties": {
+                "seq": { "type": "integer", "format": "int64", "description": "The record's outbox sequence (`outpost-seq`), kept when it is retried" },
+                "device_id": { "type": "string" },
+                "source": { "type": "string", "enum": ["mqtt", "coap", "http", "driver"] },
+                "topic": { "type": "string", "description": "The device's topic" },
+                "route": { "type": "string" },
+                "received_at_ms": { "type": "integer", "format": "int64" },
+                "content_type": { "type": "string", "nullable": true },
+                "size": { "type": "integer", "format": "int64", "description": "Bytes counted against outbox.max_bytes" },
+                "reason": { "type": "string", "enum": ["too_large", "invalid_record", "topic_authorization", "invalid_topic", "unknown_topic", "attempts"] },
+                "error": { "type": "string", "description": "The last error, as Kafka's client reported it" },
+                "kafka_topic": { "type": "string", "description": "The Kafka topic the forwarder tried" },
+                "attempts": { "type": "integer" },
+                "dead_at_ms": { "type": "integer", "format": "int64" }
+            }
+        },
+        "DeadLetterPage": {
+            "type": "object",
+            "required": ["dead_letters", "total", "bytes", "next_after"],
+            "properties": {
+                "dead_letters": { "type": "array", "items": { "$ref": "#/components/schemas/DeadLetter" } },
+                "total": { "type": "integer", "format": "int64", "description": "Dead letters held in all (not just this page)" },
+                "bytes": { "type": "integer", "format": "int64", "description": "Their bytes" },
+                "next_after": { "type": "integer", "format": "int64", "nullable": true, "description": "`after` for the next page; null on the last page" }
+            }
+        },
+        "DeadLetterSelection": {
+            "type": "object",
+            "additionalProperties": false,
+            "description": "Exactly one of `seqs` and `all`",
+            "properties": {
+                "seqs": { "type": "array", "minItems": 1, "items": { "type": "integer", "format": "int64", "minimum": 0 } },
+                "all": { "type": "boolean", "enum": [true], "description": "Every dead letter" }
+            }
+        },
         "AppList": {
             "type": "object",
             "properties": {
@@ -701,7 +795,7 @@ pub fn document() -> Value {
         "info": {
             "title": "Outpost gateway API",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Management API of an Outpost edge gateway. Management routes take `Authorization: Bearer <token>` with a token declared in `[[api.tokens]]`; scopes: `read` for GETs, `write` to create/update/enable/disable devices and queue commands, `admin` to delete devices and rotate secrets (`admin` implies `write` implies `read`). Errors are JSON `{\"error\", \"message\", \"field\"}`."
+            "description": "Management API of an Outpost edge gateway. Management routes take `Authorization: Bearer <token>` with a token declared in `[[api.tokens]]`; scopes: `read` for GETs, `write` to create/update/enable/disable devices, queue commands and retry dead letters, `admin` to delete devices, rotate secrets and drop dead letters (`admin` implies `write` implies `read`). Errors are JSON `{\"error\", \"message\", \"field\"}`."
         },
         "servers": [{ "url": "/" }],
         "security": [{ "bearerAuth": [] }],

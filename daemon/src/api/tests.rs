@@ -22,7 +22,53 @@ fn state(dir: &std::path::Path) -> ApiState {
         ])),
         zigbee: outpost_drivers::zigbee::ZigbeeControl::default(),
         apps: None,
+        outbox: None,
     }
+}
+
+/// A real outbox in `dir` (its writer running until `stop`) holding `n` records of device
+/// `dev-1`, of which those at the indexes `dead` were moved to the dead-letter table. Returns the
+/// outbox, every record's sequence, and the writer task.
+pub(crate) async fn outbox_with_dead_letters(
+    dir: &std::path::Path,
+    n: usize,
+    dead: &[usize],
+    stop: tokio_util::sync::CancellationToken,
+) -> (
+    outpost_sync::Outbox,
+    Vec<u64>,
+    tokio::task::JoinHandle<Result<(), String>>,
+) {
+    use outpost_sync::outbox::DeadLetterCause;
+    use outpost_sync::{Envelope, OutboxOptions, Source};
+    let (outbox, writer) =
+        outpost_sync::outbox::open(OutboxOptions::with_path(dir.join("outbox.db"))).unwrap();
+    let task = tokio::spawn(async move { writer.run(stop).await.map_err(|e| e.to_string()) });
+    let mut seqs = Vec::new();
+    for i in 0..n {
+        let envelope = Envelope {
+            route: Arc::from("default"),
+            device_id: "dev-1".into(),
+            source: Source::Mqtt,
+            topic: format!("t/{i}"),
+            received_at_ms: 1_000 + i as i64,
+            content_type: None,
+            headers: vec![],
+            payload: vec![b'x'; 10 * (i + 1)],
+            priority: None,
+        };
+        seqs.push(outbox.append(envelope).await.unwrap());
+    }
+    for &i in dead {
+        let cause = DeadLetterCause {
+            reason: "too_large",
+            error: format!("Broker: Message size too large ({i})"),
+            kafka_topic: "t".into(),
+            attempts: 1,
+        };
+        assert!(outbox.dead_letter(seqs[i], cause).await.unwrap());
+    }
+    (outbox, seqs, task)
 }
 
 async fn call(
@@ -493,4 +539,364 @@ async fn zigbee_permit_join_reaches_the_driver_queue() {
     )
     .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
+}
+
+/// `GET /api/v1/dead-letters`: oldest first, in pages (`next_after` null on the last), with the
+/// table's totals; bad query values are 400 naming the parameter.
+#[tokio::test]
+async fn dead_letters_are_listed_in_pages_with_the_table_totals() {
+    let dir = tempfile::tempdir().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (outbox, seqs, _writer) =
+        outbox_with_dead_letters(dir.path(), 5, &[0, 1, 3, 4], stop.clone()).await;
+    let router = router(state(dir.path()).with_outbox(outbox.clone()));
+    let (dead_count, dead_bytes) = outbox.dead_letter_figures();
+    assert_eq!(dead_count, 4);
+
+    let get = |query: String| {
+        let router = router.clone();
+        async move {
+            call(
+                &router,
+                "GET",
+                &format!("/api/v1/dead-letters{query}"),
+                Some(READ_TOKEN),
+                None,
+            )
+            .await
+        }
+    };
+    let listed = |page: &serde_json::Value| -> Vec<u64> {
+        page["dead_letters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["seq"].as_u64().unwrap())
+            .collect()
+    };
+
+    let (s, all, _) = get(String::new()).await;
+    assert_eq!(s, StatusCode::OK, "{all}");
+    assert_eq!(listed(&all), [seqs[0], seqs[1], seqs[3], seqs[4]]);
+    assert_eq!(
+        (&all["total"], &all["bytes"], &all["next_after"]),
+        (
+            &serde_json::json!(4),
+            &serde_json::json!(dead_bytes),
+            &serde_json::Value::Null
+        )
+    );
+    let first = &all["dead_letters"][0];
+    assert_eq!(first["device_id"], "dev-1");
+    assert_eq!(first["topic"], "t/0");
+    assert_eq!(first["source"], "mqtt");
+    assert_eq!(first["route"], "default");
+    assert_eq!(first["received_at_ms"], 1_000);
+    assert_eq!(first["content_type"], serde_json::Value::Null);
+    assert_eq!(first["reason"], "too_large");
+    assert_eq!(first["error"], "Broker: Message size too large (0)");
+    assert_eq!(first["kafka_topic"], "t");
+    assert_eq!(first["attempts"], 1);
+    assert!(first["dead_at_ms"].as_i64().unwrap() > 0);
+    let sizes: u64 = all["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["size"].as_u64().unwrap())
+        .sum();
+    assert_eq!(sizes, dead_bytes, "the sizes add up to the table's bytes");
+
+    let (s, page, _) = get("?limit=2".into()).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(listed(&page), [seqs[0], seqs[1]]);
+    assert_eq!(page["next_after"], seqs[1]);
+    assert_eq!(
+        page["total"], 4,
+        "the totals are the table's, not the page's"
+    );
+    let (_, page, _) = get(format!("?limit=2&after={}", seqs[1])).await;
+    assert_eq!(listed(&page), [seqs[3], seqs[4]]);
+    assert_eq!(page["next_after"], serde_json::Value::Null, "the last page");
+    let (_, page, _) = get(format!("?after={}", seqs[4])).await;
+    assert_eq!(listed(&page), Vec::<u64>::new());
+    assert_eq!(page["next_after"], serde_json::Value::Null);
+
+    for (query, field) in [
+        ("?limit=0", "limit"),
+        ("?limit=1001", "limit"),
+        ("?limit=ten", "limit"),
+        ("?after=-1", "after"),
+        ("?after=x", "after"),
+        ("?colour=red", "colour"),
+    ] {
+        let (s, b, _) = get(query.into()).await;
+        assert_eq!(
+            (s, b["error"].as_str(), b["field"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("bad_request"), Some(field)),
+            "{query}: {b}"
+        );
+    }
+    let (s, _, _) = get("?limit=1000".into()).await;
+    assert_eq!(s, StatusCode::OK);
+    stop.cancel();
+}
+
+/// Retry puts dead letters back into the outbox (write scope); drop deletes them for good
+/// (admin scope); unknown sequences are ignored; `all` takes every one.
+#[tokio::test]
+async fn dead_letters_are_retried_and_dropped_through_the_router() {
+    let dir = tempfile::tempdir().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (outbox, seqs, _writer) =
+        outbox_with_dead_letters(dir.path(), 5, &[1, 2, 3, 4], stop.clone()).await;
+    let router = router(state(dir.path()).with_outbox(outbox.clone()));
+    assert_eq!(outbox.figures().0, 1, "one record left to forward");
+    let post = |path: &'static str, token: &'static str, body: String| {
+        let router = router.clone();
+        async move { call(&router, "POST", path, Some(token), Some(&body)).await }
+    };
+    let retry = "/api/v1/dead-letters/retry";
+    let drop = "/api/v1/dead-letters/drop";
+
+    let (s, b, _) = post(retry, READ_TOKEN, format!(r#"{{"seqs":[{}]}}"#, seqs[1])).await;
+    assert_eq!(
+        (s, b["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("forbidden"))
+    );
+    let (s, b, _) = post(
+        retry,
+        WRITE_TOKEN,
+        format!(r#"{{"seqs":[{}, 9999]}}"#, seqs[1]),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b, serde_json::json!({ "retried": 1 }));
+    assert_eq!(outbox.dead_letter_figures().0, 3);
+    assert_eq!(
+        outbox.figures().0,
+        2,
+        "the retried record is back in the outbox"
+    );
+    let mut reader = outbox.reader().unwrap();
+    let back = reader
+        .dead_letters(0, 10)
+        .unwrap()
+        .into_iter()
+        .map(|d| d.seq)
+        .collect::<Vec<_>>();
+    assert_eq!(back, [seqs[2], seqs[3], seqs[4]]);
+
+    let (s, b, _) = post(drop, WRITE_TOKEN, format!(r#"{{"seqs":[{}]}}"#, seqs[2])).await;
+    assert_eq!(
+        (s, b["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("forbidden"))
+    );
+    assert_eq!(
+        outbox.dead_letter_figures().0,
+        3,
+        "a refused drop changes nothing"
+    );
+    let (s, b, _) = post(drop, ADMIN_TOKEN, format!(r#"{{"seqs":[{}]}}"#, seqs[2])).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b, serde_json::json!({ "dropped": 1 }));
+    assert_eq!(outbox.figures().0, 2, "a dropped record does not go back");
+    let (_, page, _) = call(
+        &router,
+        "GET",
+        "/api/v1/dead-letters",
+        Some(READ_TOKEN),
+        None,
+    )
+    .await;
+    let left: Vec<u64> = page["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(left, [seqs[3], seqs[4]]);
+    assert_eq!(page["total"], 2);
+
+    let (s, b, _) = post(retry, WRITE_TOKEN, r#"{"all":true}"#.into()).await;
+    assert_eq!(
+        (s, b),
+        (StatusCode::OK, serde_json::json!({ "retried": 2 }))
+    );
+    assert_eq!(outbox.dead_letter_figures(), (0, 0));
+    assert_eq!(outbox.figures().0, 4);
+    let (s, b, _) = post(drop, ADMIN_TOKEN, r#"{"all":true}"#.into()).await;
+    assert_eq!(
+        (s, b),
+        (StatusCode::OK, serde_json::json!({ "dropped": 0 }))
+    );
+    assert_eq!(outbox.figures().0, 4, "drop touches only dead letters");
+    let (_, page, _) = call(
+        &router,
+        "GET",
+        "/api/v1/dead-letters",
+        Some(READ_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (&page["dead_letters"], &page["total"], &page["bytes"]),
+        (
+            &serde_json::json!([]),
+            &serde_json::json!(0),
+            &serde_json::json!(0)
+        )
+    );
+    stop.cancel();
+}
+
+/// A retry or drop body is exactly one of `{"seqs": [..]}` and `{"all": true}`; anything else is
+/// refused naming the field, and changes nothing.
+#[tokio::test]
+async fn dead_letter_bodies_must_choose_exactly_one_selection() {
+    let dir = tempfile::tempdir().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (outbox, seqs, _writer) =
+        outbox_with_dead_letters(dir.path(), 2, &[0, 1], stop.clone()).await;
+    let router = router(state(dir.path()).with_outbox(outbox.clone()));
+    let both = format!(r#"{{"seqs":[{}],"all":true}}"#, seqs[0]);
+    let cases: [(&str, StatusCode, &str, Option<&str>); 9] = [
+        (
+            "{}",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_value",
+            Some("seqs"),
+        ),
+        (
+            &both,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_value",
+            Some("all"),
+        ),
+        (
+            r#"{"all":false}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_value",
+            Some("all"),
+        ),
+        (
+            r#"{"seqs":[]}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_value",
+            Some("seqs"),
+        ),
+        (
+            r#"{"seqs":"1"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_type",
+            Some("seqs"),
+        ),
+        (
+            r#"{"seqs":[-1]}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_value",
+            Some("seqs[0]"),
+        ),
+        (
+            r#"{"all":true,"colour":1}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown_field",
+            Some("colour"),
+        ),
+        (
+            r#"{"all":true"#,
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            None,
+        ),
+        ("", StatusCode::BAD_REQUEST, "malformed_json", None),
+    ];
+    for path in ["/api/v1/dead-letters/retry", "/api/v1/dead-letters/drop"] {
+        for (body, status, code, field) in &cases {
+            let (s, b, _) = call(&router, "POST", path, Some(ADMIN_TOKEN), Some(body)).await;
+            assert_eq!(
+                (s, b["error"].as_str(), b["field"].as_str()),
+                (*status, Some(*code), *field),
+                "{path} {body}: {b}"
+            );
+        }
+    }
+    assert_eq!(outbox.dead_letter_figures().0, 2, "nothing was changed");
+    assert_eq!(outbox.figures().0, 0);
+    stop.cancel();
+}
+
+/// Without an outbox every dead-letter route answers 409 `no_outbox` (like `apps_disabled`),
+/// documented on each; a failing outbox answers 503 `outbox_unavailable`.
+#[tokio::test]
+async fn dead_letter_routes_report_a_missing_or_failing_outbox() {
+    let doc = openapi::document();
+    let dir = tempfile::tempdir().unwrap();
+    let without = router(state(dir.path()));
+    let dead_letter_routes = || {
+        ROUTES
+            .iter()
+            .filter(|s| s.path.starts_with("/api/v1/dead-letters"))
+    };
+    assert_eq!(dead_letter_routes().count(), 3);
+    for spec in dead_letter_routes() {
+        let op = &doc["paths"][spec.path][spec.method.to_ascii_lowercase()];
+        for (status, code) in [("409", "no_outbox"), ("503", "outbox_unavailable")] {
+            let documented = op["responses"][status]["description"]
+                .as_str()
+                .unwrap_or_default();
+            assert!(
+                documented.contains(code),
+                "{} {}: {status} {code} undocumented",
+                spec.method,
+                spec.path
+            );
+        }
+        let body = (spec.method == "POST").then_some(r#"{"all":true}"#);
+        let (s, b, _) = call(&without, spec.method, spec.path, Some(ADMIN_TOKEN), body).await;
+        assert_eq!(
+            (s, b["error"].as_str()),
+            (StatusCode::CONFLICT, Some("no_outbox")),
+            "{} {}: {b}",
+            spec.method,
+            spec.path
+        );
+    }
+
+    // The listing reads the file: gone, it answers 503.
+    let dir2 = tempfile::tempdir().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (outbox, _, writer) = outbox_with_dead_letters(dir2.path(), 1, &[0], stop.clone()).await;
+    let with = router(state(dir2.path()).with_outbox(outbox.clone()));
+    let moved = dir2.path().join("elsewhere.db");
+    std::fs::rename(outbox.path(), &moved).unwrap();
+    let (s, b, _) = call(&with, "GET", "/api/v1/dead-letters", Some(READ_TOKEN), None).await;
+    assert_eq!(
+        (s, b["error"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("outbox_unavailable")),
+        "{b}"
+    );
+    assert!(
+        b["message"].as_str().unwrap().contains("outbox.db"),
+        "names the file: {b}"
+    );
+    std::fs::rename(&moved, outbox.path()).unwrap();
+    // Retry and drop go through the writer: stopped, they answer 503 and change nothing.
+    stop.cancel();
+    writer.await.unwrap().unwrap();
+    for path in ["/api/v1/dead-letters/retry", "/api/v1/dead-letters/drop"] {
+        let (s, b, _) = call(
+            &with,
+            "POST",
+            path,
+            Some(ADMIN_TOKEN),
+            Some(r#"{"all":true}"#),
+        )
+        .await;
+        assert_eq!(
+            (s, b["error"].as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, Some("outbox_unavailable")),
+            "{path}: {b}"
+        );
+    }
+    assert_eq!(outbox.dead_letter_figures().0, 1);
 }

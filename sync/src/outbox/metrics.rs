@@ -42,6 +42,8 @@ pub struct OutboxMetrics {
     pub corruption_alarm: Gauge,
     /// Records in the dead-letter table (refused by Kafka for good; an alarm when not 0).
     pub dead_letters: Gauge,
+    /// 1 while the filesystem is full and appends are refused.
+    pub disk_full: Gauge,
 }
 
 impl Default for OutboxMetrics {
@@ -60,6 +62,7 @@ impl Default for OutboxMetrics {
             rejected_records: Family::default(),
             corruption_alarm: Gauge::default(),
             dead_letters: Gauge::default(),
+            disk_full: Gauge::default(),
         }
     }
 }
@@ -133,6 +136,12 @@ impl OutboxMetrics {
             "Records Kafka refused for good, held in the local dead-letter table (an alarm when \
              not 0: list them with `outpost dead-letters list`)",
             self.dead_letters.clone(),
+        );
+        r.register(
+            "disk_full",
+            "1 while the data directory's filesystem is full: appends are refused, delivered \
+             records are still deleted (the disk reserve is released)",
+            self.disk_full.clone(),
         );
     }
 

@@ -24,7 +24,7 @@
 //!   nothing of it; `drop_oldest` evicts the route's oldest committed records first (never a record
 //!   of the batch being committed, never another route's) and counts and logs the eviction.
 
-mod disk;
+pub mod disk;
 pub mod inspect;
 mod metrics;
 mod open;
@@ -35,7 +35,7 @@ mod writer;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use outpost_config::{Config, IntegrityCheck, Synchronous, WhenFull};
@@ -60,6 +60,8 @@ pub struct OutboxOptions {
     pub synchronous: Synchronous,
     pub max_bytes: u64,
     pub min_free_disk: u64,
+    /// `outbox.disk_reserve`: see [`disk`].
+    pub disk_reserve: u64,
     pub max_record_bytes: u64,
     pub batch_max_records: usize,
     pub batch_max_delay: Duration,
@@ -83,6 +85,7 @@ impl OutboxOptions {
             synchronous: o.synchronous,
             max_bytes: o.max_bytes.bytes(),
             min_free_disk: o.min_free_disk.bytes(),
+            disk_reserve: o.disk_reserve.bytes(),
             max_record_bytes: o.max_record_bytes.bytes(),
             batch_max_records: o.batch_max_records,
             batch_max_delay: o.batch_max_delay,
@@ -100,6 +103,9 @@ pub enum FullReason {
     ByteCap,
     /// Free disk space would fall below `outbox.min_free_disk`.
     DiskFloor,
+    /// The filesystem is full (whoever filled it): appends wait until it has room for the
+    /// disk reserve again (see [`disk`]).
+    DiskFull,
 }
 
 impl FullReason {
@@ -107,6 +113,7 @@ impl FullReason {
         match self {
             FullReason::ByteCap => "byte_cap",
             FullReason::DiskFloor => "disk_floor",
+            FullReason::DiskFull => "disk_full",
         }
     }
 }
@@ -250,6 +257,9 @@ pub(crate) struct Shared {
     pub outbox_id: Arc<str>,
     /// `meta.unnamed_checkpoints`: see [`Outbox::owns_checkpoint`].
     pub unnamed_checkpoints: bool,
+    /// The filesystem is full: appends are refused, the disk reserve is released (see
+    /// [`disk`]).
+    pub disk_full: AtomicBool,
     /// Records and bytes in the dead-letter table.
     pub dead_letters: AtomicU64,
     pub dead_letter_bytes: AtomicU64,
@@ -449,6 +459,12 @@ impl Outbox {
         limit: usize,
     ) -> Result<Vec<DeadLetter>, rusqlite::Error> {
         self.reader()?.dead_letters(after, limit)
+    }
+
+    /// Whether the filesystem is full: appends are refused until it has room for the disk
+    /// reserve again; deletes go on. An alarm.
+    pub fn disk_full(&self) -> bool {
+        self.shared.disk_full.load(Ordering::Relaxed)
     }
 
     /// Records and bytes in the dead-letter table: an alarm when not zero.

@@ -11,13 +11,14 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64};
 use std::time::Instant;
 
 use outpost_config::Synchronous;
 use rusqlite::{Connection, OptionalExtension};
 use tokio::sync::mpsc;
 
+use super::disk::Reserve;
 use super::schema;
 use super::writer::{OutboxWriter, Totals, WriterState};
 use super::{Outbox, OutboxMetrics, OutboxOptions, RouteInfo, Shared, now_unix_ms};
@@ -77,6 +78,15 @@ pub fn open(options: OutboxOptions) -> Result<(Outbox, OutboxWriter), OpenError>
         source,
     };
 
+    // A full filesystem must not stop the start: SQLite needs room even to open (its shared
+    // memory file) and to delete. See `disk`.
+    let reserve = Reserve::new(&dir, options.disk_reserve);
+    let disk_full = if reserve.disk_full() {
+        reserve.release();
+        true
+    } else {
+        !reserve.take()
+    };
     let mut conn = Connection::open(&path).map_err(sqlite)?;
     configure(&conn, options.synchronous).map_err(sqlite)?;
     schema::migrate(&mut conn).map_err(|source| OpenError::Schema {
@@ -111,12 +121,15 @@ pub fn open(options: OutboxOptions) -> Result<(Outbox, OutboxWriter), OpenError>
         );
         next_seq = floor;
     }
-    conn.execute(
-        "INSERT INTO boots (boot_id, opened_at_ms) VALUES (?1, ?2)",
-        (kernel_boot_id(), now_unix_ms()),
-    )
-    .map_err(sqlite)?;
-    let boot = conn.last_insert_rowid();
+    // This boot's row; on a full disk it is written with the first records instead.
+    let boot = match insert_boot(&conn) {
+        Ok(boot) => Some(boot),
+        Err(e) if disk_full || crate::sqlite::is_disk_full(&e) => {
+            tracing::warn!(error = %e, "Disk full: starting without writing; appends wait for space");
+            None
+        }
+        Err(e) => return Err(sqlite(e)),
+    };
     let oldest: Option<i64> = conn
         .query_row(
             "SELECT received_at_ms FROM records ORDER BY seq LIMIT 1",
@@ -179,7 +192,9 @@ pub fn open(options: OutboxOptions) -> Result<(Outbox, OutboxWriter), OpenError>
         dead_letter_bytes: AtomicU64::new(dead_bytes as u64),
         revived: tokio::sync::watch::Sender::new(0),
         synchronous: AtomicI64::new(-1),
+        disk_full: AtomicBool::new(disk_full),
     });
+    shared.metrics.disk_full.set(i64::from(disk_full));
     tracing::info!(
         path = %path.display(),
         outbox_id = %outbox_id,
@@ -197,9 +212,18 @@ pub fn open(options: OutboxOptions) -> Result<(Outbox, OutboxWriter), OpenError>
         dead_count: dead as u64,
         dead_bytes: dead_bytes as u64,
     };
-    let state = WriterState::new(conn, dir, boot, totals);
+    let state = WriterState::new(conn, dir, boot, totals, reserve);
     let writer = OutboxWriter::new(rx, state, Arc::clone(&shared), &options);
     Ok((Outbox { tx, shared }, writer))
+}
+
+/// Records this start in `boots` (the kernel boot id every record of this run refers to).
+pub(crate) fn insert_boot(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.execute(
+        "INSERT INTO boots (boot_id, opened_at_ms) VALUES (?1, ?2)",
+        (kernel_boot_id(), now_unix_ms()),
+    )?;
+    Ok(conn.last_insert_rowid())
 }
 
 /// Connection settings of the write connection.

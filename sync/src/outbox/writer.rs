@@ -20,6 +20,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior};
 use tokio::sync::mpsc::{self, error::TryRecvError};
 use tokio_util::sync::CancellationToken;
 
+use super::disk::Reserve;
 use super::{
     AckError, AppendError, DeadLetterAction, DeadLetterCause, FullReason, OutboxOptions, Pending,
     Request, Shared, disk, now_unix_ms,
@@ -56,19 +57,29 @@ pub(crate) struct Totals {
 pub(crate) struct WriterState {
     conn: Connection,
     dir: PathBuf,
-    boot: i64,
+    /// This start's row in `boots`; `None` when the disk was full at open (written with the
+    /// first records instead).
+    boot: Option<i64>,
     totals: Totals,
     quiet: LogLimiter,
+    reserve: Reserve,
 }
 
 impl WriterState {
-    pub fn new(conn: Connection, dir: PathBuf, boot: i64, totals: Totals) -> Self {
+    pub fn new(
+        conn: Connection,
+        dir: PathBuf,
+        boot: Option<i64>,
+        totals: Totals,
+        reserve: Reserve,
+    ) -> Self {
         Self {
             conn,
             dir,
             boot,
             totals,
             quiet: LogLimiter::default(),
+            reserve,
         }
     }
 }
@@ -193,6 +204,8 @@ impl OutboxWriter {
                         continue;
                     }
                     () = tokio::time::sleep(IDLE_BEAT) => {
+                        let shared = Arc::clone(&self.shared);
+                        thread.run(move |state| check_disk(state, &shared)).await?;
                         self.shared.beat();
                         continue;
                     }
@@ -201,7 +214,10 @@ impl OutboxWriter {
             let batch = self.gather(first).await;
             let (shared, limits) = (Arc::clone(&self.shared), self.limits);
             thread
-                .run(move |state| commit_group(state, &shared, limits, batch))
+                .run(move |state| {
+                    commit_group(state, &shared, limits, batch);
+                    check_disk(state, &shared);
+                })
                 .await?;
             self.shared.beat();
         }
@@ -268,12 +284,15 @@ enum Outcome {
 fn commit_group(state: &mut WriterState, shared: &Shared, limits: Limits, batch: Vec<Request>) {
     let started = Instant::now();
     let before = state.totals;
+    let boot_before = state.boot;
+    let disk_full = shared.disk_full.load(Ordering::Relaxed);
     let WriterState {
         conn,
         dir,
         boot,
         totals,
         quiet,
+        reserve: _,
     } = state;
     let result = (|| -> rusqlite::Result<Vec<Outcome>> {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -293,6 +312,9 @@ fn commit_group(state: &mut WriterState, shared: &Shared, limits: Limits, batch:
                     continue;
                 }
                 outcomes.push(match request {
+                    Request::Append { records, .. } if disk_full => {
+                        Outcome::Refused(refuse_disk_full(records, shared, quiet))
+                    }
                     Request::Append { records, key, .. } => {
                         let verdict =
                             room.admit(&tx, records, totals, group_first_seq, shared, quiet)?;
@@ -300,7 +322,11 @@ fn commit_group(state: &mut WriterState, shared: &Shared, limits: Limits, batch:
                         match verdict {
                             Err(refusal) => Outcome::Refused(refusal),
                             Ok(()) => {
-                                let seqs = insert(&mut insert_stmt, *boot, records, totals)?;
+                                let boot_id = match *boot {
+                                    Some(id) => id,
+                                    None => *boot.insert(super::open::insert_boot(&tx)?),
+                                };
+                                let seqs = insert(&mut insert_stmt, boot_id, records, totals)?;
                                 if let (Some(key), Some(seq)) = (key, seqs.first()) {
                                     tx.execute(
                                         "INSERT INTO dedupe (key, seq) VALUES (?1, ?2)",
@@ -409,11 +435,20 @@ fn commit_group(state: &mut WriterState, shared: &Shared, limits: Limits, batch:
         Err(e) => {
             // Rolled back: nothing of this group exists, so nothing of it may be acknowledged.
             state.totals = before;
+            state.boot = boot_before;
             metrics.commit_errors.inc();
             let message = e.to_string();
             tracing::error!(error = %message, requests = batch.len(), "Outbox commit failed; the group was refused");
+            let full = crate::sqlite::is_disk_full(&e);
+            if full {
+                disk_is_full(&state.reserve, shared);
+            }
             for request in batch {
                 match request {
+                    Request::Append { records, reply, .. } if full => {
+                        let refusal = refuse_disk_full(&records, shared, &mut state.quiet);
+                        let _ = reply.send(Err(refusal));
+                    }
                     Request::Append { records, reply, .. } => {
                         for r in &records {
                             metrics.rejected(&r.envelope.route, "storage_error", 1);
@@ -435,6 +470,51 @@ fn commit_group(state: &mut WriterState, shared: &Shared, limits: Limits, batch:
                 }
             }
         }
+    }
+}
+
+/// Refuses an append because the disk is full: counted, logged at most every [`LOG_EVERY`].
+fn refuse_disk_full(records: &[Pending], shared: &Shared, quiet: &mut LogLimiter) -> AppendError {
+    let route = records.first().map_or("default", |r| &*r.envelope.route);
+    shared
+        .metrics
+        .rejected(route, FullReason::DiskFull.as_str(), records.len() as u64);
+    if quiet.allow(route, "disk_full") {
+        tracing::warn!(
+            route,
+            records = records.len(),
+            "Disk full: refusing appends until there is room again"
+        );
+    }
+    AppendError::Full {
+        route: route.to_owned(),
+        reason: FullReason::DiskFull,
+    }
+}
+
+/// The disk was found full: release the reserve (deletes need room too) and refuse appends.
+fn disk_is_full(reserve: &Reserve, shared: &Shared) {
+    if !shared.disk_full.swap(true, Ordering::Relaxed) {
+        tracing::error!("Disk full: appends are refused; delivered records are still deleted");
+    }
+    shared.metrics.disk_full.set(1);
+    reserve.release();
+}
+
+/// Looks at the filesystem after each group and at idle beats: the disk filling up (by anyone)
+/// or having room for the reserve again. See [`super::disk`].
+pub(crate) fn check_disk(state: &WriterState, shared: &Shared) {
+    let reserve = &state.reserve;
+    if shared.disk_full.load(Ordering::Relaxed) {
+        if !reserve.disk_full() && reserve.take() {
+            shared.disk_full.store(false, Ordering::Relaxed);
+            shared.metrics.disk_full.set(0);
+            tracing::info!(
+                "Disk space is back: the reserve is taken again and appends are accepted"
+            );
+        }
+    } else if reserve.disk_full() {
+        disk_is_full(reserve, shared);
     }
 }
 
