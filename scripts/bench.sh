@@ -35,7 +35,7 @@ machine() {
 }
 
 outbox() {
-  cargo bench --locked -p outpost-sync --bench outbox_append -- --runs 5 --appenders 512 \
+  cargo bench --locked -p outpost-outbox --bench outbox_append -- --runs 5 --appenders 512 \
     --records 1000000 --rate 50000 --seconds 5
 }
 

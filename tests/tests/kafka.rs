@@ -634,6 +634,39 @@ fn dead_letters_are_listed_retried_and_dropped_with_the_cli() {
     );
 }
 
+/// A topic the cluster does not have: librdkafka holds its records for
+/// `dead_letter.unknown_topic_timeout` (a new topic may take a moment to appear), then they are
+/// poison (`unknown_topic`) and go to the local table; another topic's records flow meanwhile.
+#[test]
+fn records_for_a_topic_the_cluster_lacks_are_poison_after_the_unknown_topic_timeout() {
+    let kafka = MockKafka::start(1, &[(TOPIC, 1)]);
+    kafka.topic_error("ghost", "UnknownTopicOrPart");
+    let dir = tempfile::tempdir().unwrap();
+    let rules = "[kafka.dead_letter]\nunknown_topic_timeout = \"3s\"\n\n\
+                 [[kafka.rules]]\ntopic = \"ghost/#\"\nkafka_topic = \"ghost\"\n";
+    let mut d = Daemon::start(dir.path(), &config(kafka.bootstrap(), rules, ""));
+    let mut ghost = Device::new(&d, "ghost-1");
+    let mut other = Device::new(&d, "other-1");
+    let sent = Instant::now();
+    ghost.send(&d, "ghost/a", 2);
+    other.send(&d, "t", 20);
+    let unknown = "outpost_kafka_poison_records_total{reason=\"unknown_topic\",to=\"local\"}";
+    d.wait_until(
+        "the unknown topic's records moved aside",
+        Duration::from_secs(30),
+        |d| d.metric(unknown) == 2.0,
+    );
+    assert!(
+        sent.elapsed() >= Duration::from_secs(3),
+        "held for the timeout first ({:?})",
+        sent.elapsed()
+    );
+    wait_delivered(&mut d, "the other topic's records", Duration::from_secs(10));
+    let got = consume(kafka.bootstrap(), TOPIC, 21, Duration::from_secs(3), false);
+    assert_complete_in_order(&other.id, &per_device(&got)[&other.id], other.next, 0);
+    assert_eq!(d.metric("outpost_outbox_dead_letters"), 2.0);
+}
+
 /// An error neither known to be permanent nor an outage is retried, counting the record's
 /// attempts: after `dead_letter.max_attempts` failures the record is poison (reason `attempts`)
 /// and goes to the dead-letter topic; the records after it are delivered.

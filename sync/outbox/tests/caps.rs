@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use outpost_config::{Route, WhenFull};
-use outpost_sync::outbox::{self, RouteReason};
-use outpost_sync::{AppendError, Envelope, FullReason, Outbox, OutboxOptions, Source};
+use outpost_outbox::outbox::{self, RouteReason};
+use outpost_outbox::{AppendError, Envelope, FullReason, Outbox, OutboxOptions, Source};
 use tokio_util::sync::CancellationToken;
 
 fn envelope(route: &str, n: u32) -> Envelope {

@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use outpost_config::Synchronous;
-use outpost_sync::OutboxOptions;
-use outpost_sync::outbox;
+use outpost_outbox::OutboxOptions;
+use outpost_outbox::outbox;
 use tokio_util::sync::CancellationToken;
 
 mod common;

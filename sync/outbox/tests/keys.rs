@@ -3,8 +3,8 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use outpost_sync::outbox;
-use outpost_sync::{Outbox, OutboxOptions};
+use outpost_outbox::outbox;
+use outpost_outbox::{Outbox, OutboxOptions};
 use tokio_util::sync::CancellationToken;
 
 mod common;

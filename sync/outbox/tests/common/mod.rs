@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use outpost_sync::{Envelope, Source};
+use outpost_outbox::{Envelope, Source};
 
 /// A small reading of device `d` on the default route, its payload the counter `n`.
 pub fn reading(n: u32) -> Envelope {

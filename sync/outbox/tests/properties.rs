@@ -18,8 +18,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use outpost_config::{Route, WhenFull};
-use outpost_sync::outbox::{self, RouteReason};
-use outpost_sync::{AppendError, Envelope, Outbox, OutboxOptions, ReadPosition, Source};
+use outpost_outbox::outbox::{self, RouteReason};
+use outpost_outbox::{AppendError, Envelope, Outbox, OutboxOptions, ReadPosition, Source};
 use proptest::prelude::*;
 use tokio_util::sync::CancellationToken;
 

@@ -6,8 +6,8 @@
 use std::io::{Seek, SeekFrom, Write};
 use std::sync::Arc;
 
-use outpost_sync::outbox::{self, OpenError};
-use outpost_sync::{Envelope, OutboxOptions, Source};
+use outpost_outbox::outbox::{self, OpenError};
+use outpost_outbox::{Envelope, OutboxOptions, Source};
 use tokio_util::sync::CancellationToken;
 
 fn envelope(n: u32) -> Envelope {

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outpost_config::Synchronous;
-use outpost_sync::outbox;
-use outpost_sync::{Envelope, Outbox, OutboxOptions, Source};
+use outpost_outbox::outbox;
+use outpost_outbox::{Envelope, Outbox, OutboxOptions, Source};
 use tokio_util::sync::CancellationToken;
 
 struct Args {

@@ -2,8 +2,8 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use outpost_sync::OutboxOptions;
-use outpost_sync::outbox::{self, DeadLetterCause};
+use outpost_outbox::OutboxOptions;
+use outpost_outbox::outbox::{self, DeadLetterCause};
 use tokio_util::sync::CancellationToken;
 
 mod common;
