@@ -301,3 +301,84 @@ fn serial_a_full_disk_never_stops_the_daemon_and_the_forwarder_still_frees_it() 
     let (status, body) = post(&d, &auth, 2000, 1);
     assert_eq!(status, 201, "{body}");
 }
+
+/// When deleting delivered records fails (here: a full disk with no reserve to release), the
+/// forwarder stops producing until deleting works again. Before, it went on producing the whole
+/// outbox: every record Kafka had but the outbox still held stayed in the forwarder's memory, and
+/// all of them would be sent again after a restart. Nothing is lost once space returns.
+#[test]
+fn serial_the_forwarder_pauses_while_deleting_delivered_records_fails() {
+    let kafka = MockKafka::start(1, &[("outpost.readings", 1)]);
+    kafka.down(1);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let _fs = Tmpfs::mount(&data, "16m");
+    let extra = format!(
+        "{}\n[outbox]\nmin_free_disk = \"0\"\ndisk_reserve = \"0B\"\n\n\
+         [kafka]\nenabled = true\nbrokers = [\"{}\"]\nmax_in_flight = 100\n\
+         reconnect_backoff_min = \"100ms\"\nreconnect_backoff_max = \"1s\"\n",
+        admin_token_config(),
+        kafka.bootstrap()
+    );
+    let mut d = Daemon::start(dir.path(), &extra);
+    let secret = create_device(&d, "sensor-1", None);
+    let auth = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("sensor-1:{secret}"))
+    );
+    for i in 0..20 {
+        let (status, body) = post(&d, &auth, i * 100, 100);
+        assert_eq!(status, 201, "{body}");
+    }
+    let filler = data.join("filler");
+    fill_disk(&filler);
+    kafka.up(1);
+    d.wait_for_log("Deleting delivered records failed", Duration::from_secs(30));
+    // Paused: nothing more produced while deleting fails, and what Kafka has but the outbox
+    // still holds stays within the window.
+    std::thread::sleep(Duration::from_secs(1));
+    let produced = d.metric("outpost_kafka_produced_records_total");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        d.metric("outpost_kafka_produced_records_total"),
+        produced,
+        "still producing while deletes fail"
+    );
+    let deleted = 2000.0 - d.metric("outpost_outbox_records");
+    assert!(produced < 2000.0, "the whole outbox was produced");
+    assert!(
+        produced - deleted <= 200.0,
+        "{produced} produced, {deleted} deleted: more than the window held"
+    );
+    let status = d.status();
+    assert!(
+        status["kafka"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("deleting delivered records")),
+        "{status}"
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    d.wait_until(
+        "everything delivered and deleted",
+        Duration::from_secs(60),
+        |d| d.metric("outpost_outbox_records") == 0.0,
+    );
+    let got = consume(
+        kafka.bootstrap(),
+        "outpost.readings",
+        2100,
+        Duration::from_secs(5),
+        false,
+    );
+    let mut counters: Vec<u64> = got
+        .iter()
+        .map(|r| {
+            let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+            v["n"].as_u64().unwrap()
+        })
+        .collect();
+    counters.sort_unstable();
+    counters.dedup();
+    assert_eq!(counters, (0..2000).collect::<Vec<_>>(), "nothing lost");
+}

@@ -619,10 +619,12 @@ struct Poisoned {
     local: bool,
 }
 
-/// The window per Kafka topic: a topic holds at most `cap` records in flight, so one whose
-/// partition is stuck (no leader, a slow broker) cannot take the whole window from the others.
+/// The window per Kafka topic: a topic holds at most `cap` records in flight unless Kafka
+/// acknowledged one of its records within [`RECENT_DELIVERY`], so one whose partition is stuck
+/// (no leader, a slow broker) cannot take the whole window from the others, while a topic that
+/// flows may use all of it (one busy topic is the common case, and skipping costs reads).
 ///
-/// A record of a topic at its cap is skipped, and its topic stays *closed* (every later record
+/// A record of a topic over its cap is skipped, and its topic stays *closed* (every later record
 /// of it skipped too, so the topic's records still go in sequence order) until its in-flight
 /// count has fallen to half the cap; then the cursors read again from the first skipped record
 /// (records already in flight are unsettled and skipped). The hysteresis keeps a slowly
@@ -637,6 +639,8 @@ struct TopicWindow {
     names: Vec<Arc<str>>,
     in_flight: Vec<usize>,
     closed: Vec<bool>,
+    /// When Kafka last acknowledged a record of the topic.
+    delivered_at: Vec<Option<Instant>>,
     index: HashMap<Arc<str>, TopicId>,
     /// The topic of the last record: most records go where the one before went, and comparing
     /// the name is cheaper than hashing it.
@@ -670,13 +674,16 @@ impl TopicWindow {
                     self.names.push(Arc::clone(&name));
                     self.in_flight.push(0);
                     self.closed.push(false);
+                    self.delivered_at.push(None);
                     self.index.insert(name, id);
                     id
                 }
             },
         };
         self.last = Some(id);
-        (id, !self.closed[id] && self.in_flight[id] < self.cap)
+        let flowing = self.in_flight[id] < self.cap
+            || self.delivered_at[id].is_some_and(|at| at.elapsed() < RECENT_DELIVERY);
+        (id, !self.closed[id] && flowing)
     }
 
     fn name(&self, id: TopicId) -> Arc<str> {
@@ -696,10 +703,15 @@ impl TopicWindow {
         }
     }
 
-    fn settled(&mut self, id: TopicId) {
+    /// A record of topic `id` settled; `delivered`: Kafka has it.
+    fn settled(&mut self, id: TopicId, delivered: bool) {
         let n = &mut self.in_flight[id];
         *n = n.saturating_sub(1);
-        if *n <= self.cap / 2 && self.closed[id] {
+        if delivered {
+            self.delivered_at[id] = Some(Instant::now());
+        }
+        // A closed topic flows again (a delivery) or has room: read its skipped records.
+        if self.closed[id] && (delivered || *n <= self.cap / 2) {
             self.due = true;
         }
     }
@@ -722,6 +734,12 @@ impl TopicWindow {
         self.due = false;
     }
 }
+
+/// A topic with an acknowledgement this recent is flowing: [`TopicWindow`] does not cap it.
+const RECENT_DELIVERY: Duration = Duration::from_secs(1);
+
+/// How long after a failed delete of delivered records the forwarder tries again.
+const ACK_RETRY: Duration = Duration::from_millis(500);
 
 /// What must happen before producing resumes after a failure.
 #[derive(Debug, Clone, Copy)]
@@ -751,6 +769,8 @@ struct Pump {
     /// Set when an outage ended, until the next plan: the recovery is announced once, not once
     /// per record still settling.
     recovered: bool,
+    /// Set while deleting delivered records fails: when to try again. No producing meanwhile.
+    ack_retry_at: Option<Instant>,
     attempts: poison::Attempts,
     poisoned: Vec<Poisoned>,
     topics: TopicWindow,
@@ -783,6 +803,7 @@ impl Pump {
             last_progress: Instant::now(),
             link: IdleProbe::new(),
             recovered: false,
+            ack_retry_at: None,
             attempts: poison::Attempts::default(),
             poisoned: Vec::new(),
             topics,
@@ -911,6 +932,18 @@ impl Pump {
 
     /// Produces what the window has room for. True if it read anything (call again at once).
     async fn fill(&mut self) -> Result<bool, ForwarderError> {
+        if self.ack_retry_at.is_some() {
+            // Deletes fail (a full disk, an I/O error): producing more would only grow the
+            // records Kafka has and the outbox still holds — memory here, duplicates after a
+            // restart. Wait until deleting works again.
+            return Ok(false);
+        }
+        if self.delivered.len() >= self.kafka().max_in_flight {
+            // A window's worth delivered and not yet deleted: let the delete catch up first, so
+            // what Kafka has and the outbox still holds stays within two windows even before a
+            // failing delete is noticed.
+            return Ok(false);
+        }
         let room = self
             .kafka()
             .max_in_flight
@@ -1128,7 +1161,7 @@ impl Pump {
     }
 
     fn settle(&mut self, settled: Settled) {
-        self.topics.settled(settled.topic);
+        self.topics.settled(settled.topic, settled.result.is_ok());
         let shared = Arc::clone(&self.fw.shared);
         match settled.result {
             Ok(()) => {
@@ -1335,6 +1368,12 @@ impl Pump {
         if self.acking.is_some() || self.delivered.is_empty() {
             return;
         }
+        if let Some(retry_at) = self.ack_retry_at
+            && Instant::now() < retry_at
+            && !force
+        {
+            return;
+        }
         let due = force
             || self.delivered.len() >= 4096
             || self.in_flight.is_empty()
@@ -1357,11 +1396,23 @@ impl Pump {
                 for seq in seqs {
                     self.unsettled.remove(&seq);
                 }
+                if self.ack_retry_at.take().is_some() {
+                    tracing::info!("Deleting delivered records works again; forwarding resumes");
+                    self.fw.shared.signals.clear_error();
+                }
             }
             Ok((seqs, Err(e))) => {
-                // Still in the outbox: try deleting them again with the next group. Kafka has
-                // them; a restart before that succeeds sends them again (at-least-once).
-                tracing::warn!(error = %e, "Deleting delivered records failed; retrying");
+                // Still in the outbox: try deleting them again in a moment. Kafka has them; a
+                // restart before that succeeds sends them again (at-least-once). Meanwhile
+                // nothing more is produced (see `fill`).
+                if self.ack_retry_at.is_none() {
+                    tracing::warn!(error = %e, "Deleting delivered records failed; forwarding pauses until it works again");
+                }
+                self.fw
+                    .shared
+                    .signals
+                    .set_error(format!("deleting delivered records: {e}"));
+                self.ack_retry_at = Some(Instant::now() + ACK_RETRY);
                 self.delivered.extend(seqs);
             }
             Err(e) => tracing::error!(error = %e, "Ack task failed"),
@@ -1406,7 +1457,11 @@ impl Pump {
     fn next_wake(&mut self) -> Duration {
         let mut wake = Duration::from_millis(100);
         if !self.delivered.is_empty() {
-            wake = wake.min(Duration::from_millis(10));
+            let ack_in = match self.ack_retry_at {
+                Some(at) => at.saturating_duration_since(Instant::now()),
+                None => Duration::from_millis(10),
+            };
+            wake = wake.min(ack_in);
         }
         let room = self
             .kafka()
@@ -1465,6 +1520,40 @@ impl Pump {
 mod tests {
     use super::*;
     use rdkafka::message::Headers as _;
+
+    /// A topic without a recent acknowledgement holds at most its cap; one that flows may use
+    /// the whole window; a closed topic is read again once it flows or has room.
+    #[test]
+    fn the_topic_window_caps_only_topics_that_do_not_flow() {
+        let mut w = TopicWindow::new(2);
+        let (a, open) = w.admit("a");
+        assert!(open);
+        w.produced(a);
+        w.produced(a);
+        assert!(!w.admit("a").1, "at its cap, nothing delivered yet");
+        w.skipped(a, Some(7));
+        let (b, open) = w.admit("b");
+        assert!(open && b != a, "another topic is not held up");
+        w.produced(a);
+        w.settled(a, true);
+        assert_eq!(w.rescan(), Some((Some(7), false)), "a delivery reopens it");
+        assert_eq!(w.rescan(), None);
+        assert!(w.admit("a").1, "flowing: over its cap");
+        let mut stuck = TopicWindow::new(4);
+        let (s, _) = stuck.admit("s");
+        for _ in 0..4 {
+            stuck.produced(s);
+        }
+        stuck.skipped(s, None);
+        stuck.settled(s, false);
+        assert_eq!(stuck.rescan(), None, "3 of 4 still in flight");
+        stuck.settled(s, false);
+        assert_eq!(
+            stuck.rescan(),
+            Some((None, true)),
+            "half its cap: room again"
+        );
+    }
 
     /// The fixed headers first, then the content type, then the record's own headers in the
     /// order they were stored (docs/KAFKA.md, "Record format").
