@@ -35,10 +35,15 @@
 //! * `unsettled` holds every sequence that was produced (or dropped) and is not yet deleted. Any
 //!   cursor may read a record again (after a rewind, a rescan or a new plan); a record whose
 //!   sequence is unsettled is skipped, so a record is never in flight twice.
-//! * After a failed delivery nothing more is produced until every in-flight record has settled;
-//!   then the forwarder plans again from the outbox, which holds exactly the undelivered records.
-//!   A fatal producer error also recreates the producer. Records of one device are therefore
-//!   produced again in receive order.
+//! * After a failed delivery (an outage, or an error not known to be permanent) nothing more is
+//!   produced until every in-flight record has settled; then the forwarder plans again from the
+//!   outbox, which holds exactly the undelivered records. A fatal producer error also recreates
+//!   the producer. Records of one device are therefore produced again in receive order.
+//! * A record Kafka refuses for good ([`poison`]) is moved aside — to the dead-letter topic or
+//!   the outbox's dead-letter table — without that pause; it stays unsettled until it is.
+//! * Nothing is produced while deleting delivered records fails, nor while a window's worth of
+//!   delivered records waits for its delete; a topic without a recent acknowledgement holds at
+//!   most its share of the window ([`TopicWindow`]).
 
 pub mod client;
 mod eos;
