@@ -157,6 +157,25 @@ fn fill_disk(path: &Path) {
     let _ = file.sync_all();
 }
 
+/// The `{"n":…}` counters of records read back from Kafka, in the order read.
+fn counters(records: &[outpost_e2e::kafka::Consumed]) -> Vec<u64> {
+    records
+        .iter()
+        .map(|r| {
+            let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+            v["n"].as_u64().unwrap()
+        })
+        .collect()
+}
+
+/// An HTTP Basic `Authorization` value.
+fn basic_auth(user: &str, secret: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{secret}"))
+    )
+}
+
 /// Posts `n` JSON readings `{"n":…}` for `device`: the HTTP status and body.
 fn post(d: &Daemon, auth: &str, from: u64, n: u64) -> (u16, String) {
     let body: Vec<String> = (from..from + n).map(|i| format!("{{\"n\":{i}}}")).collect();
@@ -197,10 +216,7 @@ fn serial_a_full_disk_never_stops_the_daemon_and_the_forwarder_still_frees_it() 
     let mut d = Daemon::start(dir.path(), &extra);
     assert!(data.join("outbox.reserve").exists(), "the reserve is taken");
     let secret = create_device(&d, "sensor-1", None);
-    let auth = format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("sensor-1:{secret}"))
-    );
+    let auth = basic_auth("sensor-1", &secret);
     for i in 0..3 {
         let (status, body) = post(&d, &auth, i * 100, 100);
         assert_eq!(status, 201, "{body}");
@@ -274,13 +290,7 @@ fn serial_a_full_disk_never_stops_the_daemon_and_the_forwarder_still_frees_it() 
         Duration::from_secs(5),
         false,
     );
-    let mut counters: Vec<u64> = got
-        .iter()
-        .map(|r| {
-            let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
-            v["n"].as_u64().unwrap()
-        })
-        .collect();
+    let mut counters = counters(&got);
     counters.dedup();
     assert_eq!(
         counters,
@@ -322,10 +332,7 @@ fn serial_the_forwarder_pauses_while_deleting_delivered_records_fails() {
     );
     let mut d = Daemon::start(dir.path(), &extra);
     let secret = create_device(&d, "sensor-1", None);
-    let auth = format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("sensor-1:{secret}"))
-    );
+    let auth = basic_auth("sensor-1", &secret);
     for i in 0..20 {
         let (status, body) = post(&d, &auth, i * 100, 100);
         assert_eq!(status, 201, "{body}");
@@ -371,13 +378,7 @@ fn serial_the_forwarder_pauses_while_deleting_delivered_records_fails() {
         Duration::from_secs(5),
         false,
     );
-    let mut counters: Vec<u64> = got
-        .iter()
-        .map(|r| {
-            let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
-            v["n"].as_u64().unwrap()
-        })
-        .collect();
+    let mut counters = counters(&got);
     counters.sort_unstable();
     counters.dedup();
     assert_eq!(counters, (0..2000).collect::<Vec<_>>(), "nothing lost");

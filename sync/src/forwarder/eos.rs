@@ -325,7 +325,7 @@ pub(super) async fn run(fw: Forwarder, stop: CancellationToken) -> Result<(), Fo
                     match fw.outbox.dead_letter(seq, cause.clone()).await {
                         Ok(_) => {
                             poisoned.attempts.forget(seq);
-                            count_poison(&fw, cause.reason, "local");
+                            fw.shared.count_poison(cause.reason, "local");
                             tracing::error!(
                                 seq,
                                 reason = cause.reason,
@@ -458,15 +458,6 @@ enum TxnFailed {
         cause: DeadLetterCause,
         local: bool,
     },
-}
-
-fn count_poison(fw: &Forwarder, reason: &'static str, to: &'static str) {
-    fw.shared
-        .metrics
-        .poison
-        .get_or_create(&metrics::PoisonLabel { reason, to })
-        .inc();
-    fw.shared.count(&fw.shared.poison, 1);
 }
 
 /// What a failed produce or delivery of `seq` (to `topic`; `dead`: its dead letter) means for
@@ -647,7 +638,7 @@ async fn transaction(
     }
     for seq in &dead_letters {
         if let Some(cause) = poisoned.dead.remove(seq) {
-            count_poison(fw, cause.reason, "topic");
+            fw.shared.count_poison(cause.reason, "topic");
         }
     }
     let delivered = (page.len() - dead_letters.len()) as u64;

@@ -260,6 +260,15 @@ impl Shared {
     fn count(&self, counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }
+
+    /// A poison record was moved aside, to `to` (`topic` or `local`).
+    fn count_poison(&self, reason: &'static str, to: &'static str) {
+        self.metrics
+            .poison
+            .get_or_create(&metrics::PoisonLabel { reason, to })
+            .inc();
+        self.count(&self.poison, 1);
+    }
 }
 
 /// Handle for status reports; cheap to clone.
@@ -1320,13 +1329,7 @@ impl Pump {
     }
 
     fn count_poison(&self, reason: &'static str, to: &'static str) {
-        self.fw
-            .shared
-            .metrics
-            .poison
-            .get_or_create(&metrics::PoisonLabel { reason, to })
-            .inc();
-        self.fw.shared.count(&self.fw.shared.poison, 1);
+        self.fw.shared.count_poison(reason, to);
     }
 
     /// The first sign of Kafka after an outage: announce it once, clear the outage's error, and
