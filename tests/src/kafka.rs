@@ -652,6 +652,30 @@ pub fn consume(
     records
 }
 
+/// Everything `topic` holds now: reads each partition's high watermark, then [`consume`]s that
+/// many records (or what arrives within `timeout`). For a check that counts every record, after
+/// producing has stopped. Blocking.
+pub fn consume_everything(bootstrap: &str, topic: &str, timeout: Duration) -> Vec<Consumed> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "outpost-e2e-consume")
+        .create()
+        .expect("create Kafka consumer");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("topic metadata");
+    let mut total = 0usize;
+    for t in metadata.topics().iter().filter(|t| t.name() == topic) {
+        for p in t.partitions() {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                .expect("partition watermarks");
+            total += usize::try_from(high - low).expect("high >= low");
+        }
+    }
+    consume(bootstrap, topic, total, timeout, false)
+}
+
 /// Counts deliveries for [`produce_plain`].
 #[derive(Default)]
 struct DeliveryCount {

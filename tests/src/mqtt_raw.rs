@@ -4,6 +4,8 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// An MQTT UTF-8 string: 16-bit big-endian length, then the bytes.
@@ -53,4 +55,82 @@ pub fn login_311(
         .expect("send CONNECT");
     assert_eq!(read_exact_n(&mut s, 4), [0x20, 2, 0, 0], "CONNACK accepted");
     s
+}
+
+/// Reads one short packet (remaining length under 128): (first byte, body). `None` when the
+/// connection ends or a read times out.
+pub fn read_short_packet(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+    let mut head = [0u8; 2];
+    s.read_exact(&mut head).ok()?;
+    assert!(head[1] < 128, "unexpected long packet {head:?}");
+    let mut body = vec![0u8; usize::from(head[1])];
+    s.read_exact(&mut body).ok()?;
+    Some((head[0], body))
+}
+
+/// One MQTT 3.1.1 connection (client id `prefix`, clean session) that publishes on `topic` at
+/// `qos` (1 or 2) one message at a time, payload `{prefix}-{n}`, until `stop` is set or the
+/// connection fails (the server was killed). Pushes the payload of every message whose PUBACK
+/// (QoS 1) or PUBREC (QoS 2) arrived: exactly the acknowledgement "acknowledged means durable"
+/// is about (a library's "published" callback fires at PUBCOMP for QoS 2). Sleeps `pause`
+/// between messages to pace the load. Panics on a refused CONNACK or an unexpected packet.
+#[allow(clippy::disallowed_methods)] // std::thread::sleep: a blocking client thread
+#[allow(clippy::too_many_arguments)] // one call site per test; a struct would only rename them
+pub fn publish_until_closed(
+    addr: SocketAddr,
+    user: &str,
+    secret: &str,
+    prefix: &str,
+    topic: &str,
+    qos: u8,
+    pause: Duration,
+    acked: &Mutex<Vec<String>>,
+    stop: &AtomicBool,
+) {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return;
+    };
+    if s.write_all(&connect_311(prefix, user, secret, 60)).is_err() {
+        return;
+    }
+    match read_short_packet(&mut s) {
+        Some((0x20, body)) => assert_eq!(body, [0, 0], "CONNACK refused"),
+        _ => return, // killed before the CONNACK
+    }
+    for n in 0u64.. {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        #[allow(clippy::cast_possible_truncation)] // n % 65000 + 1 fits
+        let pkid = (n % 65000 + 1) as u16;
+        let key = format!("{prefix}-{n}");
+        let mut publish = Vec::new();
+        mqtt_str(&mut publish, topic);
+        publish.extend_from_slice(&pkid.to_be_bytes());
+        publish.extend_from_slice(key.as_bytes());
+        if s.write_all(&packet(0x30 | (qos << 1), &publish)).is_err() {
+            return;
+        }
+        let expected = if qos == 1 { 0x40 } else { 0x50 };
+        match read_short_packet(&mut s) {
+            Some((kind, body)) if kind == expected && body == pkid.to_be_bytes() => {
+                acked.lock().unwrap_or_else(|e| e.into_inner()).push(key);
+            }
+            Some(other) => panic!("unexpected {other:?} for QoS {qos} publish {pkid}"),
+            None => return, // the daemon was killed before the ack
+        }
+        if qos == 2 {
+            if s.write_all(&packet(0x62, &pkid.to_be_bytes())).is_err() {
+                return;
+            }
+            match read_short_packet(&mut s) {
+                Some((0x70, _)) => {}
+                Some(other) => panic!("expected PUBCOMP, got {other:?}"),
+                None => return,
+            }
+        }
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
+        }
+    }
 }

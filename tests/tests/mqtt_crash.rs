@@ -14,95 +14,24 @@
 #![allow(clippy::disallowed_methods)] // std::thread::sleep: blocking test code, no async runtime here
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use outpost_e2e::admin::{admin_token_config, create_device};
 use outpost_e2e::daemon::Daemon;
-use outpost_e2e::mqtt_raw::{mqtt_str, packet};
+use outpost_e2e::mqtt_raw::publish_until_closed;
 use outpost_sync::OutboxReader;
 use rand::RngExt;
 
 const CLIENTS: usize = 8;
 const CYCLES: u32 = 10;
 
-/// Reads one short packet: (first byte, body). `None` when the connection ends.
-fn read_packet(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
-    let mut head = [0u8; 2];
-    s.read_exact(&mut head).ok()?;
-    assert!(head[1] < 128, "unexpected long packet {head:?}");
-    let mut body = vec![0u8; usize::from(head[1])];
-    s.read_exact(&mut body).ok()?;
-    Some((head[0], body))
-}
-
 fn mqtt_addr(d: &mut Daemon) -> SocketAddr {
     let line = d.wait_for_log("MQTT listener bound", Duration::from_secs(10));
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
     v["addr"].as_str().unwrap().parse().unwrap()
-}
-
-/// One publishing connection: publishes `cycle-client-n` at `qos` until the connection fails,
-/// pushing the key of every message whose PUBACK / PUBREC arrived.
-fn publisher(
-    addr: SocketAddr,
-    secret: &str,
-    qos: u8,
-    key_prefix: &str,
-    acked: &Mutex<Vec<String>>,
-    stop: &AtomicBool,
-) {
-    let Ok(mut s) = TcpStream::connect(addr) else {
-        return;
-    };
-    let mut connect = Vec::new();
-    mqtt_str(&mut connect, "MQTT");
-    connect.extend_from_slice(&[4, 0xC2, 0, 60]); // level 4, user+password+clean, keep-alive 60
-    mqtt_str(&mut connect, key_prefix);
-    mqtt_str(&mut connect, "loader");
-    mqtt_str(&mut connect, secret);
-    if s.write_all(&packet(0x10, &connect)).is_err() {
-        return;
-    }
-    match read_packet(&mut s) {
-        Some((0x20, body)) => assert_eq!(body, [0, 0], "CONNACK refused"),
-        _ => return, // killed before the CONNACK
-    }
-    for n in 0u16.. {
-        if stop.load(Ordering::Relaxed) {
-            return;
-        }
-        let pkid = n % 65000 + 1;
-        let key = format!("{key_prefix}-{n}");
-        let mut publish = Vec::new();
-        mqtt_str(&mut publish, "devices/loader/load");
-        publish.extend_from_slice(&pkid.to_be_bytes());
-        publish.extend_from_slice(key.as_bytes());
-        if s.write_all(&packet(0x30 | (qos << 1), &publish)).is_err() {
-            return;
-        }
-        let expected = if qos == 1 { 0x40 } else { 0x50 };
-        match read_packet(&mut s) {
-            Some((kind, body)) if kind == expected && body == pkid.to_be_bytes() => {
-                acked.lock().unwrap().push(key);
-            }
-            Some(other) => panic!("unexpected {other:?} for QoS {qos} publish {pkid}"),
-            None => return, // the daemon was killed before the ack
-        }
-        if qos == 2 {
-            if s.write_all(&packet(0x62, &pkid.to_be_bytes())).is_err() {
-                return;
-            }
-            match read_packet(&mut s) {
-                Some((0x70, _)) => {}
-                Some(other) => panic!("expected PUBCOMP, got {other:?}"),
-                None => return,
-            }
-        }
-    }
 }
 
 #[test]
@@ -123,7 +52,17 @@ fn serial_mqtt_puback_and_pubrec_mean_committed_across_kill_9() {
                 let (stop, acked, secret) = (Arc::clone(&stop), Arc::clone(&acked), secret.clone());
                 std::thread::spawn(move || {
                     let prefix = format!("c{cycle}q{qos}n{client}");
-                    publisher(addr, &secret, qos, &prefix, &acked, &stop);
+                    publish_until_closed(
+                        addr,
+                        "loader",
+                        &secret,
+                        &prefix,
+                        "devices/loader/load",
+                        qos,
+                        Duration::ZERO,
+                        &acked,
+                        &stop,
+                    );
                 })
             })
             .collect();
