@@ -173,12 +173,19 @@ pub struct DevicesConfig {
     /// A device not heard from for this long is reported offline. Default `"5m"`; 1s to 7d.
     #[serde(with = "crate::units::duration")]
     pub offline_after: Duration,
+    /// Devices the drivers may register by themselves (a reading from an unknown device id, a
+    /// Zigbee join); devices named in the config or added through the API do not count. Beyond
+    /// it an unknown device's readings are still stored but the device is not registered
+    /// (counted, logged, an alarm): a noisy line or a hostile radio cannot grow the registry,
+    /// its memory and its health checks without bound. Default 10000; 0 to 1000000.
+    pub max_automatic: usize,
 }
 
 impl Default for DevicesConfig {
     fn default() -> Self {
         Self {
             offline_after: Duration::from_secs(300),
+            max_automatic: 10_000,
         }
     }
 }

@@ -260,6 +260,12 @@ impl Checker {
             Duration::from_secs(1),
             Duration::from_secs(7 * 86_400),
         );
+        self.range(
+            root("devices").key("max_automatic"),
+            config.devices.max_automatic,
+            0,
+            1_000_000,
+        );
         let http = root("http_ingest");
         let h = &config.http_ingest;
         if h.max_body < ByteSize::kib(1) || h.max_body > ByteSize::mib(64) {

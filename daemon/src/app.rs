@@ -95,6 +95,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             ),
         );
     }
+    registry.limit_automatic(config.devices.max_automatic);
+    registry.register_metrics(&mut metrics);
+    status.watch_alarm("registry", {
+        let registry = registry.clone();
+        move || registry.alarm()
+    });
     status.active("registry", true);
     let (readings, _) = broadcast::channel(READINGS_STREAM_CAPACITY);
     // The local bus's receiver exists from the start, so no committed reading is missed.

@@ -61,6 +61,22 @@ struct Inner {
     mqtt: Option<outpost_mqtt::metrics::MqttMetrics>,
     /// The outbox, whose dead letters are an alarm while there are any.
     outbox: Option<outpost_sync::Outbox>,
+    /// Other live alarms, read when the status is asked for.
+    alarm_sources: Vec<AlarmSource>,
+}
+
+/// A subsystem's live alarm: its message while the condition holds.
+struct AlarmSource {
+    subsystem: String,
+    current: Box<dyn Fn() -> Option<String> + Send>,
+}
+
+impl std::fmt::Debug for AlarmSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlarmSource")
+            .field("subsystem", &self.subsystem)
+            .finish_non_exhaustive()
+    }
 }
 
 impl StatusBoard {
@@ -117,6 +133,21 @@ impl StatusBoard {
     /// `stats`: INACTIVE with the last error while its port/connection is down.
     pub fn watch_driver(&self, name: &str, stats: Arc<outpost_drivers::DriverStats>) {
         self.with(|i| i.drivers.insert(name.to_owned(), stats));
+    }
+
+    /// `current` is asked for `subsystem`'s live alarm whenever the alarms are read: a narrow
+    /// hook, so this board need not know the subsystem's types.
+    pub fn watch_alarm(
+        &self,
+        subsystem: &str,
+        current: impl Fn() -> Option<String> + Send + 'static,
+    ) {
+        self.with(|i| {
+            i.alarm_sources.push(AlarmSource {
+                subsystem: subsystem.to_owned(),
+                current: Box::new(current),
+            })
+        });
     }
 
     /// Per-app states come from `apps` (shown under `"apps"` in the status document).
@@ -232,6 +263,14 @@ impl StatusBoard {
                          good; list them with `outpost dead-letters list`, then retry or drop them"
                     ),
                 });
+            }
+            for source in &i.alarm_sources {
+                if let Some(message) = (source.current)() {
+                    alarms.push(Alarm {
+                        subsystem: source.subsystem.clone(),
+                        message,
+                    });
+                }
             }
             alarms
         })

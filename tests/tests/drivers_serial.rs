@@ -291,3 +291,80 @@ fn outpost_drivers_now_ms() -> i64 {
         .unwrap()
         .as_millis() as i64
 }
+
+/// `devices.max_automatic`: a line driver reporting more device ids than the cap registers only
+/// up to the cap; the readings of the others are stored all the same (nothing lost), counted,
+/// and the status shows a `registry` alarm; deleting a device makes room for the next one.
+#[test]
+fn devices_beyond_max_automatic_are_stored_but_not_registered() {
+    let dir = tempfile::tempdir().unwrap();
+    let pty = PtyPair::start(dir.path(), "json");
+    let config = format!(
+        r#"{tokens}
+[devices]
+max_automatic = 2
+
+[[drivers]]
+kind = "serial"
+name = "line"
+format = "json"
+device_field = "id"
+[drivers.serial]
+path = "{path}"
+"#,
+        tokens = admin_token_config(),
+        path = pty.dev.display(),
+    );
+    let mut d = Daemon::start(dir.path(), &config);
+    d.wait_until("the serial driver up", WAIT, |d| {
+        metric(d, "outpost_driver_up{driver=\"line\",kind=\"serial\"}") == 1.0
+    });
+    let mut port = pty.open_peer();
+    // One device at a time, so the registration order is the line order.
+    for (n, id) in ["d1", "d2", "d3", "d4"].into_iter().enumerate() {
+        write(
+            &mut port,
+            format!("{{\"id\":\"{id}\",\"n\":{n}}}\n").as_bytes(),
+        );
+        d.wait_until("the reading stored", WAIT, |d| readings(d).contains_key(id));
+    }
+    write(&mut port, b"{\"id\":\"d4\",\"n\":4}\n");
+    d.wait_until("every reading stored", WAIT, |d| {
+        readings(d).values().map(Vec::len).sum::<usize>() == 5
+    });
+    for (id, registered) in [("d1", true), ("d2", true), ("d3", false), ("d4", false)] {
+        let code = admin(&d, "GET", &format!("/api/v1/devices/{id}"), "").status;
+        assert_eq!(code, if registered { 200 } else { 404 }, "{id}");
+    }
+    assert_eq!(metric(&d, "outpost_devices_automatic"), 2.0);
+    assert_eq!(
+        metric(&d, "outpost_devices_unregistered_readings_total"),
+        3.0
+    );
+    let alarms = d.status()["alarms"].clone();
+    assert!(
+        alarms
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["subsystem"] == "registry"
+                && a["message"].as_str().unwrap().contains("max_automatic (2)")),
+        "{alarms}"
+    );
+    // Room again: the next reading of d3 registers it, and the alarm clears.
+    assert_eq!(admin(&d, "DELETE", "/api/v1/devices/d1", "").status, 204);
+    write(&mut port, b"{\"id\":\"d3\",\"n\":5}\n");
+    d.wait_until("d3 registered", WAIT, |d| {
+        admin(d, "GET", "/api/v1/devices/d3", "").status == 200
+    });
+    let alarms = d.status()["alarms"].clone();
+    assert!(
+        !alarms
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["subsystem"] == "registry"),
+        "{alarms}"
+    );
+    assert_eq!(readings(&d).values().map(Vec::len).sum::<usize>(), 6);
+}

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use tokio::sync::mpsc;
 
 use super::Ingest;
-use crate::registry::{Registry, Traffic};
+use crate::registry::{Admission, Registry, Traffic};
 use tokio_util::sync::CancellationToken;
 
 /// Readings gathered into one append request at most.
@@ -38,24 +38,33 @@ pub async fn run(
     let mut group = Vec::with_capacity(GROUP);
     while readings.recv_many(&mut group, GROUP).await > 0 {
         // Once per device and group: registers unknown devices (source `driver:<name>`) and
-        // says whether to take their readings (false: disabled, or an invalid id). In memory for
-        // known devices, so disabling one takes effect at its next group.
-        let mut enabled: HashMap<String, bool> = HashMap::new();
+        // says whether to take their readings (refused: disabled, or an invalid id; taken
+        // unregistered: beyond devices.max_automatic). In memory for known devices, so
+        // disabling one takes effect at its next group.
+        let mut admission: HashMap<String, Admission> = HashMap::new();
         for r in &group {
-            if !enabled.contains_key(&r.device_id) {
+            if !admission.contains_key(&r.device_id) {
                 let source = format!("driver:{}", r.driver);
-                let take = registry.register_seen(&r.device_id, &source).await;
-                enabled.insert(r.device_id.clone(), take);
+                let admitted = registry.register_seen(&r.device_id, &source).await;
+                admission.insert(r.device_id.clone(), admitted);
             }
         }
         let mut bytes: HashMap<String, u64> = HashMap::new();
+        let mut unregistered: HashMap<String, u64> = HashMap::new();
         let mut kept = Vec::with_capacity(group.len());
         for r in group.drain(..) {
-            if enabled.get(&r.device_id).copied().unwrap_or(false) {
-                *bytes.entry(r.device_id.clone()).or_default() += r.payload.len() as u64;
-                kept.push(r);
-            } else {
-                registry.observe(&r.device_id, Traffic::Refused);
+            match admission.get(&r.device_id) {
+                Some(Admission::Take) => {
+                    *bytes.entry(r.device_id.clone()).or_default() += r.payload.len() as u64;
+                    kept.push(r);
+                }
+                Some(Admission::TakeUnregistered) => {
+                    *unregistered.entry(r.device_id.clone()).or_default() += 1;
+                    kept.push(r);
+                }
+                Some(Admission::Refuse) | None => {
+                    registry.observe(&r.device_id, Traffic::Refused);
+                }
             }
         }
         if kept.is_empty() {
@@ -65,6 +74,9 @@ pub async fn run(
         if append_until_stored(&ingest, envelopes, &stopping).await {
             for (device, bytes) in bytes {
                 registry.observe(&device, Traffic::Accepted { bytes });
+            }
+            for (device, readings) in unregistered {
+                registry.stored_unregistered(&device, readings);
             }
         }
     }

@@ -33,6 +33,7 @@
 //! [`FLUSH_INTERVAL`] and once more when cancelled — cancel it after ingress has stopped so the
 //! last counts are saved); hand clones to the ingress paths and to `api::ApiState`.
 
+mod automatic;
 pub mod commands;
 pub mod monitor;
 pub mod secrets;
@@ -51,6 +52,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, broadcast};
 use tokio_util::sync::CancellationToken;
 
+pub use automatic::Admission;
 pub use commands::Command;
 pub use monitor::{DeviceStatus, State, Traffic};
 pub use store::Quarantine;
@@ -333,6 +335,7 @@ struct Inner {
     /// Commands just queued, for the MQTT delivery path (lossy: a command missed there stays
     /// queued for polling).
     command_events: broadcast::Sender<Command>,
+    automatic: automatic::AutomaticCap,
 }
 
 #[derive(Debug, Clone)]
@@ -405,7 +408,9 @@ impl Inner {
     }
 
     fn remove(&self, id: &str) {
-        self.index_write().remove(id);
+        if let Some(gone) = self.index_write().remove(id) {
+            self.automatic.removed(id, &gone.device.source);
+        }
         lock(&self.monitors).remove(id);
     }
 }
@@ -544,6 +549,10 @@ impl Registry {
             }
         }
         tracing::info!(path = %path.display(), devices = index.len(), "Device registry opened");
+        let driver_sourced = index
+            .values()
+            .filter(|e| automatic::is_driver_source(&e.device.source))
+            .count();
         Ok(Registry {
             inner: Arc::new(Inner {
                 conn: Mutex::new(conn),
@@ -554,8 +563,31 @@ impl Registry {
                 offline_after,
                 quarantine,
                 command_events: broadcast::channel(COMMAND_EVENTS).0,
+                automatic: automatic::AutomaticCap::new(driver_sourced),
             }),
         })
+    }
+
+    /// Caps the devices drivers register by themselves (`devices.max_automatic`; no cap until
+    /// called). See [`automatic`].
+    pub fn limit_automatic(&self, max: usize) {
+        self.inner.automatic.set_max(max);
+    }
+
+    /// Registers `outpost_devices_automatic` and `outpost_devices_unregistered_readings_total`.
+    pub fn register_metrics(&self, metrics: &mut prometheus_client::registry::Registry) {
+        self.inner.automatic.register_metrics(metrics);
+    }
+
+    /// The standing alarm of the registry, if any: `devices.max_automatic` reached while
+    /// unknown devices keep reporting.
+    pub fn alarm(&self) -> Option<String> {
+        self.inner.automatic.alarm()
+    }
+
+    /// `readings` of `device` (admitted as [`Admission::TakeUnregistered`]) were stored.
+    pub fn stored_unregistered(&self, device: &str, readings: u64) {
+        self.inner.automatic.unregistered(device, readings);
     }
 
     /// The corrupt file moved aside at open, if any: raise an alarm.
@@ -746,12 +778,20 @@ impl Registry {
     /// protocols, enabled) and marks the device seen. Known devices are only marked seen (no
     /// I/O). Counting its messages is `observe`'s job.
     ///
-    /// Returns whether the device's readings should be taken: `false` if it is disabled or its
-    /// id is invalid (logged, not registered). Ignoring the result keeps readings of disabled
-    /// devices.
-    pub async fn register_seen(&self, device_id: &str, source: &str) -> bool {
+    /// [`Admission::Refuse`] if the device is disabled or its id is invalid (logged, not
+    /// registered); [`Admission::TakeUnregistered`] for an unknown device beyond
+    /// `devices.max_automatic` (the caller reports the readings with
+    /// [`Registry::stored_unregistered`]).
+    pub async fn register_seen(&self, device_id: &str, source: &str) -> Admission {
         let now = Instant::now();
         let now_ms = now_unix_ms();
+        let admission = |enabled: bool| {
+            if enabled {
+                Admission::Take
+            } else {
+                Admission::Refuse
+            }
+        };
         let known = self
             .inner
             .index_read()
@@ -761,11 +801,14 @@ impl Registry {
             if let Some(m) = lock(&self.inner.monitors).get_mut(device_id) {
                 m.seen(now, now_ms);
             }
-            return enabled;
+            return admission(enabled);
         }
         if let Err(e) = validate_id(device_id) {
             tracing::warn!(device = device_id, source, error = %e, "Not registering a device with an invalid id");
-            return false;
+            return Admission::Refuse;
+        }
+        if !self.inner.automatic.has_room() {
+            return Admission::TakeUnregistered;
         }
         let device = Device::automatic(device_id, source, now_ms);
         let result = self
@@ -773,6 +816,7 @@ impl Registry {
                 // Registered by someone else meanwhile: fine, it exists.
                 if store::insert_device(conn, &device, None)? {
                     tracing::info!(device = %device.id, source = %device.source, "Device registered automatically");
+                    inner.automatic.added(&device.id, &device.source);
                     inner.install(device, None);
                 }
                 Ok(())
@@ -781,7 +825,7 @@ impl Registry {
         if let Err(e) = result {
             // Take the reading anyway: a registry failure must not cost data.
             tracing::warn!(device = device_id, source, error = %e, "Cannot register device");
-            return true;
+            return Admission::Take;
         }
         let enabled = self
             .inner
@@ -791,7 +835,7 @@ impl Registry {
         if let Some(m) = lock(&self.inner.monitors).get_mut(device_id) {
             m.seen(now, now_ms);
         }
-        enabled
+        admission(enabled)
     }
 
     /// For drivers, at start-up: the devices their configuration names (`(device id, source)`,
@@ -834,6 +878,17 @@ impl Registry {
             if let Err(e) = result {
                 tracing::warn!(error = %e, "Cannot register the devices named in the drivers' configuration");
             }
+        }
+        {
+            let index = self.inner.index_read();
+            let driver_sourced = index
+                .values()
+                .filter(|e| automatic::is_driver_source(&e.device.source))
+                .map(|e| e.device.id.as_str());
+            self.inner.automatic.set_configured(
+                devices.iter().map(|(id, _)| id.clone()).collect(),
+                driver_sourced,
+            );
         }
         let mut monitors = lock(&self.inner.monitors);
         for (id, source) in &devices {

@@ -396,9 +396,18 @@ async fn list_pages_in_id_order_with_filters() {
 async fn drivers_register_devices_without_secret_or_protocols() {
     let dir = tempfile::tempdir().unwrap();
     let reg = open(dir.path());
-    assert!(reg.register_seen("sim-0", "driver:sim").await);
-    assert!(reg.register_seen("sim-0", "driver:sim").await);
-    assert!(!reg.register_seen("bad id", "driver:sim").await);
+    assert_eq!(
+        reg.register_seen("sim-0", "driver:sim").await,
+        Admission::Take
+    );
+    assert_eq!(
+        reg.register_seen("sim-0", "driver:sim").await,
+        Admission::Take
+    );
+    assert_eq!(
+        reg.register_seen("bad id", "driver:sim").await,
+        Admission::Refuse
+    );
     assert_eq!(reg.len(), 1);
     let d = reg.get("sim-0").unwrap();
     assert_eq!(d.source, "driver:sim");
@@ -414,9 +423,82 @@ async fn drivers_register_devices_without_secret_or_protocols() {
         Err(Refusal::BadSecret)
     );
     reg.set_enabled("sim-0", false).await.unwrap();
-    assert!(!reg.register_seen("sim-0", "driver:sim").await, "disabled");
+    assert_eq!(
+        reg.register_seen("sim-0", "driver:sim").await,
+        Admission::Refuse,
+        "disabled"
+    );
     drop(reg);
     assert_eq!(open(dir.path()).get("sim-0").unwrap().source, "driver:sim");
+}
+
+/// `devices.max_automatic`: beyond the cap an unknown device is taken unregistered; configured
+/// and API-created devices never count; deleting one makes room; the count survives a reopen.
+#[tokio::test]
+async fn drivers_register_at_most_max_automatic_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = open(dir.path());
+    reg.limit_automatic(2);
+    reg.register_configured(vec![("plc-1".into(), "driver:modbus".into())])
+        .await;
+    reg.create(new_device("api-1")).await.unwrap();
+    assert_eq!(
+        reg.register_seen("auto-1", "driver:z").await,
+        Admission::Take
+    );
+    assert_eq!(
+        reg.register_seen("auto-2", "driver:z").await,
+        Admission::Take
+    );
+    assert_eq!(reg.alarm(), None, "nothing left unregistered yet");
+    assert_eq!(
+        reg.register_seen("auto-3", "driver:z").await,
+        Admission::TakeUnregistered
+    );
+    assert!(reg.get("auto-3").is_none(), "not registered");
+    // Known devices, configured ones included, are unaffected by the cap.
+    assert_eq!(
+        reg.register_seen("auto-1", "driver:z").await,
+        Admission::Take
+    );
+    assert_eq!(
+        reg.register_seen("plc-1", "driver:modbus").await,
+        Admission::Take
+    );
+    reg.stored_unregistered("auto-3", 5);
+    let alarm = reg
+        .alarm()
+        .expect("an alarm while readings go unregistered");
+    assert!(
+        alarm.contains("max_automatic (2)") && alarm.contains("5 reading"),
+        "{alarm}"
+    );
+    let mut metrics = prometheus_client::registry::Registry::default();
+    reg.register_metrics(&mut metrics);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &metrics).unwrap();
+    assert!(text.contains("outpost_devices_automatic 2"), "{text}");
+    assert!(
+        text.contains("outpost_devices_unregistered_readings_total 5"),
+        "{text}"
+    );
+    // A deleted automatic device makes room (and clears the alarm).
+    reg.delete("auto-1").await.unwrap();
+    assert_eq!(reg.alarm(), None);
+    assert_eq!(
+        reg.register_seen("auto-3", "driver:z").await,
+        Admission::Take
+    );
+    drop(reg);
+    // Reopened: two automatic devices counted from the file, the configured one apart.
+    let reg = open(dir.path());
+    reg.limit_automatic(2);
+    reg.register_configured(vec![("plc-1".into(), "driver:modbus".into())])
+        .await;
+    assert_eq!(
+        reg.register_seen("auto-4", "driver:z").await,
+        Admission::TakeUnregistered
+    );
 }
 
 #[tokio::test]
