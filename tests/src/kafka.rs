@@ -576,6 +576,18 @@ pub fn consume(
     timeout: Duration,
     read_committed: bool,
 ) -> Vec<Consumed> {
+    consume_until(bootstrap, topic, expected, timeout, read_committed, None)
+}
+
+/// [`consume`], also stopping once no record has arrived for `quiet` (when given).
+fn consume_until(
+    bootstrap: &str,
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+    read_committed: bool,
+    quiet: Option<Duration>,
+) -> Vec<Consumed> {
     let deadline = Instant::now() + timeout;
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -623,13 +635,15 @@ pub fn consume(
     consumer.assign(&assignment).expect("assign partitions");
 
     let mut records = Vec::new();
+    let mut last_record = Instant::now();
     while records.len() < expected {
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+        if left.is_zero() || quiet.is_some_and(|q| last_record.elapsed() >= q) {
             break;
         }
         // Errors are transient here (a broker restarting, a partition not led yet): keep polling.
         if let Some(Ok(message)) = consumer.poll(left.min(Duration::from_millis(200))) {
+            last_record = Instant::now();
             records.push(Consumed {
                 topic: message.topic().to_owned(),
                 partition: message.partition(),
@@ -652,10 +666,15 @@ pub fn consume(
     records
 }
 
-/// Everything `topic` holds now: reads each partition's high watermark, then [`consume`]s that
-/// many records (or what arrives within `timeout`). For a check that counts every record, after
-/// producing has stopped. Blocking.
-pub fn consume_everything(bootstrap: &str, topic: &str, timeout: Duration) -> Vec<Consumed> {
+/// Everything `topic` holds, for a check that counts every record after producing has
+/// stopped: reads from the beginning until no record has arrived for 10 s (or `timeout`).
+/// Also returns the sum of the partitions' high watermarks as the broker reported them before
+/// reading, so a caller can tell a broker whose watermark lags what it serves. Blocking.
+pub fn consume_everything(
+    bootstrap: &str,
+    topic: &str,
+    timeout: Duration,
+) -> (Vec<Consumed>, i64) {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "outpost-e2e-consume")
@@ -664,16 +683,24 @@ pub fn consume_everything(bootstrap: &str, topic: &str, timeout: Duration) -> Ve
     let metadata = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .expect("topic metadata");
-    let mut total = 0usize;
+    let mut watermarks = 0;
     for t in metadata.topics().iter().filter(|t| t.name() == topic) {
         for p in t.partitions() {
             let (low, high) = consumer
                 .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
                 .expect("partition watermarks");
-            total += usize::try_from(high - low).expect("high >= low");
+            watermarks += high - low;
         }
     }
-    consume(bootstrap, topic, total, timeout, false)
+    let records = consume_until(
+        bootstrap,
+        topic,
+        usize::MAX,
+        timeout,
+        false,
+        Some(Duration::from_secs(10)),
+    );
+    (records, watermarks)
 }
 
 /// Counts deliveries for [`produce_plain`].

@@ -322,9 +322,10 @@ fn main() {
     });
     peak_kib = peak_kib.max(peak_rss_kib(d.pid()));
     d.terminate(Duration::from_secs(30));
-    let records = consume_everything(&tansu.bootstrap(), TOPIC, Duration::from_secs(600));
+    let (records, watermarks) =
+        consume_everything(&tansu.bootstrap(), TOPIC, Duration::from_secs(600));
 
-    let report = analyse(
+    let mut report = analyse(
         &args,
         &acked,
         &records,
@@ -332,6 +333,7 @@ fn main() {
         &outages,
         started.elapsed(),
     );
+    report["kafka_high_watermarks"] = watermarks.into();
     println!("{}", serde_json::to_string_pretty(&report).unwrap());
     if let Some(path) = &args.report {
         std::fs::write(path, serde_json::to_string_pretty(&report).unwrap()).unwrap();
