@@ -267,6 +267,13 @@ pub struct GatewayConfig {
     /// 100ms to 1h.
     #[serde(with = "crate::units::duration")]
     pub shutdown_grace: Duration,
+    /// The ingress byte budget: payload bytes received from devices and not yet committed to
+    /// the outbox, all protocols together (MQTT in-flight windows, HTTP bodies, CoAP requests,
+    /// the outbox queue). Beyond it MQTT connections are not read, HTTP requests wait before
+    /// their body is read, CoAP requests get 5.03. Default `"64MiB"`; 1MiB to 16GiB, and at
+    /// least the largest single message (`mqtt.max_packet`, `http_ingest.max_body`,
+    /// `coap.max_body`).
+    pub max_ingress_bytes: ByteSize,
 }
 
 impl Default for GatewayConfig {
@@ -275,6 +282,7 @@ impl Default for GatewayConfig {
             id: None,
             data_dir: None,
             shutdown_grace: Duration::from_secs(10),
+            max_ingress_bytes: ByteSize::mib(64),
         }
     }
 }

@@ -157,6 +157,30 @@ impl Checker {
             Duration::from_millis(100),
             Duration::from_secs(3_600),
         );
+        let budget = config.gateway.max_ingress_bytes;
+        if budget < ByteSize::mib(1) || budget > ByteSize::gib(16) {
+            self.problem(
+                gateway.key("max_ingress_bytes"),
+                format!("must be between 1MiB and 16GiB, found {budget}"),
+            );
+        } else {
+            let largest = [
+                ("mqtt.max_packet", config.mqtt.max_packet),
+                ("http_ingest.max_body", config.http_ingest.max_body),
+                ("coap.max_body", config.coap.max_body),
+            ]
+            .into_iter()
+            .filter(|(_, size)| *size > budget)
+            .max_by_key(|(_, size)| *size);
+            if let Some((key, size)) = largest {
+                self.problem(
+                    gateway.key("max_ingress_bytes"),
+                    format!(
+                        "must be at least the largest single message, {key} = {size}; found {budget}"
+                    ),
+                );
+            }
+        }
     }
 
     fn log(&mut self, config: &Config) {
@@ -1312,6 +1336,25 @@ mod tests {
         assert!(found.contains(
             &"gateway.shutdown_grace: must be between 100ms and 1h, found 50ms".to_owned()
         ));
+    }
+
+    #[test]
+    fn the_ingress_budget_holds_the_largest_message() {
+        let mut config = Config::default();
+        config.gateway.max_ingress_bytes = ByteSize::kib(512);
+        assert_eq!(
+            messages(&config),
+            ["gateway.max_ingress_bytes: must be between 1MiB and 16GiB, found 512KiB"]
+        );
+        config.gateway.max_ingress_bytes = ByteSize::mib(2);
+        config.http_ingest.max_body = ByteSize::mib(4);
+        assert_eq!(
+            messages(&config),
+            [
+                "gateway.max_ingress_bytes: must be at least the largest single message, \
+                 http_ingest.max_body = 4MiB; found 2MiB"
+            ]
+        );
     }
 
     #[test]

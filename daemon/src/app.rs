@@ -111,9 +111,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Vec::new()
     };
     let (bus_handle, bus_events) = ingress::bus::handle(app_subscribe);
+    let budget = ingress::budget::IngressBudget::new(
+        usize::try_from(config.gateway.max_ingress_bytes.bytes()).unwrap_or(usize::MAX),
+    );
+    metrics.register_collector(Box::new(budget.clone()));
     let ingest = Ingest::new(outbox.clone(), registry.clone(), readings)
         .with_rules(Arc::new(Rules::from_config(&config.kafka)))
-        .with_bus(bus_handle);
+        .with_bus(bus_handle)
+        .with_budget(budget.clone());
 
     // Ingress stops as soon as shutdown begins.
     let ingress = shutdown.child_token();
@@ -133,7 +138,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     // CoAP binds before READY so a port conflict stops the start with a clear error.
     let coap = if config.coap.enabled {
-        let settings = CoapSettings::from_config(&config.coap).context("resolving [coap]")?;
+        let mut settings = CoapSettings::from_config(&config.coap).context("resolving [coap]")?;
+        settings.budget = Some(budget.clone());
         let socket = UdpSocket::bind(config.coap.listen)
             .await
             .with_context(|| format!("binding the CoAP listener on {}", config.coap.listen))?;
@@ -150,7 +156,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     // The MQTT server binds before READY too; its session store opens first.
     let mqtt = if config.mqtt.enabled {
-        let settings = outpost_mqtt::settings::Settings::from_config(&config.mqtt);
+        let mut settings = outpost_mqtt::settings::Settings::from_config(&config.mqtt);
+        settings.budget = Some(budget.for_mqtt());
         if settings.allow_anonymous {
             tracing::warn!(
                 "mqtt.allow_anonymous = true: ANY client on the network can publish without \

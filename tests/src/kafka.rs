@@ -670,11 +670,7 @@ fn consume_until(
 /// stopped: reads from the beginning until no record has arrived for 10 s (or `timeout`).
 /// Also returns the sum of the partitions' high watermarks as the broker reported them before
 /// reading, so a caller can tell a broker whose watermark lags what it serves. Blocking.
-pub fn consume_everything(
-    bootstrap: &str,
-    topic: &str,
-    timeout: Duration,
-) -> (Vec<Consumed>, i64) {
+pub fn consume_everything(bootstrap: &str, topic: &str, timeout: Duration) -> (Vec<Consumed>, i64) {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "outpost-e2e-consume")

@@ -39,7 +39,7 @@ use bytes::BytesMut;
 use futures_util::StreamExt;
 use futures_util::stream::{FuturesOrdered, FuturesUnordered};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -230,6 +230,15 @@ struct Conn {
 }
 
 type InFlight = FuturesOrdered<BoxFuture<'static, Done>>;
+
+/// Waiting for a payload's bytes of the ingress budget (`None`: the budget was closed).
+type Waiting = BoxFuture<'static, Option<OwnedSemaphorePermit>>;
+
+/// A PUBLISH read while the ingress budget was spent, and the wait for its bytes.
+struct Parked {
+    publish: Publish,
+    waiting: Waiting,
+}
 
 /// Serves a connection whose CONNECT was read: authenticates, attaches the session, answers
 /// CONNACK and runs until the client leaves, is kicked, or `stop` fires.
@@ -464,10 +473,13 @@ impl Conn {
         let mut last_heard = Instant::now();
         let limit = usize::from(self.broker.settings.max_inflight_in);
         let session = Arc::clone(&self.session);
+        // A PUBLISH read while the ingress byte budget was spent: held here, and nothing more
+        // is read, until its bytes are granted (its future keeps its place in the queue).
+        let mut parked: Option<Parked> = None;
         let result: Result<(), ConnError> = async {
             loop {
                 // Every complete packet buffered, while the window has room.
-                while inflight.len() < limit && !self.closing {
+                while inflight.len() < limit && !self.closing && parked.is_none() {
                     let packet = match read_packet(
                         buf,
                         self.version,
@@ -495,10 +507,17 @@ impl Conn {
                             }
                             how.will = d.reason == reason::DISCONNECT_WITH_WILL;
                             // What is committing still gets its ack; then the client is gone.
-                            self.settle(&mut inflight).await;
+                            self.settle(&mut inflight, &mut parked).await;
                             let _ = wr.write_all(&self.out).await;
                             return Ok(());
                         }
+                        Packet::Publish(p) => match self.reserve(&p) {
+                            Ok(permit) => self.publish(p, permit, &mut inflight)?,
+                            Err(waiting) => {
+                                self.broker.metrics.budget_waits.inc();
+                                parked = Some(Parked { publish: p, waiting });
+                            }
+                        },
                         other => self.on_packet(other, &mut inflight, &mut releasing)?,
                     }
                 }
@@ -523,11 +542,11 @@ impl Conn {
                     wr.write_all(&self.out).await?;
                     self.out.clear();
                 }
-                let room = inflight.len() < limit && !self.closing;
+                let room = inflight.len() < limit && !self.closing && parked.is_none();
                 tokio::select! {
                     () = stop.cancelled() => {
                         how.will = false;
-                        self.settle(&mut inflight).await;
+                        self.settle(&mut inflight, &mut parked).await;
                         self.disconnect(wr, reason::SERVER_SHUTTING_DOWN).await;
                         return Err(ConnError::Closed("server shutting down".into()));
                     }
@@ -535,14 +554,14 @@ impl Conn {
                         // The new connection may have won the race against this one's last
                         // packets (a client that publishes, disconnects and reconnects at once):
                         // what was received here is still committed, never dropped mid-way.
-                        self.settle(&mut inflight).await;
+                        self.settle(&mut inflight, &mut parked).await;
                         self.disconnect(wr, reason::SESSION_TAKEN_OVER).await;
                         return Err(ConnError::Closed("taken over by a new connection".into()));
                     }
                     r = fill(rd, buf), if room => {
                         if !r? {
                             // What the client sent before closing still counts (QoS 0 too).
-                            self.settle(&mut inflight).await;
+                            self.settle(&mut inflight, &mut parked).await;
                             return Err(ConnError::Closed("closed by the client".into()));
                         }
                         last_heard = Instant::now();
@@ -561,6 +580,11 @@ impl Conn {
                     }
                     () = async { if let Some(f) = refill.as_mut() { f.await } else { std::future::pending().await } } => {
                         refill = None;
+                    }
+                    permit = async { if let Some(p) = parked.as_mut() { (&mut p.waiting).await } else { std::future::pending().await } } => {
+                        if let Some(Parked { publish, .. }) = parked.take() {
+                            self.publish(publish, permit, &mut inflight)?;
+                        }
                     }
                     () = session.wake.notified() => {}
                     _ = recheck.tick() => {
@@ -588,7 +612,13 @@ impl Conn {
     /// Finishes every publish, PUBREL and subscription under way before the connection ends,
     /// whatever ends it: a store future dropped half-way would lose a QoS 0 publish the client
     /// sent before it left. Their acks go into `out` (written if the socket still takes them).
-    async fn settle(&mut self, inflight: &mut InFlight) {
+    async fn settle(&mut self, inflight: &mut InFlight, parked: &mut Option<Parked>) {
+        if let Some(Parked { publish, waiting }) = parked.take() {
+            let permit = waiting.await;
+            if self.publish(publish, permit, inflight).is_err() {
+                return;
+            }
+        }
         while let Some(done) = inflight.next().await {
             if self.complete(done).is_err() {
                 break;
@@ -619,7 +649,8 @@ impl Conn {
         releasing: &mut FuturesUnordered<BoxFuture<'static, (u16, bool)>>,
     ) -> Result<(), ConnError> {
         match packet {
-            Packet::Publish(p) => self.publish(p, inflight),
+            // Read from a buffer that was already in memory (the reading loop reserves).
+            Packet::Publish(p) => self.publish(p, None, inflight),
             Packet::PubRel(a) => {
                 self.pubrel(a.pkid, inflight);
                 Ok(())
@@ -740,7 +771,31 @@ impl Conn {
         inflight.push_back(Box::pin(std::future::ready(done)));
     }
 
-    fn publish(&mut self, mut p: Publish, inflight: &mut InFlight) -> Result<(), ConnError> {
+    /// The ingress budget's bytes for `p`'s payload: granted now, or the future that waits
+    /// for them in the budget's queue.
+    fn reserve(&self, p: &Publish) -> Result<Option<OwnedSemaphorePermit>, Waiting> {
+        let Some(budget) = &self.broker.settings.budget else {
+            return Ok(None);
+        };
+        if p.payload.is_empty() {
+            return Ok(None);
+        }
+        let acquire = Arc::clone(&budget.bytes).acquire_many_owned(budget.permits(p.payload.len()));
+        let mut waiting: Waiting = Box::pin(async move { acquire.await.ok() });
+        match futures_util::FutureExt::now_or_never(&mut waiting) {
+            Some(permit) => Ok(permit),
+            None => Err(waiting),
+        }
+    }
+
+    /// `permit`: the payload's bytes of the ingress budget, held until the publish is
+    /// answered.
+    fn publish(
+        &mut self,
+        mut p: Publish,
+        permit: Option<OwnedSemaphorePermit>,
+        inflight: &mut InFlight,
+    ) -> Result<(), ConnError> {
         let received = Instant::now();
         let metrics = &self.broker.metrics;
         if let Err(why) = self.broker.backend.check(&self.identity) {
@@ -913,6 +968,7 @@ impl Conn {
         let broker = Arc::clone(&self.broker);
         let (pkid, qos) = (p.pkid, p.qos);
         inflight.push_back(Box::pin(async move {
+            let _budget = permit; // released once the publish is answered
             let result = match stored.await {
                 Ok(_) if !plan.needs_commit() => Ok(vec![plan]),
                 // Boxed: most publishes never get here, and the commit's state would otherwise

@@ -98,6 +98,8 @@ pub struct MqttMetrics {
     pub sessions_expired: Counter,
     /// Pending handshakes closed to make room for newer ones (or over the per-address limit).
     pub handshakes_evicted: Counter,
+    /// PUBLISHes that waited for the ingress byte budget (the connection stopped reading).
+    pub budget_waits: Counter,
 }
 
 impl Default for MqttMetrics {
@@ -125,6 +127,7 @@ impl Default for MqttMetrics {
             wills: Counter::default(),
             sessions_expired: Counter::default(),
             handshakes_evicted: Counter::default(),
+            budget_waits: Counter::default(),
         }
     }
 }
@@ -311,6 +314,12 @@ impl MqttMetrics {
             "handshakes_evicted",
             "Connections closed before their CONNECT to make room for newer ones",
             self.handshakes_evicted.clone(),
+        );
+        r.register(
+            "budget_waits",
+            "PUBLISHes that waited for the ingress byte budget (gateway.max_ingress_bytes); \
+             their connection was not read meanwhile",
+            self.budget_waits.clone(),
         );
     }
 

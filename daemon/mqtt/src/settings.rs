@@ -1,6 +1,9 @@
 //! What the server takes from `[mqtt]`.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::Semaphore;
 
 use outpost_config::{MqttConfig, MqttLimitsConfig, MqttSessionsConfig, WhenFull};
 
@@ -21,6 +24,27 @@ pub struct Settings {
     pub max_retained: usize,
     pub sessions: MqttSessionsConfig,
     pub limits: MqttLimitsConfig,
+    /// The gateway's ingress byte budget (`gateway.max_ingress_bytes`), shared with the other
+    /// ingress paths; `None`: unbounded (the crate's own tests).
+    pub budget: Option<Budget>,
+}
+
+/// An ingress byte budget: a semaphore whose permits are payload bytes. A PUBLISH holds its
+/// payload's bytes from the moment it is read until its commit is answered; while they cannot
+/// be granted the connection reads nothing more (back-pressure on the socket).
+#[derive(Debug, Clone)]
+pub struct Budget {
+    pub bytes: Arc<Semaphore>,
+    /// The budget's size: a payload larger than it asks for all of it (config validation keeps
+    /// `mqtt.max_packet` within it), so no request waits forever.
+    pub total: usize,
+}
+
+impl Budget {
+    /// The permits a payload of `len` bytes takes.
+    pub fn permits(&self, len: usize) -> u32 {
+        u32::try_from(len.min(self.total)).unwrap_or(u32::MAX)
+    }
 }
 
 impl Settings {
@@ -37,6 +61,7 @@ impl Settings {
             max_retained: c.max_retained,
             sessions: c.sessions.clone(),
             limits: c.limits.clone(),
+            budget: None,
         }
     }
 

@@ -198,6 +198,9 @@ async fn handle(s: &HttpIngestState, topic: String, headers: &HeaderMap, body: B
         registry.observe(&device, Traffic::Refused);
         return too_large();
     }
+    // The body's bytes of the ingress budget, before it is read: while the budget is spent
+    // the request waits here, unread.
+    let _budget = s.ingest.budget().take(declared.unwrap_or(s.max_body)).await;
     let Ok(bytes) = axum::body::to_bytes(body, s.max_body).await else {
         // Over the limit while streaming (or the client went away, which nobody will read).
         registry.observe(&device, Traffic::Refused);

@@ -14,6 +14,7 @@
 //! lags); the outbox still has every one of them.
 
 pub mod body;
+pub mod budget;
 pub mod bus;
 pub mod coap;
 pub mod drivers;
@@ -62,6 +63,8 @@ pub struct Ingest {
     rules: Option<Arc<Rules>>,
     /// The local bus, for the MQTT server (ACLs of app identities, command delivery).
     bus: bus::BusHandle,
+    /// `gateway.max_ingress_bytes`, taken by each device protocol before it holds a payload.
+    budget: budget::IngressBudget,
 }
 
 impl Ingest {
@@ -76,7 +79,26 @@ impl Ingest {
             readings,
             rules: None,
             bus: bus::BusHandle::default(),
+            budget: budget::IngressBudget::new(
+                usize::try_from(
+                    outpost_config::GatewayConfig::default()
+                        .max_ingress_bytes
+                        .bytes(),
+                )
+                .unwrap_or(usize::MAX),
+            ),
         }
+    }
+
+    /// Uses `budget` as the ingress byte budget (default: `gateway.max_ingress_bytes`'s
+    /// default).
+    pub fn with_budget(mut self, budget: budget::IngressBudget) -> Self {
+        self.budget = budget;
+        self
+    }
+
+    pub fn budget(&self) -> &budget::IngressBudget {
+        &self.budget
     }
 
     /// Connects the MQTT server to the local bus.

@@ -77,6 +77,9 @@ pub struct CoapSettings {
     pub max_exchanges: usize,
     /// Requests handled at once; more get 5.03. Not in the config: [`server::MAX_IN_FLIGHT`].
     pub max_in_flight: usize,
+    /// The ingress byte budget: a request whose payload's bytes are not free gets 5.03.
+    /// `None`: unbounded.
+    pub budget: Option<crate::ingress::budget::IngressBudget>,
 }
 
 impl CoapSettings {
@@ -89,6 +92,7 @@ impl CoapSettings {
             max_body: usize::try_from(config.max_body.bytes()).unwrap_or(usize::MAX),
             max_exchanges: config.max_exchanges,
             max_in_flight: server::MAX_IN_FLIGHT,
+            budget: None,
         })
     }
 }

@@ -187,8 +187,32 @@ impl<B: Backend> Endpoint<B> {
             }
             return;
         };
+        // The payload's bytes of the ingress budget: a UDP server cannot push back, so a
+        // request that finds the budget spent is answered "try again" like a full house.
+        let budget = match &self.resources.settings.budget {
+            None => None,
+            Some(b) => match b.try_take(packet.payload.len()) {
+                Some(permit) => Some(permit),
+                None => {
+                    self.metrics.overloaded.inc();
+                    let busy = Response::error(
+                        ResponseType::ServiceUnavailable,
+                        "ingress byte budget spent",
+                    )
+                    .with_max_age(BUSY_RETRY_SECS);
+                    if let Some(reply) = self.finish(key, &packet, Outcome::Respond(busy), received)
+                    {
+                        for _ in 0..reply.times {
+                            self.send_now(&reply.bytes, peer);
+                        }
+                    }
+                    return;
+                }
+            },
+        };
         let endpoint = Arc::clone(self);
         requests.spawn(async move {
+            let _budget = budget; // held until the request is answered
             let outcome = endpoint.resources.handle(&packet, peer).await;
             if let Some(reply) = endpoint.finish(key, &packet, outcome, received) {
                 for _ in 0..reply.times {

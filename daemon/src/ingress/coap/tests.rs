@@ -138,6 +138,7 @@ fn settings() -> CoapSettings {
         max_body: 1024,
         max_exchanges: 64,
         max_in_flight: 16,
+        budget: None,
     }
 }
 
@@ -692,5 +693,42 @@ async fn shutdown_finishes_requests_in_flight() {
         .await
         .unwrap()
         .unwrap();
+    assert_eq!(fake.stored().len(), 1);
+}
+
+/// The ingress byte budget: a request whose payload's bytes are held by others is answered
+/// 5.03 with Max-Age 1 at once (UDP cannot push back), and taken again once they are freed;
+/// the request's own bytes are held until it is answered.
+#[tokio::test]
+async fn a_spent_ingress_budget_answers_5_03() {
+    let budget = crate::ingress::budget::IngressBudget::new(1024);
+    let mut s = settings();
+    s.budget = Some(budget.clone());
+    let (fake, gate) = Fake::held();
+    let h = start(fake.clone(), s).await;
+    let held = budget
+        .try_take(1000)
+        .expect("the test holds most of the budget");
+    let body = format!("{{\"v\":\"{}\"}}", "x".repeat(92)); // 100 bytes of JSON
+    let r = h
+        .exchange(&post(1, "t/a", "dev1", Some(50), body.as_bytes()))
+        .await;
+    assert_eq!(code(&r), ResponseType::ServiceUnavailable);
+    assert_eq!(option_u32(&r, message::MAX_AGE), Some(1));
+    assert_eq!(h.metrics.overloaded.get(), 1);
+    drop(held);
+    h.send(
+        &post(2, "t/a", "dev1", Some(50), body.as_bytes())
+            .to_bytes()
+            .unwrap(),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(budget.used(), 100, "held while the request is in flight");
+    gate.add_permits(1);
+    let r = h.recv().await;
+    assert_eq!((r.header.message_id, code(&r)), (2, ResponseType::Created));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(budget.used(), 0, "released once answered");
     assert_eq!(fake.stored().len(), 1);
 }
