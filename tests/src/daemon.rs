@@ -277,6 +277,21 @@ impl Drop for Daemon {
     }
 }
 
+/// A `kB` figure of `/proc/<pid>/status` (`"VmRSS"`, `"VmHWM"`), in KiB; 0 if the process is
+/// gone.
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status.lines().find_map(|l| {
+                l.strip_prefix(field)
+                    .and_then(|v| v.strip_prefix(':'))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            })
+        })
+        .unwrap_or(0)
+}
+
 pub fn signal(pid: u32, signal: rustix::process::Signal) {
     let pid = rustix::process::Pid::from_raw(pid as i32).expect("pid");
     rustix::process::kill_process(pid, signal).expect("kill");

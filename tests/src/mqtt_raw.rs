@@ -21,6 +21,25 @@ pub fn packet(header: u8, body: &[u8]) -> Vec<u8> {
     p
 }
 
+/// A packet with any remaining length (variable-length encoding).
+pub fn long_packet(header: u8, body: &[u8]) -> Vec<u8> {
+    let mut p = vec![header];
+    let mut len = body.len();
+    loop {
+        let mut byte = u8::try_from(len % 128).expect("below 128");
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        p.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+    p.extend_from_slice(body);
+    p
+}
+
 /// Exactly `n` bytes from `s`; panics on a short read or a timeout.
 pub fn read_exact_n(s: &mut TcpStream, n: usize) -> Vec<u8> {
     let mut buf = vec![0u8; n];

@@ -15,42 +15,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use outpost_e2e::admin::{admin_token_config, create_device};
-use outpost_e2e::daemon::Daemon;
-use outpost_e2e::mqtt_raw::{mqtt_str, read_exact_n};
+use outpost_e2e::daemon::{Daemon, proc_status_kib};
+use outpost_e2e::mqtt_raw::{long_packet, mqtt_str, read_exact_n};
 use outpost_e2e::require_command;
 
 const CONNECTIONS: usize = 32;
 const PAYLOAD: usize = 200 * 1024;
 const BUDGET_MIB: u64 = 8;
-
-/// The daemon's resident set size, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
-/// An MQTT packet with a multi-byte remaining length.
-fn long_packet(header: u8, body: &[u8]) -> Vec<u8> {
-    let mut p = vec![header];
-    let mut len = body.len();
-    loop {
-        let mut byte = u8::try_from(len % 128).unwrap();
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        p.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-    p.extend_from_slice(body);
-    p
-}
 
 /// Connects (MQTT 3.1.1) as client `n`.
 fn connect(addr: SocketAddr, n: usize, secret: &str) -> TcpStream {
@@ -116,7 +87,7 @@ fn serial_the_ingress_budget_bounds_memory_under_hostile_mqtt_load() {
         (BUDGET_MIB * 1024 * 1024) as f64
     );
     std::thread::sleep(Duration::from_millis(500));
-    let baseline = rss_kib(d.pid());
+    let baseline = proc_status_kib(d.pid(), "VmRSS");
 
     let stop = Arc::new(AtomicBool::new(false));
     let sockets: Vec<TcpStream> = (0..CONNECTIONS)
@@ -133,7 +104,7 @@ fn serial_the_ingress_budget_bounds_memory_under_hostile_mqtt_load() {
     let mut peak = baseline;
     let mut peak_used = 0.0f64;
     while started.elapsed() < Duration::from_secs(8) {
-        peak = peak.max(rss_kib(d.pid()));
+        peak = peak.max(proc_status_kib(d.pid(), "VmRSS"));
         peak_used = peak_used.max(d.metric("outpost_ingress_budget_used_bytes"));
         std::thread::sleep(Duration::from_millis(100));
     }

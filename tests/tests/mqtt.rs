@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use outpost_e2e::admin::{admin, admin_token_config, create_device};
 use outpost_e2e::daemon::Daemon;
-use outpost_e2e::mqtt_raw::{login_311, mqtt_str, packet, read_exact_n};
+use outpost_e2e::mqtt_raw::{login_311, long_packet, mqtt_str, packet, read_exact_n};
 use outpost_sync::{OutboxReader, Source, StoredRecord};
 
 /// Starts the daemon with the admin token (plus `extra`) and device `sensor-1`: (daemon, MQTT
@@ -457,25 +457,6 @@ fn a_device_subscribed_to_its_commands_receives_what_is_published_there() {
         "{}",
         stderr(&got)
     );
-}
-
-/// A packet with any remaining length (variable-length encoding).
-fn long_packet(header: u8, body: &[u8]) -> Vec<u8> {
-    let mut p = vec![header];
-    let mut len = body.len();
-    loop {
-        let mut byte = u8::try_from(len % 128).unwrap();
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        p.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-    p.extend_from_slice(body);
-    p
 }
 
 #[test]

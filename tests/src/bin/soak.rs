@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use outpost_e2e::admin::{admin_token_config, create_device};
 use outpost_e2e::coap::{self, Message};
-use outpost_e2e::daemon::Daemon;
+use outpost_e2e::daemon::{Daemon, proc_status_kib};
 use outpost_e2e::http::try_request;
 use outpost_e2e::kafka::{Tansu, consume_everything};
 use outpost_e2e::mqtt_raw::publish_until_closed;
@@ -82,19 +82,6 @@ fn listener_addr(d: &mut Daemon, what: &str) -> SocketAddr {
     let line = d.wait_for_log(what, Duration::from_secs(30));
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
     v["addr"].as_str().unwrap().parse().unwrap()
-}
-
-/// Peak resident set size of a live process, in KiB.
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// Posts batches of 5 `{"k":"<prefix>-<n>"}` records until `stop` or the daemon dies.
@@ -295,7 +282,7 @@ fn main() {
         let stop = Arc::new(AtomicBool::new(false));
         let clients = start_load(&mut d, cycle, &secrets, &acked, &stop);
         std::thread::sleep(Duration::from_millis(rng.random_range(300..3000)));
-        peak_kib = peak_kib.max(peak_rss_kib(d.pid()));
+        peak_kib = peak_kib.max(proc_status_kib(d.pid(), "VmHWM"));
         d.kill9();
         stop.store(true, Ordering::Relaxed);
         for c in clients {
@@ -320,7 +307,7 @@ fn main() {
         d.metric("outpost_outbox_records") == 0.0
             && d.status()["kafka"]["in_flight"].as_u64() == Some(0)
     });
-    peak_kib = peak_kib.max(peak_rss_kib(d.pid()));
+    peak_kib = peak_kib.max(proc_status_kib(d.pid(), "VmHWM"));
     d.terminate(Duration::from_secs(30));
     let (records, watermarks) =
         consume_everything(&tansu.bootstrap(), TOPIC, Duration::from_secs(600));
