@@ -20,6 +20,7 @@
 
 use std::time::Duration;
 
+use outpost_config::RuleKey;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -28,9 +29,11 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use super::probe::IdleProbe;
+use super::sink::{KafkaSink, Sink};
 use super::{
-    Forwarder, ForwarderError, ForwarderOptions, IdleProbe, Producer_, RuleKey, State, client,
-    dead_letter_headers, headers, metrics, poison, rules,
+    Forwarder, ForwarderError, ForwarderOptions, Producer_, State, client, dead_letter_headers,
+    headers, metrics, poison, rules,
 };
 use crate::outbox::{DeadLetterCause, ReadPosition, now_unix_ms};
 
@@ -265,7 +268,10 @@ pub(super) async fn run(fw: Forwarder, stop: CancellationToken) -> Result<(), Fo
         if page.is_empty() {
             // Nothing to send, so no commit tells whether Kafka is there: probe it.
             let offline_after = kafka.offline_after;
-            if link.poll(&p, &kafka.default_topic, offline_after) == Some(true)
+            let sink: std::sync::Arc<dyn Sink> = std::sync::Arc::new(KafkaSink {
+                producer: p.clone(),
+            });
+            if link.poll(&sink, &kafka.default_topic, offline_after) == Some(true)
                 && shared.state() == State::Offline
             {
                 tracing::info!("Kafka is reachable again");
