@@ -143,7 +143,7 @@ fn envelope(device: usize) -> Envelope {
         received_at_ms: outbox::now_unix_ms(),
         content_type: Some("application/json".into()),
         headers: vec![],
-        payload: vec![b'x'; 100],
+        payload: vec![b'x'; 100].into(),
         priority: None,
     }
 }

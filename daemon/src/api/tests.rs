@@ -54,7 +54,7 @@ pub(crate) async fn outbox_with_dead_letters(
             received_at_ms: 1_000 + i as i64,
             content_type: None,
             headers: vec![],
-            payload: vec![b'x'; 10 * (i + 1)],
+            payload: vec![b'x'; 10 * (i + 1)].into(),
             priority: None,
         };
         seqs.push(outbox.append(envelope).await.unwrap());

@@ -13,6 +13,7 @@
 //!
 //! Errors name the offending place as a JSON pointer (`/3/v`) or `body`.
 
+use bytes::Bytes;
 use serde_json::value::RawValue;
 
 /// A supported payload format.
@@ -102,7 +103,7 @@ impl BodyError {
 }
 
 /// Validates `body` and splits it into record payloads (unchanged bytes).
-pub fn split(format: Format, body: &[u8], max_records: usize) -> Result<Vec<Vec<u8>>, BodyError> {
+pub fn split(format: Format, body: &Bytes, max_records: usize) -> Result<Vec<Bytes>, BodyError> {
     if body.is_empty() {
         return Err(BodyError::invalid("body", "empty body"));
     }
@@ -111,18 +112,18 @@ pub fn split(format: Format, body: &[u8], max_records: usize) -> Result<Vec<Vec<
         Format::Cbor => split_cbor(body)?,
         Format::SenmlJson => {
             validate_senml_json(body)?;
-            vec![body.to_vec()]
+            vec![body.clone()]
         }
         Format::SenmlCbor => {
             validate_senml_cbor(body)?;
-            vec![body.to_vec()]
+            vec![body.clone()]
         }
         Format::Text => {
             std::str::from_utf8(body)
                 .map_err(|e| BodyError::invalid("body", format!("text is not UTF-8: {e}")))?;
-            vec![body.to_vec()]
+            vec![body.clone()]
         }
-        Format::OctetStream => vec![body.to_vec()],
+        Format::OctetStream => vec![body.clone()],
     };
     if records.len() > max_records {
         return Err(BodyError::TooMany {
@@ -144,7 +145,7 @@ fn json_syntax(e: &serde_json::Error) -> BodyError {
     )
 }
 
-fn split_json(body: &[u8]) -> Result<Vec<Vec<u8>>, BodyError> {
+fn split_json(body: &Bytes) -> Result<Vec<Bytes>, BodyError> {
     let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
     if first == Some(b'[') {
         let items: Vec<&RawValue> = serde_json::from_slice(body).map_err(|e| json_syntax(&e))?;
@@ -162,7 +163,8 @@ fn split_json(body: &[u8]) -> Result<Vec<Vec<u8>>, BodyError> {
                         "each record of a batch must be a JSON object",
                     ));
                 }
-                Ok(text.as_bytes().to_vec())
+                // A borrowed raw value is a slice of the body: shared, not copied.
+                Ok(body.slice_ref(text.as_bytes()))
             })
             .collect()
     } else {
@@ -173,7 +175,7 @@ fn split_json(body: &[u8]) -> Result<Vec<Vec<u8>>, BodyError> {
                 "a JSON reading must be an object (or an array of objects for a batch)",
             ));
         }
-        Ok(vec![body.to_vec()])
+        Ok(vec![body.clone()])
     }
 }
 
@@ -269,17 +271,14 @@ fn validate_senml_cbor(body: &[u8]) -> Result<(), BodyError> {
     Ok(())
 }
 
-fn split_cbor(body: &[u8]) -> Result<Vec<Vec<u8>>, BodyError> {
+fn split_cbor(body: &Bytes) -> Result<Vec<Bytes>, BodyError> {
     let (header, _) = cbor::head(body, 0).map_err(|e| BodyError::invalid("body", e))?;
     if header.major == 4 {
         let items = cbor::array_items(body).map_err(|e| BodyError::invalid("body", e))?;
         if items.is_empty() {
             return Err(BodyError::invalid("body", "empty batch"));
         }
-        Ok(items
-            .into_iter()
-            .map(|(s, e)| body[s..e].to_vec())
-            .collect())
+        Ok(items.into_iter().map(|(s, e)| body.slice(s..e)).collect())
     } else {
         let end = cbor::skip(body, 0, 0).map_err(|e| BodyError::invalid("body", e))?;
         if end != body.len() {
@@ -288,7 +287,7 @@ fn split_cbor(body: &[u8]) -> Result<Vec<Vec<u8>>, BodyError> {
                 "trailing bytes after the CBOR item",
             ));
         }
-        Ok(vec![body.to_vec()])
+        Ok(vec![body.clone()])
     }
 }
 
@@ -435,6 +434,11 @@ mod cbor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// [`super::split`] of a copy of `body`.
+    fn split(format: Format, body: &[u8], max: usize) -> Result<Vec<Bytes>, BodyError> {
+        super::split(format, &Bytes::copy_from_slice(body), max)
+    }
 
     impl BodyError {
         fn field(&self) -> &str {

@@ -271,11 +271,10 @@ pub async fn run(
             () = stop.cancelled() => return,
             r = readings.recv() => match r {
                 Ok(reading) => {
-                    if let Some(topic) = reading_topic(&reading) {
-                        let payload = bytes::Bytes::from(reading.payload.to_vec());
-                        if publish(broker, topic, payload, reading.content_type, &metrics).await {
-                            metrics.published.inc();
-                        }
+                    if let Some(topic) = reading_topic(&reading)
+                        && publish(broker, topic, reading.payload.clone(), reading.content_type, &metrics).await
+                    {
+                        metrics.published.inc();
                     }
                 }
                 Err(RecvError::Lagged(n)) => {
@@ -368,7 +367,6 @@ async fn publish(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use std::time::Duration;
 
     fn reading(source: Source, device: &str, topic: &str) -> LocalReading {
@@ -378,7 +376,7 @@ mod tests {
             source,
             topic: topic.into(),
             content_type: None,
-            payload: Arc::from(&b"{}"[..]),
+            payload: bytes::Bytes::from_static(b"{}"),
         }
     }
 

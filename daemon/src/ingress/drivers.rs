@@ -108,7 +108,7 @@ fn envelope(r: Reading) -> Envelope {
         received_at_ms: r.received_at_ms,
         content_type: r.content_type,
         headers: vec![("driver".to_owned(), r.driver)],
-        payload: r.payload,
+        payload: r.payload.into(),
         priority: None,
     }
 }

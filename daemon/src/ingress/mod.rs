@@ -23,6 +23,7 @@ pub mod mqtt;
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use outpost_sync::forwarder::Rules;
 use outpost_sync::forwarder::rules::RecordView;
 use outpost_sync::{AppendError, Envelope, Outbox, Source};
@@ -38,7 +39,8 @@ pub const READINGS_STREAM_CAPACITY: usize = 4096;
 pub struct IngestRecord {
     pub topic: String,
     pub content_type: Option<String>,
-    pub payload: Vec<u8>,
+    /// Shared with the request's buffer (see [`Envelope::payload`]).
+    pub payload: Bytes,
     pub headers: Vec<(String, String)>,
 }
 
@@ -50,7 +52,8 @@ pub struct LocalReading {
     pub source: Source,
     pub topic: String,
     pub content_type: Option<String>,
-    pub payload: Arc<[u8]>,
+    /// The stored record's payload, shared (not copied) with the outbox's envelope.
+    pub payload: Bytes,
 }
 
 /// The shared path from a device protocol into the outbox. Cheap to clone.
@@ -222,7 +225,7 @@ impl Ingest {
                     source: e.source,
                     topic: e.topic,
                     content_type: e.content_type,
-                    payload: e.payload.into(),
+                    payload: e.payload,
                 });
             }
         }
@@ -299,7 +302,7 @@ mod tests {
         IngestRecord {
             topic: topic.into(),
             content_type: Some("application/json".into()),
-            payload: payload.to_vec(),
+            payload: Bytes::copy_from_slice(payload),
             headers: vec![],
         }
     }
@@ -346,7 +349,7 @@ mod tests {
             received_at_ms: 0,
             content_type: Some(ct.into()),
             headers: vec![],
-            payload: payload.to_vec(),
+            payload: Bytes::copy_from_slice(payload),
             priority: None,
         };
         let got = reported(&env(

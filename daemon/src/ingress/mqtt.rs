@@ -179,7 +179,8 @@ impl Backend for GatewayBackend {
         let record = IngestRecord {
             topic: record.topic.to_string(),
             content_type: record.content_type.as_deref().map(String::from),
-            payload: record.payload.to_vec(),
+            // A slice of the decoded packet's buffer: no copy until SQLite has it.
+            payload: record.payload,
             headers,
         };
         let (ingest, route, device) = (

@@ -72,7 +72,7 @@ fn envelope(device: usize) -> Envelope {
         received_at_ms: outbox::now_unix_ms(),
         content_type: None,
         headers: vec![],
-        payload: vec![b'x'; 100],
+        payload: vec![b'x'; 100].into(),
         priority: None,
     }
 }

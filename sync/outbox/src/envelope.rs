@@ -7,6 +7,8 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 /// Where a reading entered the gateway. Stored as its lowercase name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Source {
@@ -60,7 +62,10 @@ pub struct Envelope {
     pub received_at_ms: i64,
     pub content_type: Option<String>,
     pub headers: Vec<(String, String)>,
-    pub payload: Vec<u8>,
+    /// The payload as received. Shared, not copied: an MQTT payload is a slice of the decoded
+    /// packet's buffer, an HTTP record a slice of the request body, from decoding until SQLite
+    /// has it (and the local readings stream shares it too).
+    pub payload: Bytes,
     /// Forwarding priority overriding the route's (set by a `[[kafka.rules]]` priority).
     pub priority: Option<u8>,
 }

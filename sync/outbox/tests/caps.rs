@@ -19,7 +19,7 @@ fn envelope(route: &str, n: u32) -> Envelope {
         received_at_ms: 0,
         content_type: None,
         headers: vec![],
-        payload: format!("{n:08}").repeat(12).into_bytes(), // 96 bytes; route names of equal length keep every record the same size
+        payload: format!("{n:08}").repeat(12).into_bytes().into(), // 96 bytes; route names of equal length keep every record the same size
         priority: None,
     }
 }

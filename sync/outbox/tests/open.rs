@@ -19,7 +19,9 @@ fn envelope(n: u32) -> Envelope {
         received_at_ms: 7,
         content_type: Some("text/plain".into()),
         headers: vec![("k".into(), "v".into())],
-        payload: format!("reading {n} {}", "x".repeat(200)).into_bytes(),
+        payload: format!("reading {n} {}", "x".repeat(200))
+            .into_bytes()
+            .into(),
         priority: None,
     }
 }

@@ -118,7 +118,7 @@ fn envelope(route: usize, payload: Vec<u8>) -> Envelope {
         received_at_ms: 1,
         content_type: None,
         headers: vec![],
-        payload,
+        payload: payload.into(),
         priority: None,
     }
 }
@@ -170,7 +170,7 @@ async fn run_ops(ops: Vec<Op>) {
                                 *seq,
                                 ModelRecord {
                                     route,
-                                    payload: e.payload,
+                                    payload: e.payload.to_vec(),
                                 },
                             );
                         }

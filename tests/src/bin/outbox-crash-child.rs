@@ -41,7 +41,9 @@ async fn main() {
                     received_at_ms: 0,
                     content_type: None,
                     headers: vec![],
-                    payload: format!("{run} {a} {counter} {}", "p".repeat(80)).into_bytes(),
+                    payload: format!("{run} {a} {counter} {}", "p".repeat(80))
+                        .into_bytes()
+                        .into(),
                     priority: None,
                 };
                 let seq = outbox.append(envelope).await.unwrap();

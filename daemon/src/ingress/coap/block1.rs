@@ -13,7 +13,11 @@
 //! * the last block (M=0) hands the whole body on; it is processed like a single request and
 //!   answered only after the outbox commit.
 //!
-//! Memory is bounded by at most [`MAX_TRANSFERS`] transfers of at most `max_body` bytes each.
+//! Memory is bounded by at most [`MAX_TRANSFERS`] transfers of at most `max_body` bytes each,
+//! and a transfer's body holds its bytes of the ingress budget (`gateway.max_ingress_bytes`)
+//! until the request is answered: **a block that finds the budget spent is answered 5.03** with
+//! Max-Age and not stored, and the transfer stays, so the client's retry of the same block
+//! continues it.
 //! **When the table is full a new transfer is refused** with 5.03 and Max-Age (existing
 //! transfers are not evicted: a flood of new ones must not break uploads in progress). A
 //! transfer idle for [`IDLE_TIMEOUT`] is forgotten.
@@ -22,8 +26,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use hashlink::LinkedHashMap;
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::message::Block;
+use crate::ingress::budget::IngressBudget;
 
 /// Concurrent Block1 transfers.
 pub const MAX_TRANSFERS: usize = 64;
@@ -46,9 +52,40 @@ pub struct TransferKey {
 pub enum Step {
     /// More blocks are expected: answer 2.31 Continue with this Block1 value.
     Continue(Block),
-    /// The body is complete. Answer the final response with Block1 `last`.
-    Complete { body: Vec<u8>, last: Block },
+    /// The body is complete. Answer the final response with Block1 `last`; keep `held` until
+    /// then.
+    Complete {
+        body: Vec<u8>,
+        last: Block,
+        held: Held,
+    },
 }
+
+/// Bytes of the ingress budget a transfer's body holds (none without a budget).
+#[derive(Debug, Default)]
+pub struct Held(Option<OwnedSemaphorePermit>);
+
+impl Held {
+    fn add(&mut self, permit: OwnedSemaphorePermit) {
+        match &mut self.0 {
+            Some(held) => held.merge(permit),
+            None => self.0 = Some(permit),
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.0.as_ref().map_or(0, OwnedSemaphorePermit::num_permits)
+    }
+}
+
+/// Equal when they hold as many bytes.
+impl PartialEq for Held {
+    fn eq(&self, other: &Self) -> bool {
+        self.bytes() == other.bytes()
+    }
+}
+
+impl Eq for Held {}
 
 /// Why a block was refused; the transfer (if any) is forgotten.
 #[derive(Debug, PartialEq, Eq)]
@@ -61,12 +98,15 @@ pub enum BlockError {
     BadBlock(String),
     /// 5.03: too many transfers in progress.
     Busy,
+    /// 5.03: the ingress byte budget is spent. The block was not stored; the transfer stays.
+    BudgetSpent,
 }
 
 #[derive(Debug)]
 struct Transfer {
     body: Vec<u8>,
     last_block: Instant,
+    held: Held,
 }
 
 /// Transfers in progress, oldest started first.
@@ -75,15 +115,26 @@ pub struct Transfers {
     map: LinkedHashMap<TransferKey, Transfer>,
     max_transfers: usize,
     max_body: usize,
+    budget: Option<IngressBudget>,
 }
 
 impl Transfers {
-    pub fn new(max_transfers: usize, max_body: usize) -> Self {
+    pub fn new(max_transfers: usize, max_body: usize, budget: Option<IngressBudget>) -> Self {
         Self {
             map: LinkedHashMap::new(),
             max_transfers,
             max_body,
+            budget,
         }
+    }
+
+    /// The bytes of `payload` from the budget, or `None` when they are not free.
+    fn reserve(&self, payload: &[u8]) -> Option<Held> {
+        let mut held = Held::default();
+        if let Some(budget) = &self.budget {
+            held.add(budget.try_take(payload.len())?);
+        }
+        Some(held)
     }
 
     /// Takes one block of a request body. `size1` is the client's announced total size, if any.
@@ -119,20 +170,24 @@ impl Transfers {
                 return Err(BlockError::TooLarge);
             }
             if !block.more {
+                // A single datagram: the server holds its bytes of the budget.
                 return Ok(Step::Complete {
                     body: payload.to_vec(),
                     last: block,
+                    held: Held::default(),
                 });
             }
             self.purge(now);
             if self.map.len() >= self.max_transfers {
                 return Err(BlockError::Busy);
             }
+            let held = self.reserve(payload).ok_or(BlockError::BudgetSpent)?;
             self.map.insert(
                 key,
                 Transfer {
                     body: payload.to_vec(),
                     last_block: now,
+                    held,
                 },
             );
             return Ok(Step::Continue(block));
@@ -163,13 +218,30 @@ impl Transfers {
             self.map.remove(&key);
             return Err(BlockError::TooLarge);
         }
+        let Some(more) = self.reserve(payload) else {
+            return Err(BlockError::BudgetSpent);
+        };
+        let Some(transfer) = self.map.get_mut(&key) else {
+            return Err(BlockError::BudgetSpent);
+        };
+        if let Some(permit) = more.0 {
+            transfer.held.add(permit);
+        }
         transfer.body.extend_from_slice(payload);
         transfer.last_block = now;
         if block.more {
             return Ok(Step::Continue(block));
         }
-        let body = self.map.remove(&key).map(|t| t.body).unwrap_or_default();
-        Ok(Step::Complete { body, last: block })
+        let (body, held) = self
+            .map
+            .remove(&key)
+            .map(|t| (t.body, t.held))
+            .unwrap_or_default();
+        Ok(Step::Complete {
+            body,
+            last: block,
+            held,
+        })
     }
 
     /// Forgets transfers idle for [`IDLE_TIMEOUT`]; returns how many.
@@ -211,7 +283,7 @@ mod tests {
     #[test]
     fn reassembles_in_order() {
         let t = Instant::now();
-        let mut x = Transfers::new(4, 1024);
+        let mut x = Transfers::new(4, 1024, None);
         assert_eq!(
             x.offer(key("/t/a"), b(0, true), &[1; 16], Some(40), t),
             Ok(Step::Continue(b(0, true)))
@@ -221,7 +293,7 @@ mod tests {
             Ok(Step::Continue(b(1, true)))
         );
         let done = x.offer(key("/t/a"), b(2, false), &[3; 8], None, t).unwrap();
-        let Step::Complete { body, last } = done else {
+        let Step::Complete { body, last, .. } = done else {
             panic!("{done:?}")
         };
         assert_eq!(body.len(), 40);
@@ -233,7 +305,7 @@ mod tests {
 
     #[test]
     fn a_single_final_block_needs_no_state() {
-        let mut x = Transfers::new(0, 1024);
+        let mut x = Transfers::new(0, 1024, None);
         let step = x
             .offer(key("/t/a"), b(0, false), b"hi", None, Instant::now())
             .unwrap();
@@ -241,15 +313,44 @@ mod tests {
             step,
             Step::Complete {
                 body: b"hi".to_vec(),
-                last: b(0, false)
+                last: b(0, false),
+                held: Held::default(),
             }
         );
+    }
+
+    /// A transfer's body holds its bytes of the ingress budget until the request is answered;
+    /// a block that finds the budget spent is refused without losing the transfer, and the
+    /// client's retry of that block continues it.
+    #[tokio::test]
+    async fn a_transfer_holds_its_bytes_of_the_ingress_budget() {
+        let t = Instant::now();
+        let budget = IngressBudget::new(40);
+        let mut x = Transfers::new(4, 1024, Some(budget.clone()));
+        x.offer(key("/t/a"), b(0, true), &[1; 16], None, t).unwrap();
+        x.offer(key("/t/a"), b(1, true), &[2; 16], None, t).unwrap();
+        assert_eq!(budget.used(), 32);
+        let other = budget.try_take(8).expect("8 bytes left");
+        assert_eq!(
+            x.offer(key("/t/a"), b(2, false), &[3; 8], None, t),
+            Err(BlockError::BudgetSpent)
+        );
+        assert_eq!(x.len(), 1, "the transfer stays");
+        assert_eq!(x.bytes(), 32, "the refused block was not stored");
+        drop(other);
+        let done = x.offer(key("/t/a"), b(2, false), &[3; 8], None, t).unwrap();
+        let Step::Complete { body, held, .. } = done else {
+            panic!("{done:?}")
+        };
+        assert_eq!((body.len(), held.bytes(), budget.used()), (40, 40, 40));
+        drop(held);
+        assert_eq!(budget.used(), 0, "released once the request is answered");
     }
 
     #[test]
     fn out_of_order_and_unknown_transfers_are_incomplete() {
         let t = Instant::now();
-        let mut x = Transfers::new(4, 1024);
+        let mut x = Transfers::new(4, 1024, None);
         assert!(matches!(
             x.offer(key("/t/a"), b(1, true), &[0; 16], None, t),
             Err(BlockError::Incomplete(_))
@@ -276,7 +377,7 @@ mod tests {
     #[test]
     fn transfers_are_separate_per_uri_and_tag() {
         let t = Instant::now();
-        let mut x = Transfers::new(4, 1024);
+        let mut x = Transfers::new(4, 1024, None);
         x.offer(key("/t/a"), b(0, true), &[0; 16], None, t).unwrap();
         x.offer(key("/t/b"), b(0, true), &[0; 16], None, t).unwrap();
         let mut tagged = key("/t/a");
@@ -292,7 +393,7 @@ mod tests {
     #[test]
     fn too_large_by_size1_or_by_growth() {
         let t = Instant::now();
-        let mut x = Transfers::new(4, 40);
+        let mut x = Transfers::new(4, 40, None);
         assert_eq!(
             x.offer(key("/t/a"), b(0, true), &[0; 16], Some(41), t),
             Err(BlockError::TooLarge)
@@ -308,7 +409,7 @@ mod tests {
 
     #[test]
     fn partial_non_final_block_is_bad() {
-        let mut x = Transfers::new(4, 1024);
+        let mut x = Transfers::new(4, 1024, None);
         assert!(matches!(
             x.offer(key("/t/a"), b(0, true), &[0; 15], None, Instant::now()),
             Err(BlockError::BadBlock(_))
@@ -322,7 +423,7 @@ mod tests {
     #[test]
     fn full_table_refuses_new_transfers_until_idle_ones_expire() {
         let t = Instant::now();
-        let mut x = Transfers::new(2, 1024);
+        let mut x = Transfers::new(2, 1024, None);
         x.offer(key("/t/a"), b(0, true), &[0; 16], None, t).unwrap();
         x.offer(key("/t/b"), b(0, true), &[0; 16], None, t).unwrap();
         assert_eq!(

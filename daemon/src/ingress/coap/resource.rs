@@ -36,7 +36,7 @@ use coap_lite::{CoapOption, MessageClass, Packet, RequestType, ResponseType};
 use outpost_sync::AppendError;
 
 use super::backend::{Backend, Denied, Event};
-use super::block1::{BlockError, Step, TransferKey, Transfers};
+use super::block1::{BlockError, Held, Step, TransferKey, Transfers};
 use super::message::{self, Block, OptionProblem, Response};
 use super::{CoapMetrics, CoapSettings};
 use crate::ingress::IngestRecord;
@@ -75,7 +75,11 @@ pub struct Resources<B> {
 
 impl<B: Backend> Resources<B> {
     pub fn new(backend: B, settings: CoapSettings, metrics: CoapMetrics) -> Self {
-        let transfers = Transfers::new(super::block1::MAX_TRANSFERS, settings.max_body);
+        let transfers = Transfers::new(
+            super::block1::MAX_TRANSFERS,
+            settings.max_body,
+            settings.budget.clone(),
+        );
         Self {
             backend,
             settings,
@@ -215,14 +219,14 @@ impl<B: Backend> Resources<B> {
                 ),
             );
         };
-        let (body, last_block) = match self.body(packet, peer, device, &query) {
-            Ok(Reassembly::Whole(body, last)) => (body, last),
+        let (body, last_block, _held) = match self.body(packet, peer, device, &query) {
+            Ok(Reassembly::Whole(body, last, held)) => (body, last, held),
             Ok(Reassembly::Continue(block)) => {
                 return Response::new(ResponseType::Continue).with_block1(block);
             }
             Err(response) => return response,
         };
-        let payloads = match body::split(format, &body, MAX_RECORDS) {
+        let payloads = match body::split(format, &bytes::Bytes::from(body), MAX_RECORDS) {
             Ok(p) => p,
             Err(e @ BodyError::TooMany { .. }) => {
                 self.backend.observe(device, Event::Refused);
@@ -304,7 +308,11 @@ impl<B: Backend> Resources<B> {
             if packet.payload.len() > self.settings.max_body {
                 return Err(too_large());
             }
-            return Ok(Reassembly::Whole(packet.payload.clone(), None));
+            return Ok(Reassembly::Whole(
+                packet.payload.clone(),
+                None,
+                Held::default(),
+            ));
         };
         let size1 = match message::uint_option(packet, message::SIZE1, "Size1", 4) {
             Ok(s) => s,
@@ -336,11 +344,11 @@ impl<B: Backend> Resources<B> {
                 }
                 Ok(Reassembly::Continue(b))
             }
-            Ok(Step::Complete { body, last }) => {
+            Ok(Step::Complete { body, last, held }) => {
                 if last.num > 0 {
                     outcome("completed");
                 }
-                Ok(Reassembly::Whole(body, Some(last)))
+                Ok(Reassembly::Whole(body, Some(last), held))
             }
             Err(BlockError::TooLarge) => {
                 outcome("too_large");
@@ -355,6 +363,14 @@ impl<B: Backend> Resources<B> {
                 outcome("bad_block");
                 self.backend.observe(device, Event::Malformed);
                 Err(Response::error(ResponseType::BadRequest, why))
+            }
+            Err(BlockError::BudgetSpent) => {
+                outcome("budget_spent");
+                Err(Response::error(
+                    ResponseType::ServiceUnavailable,
+                    "ingress byte budget spent: send this block again",
+                )
+                .with_max_age(RETRY_AFTER_SECS))
             }
             Err(BlockError::Busy) => {
                 outcome("busy");
@@ -379,8 +395,9 @@ impl<B: Backend> Resources<B> {
 }
 
 enum Reassembly {
-    /// The whole body, and the last Block1 block if it came in blocks.
-    Whole(Vec<u8>, Option<Block>),
+    /// The whole body, the last Block1 block if it came in blocks, and the body's bytes of the
+    /// ingress budget (held until the request is answered).
+    Whole(Vec<u8>, Option<Block>, Held),
     /// A block that is not the last one was stored.
     Continue(Block),
 }

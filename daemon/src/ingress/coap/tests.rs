@@ -274,7 +274,7 @@ async fn con_post_is_acked_2_01_after_the_commit_and_put_2_04() {
     assert_eq!((device.as_str(), route.as_str()), ("dev1", "default"));
     assert_eq!(record.topic, "room/1/temp");
     assert_eq!(record.content_type.as_deref(), Some("application/json"));
-    assert_eq!(record.payload, br#"{"t":21.5}"#);
+    assert_eq!(&record.payload[..], br#"{"t":21.5}"#);
 
     let mut put = post(2, "t/x", "dev1", Some(0), b"hello");
     put.header.code = MessageClass::Request(RequestType::Put);

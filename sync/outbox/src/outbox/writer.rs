@@ -616,7 +616,7 @@ fn insert(
             e.topic,
             e.content_type,
             headers,
-            e.payload,
+            &e.payload[..],
             record.size as i64,
         ])?;
         totals.next_seq += 1;

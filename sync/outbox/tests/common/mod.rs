@@ -14,7 +14,7 @@ pub fn reading(n: u32) -> Envelope {
         received_at_ms: 0,
         content_type: None,
         headers: vec![],
-        payload: n.to_string().into_bytes(),
+        payload: n.to_string().into_bytes().into(),
         priority: None,
     }
 }

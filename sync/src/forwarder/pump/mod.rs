@@ -66,6 +66,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -157,7 +158,30 @@ struct Settled {
     result: Result<(), KafkaError>,
 }
 
-type InFlight = Pin<Box<dyn Future<Output = Settled> + Send>>;
+/// A produced record awaiting its delivery report; resolves to its [`Settled`]. A named future
+/// (not a boxed `async` block) so that a record costs one allocation for its report, not two.
+struct InFlight {
+    delivery: super::sink::Delivery,
+    seq: u64,
+    received_at_ms: i64,
+    topic: TopicId,
+    dead: Option<Box<DeadLetterCause>>,
+}
+
+impl Future for InFlight {
+    type Output = Settled;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Settled> {
+        let result = std::task::ready!(self.delivery.as_mut().poll(cx));
+        Poll::Ready(Settled {
+            seq: self.seq,
+            received_at_ms: self.received_at_ms,
+            topic: self.topic,
+            dead: self.dead.take(),
+            result,
+        })
+    }
+}
 
 /// Where the cursors are. Rebuilt by every plan.
 #[derive(Debug, Default)]
@@ -722,15 +746,13 @@ impl Pump {
                     let (seq, received_at_ms) = (record.seq, record.received_at_ms);
                     self.unsettled.insert(seq);
                     self.topics.produced(topic);
-                    self.in_flight.push(Box::pin(async move {
-                        Settled {
-                            seq,
-                            received_at_ms,
-                            topic,
-                            dead,
-                            result: delivery.await,
-                        }
-                    }));
+                    self.in_flight.push(InFlight {
+                        delivery,
+                        seq,
+                        received_at_ms,
+                        topic,
+                        dead,
+                    });
                     self.fw.shared.metrics.produced.inc();
                     self.fw.shared.count(&self.fw.shared.produced, 1);
                     return;
