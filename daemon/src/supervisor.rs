@@ -41,7 +41,7 @@ pub async fn supervise<F, Fut>(
     F: FnMut() -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let mut pause = BACKOFF_START;
+    let mut backoff = outpost_pacing::Backoff::new(BACKOFF_START, BACKOFF_MAX);
     let mut inject = fault_requested(&name);
     loop {
         let task = make();
@@ -72,8 +72,9 @@ pub async fn supervise<F, Fut>(
             Err(_) => "was cancelled".to_owned(),
         };
         if started.elapsed() >= HEALTHY_RUN {
-            pause = BACKOFF_START;
+            backoff.reset();
         }
+        let pause = backoff.failed();
         tracing::error!(
             subsystem = %name,
             reason = %why,
@@ -86,7 +87,6 @@ pub async fn supervise<F, Fut>(
             () = stop.cancelled() => return,
             () = tokio::time::sleep(pause) => {}
         }
-        pause = (pause * 2).min(BACKOFF_MAX);
         board.active(&name, essential);
     }
 }

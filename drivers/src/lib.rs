@@ -7,7 +7,7 @@
 //!
 //! Each driver runs until its cancellation token fires and recovers from I/O errors by itself:
 //! a failed port or connection is reopened by its configured path with capped exponential
-//! backoff ([`port::Backoff`]); after `reopen.offline_after_failures` consecutive failures the
+//! backoff ([`port::Backoff`] (`outpost-pacing`)); after `reopen.offline_after_failures` consecutive failures the
 //! driver reports its devices offline through [`DeviceHealth`]. Every driver counts what it does
 //! in its [`DriverStats`], which the daemon shows in `/metrics` and `/api/v1/status`.
 //!

@@ -10,6 +10,8 @@ use outpost_config::{FlowControl, Parity, ReopenConfig, SerialPortConfig};
 use tokio::time::Instant;
 use tokio_serial::{SerialPortBuilderExt, SerialStream};
 
+pub use outpost_pacing::Backoff;
+
 /// Opens the serial port `config` describes, non-blocking, for use with tokio.
 ///
 /// Must be called inside a tokio runtime. Errors name the path.
@@ -58,44 +60,9 @@ pub struct OpenError {
     pub message: String,
 }
 
-/// Capped exponential backoff with a count of consecutive failures.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    initial: Duration,
-    max: Duration,
-    next: Duration,
-    failures: u32,
-}
-
-impl Backoff {
-    /// Starts at `reopen.backoff_initial`, doubling up to `reopen.backoff_max`.
-    pub fn new(reopen: &ReopenConfig) -> Self {
-        Self {
-            initial: reopen.backoff_initial,
-            max: reopen.backoff_max.max(reopen.backoff_initial),
-            next: reopen.backoff_initial,
-            failures: 0,
-        }
-    }
-
-    /// Records a failure and returns how long to wait before the next attempt.
-    pub fn failed(&mut self) -> Duration {
-        self.failures = self.failures.saturating_add(1);
-        let wait = self.next;
-        self.next = (self.next * 2).min(self.max);
-        wait
-    }
-
-    /// Consecutive failures since the last success.
-    pub fn failures(&self) -> u32 {
-        self.failures
-    }
-
-    /// A success: the next failure waits `backoff_initial` again.
-    pub fn reset(&mut self) {
-        self.next = self.initial;
-        self.failures = 0;
-    }
+/// The reopen loop's backoff: from `reopen.backoff_initial`, doubling up to `reopen.backoff_max`.
+pub fn reopen_backoff(reopen: &ReopenConfig) -> Backoff {
+    Backoff::new(reopen.backoff_initial, reopen.backoff_max)
 }
 
 /// Logs at most once per period, carrying how many events happened since the last line.
@@ -141,20 +108,6 @@ pub async fn sleep_or_stop(wait: Duration, shutdown: &tokio_util::sync::Cancella
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_the_cap_and_resets() {
-        let mut b = Backoff::new(&ReopenConfig {
-            backoff_initial: Duration::from_millis(100),
-            backoff_max: Duration::from_millis(350),
-            offline_after_failures: 3,
-        });
-        let waits: Vec<_> = (0..5).map(|_| b.failed().as_millis()).collect();
-        assert_eq!(waits, [100, 200, 350, 350, 350]);
-        assert_eq!(b.failures(), 5);
-        b.reset();
-        assert_eq!((b.failed().as_millis(), b.failures()), (100, 1));
-    }
 
     #[tokio::test(start_paused = true)]
     async fn limiter_counts_suppressed_events() {

@@ -14,51 +14,21 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use outpost_config::MqttLimitsConfig;
+use outpost_pacing::TokenBucket;
 use tokio::time::Instant;
-
-/// One token bucket.
-#[derive(Debug, Clone)]
-struct Bucket {
-    /// Tokens per second.
-    rate: f64,
-    capacity: f64,
-    tokens: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    fn new(rate: f64, burst_secs: f64, now: Instant) -> Self {
-        let capacity = (rate * burst_secs).max(1.0);
-        Self {
-            rate,
-            capacity,
-            tokens: capacity,
-            at: now,
-        }
-    }
-
-    fn refill(&mut self, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.capacity);
-        self.at = now;
-    }
-
-    fn can_pay(&self, cost: f64) -> bool {
-        self.tokens >= cost || self.tokens >= self.capacity
-    }
-}
 
 /// One device's buckets (`None`: that limit is off).
 #[derive(Debug)]
 pub struct DeviceLimiter {
-    messages: Option<Bucket>,
-    bytes: Option<Bucket>,
+    messages: Option<TokenBucket>,
+    bytes: Option<TokenBucket>,
 }
 
 impl DeviceLimiter {
     fn new(limits: &MqttLimitsConfig, now: Instant) -> Self {
         let burst = limits.burst.as_secs_f64();
-        let bucket = |rate: f64| (rate > 0.0).then(|| Bucket::new(rate, burst, now));
+        let bucket =
+            |rate: f64| (rate > 0.0).then(|| TokenBucket::new(rate, rate * burst, now.into_std()));
         Self {
             messages: bucket(f64::from(limits.messages_per_second)),
             bytes: bucket(limits.bytes_per_second.bytes() as f64),
@@ -69,16 +39,18 @@ impl DeviceLimiter {
     pub fn admit(&mut self, payload_len: usize, now: Instant) -> bool {
         let len = payload_len as f64;
         for b in [&mut self.messages, &mut self.bytes].into_iter().flatten() {
-            b.refill(now);
+            b.refill(now.into_std());
         }
-        let ok = self.messages.as_ref().is_none_or(|b| b.can_pay(1.0))
-            && self.bytes.as_ref().is_none_or(|b| b.can_pay(len));
+        // A full bucket admits even a cost above its capacity (the debt is waited out).
+        let pays = |b: &TokenBucket, cost: f64| b.can_pay(cost) || b.is_full();
+        let ok = self.messages.as_ref().is_none_or(|b| pays(b, 1.0))
+            && self.bytes.as_ref().is_none_or(|b| pays(b, len));
         if ok {
             if let Some(b) = &mut self.messages {
-                b.tokens -= 1.0;
+                b.spend(1.0);
             }
             if let Some(b) = &mut self.bytes {
-                b.tokens -= len;
+                b.spend(len);
             }
         }
         ok

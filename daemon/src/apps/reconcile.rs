@@ -67,7 +67,7 @@ impl Runtime {
 
 pub async fn run(apps: Apps, registry: Registry, board: StatusBoard, stop: CancellationToken) {
     let mut runtimes = adopt_failures(&apps).await;
-    let mut reconnect = RECONNECT_MIN;
+    let mut reconnect = outpost_pacing::Backoff::new(RECONNECT_MIN, RECONNECT_MAX);
     let socket = apps.settings().engine_socket.clone();
     let mut engine: Option<Engine> = None;
     // The desired names the bus identities were last swept against.
@@ -86,7 +86,7 @@ pub async fn run(apps: Apps, registry: Registry, board: StatusBoard, stop: Cance
             } {
                 Ok(e) => {
                     tracing::info!(socket = %socket.display(), "Container engine reachable");
-                    reconnect = RECONNECT_MIN;
+                    reconnect.reset();
                     apps.set_engine_problem(None);
                     board.active("apps", false);
                     engine = Some(e.clone());
@@ -96,9 +96,8 @@ pub async fn run(apps: Apps, registry: Registry, board: StatusBoard, stop: Cance
                     engine_down(&apps, &board, &e, &mut runtimes);
                     tokio::select! {
                         () = stop.cancelled() => return,
-                        () = tokio::time::sleep(reconnect) => {}
+                        () = tokio::time::sleep(reconnect.failed()) => {}
                     }
-                    reconnect = (reconnect * 2).min(RECONNECT_MAX);
                     continue;
                 }
             },
@@ -206,9 +205,7 @@ pub fn spec_digest(spec: &AppConfig) -> String {
 
 /// Pause before attempt `failures` (1-based): 250ms doubling, at most `max`.
 fn backoff(max: Duration, failures: u32) -> Duration {
-    BACKOFF_START
-        .saturating_mul(1 << failures.saturating_sub(1).min(16))
-        .min(max)
+    outpost_pacing::Backoff::nth(BACKOFF_START, max, failures)
 }
 
 struct Pass<'a> {

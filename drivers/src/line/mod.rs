@@ -20,7 +20,7 @@ use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::port::{Backoff, LogLimiter, open_serial, sleep_or_stop};
+use crate::port::{LogLimiter, open_serial, reopen_backoff, sleep_or_stop};
 use crate::{
     Driver, DriverContext, DriverError, DriverFuture, JSON, Reading, ReadingSink, now_unix_ms,
 };
@@ -79,7 +79,7 @@ async fn run(
         config: &config,
         ctx: &ctx,
     };
-    let mut backoff = Backoff::new(&config.reopen);
+    let mut backoff = reopen_backoff(&config.reopen);
     let mut open_log = LogLimiter::new(LOG_EVERY);
     let mut opened_before = false;
     let mut reported_offline = false;

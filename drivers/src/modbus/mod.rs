@@ -31,7 +31,7 @@ use tokio_modbus::slave::SlaveContext;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::port::{Backoff, LogLimiter, open_serial, sleep_or_stop};
+use crate::port::{LogLimiter, open_serial, reopen_backoff, sleep_or_stop};
 use crate::{
     Driver, DriverContext, DriverError, DriverFuture, ErrorKind, JSON, Reading, ReadingSink,
     now_unix_ms,
@@ -154,7 +154,7 @@ impl Shared<'_> {
             .unwrap_or_default();
         let mut entries = self.entries(slave);
         let mut health = SlaveHealth::new();
-        let mut backoff = Backoff::new(&self.config.reopen);
+        let mut backoff = reopen_backoff(&self.config.reopen);
         let mut link: Option<Context> = None;
         let mut connected_before = false;
         loop {
@@ -230,7 +230,7 @@ impl Shared<'_> {
             .iter()
             .map(|_| SlaveHealth::new())
             .collect();
-        let mut backoff = Backoff::new(&self.config.reopen);
+        let mut backoff = reopen_backoff(&self.config.reopen);
         let mut open_log = LogLimiter::new(LOG_EVERY);
         let mut link: Option<Context> = None;
         let mut opened_before = false;

@@ -50,7 +50,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use self::frame::{CmdType, Decoder, Frame, FrameError, subsystem};
-use crate::port::{Backoff, open_serial, sleep_or_stop};
+use crate::port::{Backoff, open_serial, reopen_backoff, sleep_or_stop};
 use crate::{
     Driver, DriverContext, DriverError, DriverFuture, JSON, Reading, ReadingSink, now_unix_ms,
 };
@@ -226,7 +226,7 @@ impl ZigbeeDriver {
         sink: ReadingSink,
         shutdown: CancellationToken,
     ) -> Result<(), DriverError> {
-        let mut backoff = Backoff::new(&self.config.reopen);
+        let mut backoff = reopen_backoff(&self.config.reopen);
         loop {
             // Connecting
             let port = match open_serial(&self.config.serial) {

@@ -21,6 +21,7 @@
 use std::time::Duration;
 
 use outpost_config::RuleKey;
+use outpost_pacing::Backoff;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -220,7 +221,7 @@ pub(super) async fn run(fw: Forwarder, stop: CancellationToken) -> Result<(), Fo
     let kafka = fw.options.kafka.clone();
     let mut reader = Some(fw.reader()?);
     let mut committed = fw.outbox.committed();
-    let mut backoff = kafka.reconnect_backoff_min;
+    let mut backoff = Backoff::new(kafka.reconnect_backoff_min, kafka.reconnect_backoff_max);
     let mut producer: Option<Producer_> = None;
     let mut recovered = false;
     let mut link = IdleProbe::new();
@@ -252,7 +253,7 @@ pub(super) async fn run(fw: Forwarder, stop: CancellationToken) -> Result<(), Fo
                     tracing::warn!(error = %e, "Kafka (exactly-once) not ready; retrying");
                     shared.signals.set_error(e);
                     shared.set_state(State::Offline);
-                    sleep_or_stop(&stop, &mut backoff, kafka.reconnect_backoff_max).await;
+                    sleep_or_stop(&stop, &mut backoff).await;
                     continue;
                 }
             }
@@ -298,7 +299,7 @@ pub(super) async fn run(fw: Forwarder, stop: CancellationToken) -> Result<(), Fo
                     kill_this_process();
                 }
                 shared.metrics.transactions.inc();
-                backoff = kafka.reconnect_backoff_min;
+                backoff.reset();
                 link.contact();
                 if shared.state() == State::Offline {
                     tracing::info!("Kafka is reachable again");
@@ -341,7 +342,7 @@ pub(super) async fn run(fw: Forwarder, stop: CancellationToken) -> Result<(), Fo
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, seq, "Moving a poison record aside failed; retrying");
-                            sleep_or_stop(&stop, &mut backoff, kafka.reconnect_backoff_max).await;
+                            sleep_or_stop(&stop, &mut backoff).await;
                         }
                     }
                 } else {
@@ -365,7 +366,7 @@ pub(super) async fn run(fw: Forwarder, stop: CancellationToken) -> Result<(), Fo
                     shared.metrics.producer_restarts.inc();
                 }
                 shared.set_state(State::Offline);
-                sleep_or_stop(&stop, &mut backoff, kafka.reconnect_backoff_max).await;
+                sleep_or_stop(&stop, &mut backoff).await;
             }
             Err(TxnFailed::InCommit { error }) => {
                 // The commit was requested: the broker may have applied it even though the
@@ -386,7 +387,7 @@ pub(super) async fn run(fw: Forwarder, stop: CancellationToken) -> Result<(), Fo
                 recovered = false;
                 shared.metrics.producer_restarts.inc();
                 shared.set_state(State::Offline);
-                sleep_or_stop(&stop, &mut backoff, kafka.reconnect_backoff_max).await;
+                sleep_or_stop(&stop, &mut backoff).await;
             }
         }
     }
@@ -442,12 +443,11 @@ fn kill_this_process() {
     let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
 }
 
-async fn sleep_or_stop(stop: &CancellationToken, backoff: &mut Duration, max: Duration) {
+async fn sleep_or_stop(stop: &CancellationToken, backoff: &mut Backoff) {
     tokio::select! {
         () = stop.cancelled() => {}
-        () = tokio::time::sleep(*backoff) => {}
+        () = tokio::time::sleep(backoff.failed()) => {}
     }
-    *backoff = (*backoff * 2).min(max);
 }
 
 /// Why a transaction did not commit, and so what its records' fate can be.

@@ -71,6 +71,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use outpost_config::{BacklogOrder, KafkaConfig, RuleKey};
+use outpost_pacing::{Backoff, TokenBucket};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedHeaders;
 use tokio::sync::watch;
@@ -200,50 +201,41 @@ struct Backlog {
     below: u64,
     /// `per_device`: devices whose live records wait for the backlog.
     gated: HashSet<String>,
-    bucket: TokenBucket,
+    bucket: BacklogRate,
 }
 
 /// Records per second for the backlog, with a burst of 50 ms (also the batch it is read in).
 #[derive(Debug)]
-struct TokenBucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    at: Instant,
+struct BacklogRate {
+    bucket: TokenBucket,
 }
 
-impl TokenBucket {
+impl BacklogRate {
     fn new(rate: u32) -> Self {
         let rate = f64::from(rate.max(1));
-        let burst = (rate / 20.0).max(1.0);
         Self {
-            rate,
-            burst,
-            tokens: burst,
-            at: Instant::now(),
+            bucket: TokenBucket::new(rate, rate / 20.0, Instant::now()),
         }
     }
 
+    /// Whole tokens now.
     fn available(&mut self) -> usize {
-        let now = Instant::now();
-        self.tokens =
-            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
-        self.at = now;
-        self.tokens.floor() as usize
+        self.bucket.refill(Instant::now());
+        self.bucket.tokens().max(0.0).floor() as usize
     }
 
     fn spend(&mut self, n: usize) {
-        self.tokens -= n as f64;
+        self.bucket.spend(n as f64);
     }
 
     /// The batch to wait for: a full bucket, or `limit` if smaller (never 0 unless `limit` is).
     fn batch(&self, limit: usize) -> usize {
-        (self.burst as usize).max(1).min(limit)
+        (self.bucket.capacity() as usize).max(1).min(limit)
     }
 
     /// How long until `n` tokens are available.
     fn wait_for(&self, n: usize) -> Duration {
-        Duration::from_secs_f64(((n as f64 - self.tokens) / self.rate).max(0.0))
+        self.bucket.wait_for(n as f64)
     }
 }
 
@@ -409,8 +401,8 @@ pub(super) struct Pump {
     in_flight: FuturesUnordered<InFlight>,
     unsettled: HashSet<u64>,
     deleter: Deleter,
-    /// The next rewind's backoff.
-    failure_backoff: Duration,
+    /// The rewinds' backoff: doubles per rewind, reset by a delivery.
+    failure_backoff: Backoff,
     /// The last acknowledgement, or when the window last started filling from empty.
     last_progress: Instant,
     /// Whether Kafka answers while nothing is in flight.
@@ -426,7 +418,10 @@ impl Pump {
         let reader = Some(fw.reader()?);
         let committed = fw.outbox.committed();
         let revived = fw.outbox.revived();
-        let failure_backoff = fw.options.kafka.reconnect_backoff_min;
+        let failure_backoff = Backoff::new(
+            fw.options.kafka.reconnect_backoff_min,
+            fw.options.kafka.reconnect_backoff_max,
+        );
         let topics = TopicWindow::new(fw.options.kafka.topic_in_flight_cap());
         Ok(Self {
             fw,
@@ -557,7 +552,7 @@ impl Pump {
                 pos: ReadPosition::START,
                 below: next,
                 gated,
-                bucket: TokenBucket::new(self.kafka().backlog_rate),
+                bucket: BacklogRate::new(self.kafka().backlog_rate),
             });
             self.enter(Phase::Backfill);
         } else {
@@ -817,7 +812,7 @@ impl Pump {
                 }
                 self.last_progress = Instant::now();
                 self.link.contact();
-                self.failure_backoff = self.kafka().reconnect_backoff_min;
+                self.failure_backoff.reset();
                 shared
                     .signals
                     .all_brokers_down
@@ -1003,9 +998,7 @@ impl Pump {
         let mut at = Instant::now();
         if self.phase.produces() {
             tracing::warn!(%error, fatal, "Kafka delivery failed; sending again from the outbox");
-            at += self.failure_backoff;
-            self.failure_backoff =
-                (self.failure_backoff * 2).min(self.kafka().reconnect_backoff_max);
+            at += self.failure_backoff.failed();
         }
         self.rewind(at, fatal);
     }
