@@ -196,6 +196,7 @@ fn acl_keeps_publishes_inside_the_prefix_and_subscribers_get_allowed_messages() 
     );
 
     // ... and one that receives another device's publish where the ACL allows.
+    let subacks = d.metric("outpost_mqtt_subacks_total");
     let sub = sub_(addr, "watcher", &watcher_secret, "watcher-1")
         .args([
             "-q",
@@ -212,10 +213,10 @@ fn acl_keeps_publishes_inside_the_prefix_and_subscribers_get_allowed_messages() 
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Its SUBACK is counted once the filter is in effect.
     d.wait_until("the subscription", Duration::from_secs(5), |d| {
-        d.metric("outpost_mqtt_connections") >= 1.0
+        d.metric("outpost_mqtt_subacks_total") > subacks
     });
-    std::thread::sleep(Duration::from_millis(500));
     let out = pub_(
         addr,
         "sensor-1",
@@ -417,6 +418,7 @@ fn a_qos2_publish_retransmitted_with_dup_before_pubrel_is_stored_once() {
 fn a_device_subscribed_to_its_commands_receives_what_is_published_there() {
     let dir = tempfile::tempdir().unwrap();
     let (mut d, addr, secret) = start(dir.path(), "");
+    let subacks = d.metric("outpost_mqtt_subacks_total");
     let sub = sub_(addr, "sensor-1", &secret, "s1-sub")
         .args(["-q", "1"])
         .args([
@@ -432,10 +434,10 @@ fn a_device_subscribed_to_its_commands_receives_what_is_published_there() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Its SUBACK is counted once the filter is in effect.
     d.wait_until("the subscriber", Duration::from_secs(5), |d| {
-        d.metric("outpost_mqtt_connections") >= 1.0
+        d.metric("outpost_mqtt_subacks_total") > subacks
     });
-    std::thread::sleep(Duration::from_millis(500));
     let out = pub_(
         addr,
         "sensor-1",
@@ -1272,17 +1274,20 @@ print(json.dumps(out))
 #[test]
 fn mqtt5_normal_disconnects_lose_nothing_drop_the_will_and_are_not_malformed() {
     let dir = tempfile::tempdir().unwrap();
-    let (d, addr, secret) = start(
+    let (mut d, addr, secret) = start(
         dir.path(),
         "[mqtt.acl]\npublish = [\"devices/{id}/#\"]\nsubscribe = [\"devices/{id}/#\"]\n",
     );
+    let subacks = d.metric("outpost_mqtt_subacks_total");
     let mut watcher = sub_(addr, "sensor-1", &secret, "watcher")
         .args(["-V", "mqttv5", "-t", "devices/sensor-1/will", "-W", "3"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    d.wait_until("the watcher's subscription", Duration::from_secs(5), |d| {
+        d.metric("outpost_mqtt_subacks_total") > subacks
+    });
     for i in 0..50 {
         let out = pub_(
             addr,

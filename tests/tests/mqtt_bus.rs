@@ -46,7 +46,7 @@ fn subscribe(
     filter: &str,
     count: usize,
 ) -> Child {
-    let before = d.metric("outpost_mqtt_connections");
+    let before = d.metric("outpost_mqtt_subacks_total");
     let child = Command::new("mosquitto_sub")
         .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
         .args(["-u", user, "-P", password, "-i", &format!("{user}-sub")])
@@ -56,13 +56,11 @@ fn subscribe(
         .stderr(Stdio::piped())
         .spawn()
         .expect("run mosquitto_sub");
-    // Connected — or already done, when what it waits for was there at once.
-    d.wait_until("the subscriber", Duration::from_secs(5), |d| {
-        d.metric("outpost_mqtt_connections") > before
-            || d.metric("outpost_mqtt_deliveries_total") > 0.0
+    // Its SUBACK is counted once the filter is in effect (even when what it waits for was
+    // there at once and it is already done).
+    d.wait_until("the subscription", Duration::from_secs(5), |d| {
+        d.metric("outpost_mqtt_subacks_total") > before
     });
-    // The SUBSCRIBE follows the CONNECT; give it a moment to reach the broker.
-    std::thread::sleep(Duration::from_millis(500));
     child
 }
 

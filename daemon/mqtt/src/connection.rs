@@ -1234,6 +1234,7 @@ impl Conn {
                 retained,
             } => {
                 encode::suback(&mut self.out, version, pkid, &codes);
+                self.broker.metrics.subacks.inc();
                 if codes.iter().any(|c| *c <= reason::GRANTED_QOS_2) {
                     self.broker.backend.subscribed(&self.identity);
                 }

@@ -100,6 +100,8 @@ pub struct MqttMetrics {
     pub handshakes_evicted: Counter,
     /// PUBLISHes that waited for the ingress byte budget (the connection stopped reading).
     pub budget_waits: Counter,
+    /// SUBACKs written: SUBSCRIBEs answered, their filters in effect (granted or refused).
+    pub subacks: Counter,
 }
 
 impl Default for MqttMetrics {
@@ -128,6 +130,7 @@ impl Default for MqttMetrics {
             sessions_expired: Counter::default(),
             handshakes_evicted: Counter::default(),
             budget_waits: Counter::default(),
+            subacks: Counter::default(),
         }
     }
 }
@@ -320,6 +323,11 @@ impl MqttMetrics {
             "PUBLISHes that waited for the ingress byte budget (gateway.max_ingress_bytes); \
              their connection was not read meanwhile",
             self.budget_waits.clone(),
+        );
+        r.register(
+            "subacks",
+            "SUBACKs written: SUBSCRIBEs answered, their granted filters already in effect",
+            self.subacks.clone(),
         );
     }
 
