@@ -33,6 +33,7 @@ PIP_PACKAGES=(
   "pymodbus>=3.10,<4:pymodbus"  # a real Modbus TCP/RTU slave (tests/peers/modbus_slave.py)
   "pyserial:serial"             # pymodbus' serial (RTU) transport
   "paho-mqtt>=2,<3:paho.mqtt"   # MQTT 5 client for the MQTT server tests (tests/tests/mqtt.rs)
+  "openapi-spec-validator>=0.7,<0.8:openapi_spec_validator"  # validates the served OpenAPI document (tests/tests/api.rs)
 )
 
 # rustup components and targets.

@@ -691,6 +691,43 @@ fn openapi_document_matches_the_served_routes() {
     }
 }
 
+/// The served document is valid OpenAPI 3.0 by an independent validator (`openapi-spec-validator`
+/// from PyPI, installed by scripts/setup-test-deps.sh). The same validator refuses the document
+/// with one schema written in 3.1 syntax (a type array, the mistake an earlier version made), so
+/// this test can fail.
+#[test]
+fn the_openapi_document_passes_an_openapi_validator() {
+    let (dir, d) = start();
+    let (code, body) = d.get("/api/v1/openapi.json");
+    assert_eq!(code, 200, "{body}");
+    let validate = |doc: &Value, name: &str| {
+        let file = dir.path().join(name);
+        std::fs::write(&file, doc.to_string()).unwrap();
+        std::process::Command::new("python3")
+            .args(["-m", "openapi_spec_validator"])
+            .arg(&file)
+            .output()
+            .expect("python3 -m openapi_spec_validator (scripts/setup-test-deps.sh installs it)")
+    };
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    let out = validate(&doc, "openapi.json");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut broken = doc.clone();
+    let schemas = broken["components"]["schemas"].as_object_mut().unwrap();
+    let (_, first) = schemas.iter_mut().next().unwrap();
+    *first = serde_json::json!({"type": ["string", "null"]});
+    let out = validate(&broken, "broken.json");
+    assert!(
+        !out.status.success(),
+        "the validator accepted a 3.1 type array in a 3.0.3 document"
+    );
+}
+
 #[test]
 fn cli_manages_devices_with_a_token_from_token_new() {
     // `outpost token new` prints a token and the config entry holding only its digest.
