@@ -631,7 +631,12 @@ impl Pump {
         .await?;
         if page.is_empty() {
             if self.topics.backlog {
-                // Records of a closed topic were skipped: not drained until they went.
+                // Records of a closed topic were skipped: not drained until they went. Count
+                // the read as a batch, so the cursor looks again after a bucket's time (the
+                // topic's rescan restarts it sooner), not at every wake-up.
+                if let Some(b) = self.cursors.backlog.as_mut() {
+                    b.bucket.spend(tokens);
+                }
                 return Ok(progressed);
             }
             self.backlog_drained();
@@ -890,7 +895,8 @@ impl Pump {
     /// Moves the poison records aside: to the dead-letter topic (deleted from the outbox once
     /// Kafka has them, see [`Self::settle`]) or into the outbox's dead-letter table.
     async fn move_aside(&mut self) -> Result<(), ForwarderError> {
-        for poisoned in std::mem::take(&mut self.poisoned) {
+        let mut pending = std::mem::take(&mut self.poisoned).into_iter();
+        while let Some(poisoned) = pending.next() {
             let Poisoned { seq, cause, local } = poisoned;
             let dead_topic = self.kafka().dead_letter.topic.clone();
             if let (false, Some(dead_topic)) = (local, dead_topic) {
@@ -930,8 +936,10 @@ impl Pump {
                     );
                 }
                 Err(e) => {
+                    // This one and the rest stay poisoned (and unsettled): tried again next turn.
                     tracing::warn!(error = %e, seq, "Moving a poison record aside failed; retrying");
                     self.poisoned.push(Poisoned { seq, cause, local });
+                    self.poisoned.extend(pending);
                     return Ok(());
                 }
             }
@@ -1018,7 +1026,11 @@ impl Pump {
         let idle = self.in_flight.is_empty();
         if idle {
             let topic = &self.fw.options.kafka.default_topic;
-            if self.link.poll(&self.sink, topic, offline_after) == Some(true) {
+            // A probe that answers ends an outage; while Kafka is reachable it must not clear
+            // an "all brokers down" that librdkafka reported after the probe was sent.
+            if self.link.poll(&self.sink, topic, offline_after) == Some(true)
+                && self.phase.shown() == State::Offline
+            {
                 shared
                     .signals
                     .all_brokers_down
@@ -1057,6 +1069,7 @@ impl Pump {
         }
         let room = self.room().min(self.kafka().read_batch);
         if self.phase.produces()
+            && !self.deleter.holds(self.kafka().max_in_flight)
             && let Some(b) = &self.cursors.backlog
             && room > 0
         {
@@ -1067,8 +1080,13 @@ impl Pump {
                     .max(Duration::from_millis(1)),
             );
         }
-        if let Phase::Rewinding(r) = self.phase {
-            wake = wake.min(r.at.saturating_duration_since(Instant::now()));
+        // A rewind whose backoff is over waits for its in-flight records (their reports wake
+        // the pump), not for the clock: a zero wake here would spin for a whole outage.
+        if let Phase::Rewinding(r) = self.phase
+            && let Some(left) = r.at.checked_duration_since(Instant::now())
+            && !left.is_zero()
+        {
+            wake = wake.min(left);
         }
         wake
     }
