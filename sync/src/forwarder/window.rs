@@ -101,6 +101,12 @@ impl TopicWindow {
         }
     }
 
+    /// Something other than a topic's share made the cursors skip records (the client's queue
+    /// was full): read them again at the next fill.
+    pub(super) fn rescan_due(&mut self) {
+        self.due = true;
+    }
+
     /// Takes a due rescan: where the live cursor restarts and whether the backlog's does.
     pub(super) fn rescan(&mut self) -> Option<(Option<u64>, bool)> {
         if !self.due {

@@ -379,6 +379,10 @@ enum Wake {
     Other,
 }
 
+/// The client's queue had no room for a record; it gives back the dead-letter cause it was
+/// produced with, if any.
+struct ClientFull(Option<Box<DeadLetterCause>>);
+
 /// A record found poison, waiting to be moved aside (its sequence stays unsettled meanwhile).
 #[derive(Debug)]
 struct Poisoned {
@@ -410,6 +414,9 @@ pub(super) struct Pump {
     attempts: poison::Attempts,
     poisoned: Vec<Poisoned>,
     topics: TopicWindow,
+    /// The client refused a record for a full queue: nothing is produced until a delivery report
+    /// frees room; then the skipped records are read again (a [`TopicWindow`] rescan).
+    client_full: bool,
 }
 
 impl Pump {
@@ -441,6 +448,7 @@ impl Pump {
             attempts: poison::Attempts::default(),
             poisoned: Vec::new(),
             topics,
+            client_full: false,
         })
     }
 
@@ -527,6 +535,7 @@ impl Pump {
     /// below it wait (that are not in flight), else Live.
     async fn plan(&mut self) -> Result<(), ForwarderError> {
         self.topics.reset();
+        self.client_full = false;
         let next = *self.committed.borrow_and_update();
         let unsettled_below = self.unsettled.iter().filter(|s| **s < next).count() as u64;
         let per_device = self.kafka().order == BacklogOrder::PerDevice;
@@ -570,7 +579,10 @@ impl Pump {
 
     /// Produces what the window has room for. True if it read anything (call again at once).
     async fn fill(&mut self) -> Result<bool, ForwarderError> {
-        if !self.phase.produces() || self.deleter.holds(self.kafka().max_in_flight) {
+        if !self.phase.produces()
+            || self.client_full
+            || self.deleter.holds(self.kafka().max_in_flight)
+        {
             return Ok(false);
         }
         let room = self.room();
@@ -604,8 +616,8 @@ impl Pump {
                 .as_ref()
                 .is_some_and(|b| b.gated.contains(&record.device_id));
             if !gated {
-                self.send(record, true).await;
-                if !self.phase.produces() {
+                self.send(record, true);
+                if !self.phase.produces() || self.client_full {
                     return Ok(false);
                 }
             }
@@ -648,8 +660,8 @@ impl Pump {
             b.bucket.spend(page.len());
         }
         for record in page {
-            self.send(record, false).await;
-            if !self.phase.produces() {
+            self.send(record, false);
+            if !self.phase.produces() || self.client_full {
                 return Ok(false);
             }
         }
@@ -673,7 +685,7 @@ impl Pump {
 
     /// Hands one record to the sink (or drops it per the rules). `live`: read by the live
     /// cursor (else the backlog's), for a rescan should its topic's window be full.
-    async fn send(&mut self, record: StoredRecord, live: bool) {
+    fn send(&mut self, record: StoredRecord, live: bool) {
         if self.unsettled.contains(&record.seq) {
             return;
         }
@@ -715,73 +727,68 @@ impl Pump {
             RuleKey::None => None,
         };
         let headers = headers(&record, &self.fw.options.gateway_id, self.fw.outbox.id());
-        self.produce(&record, topic, key, headers, None).await;
+        if self.produce(&record, topic, key, headers, None).is_err() {
+            // Read it again once the client has room (see `client_full`).
+            self.topics.skipped(topic, live.then_some(record.seq));
+        }
     }
 
-    /// Produces `record` to `topic` (its own, or the dead-letter topic with `dead`), waiting
-    /// for room in the sink's queue when needed. A record refused outright is handled like a
-    /// failed delivery.
-    async fn produce(
+    /// Produces `record` to `topic` (its own, or the dead-letter topic with `dead`). A record
+    /// refused outright is handled like a failed delivery; one the client has no room for comes
+    /// back as [`ClientFull`] (nothing changed; see `client_full`).
+    fn produce(
         &mut self,
         record: &StoredRecord,
         topic: TopicId,
         key: Option<&str>,
         headers: OwnedHeaders,
         dead: Option<Box<DeadLetterCause>>,
-    ) {
+    ) -> Result<(), ClientFull> {
         if self.in_flight.is_empty() {
             self.last_progress = Instant::now();
         }
         let name = self.topics.name(topic);
-        let mut outgoing = Outgoing {
+        let outgoing = Outgoing {
             topic: &name,
             key,
             payload: &record.payload,
             headers,
             timestamp_ms: record.received_at_ms,
         };
-        loop {
-            match self.sink.send(outgoing) {
-                Ok(delivery) => {
-                    let (seq, received_at_ms) = (record.seq, record.received_at_ms);
-                    self.unsettled.insert(seq);
-                    self.topics.produced(topic);
-                    self.in_flight.push(InFlight {
-                        delivery,
-                        seq,
-                        received_at_ms,
-                        topic,
-                        dead,
-                    });
-                    self.fw.shared.metrics.produced.inc();
-                    self.fw.shared.count(&self.fw.shared.produced, 1);
-                    return;
-                }
-                Err(Refused::QueueFull(returned)) if !self.in_flight.is_empty() => {
-                    // The sink's queue is full: wait for a delivery, then offer it again.
-                    outgoing = returned;
-                    if let Some(settled) = self.in_flight.next().await {
-                        self.settle(settled);
-                    }
-                    if !self.phase.produces() && dead.is_none() {
-                        return;
-                    }
-                }
-                Err(refused) => {
-                    let error = match refused {
-                        Refused::QueueFull(_) => {
-                            KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)
-                        }
-                        Refused::Error(error) => error,
-                    };
-                    // Refused before it was queued (too large for the client, …): a failed
-                    // delivery, classified like one.
-                    self.unsettled.insert(record.seq);
-                    self.failed(record.seq, topic, dead, &error);
-                    return;
-                }
+        let error = match self.sink.send(outgoing) {
+            Ok(delivery) => {
+                let (seq, received_at_ms) = (record.seq, record.received_at_ms);
+                self.unsettled.insert(seq);
+                self.topics.produced(topic);
+                self.in_flight.push(InFlight {
+                    delivery,
+                    seq,
+                    received_at_ms,
+                    topic,
+                    dead,
+                });
+                self.fw.shared.metrics.produced.inc();
+                self.fw.shared.count(&self.fw.shared.produced, 1);
+                return Ok(());
             }
-        }
+            Err(Refused::QueueFull(_)) if !self.in_flight.is_empty() => {
+                // The client's queue is full (`queue.buffering.max.kbytes`): nothing more until
+                // a delivery report frees room. Not waited for here: the pump keeps answering
+                // `stop`, watching the link and deleting meanwhile.
+                self.client_full = true;
+                return Err(ClientFull(dead));
+            }
+            // Full with nothing in flight to free it: the client is stuck, an outage.
+            Err(Refused::QueueFull(_)) => {
+                KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)
+            }
+            Err(Refused::Error(error)) => error,
+        };
+        // Refused before it was queued (too large for the client, …): a failed delivery,
+        // classified like one.
+        self.unsettled.insert(record.seq);
+        self.failed(record.seq, topic, dead, &error);
+        Ok(())
     }
 
     /// Takes every delivery report that is ready without waiting.
@@ -794,6 +801,10 @@ impl Pump {
 
     fn settle(&mut self, settled: Settled) {
         self.topics.settled(settled.topic, settled.result.is_ok());
+        if std::mem::take(&mut self.client_full) {
+            // Room again: read what was skipped while the client was full.
+            self.topics.rescan_due();
+        }
         let shared = Arc::clone(&self.fw.shared);
         match settled.result {
             Ok(()) => {
@@ -895,6 +906,9 @@ impl Pump {
     /// Moves the poison records aside: to the dead-letter topic (deleted from the outbox once
     /// Kafka has them, see [`Self::settle`]) or into the outbox's dead-letter table.
     async fn move_aside(&mut self) -> Result<(), ForwarderError> {
+        if self.client_full {
+            return Ok(());
+        }
         let mut pending = std::mem::take(&mut self.poisoned).into_iter();
         while let Some(poisoned) = pending.next() {
             let Poisoned { seq, cause, local } = poisoned;
@@ -913,14 +927,23 @@ impl Pump {
                     &cause,
                 );
                 let key = record.device_id.clone();
-                self.produce(
+                let produced = self.produce(
                     &record,
                     dead_topic,
                     Some(&key),
                     headers,
                     Some(Box::new(cause)),
-                )
-                .await;
+                );
+                if let Err(ClientFull(Some(cause))) = produced {
+                    // Tried again once the client has room.
+                    self.poisoned.push(Poisoned {
+                        seq,
+                        cause: *cause,
+                        local,
+                    });
+                    self.poisoned.extend(pending);
+                    return Ok(());
+                }
                 continue;
             }
             match self.fw.outbox.dead_letter(seq, cause.clone()).await {

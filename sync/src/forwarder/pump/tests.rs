@@ -574,6 +574,24 @@ async fn a_full_client_queue_waits_for_a_delivery() {
     until("deleted", || rig.held() == 0).await;
 }
 
+/// A client queue that stays full (a broker gone while large records fill librdkafka's 16 MiB)
+/// does not block the pump: the status turns Offline and shutdown is not held up; nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_queue_that_stays_full_blocks_neither_the_status_nor_shutdown() {
+    let sink = FakeSink::new();
+    sink.answer(|_, _| Answer::Hang);
+    sink.inner().queue_cap = 2;
+    let mut rig = Rig::start(kafka(), Arc::clone(&sink), &[]).await;
+    append(&rig.outbox, &["a", "a", "a", "a", "a"]).await;
+    until("two held", || sink.held() == 2).await;
+    until("offline", || rig.state() == State::Offline).await;
+    let started = Instant::now();
+    rig.stop().await;
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(rig.held(), 5, "all five stay in the outbox");
+    assert_eq!(sink.offered(), vec![1, 2], "the rest was never queued");
+}
+
 /// Draining → Stopped: in-flight records get `drain_timeout`; what was acknowledged is
 /// deleted, what was not stays in the outbox.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
