@@ -57,6 +57,9 @@
 //!   the outbox's dead-letter table — without a rewind; it stays unsettled until it is.
 //! * A topic without a recent acknowledgement holds at most its share of the window
 //!   ([`TopicWindow`]).
+//! * The pump never waits inside a produce: a record the client has no room for (its queue is
+//!   full) is skipped and read again after the next delivery report, so `stop`, the link watch
+//!   and deletes keep working while a broker is gone.
 //!
 //! The unit tests ([`tests`]) drive every transition against a fake sink that acks, fails,
 //! hangs or refuses each record as the test says.
