@@ -234,6 +234,11 @@ type InFlight = FuturesOrdered<BoxFuture<'static, Done>>;
 /// Waiting for a payload's bytes of the ingress budget (`None`: the budget was closed).
 type Waiting = BoxFuture<'static, Option<OwnedSemaphorePermit>>;
 
+/// How long a connection taken over by a new one keeps reading what its client had already
+/// sent ([`Conn::take_what_was_sent`]): bytes already on their way arrive well within it; a
+/// silent old connection costs the takeover this much.
+const TAKEOVER_READ: Duration = Duration::from_millis(100);
+
 /// A PUBLISH read while the ingress budget was spent, and the wait for its bytes.
 struct Parked {
     publish: Publish,
@@ -553,7 +558,9 @@ impl Conn {
                     () = kick.cancelled() => {
                         // The new connection may have won the race against this one's last
                         // packets (a client that publishes, disconnects and reconnects at once):
-                        // what was received here is still committed, never dropped mid-way.
+                        // what it sent here is still read and committed, never dropped.
+                        self.take_what_was_sent(rd, buf, &mut inflight, &mut parked, &mut how)
+                            .await;
                         self.settle(&mut inflight, &mut parked).await;
                         self.disconnect(wr, reason::SESSION_TAKEN_OVER).await;
                         return Err(ConnError::Closed("taken over by a new connection".into()));
@@ -607,6 +614,66 @@ impl Conn {
             let _ = wr.write_all(&self.out).await;
         }
         (result, how)
+    }
+
+    /// A connection taken over by a new one: the PUBLISHes its client had already sent are read
+    /// and committed too — up to its DISCONNECT, the end of the stream, or [`TAKEOVER_READ`]
+    /// without more bytes. A client that publishes, disconnects and reconnects with the same
+    /// client id at once (`mosquitto_pub` in a loop) would otherwise lose the last publish of the
+    /// old connection whenever the new CONNECT is handled before that publish was read. Other
+    /// packets are ignored: the session has moved to the new connection. A DISCONNECT read here
+    /// counts as it would have: a normal one drops the will.
+    async fn take_what_was_sent(
+        &mut self,
+        rd: &mut (impl AsyncRead + Unpin),
+        buf: &mut BytesMut,
+        inflight: &mut InFlight,
+        parked: &mut Option<Parked>,
+        how: &mut Detach,
+    ) {
+        if let Some(Parked { publish, waiting }) = parked.take() {
+            let permit = waiting.await;
+            if self.publish(publish, permit, inflight).is_err() {
+                return;
+            }
+        }
+        let deadline = Instant::now() + TAKEOVER_READ;
+        loop {
+            let packet = match read_packet(
+                buf,
+                self.version,
+                self.broker.settings.max_packet,
+                self.broker.settings.topic_alias_maximum,
+            ) {
+                Ok(Some(packet)) => packet,
+                Ok(None) => match tokio::time::timeout_at(deadline, fill(rd, buf)).await {
+                    Ok(Ok(true)) => continue,
+                    _ => return,
+                },
+                Err(_) => return,
+            };
+            match packet {
+                Packet::Publish(p) => {
+                    let permit = match self.reserve(&p) {
+                        Ok(permit) => permit,
+                        Err(waiting) => waiting.await,
+                    };
+                    if self.publish(p, permit, inflight).is_err() {
+                        return;
+                    }
+                }
+                Packet::Disconnect(d) => {
+                    how.will = d.reason == reason::DISCONNECT_WITH_WILL;
+                    if let Some(e) = d.session_expiry
+                        && how.expiry != 0
+                    {
+                        how.expiry = e.min(self.broker.settings.max_expiry());
+                    }
+                    return;
+                }
+                _ => {}
+            }
+        }
     }
 
     /// Finishes every publish, PUBREL and subscription under way before the connection ends,

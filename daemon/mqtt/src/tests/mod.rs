@@ -36,10 +36,18 @@ impl Harness {
     }
 
     fn open(dir: tempfile::TempDir, persist: bool) -> Harness {
+        Self::open_with(dir, persist, Settings::default())
+    }
+
+    fn with_settings(settings: Settings) -> Harness {
+        Self::open_with(tempfile::tempdir().unwrap(), false, settings)
+    }
+
+    fn open_with(dir: tempfile::TempDir, persist: bool, settings: Settings) -> Harness {
         let backend = FakeBackend::default();
         let store = persist.then(|| Store::open(&dir.path().join("sessions.db")).unwrap());
         let broker = Broker::new(
-            Settings::default(),
+            settings,
             Arc::new(backend.clone()),
             store,
             MqttMetrics::default(),
@@ -381,6 +389,39 @@ async fn publishes_received_before_a_takeover_are_still_stored() {
         (0x40, 1),
         "the old connection's PUBACK"
     );
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(h.backend.topics(), ["t/0", "t/1"]);
+}
+
+/// A takeover also reads what the old client had sent but its connection had not read yet (here
+/// its window was full): a client that publishes, disconnects and reconnects with the same client
+/// id at once loses nothing even when the new CONNECT is handled first.
+#[tokio::test(start_paused = true)]
+async fn a_takeover_still_reads_what_the_old_client_had_sent() {
+    let h = Harness::with_settings(Settings {
+        max_inflight_in: 1,
+        ..Settings::default()
+    });
+    let (mut first, _) = h.connect(&connect(5, "same", "dev", true, &[])).await;
+    h.backend.hold();
+    first
+        .send(&publish(1, false, "t/0", 1, Some(&[]), b"x"))
+        .await;
+    first
+        .send(&publish(0, false, "t/1", 0, Some(&[]), b"x"))
+        .await;
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(
+        h.backend.held(),
+        1,
+        "a full window: the QoS 0 publish is not read yet"
+    );
+    let second = connect(5, "same", "dev", true, &[]);
+    let ((_second, connack), ()) = tokio::join!(h.connect(&second), async {
+        tokio::time::sleep(QUIET).await;
+        h.backend.open(Verdict::Commit);
+    });
+    assert_eq!(connack.body[1], 0, "CONNACK success");
     tokio::time::sleep(QUIET).await;
     assert_eq!(h.backend.topics(), ["t/0", "t/1"]);
 }
