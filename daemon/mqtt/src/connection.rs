@@ -485,12 +485,7 @@ impl Conn {
             loop {
                 // Every complete packet buffered, while the window has room.
                 while inflight.len() < limit && !self.closing && parked.is_none() {
-                    let packet = match read_packet(
-                        buf,
-                        self.version,
-                        self.broker.settings.max_packet,
-                        self.broker.settings.topic_alias_maximum,
-                    ) {
+                    let packet = match self.next_packet(buf) {
                         Ok(Some(p)) => p,
                         Ok(None) => break,
                         Err(e) => {
@@ -616,6 +611,31 @@ impl Conn {
         (result, how)
     }
 
+    /// The next complete packet in `buf`, if there is one.
+    fn next_packet(&self, buf: &mut BytesMut) -> Result<Option<Packet>, DecodeError> {
+        read_packet(
+            buf,
+            self.version,
+            self.broker.settings.max_packet,
+            self.broker.settings.topic_alias_maximum,
+        )
+    }
+
+    /// Publishes the PUBLISH parked for the ingress budget, once its bytes are granted.
+    async fn publish_parked(
+        &mut self,
+        parked: &mut Option<Parked>,
+        inflight: &mut InFlight,
+    ) -> Result<(), ConnError> {
+        match parked.take() {
+            Some(Parked { publish, waiting }) => {
+                let permit = waiting.await;
+                self.publish(publish, permit, inflight)
+            }
+            None => Ok(()),
+        }
+    }
+
     /// A connection taken over by a new one: the PUBLISHes its client had already sent are read
     /// and committed too — up to its DISCONNECT, the end of the stream, or [`TAKEOVER_READ`]
     /// without more bytes. A client that publishes, disconnects and reconnects with the same
@@ -631,20 +651,12 @@ impl Conn {
         parked: &mut Option<Parked>,
         how: &mut Detach,
     ) {
-        if let Some(Parked { publish, waiting }) = parked.take() {
-            let permit = waiting.await;
-            if self.publish(publish, permit, inflight).is_err() {
-                return;
-            }
+        if self.publish_parked(parked, inflight).await.is_err() {
+            return;
         }
         let deadline = Instant::now() + TAKEOVER_READ;
         loop {
-            let packet = match read_packet(
-                buf,
-                self.version,
-                self.broker.settings.max_packet,
-                self.broker.settings.topic_alias_maximum,
-            ) {
+            let packet = match self.next_packet(buf) {
                 Ok(Some(packet)) => packet,
                 Ok(None) => match tokio::time::timeout_at(deadline, fill(rd, buf)).await {
                     Ok(Ok(true)) => continue,
@@ -680,11 +692,8 @@ impl Conn {
     /// whatever ends it: a store future dropped half-way would lose a QoS 0 publish the client
     /// sent before it left. Their acks go into `out` (written if the socket still takes them).
     async fn settle(&mut self, inflight: &mut InFlight, parked: &mut Option<Parked>) {
-        if let Some(Parked { publish, waiting }) = parked.take() {
-            let permit = waiting.await;
-            if self.publish(publish, permit, inflight).is_err() {
-                return;
-            }
+        if self.publish_parked(parked, inflight).await.is_err() {
+            return;
         }
         while let Some(done) = inflight.next().await {
             if self.complete(done).is_err() {

@@ -332,13 +332,7 @@ pub(super) async fn run(fw: Forwarder, stop: CancellationToken) -> Result<(), Fo
                     match fw.outbox.dead_letter(seq, cause.clone()).await {
                         Ok(_) => {
                             poisoned.attempts.forget(seq);
-                            fw.shared.count_poison(cause.reason, "local");
-                            tracing::error!(
-                                seq,
-                                reason = cause.reason,
-                                error = %cause.error,
-                                "Poison record moved to the outbox's dead-letter table (see `outpost dead-letters list`)"
-                            );
+                            fw.shared.buried(seq, &cause);
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, seq, "Moving a poison record aside failed; retrying");

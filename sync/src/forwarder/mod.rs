@@ -232,6 +232,17 @@ impl Shared {
             .inc();
         self.count(&self.poison, 1);
     }
+
+    /// A poison record is in the outbox's dead-letter table: counted and logged (both modes).
+    fn buried(&self, seq: u64, cause: &DeadLetterCause) {
+        self.count_poison(cause.reason, "local");
+        tracing::error!(
+            seq,
+            reason = cause.reason,
+            error = %cause.error,
+            "Poison record moved to the outbox's dead-letter table (see `outpost dead-letters list`)"
+        );
+    }
 }
 
 /// Handle for status reports; cheap to clone.

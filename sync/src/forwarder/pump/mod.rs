@@ -953,13 +953,7 @@ impl Pump {
                 Ok(_) => {
                     self.unsettled.remove(&seq);
                     self.attempts.forget(seq);
-                    self.fw.shared.count_poison(cause.reason, "local");
-                    tracing::error!(
-                        seq,
-                        reason = cause.reason,
-                        error = %cause.error,
-                        "Poison record moved to the outbox's dead-letter table (see `outpost dead-letters list`)"
-                    );
+                    self.fw.shared.buried(seq, &cause);
                 }
                 Err(e) => {
                     // This one and the rest stay poisoned (and unsettled): tried again next turn.
