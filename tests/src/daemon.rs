@@ -348,11 +348,31 @@ pub fn outpost_cli(args: &[&str]) -> (i32, String, String) {
 /// figures. `/proc` reports it in USER_HZ clock ticks, 100 per second on Linux whatever the
 /// kernel's own tick rate.
 pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    Ok(stat_cpu(&std::fs::read_to_string(format!("/proc/{pid}/stat"))?)?.1)
+}
+
+/// CPU time per thread name (threads of one name summed, digits dropped: `tokio-runtime-w`,
+/// `rdk:broker`), in seconds: where a benchmark's CPU went. Threads that ended are not counted.
+pub fn thread_cpu_seconds(pid: u32) -> anyhow::Result<std::collections::BTreeMap<String, f64>> {
+    let mut by_name = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let Ok(stat) = std::fs::read_to_string(task?.path().join("stat")) else {
+            continue; // ended meanwhile
+        };
+        let (name, cpu) = stat_cpu(&stat)?;
+        let name: String = name.chars().filter(|c| !c.is_ascii_digit()).collect();
+        *by_name.entry(name).or_insert(0.0) += cpu;
+    }
+    Ok(by_name)
+}
+
+/// The command name and CPU seconds of a `/proc/.../stat` line.
+fn stat_cpu(stat: &str) -> anyhow::Result<(String, f64)> {
     use anyhow::Context;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which is in parentheses and may contain spaces): state is
     // field 3, utime and stime fields 14 and 15.
-    let rest = stat.rsplit_once(')').context("/proc/<pid>/stat")?.1;
+    let (head, rest) = stat.rsplit_once(')').context("/proc/<pid>/stat")?;
+    let name = head.split_once('(').map_or("", |(_, n)| n).to_owned();
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| -> anyhow::Result<f64> {
         Ok(fields
@@ -360,5 +380,5 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
             .context("/proc/<pid>/stat field")?
             .parse::<u64>()? as f64)
     };
-    Ok((ticks(14)? + ticks(15)?) / 100.0)
+    Ok((name, (ticks(14)? + ticks(15)?) / 100.0))
 }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use outpost_e2e::admin::{admin_token_config, create_device};
-use outpost_e2e::daemon::{Daemon, cpu_seconds};
+use outpost_e2e::daemon::{Daemon, cpu_seconds, thread_cpu_seconds};
 use outpost_e2e::http::request;
 use outpost_e2e::kafka::MockKafka;
 
@@ -158,6 +158,10 @@ fn one_run(bin: &Path, template: &Path, o: &Options) -> anyhow::Result<(f64, f64
     let mut d = Daemon::start_other(bin, dir.path(), &config);
     let pid = d.pid();
     let (t0, cpu0) = (Instant::now(), cpu_seconds(pid)?);
+    let (threads0, commits0) = (
+        thread_cpu_seconds(pid)?,
+        d.metric("outpost_outbox_commits_total"),
+    );
     let deadline = t0 + Duration::from_secs(1800);
     loop {
         let status = d.status();
@@ -172,6 +176,25 @@ fn one_run(bin: &Path, template: &Path, o: &Options) -> anyhow::Result<(f64, f64
         std::thread::sleep(Duration::from_millis(100));
     }
     let (wall, cpu) = (t0.elapsed().as_secs_f64(), cpu_seconds(pid)? - cpu0);
+    // Where the CPU went (the threads that used at least 1 % of it) and how many outbox
+    // commits (appends and deletes) the drain took: the first things to look at when the share
+    // moves.
+    let mut threads: Vec<(String, f64)> = thread_cpu_seconds(pid)?
+        .into_iter()
+        .map(|(name, c)| (c - threads0.get(&name).copied().unwrap_or(0.0), name))
+        .filter(|(c, _)| *c >= cpu / 100.0)
+        .map(|(c, name)| (name, c))
+        .collect();
+    threads.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let threads: Vec<String> = threads
+        .iter()
+        .map(|(name, c)| format!("{name} {c:.2}"))
+        .collect();
+    println!(
+        "  threads (CPU s): {}; outbox commits: {:.0}",
+        threads.join(", "),
+        d.metric("outpost_outbox_commits_total") - commits0
+    );
     let status = d.status();
     let delivered = status["kafka"]["delivered"].as_u64().unwrap_or(0);
     if delivered < o.records as u64 {
