@@ -24,8 +24,13 @@ fuzz_target!(|data: &[u8]| {
         let data_type = if function.is_bits() {
             DataType::Bool
         } else {
-            [DataType::U16, DataType::I16, DataType::U32, DataType::I32, DataType::F32]
-                [usize::from(c[1] % 5)]
+            [
+                DataType::U16,
+                DataType::I16,
+                DataType::U32,
+                DataType::I32,
+                DataType::F32,
+            ][usize::from(c[1] % 5)]
         };
         let order = |b: bool| if b { Order::Little } else { Order::Big };
         points.push(ModbusPointConfig {
@@ -51,7 +56,11 @@ fuzz_target!(|data: &[u8]| {
     let mut served = vec![0usize; points.len()];
     for group in &groups {
         for request in &group.requests {
-            let limit = if group.function.is_bits() { MAX_BITS } else { MAX_REGISTERS };
+            let limit = if group.function.is_bits() {
+                MAX_BITS
+            } else {
+                MAX_REGISTERS
+            };
             assert!(request.count >= 1 && request.count <= limit);
             for &i in &request.points {
                 served[i] += 1;
