@@ -181,9 +181,11 @@ fn one_run(bin: &Path, template: &Path, o: &Options) -> anyhow::Result<(f64, f64
     // moves.
     let mut threads: Vec<(String, f64)> = thread_cpu_seconds(pid)?
         .into_iter()
-        .map(|(name, c)| (c - threads0.get(&name).copied().unwrap_or(0.0), name))
-        .filter(|(c, _)| *c >= cpu / 100.0)
-        .map(|(c, name)| (name, c))
+        .map(|(name, c)| {
+            let used = c - threads0.get(&name).copied().unwrap_or(0.0);
+            (name, used)
+        })
+        .filter(|(_, used)| *used >= cpu / 100.0)
         .collect();
     threads.sort_by(|a, b| b.1.total_cmp(&a.1));
     let threads: Vec<String> = threads
