@@ -17,11 +17,14 @@ use std::time::{Duration, Instant};
 
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::BaseRecord;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use super::polled::{OnDelivery, PolledProducer};
 use super::{ForwarderHandle, ForwarderOptions, client};
 use crate::outbox::now_unix_ms;
 
@@ -79,7 +82,7 @@ pub async fn run(
                     "message.timeout.ms",
                     interval.as_millis().max(1000).to_string(),
                 );
-            c.create_with_context(context).map_err(|e| e.to_string())
+            PolledProducer::new(&c, context, Replies).map_err(|e| e.to_string())
         }) {
             Ok(p) => p,
             Err(e) => {
@@ -118,9 +121,9 @@ pub async fn run(
         let value = serde_json::to_vec(&heartbeat).unwrap_or_default();
         let sent = deliver(
             &producer,
-            FutureRecord::<str, [u8]>::to(&kafka.heartbeat_topic)
-                .key(&options.gateway_id)
-                .payload(&value),
+            &kafka.heartbeat_topic,
+            &options.gateway_id,
+            Some(&value),
         )
         .await;
         if !sent {
@@ -141,21 +144,35 @@ pub async fn run(
 
 /// Sends the devices whose inventory changed since the last call, and tombstones for deleted
 /// ones. A device whose send failed is tried again next time.
-type Producer = FutureProducer<client::Context>;
+type Producer = PolledProducer<Replies>;
 
-/// Sends one record and waits at most [`DELIVERY_WAIT`] for its acknowledgement: heartbeats
-/// and inventory must never hold up the loop or a shutdown while Kafka is away.
-async fn deliver<K, P>(producer: &Producer, record: FutureRecord<'_, K, P>) -> bool
-where
-    K: rdkafka::message::ToBytes + ?Sized,
-    P: rdkafka::message::ToBytes + ?Sized,
-{
-    let Ok(delivery) = producer.send_result(record) else {
+/// Each record's delivery report goes back to its sender through a oneshot channel (a few
+/// records per heartbeat interval: the per-record channel costs nothing here).
+struct Replies;
+
+impl OnDelivery for Replies {
+    type Opaque = Box<oneshot::Sender<bool>>;
+
+    fn delivered(&self, result: Result<(), KafkaError>, reply: Self::Opaque) {
+        let _ = reply.send(result.is_ok());
+    }
+}
+
+/// Sends one record (no payload: a tombstone) and waits at most [`DELIVERY_WAIT`] for its
+/// acknowledgement: heartbeats and inventory must never hold up the loop or a shutdown while
+/// Kafka is away.
+async fn deliver(producer: &Producer, topic: &str, key: &str, payload: Option<&[u8]>) -> bool {
+    let (reply, delivered) = oneshot::channel();
+    let mut record = BaseRecord::<str, [u8], _>::with_opaque_to(topic, Box::new(reply)).key(key);
+    if let Some(payload) = payload {
+        record = record.payload(payload);
+    }
+    if producer.producer().send(record).is_err() {
         return false;
-    };
+    }
     matches!(
-        tokio::time::timeout(DELIVERY_WAIT, delivery).await,
-        Ok(Ok(Ok(_)))
+        tokio::time::timeout(DELIVERY_WAIT, delivered).await,
+        Ok(Ok(true))
     )
 }
 
@@ -174,12 +191,7 @@ async fn publish_inventory(
         if sent.get(&id) == Some(&text) {
             continue;
         }
-        if deliver(
-            producer,
-            FutureRecord::<str, str>::to(topic).key(&id).payload(&text),
-        )
-        .await
-        {
+        if deliver(producer, topic, &id, Some(text.as_bytes())).await {
             sent.insert(id, text);
         }
     }
@@ -189,7 +201,7 @@ async fn publish_inventory(
         .cloned()
         .collect();
     for id in gone {
-        if deliver(producer, FutureRecord::<str, [u8]>::to(topic).key(&id)).await {
+        if deliver(producer, topic, &id, None).await {
             sent.remove(&id);
         }
     }

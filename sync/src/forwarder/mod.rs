@@ -16,6 +16,7 @@ mod eos;
 pub mod fleet;
 pub mod metrics;
 pub mod poison;
+mod polled;
 mod probe;
 mod pump;
 pub mod rules;
@@ -344,8 +345,8 @@ impl Forwarder {
         } else {
             let fw = self.clone();
             let make_sink: pump::MakeSink = Box::new(move || {
-                let producer = fw.producer(None)?;
-                Ok(Arc::new(sink::KafkaSink { producer }) as Arc<dyn sink::Sink>)
+                let sink = fw.sink()?;
+                Ok(Arc::new(sink) as Arc<dyn sink::Sink>)
             });
             pump::Pump::new(self, make_sink)?.run(stop).await
         }
@@ -364,17 +365,34 @@ impl Forwarder {
     }
 
     fn producer(&self, transactional_id: Option<&str>) -> Result<Producer_, ForwarderError> {
-        let config = client::producer_config(
+        self.producer_config(transactional_id)?
+            .create_with_context(self.client_context())
+            .map_err(|e| ForwarderError::Producer(e.to_string()))
+    }
+
+    /// The at-least-once producer (see [`sink::KafkaSink`] for why it is not a
+    /// `FutureProducer`).
+    fn sink(&self) -> Result<sink::KafkaSink, ForwarderError> {
+        sink::KafkaSink::new(&self.producer_config(None)?, self.client_context())
+            .map_err(|e| ForwarderError::Producer(e.to_string()))
+    }
+
+    fn producer_config(
+        &self,
+        transactional_id: Option<&str>,
+    ) -> Result<rdkafka::ClientConfig, ForwarderError> {
+        client::producer_config(
             &self.options.kafka,
             &self.options.client_id,
             transactional_id,
         )
-        .map_err(ForwarderError::Producer)?;
-        config
-            .create_with_context(client::Context {
-                signals: Arc::clone(&self.shared.signals),
-            })
-            .map_err(|e| ForwarderError::Producer(e.to_string()))
+        .map_err(ForwarderError::Producer)
+    }
+
+    fn client_context(&self) -> client::Context {
+        client::Context {
+            signals: Arc::clone(&self.shared.signals),
+        }
     }
 
     fn reader(&self) -> Result<OutboxReader, ForwarderError> {

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 
-use super::sink::Sink;
+use super::sink::Probe;
 
 /// Whether Kafka answers while nothing is in flight, when no acknowledgement can tell: a
 /// metadata request for one topic (small on any cluster; it proves a broker answers), sent every
@@ -30,7 +30,12 @@ impl IdleProbe {
 
     /// Kafka answered (an acknowledgement or a commit).
     pub(super) fn contact(&mut self) {
-        self.last_contact = Instant::now();
+        self.contact_at(Instant::now());
+    }
+
+    /// Kafka answered at `now` (a batch of acknowledgements read the clock once).
+    pub(super) fn contact_at(&mut self, now: Instant) {
+        self.last_contact = now;
     }
 
     pub(super) fn silent_for(&self) -> Duration {
@@ -40,7 +45,7 @@ impl IdleProbe {
     /// Starts a probe when one is due; the outcome of one that finished since the last call.
     pub(super) fn poll(
         &mut self,
-        sink: &Arc<dyn Sink>,
+        probe: &Arc<dyn Probe>,
         topic: &str,
         offline_after: Duration,
     ) -> Option<bool> {
@@ -57,10 +62,10 @@ impl IdleProbe {
             outcome = Some(ok);
         }
         if self.running.is_none() && Instant::now() >= self.next {
-            let (sink, topic) = (Arc::clone(sink), topic.to_owned());
+            let (probe, topic) = (Arc::clone(probe), topic.to_owned());
             self.next = Instant::now() + (offline_after / 2).max(Duration::from_secs(1));
             self.running = Some(tokio::task::spawn_blocking(move || {
-                sink.probe(&topic, Duration::from_secs(2))
+                probe.probe(&topic, Duration::from_secs(2))
             }));
         }
         outcome

@@ -14,6 +14,8 @@
 //! with Kafka on and everything else default, and measures from the daemon's readiness until
 //! the outbox is empty: wall time, and the daemon's CPU (user + system, all threads) over it.
 //! "% of a core" is CPU over wall time. The status is polled every 100 ms (its cost is included).
+//! With `--idle N`, each run then leaves the drained daemon connected to the mock cluster for
+//! N seconds and measures its idle CPU the same way (nothing is polled meanwhile).
 
 #![allow(clippy::unwrap_used)] // bench code: a panic is the failure report
 #![allow(clippy::disallowed_methods)] // std::thread::sleep: a blocking bench, no async runtime
@@ -34,6 +36,8 @@ struct Options {
     runs: usize,
     rate: Option<u32>,
     brokers: Vec<String>,
+    /// Seconds of idle measurement after each drain (0: none).
+    idle: u64,
 }
 
 fn parse_args() -> anyhow::Result<Option<Options>> {
@@ -42,6 +46,7 @@ fn parse_args() -> anyhow::Result<Option<Options>> {
         runs: 3,
         rate: None,
         brokers: vec!["outpost".to_owned()],
+        idle: 0,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -51,10 +56,12 @@ fn parse_args() -> anyhow::Result<Option<Options>> {
             "--runs" => o.runs = value()?.parse()?,
             "--rate" => o.rate = Some(value()?.parse()?),
             "--brokers" => o.brokers = value()?.split(',').map(str::to_owned).collect(),
+            "--idle" => o.idle = value()?.parse()?,
             "-h" | "--help" => {
                 println!(
                     "drain-bench [--records 300000] [--runs 3] [--rate N (kafka.backlog_rate; \
-                     default: the daemon's default)] [--brokers outpost[,before]]"
+                     default: the daemon's default)] [--brokers outpost[,before]] \
+                     [--idle SECONDS (idle CPU after each drain)]"
                 );
                 return Ok(None);
             }
@@ -134,8 +141,31 @@ fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One drain: (wall seconds, CPU seconds).
-fn one_run(bin: &Path, template: &Path, o: &Options) -> anyhow::Result<(f64, f64)> {
+/// Each thread's CPU seconds since `before` (the threads that used at least 1 % of `total`),
+/// most first.
+fn thread_breakdown(
+    pid: u32,
+    before: &std::collections::BTreeMap<String, f64>,
+    total: f64,
+) -> anyhow::Result<String> {
+    let mut threads: Vec<(String, f64)> = thread_cpu_seconds(pid)?
+        .into_iter()
+        .map(|(name, c)| {
+            let used = c - before.get(&name).copied().unwrap_or(0.0);
+            (name, used)
+        })
+        .filter(|(_, used)| *used >= total / 100.0)
+        .collect();
+    threads.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let threads: Vec<String> = threads
+        .iter()
+        .map(|(name, c)| format!("{name} {c:.2}"))
+        .collect();
+    Ok(threads.join(", "))
+}
+
+/// One drain: (wall seconds, CPU seconds, idle share of a core in % if measured).
+fn one_run(bin: &Path, template: &Path, o: &Options) -> anyhow::Result<(f64, f64, Option<f64>)> {
     let dir = tempfile::Builder::new()
         .prefix("drain-bench-")
         .tempdir_in(std::env::current_dir()?)?;
@@ -179,22 +209,9 @@ fn one_run(bin: &Path, template: &Path, o: &Options) -> anyhow::Result<(f64, f64
     // Where the CPU went (the threads that used at least 1 % of it) and how many outbox
     // commits (appends and deletes) the drain took: the first things to look at when the share
     // moves.
-    let mut threads: Vec<(String, f64)> = thread_cpu_seconds(pid)?
-        .into_iter()
-        .map(|(name, c)| {
-            let used = c - threads0.get(&name).copied().unwrap_or(0.0);
-            (name, used)
-        })
-        .filter(|(_, used)| *used >= cpu / 100.0)
-        .collect();
-    threads.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let threads: Vec<String> = threads
-        .iter()
-        .map(|(name, c)| format!("{name} {c:.2}"))
-        .collect();
     println!(
         "  threads (CPU s): {}; outbox commits: {:.0}",
-        threads.join(", "),
+        thread_breakdown(pid, &threads0, cpu)?,
         d.metric("outpost_outbox_commits_total") - commits0
     );
     let status = d.status();
@@ -205,8 +222,23 @@ fn one_run(bin: &Path, template: &Path, o: &Options) -> anyhow::Result<(f64, f64
             o.records
         );
     }
+    let idle = if o.idle > 0 {
+        // Let the last deletes and reports settle, then measure without touching the daemon.
+        std::thread::sleep(Duration::from_secs(2));
+        let (t0, cpu0, threads0) = (Instant::now(), cpu_seconds(pid)?, thread_cpu_seconds(pid)?);
+        std::thread::sleep(Duration::from_secs(o.idle));
+        let (wall, cpu) = (t0.elapsed().as_secs_f64(), cpu_seconds(pid)? - cpu0);
+        println!(
+            "  idle {wall:.0} s: CPU {cpu:.3} s = {:.2} % of a core; threads (CPU s): {}",
+            cpu / wall * 100.0,
+            thread_breakdown(pid, &threads0, cpu)?
+        );
+        Some(cpu / wall * 100.0)
+    } else {
+        None
+    };
     d.terminate(Duration::from_secs(30));
-    Ok((wall, cpu))
+    Ok((wall, cpu, idle))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -240,25 +272,31 @@ fn main() -> anyhow::Result<()> {
         println!("{name}: filled in {:.1} s", started.elapsed().as_secs_f64());
         templates.push((dir, data));
     }
-    let mut figures: Vec<Vec<(f64, f64)>> = vec![Vec::new(); bins.len()];
+    let mut figures: Vec<Vec<(f64, f64, Option<f64>)>> = vec![Vec::new(); bins.len()];
     for run in 1..=o.runs {
         for (i, (name, bin)) in bins.iter().enumerate() {
-            let (wall, cpu) = one_run(bin, &templates[i].1, &o)?;
+            let (wall, cpu, idle) = one_run(bin, &templates[i].1, &o)?;
             println!(
                 "{name} run {run}: drained in {wall:.2} s = {:.0} records/s; CPU {cpu:.2} s = \
                  {:.1} % of a core",
                 o.records as f64 / wall,
                 cpu / wall * 100.0
             );
-            figures[i].push((wall, cpu));
+            figures[i].push((wall, cpu, idle));
         }
     }
     for ((name, _), runs) in bins.iter().zip(figures) {
-        let share: Vec<f64> = runs.iter().map(|(w, c)| c / w * 100.0).collect();
-        let walls: Vec<f64> = runs.iter().map(|(w, _)| *w).collect();
-        let cpus: Vec<f64> = runs.iter().map(|(_, c)| *c).collect();
+        let share: Vec<f64> = runs.iter().map(|(w, c, _)| c / w * 100.0).collect();
+        let walls: Vec<f64> = runs.iter().map(|(w, _, _)| *w).collect();
+        let cpus: Vec<f64> = runs.iter().map(|(_, c, _)| *c).collect();
+        let idle: Vec<f64> = runs.iter().filter_map(|(_, _, i)| *i).collect();
+        let idle = if idle.is_empty() {
+            String::new()
+        } else {
+            format!("; idle {:.2} % of a core", median(idle))
+        };
         println!(
-            "{name}: median of {} runs: drained in {:.2} s, CPU {:.2} s, {:.1} % of a core",
+            "{name}: median of {} runs: drained in {:.2} s, CPU {:.2} s, {:.1} % of a core{idle}",
             o.runs,
             median(walls),
             median(cpus),

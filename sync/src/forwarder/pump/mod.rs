@@ -64,15 +64,11 @@
 //! The unit tests ([`tests`]) drive every transition against a fake sink that acks, fails,
 //! hangs or refuses each record as the test says.
 
-use std::collections::HashSet;
-use std::future::Future;
-use std::pin::Pin;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use futures_util::stream::{FuturesUnordered, StreamExt};
 use outpost_config::{BacklogOrder, KafkaConfig, RuleKey};
 use outpost_pacing::{Backoff, TokenBucket};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -82,7 +78,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::probe::IdleProbe;
-use super::sink::{Outgoing, Refused, Sink};
+use super::sink::{Outgoing, Probe, Refused, Report, Reports, Sink};
 use super::window::{TopicId, TopicWindow};
 use super::{
     Forwarder, ForwarderError, State, dead_letter_headers, headers, metrics, poison, rules,
@@ -151,39 +147,29 @@ enum Link {
     Back,
 }
 
-/// A settled delivery.
-struct Settled {
+/// A produced record awaiting its delivery report, under the token it was sent with.
+struct InFlight {
     seq: u64,
     received_at_ms: i64,
     /// The Kafka topic it went to (for the per-topic window).
     topic: TopicId,
     /// Set when this was the record's dead letter, produced to the dead-letter topic.
     dead: Option<Box<DeadLetterCause>>,
-    result: Result<(), KafkaError>,
 }
 
-/// A produced record awaiting its delivery report; resolves to its [`Settled`]. A named future
-/// (not a boxed `async` block) so that a record costs one allocation for its report, not two.
-struct InFlight {
-    delivery: super::sink::Delivery,
-    seq: u64,
-    received_at_ms: i64,
-    topic: TopicId,
-    dead: Option<Box<DeadLetterCause>>,
+/// The clock, read once per batch of delivery reports.
+#[derive(Clone, Copy)]
+struct Now {
+    instant: Instant,
+    unix_ms: i64,
 }
 
-impl Future for InFlight {
-    type Output = Settled;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Settled> {
-        let result = std::task::ready!(self.delivery.as_mut().poll(cx));
-        Poll::Ready(Settled {
-            seq: self.seq,
-            received_at_ms: self.received_at_ms,
-            topic: self.topic,
-            dead: self.dead.take(),
-            result,
-        })
+impl Now {
+    fn read() -> Self {
+        Self {
+            instant: Instant::now(),
+            unix_ms: now_unix_ms(),
+        }
     }
 }
 
@@ -375,7 +361,6 @@ impl Deleter {
 }
 
 enum Wake {
-    Settled(Settled),
     Deleted(AckDone),
     /// Dead letters were put back: plan again (they are below the cursors).
     Revived,
@@ -399,13 +384,19 @@ pub(super) struct Pump {
     fw: Forwarder,
     make_sink: MakeSink,
     sink: Arc<dyn Sink>,
+    /// The sink's delivery reports, and the list they are taken into (kept to reuse it).
+    reports: Arc<Reports>,
+    taken: Vec<Report>,
     reader: Option<OutboxReader>,
     committed: watch::Receiver<u64>,
     /// Dead letters put back into the outbox (below the cursors): plan again.
     revived: watch::Receiver<u64>,
     phase: Phase,
     cursors: Cursors,
-    in_flight: FuturesUnordered<InFlight>,
+    /// Records the sink holds, by token; tokens count up (wrapping), so a report of a sink that
+    /// was replaced can never settle a record of the new one.
+    in_flight: HashMap<usize, InFlight>,
+    next_token: usize,
     unsettled: HashSet<u64>,
     deleter: Deleter,
     /// The rewinds' backoff: doubles per rewind, reset by a delivery.
@@ -425,6 +416,7 @@ pub(super) struct Pump {
 impl Pump {
     pub(super) fn new(fw: Forwarder, make_sink: MakeSink) -> Result<Self, ForwarderError> {
         let sink = make_sink()?;
+        let reports = sink.reports();
         let reader = Some(fw.reader()?);
         let committed = fw.outbox.committed();
         let revived = fw.outbox.revived();
@@ -437,12 +429,15 @@ impl Pump {
             fw,
             make_sink,
             sink,
+            reports,
+            taken: Vec::new(),
             reader,
             committed,
             revived,
             phase: Phase::Stopped,
             cursors: Cursors::default(),
-            in_flight: FuturesUnordered::new(),
+            in_flight: HashMap::new(),
+            next_token: 0,
             unsettled: HashSet::new(),
             deleter: Deleter::new(),
             failure_backoff,
@@ -484,6 +479,7 @@ impl Pump {
                 if rewind.recreate {
                     tracing::warn!("Recreating the Kafka producer after a fatal error");
                     self.sink = (self.make_sink)()?;
+                    self.reports = self.sink.reports();
                     self.fw.shared.metrics.producer_restarts.inc();
                 }
                 self.plan().await?;
@@ -498,7 +494,6 @@ impl Pump {
             }
             let wake = self.next_wake();
             match self.wait(&stop, wake).await {
-                Wake::Settled(settled) => self.settle(settled),
                 Wake::Deleted(done) => self.deleted(done),
                 Wake::Revived => {
                     self.revived.mark_unchanged();
@@ -518,15 +513,16 @@ impl Pump {
         shared.metrics.in_flight.set(in_flight as i64);
     }
 
-    /// Waits for a delivery report, a finished delete, a commit, `stop` or `wake`.
+    /// Waits for delivery reports, a finished delete, a commit, `stop` or `wake`. Reports are
+    /// taken at the top of the loop ([`Self::reap_ready`]).
     async fn wait(&mut self, stop: &CancellationToken, wake: Duration) -> Wake {
-        let in_flight = &mut self.in_flight;
+        let reports = Arc::clone(&self.reports);
         let deleter = &mut self.deleter;
         let committed = &mut self.committed;
         let revived = &mut self.revived;
         tokio::select! {
             () = stop.cancelled() => Wake::Other,
-            Some(settled) = in_flight.next(), if !in_flight.is_empty() => Wake::Settled(settled),
+            () = reports.arrived(), if !self.in_flight.is_empty() => Wake::Other,
             done = deleter.join() => Wake::Deleted(done),
             _ = committed.changed() => Wake::Other,
             _ = revived.changed() => Wake::Revived,
@@ -758,18 +754,22 @@ impl Pump {
             headers,
             timestamp_ms: record.received_at_ms,
         };
-        let error = match self.sink.send(outgoing) {
-            Ok(delivery) => {
+        let token = self.next_token;
+        let error = match self.sink.send(outgoing, token) {
+            Ok(()) => {
+                self.next_token = token.wrapping_add(1);
                 let (seq, received_at_ms) = (record.seq, record.received_at_ms);
                 self.unsettled.insert(seq);
                 self.topics.produced(topic);
-                self.in_flight.push(InFlight {
-                    delivery,
-                    seq,
-                    received_at_ms,
-                    topic,
-                    dead,
-                });
+                self.in_flight.insert(
+                    token,
+                    InFlight {
+                        seq,
+                        received_at_ms,
+                        topic,
+                        dead,
+                    },
+                );
                 self.fw.shared.metrics.produced.inc();
                 self.fw.shared.count(&self.fw.shared.produced, 1);
                 return Ok(());
@@ -794,22 +794,31 @@ impl Pump {
         Ok(())
     }
 
-    /// Takes every delivery report that is ready without waiting.
+    /// Settles every delivery report that arrived, without waiting; the clock is read once for
+    /// the batch.
     fn reap_ready(&mut self) {
-        while let Some(Some(settled)) = futures_util::FutureExt::now_or_never(self.in_flight.next())
-        {
-            self.settle(settled);
+        let mut taken = std::mem::take(&mut self.taken);
+        self.reports.take(&mut taken);
+        if !taken.is_empty() {
+            let now = Now::read();
+            for (token, result) in taken.drain(..) {
+                // None: a report of a sink that was replaced (its records settled already).
+                if let Some(record) = self.in_flight.remove(&token) {
+                    self.settle(record, result, now);
+                }
+            }
         }
+        self.taken = taken;
     }
 
-    fn settle(&mut self, settled: Settled) {
-        self.topics.settled(settled.topic, settled.result.is_ok());
+    fn settle(&mut self, settled: InFlight, result: Result<(), KafkaError>, now: Now) {
+        self.topics.settled(settled.topic, result.is_ok());
         if std::mem::take(&mut self.client_full) {
             // Room again: read what was skipped while the client was full.
             self.topics.rescan_due();
         }
         let shared = Arc::clone(&self.fw.shared);
-        match settled.result {
+        match result {
             Ok(()) => {
                 self.deleter.delivered.push(settled.seq);
                 self.attempts.forget(settled.seq);
@@ -826,11 +835,11 @@ impl Pump {
                 } else {
                     shared.metrics.delivered.inc();
                     shared.count(&shared.delivered, 1);
-                    let age = (now_unix_ms() - settled.received_at_ms).max(0) as f64 / 1000.0;
+                    let age = (now.unix_ms - settled.received_at_ms).max(0) as f64 / 1000.0;
                     shared.metrics.delivery_latency.observe(age);
                 }
-                self.last_progress = Instant::now();
-                self.link.contact();
+                self.last_progress = now.instant;
+                self.link.contact_at(now.instant);
                 self.failure_backoff.reset();
                 shared
                     .signals
@@ -1048,7 +1057,8 @@ impl Pump {
             let topic = &self.fw.options.kafka.default_topic;
             // A probe that answers ends an outage; while Kafka is reachable it must not clear
             // an "all brokers down" that librdkafka reported after the probe was sent.
-            if self.link.poll(&self.sink, topic, offline_after) == Some(true)
+            let probe: Arc<dyn Probe> = self.sink.clone();
+            if self.link.poll(&probe, topic, offline_after) == Some(true)
                 && self.phase.shown() == State::Offline
             {
                 shared
@@ -1116,18 +1126,24 @@ impl Pump {
     async fn drain(&mut self) -> Result<(), ForwarderError> {
         self.enter(Phase::Draining);
         let deadline = tokio::time::Instant::now() + self.fw.options.drain_timeout;
-        while !self.in_flight.is_empty() {
-            match tokio::time::timeout_at(deadline, self.in_flight.next()).await {
-                Ok(Some(settled)) => self.settle(settled),
-                Ok(None) => break,
-                Err(_) => {
-                    tracing::warn!(
-                        in_flight = self.in_flight.len(),
-                        "Shutdown: records still in flight stay in the outbox"
-                    );
-                    break;
-                }
+        loop {
+            self.reap_ready();
+            if self.in_flight.is_empty() {
+                break;
             }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                tracing::warn!(
+                    in_flight = self.in_flight.len(),
+                    "Shutdown: records still in flight stay in the outbox"
+                );
+                break;
+            }
+            // Woken by the next batch of reports; the list is also looked at every 100 ms, so
+            // no wake-up can be missed for longer than that.
+            let reports = Arc::clone(&self.reports);
+            let slice = (deadline - now).min(Duration::from_millis(100));
+            let _ = tokio::time::timeout(slice, reports.arrived()).await;
         }
         for force in [false, true] {
             if force {

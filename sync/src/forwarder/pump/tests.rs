@@ -11,11 +11,10 @@ use std::time::{Duration, Instant};
 use outpost_config::KafkaConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Headers as _;
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::super::sink::{Delivery, Outgoing, Refused, Sink};
+use super::super::sink::{Outgoing, Probe, Refused, Reports, Sink};
 use super::super::{Forwarder, ForwarderError, ForwarderHandle, ForwarderOptions, NoTags, State};
 use super::{Deleter, MakeSink, Pump};
 use crate::outbox::{self, AckError, Outbox, OutboxOptions};
@@ -52,7 +51,8 @@ struct Inner {
     offered: Vec<Seen>,
     /// What Kafka has, in the order it got it.
     kafka: Vec<Seen>,
-    held: Vec<(Seen, oneshot::Sender<Result<(), KafkaError>>)>,
+    /// Records without a report yet, with their tokens.
+    held: Vec<(Seen, usize)>,
     /// Records held at most; beyond it `send` answers QueueFull.
     queue_cap: usize,
     fatal: bool,
@@ -60,24 +60,30 @@ struct Inner {
     probe_ok: bool,
 }
 
-struct FakeSink(Mutex<Inner>);
+struct FakeSink {
+    inner: Mutex<Inner>,
+    reports: Arc<Reports>,
+}
 
 impl FakeSink {
     fn new() -> Arc<Self> {
-        Arc::new(Self(Mutex::new(Inner {
-            rule: Box::new(|_, _| Answer::Ack),
-            offered: Vec::new(),
-            kafka: Vec::new(),
-            held: Vec::new(),
-            queue_cap: usize::MAX,
-            fatal: false,
-            purges: 0,
-            probe_ok: true,
-        })))
+        Arc::new(Self {
+            reports: Arc::default(),
+            inner: Mutex::new(Inner {
+                rule: Box::new(|_, _| Answer::Ack),
+                offered: Vec::new(),
+                kafka: Vec::new(),
+                held: Vec::new(),
+                queue_cap: usize::MAX,
+                fatal: false,
+                purges: 0,
+                probe_ok: true,
+            }),
+        })
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.0.lock().unwrap()
+        self.inner.lock().unwrap()
     }
 
     fn answer(&self, rule: impl FnMut(&Seen, usize) -> Answer + Send + 'static) {
@@ -105,15 +111,15 @@ impl FakeSink {
             .into_iter()
             .partition(|(seen, _)| which(seen.seq));
         inner.held = stay;
-        for (seen, tx) in go {
+        for (seen, token) in go {
             inner.kafka.push(seen);
-            let _ = tx.send(Ok(()));
+            self.reports.push(token, Ok(()));
         }
     }
 }
 
 impl Sink for FakeSink {
-    fn send<'a>(&self, record: Outgoing<'a>) -> Result<Delivery, Refused<'a>> {
+    fn send<'a>(&self, record: Outgoing<'a>, token: usize) -> Result<(), Refused<'a>> {
         let headers: HashMap<String, String> = record
             .headers
             .iter()
@@ -128,7 +134,7 @@ impl Sink for FakeSink {
             device: headers["outpost-device"].clone(),
             headers,
         };
-        let mut inner = self.0.lock().unwrap();
+        let mut inner = self.inner();
         if inner.held.len() >= inner.queue_cap {
             return Err(Refused::QueueFull(record));
         }
@@ -138,20 +144,24 @@ impl Sink for FakeSink {
         match answer {
             Answer::Ack => {
                 inner.kafka.push(seen);
-                Ok(Box::pin(async { Ok(()) }))
+                self.reports.push(token, Ok(()));
+                Ok(())
             }
-            Answer::Fail(code) => Ok(Box::pin(
-                async move { Err(KafkaError::MessageProduction(code)) },
-            )),
+            Answer::Fail(code) => {
+                self.reports
+                    .push(token, Err(KafkaError::MessageProduction(code)));
+                Ok(())
+            }
             Answer::Hang => {
-                let (tx, rx) = oneshot::channel();
-                inner.held.push((seen, tx));
-                Ok(Box::pin(async move {
-                    rx.await.unwrap_or(Err(KafkaError::Canceled))
-                }))
+                inner.held.push((seen, token));
+                Ok(())
             }
             Answer::Refuse(code) => Err(Refused::Error(KafkaError::MessageProduction(code))),
         }
+    }
+
+    fn reports(&self) -> Arc<Reports> {
+        Arc::clone(&self.reports)
     }
 
     fn is_fatal(&self) -> bool {
@@ -161,13 +171,18 @@ impl Sink for FakeSink {
     fn purge(&self) {
         let mut inner = self.inner();
         inner.purges += 1;
-        for (_, tx) in std::mem::take(&mut inner.held) {
-            let _ = tx.send(Err(KafkaError::MessageProduction(
-                RDKafkaErrorCode::PurgeInflight,
-            )));
+        for (_, token) in std::mem::take(&mut inner.held) {
+            self.reports.push(
+                token,
+                Err(KafkaError::MessageProduction(
+                    RDKafkaErrorCode::PurgeInflight,
+                )),
+            );
         }
     }
+}
 
+impl Probe for FakeSink {
     fn probe(&self, _topic: &str, _timeout: Duration) -> bool {
         self.inner().probe_ok
     }
