@@ -69,6 +69,13 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi
 
+if ! cargo deny --version >/dev/null 2>&1; then
+  log "Installing cargo-deny from crates.io (builds from source, takes a few minutes)"
+  # Without default features: no network access for the advisory database, which the test
+  # command does not check (docs/TESTING.md, "Dependency policy").
+  cargo install cargo-deny --locked --no-default-features
+fi
+
 # The real Kafka-protocol broker for the Kafka end-to-end tests (tests/src/kafka.rs). Idempotent;
 # a first build from source takes 15-40 minutes. scripts/test.sh builds it in the background
 # instead (OUTPOST_TANSU_LATER=1) so that it overlaps the workspace build.

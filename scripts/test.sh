@@ -3,7 +3,7 @@
 #
 #   bash scripts/test.sh
 #
-# Sections: setup, fmt, clippy, build, docker (a Docker engine and the test image), tansu (waits for
+# Sections: setup, fmt, deny (dependency policy: deny.toml), clippy, build, docker (a Docker engine and the test image), tansu (waits for
 # the Kafka broker built in the background), tests (nextest, profile `ci`), fuzz-build (every cargo-fuzz
 # target builds), cross build + qemu smoke test for aarch64. Stops at the first failing section and says which one failed.
 set -euo pipefail
@@ -92,6 +92,9 @@ wait_tansu() {
   fi
 }
 section fmt cargo fmt --all -- --check
+# Licenses, duplicate versions and sources of every dependency (deny.toml). Offline: the
+# advisories check needs the network (docs/TESTING.md, "Dependency policy").
+section deny cargo deny --locked check bans licenses sources
 section clippy cargo clippy --workspace --all-targets --locked -- -D warnings
 # The end-to-end tests start the real binary: build it first (cargo would not, for another
 # package's tests).
