@@ -66,6 +66,15 @@ size() {
   return 0
 }
 
+# Where the x86_64 binary's code goes, per crate (cargo-bloat; installed if missing). The bench
+# profile is the release profile with symbols kept, so the crate names survive.
+bloat() {
+  if ! cargo bloat --version >/dev/null 2>&1; then
+    cargo install cargo-bloat --locked
+  fi
+  cargo bloat --locked --profile bench -p outpost --bin outpost --crates -n 25
+}
+
 # Starts the release daemon with an admin token on ephemeral ports; sets $bench_pid, $bench_admin,
 # $bench_dir. The token is "bench-token".
 start_daemon() {
@@ -214,6 +223,7 @@ case $what in
   outbox) outbox ;;
   rss) rss ;;
   size) size ;;
+  bloat) bloat ;;
   http) http ;;
   coap) coap ;;
   mqtt) mqtt ;;
@@ -221,5 +231,5 @@ case $what in
   modbus) modbus ;;
   kafka) kafka ;;
   all) outbox; rss; size; http; coap; mqtt; serial; modbus; kafka ;;
-  *) echo "usage: $0 [outbox|rss|size|http|coap|mqtt|serial|modbus|kafka|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [outbox|rss|size|bloat|http|coap|mqtt|serial|modbus|kafka|all]" >&2; exit 2 ;;
 esac
