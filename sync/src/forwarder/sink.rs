@@ -204,3 +204,37 @@ pub fn answers<C: ClientContext>(client: &Client<C>, topic: &str, timeout: Durat
         .fetch_metadata(Some(topic), timeout)
         .is_ok_and(|m| !m.brokers().is_empty())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reports pushed from another thread wake the waiting pump, arrive whole and in order, and
+    /// a report pushed after a take wakes it again (no report waits for a timer).
+    #[tokio::test]
+    async fn reports_arrive_in_batches_and_every_batch_wakes_the_pump() {
+        let reports = Arc::new(Reports::default());
+        let mut taken = Vec::new();
+        for round in 0..3_usize {
+            let pusher = Arc::clone(&reports);
+            let pushing = std::thread::spawn(move || {
+                for token in round * 10..round * 10 + 5 {
+                    pusher.push(token, Ok(()));
+                }
+                pusher.push(round * 10 + 5, Err(KafkaError::Canceled));
+            });
+            tokio::time::timeout(Duration::from_secs(10), reports.arrived())
+                .await
+                .expect("woken by the first report of the batch");
+            pushing.join().unwrap();
+            reports.take(&mut taken);
+            let tokens: Vec<usize> = taken.iter().map(|(t, _)| *t).collect();
+            assert_eq!(tokens, (round * 10..round * 10 + 6).collect::<Vec<_>>());
+            assert!(taken[..5].iter().all(|(_, r)| r.is_ok()));
+            assert!(taken[5].1.is_err());
+            taken.clear();
+        }
+        reports.take(&mut taken);
+        assert!(taken.is_empty(), "nothing is taken twice");
+    }
+}
