@@ -31,7 +31,6 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::probe::IdleProbe;
-use super::sink::Probe;
 use super::{
     Forwarder, ForwarderError, ForwarderOptions, Producer_, State, client, dead_letter_headers,
     headers, metrics, poison, rules,
@@ -269,7 +268,7 @@ pub(super) async fn run(fw: Forwarder, stop: CancellationToken) -> Result<(), Fo
         if page.is_empty() {
             // Nothing to send, so no commit tells whether Kafka is there: probe it.
             let offline_after = kafka.offline_after;
-            let probe: std::sync::Arc<dyn Probe> = std::sync::Arc::new(p.clone());
+            let probe = std::sync::Arc::new(p.clone());
             if link.poll(&probe, &kafka.default_topic, offline_after) == Some(true)
                 && shared.state() == State::Offline
             {

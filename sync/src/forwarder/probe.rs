@@ -43,9 +43,9 @@ impl IdleProbe {
     }
 
     /// Starts a probe when one is due; the outcome of one that finished since the last call.
-    pub(super) fn poll(
+    pub(super) fn poll<P: Probe + ?Sized + 'static>(
         &mut self,
-        probe: &Arc<dyn Probe>,
+        probe: &Arc<P>,
         topic: &str,
         offline_after: Duration,
     ) -> Option<bool> {

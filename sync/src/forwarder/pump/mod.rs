@@ -78,7 +78,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::probe::IdleProbe;
-use super::sink::{Outgoing, Probe, Refused, Report, Reports, Sink};
+use super::sink::{Outgoing, Refused, Report, Reports, Sink};
 use super::window::{TopicId, TopicWindow};
 use super::{
     Forwarder, ForwarderError, State, dead_letter_headers, headers, metrics, poison, rules,
@@ -1057,8 +1057,7 @@ impl Pump {
             let topic = &self.fw.options.kafka.default_topic;
             // A probe that answers ends an outage; while Kafka is reachable it must not clear
             // an "all brokers down" that librdkafka reported after the probe was sent.
-            let probe: Arc<dyn Probe> = self.sink.clone();
-            if self.link.poll(&probe, topic, offline_after) == Some(true)
+            if self.link.poll(&self.sink, topic, offline_after) == Some(true)
                 && self.phase.shown() == State::Offline
             {
                 shared
