@@ -667,6 +667,21 @@ fn records_for_a_topic_the_cluster_lacks_are_poison_after_the_unknown_topic_time
     assert_eq!(d.metric("outpost_outbox_dead_letters"), 2.0);
 }
 
+/// Waits until the gateway's startup heartbeat is in Kafka. The mock's injected errors hit the
+/// next Produce requests of *any* producer: before this, the heartbeat producer's first request
+/// could take one meant for the forwarder (seen as a flaky test). After it, that producer sends
+/// nothing until its next tick (`kafka.heartbeat_interval`, 30 s by default).
+fn wait_startup_heartbeat(kafka: &MockKafka) {
+    let heartbeats = consume(
+        kafka.bootstrap(),
+        "outpost.heartbeats",
+        1,
+        Duration::from_secs(20),
+        false,
+    );
+    assert_eq!(heartbeats.len(), 1, "the startup heartbeat reached Kafka");
+}
+
 /// An error neither known to be permanent nor an outage is retried, counting the record's
 /// attempts: after `dead_letter.max_attempts` failures the record is poison (reason `attempts`)
 /// and goes to the dead-letter topic; the records after it are delivered.
@@ -679,6 +694,7 @@ fn a_record_that_keeps_failing_is_moved_aside_after_its_attempts() {
     let mut dev = Device::new(&d, "a-1");
     dev.send(&d, "t", 1);
     wait_delivered(&mut d, "the first record", Duration::from_secs(20));
+    wait_startup_heartbeat(&kafka);
     kafka.errors("Produce", 2, "InvalidRequiredAcks");
     dev.send(&d, "t", 1);
     d.wait_until("moved aside", Duration::from_secs(20), |d| {
@@ -776,6 +792,7 @@ fn produce_errors_and_a_fatal_idempotence_error_lose_nothing() {
     let mut dev = Device::new(&d, "s-1");
     dev.send(&d, "t", 50);
     wait_delivered(&mut d, "first records", Duration::from_secs(20));
+    wait_startup_heartbeat(&kafka);
     // Retriable errors: librdkafka retries them itself, in order.
     kafka.errors("Produce", 5, "NotLeaderForPartition");
     dev.send(&d, "t", 50);
