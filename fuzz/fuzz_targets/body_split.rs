@@ -1,21 +1,14 @@
-//! HTTP and CoAP ingestion's body reader (`daemon/src/ingress/body.rs`: JSON and CBOR batches,
+//! HTTP and CoAP ingestion's body reader (`outpost_codec::body`: JSON and CBOR batches,
 //! SenML JSON and CBOR validation, text) on arbitrary bytes in every format. No panic; a body is
 //! refused with a reason, or split into at most `max_records` non-empty records that are slices
 //! of the body itself (stored unchanged), and a JSON record is a JSON object.
-//!
-//! The daemon has no library target yet, so the module is included by path; it depends only on
-//! `bytes`, `serde_json` and `thiserror`.
 
 #![no_main]
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 
-#[allow(dead_code)]
-#[path = "../../daemon/src/ingress/body.rs"]
-mod body;
-
-use body::{BodyError, Format};
+use outpost_codec::body::{self, BodyError, Format};
 
 const FORMATS: [Format; 6] = [
     Format::Json,

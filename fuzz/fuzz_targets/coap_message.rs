@@ -1,23 +1,15 @@
-//! The CoAP endpoint's datagram reader (`daemon/src/ingress/coap/message.rs`, on top of
+//! The CoAP endpoint's datagram reader (`outpost_codec::coap`, on top of
 //! `coap-lite`) on arbitrary bytes: classification (request, Reset, ignore), then every option
 //! reader a request goes through (critical options, proxying, Uri-Path and Uri-Query,
 //! Content-Format, Block1 with its offset), then the answer. No panic; a Block1 value re-encodes
 //! to the same option; every Reset and answer the endpoint would send is itself a well-formed
 //! CoAP message with the request's message id and token.
-//!
-//! The daemon has no library target yet, so the module is included by path; it depends only on
-//! `coap-lite`.
 
 #![no_main]
 
 use coap_lite::{MessageType, Packet, ResponseType};
 use libfuzzer_sys::fuzz_target;
-
-#[allow(dead_code)]
-#[path = "../../daemon/src/ingress/coap/message.rs"]
-mod message;
-
-use message::{BLOCK1, Block, CONTENT_FORMAT, Inbound, Response};
+use outpost_codec::coap::{self as message, BLOCK1, Block, CONTENT_FORMAT, Inbound, Response};
 
 fuzz_target!(|data: &[u8]| {
     let packet = match message::classify(data) {

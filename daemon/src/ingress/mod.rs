@@ -13,7 +13,7 @@
 //! server routes MQTT records itself). A slow local subscriber misses readings on that stream (it
 //! lags); the outbox still has every one of them.
 
-pub mod body;
+pub use outpost_codec::body;
 pub mod budget;
 pub mod bus;
 pub mod coap;

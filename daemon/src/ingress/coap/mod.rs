@@ -29,7 +29,7 @@
 pub mod backend;
 pub mod block1;
 pub mod exchange;
-pub mod message;
+pub use outpost_codec::coap as message;
 pub mod network;
 pub mod resource;
 pub mod server;

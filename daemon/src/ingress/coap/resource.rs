@@ -409,9 +409,3 @@ fn respond(code: ResponseType, diagnostic: impl Into<String>) -> Outcome {
 fn problem(p: OptionProblem) -> Outcome {
     Outcome::Respond(p.into_response())
 }
-
-impl OptionProblem {
-    fn into_response(self) -> Response {
-        Response::error(self.code, self.diagnostic)
-    }
-}

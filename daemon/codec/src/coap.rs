@@ -136,6 +136,13 @@ pub struct OptionProblem {
     pub diagnostic: String,
 }
 
+impl OptionProblem {
+    /// The error answer that says what is wrong with the option.
+    pub fn into_response(self) -> Response {
+        Response::error(self.code, self.diagnostic)
+    }
+}
+
 fn bad_option(diagnostic: String) -> OptionProblem {
     OptionProblem {
         code: ResponseType::BadOption,
