@@ -1,11 +1,8 @@
 //! The gateway's side of the fleet topics (heartbeats and inventory, see
-//! `outpost_sync::forwarder::fleet`) and the `outpost fleet watch` command.
+//! `outpost_sync::forwarder::fleet`): the facts a heartbeat reports. Reading the fleet back
+//! (`outpost fleet watch`) is a client, in `cli::fleet_watch`.
 
-use std::path::Path;
-use std::process::ExitCode;
-use std::time::Duration;
-
-use outpost_sync::forwarder::fleet::{self, FleetSource, GatewayView};
+use outpost_sync::forwarder::fleet::FleetSource;
 
 use crate::registry::{ListQuery, Registry};
 use crate::status::StatusBoard;
@@ -66,64 +63,5 @@ impl FleetSource for GatewayFacts {
                 None => return out,
             }
         }
-    }
-}
-
-/// `outpost fleet watch`: the last heartbeat of every gateway on the heartbeat topic, flagging
-/// gateways that stopped sending. Exits 1 when a gateway is silent (with `--once`).
-pub fn watch(config: Option<&Path>, brokers: Option<String>, once: bool, json: bool) -> ExitCode {
-    let mut config = match crate::commands::load_config(config) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(crate::EXIT_CONFIG);
-        }
-    };
-    if let Some(brokers) = brokers {
-        config.kafka.brokers = brokers.split(',').map(str::to_owned).collect();
-    }
-    loop {
-        let views = match fleet::read_fleet(&config.kafka, Duration::from_secs(10)) {
-            Ok(v) => v,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        if json {
-            println!("{}", serde_json::to_string(&views).unwrap_or_default());
-        } else {
-            print_table(&views);
-        }
-        if once {
-            return if views.iter().any(|v| v.verdict == "silent") {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
-        #[allow(clippy::disallowed_methods)] // a blocking CLI loop, no async runtime here
-        std::thread::sleep(config.kafka.heartbeat_interval.max(Duration::from_secs(1)));
-    }
-}
-
-fn print_table(views: &[GatewayView]) {
-    println!(
-        "{:<24} {:<8} {:>10} {:<9} {:>10} {:>8} {:>10}  VERSION",
-        "GATEWAY", "VERDICT", "LAST SEEN", "SYNC", "BACKLOG", "DEVICES", "UPTIME"
-    );
-    for v in views {
-        let h = &v.heartbeat;
-        println!(
-            "{:<24} {:<8} {:>9}s {:<9} {:>10} {:>8} {:>9}s  {}",
-            h.gateway,
-            v.verdict,
-            v.age_ms / 1000,
-            h.forwarder,
-            h.backlog_records,
-            h.devices,
-            h.uptime_s,
-            h.version
-        );
     }
 }

@@ -9,8 +9,6 @@ mod api;
 mod app;
 mod apps;
 mod cli;
-mod cli_devices;
-mod commands;
 mod fleet;
 mod ingress;
 mod registry;
@@ -23,11 +21,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-/// Exit code for an invalid or unreadable configuration (`EX_CONFIG` from sysexits.h). The
-/// systemd unit names it in `RestartPreventExitStatus` so a bad config is not restarted in a loop.
-pub const EXIT_CONFIG: u8 = 78;
-
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
-    commands::dispatch(cli)
+    cli::dispatch(cli::args::Cli::parse())
 }

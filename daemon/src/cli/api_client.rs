@@ -16,103 +16,16 @@
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
-use crate::EXIT_CONFIG;
+use super::EXIT_CONFIG;
+use super::args::{
+    ApiArgs, AppsCommand, DeadLettersCommand, DevicesCommand, Selection, TokenCommand,
+};
 use crate::registry::secrets;
-
-/// How to reach the daemon's API.
-#[derive(Debug, Args)]
-pub struct ApiArgs {
-    /// Base URL of the admin listener, e.g. `http://127.0.0.1:8080`. Default: from `--config`'s
-    /// `admin.listen`, else `http://127.0.0.1:8080`.
-    #[arg(long, global = true)]
-    pub url: Option<String>,
-    /// Configuration file to read `admin.listen` from.
-    #[arg(long, short, global = true, env = "OUTPOST_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Management API token (with the `read`, `write` or `admin` scope the command needs).
-    #[arg(long, global = true, env = "OUTPOST_API_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// Print the API's JSON instead of text.
-    #[arg(long, global = true)]
-    pub json: bool,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum DevicesCommand {
-    /// Register a device and print its secret (shown this once).
-    Add {
-        /// Device id: 1 to 128 of letters, digits, '.', '_', ':', '-'.
-        id: String,
-        /// Display name.
-        #[arg(long)]
-        name: Option<String>,
-        #[arg(long)]
-        model: Option<String>,
-        /// Serial or batch number.
-        #[arg(long)]
-        batch: Option<String>,
-        #[arg(long)]
-        firmware: Option<String>,
-        /// Free-text location.
-        #[arg(long)]
-        location: Option<String>,
-        /// A tag; repeat for several.
-        #[arg(long = "tag")]
-        tags: Vec<String>,
-        /// Allowed protocols, comma-separated (mqtt,coap,http). Default: all.
-        #[arg(long, value_delimiter = ',')]
-        protocols: Option<Vec<String>>,
-        /// Create it disabled.
-        #[arg(long)]
-        disabled: bool,
-    },
-    /// List devices (every page, unless --limit is given).
-    List {
-        /// Only devices with this tag.
-        #[arg(long)]
-        tag: Option<String>,
-        /// Only devices in this state: online, offline or disabled.
-        #[arg(long)]
-        state: Option<String>,
-        /// Show only the first N devices.
-        #[arg(long)]
-        limit: Option<usize>,
-    },
-    /// Show a device with its monitoring.
-    Show { id: String },
-    /// Disable a device: every protocol refuses it.
-    Disable { id: String },
-    /// Enable a device.
-    Enable { id: String },
-    /// Delete a device with its monitoring and commands (needs the `admin` scope).
-    Remove { id: String },
-    /// Give a device a new secret; the old one stops working at once (needs `admin`).
-    RotateSecret { id: String },
-}
-
-#[derive(Debug, Subcommand)]
-pub enum TokenCommand {
-    /// Print a new random API token and the `[[api.tokens]]` entry (with its SHA-256) for the
-    /// configuration file.
-    New {
-        /// Token name: 1 to 64 of a-z, 0-9, '_', '-'.
-        #[arg(long, default_value = "operator")]
-        name: String,
-        /// Scopes, comma-separated: read, write, admin (admin implies write implies read).
-        #[arg(long, value_delimiter = ',', default_value = "read")]
-        scopes: Vec<String>,
-        /// Print JSON instead of text.
-        #[arg(long)]
-        json: bool,
-    },
-}
 
 /// A failed command: message and exit code.
 struct Failure {
@@ -322,8 +235,7 @@ fn default_url(api: &ApiArgs) -> Result<String, Failure> {
     let Some(path) = &api.config else {
         return Ok("http://127.0.0.1:8080".to_owned());
     };
-    let config =
-        crate::commands::load_config(Some(path)).map_err(|e| fail(EXIT_CONFIG, e.to_string()))?;
+    let config = super::load_config(Some(path)).map_err(|e| fail(EXIT_CONFIG, e.to_string()))?;
     let listen = config.admin.listen;
     let ip = match listen.ip() {
         IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -462,18 +374,6 @@ fn run(client: &Client, command: DevicesCommand, as_json: bool) -> Result<(), Fa
     Ok(())
 }
 
-/// `outpost apps …`: local app containers through the daemon's API.
-#[derive(Debug, Subcommand)]
-pub enum AppsCommand {
-    /// Every app with its state, container, restarts and last exit code.
-    List,
-    /// Recreate an app's container now (clears FAILED).
-    Restart {
-        /// The app's name.
-        name: String,
-    },
-}
-
 pub fn apps(command: AppsCommand, api: &ApiArgs) -> ExitCode {
     finish(Client::new(api).and_then(|client| run_apps(&client, command, api.json)))
 }
@@ -556,35 +456,6 @@ fn columns(header: &[&str], rows: Vec<Vec<String>>) -> String {
         out.push('\n');
     }
     out.trim_end().to_owned()
-}
-
-/// `outpost dead-letters …`: records Kafka refused for good, in the outbox's dead-letter table.
-#[derive(Debug, Subcommand)]
-pub enum DeadLettersCommand {
-    /// List dead letters, oldest first (every one, unless --limit is given).
-    List {
-        /// Only sequence numbers above this.
-        #[arg(long, default_value_t = 0)]
-        after: u64,
-        /// Show at most N.
-        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-        limit: Option<u64>,
-    },
-    /// Put dead letters back into the outbox to be forwarded again (needs `write`).
-    Retry(Selection),
-    /// Delete dead letters for good (needs `admin`).
-    Drop(Selection),
-}
-
-/// Which dead letters: `--all`, or sequence numbers.
-#[derive(Debug, Args)]
-pub struct Selection {
-    /// Every dead letter.
-    #[arg(long, conflicts_with = "seqs")]
-    pub all: bool,
-    /// Sequence numbers (the SEQ column of `list`).
-    #[arg(required_unless_present = "all")]
-    pub seqs: Vec<u64>,
 }
 
 impl Selection {
@@ -917,6 +788,8 @@ fn render_table(devices: &[Value], now: i64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
 
     #[test]

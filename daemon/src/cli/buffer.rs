@@ -1,134 +1,15 @@
-//! What each subcommand does, and how its outcome maps to an exit code.
+//! `outpost buffer stats|verify`: the outbox file read directly, on read-only connections
+//! (safe while the daemon runs).
 
 use std::path::Path;
 use std::process::ExitCode;
 
-use outpost_config::{Config, ConfigError};
 use outpost_sync::outbox::{self, inspect};
 
-use crate::cli::{BufferCommand, Cli, Command, DataLocation, FleetCommand};
-use crate::{EXIT_CONFIG, app, telemetry};
+use super::args::{BufferCommand, DataLocation};
+use super::{EXIT_CONFIG, load_config};
 
-pub fn dispatch(cli: Cli) -> ExitCode {
-    match cli.command {
-        Command::Run { config } => run(config.as_deref()),
-        Command::CheckConfig { path } => check_config(&path),
-        Command::Version => {
-            println!("{}", version_line());
-            ExitCode::SUCCESS
-        }
-        Command::Buffer { command, location } => buffer(command, &location),
-        Command::Devices { command, api } => crate::cli_devices::devices(*command, &api),
-        Command::Apps { command, api } => crate::cli_devices::apps(command, &api),
-        Command::DeadLetters { command, api } => crate::cli_devices::dead_letters(command, &api),
-        Command::Token { command } => crate::cli_devices::token(command),
-        Command::Fleet {
-            command:
-                FleetCommand::Watch {
-                    config,
-                    brokers,
-                    once,
-                    json,
-                },
-        } => crate::fleet::watch(config.as_deref(), brokers, once, json),
-    }
-}
-
-pub fn version_line() -> String {
-    format!(
-        "outpost {} ({} {}, schema v{})",
-        env!("CARGO_PKG_VERSION"),
-        std::env::consts::ARCH,
-        std::env::consts::OS,
-        outbox::SCHEMA_VERSION
-    )
-}
-
-/// Loads and fully validates a config: the typed checks of the config crate plus what only the
-/// daemon can judge (the log filter, the MQTT TLS files). `check-config` and `run` share this function.
-pub fn load_config(path: Option<&Path>) -> Result<Config, ConfigError> {
-    let config = match path {
-        Some(path) => outpost_config::load_file(path)?,
-        None => Config::default(),
-    };
-    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log.level) {
-        return Err(ConfigError::Invalid {
-            path: path.map(Path::to_path_buf),
-            problems: vec![outpost_config::Problem {
-                path: "log.level".into(),
-                message: format!("not a valid log filter: {e}"),
-            }],
-        });
-    }
-    // The TLS files: only the daemon reads them (certificate, key and CA must load).
-    if config.mqtt.enabled
-        && config.mqtt.tls.enabled
-        && let Err(problems) = outpost_mqtt::tls::acceptor(&config.mqtt.tls)
-    {
-        return Err(ConfigError::Invalid {
-            path: path.map(Path::to_path_buf),
-            problems,
-        });
-    }
-    Ok(config)
-}
-
-fn check_config(path: &Path) -> ExitCode {
-    match load_config(Some(path)) {
-        Ok(config) => {
-            // Warnings do not fail the check: the setting may be deliberate.
-            for warning in config.warnings() {
-                eprintln!("warning: {warning}");
-            }
-            println!("{}: ok", path.display());
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("{e}");
-            ExitCode::from(EXIT_CONFIG)
-        }
-    }
-}
-
-fn run(path: Option<&Path>) -> ExitCode {
-    let config = match load_config(path) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("{e}");
-            eprintln!("outpost: refusing to start with an invalid configuration");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    telemetry::logging::init(&config.log);
-    for warning in config.warnings() {
-        tracing::warn!(key = %warning.path, "Configuration: {}", warning.message);
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("outpost-worker")
-        .max_blocking_threads(16)
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            tracing::error!(error = %e, "Cannot start the async runtime");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async {
-        let shutdown = app::shutdown_on_signals();
-        app::run(config, shutdown).await
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "Outpost stopped with an error");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn buffer(command: BufferCommand, location: &DataLocation) -> ExitCode {
+pub fn buffer(command: BufferCommand, location: &DataLocation) -> ExitCode {
     let data_dir = match (&location.data_dir, &location.config) {
         (Some(dir), _) => dir.clone(),
         (None, config) => match load_config(config.as_deref()) {

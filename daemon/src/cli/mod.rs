@@ -1,0 +1,150 @@
+//! The command line: what each subcommand does, and how its outcome maps to an exit code.
+//!
+//! * [`args`]: the argument types (clap). They import nothing of the daemon, so the CLI's shape
+//!   can be read, and changed, on its own.
+//! * this module: `run` and `check-config` (the daemon's own commands) and the dispatch.
+//! * [`buffer`]: `outpost buffer …`, the outbox file read directly.
+//! * [`api_client`]: `outpost devices|apps|dead-letters …` through the running daemon's API,
+//!   and `outpost token new`.
+//! * [`fleet_watch`]: `outpost fleet watch`, a Kafka client reading the heartbeat topic.
+//!
+//! The dependency runs one way: the CLI uses the daemon's modules (`app`, `telemetry`, the
+//! registry's secrets), never the reverse.
+
+pub mod args;
+
+mod api_client;
+mod buffer;
+mod fleet_watch;
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use outpost_config::{Config, ConfigError};
+use outpost_sync::outbox;
+
+use crate::{app, telemetry};
+use args::{Cli, Command, FleetCommand};
+
+/// Exit code for an invalid or unreadable configuration (`EX_CONFIG` from sysexits.h). The
+/// systemd unit names it in `RestartPreventExitStatus` so a bad config is not restarted in a loop.
+pub const EXIT_CONFIG: u8 = 78;
+
+pub fn dispatch(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Run { config } => run(config.as_deref()),
+        Command::CheckConfig { path } => check_config(&path),
+        Command::Version => {
+            println!("{}", version_line());
+            ExitCode::SUCCESS
+        }
+        Command::Buffer { command, location } => buffer::buffer(command, &location),
+        Command::Devices { command, api } => api_client::devices(*command, &api),
+        Command::Apps { command, api } => api_client::apps(command, &api),
+        Command::DeadLetters { command, api } => api_client::dead_letters(command, &api),
+        Command::Token { command } => api_client::token(command),
+        Command::Fleet {
+            command:
+                FleetCommand::Watch {
+                    config,
+                    brokers,
+                    once,
+                    json,
+                },
+        } => fleet_watch::watch(config.as_deref(), brokers, once, json),
+    }
+}
+
+pub fn version_line() -> String {
+    format!(
+        "outpost {} ({} {}, schema v{})",
+        env!("CARGO_PKG_VERSION"),
+        std::env::consts::ARCH,
+        std::env::consts::OS,
+        outbox::SCHEMA_VERSION
+    )
+}
+
+/// Loads and fully validates a config: the typed checks of the config crate plus what only the
+/// daemon can judge (the log filter, the MQTT TLS files). `check-config` and `run` share this function.
+pub fn load_config(path: Option<&Path>) -> Result<Config, ConfigError> {
+    let config = match path {
+        Some(path) => outpost_config::load_file(path)?,
+        None => Config::default(),
+    };
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log.level) {
+        return Err(ConfigError::Invalid {
+            path: path.map(Path::to_path_buf),
+            problems: vec![outpost_config::Problem {
+                path: "log.level".into(),
+                message: format!("not a valid log filter: {e}"),
+            }],
+        });
+    }
+    // The TLS files: only the daemon reads them (certificate, key and CA must load).
+    if config.mqtt.enabled
+        && config.mqtt.tls.enabled
+        && let Err(problems) = outpost_mqtt::tls::acceptor(&config.mqtt.tls)
+    {
+        return Err(ConfigError::Invalid {
+            path: path.map(Path::to_path_buf),
+            problems,
+        });
+    }
+    Ok(config)
+}
+
+fn check_config(path: &Path) -> ExitCode {
+    match load_config(Some(path)) {
+        Ok(config) => {
+            // Warnings do not fail the check: the setting may be deliberate.
+            for warning in config.warnings() {
+                eprintln!("warning: {warning}");
+            }
+            println!("{}: ok", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn run(path: Option<&Path>) -> ExitCode {
+    let config = match load_config(path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{e}");
+            eprintln!("outpost: refusing to start with an invalid configuration");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    telemetry::logging::init(&config.log);
+    for warning in config.warnings() {
+        tracing::warn!(key = %warning.path, "Configuration: {}", warning.message);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("outpost-worker")
+        .max_blocking_threads(16)
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = app::shutdown_on_signals();
+        app::run(config, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "Outpost stopped with an error");
+            ExitCode::FAILURE
+        }
+    }
+}
