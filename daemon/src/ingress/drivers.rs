@@ -7,7 +7,9 @@
 //! losing readings. The task ends when every driver has dropped its sender and the channel is
 //! empty, so at shutdown every reading a driver produced reaches the outbox before the writer
 //! stops — unless the outbox refuses during shutdown: then the readings are dropped with an error
-//! log rather than holding the shutdown until the grace period runs out.
+//! log rather than holding the shutdown until the grace period runs out, and so is every reading
+//! queued after them, so what is stored stays gap-free per device (a later group could otherwise
+//! be stored after an earlier one was dropped, once the outbox takes appends again).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,7 +38,14 @@ pub async fn run(
 ) {
     let registry = ingest.registry().clone();
     let mut group = Vec::with_capacity(GROUP);
+    // Readings dropped after a group could not be stored (at shutdown, or the outbox closed).
+    let mut cut: Option<usize> = None;
     while readings.recv_many(&mut group, GROUP).await > 0 {
+        if let Some(dropped) = cut.as_mut() {
+            *dropped += group.len();
+            group.clear();
+            continue;
+        }
         // Once per device and group: registers unknown devices (source `driver:<name>`) and
         // says whether to take their readings (refused: disabled, or an invalid id; taken
         // unregistered: beyond devices.max_automatic). In memory for known devices, so
@@ -71,14 +80,22 @@ pub async fn run(
             continue;
         }
         let envelopes: Vec<Envelope> = kept.into_iter().map(envelope).collect();
-        if append_until_stored(&ingest, envelopes, &stopping).await {
-            for (device, bytes) in bytes {
-                registry.observe(&device, Traffic::Accepted { bytes });
-            }
-            for (device, readings) in unregistered {
-                registry.stored_unregistered(&device, readings);
-            }
+        if !append_until_stored(&ingest, envelopes, &stopping).await {
+            cut = Some(0);
+            continue;
         }
+        for (device, bytes) in bytes {
+            registry.observe(&device, Traffic::Accepted { bytes });
+        }
+        for (device, readings) in unregistered {
+            registry.stored_unregistered(&device, readings);
+        }
+    }
+    if let Some(dropped) = cut.filter(|n| *n > 0) {
+        tracing::error!(
+            readings = dropped,
+            "Dropped the driver readings queued after a group that could not be stored"
+        );
     }
 }
 
@@ -160,7 +177,80 @@ async fn append_until_stored(
 mod tests {
     use super::*;
     use outpost_sync::OutboxOptions;
+    use outpost_sync::outbox::RouteReason;
     use tokio::sync::broadcast;
+
+    fn reading(n: u64) -> Reading {
+        Reading {
+            driver: "sim".into(),
+            device_id: "sim-1".into(),
+            topic: "sim/sim-1".into(),
+            route: "default".into(),
+            content_type: Some("application/json".into()),
+            payload: format!(r#"{{"n":{n},"pad":"{}"}}"#, "x".repeat(200)).into_bytes(),
+            received_at_ms: 5,
+        }
+    }
+
+    /// A group the outbox refuses while the gateway stops is dropped, and so is every reading
+    /// queued after it, even once the outbox takes appends again: what is stored has no gap.
+    /// (Before, a later group was stored after the dropped one: seen under load as a gap in
+    /// `serial_disk_floor_refuses_before_the_disk_fills`.)
+    #[tokio::test]
+    async fn after_a_group_dropped_at_shutdown_no_later_reading_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut options = OutboxOptions::with_path(dir.path().join("outbox.db"));
+        options.max_bytes = 4096;
+        let (outbox, writer) = outpost_sync::outbox::open(options).unwrap();
+        let stop_writer = CancellationToken::new();
+        let writer = tokio::spawn(writer.run(stop_writer.clone()));
+        let registry = Registry::open(dir.path(), Duration::from_secs(60)).unwrap();
+        let ingest = Ingest::new(outbox.clone(), registry, broadcast::channel(16).0);
+        let mut n = 0;
+        while ingest.append(vec![envelope(reading(n))]).await.is_ok() {
+            n += 1;
+        }
+        let refused = || {
+            outbox
+                .metrics()
+                .rejected_records
+                .get_or_create(&RouteReason {
+                    route: "default".into(),
+                    reason: "byte_cap",
+                })
+                .get()
+        };
+        let before = refused();
+        let stopping = CancellationToken::new();
+        stopping.cancel();
+        let (tx, rx) = mpsc::channel(8);
+        let task = tokio::spawn(run(rx, ingest, stopping));
+        tx.send(reading(n)).await.unwrap();
+        let refusal = async {
+            while refused() == before {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), refusal)
+            .await
+            .expect("the outbox refuses the reading");
+        // Room again (the forwarder delivered everything), then the next reading arrives.
+        let stored = outbox.reader().unwrap().read_all().unwrap();
+        outbox
+            .ack(stored.iter().map(|r| r.seq).collect())
+            .await
+            .unwrap();
+        tx.send(reading(n + 1)).await.unwrap();
+        drop(tx);
+        task.await.unwrap();
+        assert!(
+            outbox.reader().unwrap().read_all().unwrap().is_empty(),
+            "reading {} stored after {n} was dropped",
+            n + 1
+        );
+        stop_writer.cancel();
+        writer.await.unwrap().unwrap();
+    }
 
     #[tokio::test]
     async fn driver_readings_are_stored_registered_and_published_locally() {
