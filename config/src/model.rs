@@ -2,7 +2,8 @@
 //!
 //! Every struct is `#[serde(default, deny_unknown_fields)]`: a missing key takes the default
 //! documented on its field, an unknown key is an error. Ranges are checked by
-//! [`Config::validate`], not here. `config/examples/outpost.toml` mirrors this file.
+//! [`Config::validate`]: the sections in `model/` carry their own checks (an `impl Checker`
+//! block at the end of each file), the rest are in `validate.rs`. `config/examples/outpost.toml` mirrors this file.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -68,15 +69,14 @@ deserialize_from_str!(RuleKey { "device" => Device, "topic" => Topic, "none" => 
 deserialize_from_str!(RuleAction { "forward" => Forward, "drop" => Drop, "sample" => Sample });
 
 mod apps;
-mod drivers;
-mod kafka;
+pub(crate) mod drivers;
+pub(crate) mod kafka;
 mod mqtt;
 
 pub use kafka::{
     BacklogOrder, Compression, DeadLetterConfig, KafkaConfig, KafkaRule, KafkaSecurity, RuleAction,
     RuleKey, SaslMechanism, SecurityProtocol, check_kafka_topic,
 };
-pub(crate) use kafka::{RULE_SOURCES, check_broker, check_topic_filter, forwarder_property};
 pub use mqtt::{ClientAuth as MqttClientAuth, MqttTlsConfig};
 pub use mqtt::{
     MqttAclConfig, MqttConfig, MqttLimitsConfig, MqttSessionsConfig, check_acl_pattern,

@@ -5,12 +5,16 @@
 //! mounts and ports are checked by `validate.rs` (also for apps posted to the API, through
 //! [`AppConfig::problems`]).
 
+use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::Config;
+use crate::path::KeyPath;
 use crate::units::ByteSize;
+use crate::validate::{Checker, root};
 
 deserialize_from_str!(RestartPolicy {
     "always" => Always,
@@ -283,6 +287,69 @@ fn clean_absolute(path: &Path) -> bool {
         && path
             .components()
             .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+}
+
+// Validation of this section: called by `crate::validate::check`, which holds the shared
+// helpers (`problem`, `range`, `name`, ...).
+
+impl Checker {
+    pub(crate) fn apps(&mut self, config: &Config) {
+        let apps = root("apps");
+        let a = &config.apps;
+        self.range(
+            apps.key("crash_loop_failures"),
+            a.crash_loop_failures,
+            1,
+            100,
+        );
+        self.duration_range(
+            apps.key("crash_loop_window"),
+            a.crash_loop_window,
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+        );
+        self.duration_range(
+            apps.key("restart_backoff_max"),
+            a.restart_backoff_max,
+            Duration::from_secs(1),
+            Duration::from_secs(600),
+        );
+        for (key, path) in [
+            ("engine_socket", &a.engine_socket),
+            ("allowed_mount_root", &a.allowed_mount_root),
+        ] {
+            if !path.is_absolute() {
+                self.problem(
+                    apps.key(key),
+                    format!("must be an absolute path, found \"{}\"", path.display()),
+                );
+            }
+        }
+        for (i, pattern) in a.bus_subscribe.iter().enumerate() {
+            if let Err(e) = crate::model::check_acl_pattern(pattern) {
+                self.problem(apps.key("bus_subscribe").index(i), e);
+            }
+        }
+        let mut seen: HashMap<&str, KeyPath> = HashMap::new();
+        for (i, app) in a.app.iter().enumerate() {
+            let path = apps.key("app").index(i);
+            for (key, message) in app.problems(&a.allowed_mount_root) {
+                let key_path = match key.split_once('[') {
+                    Some((k, rest)) => path
+                        .key(k)
+                        .index(rest.trim_end_matches(']').parse().unwrap_or(0)),
+                    None => path.key(&key),
+                };
+                self.problem(key_path, message);
+            }
+            if let Some(first) = seen.get(app.name.as_str()) {
+                let message = format!("duplicate app name \"{}\"", app.name);
+                self.duplicate(path.key("name"), message, first.clone());
+            } else {
+                seen.insert(&app.name, path.key("name"));
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -5,13 +5,20 @@
 //! cross-field rules are checked by `validate.rs`.
 
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use super::DEFAULT_ROUTE;
+use super::{Config, DriverConfig, SimulatorConfig};
+use crate::path::KeyPath;
+use crate::path::suggest;
 use crate::units::ByteSize;
+use crate::units::duration;
+use crate::validate::{Checker, root};
+use crate::validate::{check_device_id, check_record_topic};
 
 deserialize_from_str!(Parity { "none" => None, "even" => Even, "odd" => Odd });
 deserialize_from_str!(FlowControl { "none" => None, "software" => Software, "hardware" => Hardware });
@@ -442,4 +449,403 @@ impl ZigbeeConfig {
     pub fn topic_for(&self, device_id: &str) -> String {
         self.topic.replace("{device}", device_id)
     }
+}
+
+// Validation of this section: called by `crate::validate::check`, which holds the shared
+// helpers (`problem`, `range`, `name`, ...).
+
+impl Checker {
+    pub(crate) fn drivers(&mut self, config: &Config) {
+        let mut routes: Vec<&str> = vec![DEFAULT_ROUTE];
+        for route in &config.routes {
+            if !route.name.is_empty() && !routes.contains(&route.name.as_str()) {
+                routes.push(&route.name);
+            }
+        }
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        let mut ports: HashMap<&std::path::Path, usize> = HashMap::new();
+        for (i, driver) in config.drivers.iter().enumerate() {
+            let path = root("drivers").index(i);
+            let name = driver.name();
+            self.name(path.key("name"), name, "driver");
+            if !name.is_empty() {
+                if let Some(first) = seen.get(name) {
+                    let first = root("drivers").index(*first).key("name");
+                    let message = format!("duplicate driver name \"{name}\"");
+                    self.duplicate(path.key("name"), message, first);
+                } else {
+                    seen.insert(name, i);
+                }
+            }
+            match driver {
+                DriverConfig::Simulator(sim) => self.simulator(&path, sim, config),
+                DriverConfig::Serial(c) => self.serial_line(&path, c),
+                DriverConfig::Modbus(c) => self.modbus(&path, c),
+                DriverConfig::Zigbee(c) => self.zigbee(&path, c),
+            }
+            self.topic(path.key("topic"), driver_topic(driver));
+            self.route(path.key("route"), driver.route(), &routes);
+            if let Some(port) = driver_port(driver).filter(|p| !p.as_os_str().is_empty()) {
+                if let Some(first) = ports.get(port) {
+                    let first = root("drivers").index(*first).key("serial").key("path");
+                    let message = format!(
+                        "serial port {} is already used by another driver",
+                        port.display()
+                    );
+                    self.duplicate(path.key("serial").key("path"), message, first);
+                } else {
+                    ports.insert(port, i);
+                }
+            }
+        }
+    }
+
+    pub(crate) fn topic(&mut self, path: KeyPath, topic: &str) {
+        if let Err(why) = check_topic(topic) {
+            self.problem(path, format!("invalid topic \"{topic}\": {why}"));
+        }
+    }
+
+    pub(crate) fn route(&mut self, path: KeyPath, route: &str, routes: &[&str]) {
+        if !routes.contains(&route) {
+            let known = routes.join(", ");
+            let hint = suggest(route, routes)
+                .map(|s| format!(", did you mean \"{s}\"?"))
+                .unwrap_or_default();
+            self.problem(
+                path,
+                format!("unknown route \"{route}\"{hint} (routes: {known})"),
+            );
+        }
+    }
+
+    pub(crate) fn device_id(&mut self, path: KeyPath, id: &str) {
+        if let Err(why) = check_device_id(id) {
+            self.problem(path, format!("invalid device id \"{id}\": {why}"));
+        }
+    }
+
+    pub(crate) fn serial_port(&mut self, path: &KeyPath, port: &SerialPortConfig) {
+        if port.path.as_os_str().is_empty() {
+            self.problem(
+                path.key("path"),
+                "missing required key: the serial device, preferably /dev/serial/by-id/...",
+            );
+        }
+        self.range(path.key("baud"), port.baud, 50, 4_000_000);
+        self.range(path.key("data_bits"), port.data_bits, 5, 8);
+        if !matches!(port.stop_bits, 1 | 2) {
+            self.problem(
+                path.key("stop_bits"),
+                format!("must be 1 or 2, found {}", port.stop_bits),
+            );
+        }
+    }
+
+    pub(crate) fn reopen(&mut self, path: &KeyPath, reopen: &ReopenConfig) {
+        let ms = Duration::from_millis;
+        let initial = reopen.backoff_initial;
+        self.duration_range(path.key("backoff_initial"), initial, ms(10), ms(60_000));
+        let max = reopen.backoff_max;
+        self.duration_range(
+            path.key("backoff_max"),
+            max,
+            initial.max(ms(10)),
+            ms(3_600_000),
+        );
+        self.range(
+            path.key("offline_after_failures"),
+            reopen.offline_after_failures,
+            1,
+            1000,
+        );
+    }
+
+    pub(crate) fn serial_line(&mut self, path: &KeyPath, c: &SerialLineConfig) {
+        self.serial_port(&path.key("serial"), &c.serial);
+        self.reopen(&path.key("reopen"), &c.reopen);
+        match (&c.device_field, &c.device_id) {
+            (None, None) => self.problem(
+                path.key("device_id"),
+                "set either device_field (the field of each line naming the device) or \
+                 device_id (one fixed id for the port)",
+            ),
+            (Some(_), Some(_)) => self.problem(
+                path.key("device_id"),
+                "set only one of device_field and device_id",
+            ),
+            (None, Some(id)) => self.device_id(path.key("device_id"), id),
+            (Some(field), None) => {
+                if field.is_empty() {
+                    self.problem(path.key("device_field"), "must not be empty");
+                }
+            }
+        }
+        if c.timestamp_field.as_deref() == Some("") {
+            self.problem(path.key("timestamp_field"), "must not be empty");
+        }
+        if c.format == LineFormat::Csv {
+            if c.columns.is_empty() {
+                self.problem(
+                    path.key("columns"),
+                    "required for format = \"csv\": the column names in order",
+                );
+            }
+            let mut seen: HashMap<&str, usize> = HashMap::new();
+            for (i, column) in c.columns.iter().enumerate() {
+                if column.is_empty() {
+                    self.problem(path.key("columns").index(i), "must not be empty");
+                } else if let Some(first) = seen.insert(column, i) {
+                    let first = path.key("columns").index(first);
+                    let message = format!("duplicate column \"{column}\"");
+                    self.duplicate(path.key("columns").index(i), message, first);
+                }
+            }
+            if !c.columns.is_empty() {
+                for (key, field) in [
+                    ("device_field", &c.device_field),
+                    ("timestamp_field", &c.timestamp_field),
+                ] {
+                    if let Some(field) = field.as_deref()
+                        && !field.is_empty()
+                        && !c.columns.iter().any(|col| col == field)
+                    {
+                        self.problem(
+                            path.key(key),
+                            format!("\"{field}\" is not one of the columns"),
+                        );
+                    }
+                }
+            }
+            if c.separator.chars().count() != 1 {
+                self.problem(
+                    path.key("separator"),
+                    format!("must be a single character, found \"{}\"", c.separator),
+                );
+            }
+        } else if !c.columns.is_empty() {
+            self.problem(path.key("columns"), "only used with format = \"csv\"");
+        }
+        for (field, unit) in &c.units {
+            if unit.is_empty() {
+                self.problem(path.key("units").key(field), "must not be empty");
+            }
+        }
+        let bytes = c.max_line_bytes.bytes();
+        if !(16..=1 << 20).contains(&bytes) {
+            self.problem(
+                path.key("max_line_bytes"),
+                format!("must be between 16B and 1MiB, found {}", c.max_line_bytes),
+            );
+        }
+    }
+
+    pub(crate) fn modbus(&mut self, path: &KeyPath, c: &ModbusConfig) {
+        self.reopen(&path.key("reopen"), &c.reopen);
+        match c.transport {
+            ModbusTransport::Tcp => {
+                match c.address.as_deref() {
+                    None if c.slaves.iter().any(|s| s.address.is_none()) => self.problem(
+                        path.key("address"),
+                        "required for transport = \"tcp\" (unless every slave sets its own): \
+                         the slave as \"host:port\"",
+                    ),
+                    None => {}
+                    Some(address) => self.host_port(path.key("address"), address),
+                }
+                for (s, slave) in c.slaves.iter().enumerate() {
+                    if let Some(address) = &slave.address {
+                        self.host_port(path.key("slaves").index(s).key("address"), address);
+                    }
+                }
+                if c.serial.is_some() {
+                    self.problem(path.key("serial"), "only used with transport = \"rtu\"");
+                }
+            }
+            ModbusTransport::Rtu => {
+                match &c.serial {
+                    None => self.problem(
+                        path.key("serial"),
+                        "required for transport = \"rtu\": a [drivers.serial] table with the \
+                         port's path",
+                    ),
+                    Some(port) => self.serial_port(&path.key("serial"), port),
+                }
+                if c.address.is_some() {
+                    self.problem(path.key("address"), "only used with transport = \"tcp\"");
+                }
+                for (s, slave) in c.slaves.iter().enumerate() {
+                    if slave.address.is_some() {
+                        let at = path.key("slaves").index(s).key("address");
+                        self.problem(at, "only used with transport = \"tcp\"");
+                    }
+                }
+            }
+        }
+        let ms = Duration::from_millis;
+        self.duration_range(path.key("timeout"), c.timeout, ms(10), ms(60_000));
+        if c.slaves.is_empty() {
+            self.problem(
+                path.key("slaves"),
+                "at least one [[drivers.slaves]] is required",
+            );
+        }
+        let mut ids: HashMap<&str, usize> = HashMap::new();
+        let mut units: HashMap<u8, usize> = HashMap::new();
+        for (s, slave) in c.slaves.iter().enumerate() {
+            let sp = path.key("slaves").index(s);
+            self.device_id(sp.key("device_id"), &slave.device_id);
+            if !slave.device_id.is_empty()
+                && let Some(first) = ids.insert(&slave.device_id, s)
+            {
+                let first = path.key("slaves").index(first).key("device_id");
+                let message = format!("duplicate device id \"{}\"", slave.device_id);
+                self.duplicate(sp.key("device_id"), message, first);
+            }
+            if c.transport == ModbusTransport::Rtu {
+                self.range(sp.key("unit"), slave.unit, 1, 247);
+            }
+            if slave.address.is_none()
+                && let Some(first) = units.insert(slave.unit, s)
+            {
+                let first = path.key("slaves").index(first).key("unit");
+                let message = format!("duplicate unit {}", slave.unit);
+                self.duplicate(sp.key("unit"), message, first);
+            }
+            if slave.points.is_empty() {
+                self.problem(
+                    sp.key("points"),
+                    "at least one [[drivers.slaves.points]] is required",
+                );
+            }
+            let mut names: HashMap<&str, usize> = HashMap::new();
+            for (p, point) in slave.points.iter().enumerate() {
+                let pp = sp.key("points").index(p);
+                if point.name.is_empty() {
+                    self.problem(
+                        pp.key("name"),
+                        "missing required key: the value's field name",
+                    );
+                } else if let Some(first) = names.insert(&point.name, p) {
+                    let first = sp.key("points").index(first).key("name");
+                    let message = format!("duplicate point name \"{}\"", point.name);
+                    self.duplicate(pp.key("name"), message, first);
+                }
+                let bits = point.function.is_bits();
+                if bits != (point.data_type == DataType::Bool) {
+                    let message = if bits {
+                        "coils and discrete inputs are read as \"bool\""
+                    } else {
+                        "\"bool\" is only for coils and discrete inputs"
+                    };
+                    self.problem(pp.key("data_type"), message);
+                }
+                let end = u32::from(point.address) + u32::from(point.data_type.width());
+                if end > 65_536 {
+                    self.problem(
+                        pp.key("address"),
+                        format!("{} plus the value's width passes 65535", point.address),
+                    );
+                }
+                if !point.scale.is_finite() || point.scale == 0.0 {
+                    self.problem(
+                        pp.key("scale"),
+                        format!("must be finite and not 0, found {}", point.scale),
+                    );
+                }
+                if !point.offset.is_finite() {
+                    self.problem(
+                        pp.key("offset"),
+                        format!("must be finite, found {}", point.offset),
+                    );
+                }
+                if point.unit.as_deref() == Some("") {
+                    self.problem(pp.key("unit"), "must not be empty (leave it unset)");
+                }
+                self.duration_range(pp.key("interval"), point.interval, ms(10), ms(86_400_000));
+            }
+        }
+    }
+
+    pub(crate) fn host_port(&mut self, path: KeyPath, address: &str) {
+        let valid = address.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !valid {
+            self.problem(
+                path,
+                format!(
+                    "invalid address \"{address}\": expected \"host:port\" like \
+                     \"192.168.1.20:502\""
+                ),
+            );
+        }
+    }
+
+    pub(crate) fn zigbee(&mut self, path: &KeyPath, c: &ZigbeeConfig) {
+        self.serial_port(&path.key("serial"), &c.serial);
+        self.reopen(&path.key("reopen"), &c.reopen);
+        self.range(path.key("channel"), c.channel, 11, 26);
+        if c.pan_id == 0 || c.pan_id == 0xffff {
+            self.problem(
+                path.key("pan_id"),
+                format!("must be between 0x0001 and 0xfffe, found {:#06x}", c.pan_id),
+            );
+        }
+        let s = Duration::from_secs;
+        self.duration_range(path.key("permit_join_max"), c.permit_join_max, s(1), s(254));
+    }
+
+    pub(crate) fn simulator(&mut self, path: &KeyPath, sim: &SimulatorConfig, config: &Config) {
+        self.range(path.key("devices"), sim.devices, 1, 10_000);
+        if sim.interval < Duration::from_millis(1) {
+            self.problem(
+                path.key("interval"),
+                format!(
+                    "must be at least 1ms, found {}",
+                    duration::format(sim.interval)
+                ),
+            );
+        }
+        let max_record = config.outbox.max_record_bytes.bytes();
+        let payload = u64::try_from(sim.payload_bytes).unwrap_or(u64::MAX);
+        if payload < 16 || payload > max_record {
+            self.problem(
+                path.key("payload_bytes"),
+                format!(
+                    "must be between 16 and outbox.max_record_bytes ({max_record} = {}), found {}",
+                    config.outbox.max_record_bytes, sim.payload_bytes
+                ),
+            );
+        }
+    }
+}
+
+pub(crate) fn driver_topic(driver: &DriverConfig) -> &str {
+    match driver {
+        DriverConfig::Simulator(c) => &c.topic,
+        DriverConfig::Serial(c) => &c.topic,
+        DriverConfig::Modbus(c) => &c.topic,
+        DriverConfig::Zigbee(c) => &c.topic,
+    }
+}
+
+pub(crate) fn driver_port(driver: &DriverConfig) -> Option<&std::path::Path> {
+    match driver {
+        DriverConfig::Simulator(_) => None,
+        DriverConfig::Serial(c) => Some(&c.serial.path),
+        DriverConfig::Modbus(c) => c.serial.as_ref().map(|s| s.path.as_path()),
+        DriverConfig::Zigbee(c) => Some(&c.serial.path),
+    }
+}
+
+/// A driver's topic template: a record topic once `{device}` is replaced, which is the only
+/// placeholder.
+pub(crate) fn check_topic(topic: &str) -> Result<(), String> {
+    check_record_topic(topic)?;
+    let without_placeholder = topic.replace("{device}", "");
+    if without_placeholder.contains(['{', '}']) {
+        return Err("the only placeholder is {device}".into());
+    }
+    Ok(())
 }

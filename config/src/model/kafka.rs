@@ -1,9 +1,15 @@
 //! `[kafka]`: forwarding the outbox to a cloud Kafka, routing rules, fleet topics.
 
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::{Config, machine_id};
+use crate::path::KeyPath;
+use crate::path::suggest;
+use crate::units::duration;
+use crate::validate::{Checker, root};
 use serde::{Deserialize, Serialize};
 
 /// `[kafka]`.
@@ -533,6 +539,367 @@ pub(crate) fn forwarder_property(key: &str) -> Option<&'static str> {
 
 /// Where a record entered the gateway, as a rule's `source` names it.
 pub(crate) const RULE_SOURCES: &[&str] = &["mqtt", "coap", "http", "driver"];
+
+// Validation of this section: called by `crate::validate::check`, which holds the shared
+// helpers (`problem`, `range`, `name`, ...).
+
+impl Checker {
+    /// `[kafka]`, checked whether or not forwarding is enabled, so that a file fails
+    /// `outpost check-config` before the day it is switched on.
+    pub(crate) fn kafka(&mut self, config: &Config) {
+        let kafka = root("kafka");
+        let k = &config.kafka;
+        if k.brokers.is_empty() {
+            self.problem(
+                kafka.key("brokers"),
+                "must list at least one broker as \"host:port\"",
+            );
+        }
+        for (i, broker) in k.brokers.iter().enumerate() {
+            if let Err(why) = check_broker(broker) {
+                self.problem(kafka.key("brokers").index(i), why);
+            }
+        }
+        for (key, topic) in [
+            ("default_topic", &k.default_topic),
+            ("heartbeat_topic", &k.heartbeat_topic),
+            ("inventory_topic", &k.inventory_topic),
+            ("checkpoint_topic", &k.checkpoint_topic),
+        ] {
+            self.kafka_topic(kafka.key(key), topic);
+        }
+        if let Some(why) = exactly_once_identity_problem(config, machine_id().is_some()) {
+            self.problem(root("gateway").key("id"), why);
+        }
+        if k.heartbeat_topic == k.default_topic {
+            self.problem(
+                kafka.key("heartbeat_topic"),
+                format!(
+                    "must differ from kafka.default_topic (\"{}\"): heartbeats would reach every \
+                     consumer of readings, and readings would be compacted away by gateway id",
+                    k.default_topic
+                ),
+            );
+        }
+        if let Some(id) = &k.client_id {
+            let printable = id.chars().all(|c| c == ' ' || c.is_ascii_graphic());
+            if id.is_empty() || id.len() > 255 || !printable {
+                self.problem(
+                    kafka.key("client_id"),
+                    format!(
+                        "invalid client id \"{}\": use 1 to 255 printable ASCII characters \
+                         (or leave it unset for \"outpost-<gateway id>\")",
+                        id.escape_debug()
+                    ),
+                );
+            }
+        }
+        let ms = Duration::from_millis;
+        let s = Duration::from_secs;
+        if k.linger > s(1) {
+            self.problem(
+                kafka.key("linger"),
+                format!("must be at most 1s, found {}", duration::format(k.linger)),
+            );
+        }
+        self.range(kafka.key("read_batch"), k.read_batch, 1, 100_000);
+        self.range(kafka.key("max_in_flight"), k.max_in_flight, 1, 1_000_000);
+        if let Some(cap) = k.max_in_flight_per_topic {
+            self.range(
+                kafka.key("max_in_flight_per_topic"),
+                cap,
+                1,
+                k.max_in_flight.max(1),
+            );
+        }
+        self.range(kafka.key("backlog_rate"), k.backlog_rate, 1, 10_000_000);
+        let dead = kafka.key("dead_letter");
+        if let Some(topic) = &k.dead_letter.topic {
+            self.kafka_topic(dead.key("topic"), topic);
+            if topic == &k.default_topic
+                || k.rules
+                    .iter()
+                    .any(|r| r.kafka_topic.as_ref() == Some(topic))
+            {
+                self.problem(
+                    dead.key("topic"),
+                    format!(
+                        "\"{topic}\" also receives forwarded records: poison records would be \
+                         refused there again; use a topic of its own"
+                    ),
+                );
+            }
+        }
+        self.range(
+            dead.key("max_attempts"),
+            k.dead_letter.max_attempts,
+            1,
+            1_000,
+        );
+        self.duration_range(
+            dead.key("unknown_topic_timeout"),
+            k.dead_letter.unknown_topic_timeout,
+            s(1),
+            s(3_600),
+        );
+        let (min, max) = (k.reconnect_backoff_min, k.reconnect_backoff_max);
+        self.duration_range(kafka.key("reconnect_backoff_min"), min, ms(10), s(3_600));
+        if max < min {
+            self.problem(
+                kafka.key("reconnect_backoff_max"),
+                format!(
+                    "must be at least kafka.reconnect_backoff_min ({}), found {}",
+                    duration::format(min),
+                    duration::format(max)
+                ),
+            );
+        } else {
+            self.duration_range(kafka.key("reconnect_backoff_max"), max, ms(10), s(3_600));
+        }
+        self.duration_range(
+            kafka.key("offline_after"),
+            k.offline_after,
+            ms(100),
+            s(3_600),
+        );
+        let heartbeat = k.heartbeat_interval;
+        self.duration_range(kafka.key("heartbeat_interval"), heartbeat, s(1), s(3_600));
+        self.kafka_security(&kafka.key("security"), &k.security);
+        for (key, value) in &k.properties {
+            let path = kafka.key("properties").key(key);
+            if key.trim().is_empty() {
+                self.problem(path, "a librdkafka property name must not be empty");
+            } else if let Some(why) = forwarder_property(key) {
+                self.problem(
+                    path,
+                    format!("\"{key}\" cannot be set in [kafka.properties]: {why}"),
+                );
+            } else if value.contains('\0') {
+                self.problem(path, "must not contain NUL characters");
+            }
+        }
+        let mut names: HashMap<String, usize> = HashMap::new();
+        for (i, rule) in k.rules.iter().enumerate() {
+            let path = kafka.key("rules").index(i);
+            self.kafka_rule(&path, rule);
+            // Unnamed rules are called `rule-<n>` in logs and metrics: an explicit name must
+            // not take one of those either.
+            let effective = match rule.name.as_deref() {
+                Some(name) => name.to_owned(),
+                None => format!("rule-{}", i + 1),
+            };
+            if effective.is_empty() {
+                continue;
+            }
+            if let Some(first) = names.get(&effective) {
+                let first_path = kafka.key("rules").index(*first).key("name");
+                let message = match (&rule.name, &k.rules[*first].name) {
+                    (Some(_), Some(_)) => format!("duplicate rule name \"{effective}\""),
+                    (Some(_), None) => format!(
+                        "duplicate rule name \"{effective}\": unnamed rule number {} is called \
+                         that by default",
+                        first + 1
+                    ),
+                    (None, _) => format!(
+                        "this unnamed rule is called \"{effective}\" by default, which is \
+                         already a rule's name: name this rule"
+                    ),
+                };
+                self.duplicate(path.key("name"), message, first_path);
+            } else {
+                names.insert(effective, i);
+            }
+        }
+    }
+
+    pub(crate) fn kafka_topic(&mut self, path: KeyPath, topic: &str) {
+        if let Err(why) = check_kafka_topic(topic) {
+            self.problem(path, format!("invalid Kafka topic: {why}"));
+        }
+    }
+
+    pub(crate) fn kafka_security(&mut self, path: &KeyPath, sec: &KafkaSecurity) {
+        let protocol = sec.protocol.as_str();
+        match sec.sasl_mechanism {
+            None if sec.protocol.uses_sasl() => self.problem(
+                path.key("sasl_mechanism"),
+                format!(
+                    "required with protocol = \"{protocol}\": one of \"PLAIN\", \
+                     \"SCRAM-SHA-256\", \"SCRAM-SHA-512\", \"OAUTHBEARER\""
+                ),
+            ),
+            Some(mechanism) if !sec.protocol.uses_sasl() => self.problem(
+                path.key("sasl_mechanism"),
+                format!(
+                    "\"{}\" is only used with protocol = \"sasl_plaintext\" or \"sasl_ssl\", \
+                     found protocol = \"{protocol}\"",
+                    mechanism.as_str()
+                ),
+            ),
+            _ => {}
+        }
+        let with_password = match sec.sasl_mechanism {
+            Some(
+                m
+                @ (SaslMechanism::Plain | SaslMechanism::ScramSha256 | SaslMechanism::ScramSha512),
+            ) => Some(m),
+            Some(SaslMechanism::OauthBearer) | None => None,
+        };
+        match with_password {
+            Some(mechanism) => {
+                let mechanism = mechanism.as_str();
+                match sec.username.as_deref() {
+                    None => self.problem(
+                        path.key("username"),
+                        format!("required with sasl_mechanism = \"{mechanism}\""),
+                    ),
+                    Some("") => self.problem(path.key("username"), "must not be empty"),
+                    Some(_) => {}
+                }
+                match (&sec.password, &sec.password_file) {
+                    (None, None) => self.problem(
+                        path.key("password"),
+                        format!(
+                            "required with sasl_mechanism = \"{mechanism}\": set password_file \
+                             (preferred) or password"
+                        ),
+                    ),
+                    (Some(_), Some(_)) => self.problem(
+                        path.key("password"),
+                        "set only one of password and password_file",
+                    ),
+                    (Some(password), None) if password.is_empty() => {
+                        self.problem(path.key("password"), "must not be empty");
+                    }
+                    _ => {}
+                }
+            }
+            None => {
+                let why = "only used with sasl_mechanism = \"PLAIN\", \"SCRAM-SHA-256\" or \
+                           \"SCRAM-SHA-512\"";
+                if sec.username.is_some() {
+                    self.problem(path.key("username"), why);
+                }
+                if sec.password.is_some() {
+                    self.problem(path.key("password"), why);
+                }
+                if sec.password_file.is_some() {
+                    self.problem(path.key("password_file"), why);
+                }
+            }
+        }
+        let tls = matches!(
+            sec.protocol,
+            SecurityProtocol::Ssl | SecurityProtocol::SaslSsl
+        );
+        for (key, file) in [
+            ("password_file", &sec.password_file),
+            ("ca_file", &sec.ca_file),
+            ("cert_file", &sec.cert_file),
+            ("key_file", &sec.key_file),
+        ] {
+            let Some(file) = file else { continue };
+            if file.as_os_str().is_empty() {
+                self.problem(path.key(key), "must not be empty");
+            } else if key != "password_file" && !tls {
+                self.problem(
+                    path.key(key),
+                    format!(
+                        "only used with protocol = \"ssl\" or \"sasl_ssl\", found protocol = \
+                         \"{protocol}\""
+                    ),
+                );
+            }
+        }
+        match (&sec.cert_file, &sec.key_file) {
+            (Some(_), None) => self.problem(
+                path.key("key_file"),
+                "required with cert_file: the private key of the client certificate",
+            ),
+            (None, Some(_)) => self.problem(
+                path.key("cert_file"),
+                "required with key_file: the client certificate of the private key",
+            ),
+            _ => {}
+        }
+    }
+
+    pub(crate) fn kafka_rule(&mut self, path: &KeyPath, rule: &KafkaRule) {
+        match rule.name.as_deref() {
+            Some("") => self.problem(
+                path.key("name"),
+                "must not be empty (leave it unset to use rule-<n>)",
+            ),
+            Some(name) => self.name(path.key("name"), name, "rule"),
+            None => {}
+        }
+        if let Some(topic) = &rule.topic
+            && let Err(why) = check_topic_filter(topic)
+        {
+            self.problem(path.key("topic"), format!("invalid topic filter: {why}"));
+        }
+        if let Some(source) = &rule.source
+            && !RULE_SOURCES.contains(&source.as_str())
+        {
+            let hint = suggest(source, RULE_SOURCES)
+                .map(|s| format!(", did you mean \"{s}\"?"))
+                .unwrap_or_default();
+            self.problem(
+                path.key("source"),
+                format!(
+                    "unknown source \"{source}\"{hint} (expected one of \"mqtt\", \"coap\", \
+                     \"http\", \"driver\")"
+                ),
+            );
+        }
+        if let Some(device) = &rule.device {
+            let bad = device
+                .chars()
+                .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-' | '*')));
+            if device.is_empty() {
+                self.problem(
+                    path.key("device"),
+                    "must not be empty (leave it unset to match every device)",
+                );
+            } else if let Some(c) = bad {
+                self.problem(
+                    path.key("device"),
+                    format!(
+                        "invalid character {c:?} in \"{device}\": a device id pattern uses \
+                         letters, digits, '.', '_', ':', '-' and '*' (any run of characters)"
+                    ),
+                );
+            }
+        }
+        if rule.tag.as_deref() == Some("") {
+            self.problem(
+                path.key("tag"),
+                "must not be empty (leave it unset to match every device)",
+            );
+        }
+        if let Some(topic) = &rule.kafka_topic {
+            self.kafka_topic(path.key("kafka_topic"), topic);
+        }
+        if rule.action == RuleAction::Sample {
+            self.range(path.key("sample_every"), rule.sample_every, 2, 1_000_000);
+        }
+    }
+}
+
+/// Exactly-once mode needs a gateway id no other gateway has: the transactional producer's id is
+/// derived from it, and two gateways with one id fence each other's transactions endlessly. An id
+/// set in `gateway.id` or derived from the machine id is taken as unique; the host name (the last
+/// fallback, on a system without a machine id) is not: Raspberry Pis are all `raspberrypi`.
+pub(crate) fn exactly_once_identity_problem(
+    config: &Config,
+    has_machine_id: bool,
+) -> Option<String> {
+    (config.kafka.exactly_once && config.gateway.id.is_none() && !has_machine_id).then(|| {
+        "kafka.exactly_once needs a gateway id unique in the fleet, and this system has no \
+         machine id (/etc/machine-id) to derive one from: set gateway.id"
+            .to_owned()
+    })
+}
 
 #[cfg(test)]
 mod tests {

@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{DEFAULT_ROUTE, WhenFull};
+use super::{Config, DEFAULT_ROUTE, WhenFull};
 use crate::units::ByteSize;
+use crate::validate::{Checker, root};
 
 mod tls;
 pub use tls::{ClientAuth, MqttTlsConfig};
@@ -258,6 +259,70 @@ pub fn check_acl_pattern(pattern: &str) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+// Validation of this section: called by `crate::validate::check`, which holds the shared
+// helpers (`problem`, `range`, `name`, ...).
+
+impl Checker {
+    pub(crate) fn mqtt(&mut self, config: &Config) {
+        let mqtt = root("mqtt");
+        let m = &config.mqtt;
+        let routes: Vec<String> = config.routes().into_iter().map(|r| r.name).collect();
+        let routes: Vec<&str> = routes.iter().map(String::as_str).collect();
+        self.range(mqtt.key("max_connections"), m.max_connections, 1, 100_000);
+        self.range(mqtt.key("max_inflight"), m.max_inflight, 1, 65_535);
+        self.route_ref(mqtt.key("route"), &m.route, &routes);
+        if m.max_packet < ByteSize::kib(1) || m.max_packet > ByteSize::mib(16) {
+            self.problem(
+                mqtt.key("max_packet"),
+                format!("must be between 1KiB and 16MiB, found {}", m.max_packet),
+            );
+        }
+        let acl = mqtt.key("acl");
+        for (key, patterns) in [("publish", &m.acl.publish), ("subscribe", &m.acl.subscribe)] {
+            for (i, pattern) in patterns.iter().enumerate() {
+                if let Err(e) = crate::model::check_acl_pattern(pattern) {
+                    self.problem(acl.key(key).index(i), e);
+                }
+            }
+        }
+        let burst = m.limits.burst;
+        if burst < Duration::from_secs(1) || burst > Duration::from_secs(3600) {
+            self.problem(
+                mqtt.key("limits").key("burst"),
+                format!(
+                    "must be between 1s and 1h, found {}",
+                    crate::units::duration::format(burst)
+                ),
+            );
+        }
+        for (key, message) in m.tls.problems(m.listen) {
+            self.problem(mqtt.key("tls").key(key), message);
+        }
+        self.duration_range(
+            mqtt.key("connect_timeout"),
+            m.connect_timeout,
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+        );
+        self.range(
+            mqtt.key("max_pending_handshakes"),
+            m.max_pending_handshakes,
+            1,
+            100_000,
+        );
+        self.range(
+            mqtt.key("max_pending_per_address"),
+            m.max_pending_per_address,
+            1,
+            100_000,
+        );
+        self.range(mqtt.key("max_retained"), m.max_retained, 0, 1_000_000);
+        for (key, message) in m.sessions.problems() {
+            self.problem(mqtt.key("sessions").key(key), message);
+        }
+    }
 }
 
 #[cfg(test)]
