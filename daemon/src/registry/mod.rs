@@ -27,7 +27,7 @@
 //! Monitoring semantics (state, rates) are in [`monitor`]; command queue rules in [`commands`];
 //! the file and its migrations in [`store`].
 //!
-//! Wiring (`app.rs`): open with `Registry::open(&data_dir, config.devices.offline_after)` in
+//! Wiring (`app/storage.rs`): open with `Registry::open(&data_dir, config.devices.offline_after)` in
 //! `spawn_blocking` before ingress starts; raise an alarm if `registry.quarantine()` is `Some`;
 //! spawn `registry.clone().run_flusher(shutdown_token)` as task `registry-flush` (it flushes every
 //! [`FLUSH_INTERVAL`] and once more when cancelled — cancel it after ingress has stopped so the
@@ -36,6 +36,7 @@
 mod automatic;
 pub mod commands;
 pub mod monitor;
+mod requests;
 pub mod secrets;
 pub mod store;
 
@@ -55,6 +56,7 @@ use tokio_util::sync::CancellationToken;
 pub use automatic::Admission;
 pub use commands::Command;
 pub use monitor::{DeviceStatus, State, Traffic};
+pub use requests::{DeviceChanges, NewDevice};
 pub use store::Quarantine;
 
 /// How often [`Registry::run_flusher`] persists the monitoring.
@@ -227,74 +229,6 @@ impl Device {
             last_seen_ms: None,
         }
     }
-}
-
-/// A new device (the body of `POST /api/v1/devices`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NewDevice {
-    /// `[A-Za-z0-9._:-]{1,128}`.
-    pub id: String,
-    #[serde(default)]
-    pub name: String,
-    #[serde(default)]
-    pub model: String,
-    #[serde(default)]
-    pub batch: String,
-    #[serde(default)]
-    pub firmware: String,
-    #[serde(default)]
-    pub location: String,
-    #[serde(default)]
-    pub tags: Vec<String>,
-    #[serde(default = "yes")]
-    pub enabled: bool,
-    /// Default: all protocols.
-    #[serde(default = "all_protocols")]
-    pub protocols: Vec<Protocol>,
-    /// Default (absent or null): the global `[mqtt.acl]` `publish`.
-    #[serde(default)]
-    pub mqtt_publish: Option<Vec<String>>,
-    /// Default (absent or null): the global `[mqtt.acl]` `subscribe`.
-    #[serde(default)]
-    pub mqtt_subscribe: Option<Vec<String>>,
-}
-
-fn yes() -> bool {
-    true
-}
-
-fn all_protocols() -> Vec<Protocol> {
-    Protocol::ALL.to_vec()
-}
-
-/// Changes to a device (the body of `PATCH /api/v1/devices/{id}`); absent fields are kept.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeviceChanges {
-    pub name: Option<String>,
-    pub model: Option<String>,
-    pub batch: Option<String>,
-    pub firmware: Option<String>,
-    pub location: Option<String>,
-    pub tags: Option<Vec<String>>,
-    pub enabled: Option<bool>,
-    pub protocols: Option<Vec<Protocol>>,
-    /// Absent: kept; `null`: back to the global `[mqtt.acl]`; a list: the device's own.
-    #[serde(default, deserialize_with = "present")]
-    pub mqtt_publish: Option<Option<Vec<String>>>,
-    /// Like `mqtt_publish`.
-    #[serde(default, deserialize_with = "present")]
-    pub mqtt_subscribe: Option<Option<Vec<String>>>,
-}
-
-/// Tells a field given as `null` (`Some(None)`) from an absent one (`None`, the default).
-fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    Option::<T>::deserialize(deserializer).map(Some)
 }
 
 /// A page of [`Registry::list`].
