@@ -14,7 +14,7 @@
 //!   threads (retrying and dropping dead letters goes through the outbox writer).
 //! - Request bodies are limited to [`MAX_BODY`] (413 beyond).
 //!
-//! Wiring (`app.rs`): `admin_router.merge(api::router(api::ApiState::new(registry.clone(),
+//! Wiring (`app/fronts.rs`): `admin_router.merge(api::router(api::ApiState::new(registry.clone(),
 //! &config.api).with_outbox(outbox.clone())…))`. This router sets no fallback (axum refuses to
 //! merge two), so the admin router's JSON 404 applies to unknown paths.
 

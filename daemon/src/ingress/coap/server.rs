@@ -10,7 +10,7 @@
 //! * **Exchanges**: see [`super::exchange`]; the table is behind a mutex held only for a lookup or
 //!   an update, never across an await.
 //! * **Shutdown**: the loop stops receiving; requests in flight finish (their commits complete
-//!   while the outbox writer is still running, see `app.rs`) and their ACKs are sent; then `run`
+//!   while the outbox writer is still running, see `app/mod.rs`) and their ACKs are sent; then `run`
 //!   returns.
 //! * A receive error (e.g. an ICMP port-unreachable reported on the socket) never ends the loop.
 

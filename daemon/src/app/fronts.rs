@@ -1,0 +1,437 @@
+//! The device-facing fronts (CoAP, MQTT, HTTP ingestion) and the admin listener. Each binds
+//! before READY, so a port conflict stops the start with a clear error, and runs under a
+//! supervisor that serves again on a clone of its socket if it fails or panics.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use outpost_config::Config;
+use outpost_sync::Outbox;
+use outpost_sync::forwarder::Rules;
+use prometheus_client::registry::Registry as MetricsRegistry;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::spawn::Spawner;
+use super::storage::Storage;
+use crate::admin::{self, AdminState};
+use crate::api;
+use crate::apps::Apps;
+use crate::ingress::budget::IngressBudget;
+use crate::ingress::bus::{BusMetrics, FrontEvents};
+use crate::ingress::coap::{CoapMetrics, CoapSettings};
+use crate::ingress::http::{HttpIngestMetrics, HttpIngestState};
+use crate::ingress::{self, Ingest, LocalReading, READINGS_STREAM_CAPACITY};
+use crate::registry::Registry;
+use crate::status::StatusBoard;
+
+/// What every front hands its records to: one [`Ingest`] (outbox, registry, rules, the local
+/// bus, the ingress byte budget).
+pub struct IngressCore {
+    pub ingest: Ingest,
+    budget: IngressBudget,
+    /// The local bus's feed (committed readings, the MQTT server's events), for the MQTT
+    /// front; `None` without MQTT (the bus handle then drops what it is told).
+    bus_feed: Option<(broadcast::Receiver<LocalReading>, FrontEvents)>,
+}
+
+impl IngressCore {
+    pub fn new(config: &Config, storage: &Storage, metrics: &mut MetricsRegistry) -> Self {
+        let (readings, _) = broadcast::channel(READINGS_STREAM_CAPACITY);
+        // The local bus's receiver exists from the start, so no committed reading is missed.
+        let bus_readings = config.mqtt.enabled.then(|| readings.subscribe());
+        let app_subscribe = if config.apps.enabled {
+            config.apps.bus_subscribe.clone()
+        } else {
+            Vec::new()
+        };
+        let (bus_handle, bus_events) = ingress::bus::handle(app_subscribe);
+        let budget = IngressBudget::new(
+            usize::try_from(config.gateway.max_ingress_bytes.bytes()).unwrap_or(usize::MAX),
+        );
+        metrics.register_collector(Box::new(budget.clone()));
+        let ingest = Ingest::new(storage.outbox.clone(), storage.registry.clone(), readings)
+            .with_rules(Arc::new(Rules::from_config(&config.kafka)))
+            .with_bus(bus_handle)
+            .with_budget(budget.clone());
+        Self {
+            ingest,
+            budget,
+            bus_feed: bus_readings.map(|readings| (readings, bus_events)),
+        }
+    }
+}
+
+/// Device-facing HTTP ingestion, served by the admin listener (`None`: disabled).
+pub fn http_ingest(
+    config: &Config,
+    core: &IngressCore,
+    metrics: &mut MetricsRegistry,
+) -> Option<HttpIngestState> {
+    config.http_ingest.enabled.then(|| {
+        let http_metrics = HttpIngestMetrics::default();
+        http_metrics.register(metrics);
+        HttpIngestState {
+            ingest: core.ingest.clone(),
+            route: config.http_ingest.route.as_str().into(),
+            max_body: usize::try_from(config.http_ingest.max_body.bytes()).unwrap_or(usize::MAX),
+            max_batch: config.http_ingest.max_batch,
+            metrics: http_metrics,
+        }
+    })
+}
+
+/// The CoAP endpoint, bound.
+pub struct CoapFront {
+    socket: UdpSocket,
+    settings: CoapSettings,
+    metrics: CoapMetrics,
+}
+
+impl CoapFront {
+    /// Binds `coap.listen` (`None`, shown as disabled, with `coap.enabled = false`).
+    pub async fn bind(
+        config: &Config,
+        core: &IngressCore,
+        status: &StatusBoard,
+        metrics: &mut MetricsRegistry,
+    ) -> anyhow::Result<Option<Self>> {
+        if !config.coap.enabled {
+            status.inactive("coap", "disabled by coap.enabled = false", false);
+            return Ok(None);
+        }
+        let mut settings = CoapSettings::from_config(&config.coap).context("resolving [coap]")?;
+        settings.budget = Some(core.budget.clone());
+        let socket = UdpSocket::bind(config.coap.listen)
+            .await
+            .with_context(|| format!("binding the CoAP listener on {}", config.coap.listen))?;
+        let addr = socket
+            .local_addr()
+            .context("reading the CoAP listener address")?;
+        tracing::info!(addr = %addr, "CoAP listener bound");
+        let coap_metrics = CoapMetrics::default();
+        coap_metrics.register(metrics);
+        Ok(Some(Self {
+            socket,
+            settings,
+            metrics: coap_metrics,
+        }))
+    }
+
+    /// Serves until `stop`. Essential (ingress).
+    pub fn spawn(
+        self,
+        ingest: &Ingest,
+        spawner: &Spawner,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<JoinHandle<()>> {
+        let Self {
+            socket,
+            settings,
+            metrics,
+        } = self;
+        spawner.status.active("coap", true);
+        let socket = socket.into_std().context("taking the CoAP socket")?;
+        let (ingest, serve_stop) = (ingest.clone(), stop.clone());
+        Ok(
+            spawner.supervise("coap", "coap", true, stop.clone(), move || {
+                let socket = socket.try_clone().and_then(UdpSocket::from_std);
+                let (ingest, settings, metrics, stop) = (
+                    ingest.clone(),
+                    settings.clone(),
+                    metrics.clone(),
+                    serve_stop.clone(),
+                );
+                async move {
+                    match socket {
+                        Ok(socket) => {
+                            ingress::coap::run(socket, ingest, settings, metrics, stop).await
+                        }
+                        Err(e) => tracing::error!(error = %e, "CoAP socket unusable"),
+                    }
+                }
+            }),
+        )
+    }
+}
+
+/// The MQTT server, bound, with its broker (sessions, subscriptions, retained messages).
+pub struct MqttFront {
+    listener: TcpListener,
+    tls: Option<outpost_mqtt::tls::TlsListener>,
+    broker: Arc<outpost_mqtt::broker::Broker>,
+    metrics: outpost_mqtt::metrics::MqttMetrics,
+    bus_metrics: BusMetrics,
+}
+
+impl MqttFront {
+    /// Opens `sessions.db` and binds `mqtt.listen` (and the TLS listener if configured);
+    /// `None`, shown as disabled, with `mqtt.enabled = false`.
+    pub async fn bind(
+        config: &Config,
+        core: &IngressCore,
+        spawner: &Spawner,
+        shutdown: &CancellationToken,
+        metrics: &mut MetricsRegistry,
+    ) -> anyhow::Result<Option<Self>> {
+        let status = &spawner.status;
+        if !config.mqtt.enabled {
+            status.inactive("mqtt", "disabled by mqtt.enabled = false", false);
+            return Ok(None);
+        }
+        let mut settings = outpost_mqtt::settings::Settings::from_config(&config.mqtt);
+        settings.budget = Some(core.budget.for_mqtt());
+        if settings.allow_anonymous {
+            tracing::warn!(
+                "mqtt.allow_anonymous = true: ANY client on the network can publish without \
+                 credentials, under the client id it chooses"
+            );
+        }
+        let store = {
+            let path = config.data_dir().join("sessions.db");
+            tokio::task::spawn_blocking(move || outpost_mqtt::store::Store::open(&path))
+                .await
+                .context("opening sessions.db")?
+                .context("opening sessions.db")?
+        };
+        if let Some((moved, why)) = &store.1.quarantined {
+            status.alarm(
+                "mqtt",
+                format!(
+                    "damaged sessions.db moved to {}: {why}; persistent sessions were lost",
+                    moved.display()
+                ),
+            );
+        }
+        let backlog = outpost_mqtt::server::backlog(
+            config.mqtt.max_connections,
+            config.mqtt.max_pending_handshakes,
+        );
+        let listener = outpost_mqtt::server::bind(config.mqtt.listen, backlog)
+            .with_context(|| format!("binding the MQTT listener on {}", config.mqtt.listen))?;
+        let addr = listener
+            .local_addr()
+            .context("reading the MQTT listener address")?;
+        tracing::info!(addr = %addr, "MQTT listener bound");
+        let tls = outpost_mqtt::tls::bind(&config.mqtt.tls, backlog)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let mqtt_metrics = outpost_mqtt::metrics::MqttMetrics::default();
+        mqtt_metrics.register(metrics);
+        let bus_metrics = BusMetrics::default();
+        bus_metrics.register(metrics);
+        let backend = Arc::new(ingress::mqtt::GatewayBackend::new(
+            core.ingest.clone(),
+            &config.mqtt,
+        ));
+        let broker =
+            outpost_mqtt::broker::Broker::new(settings, backend, Some(store), mqtt_metrics.clone());
+        // The session store's writer is not restarted in-process (like the outbox writer): if
+        // it stops, the essential subsystem `mqtt-sessions` goes INACTIVE, the watchdog is no
+        // longer fed, and systemd restarts the daemon.
+        status.active("mqtt-sessions", true);
+        let (board, stop, watched) = (status.clone(), shutdown.clone(), Arc::clone(&broker));
+        spawner.spawn("mqtt-sessions-watch", async move {
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = watched.store_stopped() => {
+                    if !stop.is_cancelled() {
+                        tracing::error!("The MQTT session store (sessions.db) stopped; the daemon needs a restart");
+                        board.inactive("mqtt-sessions", "session store stopped; restart the daemon", true);
+                    }
+                }
+            }
+        });
+        Ok(Some(Self {
+            listener,
+            tls,
+            broker,
+            metrics: mqtt_metrics,
+            bus_metrics,
+        }))
+    }
+
+    /// The plain listener's port (apps reach the server through the engine's host gateway).
+    pub fn port(&self) -> Option<u16> {
+        self.listener.local_addr().ok().map(|addr| addr.port())
+    }
+
+    /// Serves until `stop`, with the local bus beside it. The server is essential (ingress);
+    /// the bus is supervised but not essential: readings are in the outbox whether or not the
+    /// bus publishes them.
+    pub fn spawn(
+        self,
+        core: &mut IngressCore,
+        registry: &Registry,
+        spawner: &Spawner,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<JoinHandle<()>> {
+        let Self {
+            listener,
+            tls,
+            broker,
+            metrics,
+            bus_metrics,
+        } = self;
+        spawner.status.active("mqtt", true);
+        // The local bus: committed CoAP/HTTP/driver readings and API commands → MQTT.
+        if let Some((readings, events)) = core.bus_feed.take() {
+            let bus = Arc::new(tokio::sync::Mutex::new(ingress::bus::Bus::new(
+                Arc::clone(&broker),
+                readings,
+                events,
+            )));
+            let (registry, bus_stop) = (registry.clone(), stop.clone());
+            spawner.supervise("mqtt-bus", "mqtt-bus", false, stop.clone(), move || {
+                ingress::bus::run(
+                    bus.clone(),
+                    registry.clone(),
+                    bus_metrics.clone(),
+                    bus_stop.clone(),
+                )
+            });
+        }
+        spawner.status.watch_mqtt(metrics);
+        // A failed or panicked server serves again on a clone of its socket; the broker lives
+        // on, and clients reconnect to their sessions.
+        let socket = listener
+            .into_std()
+            .context("taking the MQTT listener socket")?;
+        let tls = match tls {
+            Some(l) => Some((
+                l.listener
+                    .into_std()
+                    .context("taking the MQTT TLS listener socket")?,
+                l.acceptor,
+            )),
+            None => None,
+        };
+        let serve_stop = stop.clone();
+        Ok(
+            spawner.supervise("mqtt", "mqtt", true, stop.clone(), move || {
+                let listener = socket.try_clone().and_then(TcpListener::from_std);
+                let tls = tls.as_ref().map(|(socket, acceptor)| {
+                    socket
+                        .try_clone()
+                        .and_then(TcpListener::from_std)
+                        .map(|listener| outpost_mqtt::tls::TlsListener {
+                            listener,
+                            acceptor: acceptor.clone(),
+                        })
+                });
+                let (broker, stop) = (Arc::clone(&broker), serve_stop.clone());
+                async move {
+                    match (listener, tls.transpose()) {
+                        (Ok(listener), Ok(tls)) => {
+                            outpost_mqtt::server::run(broker, listener, tls, stop).await;
+                        }
+                        (Err(e), _) | (_, Err(e)) => {
+                            tracing::error!(error = %e, "MQTT socket unusable");
+                        }
+                    }
+                }
+            }),
+        )
+    }
+}
+
+/// The admin listener (API, metrics, status, HTTP ingestion), bound.
+pub struct AdminFront {
+    listener: TcpListener,
+    pub addr: SocketAddr,
+}
+
+/// What the admin listener serves, besides its own routes.
+pub struct AdminRoutes {
+    pub state: AdminState,
+    pub registry: Registry,
+    pub outbox: Outbox,
+    pub apps: Option<Apps>,
+    pub zigbee: outpost_drivers::zigbee::ZigbeeControl,
+    pub http_ingest: Option<HttpIngestState>,
+}
+
+impl AdminFront {
+    pub async fn bind(config: &Config) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(config.admin.listen)
+            .await
+            .with_context(|| format!("binding the admin listener on {}", config.admin.listen))?;
+        let addr = listener
+            .local_addr()
+            .context("reading the admin listener address")?;
+        tracing::info!(addr = %addr, "Admin listener bound");
+        Ok(Self { listener, addr })
+    }
+
+    /// Serves `routes` until `stop`. Essential.
+    pub fn spawn(
+        self,
+        config: &Config,
+        routes: AdminRoutes,
+        spawner: &Spawner,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<JoinHandle<()>> {
+        let status = &spawner.status;
+        let AdminRoutes {
+            state,
+            registry,
+            outbox,
+            apps,
+            zigbee,
+            http_ingest,
+        } = routes;
+        let mut router = admin::router(state).merge(api::router(
+            api::ApiState::new(registry, &config.api)
+                .with_zigbee(zigbee)
+                .with_apps(apps)
+                .with_outbox(outbox),
+        ));
+        if let Some(state) = http_ingest {
+            router = router.merge(ingress::http::router(state));
+            status.active("http-ingest", false);
+        } else {
+            status.inactive(
+                "http-ingest",
+                "disabled by http_ingest.enabled = false",
+                false,
+            );
+        }
+        let router = admin::with_json_errors(
+            router,
+            admin::OWN_ROUTES
+                .iter()
+                .chain(ingress::http::ROUTES)
+                .copied()
+                .chain(api::ROUTES.iter().map(|r| (r.method, r.path))),
+        );
+        let socket = self
+            .listener
+            .into_std()
+            .context("taking the admin listener socket")?;
+        let serve_stop = stop.clone();
+        let task = spawner.supervise("admin", "admin", true, stop.clone(), move || {
+            let listener = socket.try_clone().and_then(TcpListener::from_std);
+            let (router, stop) = (router.clone(), serve_stop.clone());
+            async move {
+                let listener = match listener {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "Admin listener socket unusable");
+                        return;
+                    }
+                };
+                let served = axum::serve(listener, router)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "Admin listener failed");
+                }
+            }
+        });
+        status.active("admin", true);
+        Ok(task)
+    }
+}
