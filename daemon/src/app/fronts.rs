@@ -43,12 +43,7 @@ impl IngressCore {
         let (readings, _) = broadcast::channel(READINGS_STREAM_CAPACITY);
         // The local bus's receiver exists from the start, so no committed reading is missed.
         let bus_readings = config.mqtt.enabled.then(|| readings.subscribe());
-        let app_subscribe = if config.apps.enabled {
-            config.apps.bus_subscribe.clone()
-        } else {
-            Vec::new()
-        };
-        let (bus_handle, bus_events) = ingress::bus::handle(app_subscribe);
+        let (bus_handle, bus_events) = ingress::bus::handle();
         let budget = IngressBudget::new(
             usize::try_from(config.gateway.max_ingress_bytes.bytes()).unwrap_or(usize::MAX),
         );
@@ -225,7 +220,7 @@ impl MqttFront {
         bus_metrics.register(metrics);
         let backend = Arc::new(ingress::mqtt::GatewayBackend::new(
             core.ingest.clone(),
-            &config.mqtt,
+            config,
         ));
         let broker =
             outpost_mqtt::broker::Broker::new(settings, backend, Some(store), mqtt_metrics.clone());

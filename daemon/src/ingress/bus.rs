@@ -35,7 +35,6 @@
 
 use std::sync::Arc;
 
-use outpost_mqtt::acl::Acl;
 use outpost_mqtt::broker::{Broker, Message};
 use outpost_mqtt::codec::QoS;
 use outpost_mqtt::codec::props::PublishProps;
@@ -134,33 +133,17 @@ enum FrontEvent {
 #[derive(Debug, Clone)]
 pub struct BusHandle {
     events: mpsc::Sender<FrontEvent>,
-    /// `apps.bus_subscribe` when apps are enabled, else empty.
-    app_subscribe: Arc<[String]>,
 }
 
 impl Default for BusHandle {
     fn default() -> Self {
         Self {
             events: mpsc::channel(1).0,
-            app_subscribe: Arc::from([]),
         }
     }
 }
 
 impl BusHandle {
-    /// The ACL of an MQTT identity: the device's own `mqtt_publish`/`mqtt_subscribe` from the
-    /// registry where it has them, else the `[mqtt.acl]` patterns; `app-<name>` devices tagged
-    /// `outpost-app` (the bus identities the apps subsystem creates) may also subscribe to
-    /// `apps.bus_subscribe`.
-    pub fn acl_for(
-        &self,
-        mqtt: &outpost_config::MqttAclConfig,
-        registry: &Registry,
-        device_id: &str,
-    ) -> Acl {
-        acl_for(mqtt, &self.app_subscribe, registry, device_id)
-    }
-
     /// The server granted a SUBSCRIBE of `device_id`: its queued commands go out (again).
     pub fn subscribed(&self, device_id: &str) {
         self.tell(FrontEvent::Subscribed(device_id.to_owned()));
@@ -184,46 +167,15 @@ impl BusHandle {
 }
 
 /// Creates the bus's front handle and the receiver [`run`] takes.
-pub fn handle(app_subscribe: Vec<String>) -> (BusHandle, FrontEvents) {
+pub fn handle() -> (BusHandle, FrontEvents) {
     let (events, rx) = mpsc::channel(FRONT_EVENTS);
-    let handle = BusHandle {
-        events,
-        app_subscribe: app_subscribe.into(),
-    };
+    let handle = BusHandle { events };
     (handle, FrontEvents(rx))
 }
 
 /// The receiving end of [`BusHandle`] events.
 #[derive(Debug)]
 pub struct FrontEvents(mpsc::Receiver<FrontEvent>);
-
-/// The ACL of an MQTT identity (see [`BusHandle::acl_for`]).
-pub fn acl_for(
-    mqtt: &outpost_config::MqttAclConfig,
-    apps_subscribe: &[String],
-    registry: &Registry,
-    device_id: &str,
-) -> Acl {
-    let device = registry.get(device_id);
-    let mut config = mqtt.clone();
-    if let Some(d) = &device {
-        // The device's own lists replace the global ones.
-        if let Some(publish) = &d.mqtt_publish {
-            config.publish.clone_from(publish);
-        }
-        if let Some(subscribe) = &d.mqtt_subscribe {
-            config.subscribe.clone_from(subscribe);
-        }
-    }
-    let is_app = device_id.starts_with("app-")
-        && device
-            .as_ref()
-            .is_some_and(|d| d.tags.iter().any(|t| t == crate::apps::DEVICE_TAG));
-    if is_app {
-        config.subscribe.extend(apps_subscribe.iter().cloned());
-    }
-    Acl::for_device(&config, device_id)
-}
 
 /// What the bus keeps across a restart by the supervisor: the receivers whose senders other
 /// tasks hold. A run borrows it through a `tokio::sync::Mutex`, which a panicking run releases
@@ -429,7 +381,7 @@ mod tests {
         }
         let metrics = BusMetrics::default();
         let stop = CancellationToken::new();
-        let (_front, events) = handle(Vec::new());
+        let (_front, events) = handle();
         let bus = std::sync::Arc::new(tokio::sync::Mutex::new(Bus::new(broker, rx, events)));
         let task = tokio::spawn(run(bus, registry, metrics.clone(), stop.clone()));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -439,85 +391,6 @@ mod tests {
         assert_eq!((metrics.lagged.get(), metrics.published.get()), (6, 4));
         stop.cancel();
         task.await.unwrap();
-    }
-
-    #[test]
-    fn app_identities_get_the_apps_subscribe_filters_and_nobody_else_does() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let registry = Registry::open(dir.path(), Duration::from_secs(60)).unwrap();
-        let device = |id: &str, tags: Vec<String>| crate::registry::NewDevice {
-            id: id.into(),
-            name: String::new(),
-            model: String::new(),
-            batch: String::new(),
-            firmware: String::new(),
-            location: String::new(),
-            tags,
-            enabled: true,
-            protocols: vec![Protocol::Mqtt],
-            mqtt_publish: None,
-            mqtt_subscribe: None,
-        };
-        rt.block_on(async {
-            let tag = vec![crate::apps::DEVICE_TAG.to_owned()];
-            registry.create(device("app-f", tag)).await.unwrap();
-            // Named like an app but not one: an ordinary device.
-            registry.create(device("app-x", vec![])).await.unwrap();
-            registry.create(device("d1", vec![])).await.unwrap();
-        });
-        let mqtt = outpost_config::MqttAclConfig::default();
-        let apps = ["devices/+/#".to_owned()];
-        let app = acl_for(&mqtt, &apps, &registry, "app-f");
-        assert!(app.may_subscribe("devices/+/#"));
-        assert!(app.may_subscribe("devices/d1/http/temp"));
-        assert!(!app.may_subscribe("#"));
-        assert!(!app.may_publish("devices/d1/x"), "publish ACL unchanged");
-        for id in ["app-x", "d1"] {
-            let acl = acl_for(&mqtt, &apps, &registry, id);
-            assert!(!acl.may_subscribe("devices/+/#"), "{id}");
-            assert!(acl.may_subscribe(&format!("devices/{id}/commands/#")));
-        }
-    }
-
-    #[test]
-    fn a_device_s_own_acl_lists_replace_the_global_ones() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let registry = Registry::open(dir.path(), Duration::from_secs(60)).unwrap();
-        rt.block_on(async {
-            for (id, publish) in [
-                ("own", Some(vec!["plant/{id}/#".to_owned()])),
-                ("plain", None),
-            ] {
-                let new: crate::registry::NewDevice =
-                    serde_json::from_value(serde_json::json!({ "id": id })).unwrap();
-                registry
-                    .create(crate::registry::NewDevice {
-                        mqtt_publish: publish,
-                        ..new
-                    })
-                    .await
-                    .unwrap();
-            }
-        });
-        let mqtt = outpost_config::MqttAclConfig::default();
-        let own = acl_for(&mqtt, &[], &registry, "own");
-        assert!(own.may_publish("plant/own/temp"));
-        assert!(!own.may_publish("devices/own/temp"), "replaced, not added");
-        assert!(
-            own.may_subscribe("devices/own/commands/#"),
-            "subscribe: global"
-        );
-        let plain = acl_for(&mqtt, &[], &registry, "plain");
-        assert!(!plain.may_publish("plant/plain/temp"));
-        assert!(plain.may_publish("devices/plain/temp"));
     }
 
     #[test]

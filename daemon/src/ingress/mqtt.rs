@@ -24,6 +24,7 @@
 use std::sync::Arc;
 
 use outpost_config::MqttAclConfig;
+use outpost_mqtt::acl::Acl;
 use outpost_mqtt::backend::{
     AuthRefusal, Backend, BoxFuture, Credentials, Identity, Observation, Record, StoreRefusal,
 };
@@ -39,15 +40,23 @@ pub struct GatewayBackend {
     route: Arc<str>,
     allow_anonymous: bool,
     acl: MqttAclConfig,
+    /// `apps.bus_subscribe` when apps are enabled, else empty.
+    app_subscribe: Arc<[String]>,
 }
 
 impl GatewayBackend {
-    pub fn new(ingest: Ingest, config: &outpost_config::MqttConfig) -> GatewayBackend {
+    pub fn new(ingest: Ingest, config: &outpost_config::Config) -> GatewayBackend {
+        let app_subscribe: &[String] = if config.apps.enabled {
+            &config.apps.bus_subscribe
+        } else {
+            &[]
+        };
         GatewayBackend {
             ingest,
-            route: Arc::from(config.route.as_str()),
-            allow_anonymous: config.allow_anonymous,
-            acl: config.acl.clone(),
+            route: Arc::from(config.mqtt.route.as_str()),
+            allow_anonymous: config.mqtt.allow_anonymous,
+            acl: config.mqtt.acl.clone(),
+            app_subscribe: app_subscribe.into(),
         }
     }
 
@@ -56,10 +65,7 @@ impl GatewayBackend {
     }
 
     fn identity(&self, device_id: String, registered: bool, password: bool) -> Identity {
-        let acl = self
-            .ingest
-            .bus()
-            .acl_for(&self.acl, self.registry(), &device_id);
+        let acl = acl_for(&self.acl, &self.app_subscribe, self.registry(), &device_id);
         // Certificate logins carry no secret to revoke (0); anonymous clients none at all.
         let grant = if password {
             self.registry().credential_stamp(&device_id).unwrap_or(0)
@@ -73,6 +79,37 @@ impl GatewayBackend {
             grant,
         }
     }
+}
+
+/// The ACL of an MQTT identity: the device's own `mqtt_publish`/`mqtt_subscribe` from the
+/// registry where it has them, else the `[mqtt.acl]` patterns; `app-<name>` devices tagged
+/// `outpost-app` (the bus identities the apps subsystem creates) may also subscribe to
+/// `apps.bus_subscribe`.
+fn acl_for(
+    mqtt: &outpost_config::MqttAclConfig,
+    apps_subscribe: &[String],
+    registry: &Registry,
+    device_id: &str,
+) -> Acl {
+    let device = registry.get(device_id);
+    let mut config = mqtt.clone();
+    if let Some(d) = &device {
+        // The device's own lists replace the global ones.
+        if let Some(publish) = &d.mqtt_publish {
+            config.publish.clone_from(publish);
+        }
+        if let Some(subscribe) = &d.mqtt_subscribe {
+            config.subscribe.clone_from(subscribe);
+        }
+    }
+    let is_app = device_id.starts_with("app-")
+        && device
+            .as_ref()
+            .is_some_and(|d| d.tags.iter().any(|t| t == crate::apps::DEVICE_TAG));
+    if is_app {
+        config.subscribe.extend(apps_subscribe.iter().cloned());
+    }
+    Acl::for_device(&config, device_id)
 }
 
 fn refusal(r: Refusal) -> AuthRefusal {
@@ -256,5 +293,91 @@ impl Backend for GatewayBackend {
 
     fn delivered(&self, identity: &Identity, topic: &str) {
         self.ingest.bus().relayed(&identity.device_id, topic);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn app_identities_get_the_apps_subscribe_filters_and_nobody_else_does() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(dir.path(), Duration::from_secs(60)).unwrap();
+        let device = |id: &str, tags: Vec<String>| crate::registry::NewDevice {
+            id: id.into(),
+            name: String::new(),
+            model: String::new(),
+            batch: String::new(),
+            firmware: String::new(),
+            location: String::new(),
+            tags,
+            enabled: true,
+            protocols: vec![Protocol::Mqtt],
+            mqtt_publish: None,
+            mqtt_subscribe: None,
+        };
+        rt.block_on(async {
+            let tag = vec![crate::apps::DEVICE_TAG.to_owned()];
+            registry.create(device("app-f", tag)).await.unwrap();
+            // Named like an app but not one: an ordinary device.
+            registry.create(device("app-x", vec![])).await.unwrap();
+            registry.create(device("d1", vec![])).await.unwrap();
+        });
+        let mqtt = outpost_config::MqttAclConfig::default();
+        let apps = ["devices/+/#".to_owned()];
+        let app = acl_for(&mqtt, &apps, &registry, "app-f");
+        assert!(app.may_subscribe("devices/+/#"));
+        assert!(app.may_subscribe("devices/d1/http/temp"));
+        assert!(!app.may_subscribe("#"));
+        assert!(!app.may_publish("devices/d1/x"), "publish ACL unchanged");
+        for id in ["app-x", "d1"] {
+            let acl = acl_for(&mqtt, &apps, &registry, id);
+            assert!(!acl.may_subscribe("devices/+/#"), "{id}");
+            assert!(acl.may_subscribe(&format!("devices/{id}/commands/#")));
+        }
+    }
+
+    #[test]
+    fn a_device_s_own_acl_lists_replace_the_global_ones() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(dir.path(), Duration::from_secs(60)).unwrap();
+        rt.block_on(async {
+            for (id, publish) in [
+                ("own", Some(vec!["plant/{id}/#".to_owned()])),
+                ("plain", None),
+            ] {
+                let new: crate::registry::NewDevice =
+                    serde_json::from_value(serde_json::json!({ "id": id })).unwrap();
+                registry
+                    .create(crate::registry::NewDevice {
+                        mqtt_publish: publish,
+                        ..new
+                    })
+                    .await
+                    .unwrap();
+            }
+        });
+        let mqtt = outpost_config::MqttAclConfig::default();
+        let own = acl_for(&mqtt, &[], &registry, "own");
+        assert!(own.may_publish("plant/own/temp"));
+        assert!(!own.may_publish("devices/own/temp"), "replaced, not added");
+        assert!(
+            own.may_subscribe("devices/own/commands/#"),
+            "subscribe: global"
+        );
+        let plain = acl_for(&mqtt, &[], &registry, "plain");
+        assert!(!plain.may_publish("plant/plain/temp"));
+        assert!(plain.may_publish("devices/plain/temp"));
     }
 }
