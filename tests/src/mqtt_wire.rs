@@ -516,6 +516,31 @@ impl Wire {
         }
     }
 
+    /// Sends DISCONNECT (reason 0) and waits until the server has closed the connection: from
+    /// then on the server has ended it (Outpost and Mosquitto both close the socket after the
+    /// session is detached), so a test need not sleep hoping it did.
+    pub fn disconnect(mut self) -> Result<(), String> {
+        self.send(&[0xe0, 0]);
+        self.wait_closed("DISCONNECT")
+    }
+
+    /// Ends the connection without a DISCONNECT, as a device that drops off does (the kernel
+    /// still sends a FIN), and waits until the server has closed its side: from then on it has
+    /// seen the connection end (session detached, will published).
+    pub fn hang_up(mut self) -> Result<(), String> {
+        let _ = self.s.shutdown(std::net::Shutdown::Write);
+        self.wait_closed("hang-up")
+    }
+
+    fn wait_closed(&mut self, after: &str) -> Result<(), String> {
+        match self.closes_within(Duration::from_secs(5)) {
+            (true, _) => Ok(()),
+            (false, seen) => Err(format!(
+                "the server kept the connection open 5 s after the {after} (sent {seen:?})"
+            )),
+        }
+    }
+
     /// Nothing arrives within `wait` (and the connection stays open).
     pub fn quiet_for(&mut self, wait: Duration) -> Result<(), String> {
         match self.next(wait) {

@@ -469,7 +469,14 @@ fn devices_seen_by_drivers_register_themselves() {
 
     // A disabled driver device's readings are no longer stored.
     assert!(admin(&d, "POST", "/api/v1/devices/sim-0/disable", "").status < 300);
-    std::thread::sleep(Duration::from_millis(200));
+    // A refused reading means the driver-ingest task (one group at a time, in order) has
+    // finished every group admitted before the disable: from here the count must stand still.
+    d.wait_until("a reading refused", Duration::from_secs(10), |d| {
+        admin(d, "GET", "/api/v1/devices/sim-0/status", "").json()["errors"]["refused"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1
+    });
     let count = |d: &Daemon| {
         OutboxReader::open(&d.data_dir.join("outbox.db"))
             .unwrap()

@@ -398,7 +398,7 @@ fn a_broker_outage_loses_nothing_and_keeps_device_order() {
 /// it and reports an outage, and the recovery, within 15 s — after a start with the broker
 /// already unreachable, and when it goes away while the gateway is idle; in both delivery modes.
 #[test]
-fn an_idle_forwarder_reports_an_outage_and_the_recovery_within_15_s() {
+fn alone_an_idle_forwarder_reports_an_outage_and_the_recovery_within_15_s() {
     for extra in ["", "exactly_once = true\n"] {
         let kafka = MockKafka::start(1, &[(TOPIC, 1), ("outpost.checkpoints", 1)]);
         kafka.down(1);
@@ -841,7 +841,7 @@ fn recover(kafka: &MockKafka, d: &mut Daemon) {
 }
 
 #[test]
-fn live_records_go_first_while_a_backlog_drains_at_its_rate() {
+fn alone_live_records_go_first_while_a_backlog_drains_at_its_rate() {
     let (kafka, _dir, mut d) = backlog_daemon("per_device");
     let mut backlogged = Device::new(&d, "old-1");
     let mut fresh = Device::new(&d, "new-2");
@@ -941,7 +941,7 @@ fn a_devices_higher_priority_records_overtake_its_backlog_and_seq_restores_the_o
 /// `order = "live_first"`: a fresh record of a device that has a backlog jumps ahead of that
 /// backlog; `outpost-seq` restores the receive order.
 #[test]
-fn live_first_order_sends_a_backlogged_devices_fresh_record_at_once() {
+fn alone_live_first_order_sends_a_backlogged_devices_fresh_record_at_once() {
     let (kafka, _dir, mut d) = backlog_daemon("live_first");
     let mut dev = Device::new(&d, "lf-1");
     for _ in 0..6 {

@@ -308,7 +308,7 @@ fn publishes_reach_the_broker_only_for_subscriptions_that_exist_there() {
 }
 
 #[test]
-fn a_device_disabled_while_connected_is_disconnected_within_a_second() {
+fn alone_a_device_disabled_while_connected_is_disconnected_within_a_second() {
     let dir = tempfile::tempdir().unwrap();
     let (d, addr, secret) = start(dir.path(), "");
     let mut sub = sub_(addr, "sensor-1", &secret, "s1")
@@ -894,7 +894,7 @@ fn anonymous_clients_publish_under_their_client_id_when_allowed() {
 }
 
 #[test]
-fn a_silent_device_is_disconnected_after_one_and_a_half_keep_alives() {
+fn alone_a_silent_device_is_disconnected_after_one_and_a_half_keep_alives() {
     let dir = tempfile::tempdir().unwrap();
     let (_d, addr, secret) = start(dir.path(), "");
     // Keep-alive 1 s, clean session, no will: the front holds no broker session for it, so the
@@ -929,7 +929,7 @@ fn a_silent_device_is_disconnected_after_one_and_a_half_keep_alives() {
 }
 
 #[test]
-fn a_second_connection_with_the_same_client_id_takes_over() {
+fn alone_a_second_connection_with_the_same_client_id_takes_over() {
     let dir = tempfile::tempdir().unwrap();
     let (_d, addr, secret) = start(dir.path(), "");
     let connect = || {

@@ -705,8 +705,7 @@ fn mqtt5_3_1_2_4_clean_start_0_resumes_the_session_with_its_queued_messages(
     let c = Connect::v5(id).props(Props::new().u32(0x11, 60));
     let mut s = open(addr, &c)?;
     sub(&mut s, true, &topic, 1)?;
-    s.send(&[0xe0, 0]);
-    std::thread::sleep(Duration::from_millis(200));
+    s.disconnect()?;
     let mut p = v5(addr, &format!("{id}-p"))?;
     pub1(&mut p, true, &topic, b"queued", None)?;
     let (mut s, ack) = Wire::connect(addr, &c.clean(false));
@@ -725,8 +724,7 @@ fn mqtt5_3_1_2_4_clean_start_1_with_an_expiry_starts_a_session_that_outlives_the
     let topic = format!("sess/{id}");
     let mut s = open(addr, &Connect::v5(id).props(Props::new().u32(0x11, 60)))?;
     sub(&mut s, true, &topic, 1)?;
-    drop(s);
-    std::thread::sleep(Duration::from_millis(200));
+    s.hang_up()?;
     let mut p = v5(addr, &format!("{id}-p"))?;
     pub1(&mut p, true, &topic, b"queued", None)?;
     let (mut s, ack) = Wire::connect(
@@ -748,8 +746,7 @@ fn mqtt5_3_1_2_11_2_session_expiry_0_ends_the_session_with_the_connection(
 ) -> Result<(), String> {
     let mut s = open(addr, &Connect::v5(id).clean(false))?;
     sub(&mut s, true, &format!("sess/{id}"), 1)?;
-    s.send(&[0xe0, 0]);
-    std::thread::sleep(Duration::from_millis(200));
+    s.disconnect()?;
     let (_, ack) = Wire::connect(addr, &Connect::v5(id).clean(false));
     check(
         ack.connack() == (false, 0),
@@ -764,8 +761,7 @@ fn mqtt_3_1_2_4_a_3_1_1_persistent_session_keeps_its_subscriptions(
     let topic = format!("sess/{id}");
     let mut s = open(addr, &Connect::v311(id).clean(false))?;
     sub(&mut s, false, &topic, 1)?;
-    s.send(&[0xe0, 0]);
-    std::thread::sleep(Duration::from_millis(200));
+    s.disconnect()?;
     let mut p = v3(addr, &format!("{id}-p"))?;
     pub1(&mut p, false, &topic, b"queued", None)?;
     let (mut s, ack) = Wire::connect(addr, &Connect::v311(id).clean(false));
@@ -787,8 +783,7 @@ fn mqtt_4_4_0_1_unacknowledged_deliveries_are_resent_with_dup_and_their_packet_i
     let mut p = v3(addr, &format!("{id}-p"))?;
     pub1(&mut p, false, &topic, b"again", None)?;
     let first = s.expect_publish(false)?;
-    drop(s); // not acknowledged
-    std::thread::sleep(Duration::from_millis(200));
+    s.hang_up()?; // not acknowledged
     let (mut s, ack) = Wire::connect(addr, &c);
     check(ack.connack() == (true, 0), format!("{ack:?}"))?;
     let again = s.expect_publish(false)?;
