@@ -100,7 +100,7 @@ async fn status(State(s): State<AdminState>) -> Response {
         "alarms": s.status.alarms(),
         "apps": s.status.apps(),
         "kafka": s.status.forwarder(),
-        "mqtt": s.status.mqtt(),
+        "mqtt": s.status.section("mqtt"),
         "outbox": {
             "path": s.outbox.path().display().to_string(),
             "id": s.outbox.id(),

@@ -57,8 +57,9 @@ struct Inner {
     apps: Option<crate::apps::Apps>,
     /// The Kafka forwarder, whose state is read when the status is asked for.
     forwarder: Option<outpost_sync::forwarder::ForwarderHandle>,
-    /// The MQTT server's counters, read when the status is asked for.
-    mqtt: Option<outpost_mqtt::metrics::MqttMetrics>,
+    /// Sections of the status document other subsystems fill in (`"mqtt"`), read when the
+    /// status is asked for.
+    sections: BTreeMap<&'static str, Section>,
     /// The outbox, whose dead letters are an alarm while there are any.
     outbox: Option<outpost_sync::Outbox>,
     /// Other live alarms, read when the status is asked for.
@@ -69,6 +70,15 @@ struct Inner {
 struct AlarmSource {
     subsystem: String,
     current: Box<dyn Fn() -> Option<String> + Send>,
+}
+
+/// A subsystem's section of the status document: its figures when the status is read.
+struct Section(Box<dyn Fn() -> serde_json::Value + Send>);
+
+impl std::fmt::Debug for Section {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Section")
+    }
 }
 
 impl std::fmt::Debug for AlarmSource {
@@ -165,9 +175,15 @@ impl StatusBoard {
         self.with(|i| i.forwarder.clone()).map(|f| f.status())
     }
 
-    /// The MQTT server's figures are read from `metrics` (shown under `"mqtt"`).
-    pub fn watch_mqtt(&self, metrics: outpost_mqtt::metrics::MqttMetrics) {
-        self.with(|i| i.mqtt = Some(metrics));
+    /// `read` gives the section `name` of the status document (the MQTT server's figures under
+    /// `"mqtt"`) whenever the status is read: a narrow hook, like [`Self::watch_alarm`], so this
+    /// board need not know the subsystem's types.
+    pub fn watch_section(
+        &self,
+        name: &'static str,
+        read: impl Fn() -> serde_json::Value + Send + 'static,
+    ) {
+        self.with(|i| i.sections.insert(name, Section(Box::new(read))));
     }
 
     /// Dead letters in `outbox` are an alarm of subsystem `outbox` while there are any.
@@ -175,9 +191,11 @@ impl StatusBoard {
         self.with(|i| i.outbox = Some(outbox));
     }
 
-    /// The MQTT server's figures; `None` when the server is disabled.
-    pub fn mqtt(&self) -> Option<outpost_mqtt::metrics::MqttStatus> {
-        self.with(|i| i.mqtt.clone()).map(|m| m.status())
+    /// The section `name` of the status document; `null` when no subsystem fills it in (the
+    /// MQTT server disabled, say).
+    pub fn section(&self, name: &str) -> serde_json::Value {
+        self.with(|i| i.sections.get(name).map(|s| (s.0)()))
+            .unwrap_or(serde_json::Value::Null)
     }
 
     /// Each app's status, by name; empty without the apps subsystem.

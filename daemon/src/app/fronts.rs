@@ -289,7 +289,9 @@ impl MqttFront {
                 )
             });
         }
-        spawner.status.watch_mqtt(metrics);
+        spawner.status.watch_section("mqtt", move || {
+            serde_json::to_value(metrics.status()).unwrap_or_default()
+        });
         // A failed or panicked server serves again on a clone of its socket; the broker lives
         // on, and clients reconnect to their sessions.
         let socket = listener
