@@ -1,5 +1,7 @@
 //! Storage, opened first: nothing may be accepted before the outbox is open.
 
+use std::path::Path;
+
 use anyhow::Context;
 use outpost_config::Config;
 use outpost_sync::{Outbox, OutboxOptions, outbox};
@@ -9,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::spawn::Spawner;
 use crate::registry::Registry;
+use crate::status::StatusBoard;
 
 /// The outbox with its writer task, and the device registry.
 pub struct Storage {
@@ -35,14 +38,7 @@ impl Storage {
             .context("opening the outbox")??;
         outbox.metrics().register(metrics);
         if let Some(q) = outbox.quarantine() {
-            status.alarm(
-                "outbox",
-                format!(
-                    "corrupt outbox moved to {}: {}",
-                    q.moved_to.display(),
-                    q.reason
-                ),
-            );
+            quarantined(status, "outbox", &q.moved_to, &q.reason);
         }
         status.active("outbox", true);
         status.watch_outbox(outbox.clone());
@@ -59,14 +55,7 @@ impl Storage {
                 .context("opening the device registry")??
         };
         if let Some(q) = registry.quarantine() {
-            status.alarm(
-                "registry",
-                format!(
-                    "corrupt registry moved to {}: {}",
-                    q.moved_to.display(),
-                    q.reason
-                ),
-            );
+            quarantined(status, "registry", &q.moved_to, &q.reason);
         }
         registry.limit_automatic(config.devices.max_automatic);
         registry.register_metrics(metrics);
@@ -99,4 +88,12 @@ impl Storage {
         );
         stop
     }
+}
+
+/// The standing alarm of a store whose corrupt file was moved aside at open (it starts empty).
+fn quarantined(status: &StatusBoard, store: &str, moved_to: &Path, reason: &str) {
+    status.alarm(
+        store,
+        format!("corrupt {store} moved to {}: {reason}", moved_to.display()),
+    );
 }
