@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Cross-compiles release binaries of `outpost` for ARM gateways with Debian's GNU cross toolchains.
 #
-#   cross/build.sh [aarch64|armv7|all]     (default: all)
+#   [PROFILE=dist] cross/build.sh [aarch64|armv7|all]     (default: all, profile release)
 #
-# Output: $CARGO_TARGET_DIR (default target/)/<triple>/release/outpost.
+# Output: $CARGO_TARGET_DIR (default target/)/<triple>/<profile>/outpost. `release` is what CI
+# builds and smoke-tests; `dist` (fat LTO, one codegen unit) is the smaller binary to ship.
 # The toolchain is chosen with per-target environment variables set only for the cargo command
 # below, so native builds in the same target dir are unaffected (no .cargo/config.toml).
 # Installs what it needs when missing (rustup target, Debian cross compilers); idempotent.
@@ -45,17 +46,18 @@ build() {
   # cargo reads CARGO_TARGET_<TRIPLE>_LINKER. Host build scripts keep using the native compiler.
   local triple_env=${TRIPLE//-/_}
   local triple_upper=${triple_env^^}
-  log "Building outpost for $TRIPLE (release)"
+  local profile=${PROFILE:-release}
+  log "Building outpost for $TRIPLE ($profile)"
   local start=$SECONDS
   env \
     "CC_${triple_env}=${GNU}-gcc" \
     "CXX_${triple_env}=${GNU}-g++" \
     "AR_${triple_env}=${GNU}-ar" \
     "CARGO_TARGET_${triple_upper}_LINKER=${GNU}-gcc" \
-    cargo build --release --locked -p outpost --bin outpost --target "$TRIPLE"
+    cargo build --profile "$profile" --locked -p outpost --bin outpost --target "$TRIPLE"
 
   local bin
-  bin="$(cargo_target_dir)/$TRIPLE/release/outpost"
+  bin="$(cargo_target_dir)/$TRIPLE/$profile/outpost"
   [[ -x $bin ]] || die "cargo finished but $bin is missing"
 
   # The release profile already strips symbols; strip a copy anyway so the size printed is the
