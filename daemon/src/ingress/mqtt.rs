@@ -302,12 +302,8 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn app_identities_get_the_apps_subscribe_filters_and_nobody_else_does() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+    #[tokio::test]
+    async fn app_identities_get_the_apps_subscribe_filters_and_nobody_else_does() {
         let dir = tempfile::tempdir().unwrap();
         let registry = Registry::open(dir.path(), Duration::from_secs(60)).unwrap();
         let device = |id: &str, tags: Vec<String>| crate::registry::NewDevice {
@@ -323,13 +319,11 @@ mod tests {
             mqtt_publish: None,
             mqtt_subscribe: None,
         };
-        rt.block_on(async {
-            let tag = vec![crate::apps::DEVICE_TAG.to_owned()];
-            registry.create(device("app-f", tag)).await.unwrap();
-            // Named like an app but not one: an ordinary device.
-            registry.create(device("app-x", vec![])).await.unwrap();
-            registry.create(device("d1", vec![])).await.unwrap();
-        });
+        let tag = vec![crate::apps::DEVICE_TAG.to_owned()];
+        registry.create(device("app-f", tag)).await.unwrap();
+        // Named like an app but not one: an ordinary device.
+        registry.create(device("app-x", vec![])).await.unwrap();
+        registry.create(device("d1", vec![])).await.unwrap();
         let mqtt = outpost_config::MqttAclConfig::default();
         let apps = ["devices/+/#".to_owned()];
         let app = acl_for(&mqtt, &apps, &registry, "app-f");
@@ -344,30 +338,24 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_device_s_own_acl_lists_replace_the_global_ones() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+    #[tokio::test]
+    async fn a_device_s_own_acl_lists_replace_the_global_ones() {
         let dir = tempfile::tempdir().unwrap();
         let registry = Registry::open(dir.path(), Duration::from_secs(60)).unwrap();
-        rt.block_on(async {
-            for (id, publish) in [
-                ("own", Some(vec!["plant/{id}/#".to_owned()])),
-                ("plain", None),
-            ] {
-                let new: crate::registry::NewDevice =
-                    serde_json::from_value(serde_json::json!({ "id": id })).unwrap();
-                registry
-                    .create(crate::registry::NewDevice {
-                        mqtt_publish: publish,
-                        ..new
-                    })
-                    .await
-                    .unwrap();
-            }
-        });
+        for (id, publish) in [
+            ("own", Some(vec!["plant/{id}/#".to_owned()])),
+            ("plain", None),
+        ] {
+            let new: crate::registry::NewDevice =
+                serde_json::from_value(serde_json::json!({ "id": id })).unwrap();
+            registry
+                .create(crate::registry::NewDevice {
+                    mqtt_publish: publish,
+                    ..new
+                })
+                .await
+                .unwrap();
+        }
         let mqtt = outpost_config::MqttAclConfig::default();
         let own = acl_for(&mqtt, &[], &registry, "own");
         assert!(own.may_publish("plant/own/temp"));
