@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Smoke-tests a cross-built `outpost` under qemu user-mode emulation:
+# Smoke-tests a built `outpost` under qemu user-mode emulation:
 #
-#   cross/smoke.sh [aarch64|armv7]     (default: aarch64; build it first with cross/build.sh)
+#   cross/smoke.sh [aarch64|armv7|x86_64]   (default: aarch64; build it first with cross/build.sh)
 #
 # 1. `outpost version` must succeed.
 # 2. `outpost run` with a temporary config (admin API on a free loopback port, data in a temp
@@ -10,27 +10,33 @@
 # 3. and exit 0 within $SMOKE_STOP_TIMEOUT seconds of SIGTERM (default 15: the daemon's 10 s
 #    shutdown grace plus room for emulation).
 # The temp dir and the daemon are cleaned up however the script exits.
+#
+# SMOKE_PROFILE picks the build (default release). With SMOKE_RECORD_ORDER=FILE, qemu logs every
+# block of code it translates (`-d in_asm`) while the daemon starts, answers /healthz and idles
+# for $SMOKE_IDLE seconds (default 5); FILE gets the names of the binary's functions in the order
+# they first ran: the startup order cross/build.sh links the dist binary with.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
+# shellcheck source=cross/arch.sh
+source cross/arch.sh
 
 arch=${1:-aarch64}
-case $arch in
-  aarch64) triple=aarch64-unknown-linux-gnu qemu=qemu-aarch64-static sysroot=/usr/aarch64-linux-gnu ;;
-  armv7) triple=armv7-unknown-linux-gnueabihf qemu=qemu-arm-static sysroot=/usr/arm-linux-gnueabihf ;;
-  *) die "usage: $0 [aarch64|armv7]" ;;
-esac
+arch_vars "$arch" || die "usage: $0 [aarch64|armv7|x86_64]"
 start_timeout=${SMOKE_START_TIMEOUT:-60}
 stop_timeout=${SMOKE_STOP_TIMEOUT:-15}
+profile=${SMOKE_PROFILE:-release}
+record=${SMOKE_RECORD_ORDER:-}
 
-bin="$(cargo_target_dir)/$triple/release/outpost"
+bin="$(cargo_target_dir)/$TRIPLE/$profile/outpost"
 [[ -x $bin ]] || die "$bin not found: run cross/build.sh $arch first"
-ensure_apt_packages qemu-user-static curl python3
-# -L: where qemu finds the target's dynamic loader and libc (from libc6-dev-*-cross).
-[[ -d $sysroot ]] || die "$sysroot missing: run cross/build.sh $arch (it installs the cross libc)"
-emulate=("$qemu" -L "$sysroot" "$bin")
+ensure_foreign_arch "$DEB_ARCH"
+ensure_apt_packages qemu-user-static curl python3 "${RUNTIME_PACKAGES[@]}"
+# The binary's loader (/lib/ld-linux-*.so.*) and libraries are the multiarch packages' (arch.sh).
+qemu=$QEMU
+emulate=("$qemu" "$bin")
 
 work=$(mktemp -d -t outpost-smoke.XXXXXX)
 pid=
@@ -76,9 +82,21 @@ listen = "127.0.0.1:0"
 [mqtt]
 listen = "127.0.0.1:0"
 TOML
+if [[ -n $record ]]; then
+  # A gateway in service forwards to Kafka: record the forwarder's start and idle too. Nothing
+  # listens on the discard port, so the client keeps retrying, as it does while a broker is down.
+  cat >>"$work/outpost.toml" <<TOML
+
+[kafka]
+enabled = true
+brokers = ["127.0.0.1:9"]
+TOML
+fi
 
 log "== $arch: outpost run (admin on 127.0.0.1:$port)"
-"${emulate[@]}" run --config "$work/outpost.toml" >"$work/outpost.log" 2>&1 &
+run=("${emulate[@]}")
+[[ -z $record ]] || run=("$qemu" -d in_asm -D "$work/qemu.log" "$bin")
+"${run[@]}" run --config "$work/outpost.toml" >"$work/outpost.log" 2>&1 &
 pid=$!
 
 url="http://127.0.0.1:$port/healthz"
@@ -94,6 +112,9 @@ until curl -fsS --noproxy '*' --max-time 2 -o /dev/null "$url" 2>/dev/null; do
   sleep 0.5
 done
 log "healthz answered after $((SECONDS + start_timeout - deadline))s"
+if [[ -n $record ]]; then
+  sleep "${SMOKE_IDLE:-5}"
+fi
 
 log "== $arch: SIGTERM, expecting exit 0 within ${stop_timeout}s"
 kill -TERM "$pid"
@@ -109,3 +130,13 @@ wait "$pid" || rc=$?
 pid=
 ((rc == 0)) || die "outpost exited with status $rc after SIGTERM (expected 0)"
 log "smoke test passed: $bin under $qemu"
+
+if [[ -n $record ]]; then
+  # qemu names the function each translated block starts in ("IN: name"; blank outside the
+  # binary's symbol table): keep the binary's functions, each once, in first-run order.
+  awk '/^IN: ./ && !seen[$2]++ { print $2 }' "$work/qemu.log" >"$record"
+  count=$(wc -l <"$record")
+  # A binary without symbols names nothing; a few hundred would mean the daemon barely started.
+  ((count >= 1000)) || die "only $count functions recorded in $record: is $bin stripped?"
+  log "recorded the $count functions start and idle ran: $record"
+fi

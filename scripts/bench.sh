@@ -5,7 +5,8 @@
 #   bash scripts/bench.sh [outbox|rss|size|http|coap|mqtt|serial|modbus|all]
 #
 # outbox: append throughput and append->commit latency at 50,000 records/s (median of 5 runs)
-# rss:    resident memory of an idle `outpost run` on defaults (median of 5 starts)
+# rss:    resident memory of an idle `outpost run` on defaults (median of 5 starts); `rss BIN...`
+#         measures the given binaries side by side
 # size:   stripped release binary sizes (x86_64, and aarch64 if cross/build.sh has run)
 # http:   HTTP ingestion, single-record POSTs from 50 keep-alive connections with wrk (median of 5)
 # coap:   CoAP CON POSTs from 100 clients with the repo's bench client (median of 5)
@@ -39,22 +40,41 @@ outbox() {
     --records 1000000 --rate 50000 --seconds 5
 }
 
+# rss [BIN...]: idle RSS of each BIN (default: the release build), five starts each, the
+# binaries taking turns so that they share the machine's state. A start: a config that only
+# moves the data directory to a temporary one and the listeners to ephemeral loopback ports;
+# VmRSS, RssAnon and RssFile from /proc/<pid>/status after 5 s; SIGTERM. RSS_KAFKA=1 turns
+# Kafka forwarding on, towards a port where nothing listens.
 rss() {
-  cargo build --locked --release -p outpost
-  local bin=$target_dir/release/outpost samples=() dir pid
-  for _ in 1 2 3 4 5; do
-    dir=$(mktemp -d)
-    printf '[gateway]\ndata_dir = "%s/data"\n[admin]\nlisten = "127.0.0.1:0"\n[coap]\nlisten = "127.0.0.1:0"\n[mqtt]\nlisten = "127.0.0.1:0"\n' "$dir" >"$dir/c.toml"
-    "$bin" run --config "$dir/c.toml" 2>/dev/null &
-    pid=$!
-    sleep 5
-    samples+=("$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")")
-    kill -TERM "$pid"
-    wait "$pid"
-    rm -rf "$dir"
+  local bins=("$@") samples=() rss_kib=() dir pid bin i round
+  if ((${#bins[@]} == 0)); then
+    cargo build --locked --release -p outpost
+    bins=("$target_dir/release/outpost")
+  fi
+  for round in 1 2 3 4 5; do
+    for i in "${!bins[@]}"; do
+      bin=${bins[$i]}
+      dir=$(mktemp -d)
+      printf '[gateway]\ndata_dir = "%s/data"\n[admin]\nlisten = "127.0.0.1:0"\n[coap]\nlisten = "127.0.0.1:0"\n[mqtt]\nlisten = "127.0.0.1:0"\n' "$dir" >"$dir/c.toml"
+      if [[ -n ${RSS_KAFKA:-} ]]; then
+        # Forwarding on, towards a port where nothing listens (the client keeps retrying).
+        printf '[kafka]\nenabled = true\nbrokers = ["127.0.0.1:9"]\n' >>"$dir/c.toml"
+      fi
+      "$bin" run --config "$dir/c.toml" 2>/dev/null &
+      pid=$!
+      sleep 5
+      rss_kib[i]+="$(awk '/^VmRSS/ {print $2}' "/proc/$pid/status") "
+      samples[i]+="$(awk '/^VmRSS/ {r=$2} /^RssAnon/ {a=$2} /^RssFile/ {f=$2} END {printf "%s (anon %s, file %s); ", r, a, f}' "/proc/$pid/status")"
+      kill -TERM "$pid"
+      wait "$pid"
+      rm -rf "$dir"
+    done
+    printf 'round %s done\n' "$round"
   done
-  printf 'idle RSS samples (KiB): %s\n' "${samples[*]}"
-  printf 'idle RSS median: %s KiB\n' "$(printf '%s\n' "${samples[@]}" | sort -n | sed -n 3p)"
+  for i in "${!bins[@]}"; do
+    printf '%s\n  idle RSS samples (KiB): %s\n  idle RSS median: %s KiB\n' "${bins[$i]}" "${samples[i]}" \
+      "$(printf '%s\n' ${rss_kib[i]} | sort -n | sed -n 3p)" # split on purpose: one number each
+  done
 }
 
 size() {
@@ -221,7 +241,7 @@ kafka() {
 
 case $what in
   outbox) outbox ;;
-  rss) rss ;;
+  rss) shift; rss "$@" ;;
   size) size ;;
   bloat) bloat ;;
   http) http ;;

@@ -44,6 +44,17 @@ ensure_apt_packages() {
     apt-get install -y -qq --no-install-recommends "${missing[@]}"
 }
 
+# ensure_foreign_arch ARCH : let dpkg install packages of Debian architecture ARCH (multiarch), so
+# a cross build can link the target's libraries (libssl-dev:arm64, ...). The next
+# ensure_apt_packages call that finds something missing runs `apt-get update`, which fetches the
+# new architecture's package lists.
+ensure_foreign_arch() {
+  [[ $(dpkg --print-architecture) == "$1" ]] && return 0
+  dpkg --print-foreign-architectures | grep -qx "$1" && return 0
+  log "Adding Debian architecture $1 (multiarch)"
+  as_root dpkg --add-architecture "$1"
+}
+
 # ensure_rust_target TRIPLE : add the standard library for TRIPLE to the active toolchain.
 ensure_rust_target() {
   command -v rustup >/dev/null 2>&1 ||

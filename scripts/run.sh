@@ -10,9 +10,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
 
-# Debian packages needed to build: a C and C++ toolchain (bundled SQLite, OpenSSL, librdkafka),
-# cmake (librdkafka is built with it), perl (OpenSSL's configure) and pkg-config for -sys crates.
-BUILD_PACKAGES=(build-essential cmake perl pkg-config)
+# Debian packages needed to build: a C and C++ toolchain (bundled SQLite, librdkafka), cmake
+# (librdkafka is built with it), pkg-config for -sys crates, the headers of the system libraries
+# the binary links (OpenSSL, zstd, zlib), and libcurl's headers: librdkafka 2.12.1 includes
+# <curl/curl.h> in one file even when built without libcurl (nothing of it is linked).
+BUILD_PACKAGES=(build-essential cmake pkg-config libssl-dev libzstd-dev zlib1g-dev libcurl4-openssl-dev)
 
 if command -v dpkg-query >/dev/null 2>&1; then
   ensure_apt_packages "${BUILD_PACKAGES[@]}"

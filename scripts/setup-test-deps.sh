@@ -11,7 +11,7 @@ PACKAGES=(
   qemu-user-static       # cross/smoke.sh runs the aarch64 binary under qemu-aarch64-static
   gcc-aarch64-linux-gnu  # cross/build.sh: linker and C compiler (bundled SQLite) for aarch64
   g++-aarch64-linux-gnu
-  libc6-dev-arm64-cross  # aarch64 glibc headers, crt files and dynamic loader (qemu -L)
+  libc6-dev-arm64-cross  # aarch64 glibc headers and crt files for the cross build
   socat                  # pseudo-terminals for serial driver tests
   mosquitto-clients      # a real MQTT client for end-to-end tests
   mosquitto              # the reference broker of the MQTT conformance tests (tests/tests/mqtt_conformance.rs)
@@ -21,7 +21,11 @@ PACKAGES=(
   docker.io              # the real container engine for the apps tests (scripts/ensure-docker.sh starts dockerd)
   busybox-static         # the rootfs of the local test image outpost-test/busybox:1 (no registry needed)
   cmake                  # builds the bundled librdkafka (rdkafka's cmake-build feature)
-  perl                   # OpenSSL's configure (rdkafka's ssl-vendored feature builds OpenSSL from source)
+  pkg-config             # finds the system libraries below for the -sys crates
+  libssl-dev             # OpenSSL, linked as a shared library (librdkafka's TLS and SASL)
+  libzstd-dev            # zstd, shared (librdkafka's compression)
+  zlib1g-dev             # zlib, shared (librdkafka's gzip)
+  libcurl4-openssl-dev   # headers only: librdkafka 2.12.1 includes <curl/curl.h> even without libcurl
   g++                    # librdkafka is a C and C++ CMake project (it builds its C++ wrapper too)
   kcat                   # a real Kafka client reading the mock cluster in tests/tests/kafka.rs (Debian's kcat cannot talk to tansu)
 )

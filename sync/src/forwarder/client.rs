@@ -224,6 +224,36 @@ mod tests {
         }
     }
 
+    /// librdkafka's own OIDC token fetch needs libcurl, linked only with the `kafka-oidc`
+    /// feature; without it, asking for it fails when the producer is created, naming libcurl.
+    #[test]
+    fn oidc_token_fetch_needs_the_kafka_oidc_feature() {
+        let mut kafka = KafkaConfig::default();
+        kafka.security.protocol = SecurityProtocol::SaslSsl;
+        kafka.security.sasl_mechanism = Some(SaslMechanism::OauthBearer);
+        kafka.properties = [
+            ("sasl.oauthbearer.method", "oidc"),
+            ("sasl.oauthbearer.client.id", "gw"),
+            ("sasl.oauthbearer.client.secret", "secret"),
+            (
+                "sasl.oauthbearer.token.endpoint.url",
+                "https://127.0.0.1:1/token",
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let config =
+            producer_config(&kafka, "outpost-test", None).unwrap_or_else(|e| panic!("{e}"));
+        let created: Result<BaseProducer, _> = config.create();
+        if cfg!(feature = "kafka-oidc") {
+            assert!(created.is_ok(), "{:?}", created.err());
+        } else {
+            let error = created.err().expect("refused without libcurl").to_string();
+            assert!(error.contains("libcurl"), "{error}");
+        }
+    }
+
     #[test]
     fn transactional_producers_get_a_finite_message_timeout() {
         let config = producer_config(&KafkaConfig::default(), "c", Some("outpost-gw"))
