@@ -23,7 +23,15 @@ as_root() {
 
 # apt_installed PKG : true if the Debian package is installed (not merely known to dpkg).
 apt_installed() {
-  [[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) == "install ok installed" ]]
+  # With a foreign architecture added (cross/build.sh), a bare name matches the package of every
+  # installed architecture, one line each: a bare name wants the native or the `all` one.
+  local want
+  case $1 in
+    *:*) want=${1##*:} ;;
+    *) want="$(dpkg --print-architecture)|all" ;;
+  esac
+  dpkg-query -W -f='${Architecture} ${Status}\n' "$1" 2>/dev/null |
+    grep -Eq "^($want) install ok installed$"
 }
 
 # ensure_apt_packages PKG... : install whichever of PKG are missing. Runs `apt-get update` only
