@@ -1,5 +1,5 @@
 # The gateway architectures Outpost is built for, shared by cross/build.sh and cross/smoke.sh.
-# Source it; it defines no commands of its own beyond arch_vars.
+# Source it after scripts/lib.sh; it defines arch_vars only.
 
 # arch_vars ARCH : sets, for ARCH (aarch64, armv7 or x86_64),
 #   TRIPLE          the Rust target;
@@ -40,8 +40,9 @@ arch_vars() {
       ;;
     *) return 1 ;;
   esac
-  # libcurl's headers only: librdkafka 2.12.1 includes <curl/curl.h> even when built without it.
-  CROSS_PACKAGES+=("libssl-dev:$DEB_ARCH" "libzstd-dev:$DEB_ARCH" "zlib1g-dev:$DEB_ARCH"
-    "libcurl4-openssl-dev:$DEB_ARCH")
+  local pkg
+  for pkg in $(linked_dev_packages "$DEB_ARCH"); do
+    CROSS_PACKAGES+=("$pkg")
+  done
   RUNTIME_PACKAGES=("libc6:$DEB_ARCH" "libssl3:$DEB_ARCH" "libzstd1:$DEB_ARCH" "zlib1g:$DEB_ARCH")
 }

@@ -52,6 +52,17 @@ ensure_apt_packages() {
     apt-get install -y -qq --no-install-recommends "${missing[@]}"
 }
 
+# linked_dev_packages [ARCH] : the Debian -dev packages a build of outpost links against, one per
+# line, as NAME:ARCH when ARCH is given (another architecture's build): the system's OpenSSL, zstd
+# and zlib (ARCHITECTURE.md, "Decision: system OpenSSL"), and libcurl's headers, because
+# librdkafka 2.12.1 includes <curl/curl.h> even when built without libcurl (none of it is linked).
+linked_dev_packages() {
+  local pkg
+  for pkg in libssl-dev libzstd-dev zlib1g-dev libcurl4-openssl-dev; do
+    printf '%s\n' "$pkg${1:+:$1}"
+  done
+}
+
 # ensure_foreign_arch ARCH : let dpkg install packages of Debian architecture ARCH (multiarch), so
 # a cross build can link the target's libraries (libssl-dev:arm64, ...). The next
 # ensure_apt_packages call that finds something missing runs `apt-get update`, which fetches the

@@ -11,13 +11,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
 
 # Debian packages needed to build: a C and C++ toolchain (bundled SQLite, librdkafka), cmake
-# (librdkafka is built with it), pkg-config for -sys crates, the headers of the system libraries
-# the binary links (OpenSSL, zstd, zlib), and libcurl's headers: librdkafka 2.12.1 includes
-# <curl/curl.h> in one file even when built without libcurl (nothing of it is linked).
-BUILD_PACKAGES=(build-essential cmake pkg-config libssl-dev libzstd-dev zlib1g-dev libcurl4-openssl-dev)
+# (librdkafka is built with it), pkg-config for -sys crates, and the -dev packages of what the
+# binary links (linked_dev_packages in scripts/lib.sh).
+BUILD_PACKAGES=(build-essential cmake pkg-config)
 
 if command -v dpkg-query >/dev/null 2>&1; then
-  ensure_apt_packages "${BUILD_PACKAGES[@]}"
+  # shellcheck disable=SC2046 # one package name per word
+  ensure_apt_packages "${BUILD_PACKAGES[@]}" $(linked_dev_packages)
 else
   log "Not a Debian-based system: make sure a C compiler and pkg-config are installed."
 fi

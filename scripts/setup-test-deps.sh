@@ -21,11 +21,7 @@ PACKAGES=(
   docker.io              # the real container engine for the apps tests (scripts/ensure-docker.sh starts dockerd)
   busybox-static         # the rootfs of the local test image outpost-test/busybox:1 (no registry needed)
   cmake                  # builds the bundled librdkafka (rdkafka's cmake-build feature)
-  pkg-config             # finds the system libraries below for the -sys crates
-  libssl-dev             # OpenSSL, linked as a shared library (librdkafka's TLS and SASL)
-  libzstd-dev            # zstd, shared (librdkafka's compression)
-  zlib1g-dev             # zlib, shared (librdkafka's gzip)
-  libcurl4-openssl-dev   # headers only: librdkafka 2.12.1 includes <curl/curl.h> even without libcurl
+  pkg-config             # finds the system libraries the binary links (linked_dev_packages, below)
   g++                    # librdkafka is a C and C++ CMake project (it builds its C++ wrapper too)
   kcat                   # a real Kafka client reading the mock cluster in tests/tests/kafka.rs (Debian's kcat cannot talk to tansu)
 )
@@ -48,7 +44,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
 
-ensure_apt_packages "${PACKAGES[@]}"
+# shellcheck disable=SC2046 # one package name per word
+ensure_apt_packages "${PACKAGES[@]}" $(linked_dev_packages)
 
 command -v cargo >/dev/null 2>&1 ||
   die "cargo not found: install Rust with rustup (https://rustup.rs) and open a new shell"
