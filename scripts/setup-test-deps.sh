@@ -24,6 +24,7 @@ PACKAGES=(
   pkg-config             # finds the system libraries the binary links (linked_dev_packages, below)
   g++                    # librdkafka is a C and C++ CMake project (it builds its C++ wrapper too)
   kcat                   # a real Kafka client reading the mock cluster in tests/tests/kafka.rs (Debian's kcat cannot talk to tansu)
+  stunnel4               # a real TLS terminator in front of tansu: Kafka over TLS and mutual TLS (tests/tests/kafka_security.rs)
 )
 
 # Python packages for the real peers of the driver tests (tests/peers/), as "requirement:module"

@@ -1,6 +1,8 @@
 //! Talking to the daemon's management API as an administrator: a token in the config, requests
 //! with it, devices created through it.
 
+use base64::Engine;
+
 use crate::daemon::Daemon;
 use crate::http::{Response, request};
 
@@ -52,4 +54,48 @@ pub fn create_device(d: &Daemon, id: &str, protocols: Option<&str>) -> String {
         .as_str()
         .unwrap_or_else(|| panic!("no secret in {v}"))
         .to_owned()
+}
+
+/// A device posting numbered JSON records over HTTP ingestion (HTTP Basic, its own secret).
+pub struct Device {
+    pub id: String,
+    /// The `Authorization` header value.
+    pub auth: String,
+    /// Next counter value to send.
+    pub next: u64,
+}
+
+impl Device {
+    /// Creates device `id` through the API.
+    pub fn new(d: &Daemon, id: &str) -> Device {
+        let secret = create_device(d, id, None);
+        let auth = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"))
+        );
+        Device {
+            id: id.to_owned(),
+            auth,
+            next: 0,
+        }
+    }
+
+    /// Posts `n` records `{"n":<counter>}` on `topic` in one request; panics unless committed.
+    pub fn send(&mut self, d: &Daemon, topic: &str, n: u64) {
+        let body: Vec<String> = (self.next..self.next + n)
+            .map(|i| format!("{{\"n\":{i}}}"))
+            .collect();
+        self.next += n;
+        let r = request(
+            d.admin,
+            "POST",
+            &format!("/api/v1/ingest/{topic}"),
+            &[
+                ("Authorization", &self.auth),
+                ("Content-Type", "application/json"),
+            ],
+            format!("[{}]", body.join(",")).as_bytes(),
+        );
+        assert_eq!(r.status, 201, "ingest for {}: {}", self.id, r.text());
+    }
 }

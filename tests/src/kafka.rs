@@ -196,10 +196,32 @@ pub fn tansu_bin() -> PathBuf {
         .unwrap_or_else(|| panic!("{TANSU_HINT}"))
 }
 
-/// Runs tansu in the background and kills it (SIGKILL) when its stdin reaches end of file, so it
-/// dies with the test process even when that is killed. The shell's exit status is tansu's.
+/// The `tansu-sqlite` binary (tansu with SQLite storage, scripts/ensure-tansu.sh). Panics with
+/// [`TANSU_HINT`].
+pub fn tansu_sqlite_bin() -> PathBuf {
+    find_command("tansu-sqlite").unwrap_or_else(|| panic!("{TANSU_HINT} (`tansu-sqlite`)"))
+}
+
+/// How a [`Tansu`] runs beyond the defaults of [`Tansu::start`].
+#[derive(Debug, Default)]
+pub struct TansuSetup {
+    /// Run `tansu-sqlite` with SQLite storage in the broker's directory (the memory storage
+    /// forgets SCRAM users). Data then survives [`Tansu::restart`].
+    pub sqlite: bool,
+    /// SCRAM users `(mechanism, name, password)`, mechanism `scram256` or `scram512`: created
+    /// once the broker runs, which then restarts requiring authentication (`--authentication`)
+    /// for good. Needs `sqlite`.
+    pub scram_users: Vec<(&'static str, &'static str, &'static str)>,
+    /// The address tansu advertises instead of the relay's, `host:port`: a TLS terminator in
+    /// front of the relay.
+    pub advertised: Option<String>,
+}
+
+/// Runs a program (tansu, stunnel) in the background and kills it (SIGKILL) when its stdin
+/// reaches end of file, so it dies with the test process even when that is killed. The shell's
+/// exit status is the program's.
 /// Background jobs get /dev/null as stdin, hence the copy of the pipe on fd 3.
-const TANSU_WRAPPER: &str = r#"exec 3<&0
+pub(crate) const TIED_WRAPPER: &str = r#"exec 3<&0
 "$0" "$@" </dev/null 3<&- &
 pid=$!
 { read -r line <&3; kill -9 "$pid" 2>/dev/null; } &
@@ -221,6 +243,9 @@ wait "$pid""#;
 /// check everything.
 pub struct Tansu {
     bin: PathBuf,
+    setup: TansuSetup,
+    /// Set once the SCRAM users exist: the broker requires authentication from then on.
+    authenticating: bool,
     /// The relay's port, the one clients use and tansu advertises.
     port: u16,
     /// Topics to (re)create after every start.
@@ -238,7 +263,20 @@ impl Tansu {
     /// Starts a broker, waits until it accepts connections and creates the given
     /// `(topic, partitions)`. Panics with [`TANSU_HINT`] if tansu is not installed.
     pub fn start(topics: &[(&str, i32)]) -> Tansu {
-        let bin = tansu_bin();
+        Tansu::start_with(topics, TansuSetup::default())
+    }
+
+    /// [`Tansu::start`] with the given setup.
+    pub fn start_with(topics: &[(&str, i32)], setup: TansuSetup) -> Tansu {
+        assert!(
+            setup.sqlite || setup.scram_users.is_empty(),
+            "SCRAM users need the SQLite storage"
+        );
+        let bin = if setup.sqlite {
+            tansu_sqlite_bin()
+        } else {
+            tansu_bin()
+        };
         let listener =
             TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind the tansu relay port");
         let port = listener.local_addr().expect("relay address").port();
@@ -256,6 +294,8 @@ impl Tansu {
             .expect("tempdir for tansu");
         let mut tansu = Tansu {
             bin,
+            setup,
+            authenticating: false,
             port,
             topics: Mutex::new(
                 topics
@@ -269,6 +309,14 @@ impl Tansu {
             dir,
         };
         tansu.launch();
+        if !tansu.setup.scram_users.is_empty() {
+            for (mechanism, name, password) in tansu.setup.scram_users.clone() {
+                tansu.run_cli(&["user", "create", name, password, "--mechanism", mechanism]);
+            }
+            tansu.stop();
+            tansu.authenticating = true;
+            tansu.launch();
+        }
         tansu
     }
 
@@ -335,7 +383,15 @@ impl Tansu {
     fn launch(&mut self) {
         let private = free_port();
         let listener_url = format!("tcp://127.0.0.1:{private}");
-        let advertised_url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised_url = match &self.setup.advertised {
+            Some(address) => format!("tcp://{address}"),
+            None => format!("tcp://127.0.0.1:{}", self.port),
+        };
+        let storage = if self.setup.sqlite {
+            "sqlite://tansu.db"
+        } else {
+            "memory://tansu/"
+        };
         let log = File::options()
             .create(true)
             .append(true)
@@ -343,11 +399,12 @@ impl Tansu {
             .expect("open tansu.log");
         let mut child = Command::new("sh")
             .arg("-c")
-            .arg(TANSU_WRAPPER)
+            .arg(TIED_WRAPPER)
             .arg(&self.bin)
-            .args(["broker", "--storage-engine", "memory://tansu/"])
+            .args(["broker", "--storage-engine", storage])
             .args(["--listener-url", &listener_url])
             .args(["--advertised-listener-url", &advertised_url])
+            .args(self.authenticating.then_some("--authentication"))
             .current_dir(self.dir.path())
             .env_remove("RUST_LOG")
             .env_remove("CLUSTER_ID")
@@ -385,44 +442,58 @@ impl Tansu {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        for (name, partitions) in topics {
-            self.run_topic_create(&name, partitions);
+        // With authentication on, tansu's own client cannot get in: the topics were made (and
+        // kept, SQLite storage) before.
+        if !self.authenticating {
+            for (name, partitions) in topics {
+                self.run_topic_create(&name, partitions);
+            }
         }
         self.gate.open();
     }
 
-    /// `tansu topic create NAME --partitions N --broker <private address>`, within 30 s.
+    /// `tansu topic create NAME --partitions N`.
     fn run_topic_create(&self, name: &str, partitions: i32) {
+        self.run_cli(&[
+            "topic",
+            "create",
+            name,
+            "--partitions",
+            &partitions.to_string(),
+        ]);
+    }
+
+    /// `tansu ARGS --broker <private address>`, which must succeed within 30 s.
+    fn run_cli(&self, args: &[&str]) {
         let url = format!(
             "tcp://127.0.0.1:{}",
             self.gate.upstream.load(Ordering::SeqCst)
         );
         let mut child = Command::new(&self.bin)
-            .args(["topic", "create", name, "--partitions"])
-            .arg(partitions.to_string())
+            .args(args)
             .args(["--broker", &url])
             .current_dir(self.dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("spawn tansu topic create: {e}"));
+            .unwrap_or_else(|e| panic!("spawn tansu {args:?}: {e}"));
         let deadline = Instant::now() + Duration::from_secs(30);
         let status = loop {
-            if let Some(status) = child.try_wait().expect("wait for tansu topic create") {
+            if let Some(status) = child.try_wait().expect("wait for tansu") {
                 break status;
             }
             if Instant::now() >= deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("`tansu topic create {name}` did not finish within 30 s");
+                panic!("`tansu {args:?}` did not finish within 30 s");
             }
             std::thread::sleep(Duration::from_millis(50));
         };
-        let output = child.wait_with_output().expect("tansu topic create output");
+        let output = child.wait_with_output().expect("tansu output");
         assert!(
             status.success(),
-            "`tansu topic create {name} --partitions {partitions}` failed ({status}):\n{}{}",
+            "`tansu {args:?}` failed ({status}):\n{}{}",
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
@@ -526,7 +597,7 @@ fn pipe(client: TcpStream, upstream: TcpStream) {
 }
 
 /// A loopback port that was free a moment ago.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .and_then(|l| l.local_addr())
         .expect("bind an ephemeral port")
@@ -576,7 +647,27 @@ pub fn consume(
     timeout: Duration,
     read_committed: bool,
 ) -> Vec<Consumed> {
-    consume_until(bootstrap, topic, expected, timeout, read_committed, None)
+    consume_until(
+        bootstrap,
+        topic,
+        expected,
+        timeout,
+        read_committed,
+        None,
+        &[],
+    )
+}
+
+/// [`consume`] (read uncommitted) with extra librdkafka settings for the consumer: TLS and SASL
+/// for a secured broker.
+pub fn consume_with(
+    bootstrap: &str,
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+    client: &[(&str, &str)],
+) -> Vec<Consumed> {
+    consume_until(bootstrap, topic, expected, timeout, false, None, client)
 }
 
 /// [`consume`], also stopping once no record has arrived for `quiet` (when given).
@@ -587,9 +678,14 @@ fn consume_until(
     timeout: Duration,
     read_committed: bool,
     quiet: Option<Duration>,
+    client: &[(&str, &str)],
 ) -> Vec<Consumed> {
     let deadline = Instant::now() + timeout;
-    let consumer: BaseConsumer = ClientConfig::new()
+    let mut config = ClientConfig::new();
+    for (key, value) in client {
+        config.set(*key, *value);
+    }
+    let consumer: BaseConsumer = config
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "outpost-e2e-consume")
         .set("enable.auto.commit", "false")
@@ -695,6 +791,7 @@ pub fn consume_everything(bootstrap: &str, topic: &str, timeout: Duration) -> (V
         timeout,
         false,
         Some(Duration::from_secs(10)),
+        &[],
     );
     (records, watermarks)
 }

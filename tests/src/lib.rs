@@ -10,6 +10,8 @@ pub mod kafka;
 pub mod mqtt_raw;
 pub mod mqtt_wire;
 pub mod pty;
+pub mod stunnel;
+pub mod tls;
 
 use std::env;
 use std::os::unix::fs::PermissionsExt;

@@ -12,8 +12,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use base64::Engine;
-use outpost_e2e::admin::{ADMIN_TOKEN, admin_token_config, create_device};
+use outpost_e2e::admin::{ADMIN_TOKEN, Device, admin_token_config, create_device};
 use outpost_e2e::daemon::{Daemon, outpost_cli, write_config};
 use outpost_e2e::http::request;
 use outpost_e2e::kafka::{Consumed, MockKafka, Tansu, consume, produce_plain};
@@ -31,47 +30,6 @@ fn config(bootstrap: &str, kafka_extra: &str, extra: &str) -> String {
         admin_token_config(),
         brokers.join(", ")
     )
-}
-
-struct Device {
-    id: String,
-    auth: String,
-    /// Next counter value to send.
-    next: u64,
-}
-
-impl Device {
-    fn new(d: &Daemon, id: &str) -> Device {
-        let secret = create_device(d, id, None);
-        let auth = format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"))
-        );
-        Device {
-            id: id.to_owned(),
-            auth,
-            next: 0,
-        }
-    }
-
-    /// Posts `n` records `{"n":<counter>}` on `topic` in one request; panics unless committed.
-    fn send(&mut self, d: &Daemon, topic: &str, n: u64) {
-        let body: Vec<String> = (self.next..self.next + n)
-            .map(|i| format!("{{\"n\":{i}}}"))
-            .collect();
-        self.next += n;
-        let r = request(
-            d.admin,
-            "POST",
-            &format!("/api/v1/ingest/{topic}"),
-            &[
-                ("Authorization", &self.auth),
-                ("Content-Type", "application/json"),
-            ],
-            format!("[{}]", body.join(",")).as_bytes(),
-        );
-        assert_eq!(r.status, 201, "ingest for {}: {}", self.id, r.text());
-    }
 }
 
 /// The counter of a `{"n":…}` payload.

@@ -5,125 +5,14 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use outpost_e2e::admin::{admin_token_config, create_device};
 use outpost_e2e::daemon::{Daemon, outpost_cli, write_config};
+use outpost_e2e::tls::Ca;
 use outpost_sync::{OutboxReader, StoredRecord};
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A test CA in `dir` that issues EC P-256 certificates.
-struct Ca {
-    dir: PathBuf,
-    name: String,
-}
-
-impl Ca {
-    fn new(dir: &Path, name: &str) -> Ca {
-        let subject = format!("/CN={name}");
-        openssl(
-            dir,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-days",
-                "2",
-                "-subj",
-                &subject,
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.pem"),
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign,cRLSign",
-            ],
-        );
-        Ca {
-            dir: dir.to_owned(),
-            name: name.to_owned(),
-        }
-    }
-
-    fn cert(&self) -> PathBuf {
-        self.dir.join(format!("{}.pem", self.name))
-    }
-
-    /// Issues `<file>.pem` and `<file>.key` with subject CN `cn` and the SAN `san` (may be
-    /// empty); returns (certificate, key).
-    fn issue(&self, file: &str, cn: &str, san: &str) -> (PathBuf, PathBuf) {
-        let mut ext = "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n\
-                       extendedKeyUsage=serverAuth,clientAuth\n"
-            .to_owned();
-        if !san.is_empty() {
-            ext.push_str(&format!("subjectAltName={san}\n"));
-        }
-        std::fs::write(self.dir.join(format!("{file}.ext")), ext).unwrap();
-        openssl(
-            &self.dir,
-            &[
-                "req",
-                "-new",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-subj",
-                &format!("/CN={cn}"),
-                "-keyout",
-                &format!("{file}.key"),
-                "-out",
-                &format!("{file}.csr"),
-            ],
-        );
-        openssl(
-            &self.dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{file}.csr"),
-                "-CA",
-                &format!("{}.pem", self.name),
-                "-CAkey",
-                &format!("{}.key", self.name),
-                "-set_serial",
-                "0x1234",
-                "-days",
-                "2",
-                "-extfile",
-                &format!("{file}.ext"),
-                "-out",
-                &format!("{file}.pem"),
-            ],
-        );
-        (
-            self.dir.join(format!("{file}.pem")),
-            self.dir.join(format!("{file}.key")),
-        )
-    }
-}
 
 /// A CA, a server certificate for 127.0.0.1/localhost and the `[mqtt.tls]` table using them
 /// (client certificates from the same CA, `client_auth` as given).

@@ -23,13 +23,17 @@ use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::ProducerContext;
 
+use super::tls_check::TlsCheck;
+
 /// What the librdkafka threads tell the forwarder.
 #[derive(Debug, Default)]
 pub struct LinkSignals {
     /// Set when librdkafka reports that every broker is down; cleared on the next delivery.
     pub all_brokers_down: AtomicBool,
     /// The last error librdkafka reported, for the status.
-    pub last_error: std::sync::Mutex<Option<String>>,
+    last_error: std::sync::Mutex<Option<String>>,
+    /// Why a broker's certificate was refused ([`super::tls_check`]), shown with `last_error`.
+    tls_reason: std::sync::Mutex<Option<String>>,
 }
 
 impl LinkSignals {
@@ -39,10 +43,27 @@ impl LinkSignals {
         }
     }
 
+    pub fn set_tls_reason(&self, reason: String) {
+        if let Ok(mut last) = self.tls_reason.lock() {
+            *last = Some(reason);
+        }
+    }
+
+    /// The last error, with the certificate check's verdict when there is one.
+    pub fn last_error(&self) -> Option<String> {
+        let error = self.last_error.lock().ok()?.clone()?;
+        match self.tls_reason.lock().ok().and_then(|r| r.clone()) {
+            Some(reason) => Some(format!("{error} (certificate check: {reason})")),
+            None => Some(error),
+        }
+    }
+
     /// Kafka is reachable again: the status no longer shows the outage's error.
     pub fn clear_error(&self) {
-        if let Ok(mut last) = self.last_error.lock() {
-            *last = None;
+        for slot in [&self.last_error, &self.tls_reason] {
+            if let Ok(mut last) = slot.lock() {
+                *last = None;
+            }
         }
     }
 }
@@ -51,6 +72,8 @@ impl LinkSignals {
 #[derive(Debug, Clone)]
 pub struct Context {
     pub signals: Arc<LinkSignals>,
+    /// Says why a broker's certificate was refused (TLS only).
+    pub tls_check: Option<Arc<TlsCheck>>,
 }
 
 impl ClientContext for Context {
@@ -72,6 +95,9 @@ impl ClientContext for Context {
             self.signals.all_brokers_down.store(true, Ordering::Relaxed);
         }
         tracing::debug!(%error, reason, "Kafka client error");
+        if let Some(check) = &self.tls_check {
+            check.after_error(reason, &self.signals);
+        }
         self.signals.set_error(format!("{error}: {reason}"));
     }
 }

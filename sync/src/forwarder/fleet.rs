@@ -72,6 +72,7 @@ pub async fn run(
     // failed reconnect (the forwarder reports reachability).
     let context = client::Context {
         signals: Arc::new(client::LinkSignals::default()),
+        tls_check: None,
     };
     let producer: Producer =
         match client::common_config(kafka, &options.client_id).and_then(|mut c| {

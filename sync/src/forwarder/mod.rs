@@ -21,6 +21,7 @@ mod probe;
 mod pump;
 pub mod rules;
 pub mod sink;
+mod tls_check;
 mod window;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -278,7 +279,7 @@ impl ForwarderHandle {
             backlog_records: records,
             backlog_bytes: bytes,
             backlog_oldest_age_ms: oldest.map(|ms| (now_unix_ms() - ms).max(0)),
-            last_error: s.signals.last_error.lock().ok().and_then(|e| e.clone()),
+            last_error: s.signals.last_error(),
         }
     }
 
@@ -311,6 +312,8 @@ pub struct Forwarder {
     rules: Arc<Rules>,
     tags: Arc<dyn DeviceTags>,
     shared: Arc<Shared>,
+    /// One for every producer this forwarder makes, so its rate limit holds across them.
+    tls_check: Option<Arc<tls_check::TlsCheck>>,
 }
 
 impl Forwarder {
@@ -321,6 +324,7 @@ impl Forwarder {
     ) -> (Self, ForwarderHandle) {
         let shared = Arc::new(Shared::new(options.kafka.exactly_once));
         let rules = Arc::new(Rules::from_config(&options.kafka));
+        let tls_check = tls_check::TlsCheck::new(&options.kafka);
         let handle = ForwarderHandle {
             shared: Arc::clone(&shared),
             outbox: outbox.clone(),
@@ -332,6 +336,7 @@ impl Forwarder {
                 rules,
                 tags,
                 shared,
+                tls_check,
             },
             handle,
         )
@@ -392,6 +397,7 @@ impl Forwarder {
     fn client_context(&self) -> client::Context {
         client::Context {
             signals: Arc::clone(&self.shared.signals),
+            tls_check: self.tls_check.clone(),
         }
     }
 

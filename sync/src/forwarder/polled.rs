@@ -159,6 +159,7 @@ mod tests {
         let (tx, rx) = mpsc::sync_channel(8);
         let context = client::Context {
             signals: Arc::default(),
+            tls_check: None,
         };
         let producer = PolledProducer::new(&config, context, ToTest(tx)).unwrap();
         for token in 1..=3_usize {

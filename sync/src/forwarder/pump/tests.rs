@@ -651,7 +651,7 @@ async fn a_failing_delete_holds_production_until_a_retry_works() {
             .due_in()
             .is_some_and(|d| d > Duration::from_millis(100))
     );
-    assert!(signals.last_error.lock().unwrap().is_some());
+    assert!(signals.last_error().is_some());
     deleter.state = super::Deleting::Running {
         task: tokio::spawn(std::future::pending()),
         retry: true,
@@ -660,5 +660,5 @@ async fn a_failing_delete_holds_production_until_a_retry_works() {
     let done = Ok((vec![1, 2], Ok(2)));
     assert_eq!(deleter.finished(done, &signals), vec![1, 2]);
     assert!(!deleter.holds(10));
-    assert!(signals.last_error.lock().unwrap().is_none(), "cleared");
+    assert!(signals.last_error().is_none(), "cleared");
 }
