@@ -55,7 +55,9 @@ pub use model::{
     Scope, SerialLineConfig, SerialPortConfig, SimulatorConfig, Synchronous, WhenFull,
     ZigbeeConfig, parse_cidr,
 };
-pub use model::{BacklogOrder, Compression, RuleAction, RuleKey, SaslMechanism, SecurityProtocol};
+pub use model::{
+    BacklogOrder, CloudEvents, Compression, RuleAction, RuleKey, SaslMechanism, SecurityProtocol,
+};
 pub use model::{MqttClientAuth, MqttTlsConfig};
 pub use model::{check_acl_pattern, check_kafka_topic, derived_gateway_id, machine_id};
 pub use units::ByteSize;

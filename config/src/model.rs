@@ -67,6 +67,7 @@ deserialize_from_str!(SecurityProtocol { "plaintext" => Plaintext, "ssl" => Ssl,
 deserialize_from_str!(SaslMechanism { "PLAIN" => Plain, "SCRAM-SHA-256" => ScramSha256, "SCRAM-SHA-512" => ScramSha512, "OAUTHBEARER" => OauthBearer });
 deserialize_from_str!(RuleKey { "device" => Device, "topic" => Topic, "none" => None });
 deserialize_from_str!(RuleAction { "forward" => Forward, "drop" => Drop, "sample" => Sample });
+deserialize_from_str!(CloudEvents { "off" => Off, "binary" => Binary, "structured" => Structured });
 
 mod apps;
 pub(crate) mod drivers;
@@ -74,8 +75,8 @@ pub(crate) mod kafka;
 mod mqtt;
 
 pub use kafka::{
-    BacklogOrder, Compression, DeadLetterConfig, KafkaConfig, KafkaRule, KafkaSecurity, RuleAction,
-    RuleKey, SaslMechanism, SecurityProtocol, check_kafka_topic,
+    BacklogOrder, CloudEvents, Compression, DeadLetterConfig, KafkaConfig, KafkaRule,
+    KafkaSecurity, RuleAction, RuleKey, SaslMechanism, SecurityProtocol, check_kafka_topic,
 };
 pub use mqtt::{ClientAuth as MqttClientAuth, MqttTlsConfig};
 pub use mqtt::{

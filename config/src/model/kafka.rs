@@ -52,6 +52,11 @@ pub struct KafkaConfig {
     pub backlog_rate: u32,
     /// How a backlog and live records share the way to Kafka. Default `"per_device"`.
     pub order: BacklogOrder,
+    /// Forwarded records as CloudEvents (Kafka protocol binding): `"off"`, `"binary"` (the
+    /// payload unchanged, the event attributes in `ce_*` headers) or `"structured"` (the value
+    /// is the JSON event with the payload as its data). A rule's `cloudevents` overrides it.
+    /// Default `"off"`.
+    pub cloudevents: CloudEvents,
     /// Shortest wait before reconnecting after Kafka became unreachable. Default `"500ms"`.
     #[serde(with = "crate::units::duration")]
     pub reconnect_backoff_min: Duration,
@@ -105,6 +110,7 @@ impl Default for KafkaConfig {
             max_in_flight_per_topic: None,
             backlog_rate: 20_000,
             order: BacklogOrder::PerDevice,
+            cloudevents: CloudEvents::Off,
             reconnect_backoff_min: Duration::from_millis(500),
             reconnect_backoff_max: Duration::from_secs(30),
             offline_after: Duration::from_secs(10),
@@ -314,6 +320,9 @@ pub struct KafkaRule {
     pub priority: Option<u8>,
     /// What happens to matching records. Default `"forward"`.
     pub action: RuleAction,
+    /// CloudEvents for matching records, overriding `kafka.cloudevents`. Default: that.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cloudevents: Option<CloudEvents>,
     /// With `action = "sample"`: forward one record in this many (by gateway sequence), drop the
     /// rest. Default 10; 2 to 1000000.
     pub sample_every: u32,
@@ -331,9 +340,22 @@ impl Default for KafkaRule {
             key: RuleKey::Device,
             priority: None,
             action: RuleAction::Forward,
+            cloudevents: None,
             sample_every: 10,
         }
     }
+}
+
+/// Whether and how forwarded records are CloudEvents (docs/KAFKA.md, "CloudEvents").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CloudEvents {
+    /// Outpost's own headers only.
+    Off,
+    /// Binary content mode: the value is the payload, the attributes are `ce_*` headers.
+    Binary,
+    /// Structured content mode: the value is the event as JSON (`application/cloudevents+json`).
+    Structured,
 }
 
 /// The Kafka record key of a rule's records.

@@ -32,8 +32,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::probe::IdleProbe;
 use super::{
-    Forwarder, ForwarderError, ForwarderOptions, Producer_, State, client, dead_letter_headers,
-    headers, metrics, poison, rules,
+    Forwarder, ForwarderError, ForwarderOptions, Producer_, State, client, cloudevents,
+    dead_letter_headers, headers, metrics, poison, rules,
 };
 use crate::outbox::{DeadLetterCause, ReadPosition, now_unix_ms};
 
@@ -566,7 +566,7 @@ async fn transaction(
             },
             fw.tags.as_ref(),
         );
-        let (topic, key) = match decision {
+        let (topic, key, cloudevents) = match decision {
             rules::Decision::Drop { rule } => {
                 shared
                     .metrics
@@ -577,11 +577,23 @@ async fn transaction(
                     .inc();
                 continue;
             }
-            rules::Decision::Forward { topic, key } => (topic, key),
+            rules::Decision::Forward {
+                topic,
+                key,
+                cloudevents,
+            } => (topic, key, cloudevents),
         };
+        let (gateway_id, outbox_id) = (&fw.options.gateway_id, fw.outbox.id());
+        let (headers, payload) = cloudevents::encode(
+            record,
+            headers(record, gateway_id, outbox_id),
+            gateway_id,
+            outbox_id,
+            cloudevents,
+        );
         let mut r = FutureRecord::<str, [u8]>::to(topic)
-            .payload(&record.payload)
-            .headers(headers(record, &fw.options.gateway_id, fw.outbox.id()))
+            .payload(&payload)
+            .headers(headers)
             .timestamp(record.received_at_ms);
         match key {
             RuleKey::Device => r = r.key(&record.device_id),

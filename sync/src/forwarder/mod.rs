@@ -12,6 +12,7 @@
 //! * [`rules`], [`fleet`], [`metrics`]: routing rules, the fleet topics, the metrics.
 
 pub mod client;
+pub mod cloudevents;
 mod eos;
 pub mod fleet;
 pub mod metrics;

@@ -6,7 +6,7 @@
 //! for `priority`, which must be known when the record is stored: ingestion asks
 //! [`Rules::priority`].
 
-use outpost_config::{KafkaConfig, KafkaRule, RuleAction, RuleKey};
+use outpost_config::{CloudEvents, KafkaConfig, KafkaRule, RuleAction, RuleKey};
 
 use crate::envelope::Source;
 
@@ -38,8 +38,12 @@ pub struct RecordView<'a> {
 /// What happens to a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision<'r> {
-    /// Produce to `topic` with `key`.
-    Forward { topic: &'r str, key: RuleKey },
+    /// Produce to `topic` with `key`, as CloudEvents or not.
+    Forward {
+        topic: &'r str,
+        key: RuleKey,
+        cloudevents: CloudEvents,
+    },
     /// Delete without forwarding; `rule` names the rule that dropped it (drop or sample).
     Drop { rule: &'r str },
 }
@@ -56,6 +60,7 @@ struct Rule {
     priority: Option<u8>,
     action: RuleAction,
     sample_every: u64,
+    cloudevents: CloudEvents,
 }
 
 /// The compiled rule list. Cheap to share behind an `Arc`.
@@ -63,6 +68,7 @@ struct Rule {
 pub struct Rules {
     rules: Vec<Rule>,
     default_topic: String,
+    cloudevents: CloudEvents,
     uses_tags: bool,
 }
 
@@ -73,12 +79,13 @@ impl Rules {
             .rules
             .iter()
             .enumerate()
-            .map(|(i, r)| compile(i, r, &kafka.default_topic))
+            .map(|(i, r)| compile(i, r, kafka))
             .collect();
         let uses_tags = rules.iter().any(|r| r.tag.is_some());
         Self {
             rules,
             default_topic: kafka.default_topic.clone(),
+            cloudevents: kafka.cloudevents,
             uses_tags,
         }
     }
@@ -98,22 +105,20 @@ impl Rules {
             return Decision::Forward {
                 topic: &self.default_topic,
                 key: RuleKey::Device,
+                cloudevents: self.cloudevents,
             };
         };
+        let forward = Decision::Forward {
+            topic: &rule.kafka_topic,
+            key: rule.key,
+            cloudevents: rule.cloudevents,
+        };
         match rule.action {
-            RuleAction::Forward => Decision::Forward {
-                topic: &rule.kafka_topic,
-                key: rule.key,
-            },
+            RuleAction::Forward => forward,
             RuleAction::Drop => Decision::Drop { rule: &rule.name },
             // One in `sample_every` by gateway sequence: deterministic, so a re-forwarded record
             // (after an outage or a restart) gets the same verdict.
-            RuleAction::Sample if record.seq.is_multiple_of(rule.sample_every) => {
-                Decision::Forward {
-                    topic: &rule.kafka_topic,
-                    key: rule.key,
-                }
-            }
+            RuleAction::Sample if record.seq.is_multiple_of(rule.sample_every) => forward,
             RuleAction::Sample => Decision::Drop { rule: &rule.name },
         }
     }
@@ -139,7 +144,7 @@ impl Rules {
     }
 }
 
-fn compile(index: usize, rule: &KafkaRule, default_topic: &str) -> Rule {
+fn compile(index: usize, rule: &KafkaRule, kafka: &KafkaConfig) -> Rule {
     Rule {
         name: rule
             .name
@@ -155,11 +160,12 @@ fn compile(index: usize, rule: &KafkaRule, default_topic: &str) -> Rule {
         kafka_topic: rule
             .kafka_topic
             .clone()
-            .unwrap_or_else(|| default_topic.to_owned()),
+            .unwrap_or_else(|| kafka.default_topic.clone()),
         key: rule.key,
         priority: rule.priority,
         action: rule.action,
         sample_every: u64::from(rule.sample_every.max(1)),
+        cloudevents: rule.cloudevents.unwrap_or(kafka.cloudevents),
     }
 }
 
@@ -267,6 +273,7 @@ mod tests {
             r#"
             [kafka]
             default_topic = "readings"
+            cloudevents = "binary"
             [[kafka.rules]]
             name = "noise"
             topic = "devices/+/debug/#"
@@ -276,6 +283,7 @@ mod tests {
             kafka_topic = "vip"
             key = "topic"
             priority = 9
+            cloudevents = "structured"
             [[kafka.rules]]
             source = "driver"
             device = "meter-*"
@@ -301,7 +309,8 @@ mod tests {
             rules.decide(&view("d1", Source::Mqtt, "devices/d1/t", 1), &Tagged),
             Decision::Forward {
                 topic: "vip",
-                key: RuleKey::Topic
+                key: RuleKey::Topic,
+                cloudevents: CloudEvents::Structured,
             }
         );
         assert_eq!(
@@ -312,7 +321,8 @@ mod tests {
             rules.decide(&view("meter-1", Source::Driver, "m", 8), &Tagged),
             Decision::Forward {
                 topic: "meters",
-                key: RuleKey::Device
+                key: RuleKey::Device,
+                cloudevents: CloudEvents::Binary,
             }
         );
         assert_eq!(
@@ -323,7 +333,8 @@ mod tests {
             rules.decide(&view("d2", Source::Http, "x", 1), &Tagged),
             Decision::Forward {
                 topic: "readings",
-                key: RuleKey::Device
+                key: RuleKey::Device,
+                cloudevents: CloudEvents::Binary,
             }
         );
         assert_eq!(rules.topics(), ["meters", "readings", "vip"]);

@@ -81,8 +81,8 @@ use super::probe::IdleProbe;
 use super::sink::{Outgoing, Refused, Report, Reports, Sink};
 use super::window::{TopicId, TopicWindow};
 use super::{
-    Forwarder, ForwarderError, State, dead_letter_headers, headers, metrics, poison, rules,
-    with_reader,
+    Forwarder, ForwarderError, State, cloudevents, dead_letter_headers, headers, metrics, poison,
+    rules, with_reader,
 };
 use crate::envelope::StoredRecord;
 use crate::outbox::{AckError, DeadLetterCause, Outbox, OutboxReader, ReadPosition, now_unix_ms};
@@ -697,7 +697,7 @@ impl Pump {
             },
             self.fw.tags.as_ref(),
         );
-        let (topic, key) = match decision {
+        let (topic, key, cloudevents) = match decision {
             rules::Decision::Drop { rule } => {
                 self.fw
                     .shared
@@ -712,7 +712,11 @@ impl Pump {
                 self.deleter.delivered.push(record.seq);
                 return;
             }
-            rules::Decision::Forward { topic, key } => (topic, key),
+            rules::Decision::Forward {
+                topic,
+                key,
+                cloudevents,
+            } => (topic, key, cloudevents),
         };
         let (topic, open) = self.topics.admit(topic);
         if !open {
@@ -725,8 +729,18 @@ impl Pump {
             RuleKey::Topic => Some(&record.topic),
             RuleKey::None => None,
         };
-        let headers = headers(&record, &self.fw.options.gateway_id, self.fw.outbox.id());
-        if self.produce(&record, topic, key, headers, None).is_err() {
+        let (gateway_id, outbox_id) = (&self.fw.options.gateway_id, self.fw.outbox.id());
+        let (headers, payload) = cloudevents::encode(
+            &record,
+            headers(&record, gateway_id, outbox_id),
+            gateway_id,
+            outbox_id,
+            cloudevents,
+        );
+        if self
+            .produce(&record, &payload, topic, key, headers, None)
+            .is_err()
+        {
             // Read it again once the client has room (see `client_full`).
             self.topics.skipped(topic, live.then_some(record.seq));
         }
@@ -738,6 +752,7 @@ impl Pump {
     fn produce(
         &mut self,
         record: &StoredRecord,
+        payload: &[u8],
         topic: TopicId,
         key: Option<&str>,
         headers: OwnedHeaders,
@@ -750,7 +765,7 @@ impl Pump {
         let outgoing = Outgoing {
             topic: &name,
             key,
-            payload: &record.payload,
+            payload,
             headers,
             timestamp_ms: record.received_at_ms,
         };
@@ -939,8 +954,10 @@ impl Pump {
                     &cause,
                 );
                 let key = record.device_id.clone();
+                // A dead letter goes as it was stored, with Outpost's headers only.
                 let produced = self.produce(
                     &record,
+                    &record.payload,
                     dead_topic,
                     Some(&key),
                     headers,
