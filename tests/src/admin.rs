@@ -86,15 +86,25 @@ impl Device {
             .map(|i| format!("{{\"n\":{i}}}"))
             .collect();
         self.next += n;
+        self.post(
+            d,
+            topic,
+            "application/json",
+            format!("[{}]", body.join(",")).as_bytes(),
+        );
+    }
+
+    /// Posts `body` as `content_type` on `topic` (HTTP ingestion); panics unless committed.
+    pub fn post(&self, d: &Daemon, topic: &str, content_type: &str, body: &[u8]) {
         let r = request(
             d.admin,
             "POST",
             &format!("/api/v1/ingest/{topic}"),
             &[
                 ("Authorization", &self.auth),
-                ("Content-Type", "application/json"),
+                ("Content-Type", content_type),
             ],
-            format!("[{}]", body.join(",")).as_bytes(),
+            body,
         );
         assert_eq!(r.status, 201, "ingest for {}: {}", self.id, r.text());
     }

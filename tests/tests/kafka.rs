@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use outpost_e2e::admin::{ADMIN_TOKEN, Device, admin_token_config, create_device};
 use outpost_e2e::daemon::{Daemon, outpost_cli, write_config};
-use outpost_e2e::http::request;
 use outpost_e2e::kafka::{Consumed, MockKafka, Tansu, consume, produce_plain};
 
 const TOPIC: &str = "outpost.readings";
@@ -404,17 +403,7 @@ fn alone_an_idle_forwarder_reports_an_outage_and_the_recovery_within_15_s() {
 /// Posts one JSON record `{"n":0,"blob":"xxx…"}` of about `size` bytes for `dev` on `topic`.
 fn post_big(d: &Daemon, dev: &Device, topic: &str, size: usize) {
     let body = format!("{{\"n\":0,\"blob\":\"{}\"}}", "x".repeat(size));
-    let r = request(
-        d.admin,
-        "POST",
-        &format!("/api/v1/ingest/{topic}"),
-        &[
-            ("Authorization", &dev.auth),
-            ("Content-Type", "application/json"),
-        ],
-        body.as_bytes(),
-    );
-    assert_eq!(r.status, 201, "{}", r.text());
+    dev.post(d, topic, "application/json", body.as_bytes());
 }
 
 /// Kafka settings for the poison-record tests: a dead-letter topic, and a rule that sends

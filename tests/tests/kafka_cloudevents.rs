@@ -14,7 +14,6 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use outpost_e2e::admin::{Device, admin_token_config};
 use outpost_e2e::daemon::Daemon;
-use outpost_e2e::http::request;
 use outpost_e2e::kafka::{Consumed, MockKafka, consume};
 
 const BINARY: &str = "outpost.readings";
@@ -82,17 +81,12 @@ fn cloudevents_in_both_content_modes_parse_with_the_python_sdk() {
     let mut dev = Device::new(&d, "ce-1");
     dev.send(&d, "telemetry/room-1", 3);
     dev.send(&d, "events/door", 2);
-    let raw = request(
-        d.admin,
-        "POST",
-        "/api/v1/ingest/events/raw",
-        &[
-            ("Authorization", &dev.auth),
-            ("Content-Type", "application/octet-stream"),
-        ],
+    dev.post(
+        &d,
+        "events/raw",
+        "application/octet-stream",
         b"\x00\x01binary",
     );
-    assert_eq!(raw.status, 201, "{}", raw.text());
     d.wait_until("delivered", Duration::from_secs(30), |d| {
         d.metric("outpost_outbox_records") == 0.0
     });

@@ -627,26 +627,9 @@ fn text(v: &Value) -> String {
     }
 }
 
-/// `2024-05-01T12:00:00Z` from ms since the epoch (UTC, no time zone database needed).
+/// `2024-05-01T12:00:00Z` from ms since the epoch.
 fn iso(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    outpost_sync::outbox::rfc3339_utc(ms, false)
 }
 
 fn ago(ms: Option<i64>, now: i64) -> String {
@@ -813,13 +796,6 @@ mod tests {
             default_url(&args(None)).ok().unwrap(),
             "http://127.0.0.1:8080"
         );
-    }
-
-    #[test]
-    fn iso_dates() {
-        assert_eq!(iso(0), "1970-01-01T00:00:00Z");
-        assert_eq!(iso(951_782_400_000), "2000-02-29T00:00:00Z");
-        assert_eq!(iso(1_714_564_800_123), "2024-05-01T12:00:00Z");
     }
 
     #[test]

@@ -19,6 +19,7 @@ use outpost_config::CloudEvents;
 use rdkafka::message::{Header, OwnedHeaders};
 
 use crate::envelope::StoredRecord;
+use crate::outbox::rfc3339_utc;
 
 /// `type` of a forwarded reading.
 pub const TYPE: &str = "outpost.reading";
@@ -93,7 +94,7 @@ impl Attributes {
         Self {
             id: format!("{outbox_id}-{}", record.seq),
             source: format!("/outpost/{gateway_id}/devices/{}", record.device_id),
-            time: rfc3339_millis(record.received_at_ms),
+            time: rfc3339_utc(record.received_at_ms, true),
         }
     }
 }
@@ -144,51 +145,9 @@ fn is_json_media_type(media_type: &str) -> bool {
     essence == "application/json" || essence == "text/json" || essence.ends_with("+json")
 }
 
-/// `2026-12-07T05:00:00.123Z` for Unix milliseconds (UTC, proleptic Gregorian calendar).
-fn rfc3339_millis(unix_ms: i64) -> String {
-    let (days, ms_of_day) = (
-        unix_ms.div_euclid(86_400_000),
-        unix_ms.rem_euclid(86_400_000),
-    );
-    let (year, month, day) = civil_from_days(days);
-    let seconds = ms_of_day / 1000;
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        seconds / 3600,
-        seconds / 60 % 60,
-        seconds % 60,
-        ms_of_day % 1000
-    )
-}
-
-/// Year, month, day of a day count since 1970-01-01 (Howard Hinnant's `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn times_are_rfc3339_in_utc_with_milliseconds() {
-        assert_eq!(rfc3339_millis(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339_millis(951_782_400_123), "2000-02-29T00:00:00.123Z");
-        assert_eq!(
-            rfc3339_millis(1_796_619_600_999),
-            "2026-12-07T05:00:00.999Z"
-        );
-        assert_eq!(rfc3339_millis(-1), "1969-12-31T23:59:59.999Z");
-    }
 
     #[test]
     fn json_media_types() {

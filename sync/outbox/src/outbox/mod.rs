@@ -553,3 +553,57 @@ pub fn now_unix_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
 }
+
+/// RFC 3339 in UTC for Unix milliseconds: `2024-05-01T12:00:00Z`, or with `millis`
+/// `2024-05-01T12:00:00.123Z` (proleptic Gregorian calendar, no time zone database needed).
+pub fn rfc3339_utc(unix_ms: i64, millis: bool) -> String {
+    let (days, ms_of_day) = (
+        unix_ms.div_euclid(86_400_000),
+        unix_ms.rem_euclid(86_400_000),
+    );
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let seconds = ms_of_day / 1000;
+    let fraction = if millis {
+        format!(".{:03}", ms_of_day % 1000)
+    } else {
+        String::new()
+    };
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}{fraction}Z",
+        seconds / 3600,
+        seconds / 60 % 60,
+        seconds % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rfc3339_utc;
+
+    #[test]
+    fn rfc3339_in_utc_with_and_without_milliseconds() {
+        assert_eq!(rfc3339_utc(0, false), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            rfc3339_utc(951_782_400_123, true),
+            "2000-02-29T00:00:00.123Z"
+        );
+        assert_eq!(
+            rfc3339_utc(1_714_564_800_123, false),
+            "2024-05-01T12:00:00Z"
+        );
+        assert_eq!(
+            rfc3339_utc(1_796_619_600_999, true),
+            "2026-12-07T05:00:00.999Z"
+        );
+        assert_eq!(rfc3339_utc(-1, true), "1969-12-31T23:59:59.999Z");
+    }
+}
