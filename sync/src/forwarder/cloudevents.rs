@@ -39,14 +39,15 @@ pub mod header {
 /// The media type of a structured-mode record.
 pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json; charset=UTF-8";
 
-/// The record's Kafka headers and value in `mode`: the payload itself unless `structured`.
+/// The record's Kafka headers (Outpost's, [`super::headers`], then the mode's) and value in
+/// `mode`: the payload itself unless `structured`.
 pub fn encode<'a>(
     record: &'a StoredRecord,
-    mut headers: OwnedHeaders,
     gateway_id: &str,
     outbox_id: &str,
     mode: CloudEvents,
 ) -> (OwnedHeaders, Cow<'a, [u8]>) {
+    let mut headers = super::headers(record, gateway_id, outbox_id);
     match mode {
         CloudEvents::Off => (headers, Cow::Borrowed(&record.payload)),
         CloudEvents::Binary => {

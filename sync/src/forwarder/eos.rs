@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use super::probe::IdleProbe;
 use super::{
     Forwarder, ForwarderError, ForwarderOptions, Producer_, State, client, cloudevents,
-    dead_letter_headers, headers, metrics, poison, rules,
+    dead_letter_headers, metrics, poison, rules,
 };
 use crate::outbox::{DeadLetterCause, ReadPosition, now_unix_ms};
 
@@ -584,13 +584,7 @@ async fn transaction(
             } => (topic, key, cloudevents),
         };
         let (gateway_id, outbox_id) = (&fw.options.gateway_id, fw.outbox.id());
-        let (headers, payload) = cloudevents::encode(
-            record,
-            headers(record, gateway_id, outbox_id),
-            gateway_id,
-            outbox_id,
-            cloudevents,
-        );
+        let (headers, payload) = cloudevents::encode(record, gateway_id, outbox_id, cloudevents);
         let mut r = FutureRecord::<str, [u8]>::to(topic)
             .payload(&payload)
             .headers(headers)

@@ -81,8 +81,8 @@ use super::probe::IdleProbe;
 use super::sink::{Outgoing, Refused, Report, Reports, Sink};
 use super::window::{TopicId, TopicWindow};
 use super::{
-    Forwarder, ForwarderError, State, cloudevents, dead_letter_headers, headers, metrics, poison,
-    rules, with_reader,
+    Forwarder, ForwarderError, State, cloudevents, dead_letter_headers, metrics, poison, rules,
+    with_reader,
 };
 use crate::envelope::StoredRecord;
 use crate::outbox::{AckError, DeadLetterCause, Outbox, OutboxReader, ReadPosition, now_unix_ms};
@@ -730,13 +730,7 @@ impl Pump {
             RuleKey::None => None,
         };
         let (gateway_id, outbox_id) = (&self.fw.options.gateway_id, self.fw.outbox.id());
-        let (headers, payload) = cloudevents::encode(
-            &record,
-            headers(&record, gateway_id, outbox_id),
-            gateway_id,
-            outbox_id,
-            cloudevents,
-        );
+        let (headers, payload) = cloudevents::encode(&record, gateway_id, outbox_id, cloudevents);
         if self
             .produce(&record, &payload, topic, key, headers, None)
             .is_err()
