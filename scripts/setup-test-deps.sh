@@ -36,6 +36,7 @@ PIP_PACKAGES=(
   "paho-mqtt>=2,<3:paho.mqtt"   # MQTT 5 client for the MQTT server tests (tests/tests/mqtt.rs)
   "openapi-spec-validator>=0.7,<0.8:openapi_spec_validator"  # validates the served OpenAPI document (tests/tests/api.rs)
   "cloudevents>=1.9,<2:cloudevents"  # the CloudEvents SDK for Python reads forwarded events (tests/peers/cloudevents_check.py)
+  "confluent-kafka>=2.6,<3:confluent_kafka"  # a backend's Kafka client: the commands tests and docs/examples/backend.py
 )
 
 # rustup components and targets.

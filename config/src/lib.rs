@@ -46,8 +46,8 @@ use std::path::Path;
 
 pub use error::{ConfigError, Problem};
 pub use model::{
-    AdminConfig, ApiConfig, ApiTokenConfig, AppConfig, AppsConfig, CoapConfig, Config,
-    DEFAULT_ROUTE, DataType, DeadLetterConfig, DevicesConfig, DriverConfig, FlowControl,
+    AdminConfig, ApiConfig, ApiTokenConfig, AppConfig, AppsConfig, CoapConfig, CommandsConfig,
+    Config, DEFAULT_ROUTE, DataType, DeadLetterConfig, DevicesConfig, DriverConfig, FlowControl,
     GatewayConfig, HttpIngestConfig, IntegrityCheck, KafkaConfig, KafkaRule, KafkaSecurity,
     LineFormat, LogConfig, LogFormat, ModbusConfig, ModbusPointConfig, ModbusSlaveConfig,
     ModbusTransport, Mount, MqttAclConfig, MqttConfig, MqttLimitsConfig, MqttSessionsConfig, Order,

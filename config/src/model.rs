@@ -75,8 +75,9 @@ pub(crate) mod kafka;
 mod mqtt;
 
 pub use kafka::{
-    BacklogOrder, CloudEvents, Compression, DeadLetterConfig, KafkaConfig, KafkaRule,
-    KafkaSecurity, RuleAction, RuleKey, SaslMechanism, SecurityProtocol, check_kafka_topic,
+    BacklogOrder, CloudEvents, CommandsConfig, Compression, DeadLetterConfig, KafkaConfig,
+    KafkaRule, KafkaSecurity, RuleAction, RuleKey, SaslMechanism, SecurityProtocol,
+    check_kafka_topic,
 };
 pub use mqtt::{ClientAuth as MqttClientAuth, MqttTlsConfig};
 pub use mqtt::{

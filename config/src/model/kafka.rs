@@ -83,6 +83,8 @@ pub struct KafkaConfig {
     pub checkpoint_topic: String,
     /// `[kafka.dead_letter]`: what happens to a record Kafka refuses for good.
     pub dead_letter: DeadLetterConfig,
+    /// `[kafka.commands]`: commands from the cloud to devices, read from Kafka.
+    pub commands: CommandsConfig,
     /// `[kafka.security]`: TLS and SASL.
     pub security: KafkaSecurity,
     /// `[kafka.properties]`: further librdkafka settings, passed through as strings. Settings
@@ -119,6 +121,7 @@ impl Default for KafkaConfig {
             inventory_topic: "outpost.inventory".to_owned(),
             checkpoint_topic: "outpost.checkpoints".to_owned(),
             dead_letter: DeadLetterConfig::default(),
+            commands: CommandsConfig::default(),
             security: KafkaSecurity::default(),
             properties: BTreeMap::new(),
             rules: Vec::new(),
@@ -166,6 +169,32 @@ impl Default for DeadLetterConfig {
             topic: None,
             max_attempts: 5,
             unknown_topic_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `[kafka.commands]`: commands from a cloud backend, read from a Kafka topic and queued for
+/// devices (docs/KAFKA.md, "Commands from the cloud"). Each gateway reads only the partition
+/// its id hashes to with Kafka's default partitioner (murmur2) and keeps the records keyed by
+/// its id; status events go back through the outbox to `status_topic`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a [kafka.commands] table")]
+pub struct CommandsConfig {
+    /// Read commands from `topic`. Default `false`. Needs `kafka.enabled`.
+    pub enabled: bool,
+    /// The commands topic, keyed by gateway id. Default `"outpost.commands"`.
+    pub topic: String,
+    /// Where status events of commands go (queued, delivered, acked, rejected, expired,
+    /// failed), keyed by device id. Default `"outpost.command-status"`.
+    pub status_topic: String,
+}
+
+impl Default for CommandsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            topic: "outpost.commands".to_owned(),
+            status_topic: "outpost.command-status".to_owned(),
         }
     }
 }
@@ -562,6 +591,41 @@ pub(crate) fn forwarder_property(key: &str) -> Option<&'static str> {
 /// Where a record entered the gateway, as a rule's `source` names it.
 pub(crate) const RULE_SOURCES: &[&str] = &["mqtt", "coap", "http", "driver"];
 
+impl Checker {
+    /// `[kafka.commands]`: its topics must be its own (a command read back as a reading, or a
+    /// status event mistaken for a command, would loop).
+    fn kafka_commands(&mut self, config: &Config) {
+        let k = &config.kafka;
+        let c = &k.commands;
+        let commands = root("kafka").key("commands");
+        self.kafka_topic(commands.key("topic"), &c.topic);
+        self.kafka_topic(commands.key("status_topic"), &c.status_topic);
+        if c.status_topic == c.topic {
+            self.problem(
+                commands.key("status_topic"),
+                format!("must differ from kafka.commands.topic (\"{}\")", c.topic),
+            );
+        }
+        let forwarded = std::iter::once(&k.default_topic)
+            .chain(k.rules.iter().filter_map(|r| r.kafka_topic.as_ref()))
+            .chain(k.dead_letter.topic.as_ref());
+        for topic in forwarded {
+            if topic == &c.topic {
+                self.problem(
+                    commands.key("topic"),
+                    format!("\"{topic}\" also receives forwarded records; use a topic of its own"),
+                );
+            }
+        }
+        if c.enabled && !k.enabled {
+            self.problem(
+                commands.key("enabled"),
+                "needs kafka.enabled = true (commands are read from the same cluster)",
+            );
+        }
+    }
+}
+
 // Validation of this section: called by `crate::validate::check`, which holds the shared
 // helpers (`problem`, `range`, `name`, ...).
 
@@ -590,6 +654,7 @@ impl Checker {
         ] {
             self.kafka_topic(kafka.key(key), topic);
         }
+        self.kafka_commands(config);
         if let Some(why) = exactly_once_identity_problem(config, machine_id().is_some()) {
             self.problem(root("gateway").key("id"), why);
         }

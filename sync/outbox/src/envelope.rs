@@ -16,6 +16,9 @@ pub enum Source {
     Coap,
     Http,
     Driver,
+    /// Records the gateway writes itself: status events of commands from the cloud. Rules do
+    /// not apply to them; they go to `kafka.commands.status_topic`.
+    Gateway,
 }
 
 impl Source {
@@ -25,6 +28,7 @@ impl Source {
             Source::Coap => "coap",
             Source::Http => "http",
             Source::Driver => "driver",
+            Source::Gateway => "gateway",
         }
     }
 }
@@ -43,6 +47,7 @@ impl FromStr for Source {
             "coap" => Ok(Source::Coap),
             "http" => Ok(Source::Http),
             "driver" => Ok(Source::Driver),
+            "gateway" => Ok(Source::Gateway),
             other => Err(format!("unknown source `{other}`")),
         }
     }

@@ -13,6 +13,7 @@
 
 pub mod client;
 pub mod cloudevents;
+pub mod commands;
 mod eos;
 pub mod fleet;
 pub mod metrics;

@@ -68,6 +68,10 @@ struct Rule {
 pub struct Rules {
     rules: Vec<Rule>,
     default_topic: String,
+    /// Where command status events go (created at start with the others).
+    status_topic: String,
+    /// Whether the gateway writes status events (`kafka.commands.enabled`).
+    commands: bool,
     cloudevents: CloudEvents,
     uses_tags: bool,
 }
@@ -85,6 +89,8 @@ impl Rules {
         Self {
             rules,
             default_topic: kafka.default_topic.clone(),
+            status_topic: kafka.commands.status_topic.clone(),
+            commands: kafka.commands.enabled,
             cloudevents: kafka.cloudevents,
             uses_tags,
         }
@@ -100,7 +106,18 @@ impl Rules {
     }
 
     /// Where `record` goes.
-    pub fn decide(&self, record: &RecordView<'_>, tags: &dyn DeviceTags) -> Decision<'_> {
+    pub fn decide<'a>(&'a self, record: &RecordView<'a>, tags: &dyn DeviceTags) -> Decision<'a> {
+        if record.source == Source::Gateway {
+            // The gateway's own records are never routed by rules: a rule written for readings
+            // must not drop or re-key command status events. Their topic is the Kafka topic
+            // (`kafka.commands.status_topic`, or a command's `reply_topic`); keyed by device, so
+            // one device's events keep their order.
+            return Decision::Forward {
+                topic: record.topic,
+                key: RuleKey::Device,
+                cloudevents: CloudEvents::Off,
+            };
+        }
         let Some(rule) = self.first_match(record, tags) else {
             return Decision::Forward {
                 topic: &self.default_topic,
@@ -137,6 +154,7 @@ impl Rules {
     pub fn topics(&self) -> Vec<String> {
         let mut topics: Vec<String> = std::iter::once(self.default_topic.clone())
             .chain(self.rules.iter().map(|r| r.kafka_topic.clone()))
+            .chain(self.commands.then(|| self.status_topic.clone()))
             .collect();
         topics.sort();
         topics.dedup();
@@ -304,6 +322,18 @@ mod tests {
         assert_eq!(
             rules.decide(&view("d1", Source::Mqtt, "devices/d1/debug/x", 1), &Tagged),
             Decision::Drop { rule: "noise" }
+        );
+        // The gateway's own records (command status events) are not the rules' to route.
+        assert_eq!(
+            rules.decide(
+                &view("d1", Source::Gateway, "devices/d1/debug/x", 1),
+                &Tagged
+            ),
+            Decision::Forward {
+                topic: "devices/d1/debug/x",
+                key: RuleKey::Device,
+                cloudevents: CloudEvents::Off,
+            }
         );
         assert_eq!(
             rules.decide(&view("d1", Source::Mqtt, "devices/d1/t", 1), &Tagged),

@@ -585,9 +585,126 @@ pub fn rfc3339_utc(unix_ms: i64, millis: bool) -> String {
     )
 }
 
+/// Unix milliseconds of an RFC 3339 date-time (`2024-05-01T12:00:00Z`,
+/// `2024-05-01T14:00:00.5+02:00`; `t`/`z` and a space for `T` accepted as RFC 3339 allows);
+/// `None` when `text` is not one. The inverse of [`rfc3339_utc`]; fractions beyond
+/// milliseconds are truncated.
+pub fn parse_rfc3339(text: &str) -> Option<i64> {
+    let b = text.as_bytes();
+    let digits = |range: std::ops::Range<usize>| -> Option<i64> {
+        let part = b.get(range)?;
+        part.iter()
+            .all(u8::is_ascii_digit)
+            .then(|| part.iter().fold(0_i64, |n, d| n * 10 + i64::from(d - b'0')))
+    };
+    let separators = [(4, b'-'), (7, b'-'), (13, b':'), (16, b':')];
+    if b.len() < 20
+        || separators.iter().any(|&(i, c)| b[i] != c)
+        || !matches!(b[10], b'T' | b't' | b' ')
+    {
+        return None;
+    }
+    let (year, month, day) = (digits(0..4)?, digits(5..7)?, digits(8..10)?);
+    let (hour, minute, second) = (digits(11..13)?, digits(14..16)?, digits(17..19)?);
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let month_days = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    let valid = (1..=12).contains(&month)
+        && day >= 1
+        && day <= month_days[(month - 1) as usize]
+        && hour < 24
+        && minute < 60
+        && second <= 60;
+    if !valid {
+        return None;
+    }
+    let mut rest = &b[19..];
+    let mut millis = 0;
+    if let Some(fraction) = rest.strip_prefix(b".") {
+        let n = fraction.iter().take_while(|c| c.is_ascii_digit()).count();
+        if n == 0 {
+            return None;
+        }
+        millis = fraction[..n.min(3)]
+            .iter()
+            .fold(0_i64, |m, d| m * 10 + i64::from(d - b'0'))
+            * 10_i64.pow(3 - n.min(3) as u32);
+        rest = &fraction[n..];
+    }
+    let offset_minutes = match rest {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
+            let number = |hi: u8, lo: u8| {
+                (hi.is_ascii_digit() && lo.is_ascii_digit())
+                    .then(|| i64::from(hi - b'0') * 10 + i64::from(lo - b'0'))
+            };
+            let (h, m) = (number(*h1, *h2)?, number(*m1, *m2)?);
+            if h > 23 || m > 59 {
+                return None;
+            }
+            if *sign == b'-' {
+                -(h * 60 + m)
+            } else {
+                h * 60 + m
+            }
+        }
+        _ => return None,
+    };
+    // Days from civil (Howard Hinnant's algorithm), the inverse of `rfc3339_utc`'s.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second - offset_minutes * 60;
+    Some(seconds * 1000 + millis)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::rfc3339_utc;
+    use super::{parse_rfc3339, rfc3339_utc};
+
+    #[test]
+    fn rfc3339_parses_back_what_it_formats_and_honours_offsets() {
+        for ms in [0, 951_782_400_123, 1_796_000_000_999, -86_400_000] {
+            assert_eq!(parse_rfc3339(&rfc3339_utc(ms, true)), Some(ms));
+            assert_eq!(
+                parse_rfc3339(&rfc3339_utc(ms, false)),
+                Some(ms - ms.rem_euclid(1000))
+            );
+        }
+        assert_eq!(parse_rfc3339("1970-01-01T02:00:00.5+02:00"), Some(500));
+        assert_eq!(parse_rfc3339("1970-01-01t00:00:00.123456z"), Some(123));
+        assert_eq!(parse_rfc3339("1969-12-31 23:30:00-00:30"), Some(0));
+        for bad in [
+            "",
+            "1970-01-01",
+            "1970-01-01T00:00:00",
+            "1970-13-01T00:00:00Z",
+            "2023-02-29T00:00:00Z",
+            "1970-01-01T24:00:00Z",
+            "1970-01-01T00:00:00.Z",
+            "1970-01-01T00:00:00+2:00",
+            "1970-01-01T00:00:00Z ",
+            "１970-01-01T00:00:00Z",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn rfc3339_in_utc_with_and_without_milliseconds() {
