@@ -9,6 +9,7 @@ mod api;
 mod app;
 mod apps;
 mod cli;
+mod cloud_commands;
 mod fleet;
 mod ingress;
 mod registry;

@@ -23,6 +23,7 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(reset.header.get_type(), MessageType::Reset);
             return;
         }
+        Inbound::Answer { .. } => return,
         Inbound::Request(packet) => packet,
     };
     let _ = message::unrecognized_critical(&packet);

@@ -10,14 +10,16 @@
 //!   message gets a Reset, anything else is ignored;
 //! * a Confirmable Empty message (a "CoAP ping") or a Confirmable response (we never asked
 //!   anything): Reset;
-//! * Acknowledgement and Reset messages: ignored — the endpoint never sends Confirmable messages,
-//!   so there is nothing they could match.
+//! * Acknowledgement and Reset messages: [`Inbound::Answer`], for the endpoint to match against
+//!   the Confirmable notifications it sent (RFC 7641); an answer that matches nothing is dropped
+//!   there.
 
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, ResponseType};
 
 /// Option numbers the endpoint understands (RFC 7252 §5.10, RFC 7959 §2.1, RFC 9175 §3.2).
 /// An unrecognized *critical* option (odd number) makes a request fail with 4.02.
 pub const URI_HOST: u16 = 3;
+pub const OBSERVE: u16 = 6;
 pub const URI_PORT: u16 = 7;
 pub const URI_PATH: u16 = 11;
 pub const CONTENT_FORMAT: u16 = 12;
@@ -50,6 +52,8 @@ pub enum Inbound {
     },
     /// A request (Confirmable or Non-confirmable) to process.
     Request(Packet),
+    /// An Acknowledgement (`reset` false) or Reset of a message the endpoint sent.
+    Answer { message_id: u16, reset: bool },
 }
 
 /// Classifies a received datagram.
@@ -90,10 +94,10 @@ pub fn classify(datagram: &[u8]) -> Inbound {
         return reject(true, "payload marker without a payload");
     }
     match packet.header.get_type() {
-        MessageType::Acknowledgement | MessageType::Reset => {
-            return Inbound::Ignore {
-                malformed: false,
-                why: "acknowledgement or reset for nothing we sent",
+        kind @ (MessageType::Acknowledgement | MessageType::Reset) => {
+            return Inbound::Answer {
+                message_id,
+                reset: kind == MessageType::Reset,
             };
         }
         MessageType::Confirmable | MessageType::NonConfirmable => {}
@@ -281,6 +285,8 @@ pub struct Response {
     pub max_age: Option<u32>,
     pub size1: Option<u32>,
     pub block1: Option<Block>,
+    /// RFC 7641: the sequence number of a notification (or of the response that registered).
+    pub observe: Option<u32>,
     /// For errors: a diagnostic message in UTF-8, no Content-Format (RFC 7252 §5.5.2).
     pub payload: Vec<u8>,
 }
@@ -293,6 +299,7 @@ impl Response {
             max_age: None,
             size1: None,
             block1: None,
+            observe: None,
             payload: Vec::new(),
         }
     }
@@ -319,6 +326,12 @@ impl Response {
         self
     }
 
+    /// An Observe option (RFC 7641 §3.2: 24 bits of sequence number).
+    pub fn with_observe(mut self, sequence: u32) -> Self {
+        self.observe = Some(sequence & 0x00FF_FFFF);
+        self
+    }
+
     pub fn with_content(mut self, content_format: u16, payload: Vec<u8>) -> Self {
         self.content_format = Some(content_format);
         self.payload = payload;
@@ -336,13 +349,16 @@ impl Response {
     }
 
     /// Encodes the response. `kind` is Acknowledgement (piggy-backed, `message_id` of the
-    /// request) or Non-confirmable (a fresh message id).
+    /// request), or Non-confirmable or Confirmable (a notification; a fresh message id).
     pub fn encode(&self, kind: MessageType, message_id: u16, token: &[u8]) -> Vec<u8> {
         let mut packet = Packet::new();
         packet.header.set_type(kind);
         packet.header.code = MessageClass::Response(self.code);
         packet.header.message_id = message_id;
         packet.set_token(token.to_vec());
+        if let Some(sequence) = self.observe {
+            packet.add_option(CoapOption::from(OBSERVE), uint_bytes(sequence));
+        }
         if let Some(cf) = self.content_format {
             packet.add_option(CoapOption::from(CONTENT_FORMAT), uint_bytes(u32::from(cf)));
         }
@@ -501,16 +517,16 @@ mod tests {
         ));
         assert!(matches!(
             classify(&[0x60, 0x00, 0, 9]),
-            Inbound::Ignore {
-                malformed: false,
-                ..
+            Inbound::Answer {
+                message_id: 9,
+                reset: false
             }
         ));
         assert!(matches!(
             classify(&[0x70, 0x00, 0, 9]),
-            Inbound::Ignore {
-                malformed: false,
-                ..
+            Inbound::Answer {
+                message_id: 9,
+                reset: true
             }
         ));
         // A CON 2.05 response sent to us: rejected.

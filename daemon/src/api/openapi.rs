@@ -431,6 +431,26 @@ fn other_operations() -> Vec<(&'static str, &'static str, Value)> {
             }),
         ),
         (
+            "POST",
+            "/api/v1/device/commands/{id}/ack",
+            json!({
+                "operationId": "ackCommand",
+                "summary": "A device acknowledges one of its commands with a result (any JSON body)",
+                "security": device_security,
+                "parameters": [path_param("id", "Command id (`id` of the polled command)", json!({ "type": "integer", "format": "int64" }))],
+                "requestBody": { "required": true, "content": { "application/json": { "schema": {} } } },
+                "responses": {
+                    "200": { "description": "Acknowledged (or already)", "content": { "application/json": { "schema": { "type": "object", "properties": { "command": { "$ref": "#/components/schemas/Command" } } } } } },
+                    "400": error_response("Bad id or body (`field` names it)"),
+                    "401": error_response("Missing or wrong device credentials"),
+                    "403": error_response("Device disabled or not allowed to use HTTP"),
+                    "404": error_response("The device has no such command"),
+                    "409": error_response("The command expired before it was delivered"),
+                    "413": error_response("Result larger than 64 KiB")
+                }
+            }),
+        ),
+        (
             "GET",
             "/api/v1/status",
             json!({
@@ -618,11 +638,16 @@ fn schemas() -> Value {
             "properties": {
                 "id": { "type": "integer", "format": "int64" },
                 "device_id": { "type": "string" },
-                "payload": {},
-                "state": { "type": "string", "enum": ["queued", "delivered", "expired"] },
+                "command_id": { "type": "string", "description": "The backend's id (commands from Kafka only)" },
+                "name": { "type": "string", "description": "The command's name (commands from Kafka only)" },
+                "payload": { "description": "JSON arguments; null when `payload_base64` is set" },
+                "payload_base64": { "type": "string", "description": "Bytes arguments, base64 (commands from Kafka only)" },
+                "state": { "type": "string", "enum": ["queued", "delivered", "acked", "expired"] },
                 "created_at_ms": { "type": "integer", "format": "int64" },
                 "expires_at_ms": { "type": "integer", "format": "int64" },
-                "delivered_at_ms": nullable_int
+                "delivered_at_ms": nullable_int,
+                "acked_at_ms": { "type": "integer", "format": "int64" },
+                "result": { "description": "What the device acknowledged with" }
             }
         },
         "CommandList": {

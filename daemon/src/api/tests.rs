@@ -144,6 +144,7 @@ fn document_and_routes_agree() {
     let others = [
         "/api/v1/ingest/{topic}",
         "/api/v1/device/commands",
+        "/api/v1/device/commands/{id}/ack",
         "/api/v1/status",
         "/healthz",
         "/readyz",

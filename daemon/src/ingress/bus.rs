@@ -18,7 +18,12 @@
 //!
 //! **Commands.** A command queued through the API (`POST /api/v1/devices/{id}/commands`) for a
 //! device that may use MQTT is published on `devices/<id>/commands/<command id>` with the
-//! command's JSON `payload` as the message. The command stays `queued` (devices may still poll
+//! command's JSON `payload` as the message. A command from the cloud (Kafka) is published on
+//! `devices/<id>/commands/<command id>/<name>`, its payload as JSON text or as its bytes, with
+//! MQTT 5 properties: response topic `devices/<id>/acks/<command id>` (where the device
+//! acknowledges, [`ack_topic`]), correlation data the backend's command id, user properties
+//! `command-id` and `command-name`, and a message expiry interval of what is left of its
+//! expiry. The command stays `queued` (devices may still poll
 //! it) until the server writes it to one of the device's connections ([`BusHandle::relayed`]:
 //! `delivered`); when a device's SUBSCRIBE is granted ([`BusHandle::subscribed`]) its
 //! still-queued commands are published again, so a device that was away gets what was queued
@@ -106,16 +111,33 @@ pub fn reading_topic(reading: &LocalReading) -> Option<String> {
     })
 }
 
-/// The topic a command is published on.
+/// The topic a command is published on: `devices/<id>/commands/<command id>`, and its name as a
+/// last level for a command from the cloud.
 pub fn command_topic(command: &Command) -> String {
-    format!("devices/{}/commands/{}", command.device_id, command.id)
+    let (device, id) = (&command.device_id, command.id);
+    match &command.name {
+        Some(name) => format!("devices/{device}/commands/{id}/{name}"),
+        None => format!("devices/{device}/commands/{id}"),
+    }
+}
+
+/// The topic a device acknowledges command `id` on (and the MQTT 5 response topic).
+pub fn ack_topic(device_id: &str, id: i64) -> String {
+    format!("devices/{device_id}/acks/{id}")
 }
 
 /// The command a PUBLISH on `topic` carries to `device_id`, if it is one of the bus's command
-/// messages for that device: `devices/<device_id>/commands/<command id>`.
+/// messages for that device: `devices/<device_id>/commands/<command id>[/<name>]`.
 pub fn command_id(device_id: &str, topic: &str) -> Option<i64> {
     let rest = topic.strip_prefix("devices/")?.strip_prefix(device_id)?;
-    rest.strip_prefix("/commands/")?.parse().ok()
+    let rest = rest.strip_prefix("/commands/")?;
+    rest.split_once('/').map_or(rest, |(id, _)| id).parse().ok()
+}
+
+/// The command a device acknowledges with a PUBLISH on `topic`: `devices/<device_id>/acks/<id>`.
+pub fn acked_command_id(device_id: &str, topic: &str) -> Option<i64> {
+    let rest = topic.strip_prefix("devices/")?.strip_prefix(device_id)?;
+    rest.strip_prefix("/acks/")?.parse().ok()
 }
 
 /// What the MQTT server tells the bus about its connections.
@@ -224,7 +246,7 @@ pub async fn run(
             r = readings.recv() => match r {
                 Ok(reading) => {
                     if let Some(topic) = reading_topic(&reading)
-                        && publish(broker, topic, reading.payload.clone(), reading.content_type, &metrics).await
+                        && publish(broker, gateway_message(topic, reading.payload.clone(), reading.content_type), &metrics).await
                     {
                         metrics.published.inc();
                     }
@@ -278,23 +300,51 @@ async fn send_command(
     if !may_mqtt {
         return;
     }
-    let payload = bytes::Bytes::from(command.payload.to_string().into_bytes());
-    let json = Some("application/json".to_owned());
-    if publish(broker, command_topic(command), payload, json, metrics).await {
+    let payload = bytes::Bytes::from(command.payload_bytes());
+    let content_type = if command.payload_base64.is_some() {
+        "application/octet-stream"
+    } else {
+        "application/json"
+    };
+    let mut props = PublishProps {
+        content_type: Some(content_type.into()),
+        ..PublishProps::default()
+    };
+    let mut expires_at = None;
+    if let Some(backend_id) = &command.command_id {
+        props.response_topic = Some(ack_topic(&command.device_id, command.id).into());
+        props.correlation_data = Some(bytes::Bytes::from(backend_id.clone().into_bytes()));
+        props
+            .user
+            .push(("command-id".into(), backend_id.as_str().into()));
+        if let Some(name) = &command.name {
+            props
+                .user
+                .push(("command-name".into(), name.as_str().into()));
+        }
+        let left_ms = command.expires_at_ms - outpost_sync::outbox::now_unix_ms();
+        let left_s = u32::try_from(left_ms.max(1000) / 1000).unwrap_or(u32::MAX);
+        props.message_expiry = Some(left_s);
+        expires_at = Some(broker.now() + u64::from(left_s));
+    }
+    let message = Message {
+        topic: Arc::from(command_topic(command)),
+        payload,
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        props,
+        expires_at,
+        origin: None,
+    };
+    if publish(broker, message, metrics).await {
         metrics.commands_published.inc();
         tracing::debug!(device = %command.device_id, command = command.id, "Command published on MQTT");
     }
 }
 
-/// Publishes one message at QoS 1; false (and counted) if it could not be.
-async fn publish(
-    broker: &Broker,
-    topic: String,
-    payload: bytes::Bytes,
-    content_type: Option<String>,
-    metrics: &BusMetrics,
-) -> bool {
-    let message = Message {
+/// A message the gateway publishes itself at QoS 1, with an optional content type.
+fn gateway_message(topic: String, payload: bytes::Bytes, content_type: Option<String>) -> Message {
+    Message {
         topic: Arc::from(topic),
         payload,
         qos: QoS::AtLeastOnce,
@@ -305,7 +355,11 @@ async fn publish(
         },
         expires_at: None,
         origin: None,
-    };
+    }
+}
+
+/// Publishes one message; false (and counted) if it could not be.
+async fn publish(broker: &Broker, message: Message, metrics: &BusMetrics) -> bool {
     match broker.publish_local(message).await {
         Ok(_) => true,
         Err(e) => {
@@ -399,6 +453,10 @@ mod tests {
         assert_eq!(command_id("d1", "devices/d11/commands/42"), None);
         assert_eq!(command_id("d1", "devices/d2/commands/42"), None);
         assert_eq!(command_id("d1", "devices/d1/commands/reboot"), None);
+        assert_eq!(command_id("d1", "devices/d1/commands/42/open"), Some(42));
+        assert_eq!(acked_command_id("d1", "devices/d1/acks/42"), Some(42));
+        assert_eq!(acked_command_id("d1", "devices/d2/acks/42"), None);
+        assert_eq!(acked_command_id("d1", "devices/d1/acks/42/x"), None);
         assert_eq!(command_id("d1", "devices/d1/temp"), None);
     }
 }

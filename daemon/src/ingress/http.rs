@@ -19,7 +19,7 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -35,6 +35,7 @@ use serde_json::json;
 use super::body::{self, BodyError, Format};
 use super::{Ingest, IngestRecord};
 use crate::api::error::ApiError;
+use crate::registry::commands::Acked;
 use crate::registry::{Protocol, Refusal, Traffic};
 
 /// Seconds a device is told to wait before retrying when the outbox refuses.
@@ -81,13 +82,78 @@ pub struct HttpIngestState {
 pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/api/v1/ingest/{*topic}"),
     ("GET", "/api/v1/device/commands"),
+    ("POST", "/api/v1/device/commands/{id}/ack"),
 ];
 
 pub fn router(state: HttpIngestState) -> Router {
     Router::new()
         .route(ROUTES[0].1, post(ingest))
         .route(ROUTES[1].1, get(poll_commands))
+        .route(ROUTES[2].1, post(ack_command))
         .with_state(state)
+}
+
+/// `POST /api/v1/device/commands/{id}/ack`: the calling device acknowledges its command `id`
+/// with a result, the JSON body. 200 with the command (also when it was acknowledged before),
+/// 404 when the device has no such command, 409 when it expired undelivered.
+async fn ack_command(
+    State(s): State<HttpIngestState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let device = match authenticate(&s, &headers).await {
+        Ok(device) => device,
+        Err(response) => return response,
+    };
+    let Ok(id) = id.parse::<i64>() else {
+        let message = format!("not a command id: \"{}\"", id.escape_debug());
+        return error(StatusCode::BAD_REQUEST, "invalid_id", Some("id"), message);
+    };
+    if body.len() > crate::registry::commands::MAX_PAYLOAD {
+        let message = format!(
+            "a result is at most {} bytes",
+            crate::registry::commands::MAX_PAYLOAD
+        );
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            Some("body"),
+            message,
+        );
+    }
+    let result: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            let message = format!("the result must be JSON: {e}");
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                Some("body"),
+                message,
+            );
+        }
+    };
+    match s.ingest.registry().ack_command(&device, id, result).await {
+        Ok(Acked::Ok(command)) => axum::Json(json!({ "command": command })).into_response(),
+        Ok(Acked::NotFound) => {
+            let message = format!("device \"{device}\" has no command {id}");
+            error(
+                StatusCode::NOT_FOUND,
+                "command_not_found",
+                Some("id"),
+                message,
+            )
+        }
+        Ok(Acked::Expired) => {
+            let message = format!("command {id} expired before it was delivered");
+            error(StatusCode::CONFLICT, "command_expired", Some("id"), message)
+        }
+        Err(e) => {
+            tracing::error!(device = %device, error = %e, "Recording an acknowledgement failed");
+            unavailable("unavailable", "commands are unavailable right now".into())
+        }
+    }
 }
 
 /// Commands a device takes at most at once when polling.

@@ -17,6 +17,9 @@
 //! disabled, deleted or rotated through the API is refused from its next packet on, and its
 //! connection closed; idle connections are checked every half second.
 //!
+//! Acknowledgements of commands (`devices/<id>/acks/<command id>`, see `ingress::bus`) go to the
+//! registry, not the outbox.
+//!
 //! Records: route `mqtt.route`, headers `mqtt_qos`, `mqtt_retain` (when set), `mqtt_will`
 //! (`true` for a will the server published), then an MQTT 5 publish's user properties in
 //! order; its content type as the record's content type.
@@ -31,6 +34,7 @@ use outpost_mqtt::backend::{
 use outpost_sync::{AppendError, Source};
 
 use super::{Ingest, IngestRecord};
+use crate::registry::commands::Acked;
 use crate::registry::{Protocol, Refusal, Registry, Traffic};
 
 /// The gateway's side of the MQTT server.
@@ -78,6 +82,34 @@ impl GatewayBackend {
             registered,
             grant,
         }
+    }
+}
+
+impl GatewayBackend {
+    /// A device's acknowledgement of command `command` (a PUBLISH on its ack topic): recorded
+    /// in the registry instead of stored as a reading. The payload is the result: JSON when it
+    /// parses as JSON, else its text. An unknown or expired command is acknowledged to the
+    /// device all the same (there is nothing it could do) and logged.
+    fn ack(
+        &self,
+        device_id: &str,
+        command: i64,
+        payload: &[u8],
+    ) -> BoxFuture<'static, Result<u64, StoreRefusal>> {
+        let result = serde_json::from_slice(payload).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(payload).into_owned())
+        });
+        let (registry, device) = (self.registry().clone(), device_id.to_owned());
+        Box::pin(async move {
+            match registry.ack_command(&device, command, result).await {
+                Ok(Acked::Ok(_)) => Ok(0),
+                Ok(other) => {
+                    tracing::info!(device = %device, command, outcome = ?other, "Acknowledgement of no deliverable command");
+                    Ok(0)
+                }
+                Err(e) => Err(StoreRefusal::Unavailable(e.to_string())),
+            }
+        })
     }
 }
 
@@ -198,6 +230,11 @@ impl Backend for GatewayBackend {
         record: Record,
         key: Option<String>,
     ) -> BoxFuture<'static, Result<u64, StoreRefusal>> {
+        if identity.registered
+            && let Some(command) = super::bus::acked_command_id(&identity.device_id, &record.topic)
+        {
+            return self.ack(&identity.device_id, command, &record.payload);
+        }
         let mut headers = Vec::with_capacity(3 + record.user.len());
         headers.push(("mqtt_qos".to_owned(), (record.qos as u8).to_string()));
         if record.retain {

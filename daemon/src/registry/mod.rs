@@ -1164,8 +1164,8 @@ impl Registry {
                 commands::Queued::Ok(c) => {
                     tracing::info!(device = %id, command = c.id, "Command queued");
                     // No listener (MQTT off) is fine: the command waits for a poll.
-                    let _ = inner.command_events.send(c.clone());
-                    Ok(c)
+                    let _ = inner.command_events.send((*c).clone());
+                    Ok(*c)
                 }
                 commands::Queued::Full => Err(RegistryError::CommandQueueFull {
                     id,
@@ -1235,7 +1235,6 @@ impl Registry {
 
     /// For polling devices: up to `max` queued commands, oldest first, marked delivered in the
     /// same transaction (at-most-once delivery).
-    #[allow(dead_code)] // for the device-facing delivery paths (HTTP polling, MQTT)
     pub async fn take_pending_commands(
         &self,
         device_id: &str,
@@ -1253,6 +1252,80 @@ impl Registry {
             );
         }
         Ok(taken)
+    }
+
+    /// A device's acknowledgement of its command `command_id` with `result`.
+    pub async fn ack_command(
+        &self,
+        device_id: &str,
+        command_id: i64,
+        result: serde_json::Value,
+    ) -> Result<commands::Acked, RegistryError> {
+        let id = device_id.to_owned();
+        self.blocking(move |_, conn| {
+            Ok(commands::ack(
+                conn,
+                &id,
+                command_id,
+                &result,
+                now_unix_ms(),
+            )?)
+        })
+        .await
+    }
+
+    // ---- commands from the cloud ---------------------------------------------------------------
+
+    /// Reports cloud commands that expired undelivered; forgets old command ids when `prune`.
+    pub async fn report_expired_commands(&self, prune: bool) -> Result<usize, RegistryError> {
+        self.blocking(move |_, conn| {
+            if prune {
+                commands::forget_old_refs(conn)?;
+            }
+            Ok(commands::report_expired(conn, now_unix_ms())?)
+        })
+        .await
+    }
+
+    /// The oldest status events waiting for the outbox.
+    pub async fn status_events(
+        &self,
+        max: usize,
+    ) -> Result<Vec<commands::StatusEvent>, RegistryError> {
+        self.blocking(move |_, conn| Ok(commands::status_events(conn, max)?))
+            .await
+    }
+
+    /// Deletes status events up to `last_id`, which the outbox has.
+    pub async fn delete_status_events(&self, last_id: i64) -> Result<usize, RegistryError> {
+        self.blocking(move |_, conn| Ok(commands::delete_status_events(conn, last_id)?))
+            .await
+    }
+}
+
+/// The commands consumer stores into the registry (blocking: it runs on its own thread).
+impl outpost_sync::forwarder::commands::CommandStore for Registry {
+    fn next_offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, String> {
+        let conn = lock(&self.inner.conn);
+        commands::next_offset(&conn, topic, partition).map_err(|e| e.to_string())
+    }
+
+    fn store(&self, batch: outpost_sync::forwarder::commands::Batch) -> Result<(), String> {
+        let queued = {
+            let mut conn = lock(&self.inner.conn);
+            commands::store_cloud(&mut conn, &batch, now_unix_ms()).map_err(|e| e.to_string())?
+        };
+        for command in queued {
+            tracing::info!(
+                device = %command.device_id,
+                command = command.id,
+                command_id = command.command_id.as_deref().unwrap_or(""),
+                "Command from the cloud queued"
+            );
+            // No listener (MQTT off) is fine: the command waits for a poll.
+            let _ = self.inner.command_events.send(command);
+        }
+        Ok(())
     }
 }
 

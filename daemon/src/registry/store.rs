@@ -82,6 +82,36 @@ pub(super) const MIGRATIONS: &[&str] = &[
     // v3: the SHA-256 (hex) of a device's secret once known to be right; NULL: not yet (a
     // secret from before v3 is verified with argon2 once, then its digest is filled in).
     "ALTER TABLE devices ADD COLUMN secret_digest TEXT;",
+    // v4: commands from the cloud (Kafka): the backend's id and command name, bytes payloads,
+    // acknowledgements, status events waiting for the outbox, the offset read up to, and the
+    // ids already seen (a command sent twice is queued once).
+    "ALTER TABLE commands ADD COLUMN ref TEXT;           -- the backend's command id; NULL: API
+     ALTER TABLE commands ADD COLUMN name TEXT;
+     ALTER TABLE commands ADD COLUMN binary INTEGER NOT NULL DEFAULT 0;  -- payload: base64 text
+     ALTER TABLE commands ADD COLUMN acked_at_ms INTEGER;
+     ALTER TABLE commands ADD COLUMN result TEXT;        -- JSON the device acknowledged with
+     ALTER TABLE commands ADD COLUMN reply_topic TEXT;
+     ALTER TABLE commands ADD COLUMN correlation TEXT;
+     ALTER TABLE commands ADD COLUMN expiry_reported INTEGER NOT NULL DEFAULT 0;
+     CREATE INDEX commands_expiring ON commands(expires_at_ms)
+         WHERE ref IS NOT NULL AND delivered_at_ms IS NULL AND expiry_reported = 0;
+     CREATE TABLE command_refs (
+         ref         TEXT    PRIMARY KEY,
+         seen_at_ms  INTEGER NOT NULL
+     ) WITHOUT ROWID;
+     CREATE INDEX command_refs_by_age ON command_refs(seen_at_ms);
+     CREATE TABLE command_events (
+         id          INTEGER PRIMARY KEY AUTOINCREMENT,
+         device_id   TEXT    NOT NULL,             -- the record's key ('' for none)
+         reply_topic TEXT,                         -- NULL: kafka.commands.status_topic
+         event       TEXT    NOT NULL              -- the status event, JSON
+     );
+     CREATE TABLE kafka_offsets (
+         topic       TEXT    NOT NULL,
+         partition   INTEGER NOT NULL,
+         next_offset INTEGER NOT NULL,
+         PRIMARY KEY (topic, partition)
+     ) WITHOUT ROWID;",
 ];
 
 /// A device's stored secret: the argon2id PHC string and, once known, the SHA-256 (hex).

@@ -636,3 +636,134 @@ fn a_version_1_registry_is_migrated_and_keeps_its_devices() {
     let d = reg.get("old").unwrap();
     assert_eq!((d.mqtt_publish, d.mqtt_subscribe), (None, None));
 }
+
+/// Commands from the cloud: queued once per backend id, rejected with a reason, the offset
+/// stored with them, every change a status event (none for API commands), an expiry reported
+/// once, an acknowledgement recorded once.
+#[tokio::test]
+async fn cloud_commands_are_queued_once_and_every_change_is_a_status_event() {
+    use outpost_sync::forwarder::commands::{
+        Batch, CloudCommand, CommandStore, Payload, Read, Target,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let reg = open(dir.path());
+    reg.create(new_device("d")).await.unwrap();
+    let mut off = new_device("off");
+    off.enabled = false;
+    reg.create(off).await.unwrap();
+    let mut silent = new_device("silent");
+    silent.protocols = Vec::new();
+    reg.create(silent).await.unwrap();
+    let far = outpost_sync::outbox::now_unix_ms() + 60_000;
+    let command = |id: &str, device: &str, expires_at_ms| {
+        Read::Command(CloudCommand {
+            id: id.into(),
+            target: Target::Device(device.into()),
+            name: "open".into(),
+            payload: Payload::Bytes(vec![1, 2]),
+            expires_at_ms,
+            reply_topic: (id == "c-2").then(|| "replies".to_owned()),
+            correlation: None,
+        })
+    };
+    assert_eq!(CommandStore::next_offset(&reg, "cmds", 3).unwrap(), None);
+    let batch = Batch {
+        topic: "cmds".into(),
+        partition: 3,
+        next_offset: 42,
+        reads: vec![
+            command("c-1", "d", far),
+            command("c-1", "d", far),
+            command("c-2", "d", 1),
+            command("c-3", "nobody", far),
+            command("c-4", "off", far),
+            command("c-5", "silent", far),
+            Read::Command(CloudCommand {
+                target: Target::Gateway,
+                ..match command("c-6", "d", far) {
+                    Read::Command(c) => c,
+                    Read::Invalid { .. } => unreachable!(),
+                }
+            }),
+        ],
+    };
+    CommandStore::store(&reg, batch.clone()).unwrap();
+    // Read again (a crash before the consumer moved on): nothing new.
+    CommandStore::store(&reg, batch).unwrap();
+    assert_eq!(
+        CommandStore::next_offset(&reg, "cmds", 3).unwrap(),
+        Some(42)
+    );
+    reg.queue_command("d", &serde_json::json!("from the API"), None)
+        .await
+        .unwrap();
+    let queued = reg.commands("d").await.unwrap();
+    assert_eq!(queued.len(), 2, "{queued:?}");
+    assert_eq!(queued[0].command_id.as_deref(), Some("c-1"));
+    assert_eq!(queued[0].payload_base64.as_deref(), Some("AQI="));
+    assert_eq!(queued[0].payload_bytes(), vec![1, 2]);
+
+    let taken = reg.take_pending_commands("d", 10).await.unwrap();
+    assert_eq!(taken.len(), 2);
+    let result = serde_json::json!({"ok": true});
+    for _ in 0..2 {
+        let acked = reg
+            .ack_command("d", taken[0].id, result.clone())
+            .await
+            .unwrap();
+        let commands::Acked::Ok(c) = acked else {
+            panic!("{acked:?}");
+        };
+        assert_eq!(
+            (c.state, c.result.as_ref()),
+            (CommandState::Acked, Some(&result))
+        );
+    }
+    assert_eq!(
+        reg.ack_command("d", 9999, result.clone()).await.unwrap(),
+        commands::Acked::NotFound
+    );
+    assert_eq!(reg.report_expired_commands(true).await.unwrap(), 0);
+
+    let events = reg.status_events(100).await.unwrap();
+    let summary: Vec<(String, String, Option<String>)> = events
+        .iter()
+        .map(|e| {
+            let v: serde_json::Value = serde_json::from_str(&e.event).unwrap();
+            let reason = v["reason"].as_str().map(str::to_owned);
+            (
+                v["command_id"].as_str().unwrap().to_owned(),
+                v["status"].as_str().unwrap().to_owned(),
+                reason,
+            )
+        })
+        .collect();
+    let s = |id: &str, status: &str, reason: Option<&str>| {
+        (id.to_owned(), status.to_owned(), reason.map(str::to_owned))
+    };
+    assert_eq!(
+        summary,
+        vec![
+            s("c-1", "queued", None),
+            s("c-2", "expired", None),
+            s("c-3", "rejected", Some("unknown device \"nobody\"")),
+            s("c-4", "rejected", Some("device \"off\" is disabled")),
+            s(
+                "c-5",
+                "rejected",
+                Some("protocol not allowed: device \"silent\" may use none of mqtt, coap, http")
+            ),
+            s(
+                "c-6",
+                "rejected",
+                Some("commands to the gateway itself are not supported")
+            ),
+            s("c-1", "delivered", None),
+            s("c-1", "acked", None),
+        ]
+    );
+    assert_eq!(events[1].reply_topic.as_deref(), Some("replies"));
+    assert_eq!(events[6].device_id, "d");
+    assert_eq!(reg.delete_status_events(events[3].id).await.unwrap(), 4);
+    assert_eq!(reg.status_events(100).await.unwrap().len(), 4);
+}

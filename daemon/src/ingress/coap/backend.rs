@@ -9,7 +9,7 @@ use std::future::Future;
 use outpost_sync::{AppendError, Source};
 
 use crate::ingress::{Ingest, IngestRecord};
-use crate::registry::{Protocol, Refusal, Traffic};
+use crate::registry::{Protocol, Refusal, Registry, Traffic};
 
 /// Why a device may not use plain CoAP.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +44,9 @@ pub trait Backend: Send + Sync + 'static {
         route: &str,
         records: Vec<IngestRecord>,
     ) -> impl Future<Output = Result<Vec<u64>, AppendError>> + Send;
+
+    /// The registry behind the command resources (`/c`); `None`: they answer 5.01.
+    fn registry(&self) -> Option<&Registry>;
 }
 
 impl Backend for Ingest {
@@ -70,5 +73,9 @@ impl Backend for Ingest {
         records: Vec<IngestRecord>,
     ) -> Result<Vec<u64>, AppendError> {
         Ingest::submit(self, device, Source::Coap, route, records).await
+    }
+
+    fn registry(&self) -> Option<&Registry> {
+        Some(Ingest::registry(self))
     }
 }

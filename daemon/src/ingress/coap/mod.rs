@@ -28,9 +28,11 @@
 
 pub mod backend;
 pub mod block1;
+pub mod commands;
 pub mod exchange;
 pub use outpost_codec::coap as message;
 pub mod network;
+pub mod observe;
 pub mod resource;
 pub mod server;
 #[cfg(test)]
@@ -123,6 +125,11 @@ pub struct CoapMetrics {
     pub block1_transfers: Family<OutcomeLabel, Counter>,
     pub block1_in_progress: Gauge,
     pub response_latency: Histogram,
+    /// Devices observing `/c` (waiting for commands).
+    pub observers: Gauge,
+    /// Command notifications sent (first transmissions) and retransmitted.
+    pub notifications: Counter,
+    pub notification_retransmits: Counter,
 }
 
 impl Default for CoapMetrics {
@@ -138,6 +145,9 @@ impl Default for CoapMetrics {
             exchanges_evicted: Counter::default(),
             block1_transfers: Family::default(),
             block1_in_progress: Gauge::default(),
+            observers: Gauge::default(),
+            notifications: Counter::default(),
+            notification_retransmits: Counter::default(),
             response_latency: Histogram::new([
                 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0,
             ]),
@@ -179,6 +189,21 @@ impl CoapMetrics {
             "exchanges",
             "Finished exchanges remembered for de-duplication",
             self.exchanges.clone(),
+        );
+        r.register(
+            "observers",
+            "Devices observing /c (waiting for commands, RFC 7641)",
+            self.observers.clone(),
+        );
+        r.register(
+            "notifications",
+            "Confirmable command notifications sent (first transmissions)",
+            self.notifications.clone(),
+        );
+        r.register(
+            "notification_retransmits",
+            "Command notifications sent again for want of an acknowledgement",
+            self.notification_retransmits.clone(),
         );
         r.register(
             "exchanges_evicted",

@@ -3,6 +3,8 @@
 //! | resource | method | answer |
 //! | --- | --- | --- |
 //! | `/t/{topic...}?d=<device>` | POST, PUT | readings stored: 2.01 (POST) / 2.04 (PUT) **after** the outbox commit |
+//! | `/c?d=<device>` | GET | 2.05, the device's queued commands as JSON, marked delivered; with Observe (RFC 7641) a notification whenever commands are queued ([`super::commands`]) |
+//! | `/c/{id}?d=<device>` | POST | 2.04: the device acknowledges command `id` with the body as its result; 4.04 no such command, 4.09 expired |
 //! | `/.well-known/core` | GET | 2.05, `application/link-format` (RFC 6690) |
 //!
 //! Checks, in order, with their answers:
@@ -38,6 +40,7 @@ use outpost_sync::AppendError;
 use super::backend::{Backend, Denied, Event};
 use super::block1::{BlockError, Held, Step, TransferKey, Transfers};
 use super::message::{self, Block, OptionProblem, Response};
+use super::observe::Observers;
 use super::{CoapMetrics, CoapSettings};
 use crate::ingress::IngestRecord;
 use crate::ingress::body::{self, BodyError, Format};
@@ -53,7 +56,8 @@ const OCTET_STREAM: u16 = 42;
 
 /// The discovery document (RFC 6690): one resource type for readings, posted as single records
 /// or batches.
-pub const WELL_KNOWN_CORE: &str = "</t>;rt=\"outpost.readings\";if=\"core.b\"";
+pub const WELL_KNOWN_CORE: &str =
+    "</t>;rt=\"outpost.readings\";if=\"core.b\",</c>;rt=\"outpost.commands\";obs";
 
 /// What to do after a request was handled.
 #[derive(Debug, PartialEq)]
@@ -71,6 +75,8 @@ pub struct Resources<B> {
     pub metrics: CoapMetrics,
     /// Block1 transfers in progress. Locked only for a table update, never across an await.
     pub transfers: Mutex<Transfers>,
+    /// Devices observing `/c`. Locked only for a table update, never across an await.
+    pub observers: Mutex<Observers>,
 }
 
 impl<B: Backend> Resources<B> {
@@ -85,6 +91,7 @@ impl<B: Backend> Resources<B> {
             settings,
             metrics,
             transfers: Mutex::new(transfers),
+            observers: Mutex::new(Observers::new(super::commands::MAX_OBSERVERS)),
         }
     }
 
@@ -153,11 +160,54 @@ impl<B: Backend> Resources<B> {
                 Outcome::Respond(self.readings(packet, peer, &topic.join("/"), success).await)
             }
             ["t"] => respond(ResponseType::NotFound, "post readings to /t/{topic}"),
+            ["c"] => match method {
+                Some(RequestType::Get) => Outcome::Respond(self.poll_commands(packet, peer).await),
+                _ => respond(
+                    ResponseType::MethodNotAllowed,
+                    "/c allows GET (with Observe to wait for commands)",
+                ),
+            },
+            ["c", id] => match method {
+                Some(RequestType::Post) => {
+                    Outcome::Respond(self.ack_command(packet, peer, id).await)
+                }
+                _ => respond(
+                    ResponseType::MethodNotAllowed,
+                    "/c/{id} allows POST (acknowledge the command with its result)",
+                ),
+            },
             _ => respond(
                 ResponseType::NotFound,
                 "no such resource; see /.well-known/core",
             ),
         }
+    }
+
+    /// The device a request's `?d=<device id>` names, once it is known to exist, be enabled
+    /// and be allowed CoAP; else the refusal (4.01, 4.03) to answer.
+    pub(super) async fn device<'q>(
+        &self,
+        query: &'q [String],
+        peer: SocketAddr,
+    ) -> Result<&'q str, Response> {
+        let Some(device) = query
+            .iter()
+            .find_map(|arg| arg.strip_prefix("d="))
+            .filter(|d| !d.is_empty())
+        else {
+            return Err(Response::error(
+                ResponseType::Unauthorized,
+                "name the device with the query ?d=<device id>",
+            ));
+        };
+        let (code, why) = match self.backend.identify(device).await {
+            Ok(()) => return Ok(device),
+            Err(Denied::Unauthorized(why)) => (ResponseType::Unauthorized, why),
+            Err(Denied::Forbidden(why)) => (ResponseType::Forbidden, why),
+        };
+        self.backend.observe(device, Event::Refused);
+        tracing::debug!(%peer, device, reason = %why, "CoAP device refused");
+        Err(Response::error(code, format!("device {device}: {why}")))
     }
 
     /// POST/PUT `/t/{topic}`: identify the device, reassemble, validate, store, answer.
@@ -172,32 +222,10 @@ impl<B: Backend> Resources<B> {
             Ok(q) => q,
             Err(p) => return p.into_response(),
         };
-        let Some(device) = query
-            .iter()
-            .find_map(|arg| arg.strip_prefix("d="))
-            .filter(|d| !d.is_empty())
-        else {
-            return Response::error(
-                ResponseType::Unauthorized,
-                "name the device with the query ?d=<device id>",
-            );
+        let device = match self.device(&query, peer).await {
+            Ok(device) => device,
+            Err(refusal) => return refusal,
         };
-        match self.backend.identify(device).await {
-            Ok(()) => {}
-            Err(Denied::Unauthorized(why)) => {
-                self.backend.observe(device, Event::Refused);
-                tracing::debug!(%peer, device, reason = %why, "CoAP device refused");
-                return Response::error(
-                    ResponseType::Unauthorized,
-                    format!("device {device}: {why}"),
-                );
-            }
-            Err(Denied::Forbidden(why)) => {
-                self.backend.observe(device, Event::Refused);
-                tracing::debug!(%peer, device, reason = %why, "CoAP device refused");
-                return Response::error(ResponseType::Forbidden, format!("device {device}: {why}"));
-            }
-        }
         let malformed = |code, diagnostic: String| {
             self.backend.observe(device, Event::Malformed);
             Response::error(code, diagnostic)

@@ -22,14 +22,18 @@ use std::time::{Duration, Instant};
 use coap_lite::{MessageClass, MessageType, Packet, RequestType, ResponseType};
 use tokio::net::UdpSocket;
 use tokio::sync::Semaphore;
+use tokio::sync::broadcast::{self, error::RecvError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::backend::Backend;
+use super::commands;
 use super::exchange::{EXCHANGE_LIFETIME, Exchanges, Key, NON_LIFETIME, Seen};
 use super::message::{self, Inbound, Response};
+use super::observe::{Answered, Observers};
 use super::resource::{Outcome, Resources};
 use super::{CoapMetrics, CoapSettings, network};
+use crate::registry::Command;
 
 /// Requests handled concurrently; beyond this, 5.03.
 pub const MAX_IN_FLIGHT: usize = 1024;
@@ -67,6 +71,12 @@ pub async fn serve<B: Backend>(
         metrics,
     });
     let requests = TaskTracker::new();
+    // Commands as they are queued, for the devices observing `/c`.
+    let mut commands = endpoint
+        .resources
+        .backend
+        .registry()
+        .map(crate::registry::Registry::command_events);
     let mut buf = vec![0u8; DATAGRAM_BUFFER];
     let mut purge = tokio::time::interval(PURGE_EVERY);
     purge.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -76,6 +86,14 @@ pub async fn serve<B: Backend>(
             biased;
             () = shutdown.cancelled() => break,
             _ = purge.tick() => endpoint.purge(),
+            queued = next_command(&mut commands) => match queued {
+                Ok(command) => endpoint.command_queued(&command.device_id, &requests),
+                Err(RecvError::Lagged(n)) => {
+                    // Missed ones stay queued: sent with the next notification or poll.
+                    tracing::debug!(missed = n, "CoAP endpoint missed command announcements");
+                }
+                Err(RecvError::Closed) => commands = None,
+            },
             received = endpoint.socket.recv_from(&mut buf) => match received {
                 Ok((len, peer)) => {
                     receive_errors = 0;
@@ -105,7 +123,96 @@ pub async fn serve<B: Backend>(
     requests.wait().await;
 }
 
+/// The next announced command, or never when there are no announcements.
+async fn next_command(
+    commands: &mut Option<broadcast::Receiver<Command>>,
+) -> Result<Command, RecvError> {
+    match commands {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 impl<B: Backend> Endpoint<B> {
+    /// A command was queued for `device`: notify it if it observes `/c` and has no
+    /// notification in flight (else it gets the command in the next one).
+    fn command_queued(self: &Arc<Self>, device: &str, requests: &TaskTracker) {
+        if self.observers().wants(device) {
+            let (endpoint, device) = (Arc::clone(self), device.to_owned());
+            requests.spawn(async move { endpoint.notify(&device).await });
+        }
+    }
+
+    /// Sends `device` a Confirmable notification with its queued commands (none queued: none).
+    async fn notify(&self, device: &str) {
+        let Some(registry) = self.resources.backend.registry() else {
+            return;
+        };
+        let (body, ids) = match commands::queued_body(registry, device).await {
+            Ok(listing) => listing,
+            Err(e) => {
+                tracing::warn!(device, error = %e, "Reading queued commands for a notification failed");
+                return;
+            }
+        };
+        if ids.is_empty() {
+            return;
+        }
+        let mid = self.next_mid.fetch_add(1, Ordering::Relaxed);
+        let (peer, bytes) = {
+            let mut observers = self.observers();
+            let Some((peer, token, seq)) = observers.next(device) else {
+                return; // no longer observing, or one went out meanwhile
+            };
+            let bytes: Arc<[u8]> = Arc::from(
+                Response::new(ResponseType::Content)
+                    .with_observe(seq)
+                    .with_content(50, body)
+                    .encode(MessageType::Confirmable, mid, &token),
+            );
+            observers.sent(device, mid, ids, Arc::clone(&bytes), Instant::now());
+            (peer, bytes)
+        };
+        self.metrics.notifications.inc();
+        self.send_now(&bytes, peer);
+    }
+
+    /// An Acknowledgement or Reset arrived: if it answers a notification, the commands in it
+    /// are delivered (and the next notification goes out), or the observation ends.
+    fn answer(self: &Arc<Self>, message_id: u16, reset: bool, requests: &TaskTracker) {
+        let answered = self.observers().answered(message_id, reset);
+        match answered {
+            Some(Answered::Delivered { device, ids, more }) => {
+                let endpoint = Arc::clone(self);
+                requests.spawn(async move {
+                    if let Some(registry) = endpoint.resources.backend.registry()
+                        && let Err(e) = registry.mark_delivered(&device, &ids).await
+                    {
+                        tracing::warn!(device, error = %e, "Marking notified commands delivered failed");
+                    }
+                    if more {
+                        endpoint.notify(&device).await;
+                    }
+                });
+            }
+            Some(Answered::Cancelled { device }) => {
+                tracing::debug!(
+                    device,
+                    "A device reset its command notification: no longer observing"
+                );
+                self.metrics.observers.set(self.observers().len() as i64);
+            }
+            None => {}
+        }
+    }
+
+    fn observers(&self) -> std::sync::MutexGuard<'_, Observers> {
+        self.resources
+            .observers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Classifies one datagram and answers or dispatches it. Never blocks.
     fn datagram(self: &Arc<Self>, datagram: &[u8], peer: SocketAddr, requests: &TaskTracker) {
         let packet = match message::classify(datagram) {
@@ -128,6 +235,10 @@ impl<B: Backend> Endpoint<B> {
                     self.metrics.malformed.inc();
                 }
                 tracing::debug!(%peer, reason = why, "CoAP datagram ignored");
+                return;
+            }
+            Inbound::Answer { message_id, reset } => {
+                self.answer(message_id, reset, requests);
                 return;
             }
         };
@@ -304,6 +415,18 @@ impl<B: Backend> Endpoint<B> {
         };
         self.metrics.exchanges.set(remembered as i64);
         self.resources.purge(now);
+        let (sends, gone) = self.observers().due(now);
+        for send in sends {
+            self.metrics.notification_retransmits.inc();
+            self.send_now(&send.bytes, send.peer);
+        }
+        for device in gone {
+            tracing::info!(
+                device,
+                "A command notification went unanswered: no longer observing (the commands stay queued)"
+            );
+        }
+        self.metrics.observers.set(self.observers().len() as i64);
     }
 }
 

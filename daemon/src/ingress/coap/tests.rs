@@ -129,6 +129,10 @@ impl Backend for Fake {
         }
         Ok((first..first + n).collect())
     }
+
+    fn registry(&self) -> Option<&crate::registry::Registry> {
+        None
+    }
 }
 
 fn settings() -> CoapSettings {
