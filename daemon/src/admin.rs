@@ -79,13 +79,19 @@ async fn metrics(State(s): State<AdminState>) -> Response {
 }
 
 async fn status(State(s): State<AdminState>) -> Response {
+    axum::Json(status_document(&s)).into_response()
+}
+
+/// The gateway status as `/api/v1/status` shows it (also the result of a `report_status`
+/// command from the cloud).
+pub fn status_document(s: &AdminState) -> serde_json::Value {
     let (records, bytes, oldest) = s.outbox.figures();
     let (dead_letters, dead_letter_bytes) = s.outbox.dead_letter_figures();
     let quarantine = s
         .outbox
         .quarantine()
         .map(|q| json!({ "moved_to": q.moved_to.display().to_string(), "reason": q.reason }));
-    axum::Json(json!({
+    json!({
         "gateway_id": &*s.gateway_id,
         "version": env!("CARGO_PKG_VERSION"),
         "build": {
@@ -114,8 +120,7 @@ async fn status(State(s): State<AdminState>) -> Response {
             "dead_letter_bytes": dead_letter_bytes,
             "quarantined": quarantine,
         },
-    }))
-    .into_response()
+    })
 }
 
 /// No route for this path: the API's JSON error shape (docs/HTTP.md), like every other error.

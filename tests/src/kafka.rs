@@ -866,3 +866,56 @@ pub fn produce_plain(bootstrap: &str, topic: &str, n: usize, payload_size: usize
         "produce to {topic}: delivered"
     );
 }
+
+/// Sends `(gateway id, command)` records to `topic` the way a cloud backend does: with
+/// confluent-kafka from PyPI (`tests/peers/send_commands.py`), keyed by gateway id, partitioned
+/// like Java clients (`murmur2_random`). A `Value::String` is sent as raw text (a record that is
+/// not JSON). Pauses `pause` after each record; returns each record's partition once Kafka
+/// acknowledged it. Blocking; panics when a delivery fails.
+pub fn send_commands(
+    bootstrap: &str,
+    topic: &str,
+    records: &[(&str, serde_json::Value)],
+    pause: Duration,
+) -> Vec<i64> {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let script = crate::manifest_dir().join("peers/send_commands.py");
+    let mut child = Command::new("python3")
+        .arg(&script)
+        .args([bootstrap, topic])
+        .arg(pause.as_secs_f64().to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run send_commands.py");
+    let mut input = String::new();
+    for (gateway, value) in records {
+        let line = match value {
+            serde_json::Value::String(raw) => serde_json::json!({ "gateway": gateway, "raw": raw }),
+            other => serde_json::json!({ "gateway": gateway, "value": other }),
+        };
+        input.push_str(&format!("{line}\n"));
+    }
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write the commands");
+    let out = child.wait_with_output().expect("send_commands.py");
+    assert!(
+        out.status.success(),
+        "send_commands.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("a JSON line")["partition"]
+                .as_i64()
+                .expect("a partition")
+        })
+        .collect()
+}

@@ -560,3 +560,159 @@ fn serial_an_app_receives_readings_over_the_local_bus() {
     });
     cleanup(&["bus"]);
 }
+
+/// Gateway management from Kafka (`kafka.commands.gateway = true`): a backend's client deploys an
+/// app, restarts it, asks for the status and the inventory, sends an unknown action and a bad
+/// spec, and removes the app; each command is `queued`, then `acked` with its result or `failed`
+/// with the reason, on the status topic.
+#[test]
+fn serial_apps_are_deployed_restarted_and_removed_by_commands_from_kafka() {
+    use outpost_e2e::kafka::{Tansu, consume, send_commands};
+    use serde_json::json;
+    require_engine();
+    cleanup(&["from-kafka"]);
+    let kafka = Tansu::start(&[
+        ("outpost.commands", 2),
+        ("outpost.command-status", 1),
+        ("outpost.readings", 1),
+        ("outpost.heartbeats", 1),
+        ("outpost.inventory", 1),
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = apps_config(&format!(
+        "[kafka]\nenabled = true\nbrokers = [\"{}\"]\nheartbeat_interval = \"1h\"\n\n\
+         [kafka.commands]\nenabled = true\ngateway = true\n",
+        kafka.bootstrap()
+    ));
+    let mut d = Daemon::start(dir.path(), &config);
+    let gateway = d.status()["gateway_id"].as_str().unwrap().to_owned();
+    outpost_e2e::admin::create_device(&d, "sensor-9", None);
+    d.wait_for_log("Reading commands", Duration::from_secs(30));
+    let command = |id: &str, name: &str, payload: Value| json!({"id": id, "target": "gateway", "name": name, "payload": payload});
+    let send = |records: &[Value]| {
+        let records: Vec<(&str, Value)> = records
+            .iter()
+            .map(|r| (gateway.as_str(), r.clone()))
+            .collect();
+        send_commands(
+            &kafka.bootstrap(),
+            "outpost.commands",
+            &records,
+            Duration::ZERO,
+        );
+    };
+
+    send(&[command(
+        "g-deploy",
+        "deploy_app",
+        json!({"name": "from-kafka", "image": IMAGE, "command": ["sleep", "3600"]}),
+    )]);
+    d.wait_until("the deployed app running", Duration::from_secs(30), |d| {
+        app_status(d, "from-kafka")["state"] == "ACTIVE" && running("outpost-app-from-kafka")
+    });
+    let first = app_status(&d, "from-kafka")["container_id"].clone();
+    let inventory_before = consume(
+        &kafka.bootstrap(),
+        "outpost.inventory",
+        100,
+        Duration::from_secs(3),
+        false,
+    )
+    .len();
+    send(&[
+        command("g-restart", "restart_app", json!({"name": "from-kafka"})),
+        command("g-status", "report_status", Value::Null),
+        command("g-inventory", "resend_inventory", Value::Null),
+        command("g-unknown", "format_disk", Value::Null),
+        command("g-bad", "deploy_app", json!({"name": "bad", "image": 5})),
+    ]);
+    d.wait_until("the restart", Duration::from_secs(30), |d| {
+        let s = app_status(d, "from-kafka");
+        s["container_id"] != first && s["state"] == "ACTIVE" && running("outpost-app-from-kafka")
+    });
+    send(&[command(
+        "g-remove",
+        "remove_app",
+        json!({"name": "from-kafka"}),
+    )]);
+    d.wait_until("the app removed", Duration::from_secs(30), |_| {
+        inspect("outpost-app-from-kafka").is_none()
+    });
+
+    let events: Vec<Value> = consume(
+        &kafka.bootstrap(),
+        "outpost.command-status",
+        14,
+        Duration::from_secs(30),
+        false,
+    )
+    .iter()
+    .map(|r| serde_json::from_slice(&r.payload).unwrap())
+    .collect();
+    let story = |id: &str| -> Vec<String> {
+        events
+            .iter()
+            .filter(|e| e["command_id"] == id)
+            .map(|e| e["status"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let last = |id: &str| {
+        events
+            .iter()
+            .rfind(|e| e["command_id"] == id)
+            .unwrap()
+            .clone()
+    };
+    for id in [
+        "g-deploy",
+        "g-restart",
+        "g-status",
+        "g-inventory",
+        "g-remove",
+    ] {
+        assert_eq!(story(id), ["queued", "acked"], "{id}: {events:#?}");
+    }
+    for id in ["g-unknown", "g-bad"] {
+        assert_eq!(story(id), ["queued", "failed"], "{id}: {events:#?}");
+    }
+    for e in &events {
+        assert_eq!(
+            (e["target"].clone(), e["device"].clone()),
+            (json!("gateway"), Value::Null),
+            "{e}"
+        );
+        assert_eq!(e["gateway"], gateway.as_str());
+    }
+    assert_eq!(last("g-deploy")["result"]["app"], "from-kafka");
+    assert_eq!(last("g-status")["result"]["gateway_id"], gateway.as_str());
+    // sensor-9 and the app's own bus identity (app-from-kafka).
+    assert_eq!(last("g-inventory")["result"]["devices"], 2);
+    assert!(
+        last("g-unknown")["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("unknown gateway action")
+    );
+    assert!(
+        last("g-bad")["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("payload.image"),
+        "{}",
+        last("g-bad")
+    );
+    // The inventory was sent again.
+    let inventory_after = consume(
+        &kafka.bootstrap(),
+        "outpost.inventory",
+        inventory_before + 1,
+        Duration::from_secs(10),
+        false,
+    )
+    .len();
+    assert!(
+        inventory_after > inventory_before,
+        "{inventory_before} → {inventory_after}"
+    );
+    cleanup(&["from-kafka"]);
+}

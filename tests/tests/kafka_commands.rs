@@ -9,7 +9,6 @@
 #![allow(clippy::disallowed_methods)] // std::thread::sleep: blocking test code, no async runtime here
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -17,7 +16,7 @@ use std::time::{Duration, Instant};
 use outpost_e2e::admin::{admin, admin_token_config, create_device};
 use outpost_e2e::daemon::{Daemon, write_config};
 use outpost_e2e::http::request;
-use outpost_e2e::kafka::{Tansu, consume};
+use outpost_e2e::kafka::{Tansu, consume, send_commands};
 use serde_json::{Value, json};
 
 const COMMANDS: &str = "outpost.commands";
@@ -35,50 +34,12 @@ fn config(kafka: &Tansu) -> String {
 
 /// Sends `(gateway, command)` records with the backend's client; returns their partitions.
 fn send(kafka: &Tansu, records: &[(&str, Value)]) -> Vec<i64> {
-    send_paced(kafka, records, Duration::ZERO)
+    send_commands(&kafka.bootstrap(), COMMANDS, records, Duration::ZERO)
 }
 
 /// [`send`], pausing `pause` after each record.
 fn send_paced(kafka: &Tansu, records: &[(&str, Value)], pause: Duration) -> Vec<i64> {
-    let script = outpost_e2e::manifest_dir().join("peers/send_commands.py");
-    let mut child = Command::new("python3")
-        .arg(&script)
-        .args([kafka.bootstrap().as_str(), COMMANDS])
-        .arg(pause.as_secs_f64().to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run send_commands.py");
-    let mut input = String::new();
-    for (gateway, value) in records {
-        let line = match value {
-            Value::String(raw) => json!({ "gateway": gateway, "raw": raw }),
-            other => json!({ "gateway": gateway, "value": other }),
-        };
-        input.push_str(&format!("{line}\n"));
-    }
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "send_commands.py: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["partition"]
-                .as_i64()
-                .unwrap()
-        })
-        .collect()
+    send_commands(&kafka.bootstrap(), COMMANDS, records, pause)
 }
 
 /// The status events on the status topic (at least `n`, within `timeout`), as JSON.
@@ -199,6 +160,11 @@ fn commands_reach_mqtt_and_http_devices_and_their_acks_reach_kafka() {
                 json!({"id": "c-late-1", "device": "sleeper-1", "name": "wake", "ttl_s": 3}),
             ),
             (&gateway, Value::String("not a command".into())),
+            // Commands to the gateway itself are off by default.
+            (
+                &gateway,
+                json!({"id": "c-gw-1", "target": "gateway", "name": "report_status"}),
+            ),
             // A backend that sends twice: queued once.
             (&gateway, open),
             (
@@ -208,7 +174,7 @@ fn commands_reach_mqtt_and_http_devices_and_their_acks_reach_kafka() {
         ],
     );
     assert!(
-        partitions[..6].iter().all(|p| *p == partitions[0]),
+        partitions[..7].iter().all(|p| *p == partitions[0]),
         "{partitions:?}"
     );
 
@@ -311,10 +277,10 @@ fn commands_reach_mqtt_and_http_devices_and_their_acks_reach_kafka() {
     );
 
     // The status topic: every command's story, in order, with the gateway and the results.
-    let events = status_events(&kafka, 10, Duration::from_secs(30));
+    let events = status_events(&kafka, 11, Duration::from_secs(30));
     let stories = by_command(&events);
     let events = if stories.get("c-late-1").is_some_and(|s| s.len() == 1) {
-        status_events(&kafka, 9, Duration::from_secs(30))
+        status_events(&kafka, 10, Duration::from_secs(30))
     } else {
         events
     };
@@ -323,6 +289,7 @@ fn commands_reach_mqtt_and_http_devices_and_their_acks_reach_kafka() {
         ("c-mqtt-1", &["queued", "delivered", "acked"][..]),
         ("c-http-1", &["queued", "delivered", "acked"]),
         ("c-ghost-1", &["rejected"]),
+        ("c-gw-1", &["rejected"]),
         ("<none>", &["rejected"]),
     ]
     .into_iter()
@@ -363,6 +330,18 @@ fn commands_reach_mqtt_and_http_devices_and_their_acks_reach_kafka() {
             .contains("unknown device")
     );
     assert_eq!(find("c-ghost-1", "rejected")["device"], "ghost");
+    let off = find("c-gw-1", "rejected");
+    assert_eq!(
+        (off["target"].clone(), off["device"].clone()),
+        (json!("gateway"), Value::Null)
+    );
+    assert!(
+        off["reason"]
+            .as_str()
+            .unwrap()
+            .contains("kafka.commands.gateway = false"),
+        "{off}"
+    );
     let invalid = events.iter().find(|e| e["command_id"].is_null()).unwrap();
     assert!(
         invalid["reason"]
@@ -380,7 +359,7 @@ fn commands_reach_mqtt_and_http_devices_and_their_acks_reach_kafka() {
     let valve_commands = commands_of(&d, "valve-1");
     assert_eq!(valve_commands.len(), 1, "{valve_commands:?}");
     assert_eq!(valve_commands[0]["state"], "acked");
-    assert_eq!(d.metric("outpost_kafka_commands_read_total"), 6.0);
+    assert_eq!(d.metric("outpost_kafka_commands_read_total"), 7.0);
     assert_eq!(d.metric("outpost_kafka_commands_invalid_total"), 1.0);
 }
 

@@ -187,6 +187,11 @@ pub struct CommandsConfig {
     /// Where status events of commands go (queued, delivered, acked, rejected, expired,
     /// failed), keyed by device id. Default `"outpost.command-status"`.
     pub status_topic: String,
+    /// Accept commands addressed to the gateway itself (`"target": "gateway"`: deploy, update,
+    /// remove and restart apps, resend the inventory, report status). Default `false`: whoever
+    /// may write to the commands topic could otherwise run containers on the gateway. A security
+    /// decision, see docs/KAFKA.md.
+    pub gateway: bool,
 }
 
 impl Default for CommandsConfig {
@@ -195,6 +200,7 @@ impl Default for CommandsConfig {
             enabled: false,
             topic: "outpost.commands".to_owned(),
             status_topic: "outpost.command-status".to_owned(),
+            gateway: false,
         }
     }
 }

@@ -10,12 +10,15 @@ use outpost_sync::forwarder::commands::{CommandStore, CommandsMetrics};
 use outpost_sync::forwarder::fleet::FleetSource;
 use outpost_sync::forwarder::{DeviceTags, Forwarder, ForwarderOptions};
 use prometheus_client::registry::Registry as MetricsRegistry;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::spawn::Spawner;
 use super::storage::Storage;
-use crate::cloud_commands::{self, Relay};
+use crate::admin::AdminState;
+use crate::apps::Apps;
+use crate::cloud_commands::{self, CloudStore, GatewayActions, Relay};
 use crate::fleet::GatewayFacts;
 use crate::status::StatusBoard;
 
@@ -57,10 +60,18 @@ pub fn forwarder(
     })
 }
 
-/// Runs the fleet task and the forwarder until `stop`. Returns the forwarder's task: it drains
-/// its in-flight records within half the grace, and stops before the writer it acks through.
+/// What commands for the gateway itself act on, besides storage.
+pub struct GatewayParts {
+    pub apps: Option<Apps>,
+    pub admin: AdminState,
+}
+
+/// Runs the fleet task and the forwarder (and the commands tasks) until `stop`. Returns the
+/// forwarder's task: it drains its in-flight records within half the grace, and stops before
+/// the writer it acks through.
 pub fn spawn(
     cloud: Cloud,
+    gateway: GatewayParts,
     storage: &Storage,
     spawner: &Spawner,
     stop: &CancellationToken,
@@ -69,8 +80,15 @@ pub fn spawn(
         forwarder,
         commands,
     } = cloud;
+    let resend = Arc::new(Notify::new());
     if let Some(metrics) = commands {
-        spawn_commands(&forwarder, metrics, storage, spawner, stop);
+        let actions = GatewayActions {
+            registry: storage.registry.clone(),
+            apps: gateway.apps,
+            admin: gateway.admin,
+            resend_inventory: Arc::clone(&resend),
+        };
+        spawn_commands(&forwarder, metrics, actions, storage, spawner, stop);
     }
     let facts: Arc<dyn FleetSource> = Arc::new(GatewayFacts {
         registry: storage.registry.clone(),
@@ -89,6 +107,7 @@ pub fn spawn(
             handle.clone(),
             Arc::clone(&facts),
             boot_id.clone(),
+            Arc::clone(&resend),
             fleet_stop.clone(),
         )
     });
@@ -107,18 +126,23 @@ pub fn spawn(
 fn spawn_commands(
     forwarder: &Forwarder,
     metrics: CommandsMetrics,
+    actions: GatewayActions,
     storage: &Storage,
     spawner: &Spawner,
     stop: &CancellationToken,
 ) {
     let options = forwarder.options().clone();
+    let gateway_commands = options.kafka.commands.gateway;
     let relay = Relay {
         registry: storage.registry.clone(),
         outbox: storage.outbox.clone(),
         gateway_id: Arc::from(options.gateway_id.as_str()),
         status_topic: options.kafka.commands.status_topic.clone(),
     };
-    let store: Arc<dyn CommandStore> = Arc::new(storage.registry.clone());
+    let store: Arc<dyn CommandStore> = Arc::new(CloudStore {
+        registry: storage.registry.clone(),
+        gateway: gateway_commands,
+    });
     spawner.status.active("commands", false);
     let consumer_stop = stop.clone();
     spawner.supervise(
@@ -145,4 +169,14 @@ fn spawn_commands(
         stop.clone(),
         move || cloud_commands::relay(relay.clone(), relay_stop.clone()),
     );
+    if gateway_commands {
+        let execute_stop = stop.clone();
+        spawner.supervise(
+            "gateway-commands",
+            "commands",
+            false,
+            stop.clone(),
+            move || cloud_commands::execute(actions.clone(), execute_stop.clone()),
+        );
+    }
 }

@@ -100,6 +100,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         http_ingest,
     };
     let admin_addr = admin.addr;
+    let gateway_parts = cloud::GatewayParts {
+        apps: apps.clone(),
+        admin: routes.state.clone(),
+    };
     let ingress_tasks = IngressTasks {
         admin: admin.spawn(&config, routes, &spawner, &ingress)?,
         coap: coap
@@ -118,7 +122,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 &ingress,
             )
             .await,
-        forwarder: forwarder.map(|f| cloud::spawn(f, &storage, &spawner, &ingress)),
+        forwarder: forwarder.map(|f| cloud::spawn(f, gateway_parts, &storage, &spawner, &ingress)),
     };
     if let Some(apps) = apps {
         local_apps::spawn(apps, &storage.registry, &spawner, &ingress);

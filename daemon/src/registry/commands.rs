@@ -375,9 +375,12 @@ pub fn report_expired(conn: &mut Connection, now_ms: i64) -> rusqlite::Result<us
 
 /// Stores what the commands consumer read, and the offset after it, in one transaction.
 /// Returns the commands queued (for the MQTT delivery path, after the commit).
+/// Commands for the gateway itself are stored for [`next_gateway_command`] when `gateway` is
+/// true (`kafka.commands.gateway`), else rejected.
 pub fn store_cloud(
     conn: &mut Connection,
     batch: &Batch,
+    gateway: bool,
     now_ms: i64,
 ) -> rusqlite::Result<Vec<Command>> {
     let tx = conn.transaction()?;
@@ -385,7 +388,7 @@ pub fn store_cloud(
     for read in &batch.reads {
         match read {
             Read::Command(c) => {
-                if let Some(command) = store_one(&tx, c, now_ms)? {
+                if let Some(command) = store_one(&tx, c, gateway, now_ms)? {
                     queued.push(command);
                 }
             }
@@ -432,6 +435,7 @@ pub fn store_cloud(
 fn store_one(
     tx: &Transaction<'_>,
     c: &CloudCommand,
+    gateway: bool,
     now_ms: i64,
 ) -> rusqlite::Result<Option<Command>> {
     if !remember(tx, &c.id, now_ms)? {
@@ -460,7 +464,34 @@ fn store_one(
         Ok(None)
     };
     if c.target == Target::Gateway {
-        return reject("commands to the gateway itself are not supported".into());
+        if !gateway {
+            return reject(
+                "commands to the gateway itself are off (kafka.commands.gateway = false)".into(),
+            );
+        }
+        if c.expires_at_ms <= now_ms {
+            event(tx, &base, "expired", None, now_ms)?;
+            return Ok(None);
+        }
+        let payload = match &c.payload {
+            Payload::Json(v) => v.to_string(),
+            Payload::Bytes(_) => return reject("payload: gateway actions take JSON".into()),
+        };
+        tx.execute(
+            "INSERT INTO gateway_commands (ref, name, payload, expires_at_ms, reply_topic,
+                                           correlation)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                c.id,
+                c.name,
+                payload,
+                c.expires_at_ms,
+                c.reply_topic,
+                c.correlation
+            ],
+        )?;
+        event(tx, &base, "queued", None, now_ms)?;
+        return Ok(None);
     }
     let found: Option<(bool, String)> = tx
         .query_row(
@@ -596,6 +627,11 @@ fn event(
         "at": rfc3339_utc(now_ms, true),
         "at_ms": now_ms,
     });
+    if base.device.is_empty() {
+        // A command for the gateway itself (or a record that named no device).
+        value["device"] = Value::Null;
+        value["target"] = json!("gateway");
+    }
     if let Some(name) = base.name {
         value["name"] = json!(name);
     }
@@ -654,4 +690,93 @@ pub fn next_offset(
         |r| r.get(0),
     )
     .optional()
+}
+
+/// A command for the gateway itself, waiting to be carried out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewayCommand {
+    pub id: i64,
+    pub command_id: String,
+    pub name: String,
+    pub payload: Value,
+    pub expires_at_ms: i64,
+}
+
+/// The oldest command for the gateway itself, if any.
+pub fn next_gateway_command(conn: &Connection) -> rusqlite::Result<Option<GatewayCommand>> {
+    conn.query_row(
+        "SELECT id, ref, name, payload, expires_at_ms FROM gateway_commands ORDER BY id LIMIT 1",
+        [],
+        |r| {
+            let payload: String = r.get(3)?;
+            Ok(GatewayCommand {
+                id: r.get(0)?,
+                command_id: r.get(1)?,
+                name: r.get(2)?,
+                payload: serde_json::from_str(&payload).unwrap_or(Value::Null),
+                expires_at_ms: r.get(4)?,
+            })
+        },
+    )
+    .optional()
+}
+
+/// How a command for the gateway ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GatewayOutcome {
+    /// Carried out: `acked` with this result.
+    Done(Value),
+    /// Could not be carried out: `failed` with this reason.
+    Failed(String),
+    /// Its expiry passed before it was carried out.
+    Expired,
+}
+
+/// Removes a command for the gateway and writes its final status event, in one transaction.
+pub fn finish_gateway_command(
+    conn: &mut Connection,
+    id: i64,
+    outcome: &GatewayOutcome,
+    now_ms: i64,
+) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    let row: Option<(String, String, Option<String>, Option<String>)> = tx
+        .query_row(
+            "DELETE FROM gateway_commands WHERE id = ?1
+             RETURNING ref, name, correlation, reply_topic",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .optional()?;
+    if let Some((command_id, name, correlation, reply_topic)) = row {
+        let base = Base {
+            command_id: Some(&command_id),
+            device: "",
+            name: Some(&name),
+            correlation: correlation.as_deref(),
+            reply_topic: reply_topic.as_deref(),
+        };
+        match outcome {
+            GatewayOutcome::Done(result) => {
+                event(
+                    &tx,
+                    &base,
+                    "acked",
+                    Some(("result", result.clone())),
+                    now_ms,
+                )?;
+            }
+            GatewayOutcome::Failed(reason) => {
+                event(
+                    &tx,
+                    &base,
+                    "failed",
+                    Some(("reason", json!(reason))),
+                    now_ms,
+                )?;
+            }
+            GatewayOutcome::Expired => event(&tx, &base, "expired", None, now_ms)?,
+        }
+    }
+    tx.commit()
 }

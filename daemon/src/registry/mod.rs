@@ -530,7 +530,6 @@ impl Registry {
     }
 
     /// Number of registered devices.
-    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.inner.index_read().len()
     }
@@ -1296,6 +1295,31 @@ impl Registry {
             .await
     }
 
+    /// The oldest command for the gateway itself, waiting to be carried out.
+    pub async fn next_gateway_command(
+        &self,
+    ) -> Result<Option<commands::GatewayCommand>, RegistryError> {
+        self.blocking(|_, conn| Ok(commands::next_gateway_command(conn)?))
+            .await
+    }
+
+    /// Ends a command for the gateway with its final status event.
+    pub async fn finish_gateway_command(
+        &self,
+        id: i64,
+        outcome: commands::GatewayOutcome,
+    ) -> Result<(), RegistryError> {
+        self.blocking(move |_, conn| {
+            Ok(commands::finish_gateway_command(
+                conn,
+                id,
+                &outcome,
+                now_unix_ms(),
+            )?)
+        })
+        .await
+    }
+
     /// Deletes status events up to `last_id`, which the outbox has.
     pub async fn delete_status_events(&self, last_id: i64) -> Result<usize, RegistryError> {
         self.blocking(move |_, conn| Ok(commands::delete_status_events(conn, last_id)?))
@@ -1303,17 +1327,26 @@ impl Registry {
     }
 }
 
-/// The commands consumer stores into the registry (blocking: it runs on its own thread).
-impl outpost_sync::forwarder::commands::CommandStore for Registry {
-    fn next_offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, String> {
+/// What the commands consumer (`crate::cloud_commands::CloudStore`) calls, on its own thread:
+/// blocking.
+impl Registry {
+    /// The stored next offset of a commands partition.
+    pub fn cloud_offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, String> {
         let conn = lock(&self.inner.conn);
         commands::next_offset(&conn, topic, partition).map_err(|e| e.to_string())
     }
 
-    fn store(&self, batch: outpost_sync::forwarder::commands::Batch) -> Result<(), String> {
+    /// Stores what the commands consumer read (see [`commands::store_cloud`]) and announces the
+    /// queued commands to the delivery paths.
+    pub fn store_cloud_commands(
+        &self,
+        batch: &outpost_sync::forwarder::commands::Batch,
+        gateway: bool,
+    ) -> Result<(), String> {
         let queued = {
             let mut conn = lock(&self.inner.conn);
-            commands::store_cloud(&mut conn, &batch, now_unix_ms()).map_err(|e| e.to_string())?
+            commands::store_cloud(&mut conn, batch, gateway, now_unix_ms())
+                .map_err(|e| e.to_string())?
         };
         for command in queued {
             tracing::info!(

@@ -83,8 +83,8 @@ pub(super) const MIGRATIONS: &[&str] = &[
     // secret from before v3 is verified with argon2 once, then its digest is filled in).
     "ALTER TABLE devices ADD COLUMN secret_digest TEXT;",
     // v4: commands from the cloud (Kafka): the backend's id and command name, bytes payloads,
-    // acknowledgements, status events waiting for the outbox, the offset read up to, and the
-    // ids already seen (a command sent twice is queued once).
+    // acknowledgements, status events waiting for the outbox, commands for the gateway itself,
+    // the offset read up to, and the ids already seen (a command sent twice is queued once).
     "ALTER TABLE commands ADD COLUMN ref TEXT;           -- the backend's command id; NULL: API
      ALTER TABLE commands ADD COLUMN name TEXT;
      ALTER TABLE commands ADD COLUMN binary INTEGER NOT NULL DEFAULT 0;  -- payload: base64 text
@@ -105,6 +105,15 @@ pub(super) const MIGRATIONS: &[&str] = &[
          device_id   TEXT    NOT NULL,             -- the record's key ('' for none)
          reply_topic TEXT,                         -- NULL: kafka.commands.status_topic
          event       TEXT    NOT NULL              -- the status event, JSON
+     );
+     CREATE TABLE gateway_commands (                 -- to carry out; deleted when done
+         id            INTEGER PRIMARY KEY AUTOINCREMENT,
+         ref           TEXT    NOT NULL,
+         name          TEXT    NOT NULL,
+         payload       TEXT    NOT NULL,               -- JSON
+         expires_at_ms INTEGER NOT NULL,
+         reply_topic   TEXT,
+         correlation   TEXT
      );
      CREATE TABLE kafka_offsets (
          topic       TEXT    NOT NULL,

@@ -642,9 +642,7 @@ fn a_version_1_registry_is_migrated_and_keeps_its_devices() {
 /// once, an acknowledgement recorded once.
 #[tokio::test]
 async fn cloud_commands_are_queued_once_and_every_change_is_a_status_event() {
-    use outpost_sync::forwarder::commands::{
-        Batch, CloudCommand, CommandStore, Payload, Read, Target,
-    };
+    use outpost_sync::forwarder::commands::{Batch, CloudCommand, Payload, Read, Target};
     let dir = tempfile::tempdir().unwrap();
     let reg = open(dir.path());
     reg.create(new_device("d")).await.unwrap();
@@ -666,7 +664,7 @@ async fn cloud_commands_are_queued_once_and_every_change_is_a_status_event() {
             correlation: None,
         })
     };
-    assert_eq!(CommandStore::next_offset(&reg, "cmds", 3).unwrap(), None);
+    assert_eq!(reg.cloud_offset("cmds", 3).unwrap(), None);
     let batch = Batch {
         topic: "cmds".into(),
         partition: 3,
@@ -687,13 +685,10 @@ async fn cloud_commands_are_queued_once_and_every_change_is_a_status_event() {
             }),
         ],
     };
-    CommandStore::store(&reg, batch.clone()).unwrap();
+    reg.store_cloud_commands(&batch, false).unwrap();
     // Read again (a crash before the consumer moved on): nothing new.
-    CommandStore::store(&reg, batch).unwrap();
-    assert_eq!(
-        CommandStore::next_offset(&reg, "cmds", 3).unwrap(),
-        Some(42)
-    );
+    reg.store_cloud_commands(&batch, false).unwrap();
+    assert_eq!(reg.cloud_offset("cmds", 3).unwrap(), Some(42));
     reg.queue_command("d", &serde_json::json!("from the API"), None)
         .await
         .unwrap();
@@ -756,7 +751,7 @@ async fn cloud_commands_are_queued_once_and_every_change_is_a_status_event() {
             s(
                 "c-6",
                 "rejected",
-                Some("commands to the gateway itself are not supported")
+                Some("commands to the gateway itself are off (kafka.commands.gateway = false)")
             ),
             s("c-1", "delivered", None),
             s("c-1", "acked", None),

@@ -59,11 +59,14 @@ pub struct Heartbeat {
 }
 
 /// Sends heartbeats and inventory changes until `stop`, then one last `stopped` heartbeat.
+/// `resend` makes it send a heartbeat and every device's inventory at once (a backend's
+/// `resend_inventory` command).
 pub async fn run(
     options: ForwarderOptions,
     handle: ForwarderHandle,
     source: Arc<dyn FleetSource>,
     boot_id: String,
+    resend: Arc<tokio::sync::Notify>,
     stop: CancellationToken,
 ) {
     let kafka = &options.kafka;
@@ -100,6 +103,10 @@ pub async fn run(
         let stopping = tokio::select! {
             () = stop.cancelled() => true,
             _ = ticker.tick() => false,
+            () = resend.notified() => {
+                sent_inventory.clear();
+                false
+            }
         };
         let inventory = source.inventory();
         let status = handle.status();
