@@ -192,6 +192,13 @@ pub struct CommandsConfig {
     /// may write to the commands topic could otherwise run containers on the gateway. A security
     /// decision, see docs/KAFKA.md.
     pub gateway: bool,
+    /// How long the broker may hold a fetch while no command waits (`fetch.wait.max.ms`).
+    /// Default `"5s"`; 10ms to 60s. Apache Kafka answers as soon as a record arrives, so the
+    /// wait costs no latency and a longer one means fewer idle fetches per gateway; a broker that
+    /// instead looks again now and then (tansu 0.6: after half the remaining wait) adds up to
+    /// half of it to a command's latency.
+    #[serde(with = "crate::units::duration")]
+    pub fetch_wait: Duration,
 }
 
 impl Default for CommandsConfig {
@@ -201,6 +208,7 @@ impl Default for CommandsConfig {
             topic: "outpost.commands".to_owned(),
             status_topic: "outpost.command-status".to_owned(),
             gateway: false,
+            fetch_wait: Duration::from_secs(5),
         }
     }
 }
@@ -606,6 +614,12 @@ impl Checker {
         let commands = root("kafka").key("commands");
         self.kafka_topic(commands.key("topic"), &c.topic);
         self.kafka_topic(commands.key("status_topic"), &c.status_topic);
+        self.duration_range(
+            commands.key("fetch_wait"),
+            c.fetch_wait,
+            Duration::from_millis(10),
+            Duration::from_secs(60),
+        );
         if c.status_topic == c.topic {
             self.problem(
                 commands.key("status_topic"),
