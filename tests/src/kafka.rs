@@ -878,13 +878,29 @@ pub fn send_commands(
     records: &[(&str, serde_json::Value)],
     pause: Duration,
 ) -> Vec<i64> {
+    send_commands_with(bootstrap, topic, records, pause, &[])
+}
+
+/// [`send_commands`] with further librdkafka `settings` for the backend's producer (TLS, SASL).
+pub fn send_commands_with(
+    bootstrap: &str,
+    topic: &str,
+    records: &[(&str, serde_json::Value)],
+    pause: Duration,
+    settings: &[(&str, &str)],
+) -> Vec<i64> {
     use std::io::Write as _;
     use std::process::{Command, Stdio};
     let script = crate::manifest_dir().join("peers/send_commands.py");
+    let settings: serde_json::Map<String, serde_json::Value> = settings
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), serde_json::Value::from(*v)))
+        .collect();
     let mut child = Command::new("python3")
         .arg(&script)
         .args([bootstrap, topic])
         .arg(pause.as_secs_f64().to_string())
+        .arg(serde_json::Value::Object(settings).to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

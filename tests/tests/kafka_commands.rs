@@ -376,9 +376,10 @@ fn commands_survive_an_offline_gateway_and_kill_9_exactly_once() {
     let mut d = Daemon::start_with(&path, data.clone());
     let gateway = d.status()["gateway_id"].as_str().unwrap().to_owned();
     let devices = ["d-0", "d-1", "d-2", "d-3"];
-    for device in devices {
-        create_device(&d, device, Some(r#"["http"]"#));
-    }
+    let secrets: Vec<String> = devices
+        .iter()
+        .map(|device| create_device(&d, device, Some(r#"["http"]"#)))
+        .collect();
     d.wait_for_log("Reading commands", Duration::from_secs(30));
     let command = |i: usize, ttl_s: u64| {
         json!({"id": format!("c-{i}"), "device": devices[i % 4], "name": "set",
@@ -424,7 +425,7 @@ fn commands_survive_an_offline_gateway_and_kill_9_exactly_once() {
     });
     assert_eq!(sent.len(), 200);
     assert!(read_at_kill < 200.0, "the kill came after the whole burst");
-    let d = Daemon::start_with(&path, data);
+    let mut d = Daemon::start_with(&path, data);
     // A backend retrying an old command after the restart.
     send(&kafka, &[(&gateway, command(3, 600))]);
     let ids = wait_for("every command queued", Duration::from_secs(30), || {
@@ -455,6 +456,54 @@ fn commands_survive_an_offline_gateway_and_kill_9_exactly_once() {
         if id != "c-7" {
             assert!(story.iter().all(|s| s == "queued"), "{id}: {story:?}");
         }
+    }
+
+    // Kafka unreachable: d-0 polls and acknowledges its commands; their status events wait in
+    // the outbox and reach the backend once Kafka is back, in order per command.
+    kafka.block();
+    let auth = basic("d-0", &secrets[0]);
+    let r = request(
+        d.admin,
+        "GET",
+        "/api/v1/device/commands",
+        &[("Authorization", &auth)],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let polled = r.json()["commands"].as_array().unwrap().clone();
+    assert!(polled.len() >= 10, "{polled:?}");
+    for c in &polled {
+        let r = request(
+            d.admin,
+            "POST",
+            &format!("/api/v1/device/commands/{}/ack", c["id"]),
+            &[
+                ("Authorization", auth.as_str()),
+                ("Content-Type", "application/json"),
+            ],
+            br#"{"done": true}"#,
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let held = (2 * polled.len()) as f64;
+    d.wait_until(
+        "the events held in the outbox",
+        Duration::from_secs(10),
+        |d| d.metric("outpost_outbox_records") >= held,
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    kafka.unblock();
+    let events = status_events(
+        &kafka,
+        events.len() + 2 * polled.len(),
+        Duration::from_secs(60),
+    );
+    let stories = by_command(&events);
+    for c in &polled {
+        let id = c["command_id"].as_str().unwrap();
+        let mut story = stories[id].clone();
+        story.dedup(); // at least once: the kill -9 may have repeated a `queued`
+        assert_eq!(story, ["queued", "delivered", "acked"], "{id}");
     }
 }
 

@@ -3,7 +3,9 @@
 //! Kafka services are reached: TLS with a private CA and hostname verification, mutual TLS, and
 //! SASL/SCRAM-SHA-256 and -512 over TLS (tansu checks SCRAM proofs; it offers no PLAIN that
 //! checks a password, see docs/KAFKA.md). Records are read back with an rdkafka consumer over
-//! the same security.
+//! the same security. Once the settings are right, the gateway also reads a command from the
+//! commands topic over the same security (a backend's confluent-kafka producer sends it) and
+//! answers it on the status topic.
 //!
 //! Every wrong setting (CA, host name, client certificate, password) must show its reason in
 //! `/api/v1/status` and the log, lose nothing, and the records must arrive once the config is
@@ -16,11 +18,15 @@ use std::time::Duration;
 
 use outpost_e2e::admin::{Device, admin_token_config};
 use outpost_e2e::daemon::{Daemon, write_config};
-use outpost_e2e::kafka::{Tansu, TansuSetup, consume_with, free_port};
+use outpost_e2e::kafka::{Tansu, TansuSetup, consume_with, free_port, send_commands_with};
 use outpost_e2e::stunnel::Stunnel;
 use outpost_e2e::tls::Ca;
 
 const TOPIC: &str = "outpost.readings";
+const COMMANDS: &str = "outpost.commands";
+const STATUS: &str = "outpost.command-status";
+/// Appended to a config: the gateway reads commands too.
+const WITH_COMMANDS: &str = "\n[kafka.commands]\nenabled = true\n";
 
 /// A certificate and its key.
 type Pair = (PathBuf, PathBuf);
@@ -68,7 +74,7 @@ impl SecuredBroker {
     fn start(cert: &Pair, client_ca: Option<&Path>, setup: TansuSetup) -> SecuredBroker {
         let port = free_port();
         let tansu = Tansu::start_with(
-            &[(TOPIC, 1)],
+            &[(TOPIC, 1), (COMMANDS, 1), (STATUS, 1)],
             TansuSetup {
                 advertised: Some(format!("localhost:{port}")),
                 ..setup
@@ -160,6 +166,39 @@ fn wait_delivered(d: &mut Daemon) {
     });
 }
 
+/// A backend's librdkafka settings for the broker: TLS with the private CA and the client
+/// certificate, then `client`'s (which may override them, e.g. SASL).
+fn backend_settings(pki: &Pki, client: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut settings = vec![
+        (
+            "ssl.ca.location".to_owned(),
+            pki.ca.cert().display().to_string(),
+        ),
+        (
+            "ssl.certificate.location".to_owned(),
+            pki.client.0.display().to_string(),
+        ),
+        (
+            "ssl.key.location".to_owned(),
+            pki.client.1.display().to_string(),
+        ),
+        ("security.protocol".to_owned(), "ssl".to_owned()),
+    ];
+    settings.extend(
+        client
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
+    settings
+}
+
+fn as_pairs(settings: &[(String, String)]) -> Vec<(&str, &str)> {
+    settings
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
+}
+
 /// Reads the topic back over TLS (with `client` settings added) and checks it holds each of
 /// `device`'s records `0..count` once.
 fn assert_topic_holds(
@@ -169,24 +208,13 @@ fn assert_topic_holds(
     device: &str,
     count: u64,
 ) {
-    let ca = pki.ca.cert().display().to_string();
-    let (cert, key) = (
-        pki.client.0.display().to_string(),
-        pki.client.1.display().to_string(),
-    );
-    let mut settings = vec![
-        ("ssl.ca.location", ca.as_str()),
-        ("ssl.certificate.location", cert.as_str()),
-        ("ssl.key.location", key.as_str()),
-        ("security.protocol", "ssl"),
-    ];
-    settings.extend_from_slice(client);
+    let settings = backend_settings(pki, client);
     let got = consume_with(
         &broker.bootstrap(),
         TOPIC,
         count as usize + 1,
         Duration::from_secs(15),
-        &settings,
+        &as_pairs(&settings),
     );
     let mut counters: Vec<u64> = got
         .iter()
@@ -202,6 +230,51 @@ fn assert_topic_holds(
         (0..count).collect::<Vec<_>>(),
         "{}",
         broker.stunnel.log()
+    );
+}
+
+/// A backend sends a command for `device` over the broker's security (`client` settings added,
+/// as in [`assert_topic_holds`]); the gateway (configured [`WITH_COMMANDS`]) reads it over its
+/// own, queues it, and its `queued` event comes back on the status topic.
+fn assert_commands_flow(
+    d: &mut Daemon,
+    broker: &SecuredBroker,
+    pki: &Pki,
+    client: &[(&str, &str)],
+    device: &str,
+) {
+    let gateway = d.status()["gateway_id"].as_str().unwrap().to_owned();
+    let settings = backend_settings(pki, client);
+    let id = format!("secured-{device}");
+    send_commands_with(
+        &broker.bootstrap(),
+        COMMANDS,
+        &[(
+            gateway.as_str(),
+            serde_json::json!({"id": id, "device": device, "name": "ping"}),
+        )],
+        Duration::ZERO,
+        &as_pairs(&settings),
+    );
+    d.wait_until("the command read", Duration::from_secs(30), |d| {
+        d.metric("outpost_kafka_commands_read_total") == 1.0
+    });
+    let events = consume_with(
+        &broker.bootstrap(),
+        STATUS,
+        1,
+        Duration::from_secs(30),
+        &as_pairs(&settings),
+    );
+    let statuses: Vec<serde_json::Value> = events
+        .iter()
+        .map(|r| serde_json::from_slice(&r.payload).unwrap())
+        .collect();
+    assert!(
+        statuses.iter().any(|e| e["command_id"] == id.as_str()
+            && e["status"] == "queued"
+            && e["device"] == device),
+        "{statuses:#?}"
     );
 }
 
@@ -261,11 +334,12 @@ fn mutual_tls_needs_the_client_certificate() {
     assert!(d.terminate(Duration::from_secs(15)).0.success());
 
     let security = tls(&pki.ca, Some(&pki.client));
-    let mut d = start(dir.path(), &config(&broker, &security));
+    let mut d = start(dir.path(), &(config(&broker, &security) + WITH_COMMANDS));
     wait_delivered(&mut d);
     dev.send(&d, TOPIC, 5);
     wait_delivered(&mut d);
     assert_topic_holds(&broker, &pki, &[], "mtls-1", 10);
+    assert_commands_flow(&mut d, &broker, &pki, &[], "mtls-1");
     assert!(
         broker.stunnel.log().contains("Certificate accepted"),
         "stunnel checked the client certificate: {}",
@@ -321,20 +395,16 @@ fn sasl_scram_over_tls_checks_the_password() {
 
     let mut d = start(
         dir.path(),
-        &config(&broker, &sasl("SCRAM-SHA-512", "bob", "bob-secret")),
+        &(config(&broker, &sasl("SCRAM-SHA-512", "bob", "bob-secret")) + WITH_COMMANDS),
     );
     dev.send(&d, TOPIC, 5);
     wait_delivered(&mut d);
-    assert_topic_holds(
-        &broker,
-        &pki,
-        &[
-            ("security.protocol", "sasl_ssl"),
-            ("sasl.mechanism", "SCRAM-SHA-512"),
-            ("sasl.username", "bob"),
-            ("sasl.password", "bob-secret"),
-        ],
-        "scram-1",
-        15,
-    );
+    let bob = [
+        ("security.protocol", "sasl_ssl"),
+        ("sasl.mechanism", "SCRAM-SHA-512"),
+        ("sasl.username", "bob"),
+        ("sasl.password", "bob-secret"),
+    ];
+    assert_topic_holds(&broker, &pki, &bob, "scram-1", 15);
+    assert_commands_flow(&mut d, &broker, &pki, &bob, "scram-1");
 }
