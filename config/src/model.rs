@@ -331,12 +331,22 @@ pub struct AdminConfig {
     /// Default `"0.0.0.0:8080"`; port 0 picks a free port (used by tests).
     #[serde(with = "socket_addr")]
     pub listen: SocketAddr,
+    /// The local admin socket (a Unix socket serving the same API, no token needed: whoever may
+    /// open it is trusted with the `admin` scope; mode 0660, so root, the service's user and
+    /// its group). Default `"/run/outpost/admin.sock"`; created only when its directory
+    /// exists (the systemd unit's `RuntimeDirectory=`); `""` turns it off. The CLI uses it
+    /// when no `--url` is given.
+    pub socket: PathBuf,
 }
+
+/// The local admin socket's default path (`admin.socket`).
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/outpost/admin.sock";
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            socket: PathBuf::from(DEFAULT_ADMIN_SOCKET),
         }
     }
 }

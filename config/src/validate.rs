@@ -20,6 +20,7 @@ use crate::units::{ByteSize, duration};
 pub(crate) fn check(config: &Config) -> Vec<Issue> {
     let mut checker = Checker::default();
     checker.gateway(config);
+    checker.admin(config);
     checker.log(config);
     checker.outbox(config);
     checker.routes(config);
@@ -130,6 +131,24 @@ impl Checker {
             self.problem(
                 path,
                 format!("invalid {what} name \"{name}\": use 1 to 64 characters a-z, 0-9, _ or -"),
+            );
+        }
+    }
+
+    pub(crate) fn admin(&mut self, config: &Config) {
+        let socket = &config.admin.socket;
+        if socket.as_os_str().is_empty() {
+            return;
+        }
+        // sun_path holds 108 bytes with the terminating NUL.
+        if !socket.is_absolute() || socket.as_os_str().len() > 107 || socket.file_name().is_none() {
+            self.problem(
+                root("admin").key("socket"),
+                format!(
+                    "must be an absolute path of at most 107 bytes naming a file, or \"\" for no \
+                     local socket; found \"{}\"",
+                    socket.display()
+                ),
             );
         }
     }

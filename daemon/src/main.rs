@@ -12,6 +12,7 @@ mod cli;
 mod cloud_commands;
 mod fleet;
 mod ingress;
+mod local_admin;
 mod registry;
 mod status;
 mod supervisor;

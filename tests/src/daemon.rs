@@ -76,10 +76,21 @@ impl Daemon {
         data_dir: PathBuf,
         env: &[(&str, &str)],
     ) -> Daemon {
-        let mut child = Command::new(bin)
-            .arg("run")
-            .arg("--config")
-            .arg(config_path)
+        let mut command = Command::new(bin);
+        command.arg("run").arg("--config").arg(config_path);
+        Self::start_command(command, env, config_path, data_dir)
+    }
+
+    /// Starts the daemon with `command` (which must end up `exec`ing `outpost run`, so the pid
+    /// is the daemon's) and the environment variables `env`, and waits until it is ready.
+    /// `config_path` is the file it reads.
+    pub fn start_command(
+        mut command: Command,
+        env: &[(&str, &str)],
+        config_path: &Path,
+        data_dir: PathBuf,
+    ) -> Daemon {
+        let mut child = command
             .env_remove("RUST_LOG")
             .env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC")

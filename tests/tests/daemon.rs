@@ -438,3 +438,194 @@ fn a_stopped_session_store_makes_the_gateway_not_ready() {
     let (status, _) = d.terminate(Duration::from_secs(15));
     assert!(status.success(), "{}", d.logs().join("\n"));
 }
+
+/// Without `--config`, `outpost run`, `outpost devices` and `outpost buffer` read
+/// /etc/outpost/outpost.toml when it exists (the file `check-config` checks by default), and
+/// `--config /dev/null` still gives the built-in defaults. The daemon runs in a private mount
+/// namespace whose /etc is an overlay (`unshare`, util-linux), so the host's /etc is never
+/// touched; the CLI commands join that namespace with `nsenter`.
+#[test]
+fn without_config_every_command_reads_the_packaged_config_file() {
+    use outpost_e2e::admin::{ADMIN_TOKEN, admin_token_config};
+    let dir = tempfile::tempdir().unwrap();
+    let (upper, work) = (dir.path().join("upper"), dir.path().join("work"));
+    std::fs::create_dir(&upper).unwrap();
+    std::fs::create_dir(&work).unwrap();
+    let data = dir.path().join("packaged-data");
+    let port = outpost_e2e::kafka::free_port();
+    let packaged = dir.path().join("packaged.toml");
+    std::fs::write(
+        &packaged,
+        format!(
+            "{}\n[gateway]\ndata_dir = \"{}\"\n\n[admin]\nlisten = \"127.0.0.1:{port}\"\n\n\
+             [log]\nformat = \"json\"\n\n[mqtt]\nenabled = false\n\n[coap]\nenabled = false\n",
+            admin_token_config(),
+            data.display()
+        ),
+    )
+    .unwrap();
+    let mut command = std::process::Command::new("unshare");
+    command
+        .args(["--mount", "--propagation", "private", "sh", "-ec"])
+        .arg(
+            "mount -t overlay overlay -o \"lowerdir=/etc,upperdir=$1,workdir=$2\" /etc\n\
+             mkdir -p /etc/outpost\n\
+             cp \"$3\" /etc/outpost/outpost.toml\n\
+             exec \"$4\" run",
+        )
+        .arg("sh")
+        .args([&upper, &work, &packaged])
+        .arg(outpost_e2e::outpost_bin())
+        .env_remove("OUTPOST_CONFIG");
+    let mut d = Daemon::start_command(
+        command,
+        &[],
+        std::path::Path::new("/etc/outpost/outpost.toml"),
+        data.clone(),
+    );
+    assert_eq!(
+        d.admin.port(),
+        port,
+        "the daemon listens where the packaged file says"
+    );
+    let read = d.wait_for_log("Configuration read", Duration::from_secs(5));
+    assert!(read.contains("/etc/outpost/outpost.toml"), "{read}");
+    assert!(
+        !std::path::Path::new("/etc/outpost/outpost.toml").exists()
+            || std::fs::read(&packaged).unwrap()
+                != std::fs::read("/etc/outpost/outpost.toml").unwrap(),
+        "the host's /etc was changed"
+    );
+
+    // The CLI in the daemon's mount namespace, with neither --config nor --url.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new("nsenter")
+            .args(["--mount", "--target", &d.pid().to_string(), "--"])
+            .arg(outpost_e2e::outpost_bin())
+            .args(args)
+            .env_remove("OUTPOST_CONFIG")
+            .env("OUTPOST_API_TOKEN", ADMIN_TOKEN)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = cli(&["devices", "add", "sensor-1"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let r = d.get_with_token("/api/v1/devices/sensor-1", ADMIN_TOKEN);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (code, out, err) = cli(&["buffer", "stats", "--json"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let stats: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        stats["path"],
+        data.join("outbox.db").display().to_string(),
+        "{stats}"
+    );
+    // The defaults on request: /dev/null is an empty configuration, whose data directory
+    // (./outpost-data under the working directory) holds no outbox.
+    let (code, out, err) = cli(&["buffer", "stats", "--config", "/dev/null"]);
+    assert_ne!(code, Some(0), "{out}{err}");
+    assert!(err.contains("outpost-data"), "{err}");
+    assert!(d.terminate(Duration::from_secs(15)).0.success());
+}
+
+/// The local admin socket (`admin.socket`): the CLI uses it without a token when no `--url` is
+/// given, so root administers the gateway right after installation; curl (a client nobody here
+/// wrote) gets the API over it without a token while the TCP listener still answers 401; a
+/// user who may not open it (`nobody`, via util-linux `setpriv`) is told so; the API logs the
+/// caller's uid; the socket is 0660 and gone after a clean stop.
+#[test]
+fn the_local_admin_socket_needs_no_token_and_only_its_permissions() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    // Others may read the directory and the config (for `nobody`); the socket stays 0660.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = dir.path().join("admin.sock");
+    let config = write_config(dir.path(), &outpost_e2e::admin::admin_token_config());
+    let text = std::fs::read_to_string(&config).unwrap().replacen(
+        "[admin]\n",
+        &format!("[admin]\nsocket = \"{}\"\n", socket.display()),
+        1,
+    );
+    std::fs::write(&config, text).unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut d = Daemon::start_with(&config, dir.path().join("data"));
+    d.wait_for_log("Local admin socket bound", Duration::from_secs(5));
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    let subsystem = d.status()["subsystems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "admin-socket")
+        .cloned()
+        .unwrap();
+    assert_eq!(subsystem["state"], "ACTIVE", "{subsystem}");
+
+    // `nobody` cannot reach the build directory under root's home: a copy it may run.
+    let public_bin = dir.path().join("outpost");
+    if std::fs::hard_link(outpost_e2e::outpost_bin(), &public_bin).is_err() {
+        std::fs::copy(outpost_e2e::outpost_bin(), &public_bin).unwrap();
+    }
+    let cli = |user: Option<&str>, args: &[&str]| {
+        let mut command = match user {
+            Some(uid) => {
+                let mut c = std::process::Command::new("setpriv");
+                c.args([
+                    &format!("--reuid={uid}"),
+                    &format!("--regid={uid}"),
+                    "--clear-groups",
+                ])
+                .arg(&public_bin);
+                c
+            }
+            None => std::process::Command::new(outpost_e2e::outpost_bin()),
+        };
+        let out = command
+            .args(args)
+            .args(["--config", config.to_str().unwrap()])
+            .env_remove("OUTPOST_API_TOKEN")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // No token, no --url: over the socket.
+    let (code, out, err) = cli(None, &["devices", "add", "sensor-1", "--json"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let added: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(added["secret"].as_str().unwrap().len(), 64, "{added}");
+    let (code, out, err) = cli(None, &["devices", "remove", "sensor-1"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let removed = d.wait_for_log("Device deleted through the API", Duration::from_secs(5));
+    assert!(removed.contains("local:uid=0"), "{removed}");
+
+    // curl over the socket without a token; the TCP listener still wants one.
+    let curl = std::process::Command::new("curl")
+        .args(["-s", "-w", "\n%{http_code}", "--unix-socket"])
+        .arg(&socket)
+        .arg("http://localhost/api/v1/devices")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&curl.stdout).into_owned();
+    assert!(text.ends_with("\n200"), "{text}");
+    assert!(text.contains("\"devices\""), "{text}");
+    let (status, _) = d.get("/api/v1/devices");
+    assert_eq!(status, 401);
+
+    // A user who may not open the socket, and has no token.
+    let (code, out, err) = cli(Some("65534"), &["devices", "list"]);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(err.contains("is not open to this user"), "{err}");
+
+    assert!(d.terminate(Duration::from_secs(15)).0.success());
+    assert!(!socket.exists(), "the socket is removed at a clean stop");
+}

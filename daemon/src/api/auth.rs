@@ -11,17 +11,23 @@
 //! Handlers state their scope in their signature with [`Authorized<Read>`], [`Authorized<Write>`]
 //! or [`Authorized<Admin>`] as their first extractor, so authentication runs before anything
 //! reads the request.
+//!
+//! A request over the local admin socket (`crate::local_admin`) carries its peer's credentials
+//! as `ConnectInfo<LocalPeer>`, which only that listener inserts (a client cannot forge an
+//! extension): it has the `admin` scope without a token, named `local:uid=<uid>`. One whose
+//! credentials could not be read is refused with 403.
 
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use axum::extract::FromRequestParts;
+use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use outpost_config::{ApiConfig, Scope};
 
 use super::ApiState;
 use super::error::ApiError;
+use crate::local_admin::LocalPeer;
 use crate::registry::secrets::{self, Sha256Digest};
 
 /// One configured token.
@@ -190,6 +196,19 @@ impl<S: RequiredScope> FromRequestParts<ApiState> for Authorized<S> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
+        if let Some(ConnectInfo(peer)) = parts.extensions.get::<ConnectInfo<LocalPeer>>() {
+            let Some(uid) = peer.uid else {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    "the local admin socket could not read this connection's credentials",
+                ));
+            };
+            return Ok(Authorized {
+                token: Arc::from(format!("local:uid={uid}")),
+                _scope: PhantomData,
+            });
+        }
         let token = state.tokens.check(&parts.headers, S::SCOPE)?;
         Ok(Authorized {
             token,

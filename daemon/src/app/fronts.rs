@@ -25,6 +25,7 @@ use crate::ingress::bus::{BusMetrics, FrontEvents};
 use crate::ingress::coap::{CoapMetrics, CoapSettings};
 use crate::ingress::http::{HttpIngestMetrics, HttpIngestState};
 use crate::ingress::{self, Ingest, LocalReading, READINGS_STREAM_CAPACITY};
+use crate::local_admin;
 use crate::registry::Registry;
 use crate::status::StatusBoard;
 
@@ -404,6 +405,7 @@ impl AdminFront {
                 .copied()
                 .chain(api::ROUTES.iter().map(|r| (r.method, r.path))),
         );
+        spawn_local_socket(&config.admin.socket, router.clone(), spawner, stop);
         let socket = self
             .listener
             .into_std()
@@ -431,4 +433,62 @@ impl AdminFront {
         status.active("admin", true);
         Ok(task)
     }
+}
+
+/// Serves `router` on the local admin socket (`admin.socket`, see `local_admin`) until `stop`,
+/// when it can be created; not essential: the TCP listener serves the same API.
+fn spawn_local_socket(
+    path: &std::path::Path,
+    router: axum::Router,
+    spawner: &Spawner,
+    stop: &CancellationToken,
+) {
+    let listener = match local_admin::bind(path) {
+        Ok(listener) => listener,
+        Err(why) => {
+            tracing::info!(path = %path.display(), reason = %why, "No local admin socket");
+            spawner.status.inactive(
+                "admin-socket",
+                format!("no local admin socket at {}: {why}", path.display()),
+                false,
+            );
+            return;
+        }
+    };
+    tracing::info!(path = %path.display(), "Local admin socket bound");
+    spawner.status.active("admin-socket", false);
+    let listener = Arc::new(tokio::sync::Mutex::new(Some(listener)));
+    let path = path.to_path_buf();
+    let serve_stop = stop.clone();
+    spawner.supervise("admin-socket", "admin-socket", false, stop.clone(), move || {
+        let (router, stop, listener, path) = (
+            router.clone(),
+            serve_stop.clone(),
+            Arc::clone(&listener),
+            path.clone(),
+        );
+        async move {
+            // The first run takes the bound listener; a restart after a failure binds again.
+            let listener = match listener.lock().await.take() {
+                Some(l) => l,
+                None => match local_admin::bind(&path) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "Local admin socket unusable");
+                        return;
+                    }
+                },
+            };
+            let served = axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<local_admin::LocalPeer>(),
+            )
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "Local admin socket failed");
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+    });
 }

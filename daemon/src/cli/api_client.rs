@@ -4,8 +4,9 @@
 //! `devices`, `apps` and `dead-letters` talk to the *running* daemon through its management API
 //! (plain HTTP to the admin listener, blocking `ureq` client), so the daemon stays the only
 //! writer of `registry.db` and `outbox.db` and its in-memory state (index, auth cache, outbox
-//! figures) stays right. The URL is `--url`, else `admin.listen` of `--config` (`0.0.0.0`/`::`
-//! become loopback), else `http://127.0.0.1:8080`; the token is `--token` or
+//! figures) stays right. The URL is `--url`, else `admin.listen` of the configuration file
+//! (`--config`, else /etc/outpost/outpost.toml when it exists; `0.0.0.0`/`::` become loopback),
+//! else `http://127.0.0.1:8080`; the token is `--token` or
 //! `$OUTPOST_API_TOKEN` (prefer the variable: command lines are visible to other users).
 //!
 //! `token new` works offline: it prints a fresh random token and the `[[api.tokens]]` entry
@@ -25,6 +26,7 @@ use super::EXIT_CONFIG;
 use super::args::{
     ApiArgs, AppsCommand, DeadLettersCommand, DevicesCommand, Selection, TokenCommand,
 };
+use super::local_socket::{LocalSocket, Unusable};
 use crate::registry::secrets;
 
 /// A failed command: message and exit code.
@@ -113,9 +115,16 @@ pub fn devices(command: DevicesCommand, api: &ApiArgs) -> ExitCode {
 }
 
 struct Client {
+    /// Where requests go, for messages: the URL, or `unix:<path>` of the local admin socket.
     base: String,
-    token: String,
-    agent: ureq::Agent,
+    transport: Transport,
+}
+
+enum Transport {
+    /// The admin listener over TCP, with a token.
+    Http { token: String, agent: ureq::Agent },
+    /// The local admin socket: no token, its permissions decide.
+    Local(LocalSocket),
 }
 
 struct Reply {
@@ -124,10 +133,54 @@ struct Reply {
 }
 
 impl Client {
+    /// The local admin socket when no `--url` is given and this user can open it, else the
+    /// admin listener over HTTP with a token.
     fn new(api: &ApiArgs) -> Result<Client, Failure> {
-        let base = match &api.url {
-            Some(url) => url.trim_end_matches('/').to_owned(),
-            None => default_url(api)?,
+        let config = if api.url.is_none() {
+            Some(
+                super::load_config(api.config.as_deref())
+                    .map_err(|e| fail(EXIT_CONFIG, e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        let has_token = api.token.as_ref().is_some_and(|t| !t.is_empty());
+        if let Some(config) = &config
+            && !config.admin.socket.as_os_str().is_empty()
+        {
+            let path = &config.admin.socket;
+            match LocalSocket::probe(path) {
+                Ok(socket) => {
+                    return Ok(Client {
+                        base: format!("unix:{}", path.display()),
+                        transport: Transport::Local(socket),
+                    });
+                }
+                Err(Unusable::Denied) if !has_token => {
+                    return Err(fail(
+                        2,
+                        format!(
+                            "the local admin socket {} is not open to this user: run as root or \
+                             the service's user or group (e.g. with sudo), or set \
+                             OUTPOST_API_TOKEN and --url",
+                            path.display()
+                        ),
+                    ));
+                }
+                Err(Unusable::Other(e)) if !has_token => {
+                    return Err(fail(
+                        1,
+                        format!("cannot use the local admin socket {}: {e}", path.display()),
+                    ));
+                }
+                // No daemon there (or unusable, with a token to fall back on): HTTP.
+                Err(_) => {}
+            }
+        }
+        let base = match (&api.url, &config) {
+            (Some(url), _) => url.trim_end_matches('/').to_owned(),
+            (None, Some(config)) => default_url(config),
+            (None, None) => unreachable!("the config is loaded when no --url is given"),
         };
         if base.starts_with("https://") {
             return Err(fail(
@@ -146,7 +199,7 @@ impl Client {
             return Err(fail(
                 2,
                 "no API token: set OUTPOST_API_TOKEN or pass --token (create one with \
-                 `outpost token new`)",
+                 `outpost token new`), or run on the gateway as root (the local admin socket)",
             ));
         };
         let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -154,54 +207,77 @@ impl Client {
             .timeout_global(Some(Duration::from_secs(30)))
             .build()
             .into();
-        Ok(Client { base, token, agent })
+        Ok(Client {
+            base,
+            transport: Transport::Http { token, agent },
+        })
     }
 
     fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Reply, Failure> {
-        let url = format!("{}{path}", self.base);
-        let auth = format!("Bearer {}", self.token);
-        let result = match (method, body) {
-            ("GET", _) => self.agent.get(&url).header("Authorization", &auth).call(),
-            ("DELETE", _) => self
-                .agent
-                .delete(&url)
-                .header("Authorization", &auth)
-                .call(),
-            ("POST", None) => self
-                .agent
-                .post(&url)
-                .header("Authorization", &auth)
-                .send_empty(),
-            ("POST", Some(b)) => self
-                .agent
-                .post(&url)
-                .header("Authorization", &auth)
-                .header("Content-Type", "application/json")
-                .send(b.to_string()),
-            (_, b) => self
-                .agent
-                .patch(&url)
-                .header("Authorization", &auth)
-                .header("Content-Type", "application/json")
-                .send(b.map(Value::to_string).unwrap_or_default()),
-        };
-        let mut response = result.map_err(|e| {
+        let unreachable = |e: String| {
             fail(
                 1,
                 format!("cannot reach the Outpost API at {}: {e}", self.base),
             )
-        })?;
-        let status = response.status().as_u16();
-        let text = response
-            .body_mut()
-            .read_to_string()
-            .map_err(|e| fail(1, format!("reading the response of {method} {path}: {e}")))?;
+        };
+        let (status, text) = match &self.transport {
+            Transport::Local(socket) => {
+                let body = match (method, body) {
+                    ("GET" | "DELETE", _) | ("POST", None) => None,
+                    (_, b) => Some(b.map(Value::to_string).unwrap_or_default()),
+                };
+                socket.call(method, path, body).map_err(unreachable)?
+            }
+            Transport::Http { token, agent } => Self::call_http(
+                &self.base, token, agent, method, path, body,
+            )
+            .map_err(|e| match e {
+                HttpFailure::Unreachable(e) => unreachable(e),
+                HttpFailure::Read(e) => {
+                    fail(1, format!("reading the response of {method} {path}: {e}"))
+                }
+            })?,
+        };
         let body = if text.trim().is_empty() {
             Value::Null
         } else {
             serde_json::from_str(&text).unwrap_or(Value::String(text))
         };
         Ok(Reply { status, body })
+    }
+
+    fn call_http(
+        base: &str,
+        token: &str,
+        agent: &ureq::Agent,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, String), HttpFailure> {
+        let url = format!("{base}{path}");
+        let auth = format!("Bearer {token}");
+        let result = match (method, body) {
+            ("GET", _) => agent.get(&url).header("Authorization", &auth).call(),
+            ("DELETE", _) => agent.delete(&url).header("Authorization", &auth).call(),
+            ("POST", None) => agent.post(&url).header("Authorization", &auth).send_empty(),
+            ("POST", Some(b)) => agent
+                .post(&url)
+                .header("Authorization", &auth)
+                .header("Content-Type", "application/json")
+                .send(b.to_string()),
+            (_, b) => agent
+                .patch(&url)
+                .header("Authorization", &auth)
+                .header("Content-Type", "application/json")
+                .send(b.map(Value::to_string).unwrap_or_default()),
+        };
+        let mut response = result.map_err(|e| HttpFailure::Unreachable(e.to_string()))?;
+        let status = response.status().as_u16();
+        let text = response
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| HttpFailure::Read(e.to_string()))?;
+        Ok((status, text))
     }
 
     /// Like [`Client::call`], turning a non-2xx answer into a failure with the API's message.
@@ -231,21 +307,23 @@ impl Client {
     }
 }
 
-fn default_url(api: &ApiArgs) -> Result<String, Failure> {
-    let Some(path) = &api.config else {
-        return Ok("http://127.0.0.1:8080".to_owned());
-    };
-    let config = super::load_config(Some(path)).map_err(|e| fail(EXIT_CONFIG, e.to_string()))?;
+enum HttpFailure {
+    Unreachable(String),
+    Read(String),
+}
+
+/// The admin listener's URL from `admin.listen` (`0.0.0.0`/`::` become loopback).
+fn default_url(config: &outpost_config::Config) -> String {
     let listen = config.admin.listen;
     let ip = match listen.ip() {
         IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
         IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
         ip => ip,
     };
-    Ok(match ip {
+    match ip {
         IpAddr::V4(ip) => format!("http://{ip}:{}", listen.port()),
         IpAddr::V6(ip) => format!("http://[{ip}]:{}", listen.port()),
-    })
+    }
 }
 
 /// Percent-encodes everything but `[A-Za-z0-9_-]`.
@@ -771,29 +849,21 @@ fn render_table(devices: &[Value], now: i64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
-
     use super::*;
 
     #[test]
     fn default_url_comes_from_admin_listen() {
-        let args = |config: Option<PathBuf>| ApiArgs {
-            url: None,
-            config,
-            token: None,
-            json: false,
-        };
-        let dir = tempfile::tempdir().unwrap();
         let url_of = |listen: &str| {
-            let path = dir.path().join("o.toml");
-            std::fs::write(&path, format!("[admin]\nlisten = \"{listen}\"\n")).unwrap();
-            default_url(&args(Some(path))).ok().unwrap()
+            let config =
+                outpost_config::from_toml_str(&format!("[admin]\nlisten = \"{listen}\"\n"))
+                    .unwrap();
+            default_url(&config)
         };
         assert_eq!(url_of("0.0.0.0:9999"), "http://127.0.0.1:9999");
         assert_eq!(url_of("[::]:8081"), "http://[::1]:8081");
         assert_eq!(url_of("10.1.2.3:80"), "http://10.1.2.3:80");
         assert_eq!(
-            default_url(&args(None)).ok().unwrap(),
+            default_url(&outpost_config::Config::default()),
             "http://127.0.0.1:8080"
         );
     }

@@ -16,7 +16,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the gateway (in the foreground; under systemd as a Type=notify service).
     Run {
-        /// Configuration file. Without it Outpost runs on its built-in defaults.
+        /// Configuration file. Without it: /etc/outpost/outpost.toml when it exists, else the
+        /// built-in defaults (`--config /dev/null` forces the defaults).
         #[arg(long, short, env = "OUTPOST_CONFIG")]
         config: Option<PathBuf>,
     },
@@ -75,7 +76,8 @@ pub enum Command {
 pub enum FleetCommand {
     /// List every gateway's last heartbeat; flag gateways silent for three intervals.
     Watch {
-        /// Kafka settings (brokers, security, heartbeat topic) from this configuration file.
+        /// Kafka settings (brokers, security, heartbeat topic) from this configuration file
+        /// (default: /etc/outpost/outpost.toml when it exists).
         #[arg(long, short, env = "OUTPOST_CONFIG")]
         config: Option<PathBuf>,
         /// Bootstrap brokers (`host:port,...`), overriding the configuration's.
@@ -112,7 +114,8 @@ pub struct DataLocation {
     /// The data directory holding outbox.db.
     #[arg(long, global = true, conflicts_with = "config")]
     pub data_dir: Option<PathBuf>,
-    /// Read the data directory from this configuration file.
+    /// Read the data directory from this configuration file (default: /etc/outpost/outpost.toml
+    /// when it exists, else the built-in default data directory).
     #[arg(long, short, global = true, env = "OUTPOST_CONFIG")]
     pub config: Option<PathBuf>,
 }
@@ -120,11 +123,12 @@ pub struct DataLocation {
 /// How to reach the daemon's API.
 #[derive(Debug, Args)]
 pub struct ApiArgs {
-    /// Base URL of the admin listener, e.g. `http://127.0.0.1:8080`. Default: from `--config`'s
-    /// `admin.listen`, else `http://127.0.0.1:8080`.
+    /// Base URL of the admin listener, e.g. `http://127.0.0.1:8080`. Default: from the
+    /// configuration file's `admin.listen`, else `http://127.0.0.1:8080`.
     #[arg(long, global = true)]
     pub url: Option<String>,
-    /// Configuration file to read `admin.listen` from.
+    /// Configuration file to read `admin.listen` from (default: /etc/outpost/outpost.toml when
+    /// it exists).
     #[arg(long, short, global = true, env = "OUTPOST_CONFIG")]
     pub config: Option<PathBuf>,
     /// Management API token (with the `read`, `write` or `admin` scope the command needs).

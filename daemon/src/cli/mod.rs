@@ -16,8 +16,9 @@ pub mod args;
 mod api_client;
 mod buffer;
 mod fleet_watch;
+mod local_socket;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use outpost_config::{Config, ConfigError};
@@ -65,11 +66,27 @@ pub fn version_line() -> String {
     )
 }
 
-/// Loads and fully validates a config: the typed checks of the config crate plus what only the
-/// daemon can judge (the log filter, the MQTT TLS files). `check-config` and `run` share this function.
+/// The configuration file every command reads when none is named (`--config`,
+/// `$OUTPOST_CONFIG`): the packaged one, when it exists. `check-config` checks the same file.
+pub const DEFAULT_CONFIG: &str = "/etc/outpost/outpost.toml";
+
+/// The configuration file to read: the one named, else [`DEFAULT_CONFIG`] when it exists, else
+/// none (the built-in defaults). A default that may exist but cannot be looked at (a user
+/// outside the `outpost` group, `/etc/outpost` being 0750) is still chosen, so loading it fails
+/// with the reason instead of silently running on other settings than the service's.
+pub fn config_file(named: Option<&Path>) -> Option<PathBuf> {
+    named.map(Path::to_path_buf).or_else(|| {
+        let default = Path::new(DEFAULT_CONFIG);
+        (!matches!(default.try_exists(), Ok(false))).then(|| default.to_path_buf())
+    })
+}
+
+/// Loads and fully validates a config ([`config_file`] of `path`): the typed checks of the
+/// config crate plus what only the daemon can judge (the log filter, the MQTT TLS files). Every
+/// command shares this function.
 pub fn load_config(path: Option<&Path>) -> Result<Config, ConfigError> {
-    let config = match path {
-        Some(path) => outpost_config::load_file(path)?,
+    let config = match config_file(path) {
+        Some(path) => outpost_config::load_file(&path)?,
         None => Config::default(),
     };
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log.level) {
@@ -112,7 +129,8 @@ fn check_config(path: &Path) -> ExitCode {
 }
 
 fn run(path: Option<&Path>) -> ExitCode {
-    let config = match load_config(path) {
+    let file = config_file(path);
+    let config = match load_config(file.as_deref()) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("{e}");
@@ -121,6 +139,12 @@ fn run(path: Option<&Path>) -> ExitCode {
         }
     };
     telemetry::logging::init(&config.log);
+    match &file {
+        Some(file) => tracing::info!(file = %file.display(), "Configuration read"),
+        None => tracing::info!(
+            "No configuration file (none named, {DEFAULT_CONFIG} absent): built-in defaults"
+        ),
+    }
     for warning in config.warnings() {
         tracing::warn!(key = %warning.path, "Configuration: {}", warning.message);
     }
