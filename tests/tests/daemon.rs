@@ -621,6 +621,36 @@ fn the_local_admin_socket_needs_no_token_and_only_its_permissions() {
     let (status, _) = d.get("/api/v1/devices");
     assert_eq!(status, 401);
 
+    // A token made on the gateway for a client elsewhere: created over the socket, used over
+    // TCP, listed with its creator, revoked.
+    let (code, out, err) = cli(
+        None,
+        &[
+            "token",
+            "create",
+            "--name",
+            "installer",
+            "--scopes",
+            "write",
+            "--json",
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    let created: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let token = created["token"].as_str().unwrap().to_owned();
+    assert_eq!(d.get_with_token("/api/v1/devices", &token).status, 200);
+    let (code, out, err) = cli(None, &["token", "list"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.lines().any(|l| l.starts_with("installer")
+            && l.contains("write")
+            && l.contains("local:uid=0")),
+        "{out}"
+    );
+    let (code, out, err) = cli(None, &["token", "revoke", "installer"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(d.get_with_token("/api/v1/devices", &token).status, 401);
+
     // A user who may not open the socket, and has no token.
     let (code, out, err) = cli(Some("65534"), &["devices", "list"]);
     assert_eq!(code, Some(2), "{out}{err}");

@@ -1,7 +1,8 @@
 //! Bearer-token authentication and scopes of the management API.
 //!
-//! Tokens are declared in the config as `[[api.tokens]]` with the SHA-256 of the token (never
-//! the token): the presented token is hashed and compared with *every* configured digest in
+//! Tokens are declared in the config as `[[api.tokens]]`, or created through the API
+//! (`api::tokens`, kept in `registry.db`), both as the SHA-256 of the token (never the token):
+//! the presented token is hashed and compared with *every* configured digest in
 //! constant time, so neither the match nor its position leaks through timing. Scopes are ordered:
 //! `admin` implies `write` implies `read`.
 //!
@@ -18,7 +19,7 @@
 //! credentials could not be read is refused with 403.
 
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
@@ -29,20 +30,25 @@ use super::ApiState;
 use super::error::ApiError;
 use crate::local_admin::LocalPeer;
 use crate::registry::secrets::{self, Sha256Digest};
+use crate::registry::tokens::StoredToken;
 
-/// One configured token.
+/// One token the API accepts.
 #[derive(Debug, Clone)]
 pub struct Token {
     pub name: Arc<str>,
     digest: Sha256Digest,
     /// The highest scope granted.
     scope: Scope,
+    /// For a token created through the API: when, and by whom. `None`: from the config.
+    created: Option<(i64, Arc<str>)>,
 }
 
-/// The configured tokens.
-#[derive(Debug, Clone, Default)]
+/// The tokens the API accepts: the config's `[[api.tokens]]`, fixed for the daemon's life, and
+/// those created through the API (`registry::tokens`), which come and go.
+#[derive(Debug, Default)]
 pub struct TokenSet {
-    tokens: Vec<Token>,
+    configured: Vec<Token>,
+    created: RwLock<Vec<Token>>,
 }
 
 impl TokenSet {
@@ -61,15 +67,91 @@ impl TokenSet {
                 name: Arc::from(t.name.as_str()),
                 digest,
                 scope,
+                created: None,
             });
         }
-        if tokens.is_empty() {
-            tracing::warn!(
-                "No [[api.tokens]] configured: every management API route answers 401 \
-                 (create one with `outpost token new`)"
-            );
+        TokenSet {
+            configured: tokens,
+            created: RwLock::default(),
         }
-        TokenSet { tokens }
+    }
+
+    /// Adds the tokens created through the API (read from the registry at start).
+    pub fn load_created(&self, stored: Vec<StoredToken>) {
+        for t in stored {
+            match Self::from_stored(&t) {
+                Some(token) => self.add(token),
+                None => {
+                    tracing::error!(token = %t.name, "Ignoring a stored API token without a valid sha256 or scopes")
+                }
+            }
+        }
+    }
+
+    /// A stored token as the API checks it.
+    pub fn from_stored(t: &StoredToken) -> Option<Token> {
+        let digest = secrets::parse_sha256_hex(&t.sha256)?;
+        let scope = t.scopes.iter().filter_map(|s| parse_scope(s)).max()?;
+        Some(Token {
+            name: Arc::from(t.name.as_str()),
+            digest,
+            scope,
+            created: Some((t.created_at_ms, Arc::from(t.created_by.as_str()))),
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.configured.is_empty() && self.created().is_empty()
+    }
+
+    /// Whether a token of this name exists, and whether it is the config's.
+    pub fn lookup(&self, name: &str) -> Option<bool> {
+        if self.configured.iter().any(|t| &*t.name == name) {
+            return Some(true);
+        }
+        self.created()
+            .iter()
+            .any(|t| &*t.name == name)
+            .then_some(false)
+    }
+
+    pub fn add(&self, token: Token) {
+        let mut created = self.created.write().unwrap_or_else(|e| e.into_inner());
+        created.retain(|t| t.name != token.name);
+        created.push(token);
+    }
+
+    /// Forgets a token created through the API; false if there was none.
+    pub fn remove(&self, name: &str) -> bool {
+        let mut created = self.created.write().unwrap_or_else(|e| e.into_inner());
+        let before = created.len();
+        created.retain(|t| &*t.name != name);
+        created.len() != before
+    }
+
+    /// Every token, config ones first, as `GET /api/v1/tokens` lists them (never a digest).
+    pub fn listing(&self) -> Vec<serde_json::Value> {
+        let created = self.created();
+        self.configured
+            .iter()
+            .chain(created.iter())
+            .map(|t| {
+                let mut v = serde_json::json!({
+                    "name": &*t.name,
+                    "scope": scope_name(t.scope),
+                    "source": if t.created.is_some() { "api" } else { "config" },
+                });
+                if let Some((at, by)) = &t.created {
+                    v["created_at_ms"] = serde_json::json!(at);
+                    v["created_by"] = serde_json::json!(&**by);
+                }
+                v
+            })
+            .collect()
+    }
+
+    fn created(&self) -> std::sync::RwLockReadGuard<'_, Vec<Token>> {
+        self.created.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A set with one token, for tests.
@@ -79,21 +161,27 @@ impl TokenSet {
             name: Arc::from(name),
             digest: secrets::sha256(token.as_bytes()),
             scope,
+            created: None,
         }
     }
 
     #[cfg(test)]
     pub fn of(tokens: Vec<Token>) -> TokenSet {
-        TokenSet { tokens }
+        TokenSet {
+            configured: tokens,
+            created: RwLock::default(),
+        }
     }
 
-    /// The token matching `presented`, if any. Compares with every token in constant time.
-    fn find(&self, presented: &str) -> Option<&Token> {
+    /// The name and scope of the token matching `presented`, if any. Compares with every token
+    /// in constant time.
+    fn find(&self, presented: &str) -> Option<(Arc<str>, Scope)> {
         let digest = secrets::sha256(presented.as_bytes());
+        let created = self.created();
         let mut found = None;
-        for t in &self.tokens {
+        for t in self.configured.iter().chain(created.iter()) {
             if secrets::digest_eq(&t.digest, &digest) && found.is_none() {
-                found = Some(t);
+                found = Some((Arc::clone(&t.name), t.scope));
             }
         }
         found
@@ -117,11 +205,11 @@ impl TokenSet {
                 false,
             ));
         };
-        let Some(token) = self.find(presented) else {
+        let Some((name, scope)) = self.find(presented) else {
             tracing::debug!("Management API request with an unknown token");
             return Err(unauthorized("invalid token", true));
         };
-        if token.scope < required {
+        if scope < required {
             return Err(ApiError {
                 challenge: Some(match required {
                     Scope::Admin => {
@@ -133,14 +221,13 @@ impl TokenSet {
                     StatusCode::FORBIDDEN,
                     "forbidden",
                     format!(
-                        "token \"{}\" lacks the \"{}\" scope",
-                        token.name,
+                        "token \"{name}\" lacks the \"{}\" scope",
                         scope_name(required)
                     ),
                 )
             });
         }
-        Ok(Arc::clone(&token.name))
+        Ok(name)
     }
 }
 
@@ -152,6 +239,16 @@ fn unauthorized(message: &str, invalid: bool) -> ApiError {
             "Bearer realm=\"outpost\""
         }),
         ..ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+}
+
+/// `read`, `write` or `admin`.
+pub fn parse_scope(name: &str) -> Option<Scope> {
+    match name {
+        "read" => Some(Scope::Read),
+        "write" => Some(Scope::Write),
+        "admin" => Some(Scope::Admin),
+        _ => None,
     }
 }
 
@@ -289,7 +386,7 @@ mod tests {
             ],
         };
         let set = TokenSet::from_config(&config);
-        assert_eq!(set.tokens.len(), 1);
+        assert_eq!(set.configured.len(), 1);
         assert!(
             set.check(&headers(Some("Bearer tok")), Scope::Admin)
                 .is_ok()

@@ -25,6 +25,7 @@ pub mod dead_letters;
 pub mod devices;
 pub mod error;
 pub mod openapi;
+pub mod tokens;
 pub mod zigbee;
 
 use std::collections::HashMap;
@@ -61,9 +62,22 @@ pub struct ApiState {
 
 impl ApiState {
     pub fn new(registry: Registry, config: &ApiConfig) -> ApiState {
+        let tokens = TokenSet::from_config(config);
+        match registry.api_tokens() {
+            Ok(stored) => tokens.load_created(stored),
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot read the API tokens created through the API")
+            }
+        }
+        if tokens.is_empty() {
+            tracing::warn!(
+                "No API tokens: the management API answers 401 over TCP (create one on the \
+                 gateway with `sudo outpost token create`, or `outpost token new` for the config)"
+            );
+        }
         ApiState {
             registry,
-            tokens: Arc::new(TokenSet::from_config(config)),
+            tokens: Arc::new(tokens),
             zigbee: outpost_drivers::zigbee::ZigbeeControl::default(),
             apps: None,
             outbox: None,
@@ -175,6 +189,11 @@ pub static ROUTES: &[RouteSpec] = &[
     }),
     route("POST", "/api/v1/dead-letters/drop", ADMIN, || {
         post(dead_letters::drop)
+    }),
+    route("GET", "/api/v1/tokens", ADMIN, || get(tokens::list)),
+    route("POST", "/api/v1/tokens", ADMIN, || post(tokens::create)),
+    route("DELETE", "/api/v1/tokens/{name}", ADMIN, || {
+        delete(tokens::revoke)
     }),
     route("GET", "/api/v1/openapi.json", None, || get(openapi::serve)),
 ];

@@ -369,6 +369,58 @@ fn management_operation(method: &str, path: &str) -> Option<Value> {
                 "503": error_response(OUTBOX_UNAVAILABLE)
             }
         }),
+        ("GET", "/api/v1/tokens") => json!({
+            "operationId": "listTokens",
+            "summary": "Every management API token: the config's and those created through the API (never a token or digest)",
+            "responses": {
+                "200": { "description": "The tokens", "content": { "application/json": { "schema": {
+                    "type": "object",
+                    "required": ["tokens"],
+                    "properties": { "tokens": { "type": "array", "items": { "$ref": "#/components/schemas/ApiToken" } } }
+                } } } }
+            }
+        }),
+        ("POST", "/api/v1/tokens") => json!({
+            "operationId": "createToken",
+            "summary": "Create a management API token, stored as its SHA-256; the token is returned only here",
+            "requestBody": { "required": true, "content": { "application/json": { "schema": {
+                "type": "object",
+                "required": ["name", "scopes"],
+                "additionalProperties": false,
+                "properties": {
+                    "name": { "type": "string", "pattern": "^[a-z0-9_-]{1,64}$" },
+                    "scopes": { "type": "array", "minItems": 1, "items": { "type": "string", "enum": ["read", "write", "admin"] } }
+                }
+            } } } },
+            "responses": {
+                "201": { "description": "The token (shown once)", "content": { "application/json": { "schema": {
+                    "type": "object",
+                    "required": ["name", "scopes", "token", "source", "created_at_ms", "created_by"],
+                    "properties": {
+                        "name": { "type": "string" },
+                        "scopes": { "type": "array", "items": { "type": "string" } },
+                        "token": { "type": "string", "description": "64 hex digits; not stored, not shown again" },
+                        "source": { "type": "string", "enum": ["api"] },
+                        "created_at_ms": { "type": "integer", "format": "int64" },
+                        "created_by": { "type": "string" }
+                    }
+                } } } },
+                "400": error_response("Malformed JSON"),
+                "409": error_response("A token of that name exists (`already_exists`, field `name`)"),
+                "413": error_response("Body too large"),
+                "422": error_response("Invalid name or scopes, unknown field or wrong type (`field` names it)")
+            }
+        }),
+        ("DELETE", "/api/v1/tokens/{name}") => json!({
+            "operationId": "revokeToken",
+            "summary": "Revoke a token created through the API; it grants nothing from this request on",
+            "parameters": [path_param("name", "The token's name", json!({ "type": "string" }))],
+            "responses": {
+                "204": { "description": "Revoked" },
+                "404": error_response("No such token"),
+                "409": error_response("The token is declared in the configuration file (`config_token`)")
+            }
+        }),
         ("GET", "/api/v1/openapi.json") => json!({
             "operationId": "getOpenApi",
             "summary": "This document",
@@ -511,6 +563,17 @@ fn schemas() -> Value {
         })
     };
     json!({
+        "ApiToken": {
+            "type": "object",
+            "required": ["name", "scope", "source"],
+            "properties": {
+                "name": { "type": "string" },
+                "scope": { "type": "string", "enum": ["read", "write", "admin"], "description": "The highest scope (each implies the lower ones)" },
+                "source": { "type": "string", "enum": ["config", "api"] },
+                "created_at_ms": { "type": "integer", "format": "int64", "description": "Tokens created through the API only" },
+                "created_by": { "type": "string", "description": "Tokens created through the API only: the creating token's name, or `local:uid=<uid>`" }
+            }
+        },
         "Error": {
             "type": "object",
             "required": ["error", "message", "field"],
@@ -820,14 +883,14 @@ pub fn document() -> Value {
         "info": {
             "title": "Outpost gateway API",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Management API of an Outpost edge gateway. Management routes take `Authorization: Bearer <token>` with a token declared in `[[api.tokens]]`; scopes: `read` for GETs, `write` to create/update/enable/disable devices, queue commands and retry dead letters, `admin` to delete devices, rotate secrets and drop dead letters (`admin` implies `write` implies `read`). Errors are JSON `{\"error\", \"message\", \"field\"}`."
+            "description": "Management API of an Outpost edge gateway. Management routes take `Authorization: Bearer <token>` with a token declared in `[[api.tokens]]` or created through `/api/v1/tokens` (over the gateway's local admin socket no token is needed); scopes: `read` for GETs, `write` to create/update/enable/disable devices, queue commands and retry dead letters, `admin` to delete devices, rotate secrets and drop dead letters (`admin` implies `write` implies `read`). Errors are JSON `{\"error\", \"message\", \"field\"}`."
         },
         "servers": [{ "url": "/" }],
         "security": [{ "bearerAuth": [] }],
         "paths": paths,
         "components": {
             "securitySchemes": {
-                "bearerAuth": { "type": "http", "scheme": "bearer", "description": "Management token from `[[api.tokens]]` (`outpost token new`)" },
+                "bearerAuth": { "type": "http", "scheme": "bearer", "description": "Management token from `[[api.tokens]]` (`outpost token new`) or `POST /api/v1/tokens` (`outpost token create`)" },
                 "deviceBasic": { "type": "http", "scheme": "basic", "description": "Device id and device secret" },
                 "deviceBearer": { "type": "http", "scheme": "bearer", "description": "`<device id>:<device secret>`" }
             },

@@ -54,9 +54,58 @@ fn finish(result: Result<(), Failure>) -> ExitCode {
 
 // ---- token new ------------------------------------------------------------------------------
 
-pub fn token(command: TokenCommand) -> ExitCode {
-    let TokenCommand::New { name, scopes, json } = command;
-    finish(token_new(&name, &scopes, json))
+pub fn token(command: TokenCommand, api: &ApiArgs) -> ExitCode {
+    match command {
+        TokenCommand::New { name, scopes } => finish(token_new(&name, &scopes, api.json)),
+        other => finish(Client::new(api).and_then(|client| run_tokens(&client, other, api.json))),
+    }
+}
+
+/// `token create|list|revoke` through the API.
+fn run_tokens(client: &Client, command: TokenCommand, as_json: bool) -> Result<(), Failure> {
+    match command {
+        TokenCommand::New { .. } => unreachable!("handled offline"),
+        TokenCommand::Create { name, scopes } => {
+            let created = client.ok(
+                "POST",
+                "/api/v1/tokens",
+                Some(&json!({ "name": name, "scopes": scopes })),
+            )?;
+            if as_json {
+                println!("{created:#}");
+            } else {
+                println!(
+                    "Token \"{name}\" (shown once; give it to the API client, e.g. as OUTPOST_API_TOKEN):"
+                );
+                println!();
+                println!("    {}", created["token"].as_str().unwrap_or_default());
+            }
+        }
+        TokenCommand::List => {
+            let listed = client.ok("GET", "/api/v1/tokens", None)?;
+            if as_json {
+                println!("{listed:#}");
+            } else {
+                println!("{:<24} {:<6} {:<7} CREATED BY", "NAME", "SCOPE", "SOURCE");
+                for t in listed["tokens"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<24} {:<6} {:<7} {}",
+                        t["name"].as_str().unwrap_or_default(),
+                        t["scope"].as_str().unwrap_or_default(),
+                        t["source"].as_str().unwrap_or_default(),
+                        t["created_by"].as_str().unwrap_or("-"),
+                    );
+                }
+            }
+        }
+        TokenCommand::Revoke { name } => {
+            client.ok("DELETE", &format!("/api/v1/tokens/{}", encode(&name)), None)?;
+            if !as_json {
+                println!("Token \"{name}\" revoked.");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn token_new(name: &str, scopes: &[String], as_json: bool) -> Result<(), Failure> {

@@ -65,10 +65,13 @@ pub enum Command {
         #[command(subcommand)]
         command: FleetCommand,
     },
-    /// Management API tokens.
+    /// Management API tokens: `new` prints one for the config file (offline); `create`, `list`
+    /// and `revoke` go through the running daemon's API (on the gateway: the local admin socket).
     Token {
         #[command(subcommand)]
         command: TokenCommand,
+        #[command(flatten)]
+        api: ApiArgs,
     },
 }
 
@@ -203,9 +206,22 @@ pub enum TokenCommand {
         /// Scopes, comma-separated: read, write, admin (admin implies write implies read).
         #[arg(long, value_delimiter = ',', default_value = "read")]
         scopes: Vec<String>,
-        /// Print JSON instead of text.
+    },
+    /// Create a token through the daemon's API (kept in its registry, hashed); prints it once.
+    Create {
+        /// Token name: 1 to 64 of a-z, 0-9, '_', '-'.
         #[arg(long)]
-        json: bool,
+        name: String,
+        /// Scopes, comma-separated: read, write, admin (admin implies write implies read).
+        #[arg(long, value_delimiter = ',', default_value = "read")]
+        scopes: Vec<String>,
+    },
+    /// Every token the daemon accepts: name, highest scope, where it comes from.
+    List,
+    /// Revoke a token created through the API (config tokens are removed from the config).
+    Revoke {
+        /// The token's name.
+        name: String,
     },
 }
 

@@ -43,7 +43,7 @@ pub fn dispatch(cli: Cli) -> ExitCode {
         Command::Devices { command, api } => api_client::devices(*command, &api),
         Command::Apps { command, api } => api_client::apps(command, &api),
         Command::DeadLetters { command, api } => api_client::dead_letters(command, &api),
-        Command::Token { command } => api_client::token(command),
+        Command::Token { command, api } => api_client::token(command, &api),
         Command::Fleet {
             command:
                 FleetCommand::Watch {

@@ -39,6 +39,7 @@ pub mod monitor;
 mod requests;
 pub mod secrets;
 pub mod store;
+pub mod tokens;
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
@@ -1331,6 +1332,24 @@ impl Registry {
 /// blocking.
 impl Registry {
     /// The stored next offset of a commands partition.
+    /// The management API tokens created through the API. Blocking (read once at start).
+    pub fn api_tokens(&self) -> Result<Vec<tokens::StoredToken>, RegistryError> {
+        let conn = lock(&self.inner.conn);
+        Ok(tokens::list(&conn)?)
+    }
+
+    /// Stores a new API token; false if one of that name exists.
+    pub async fn add_api_token(&self, token: tokens::StoredToken) -> Result<bool, RegistryError> {
+        self.blocking(move |_, conn| Ok(tokens::insert(conn, &token)?))
+            .await
+    }
+
+    /// Deletes the API token `name`; false if there was none.
+    pub async fn remove_api_token(&self, name: String) -> Result<bool, RegistryError> {
+        self.blocking(move |_, conn| Ok(tokens::delete(conn, &name)?.is_some()))
+            .await
+    }
+
     pub fn cloud_offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, String> {
         let conn = lock(&self.inner.conn);
         commands::next_offset(&conn, topic, partition).map_err(|e| e.to_string())

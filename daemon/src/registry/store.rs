@@ -121,6 +121,15 @@ pub(super) const MIGRATIONS: &[&str] = &[
          next_offset INTEGER NOT NULL,
          PRIMARY KEY (topic, partition)
      ) WITHOUT ROWID;",
+    // v5: management API tokens created through the API (`registry::tokens`); the config's
+    // `[[api.tokens]]` stay in the config.
+    "CREATE TABLE api_tokens (
+         name          TEXT    PRIMARY KEY,
+         sha256        TEXT    NOT NULL,   -- hex SHA-256 of the token; never the token
+         scopes        TEXT    NOT NULL,   -- comma-separated: read, write, admin
+         created_at_ms INTEGER NOT NULL,
+         created_by    TEXT    NOT NULL    -- who created it (a token name or local:uid=N)
+     ) WITHOUT ROWID;",
 ];
 
 /// A device's stored secret: the argon2id PHC string and, once known, the SHA-256 (hex).
