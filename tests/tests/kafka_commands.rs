@@ -74,6 +74,20 @@ fn basic(user: &str, secret: &str) -> String {
     format!("Basic {token}")
 }
 
+/// An HTTP device's poll (`GET /api/v1/device/commands` with its `Authorization`): the
+/// commands it got, now marked delivered.
+fn poll_http(d: &Daemon, auth: &str) -> Vec<Value> {
+    let r = request(
+        d.admin,
+        "GET",
+        "/api/v1/device/commands",
+        &[("Authorization", auth)],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()["commands"].as_array().unwrap().clone()
+}
+
 /// The device's commands as the API lists them.
 fn commands_of(d: &Daemon, device: &str) -> Vec<Value> {
     let r = admin(d, "GET", &format!("/api/v1/devices/{device}/commands"), "");
@@ -225,16 +239,7 @@ fn commands_reach_mqtt_and_http_devices_and_their_acks_reach_kafka() {
     // HTTP: poll, then acknowledge; a repeated ack is answered the same; bad ones are refused.
     let auth = basic("poller-1", &poller);
     let polled = wait_for("the HTTP command", Duration::from_secs(10), || {
-        let r = request(
-            d.admin,
-            "GET",
-            "/api/v1/device/commands",
-            &[("Authorization", &auth)],
-            b"",
-        );
-        assert_eq!(r.status, 200, "{}", r.text());
-        let list = r.json()["commands"].as_array().unwrap().clone();
-        list.into_iter().next()
+        poll_http(&d, &auth).into_iter().next()
     });
     assert_eq!(polled["command_id"], "c-http-1");
     assert_eq!(polled["name"], "calibrate");
@@ -462,15 +467,7 @@ fn commands_survive_an_offline_gateway_and_kill_9_exactly_once() {
     // the outbox and reach the backend once Kafka is back, in order per command.
     kafka.block();
     let auth = basic("d-0", &secrets[0]);
-    let r = request(
-        d.admin,
-        "GET",
-        "/api/v1/device/commands",
-        &[("Authorization", &auth)],
-        b"",
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
-    let polled = r.json()["commands"].as_array().unwrap().clone();
+    let polled = poll_http(&d, &auth);
     assert!(polled.len() >= 10, "{polled:?}");
     for c in &polled {
         let r = request(
@@ -552,14 +549,7 @@ fn the_backend_quickstart_reads_a_reading_sends_a_command_and_sees_it_acked() {
 
     // The device: poll until the command is there, then acknowledge it.
     let polled = wait_for("the quickstart's command", Duration::from_secs(30), || {
-        let r = request(
-            d.admin,
-            "GET",
-            "/api/v1/device/commands",
-            &[("Authorization", &auth)],
-            b"",
-        );
-        r.json()["commands"].as_array().unwrap().first().cloned()
+        poll_http(&d, &auth).first().cloned()
     });
     assert_eq!(
         (polled["name"].clone(), polled["payload"].clone()),

@@ -60,19 +60,29 @@ fn listing(pending: &[Command]) -> (Vec<u8>, Vec<i64>) {
 }
 
 impl<B: Backend> Resources<B> {
+    /// The authenticated device of a `/c` request and the registry holding its commands, or
+    /// the answer that refuses the request.
+    async fn command_device(
+        &self,
+        packet: &Packet,
+        peer: SocketAddr,
+    ) -> Result<(String, &Registry), Response> {
+        let query = message::uri_query(packet).map_err(|p| p.into_response())?;
+        let device = self.device(&query, peer).await?.to_owned();
+        let registry = self
+            .backend
+            .registry()
+            .ok_or_else(|| Response::error(ResponseType::NotImplemented, "no commands here"))?;
+        Ok((device, registry))
+    }
+
     /// `GET /c`.
     pub(super) async fn poll_commands(&self, packet: &Packet, peer: SocketAddr) -> Response {
-        let query = match message::uri_query(packet) {
-            Ok(q) => q,
-            Err(p) => return p.into_response(),
-        };
-        let device = match self.device(&query, peer).await {
-            Ok(device) => device,
+        let (device, registry) = match self.command_device(packet, peer).await {
+            Ok(found) => found,
             Err(refusal) => return refusal,
         };
-        let Some(registry) = self.backend.registry() else {
-            return Response::error(ResponseType::NotImplemented, "no commands here");
-        };
+        let device = device.as_str();
         let observe = match message::uint_option(packet, message::OBSERVE, "Observe", 3) {
             Ok(o) => o,
             Err(p) => return p.into_response(),
@@ -124,17 +134,11 @@ impl<B: Backend> Resources<B> {
         peer: SocketAddr,
         id: &str,
     ) -> Response {
-        let query = match message::uri_query(packet) {
-            Ok(q) => q,
-            Err(p) => return p.into_response(),
-        };
-        let device = match self.device(&query, peer).await {
-            Ok(device) => device,
+        let (device, registry) = match self.command_device(packet, peer).await {
+            Ok(found) => found,
             Err(refusal) => return refusal,
         };
-        let Some(registry) = self.backend.registry() else {
-            return Response::error(ResponseType::NotImplemented, "no commands here");
-        };
+        let device = device.as_str();
         let Ok(id) = id.parse::<i64>() else {
             return Response::error(ResponseType::BadRequest, format!("not a command id: {id}"));
         };
