@@ -107,6 +107,7 @@ pub fn status_document(s: &AdminState) -> serde_json::Value {
         "apps": s.status.apps(),
         "kafka": s.status.forwarder(),
         "mqtt": s.status.section("mqtt"),
+        "config": s.status.section("config"),
         "outbox": {
             "path": s.outbox.path().display().to_string(),
             "id": s.outbox.id(),

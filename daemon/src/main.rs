@@ -14,6 +14,7 @@ mod fleet;
 mod ingress;
 mod local_admin;
 mod registry;
+mod reload;
 mod status;
 mod supervisor;
 mod systemd;

@@ -1,4 +1,4 @@
-//! systemd integration: READY, STATUS, WATCHDOG and STOPPING over `$NOTIFY_SOCKET`.
+//! systemd integration: READY, RELOADING, STATUS, WATCHDOG and STOPPING over `$NOTIFY_SOCKET`.
 //!
 //! Every call is a no-op when not started by systemd. The watchdog is fed only while the outbox
 //! writer proves it is making progress and every essential subsystem on the status board is
@@ -23,6 +23,20 @@ pub fn ready(status: &str) {
 
 pub fn status(status: &str) {
     notify(&[NotifyState::Status(status)]);
+}
+
+/// A configuration reload begins (`RELOADING=1` with the monotonic time, as `Type=notify-reload`
+/// wants); [`reloaded`] ends it.
+pub fn reloading() {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => notify(&[NotifyState::Reloading, now]),
+        Err(_) => notify(&[NotifyState::Reloading]),
+    }
+}
+
+/// The reload is over: ready again, with a status line.
+pub fn reloaded(status: &str) {
+    notify(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
 pub fn stopping() {

@@ -659,3 +659,94 @@ fn the_local_admin_socket_needs_no_token_and_only_its_permissions() {
     assert!(d.terminate(Duration::from_secs(15)).0.success());
     assert!(!socket.exists(), "the socket is removed at a clean stop");
 }
+
+/// `SIGHUP` reloads the configuration file: a new `log.level` and new `[[api.tokens]]` apply at
+/// once (a removed token stops working, an added one works, debug lines appear), a change that
+/// needs a restart is reported by key path in the status and the log, and an invalid file
+/// changes nothing (its problem is shown) while the daemon keeps serving.
+#[test]
+fn sighup_applies_log_level_and_tokens_and_reports_what_needs_a_restart() {
+    use outpost_e2e::admin::sha256_hex;
+    let dir = tempfile::tempdir().unwrap();
+    let token_entry = |name: &str, token: &str| {
+        format!(
+            "[[api.tokens]]\nname = \"{name}\"\nsha256 = \"{}\"\nscopes = [\"read\"]\n",
+            sha256_hex(token)
+        )
+    };
+    let config = write_config(dir.path(), &token_entry("first", "first-token-0123456789"));
+    let original = std::fs::read_to_string(&config).unwrap();
+    let mut d = Daemon::start_with(&config, dir.path().join("data"));
+    let get = |d: &Daemon, token: &str| d.get_with_token("/api/v1/devices", token).status;
+    assert_eq!(get(&d, "first-token-0123456789"), 200);
+    assert_eq!(get(&d, "unknown-token"), 401);
+    let debug_lines = |d: &Daemon| {
+        d.logs()
+            .iter()
+            .filter(|l| l.contains("\"DEBUG\"") && l.contains("unknown token"))
+            .count()
+    };
+    assert_eq!(debug_lines(&d), 0, "info level logs no debug line");
+    let hup = |d: &Daemon| {
+        outpost_e2e::daemon::signal(d.pid(), rustix::process::Signal::HUP);
+    };
+
+    // The level, the tokens, and a key that needs a restart.
+    let edited = original
+        .replace("level = \"info\"", "level = \"debug\"")
+        .replace("shutdown_grace = \"10s\"", "shutdown_grace = \"11s\"")
+        .replace(
+            &token_entry("first", "first-token-0123456789"),
+            &token_entry("second", "second-token-0123456789"),
+        );
+    assert_ne!(edited, original);
+    std::fs::write(&config, edited).unwrap();
+    hup(&d);
+    d.wait_until("the reload", Duration::from_secs(10), |d| {
+        d.status()["config"]["reloads"] == 1
+    });
+    let report = d.status()["config"].clone();
+    assert_eq!(
+        report["applied"],
+        serde_json::json!(["log.level", "api.tokens"]),
+        "{report}"
+    );
+    assert_eq!(
+        report["needs_restart"],
+        serde_json::json!(["gateway.shutdown_grace"]),
+        "{report}"
+    );
+    assert!(report["error"].is_null(), "{report}");
+    assert_eq!(report["file"], config.display().to_string());
+    let warned = d.wait_for_log(
+        "some changes take effect only after a restart",
+        Duration::from_secs(5),
+    );
+    assert!(warned.contains("gateway.shutdown_grace"), "{warned}");
+    assert_eq!(get(&d, "first-token-0123456789"), 401);
+    assert_eq!(get(&d, "second-token-0123456789"), 200);
+    assert_eq!(get(&d, "unknown-token"), 401);
+    assert!(
+        debug_lines(&d) >= 1,
+        "debug lines after the reload: {:#?}",
+        d.logs()
+    );
+
+    // An invalid file: nothing changes, the problem is shown.
+    std::fs::write(&config, original.replace("level = \"info\"", "level = 5")).unwrap();
+    hup(&d);
+    d.wait_until("the failed reload", Duration::from_secs(10), |d| {
+        d.status()["config"]["reloads"] == 2
+    });
+    let report = d.status()["config"].clone();
+    assert!(
+        report["error"].as_str().unwrap().contains("log.level"),
+        "{report}"
+    );
+    assert_eq!(get(&d, "second-token-0123456789"), 200);
+    d.wait_for_log(
+        "Configuration not reloaded, nothing changed",
+        Duration::from_secs(5),
+    );
+    assert!(d.terminate(Duration::from_secs(15)).0.success());
+}

@@ -43,37 +43,43 @@ pub struct Token {
     created: Option<(i64, Arc<str>)>,
 }
 
-/// The tokens the API accepts: the config's `[[api.tokens]]`, fixed for the daemon's life, and
-/// those created through the API (`registry::tokens`), which come and go.
+/// The tokens the API accepts: the config's `[[api.tokens]]` (replaced when the config is
+/// reloaded) and those created through the API (`registry::tokens`), which come and go.
 #[derive(Debug, Default)]
 pub struct TokenSet {
-    configured: Vec<Token>,
+    configured: RwLock<Vec<Token>>,
     created: RwLock<Vec<Token>>,
 }
 
 impl TokenSet {
     pub fn from_config(config: &ApiConfig) -> TokenSet {
-        let mut tokens = Vec::new();
-        for t in &config.tokens {
-            let (Some(digest), Some(scope)) = (
-                secrets::parse_sha256_hex(&t.sha256),
-                t.scopes.iter().copied().max(),
-            ) else {
-                // The config validation rejects these; never grant anything for them.
-                tracing::error!(token = %t.name, "Ignoring an API token without a valid sha256 or scopes");
-                continue;
-            };
-            tokens.push(Token {
-                name: Arc::from(t.name.as_str()),
-                digest,
-                scope,
-                created: None,
-            });
-        }
         TokenSet {
-            configured: tokens,
+            configured: RwLock::new(configured_tokens(config)),
             created: RwLock::default(),
         }
+    }
+
+    /// The config's tokens and those the registry keeps; warns when there are none.
+    pub fn load(config: &ApiConfig, registry: &crate::registry::Registry) -> TokenSet {
+        let tokens = TokenSet::from_config(config);
+        match registry.api_tokens() {
+            Ok(stored) => tokens.load_created(stored),
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot read the API tokens created through the API");
+            }
+        }
+        if tokens.is_empty() {
+            tracing::warn!(
+                "No API tokens: the management API answers 401 over TCP (create one on the \
+                 gateway with `sudo outpost token create`, or `outpost token new` for the config)"
+            );
+        }
+        tokens
+    }
+
+    /// Replaces the config's tokens (a reload); those created through the API stay.
+    pub fn replace_configured(&self, config: &ApiConfig) {
+        *self.configured.write().unwrap_or_else(|e| e.into_inner()) = configured_tokens(config);
     }
 
     /// Adds the tokens created through the API (read from the registry at start).
@@ -101,12 +107,12 @@ impl TokenSet {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.configured.is_empty() && self.created().is_empty()
+        self.configured().is_empty() && self.created().is_empty()
     }
 
     /// Whether a token of this name exists, and whether it is the config's.
     pub fn lookup(&self, name: &str) -> Option<bool> {
-        if self.configured.iter().any(|t| &*t.name == name) {
+        if self.configured().iter().any(|t| &*t.name == name) {
             return Some(true);
         }
         self.created()
@@ -131,8 +137,8 @@ impl TokenSet {
 
     /// Every token, config ones first, as `GET /api/v1/tokens` lists them (never a digest).
     pub fn listing(&self) -> Vec<serde_json::Value> {
-        let created = self.created();
-        self.configured
+        let (configured, created) = (self.configured(), self.created());
+        configured
             .iter()
             .chain(created.iter())
             .map(|t| {
@@ -148,6 +154,10 @@ impl TokenSet {
                 v
             })
             .collect()
+    }
+
+    fn configured(&self) -> std::sync::RwLockReadGuard<'_, Vec<Token>> {
+        self.configured.read().unwrap_or_else(|e| e.into_inner())
     }
 
     fn created(&self) -> std::sync::RwLockReadGuard<'_, Vec<Token>> {
@@ -168,7 +178,7 @@ impl TokenSet {
     #[cfg(test)]
     pub fn of(tokens: Vec<Token>) -> TokenSet {
         TokenSet {
-            configured: tokens,
+            configured: RwLock::new(tokens),
             created: RwLock::default(),
         }
     }
@@ -177,9 +187,9 @@ impl TokenSet {
     /// in constant time.
     fn find(&self, presented: &str) -> Option<(Arc<str>, Scope)> {
         let digest = secrets::sha256(presented.as_bytes());
-        let created = self.created();
+        let (configured, created) = (self.configured(), self.created());
         let mut found = None;
-        for t in self.configured.iter().chain(created.iter()) {
+        for t in configured.iter().chain(created.iter()) {
             if secrets::digest_eq(&t.digest, &digest) && found.is_none() {
                 found = Some((Arc::clone(&t.name), t.scope));
             }
@@ -240,6 +250,28 @@ fn unauthorized(message: &str, invalid: bool) -> ApiError {
         }),
         ..ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
     }
+}
+
+/// The config's `[[api.tokens]]` as the API checks them.
+fn configured_tokens(config: &ApiConfig) -> Vec<Token> {
+    let mut tokens = Vec::new();
+    for t in &config.tokens {
+        let (Some(digest), Some(scope)) = (
+            secrets::parse_sha256_hex(&t.sha256),
+            t.scopes.iter().copied().max(),
+        ) else {
+            // The config validation rejects these; never grant anything for them.
+            tracing::error!(token = %t.name, "Ignoring an API token without a valid sha256 or scopes");
+            continue;
+        };
+        tokens.push(Token {
+            name: Arc::from(t.name.as_str()),
+            digest,
+            scope,
+            created: None,
+        });
+    }
+    tokens
 }
 
 /// `read`, `write` or `admin`.
@@ -386,7 +418,7 @@ mod tests {
             ],
         };
         let set = TokenSet::from_config(&config);
-        assert_eq!(set.configured.len(), 1);
+        assert_eq!(set.configured().len(), 1);
         assert!(
             set.check(&headers(Some("Bearer tok")), Scope::Admin)
                 .is_ok()

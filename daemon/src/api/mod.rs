@@ -37,7 +37,7 @@ use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Reque
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::routing::{MethodRouter, delete, get, patch, post, put};
-use outpost_config::{ApiConfig, Scope};
+use outpost_config::Scope;
 use serde::de::DeserializeOwned;
 
 use self::auth::TokenSet;
@@ -61,23 +61,11 @@ pub struct ApiState {
 }
 
 impl ApiState {
-    pub fn new(registry: Registry, config: &ApiConfig) -> ApiState {
-        let tokens = TokenSet::from_config(config);
-        match registry.api_tokens() {
-            Ok(stored) => tokens.load_created(stored),
-            Err(e) => {
-                tracing::error!(error = %e, "Cannot read the API tokens created through the API")
-            }
-        }
-        if tokens.is_empty() {
-            tracing::warn!(
-                "No API tokens: the management API answers 401 over TCP (create one on the \
-                 gateway with `sudo outpost token create`, or `outpost token new` for the config)"
-            );
-        }
+    /// The API over `registry`, accepting `tokens` (see [`TokenSet::load`]).
+    pub fn new(registry: Registry, tokens: Arc<TokenSet>) -> ApiState {
         ApiState {
             registry,
-            tokens: Arc::new(tokens),
+            tokens,
             zigbee: outpost_drivers::zigbee::ZigbeeControl::default(),
             apps: None,
             outbox: None,

@@ -350,6 +350,8 @@ pub struct AdminRoutes {
     pub apps: Option<Apps>,
     pub zigbee: outpost_drivers::zigbee::ZigbeeControl,
     pub http_ingest: Option<HttpIngestState>,
+    /// The API's tokens; the reload task replaces the config's.
+    pub tokens: Arc<api::auth::TokenSet>,
 }
 
 impl AdminFront {
@@ -380,9 +382,10 @@ impl AdminFront {
             apps,
             zigbee,
             http_ingest,
+            tokens,
         } = routes;
         let mut router = admin::router(state).merge(api::router(
-            api::ApiState::new(registry, &config.api)
+            api::ApiState::new(registry, tokens)
                 .with_zigbee(zigbee)
                 .with_apps(apps)
                 .with_outbox(outbox),

@@ -45,8 +45,17 @@ use spawn::Spawner;
 use storage::Storage;
 
 /// Runs the gateway until `shutdown` is cancelled, then shuts down gracefully.
-pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Runs the gateway on `config` until `shutdown`. `named` is the `--config` given (`None`: the
+/// default file), which a `SIGHUP` reads again (`reload`).
+pub async fn run(
+    config: Config,
+    named: Option<std::path::PathBuf>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let started = Instant::now();
+    // First of all: from here on SIGHUP reloads instead of terminating.
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
     let gateway_id: Arc<str> = config.gateway_id().into();
     tracing::info!(
         gateway = %gateway_id,
@@ -83,6 +92,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // when built from a `DriverContext` carrying it.
     let zigbee = outpost_drivers::zigbee::ZigbeeControl::default();
 
+    let tokens = Arc::new(crate::api::auth::TokenSet::load(
+        &config.api,
+        &storage.registry,
+    ));
+
     // Everything is open and bound: run it.
     let routes = AdminRoutes {
         state: AdminState {
@@ -98,6 +112,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         apps: apps.clone(),
         zigbee: zigbee.clone(),
         http_ingest,
+        tokens: Arc::clone(&tokens),
     };
     let admin_addr = admin.addr;
     let gateway_parts = cloud::GatewayParts {
@@ -130,6 +145,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     spawner.spawn(
         "status-line",
         status_line(storage.outbox.clone(), shutdown.clone()),
+    );
+    let reloader = crate::reload::Reloader::new(named, config.clone(), Arc::clone(&tokens));
+    reloader.watch(status);
+    spawner.spawn(
+        "reload",
+        crate::reload::run(reloader, hangups, shutdown.clone()),
     );
     let registry_stop = storage.spawn_registry_flush(&spawner);
     let (records, _, _) = storage.outbox.figures();

@@ -162,7 +162,7 @@ fn run(path: Option<&Path>) -> ExitCode {
     };
     let result = runtime.block_on(async {
         let shutdown = app::shutdown_on_signals();
-        app::run(config, shutdown).await
+        app::run(config, path.map(Path::to_path_buf), shutdown).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
