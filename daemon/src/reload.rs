@@ -2,8 +2,9 @@
 //! can change without reopening storage or rebinding a listener is applied at once; everything
 //! else that differs is reported, never silently ignored.
 //!
-//! Applied now: `log.level` (unless `RUST_LOG` is set, which keeps precedence as at start) and
-//! `api.tokens` (the config's tokens are replaced; those created through the API stay). Every
+//! Applied now: `log.level` (unless `RUST_LOG` is set, which keeps precedence as at start),
+//! `api.tokens` (the config's tokens are replaced; those created through the API stay) and
+//! `mqtt.acl` (from each device's next CONNECT; connected devices keep theirs). Every
 //! other key whose value in the file differs from what the daemon runs on is listed by key path
 //! under `needs_restart` — in the log (a warning) and in `/api/v1/status` (`config`) — until a
 //! restart. A file that does not load (a syntax error, an invalid value) changes nothing: its
@@ -12,7 +13,7 @@
 //! The file is the one `outpost run` resolved: `--config`, else `/etc/outpost/outpost.toml` when
 //! it exists, else none (then a reload picks up a default file created since).
 //!
-//! Not applied yet (they need a restart): the MQTT ACL and rate limits, routing rules, drivers.
+//! Not applied yet (they need a restart): MQTT rate limits, routing rules, drivers.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -27,7 +28,12 @@ use crate::api::auth::TokenSet;
 use crate::status::StatusBoard;
 
 /// Keys a reload applies.
-const APPLIED: &[&str] = &["log.level", "api.tokens"];
+const APPLIED: &[&str] = &[
+    "log.level",
+    "api.tokens",
+    "mqtt.acl.publish",
+    "mqtt.acl.subscribe",
+];
 
 /// What the last reload did, for `/api/v1/status` (`config`).
 #[derive(Debug, Clone, Default, Serialize)]
@@ -52,11 +58,18 @@ pub struct Reloader {
     /// What the daemon runs on: the start config with the applied keys updated.
     pub running: Config,
     pub tokens: Arc<TokenSet>,
+    /// The MQTT server's global ACL; `None` with `mqtt.enabled = false`.
+    pub mqtt_acl: Option<crate::ingress::mqtt::SharedAcl>,
     pub report: Arc<Mutex<Report>>,
 }
 
 impl Reloader {
-    pub fn new(named: Option<PathBuf>, running: Config, tokens: Arc<TokenSet>) -> Reloader {
+    pub fn new(
+        named: Option<PathBuf>,
+        running: Config,
+        tokens: Arc<TokenSet>,
+        mqtt_acl: Option<crate::ingress::mqtt::SharedAcl>,
+    ) -> Reloader {
         let report = Report {
             file: crate::cli::config_file(named.as_deref()).map(|f| f.display().to_string()),
             ..Report::default()
@@ -65,6 +78,7 @@ impl Reloader {
             named,
             running,
             tokens,
+            mqtt_acl,
             report: Arc::new(Mutex::new(report)),
         }
     }
@@ -144,6 +158,13 @@ impl Reloader {
             self.tokens.replace_configured(&new.api);
             self.running.api.tokens.clone_from(&new.api.tokens);
             applied.push("api.tokens".to_owned());
+        }
+        if new.mqtt.acl != self.running.mqtt.acl
+            && let Some(acl) = &self.mqtt_acl
+        {
+            *acl.write().unwrap_or_else(PoisonError::into_inner) = new.mqtt.acl.clone();
+            self.running.mqtt.acl = new.mqtt.acl.clone();
+            applied.push("mqtt.acl".to_owned());
         }
         applied
     }

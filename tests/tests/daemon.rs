@@ -660,8 +660,9 @@ fn the_local_admin_socket_needs_no_token_and_only_its_permissions() {
     assert!(!socket.exists(), "the socket is removed at a clean stop");
 }
 
-/// `SIGHUP` reloads the configuration file: a new `log.level` and new `[[api.tokens]]` apply at
-/// once (a removed token stops working, an added one works, debug lines appear), a change that
+/// `SIGHUP` reloads the configuration file: a new `log.level`, new `[[api.tokens]]` and a new
+/// `[mqtt.acl]` apply at once (a removed token stops working, an added one works, debug lines
+/// appear, `mosquitto_pub` to a topic the old ACL refused is stored), a change that
 /// needs a restart is reported by key path in the status and the log, and an invalid file
 /// changes nothing (its problem is shown) while the daemon keeps serving.
 #[test]
@@ -670,11 +671,15 @@ fn sighup_applies_log_level_and_tokens_and_reports_what_needs_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let token_entry = |name: &str, token: &str| {
         format!(
-            "[[api.tokens]]\nname = \"{name}\"\nsha256 = \"{}\"\nscopes = [\"read\"]\n",
+            "[[api.tokens]]\nname = \"{name}\"\nsha256 = \"{}\"\nscopes = [\"admin\"]\n",
             sha256_hex(token)
         )
     };
-    let config = write_config(dir.path(), &token_entry("first", "first-token-0123456789"));
+    let acl = "[mqtt.acl]\npublish = [\"devices/{id}/#\"]\n";
+    let config = write_config(
+        dir.path(),
+        &format!("{acl}\n{}", token_entry("first", "first-token-0123456789")),
+    );
     let original = std::fs::read_to_string(&config).unwrap();
     let mut d = Daemon::start_with(&config, dir.path().join("data"));
     let get = |d: &Daemon, token: &str| d.get_with_token("/api/v1/devices", token).status;
@@ -690,11 +695,50 @@ fn sighup_applies_log_level_and_tokens_and_reports_what_needs_a_restart() {
     let hup = |d: &Daemon| {
         outpost_e2e::daemon::signal(d.pid(), rustix::process::Signal::HUP);
     };
+    // A device publishing outside the ACL: refused now, stored once the ACL allows it.
+    let mqtt_port = {
+        let line = d.wait_for_log("MQTT listener bound", Duration::from_secs(5));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        v["addr"]
+            .as_str()
+            .unwrap()
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .port()
+    };
+    let created = d.post(
+        "/api/v1/devices",
+        "first-token-0123456789",
+        r#"{"id": "acl-dev"}"#,
+    );
+    assert_eq!(created.status, 201, "{}", created.text());
+    let secret = created.json()["secret"].as_str().unwrap().to_owned();
+    let publish = |topic: &str| {
+        std::process::Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &mqtt_port.to_string()])
+            .args([
+                "-u", "acl-dev", "-P", &secret, "-q", "1", "-t", topic, "-m", "{}",
+            ])
+            .output()
+            .unwrap();
+    };
+    // QoS 1: a stored publish is committed before its PUBACK, so mosquitto_pub's exit is the
+    // moment to look.
+    publish("plant/acl-dev/t");
+    assert_eq!(
+        d.metric("outpost_outbox_records"),
+        0.0,
+        "outside the ACL: not stored"
+    );
 
     // The level, the tokens, and a key that needs a restart.
     let edited = original
         .replace("level = \"info\"", "level = \"debug\"")
         .replace("shutdown_grace = \"10s\"", "shutdown_grace = \"11s\"")
+        .replace(
+            "publish = [\"devices/{id}/#\"]",
+            "publish = [\"plant/{id}/#\"]",
+        )
         .replace(
             &token_entry("first", "first-token-0123456789"),
             &token_entry("second", "second-token-0123456789"),
@@ -708,7 +752,7 @@ fn sighup_applies_log_level_and_tokens_and_reports_what_needs_a_restart() {
     let report = d.status()["config"].clone();
     assert_eq!(
         report["applied"],
-        serde_json::json!(["log.level", "api.tokens"]),
+        serde_json::json!(["log.level", "api.tokens", "mqtt.acl"]),
         "{report}"
     );
     assert_eq!(
@@ -731,6 +775,11 @@ fn sighup_applies_log_level_and_tokens_and_reports_what_needs_a_restart() {
         "debug lines after the reload: {:#?}",
         d.logs()
     );
+    // The new ACL applies from the next CONNECT.
+    publish("plant/acl-dev/t");
+    d.wait_until("the publish stored", Duration::from_secs(5), |d| {
+        d.metric("outpost_outbox_records") == 1.0
+    });
 
     // An invalid file: nothing changes, the problem is shown.
     std::fs::write(&config, original.replace("level = \"info\"", "level = 5")).unwrap();

@@ -161,6 +161,8 @@ pub struct MqttFront {
     broker: Arc<outpost_mqtt::broker::Broker>,
     metrics: outpost_mqtt::metrics::MqttMetrics,
     bus_metrics: BusMetrics,
+    /// `[mqtt.acl]`, which a reload replaces.
+    pub acl: ingress::mqtt::SharedAcl,
 }
 
 impl MqttFront {
@@ -223,6 +225,7 @@ impl MqttFront {
             core.ingest.clone(),
             config,
         ));
+        let acl = backend.acl();
         let broker =
             outpost_mqtt::broker::Broker::new(settings, backend, Some(store), mqtt_metrics.clone());
         // The session store's writer is not restarted in-process (like the outbox writer): if
@@ -247,6 +250,7 @@ impl MqttFront {
             broker,
             metrics: mqtt_metrics,
             bus_metrics,
+            acl,
         }))
     }
 
@@ -271,6 +275,7 @@ impl MqttFront {
             broker,
             metrics,
             bus_metrics,
+            acl: _,
         } = self;
         spawner.status.active("mqtt", true);
         // The local bus: committed CoAP/HTTP/driver readings and API commands → MQTT.

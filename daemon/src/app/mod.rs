@@ -119,6 +119,7 @@ pub async fn run(
         apps: apps.clone(),
         admin: routes.state.clone(),
     };
+    let mqtt_acl = mqtt.as_ref().map(|front| Arc::clone(&front.acl));
     let ingress_tasks = IngressTasks {
         admin: admin.spawn(&config, routes, &spawner, &ingress)?,
         coap: coap
@@ -146,7 +147,8 @@ pub async fn run(
         "status-line",
         status_line(storage.outbox.clone(), shutdown.clone()),
     );
-    let reloader = crate::reload::Reloader::new(named, config.clone(), Arc::clone(&tokens));
+    let reloader =
+        crate::reload::Reloader::new(named, config.clone(), Arc::clone(&tokens), mqtt_acl);
     reloader.watch(status);
     spawner.spawn(
         "reload",

@@ -37,13 +37,17 @@ use super::{Ingest, IngestRecord};
 use crate::registry::commands::Acked;
 use crate::registry::{Protocol, Refusal, Registry, Traffic};
 
+/// The global `[mqtt.acl]`, shared with the reload task.
+pub type SharedAcl = Arc<std::sync::RwLock<MqttAclConfig>>;
+
 /// The gateway's side of the MQTT server.
 #[derive(Debug, Clone)]
 pub struct GatewayBackend {
     ingest: Ingest,
     route: Arc<str>,
     allow_anonymous: bool,
-    acl: MqttAclConfig,
+    /// `[mqtt.acl]`, replaced by a reload (`reload`); read at each CONNECT.
+    acl: SharedAcl,
     /// `apps.bus_subscribe` when apps are enabled, else empty.
     app_subscribe: Arc<[String]>,
 }
@@ -59,7 +63,7 @@ impl GatewayBackend {
             ingest,
             route: Arc::from(config.mqtt.route.as_str()),
             allow_anonymous: config.mqtt.allow_anonymous,
-            acl: config.mqtt.acl.clone(),
+            acl: Arc::new(std::sync::RwLock::new(config.mqtt.acl.clone())),
             app_subscribe: app_subscribe.into(),
         }
     }
@@ -68,8 +72,19 @@ impl GatewayBackend {
         self.ingest.registry()
     }
 
+    /// The global ACL, for the reload task: a new one applies from each device's next CONNECT.
+    pub fn acl(&self) -> SharedAcl {
+        Arc::clone(&self.acl)
+    }
+
     fn identity(&self, device_id: String, registered: bool, password: bool) -> Identity {
-        let acl = acl_for(&self.acl, &self.app_subscribe, self.registry(), &device_id);
+        let acl = {
+            let global = self
+                .acl
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            acl_for(&global, &self.app_subscribe, self.registry(), &device_id)
+        };
         // Certificate logins carry no secret to revoke (0); anonymous clients none at all.
         let grant = if password {
             self.registry().credential_stamp(&device_id).unwrap_or(0)
