@@ -3,8 +3,9 @@
 //! else that differs is reported, never silently ignored.
 //!
 //! Applied now: `log.level` (unless `RUST_LOG` is set, which keeps precedence as at start),
-//! `api.tokens` (the config's tokens are replaced; those created through the API stay) and
-//! `mqtt.acl` (from each device's next CONNECT; connected devices keep theirs). Every
+//! `api.tokens` (the config's tokens are replaced; those created through the API stay),
+//! `mqtt.acl` and `mqtt.limits` (both from each device's next CONNECT; connected devices keep
+//! theirs). Every
 //! other key whose value in the file differs from what the daemon runs on is listed by key path
 //! under `needs_restart` — in the log (a warning) and in `/api/v1/status` (`config`) — until a
 //! restart. A file that does not load (a syntax error, an invalid value) changes nothing: its
@@ -13,7 +14,7 @@
 //! The file is the one `outpost run` resolved: `--config`, else `/etc/outpost/outpost.toml` when
 //! it exists, else none (then a reload picks up a default file created since).
 //!
-//! Not applied yet (they need a restart): MQTT rate limits, routing rules, drivers.
+//! Not applied yet (they need a restart): routing rules, drivers.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -33,6 +34,9 @@ const APPLIED: &[&str] = &[
     "api.tokens",
     "mqtt.acl.publish",
     "mqtt.acl.subscribe",
+    "mqtt.limits.messages_per_second",
+    "mqtt.limits.bytes_per_second",
+    "mqtt.limits.burst",
 ];
 
 /// What the last reload did, for `/api/v1/status` (`config`).
@@ -60,6 +64,8 @@ pub struct Reloader {
     pub tokens: Arc<TokenSet>,
     /// The MQTT server's global ACL; `None` with `mqtt.enabled = false`.
     pub mqtt_acl: Option<crate::ingress::mqtt::SharedAcl>,
+    /// The MQTT server, for its rate limits; `None` with `mqtt.enabled = false`.
+    pub mqtt_broker: Option<Arc<outpost_mqtt::broker::Broker>>,
     pub report: Arc<Mutex<Report>>,
 }
 
@@ -69,6 +75,7 @@ impl Reloader {
         running: Config,
         tokens: Arc<TokenSet>,
         mqtt_acl: Option<crate::ingress::mqtt::SharedAcl>,
+        mqtt_broker: Option<Arc<outpost_mqtt::broker::Broker>>,
     ) -> Reloader {
         let report = Report {
             file: crate::cli::config_file(named.as_deref()).map(|f| f.display().to_string()),
@@ -79,6 +86,7 @@ impl Reloader {
             running,
             tokens,
             mqtt_acl,
+            mqtt_broker,
             report: Arc::new(Mutex::new(report)),
         }
     }
@@ -165,6 +173,13 @@ impl Reloader {
             *acl.write().unwrap_or_else(PoisonError::into_inner) = new.mqtt.acl.clone();
             self.running.mqtt.acl = new.mqtt.acl.clone();
             applied.push("mqtt.acl".to_owned());
+        }
+        if new.mqtt.limits != self.running.mqtt.limits
+            && let Some(broker) = &self.mqtt_broker
+        {
+            broker.limiters.set_limits(&new.mqtt.limits);
+            self.running.mqtt.limits = new.mqtt.limits.clone();
+            applied.push("mqtt.limits".to_owned());
         }
         applied
     }

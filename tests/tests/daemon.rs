@@ -660,9 +660,10 @@ fn the_local_admin_socket_needs_no_token_and_only_its_permissions() {
     assert!(!socket.exists(), "the socket is removed at a clean stop");
 }
 
-/// `SIGHUP` reloads the configuration file: a new `log.level`, new `[[api.tokens]]` and a new
-/// `[mqtt.acl]` apply at once (a removed token stops working, an added one works, debug lines
-/// appear, `mosquitto_pub` to a topic the old ACL refused is stored), a change that
+/// `SIGHUP` reloads the configuration file: a new `log.level`, new `[[api.tokens]]`, a new
+/// `[mqtt.acl]` and new `[mqtt.limits]` apply at once (a removed token stops working, an added
+/// one works, debug lines appear, `mosquitto_pub` to a topic the old ACL refused is stored, a
+/// burst over the new rate limit is refused), a change that
 /// needs a restart is reported by key path in the status and the log, and an invalid file
 /// changes nothing (its problem is shown) while the daemon keeps serving.
 #[test]
@@ -742,7 +743,8 @@ fn sighup_applies_log_level_and_tokens_and_reports_what_needs_a_restart() {
         .replace(
             &token_entry("first", "first-token-0123456789"),
             &token_entry("second", "second-token-0123456789"),
-        );
+        )
+        + "\n[mqtt.limits]\nmessages_per_second = 1\nburst = \"1s\"\n";
     assert_ne!(edited, original);
     std::fs::write(&config, edited).unwrap();
     hup(&d);
@@ -752,7 +754,7 @@ fn sighup_applies_log_level_and_tokens_and_reports_what_needs_a_restart() {
     let report = d.status()["config"].clone();
     assert_eq!(
         report["applied"],
-        serde_json::json!(["log.level", "api.tokens", "mqtt.acl"]),
+        serde_json::json!(["log.level", "api.tokens", "mqtt.acl", "mqtt.limits"]),
         "{report}"
     );
     assert_eq!(
@@ -780,6 +782,28 @@ fn sighup_applies_log_level_and_tokens_and_reports_what_needs_a_restart() {
     d.wait_until("the publish stored", Duration::from_secs(5), |d| {
         d.metric("outpost_outbox_records") == 1.0
     });
+    // So do the new rate limits: a burst of 4 from a bucket of 1 (MQTT 5: PUBACK 0x97).
+    let refused = |d: &Daemon| d.metric("outpost_mqtt_refused_total{reason=\"rate_limit\"}");
+    assert_eq!(refused(&d), 0.0);
+    std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &mqtt_port.to_string(), "-V", "5"])
+        .args([
+            "-u",
+            "acl-dev",
+            "-P",
+            &secret,
+            "-q",
+            "1",
+            "-t",
+            "plant/acl-dev/t",
+        ])
+        .args(["-m", "{}", "--repeat", "4"])
+        .output()
+        .unwrap();
+    assert!(
+        refused(&d) >= 1.0,
+        "the new limit refused part of the burst"
+    );
 
     // An invalid file: nothing changes, the problem is shown.
     std::fs::write(&config, original.replace("level = \"info\"", "level = 5")).unwrap();

@@ -333,8 +333,8 @@ struct Sessions {
 pub struct Broker {
     pub settings: Settings,
     pub backend: Arc<dyn Backend>,
-    /// Per-device rate limits; `None` when `[mqtt.limits]` sets none.
-    pub limiters: Option<crate::limits::Limiters>,
+    /// Per-device rate limits (`[mqtt.limits]`; none while both rates are 0).
+    pub limiters: crate::limits::Limiters,
     store: Option<Store>,
     clock: Clock,
     pub metrics: MqttMetrics,

@@ -375,10 +375,7 @@ pub async fn serve(
         aliases: HashMap::new(),
         qos2: HashMap::new(),
         rate_limited: false,
-        limiter: broker
-            .limiters
-            .as_ref()
-            .map(|l| l.for_device(&identity_device(&attached))),
+        limiter: broker.limiters.for_device(&identity_device(&attached)),
         counters: crate::metrics::DeviceCounters::default(),
         window: usize::from(
             connect

@@ -9,9 +9,11 @@
 //!   into debt, so it is not refused forever; the device then waits the debt out.
 //! - Memory is bounded by the open connections: the map holds weak references, and the last
 //!   connection of a device removes its entry when it ends.
+//! - New limits (a configuration reload, [`Limiters::set_limits`]) apply to each device from its
+//!   next CONNECT: connections open at the reload keep the buckets they have.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 
 use outpost_config::MqttLimitsConfig;
 use outpost_pacing::TokenBucket;
@@ -62,7 +64,7 @@ type DeviceMap = Arc<Mutex<HashMap<String, Weak<Mutex<DeviceLimiter>>>>>;
 /// The limiters of the devices connected now.
 #[derive(Debug)]
 pub struct Limiters {
-    limits: MqttLimitsConfig,
+    limits: RwLock<MqttLimitsConfig>,
     devices: DeviceMap,
 }
 
@@ -75,30 +77,45 @@ pub struct LimiterHandle {
 }
 
 impl Limiters {
-    /// `None` when no limit is configured.
-    pub fn new(limits: &MqttLimitsConfig) -> Option<Self> {
-        (limits.messages_per_second > 0 || limits.bytes_per_second.bytes() > 0).then(|| Self {
-            limits: limits.clone(),
+    pub fn new(limits: &MqttLimitsConfig) -> Self {
+        Self {
+            limits: RwLock::new(limits.clone()),
             devices: Arc::default(),
-        })
+        }
     }
 
-    /// The limiter of `device_id`, shared with its other connections.
-    pub fn for_device(&self, device_id: &str) -> LimiterHandle {
+    /// Replaces the limits: each device gets buckets of the new ones at its next CONNECT.
+    pub fn set_limits(&self, limits: &MqttLimitsConfig) {
+        *self.limits.write().unwrap_or_else(PoisonError::into_inner) = limits.clone();
+        // Forget the shared buckets: the next connection of a device starts new ones (open
+        // connections keep theirs; their handles remove only their own entry, see `Drop`).
+        self.devices
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
+    /// The limiter of `device_id`, shared with its other connections; `None` while no limit is
+    /// configured.
+    pub fn for_device(&self, device_id: &str) -> Option<LimiterHandle> {
+        let limits = self.limits.read().unwrap_or_else(PoisonError::into_inner);
+        if limits.messages_per_second == 0 && limits.bytes_per_second.bytes() == 0 {
+            return None;
+        }
         let mut devices = self.devices.lock().unwrap_or_else(PoisonError::into_inner);
         let limiter = match devices.get(device_id).and_then(Weak::upgrade) {
             Some(l) => l,
             None => {
-                let l = Arc::new(Mutex::new(DeviceLimiter::new(&self.limits, Instant::now())));
+                let l = Arc::new(Mutex::new(DeviceLimiter::new(&limits, Instant::now())));
                 devices.insert(device_id.to_owned(), Arc::downgrade(&l));
                 l
             }
         };
-        LimiterHandle {
+        Some(LimiterHandle {
             devices: Arc::clone(&self.devices),
             device_id: device_id.to_owned(),
             limiter,
-        }
+        })
     }
 
     #[cfg(test)]
@@ -123,8 +140,12 @@ impl LimiterHandle {
 impl Drop for LimiterHandle {
     fn drop(&mut self) {
         let mut devices = self.devices.lock().unwrap_or_else(PoisonError::into_inner);
-        // Under the map's lock no other connection can take a new share meanwhile.
-        if Arc::strong_count(&self.limiter) == 1 {
+        // Under the map's lock no other connection can take a new share meanwhile. The entry
+        // may be a newer limiter of the same device (after `set_limits`): leave that one.
+        let own = devices
+            .get(&self.device_id)
+            .is_some_and(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(&self.limiter)));
+        if own && Arc::strong_count(&self.limiter) == 1 {
             devices.remove(&self.device_id);
         }
     }
@@ -148,9 +169,10 @@ mod tests {
 
     #[test]
     fn no_limit_configured_means_no_limiter() {
-        assert!(Limiters::new(&MqttLimitsConfig::default()).is_none());
-        assert!(Limiters::new(&limits(1, 0, 1)).is_some());
-        assert!(Limiters::new(&limits(0, 1, 1)).is_some());
+        let limited = |l: &MqttLimitsConfig| Limiters::new(l).for_device("d").is_some();
+        assert!(!limited(&MqttLimitsConfig::default()));
+        assert!(limited(&limits(1, 0, 1)));
+        assert!(limited(&limits(0, 1, 1)));
     }
 
     #[test]
@@ -207,11 +229,12 @@ mod tests {
 
     #[test]
     fn connections_of_a_device_share_its_buckets_and_the_last_one_forgets_it() {
-        let limiters = Limiters::new(&limits(1, 0, 2)).unwrap_or_else(|| unreachable!());
+        let limiters = Limiters::new(&limits(1, 0, 2));
         let now = Instant::now();
-        let a = limiters.for_device("d");
-        let b = limiters.for_device("d");
-        let other = limiters.for_device("e");
+        let take = |id: &str| limiters.for_device(id).unwrap_or_else(|| unreachable!());
+        let a = take("d");
+        let b = take("d");
+        let other = take("e");
         assert!(a.admit(1, now) && b.admit(1, now));
         assert!(!a.admit(1, now) && !b.admit(1, now), "one bucket of 2");
         assert!(other.admit(1, now));
@@ -220,5 +243,26 @@ mod tests {
         assert_eq!(limiters.tracked(), 2);
         drop((b, other));
         assert_eq!(limiters.tracked(), 0);
+    }
+
+    #[test]
+    fn new_limits_apply_from_the_next_connection_and_old_handles_leave_new_entries_alone() {
+        let limiters = Limiters::new(&limits(0, 0, 1));
+        assert!(limiters.for_device("d").is_none(), "no limit configured");
+        limiters.set_limits(&limits(1, 0, 1));
+        let now = Instant::now();
+        let old = limiters.for_device("d").unwrap_or_else(|| unreachable!());
+        assert!(old.admit(1, now) && !old.admit(1, now), "a bucket of 1");
+        limiters.set_limits(&limits(3, 0, 1));
+        let new = limiters.for_device("d").unwrap_or_else(|| unreachable!());
+        assert!(new.admit(1, now) && new.admit(1, now) && new.admit(1, now));
+        assert!(!new.admit(1, now), "a bucket of 3");
+        assert!(!old.admit(1, now), "the open connection keeps its bucket");
+        drop(old);
+        assert_eq!(limiters.tracked(), 1, "the old handle left the new entry");
+        drop(new);
+        assert_eq!(limiters.tracked(), 0);
+        limiters.set_limits(&limits(0, 0, 1));
+        assert!(limiters.for_device("d").is_none());
     }
 }

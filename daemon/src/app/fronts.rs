@@ -254,6 +254,11 @@ impl MqttFront {
         }))
     }
 
+    /// The MQTT server (a reload replaces its rate limits).
+    pub fn broker(&self) -> Arc<outpost_mqtt::broker::Broker> {
+        Arc::clone(&self.broker)
+    }
+
     /// The plain listener's port (apps reach the server through the engine's host gateway).
     pub fn port(&self) -> Option<u16> {
         self.listener.local_addr().ok().map(|addr| addr.port())

@@ -120,6 +120,7 @@ pub async fn run(
         admin: routes.state.clone(),
     };
     let mqtt_acl = mqtt.as_ref().map(|front| Arc::clone(&front.acl));
+    let mqtt_broker = mqtt.as_ref().map(MqttFront::broker);
     let ingress_tasks = IngressTasks {
         admin: admin.spawn(&config, routes, &spawner, &ingress)?,
         coap: coap
@@ -147,8 +148,13 @@ pub async fn run(
         "status-line",
         status_line(storage.outbox.clone(), shutdown.clone()),
     );
-    let reloader =
-        crate::reload::Reloader::new(named, config.clone(), Arc::clone(&tokens), mqtt_acl);
+    let reloader = crate::reload::Reloader::new(
+        named,
+        config.clone(),
+        Arc::clone(&tokens),
+        mqtt_acl,
+        mqtt_broker,
+    );
     reloader.watch(status);
     spawner.spawn(
         "reload",
