@@ -337,6 +337,10 @@ pub struct AdminConfig {
     /// exists (the systemd unit's `RuntimeDirectory=`); `""` turns it off. The CLI uses it
     /// when no `--url` is given.
     pub socket: PathBuf,
+    /// Whether `/metrics` and `/api/v1/status` answer anyone. Default `false`: requests from
+    /// loopback and the local socket, others only with a `read` token (`/healthz` and
+    /// `/readyz` answer everyone either way).
+    pub public_monitoring: bool,
 }
 
 /// The local admin socket's default path (`admin.socket`).
@@ -347,6 +351,7 @@ impl Default for AdminConfig {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             socket: PathBuf::from(DEFAULT_ADMIN_SOCKET),
+            public_monitoring: false,
         }
     }
 }

@@ -27,15 +27,83 @@ pub struct AdminState {
     pub status: StatusBoard,
     pub registry: Arc<Registry>,
     pub started: Instant,
+    /// Who may read `/metrics` and `/api/v1/status`.
+    pub monitoring: MonitoringAccess,
+}
+
+/// Who may read `/metrics` and `/api/v1/status` (`admin.public_monitoring`): anyone when
+/// public; else requests from a loopback address or the local admin socket, and others with a
+/// token of the `read` scope. `/healthz` and `/readyz` stay open to all (probes; they tell
+/// nothing but up or ready).
+#[derive(Debug, Clone)]
+pub struct MonitoringAccess {
+    pub public: bool,
+    pub tokens: Arc<crate::api::auth::TokenSet>,
+}
+
+impl MonitoringAccess {
+    /// Whether `request` may read them; the refusal otherwise.
+    fn check(&self, request: &Request) -> Result<(), ApiError> {
+        use axum::extract::ConnectInfo;
+        if self.public {
+            return Ok(());
+        }
+        let extensions = request.extensions();
+        if extensions
+            .get::<ConnectInfo<crate::local_admin::LocalPeer>>()
+            .is_some()
+        {
+            return Ok(());
+        }
+        let loopback = extensions
+            .get::<ConnectInfo<std::net::SocketAddr>>()
+            .is_some_and(|ConnectInfo(peer)| match peer.ip() {
+                std::net::IpAddr::V4(ip) => ip.is_loopback(),
+                std::net::IpAddr::V6(ip) => {
+                    ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+                }
+            });
+        if loopback {
+            return Ok(());
+        }
+        if request.headers().contains_key(header::AUTHORIZATION) {
+            return self
+                .tokens
+                .check(request.headers(), outpost_config::Scope::Read)
+                .map(|_| ());
+        }
+        Err(ApiError {
+            challenge: Some("Bearer realm=\"outpost\""),
+            ..ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "from another host this needs a token with the read scope \
+                 (admin.public_monitoring = false)",
+            )
+        })
+    }
+}
+
+async fn guard_monitoring(State(s): State<AdminState>, request: Request, next: Next) -> Response {
+    match s.monitoring.check(&request) {
+        Ok(()) => next.run(request).await,
+        Err(refusal) => refusal.into_response(),
+    }
 }
 
 pub fn router(state: AdminState) -> Router {
     // The same paths as OWN_ROUTES.
+    let monitoring = Router::new()
+        .route(OWN_ROUTES[2].1, get(metrics))
+        .route(OWN_ROUTES[3].1, get(status))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard_monitoring,
+        ));
     Router::new()
         .route(OWN_ROUTES[0].1, get(healthz))
         .route(OWN_ROUTES[1].1, get(readyz))
-        .route(OWN_ROUTES[2].1, get(metrics))
-        .route(OWN_ROUTES[3].1, get(status))
+        .merge(monitoring)
         .fallback(not_found)
         .with_state(state)
 }
@@ -239,6 +307,10 @@ mod tests {
             status: board,
             registry: Arc::new(Registry::default()),
             started: Instant::now(),
+            monitoring: MonitoringAccess {
+                public: false,
+                tokens: Arc::default(),
+            },
         };
         let (dead, dead_bytes) = outbox.dead_letter_figures();
         assert_eq!(dead, 2);
@@ -281,6 +353,96 @@ mod tests {
         let alarms = s["alarms"].as_array().unwrap();
         assert_eq!(alarms.len(), 1, "no dead letters, no alarm: {s}");
         assert_eq!(alarms[0]["subsystem"], "registry");
+        stop.cancel();
+    }
+
+    /// `/metrics` and `/api/v1/status` answer loopback and the local socket without a token,
+    /// another host only with a `read` token (401 naming the setting otherwise) or when
+    /// `admin.public_monitoring` is on; `/healthz` answers everyone. (The end-to-end suite's
+    /// listeners are loopback only, so the other host is a `ConnectInfo` here.)
+    #[tokio::test]
+    async fn monitoring_answers_other_hosts_only_with_a_token_unless_public() {
+        use axum::extract::ConnectInfo;
+        use tower::ServiceExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (outbox, _, _writer) =
+            crate::api::tests::outbox_with_dead_letters(dir.path(), 1, &[], stop.clone()).await;
+        let state = |public: bool| AdminState {
+            gateway_id: Arc::from("gw-1"),
+            outbox: outbox.clone(),
+            max_bytes: 1 << 20,
+            status: StatusBoard::default(),
+            registry: Arc::new(Registry::default()),
+            started: Instant::now(),
+            monitoring: MonitoringAccess {
+                public,
+                tokens: Arc::new(crate::api::auth::TokenSet::of(vec![
+                    crate::api::auth::TokenSet::single(
+                        "reader",
+                        "read-token",
+                        outpost_config::Scope::Read,
+                    ),
+                ])),
+            },
+        };
+        let remote: std::net::SocketAddr = "10.1.2.3:40000".parse().unwrap();
+        let local: std::net::SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let mapped: std::net::SocketAddr = "[::ffff:127.0.0.1]:40000".parse().unwrap();
+        let ask = |public: bool,
+                   path: &'static str,
+                   peer: Option<std::net::SocketAddr>,
+                   token: Option<&'static str>| {
+            let router = router(state(public));
+            async move {
+                let mut request = Request::builder().uri(path);
+                if let Some(token) = token {
+                    request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+                }
+                let mut request = request.body(axum::body::Body::empty()).unwrap();
+                if let Some(peer) = peer {
+                    request.extensions_mut().insert(ConnectInfo(peer));
+                }
+                let response = router.oneshot(request).await.unwrap();
+                let status = response.status();
+                let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+                    .await
+                    .unwrap();
+                (status, String::from_utf8_lossy(&body).into_owned())
+            }
+        };
+        for path in ["/metrics", "/api/v1/status"] {
+            assert_eq!(
+                ask(false, path, Some(local), None).await.0,
+                StatusCode::OK,
+                "{path}"
+            );
+            assert_eq!(
+                ask(false, path, Some(mapped), None).await.0,
+                StatusCode::OK,
+                "{path}"
+            );
+            let (status, body) = ask(false, path, Some(remote), None).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+            assert!(body.contains("admin.public_monitoring"), "{body}");
+            let (status, _) = ask(false, path, Some(remote), Some("wrong")).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+            let (status, _) = ask(false, path, Some(remote), Some("read-token")).await;
+            assert_eq!(status, StatusCode::OK, "{path}");
+            assert_eq!(
+                ask(true, path, Some(remote), None).await.0,
+                StatusCode::OK,
+                "{path}"
+            );
+            // No address known (not served over TCP nor the socket): not trusted.
+            assert_eq!(
+                ask(false, path, None, None).await.0,
+                StatusCode::UNAUTHORIZED,
+                "{path}"
+            );
+        }
+        let (status, _) = ask(false, "/healthz", Some(remote), None).await;
+        assert_eq!(status, StatusCode::OK);
         stop.cancel();
     }
 }

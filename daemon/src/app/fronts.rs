@@ -435,9 +435,13 @@ impl AdminFront {
                         return;
                     }
                 };
-                let served = axum::serve(listener, router)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await;
+                // The peer's address: `/metrics` and the status answer loopback without a token.
+                let served = axum::serve(
+                    listener,
+                    router.into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
                 if let Err(e) = served {
                     tracing::error!(error = %e, "Admin listener failed");
                 }

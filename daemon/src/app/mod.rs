@@ -106,6 +106,10 @@ pub async fn run(
             status: status.clone(),
             registry: Arc::new(metrics),
             started,
+            monitoring: crate::admin::MonitoringAccess {
+                public: config.admin.public_monitoring,
+                tokens: Arc::clone(&tokens),
+            },
         },
         registry: storage.registry.clone(),
         outbox: storage.outbox.clone(),
