@@ -204,6 +204,10 @@ pub struct HttpIngestConfig {
     pub max_batch: usize,
     /// Outbox route of the records. Default `"default"`; must name an effective route.
     pub route: String,
+    /// A listener of its own for device ingestion and command polling, as `IP:port`, so the
+    /// admin listener (management API, metrics) can stay on loopback or a management network
+    /// while devices post from the field network. Default `""`: served on the admin listener.
+    pub listen: String,
 }
 
 impl Default for HttpIngestConfig {
@@ -213,7 +217,16 @@ impl Default for HttpIngestConfig {
             max_body: ByteSize::mib(1),
             max_batch: 1000,
             route: DEFAULT_ROUTE.to_owned(),
+            listen: String::new(),
         }
+    }
+}
+
+impl HttpIngestConfig {
+    /// The ingestion listener's own address; `None`: on the admin listener (or invalid, which
+    /// validation reports).
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.listen.parse().ok()
     }
 }
 

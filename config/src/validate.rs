@@ -21,6 +21,7 @@ pub(crate) fn check(config: &Config) -> Vec<Issue> {
     let mut checker = Checker::default();
     checker.gateway(config);
     checker.admin(config);
+    checker.http_ingest_listen(config);
     checker.log(config);
     checker.outbox(config);
     checker.routes(config);
@@ -132,6 +133,28 @@ impl Checker {
                 path,
                 format!("invalid {what} name \"{name}\": use 1 to 64 characters a-z, 0-9, _ or -"),
             );
+        }
+    }
+
+    pub(crate) fn http_ingest_listen(&mut self, config: &Config) {
+        let listen = &config.http_ingest.listen;
+        if listen.is_empty() {
+            return;
+        }
+        let key = root("http_ingest").key("listen");
+        match listen.parse::<std::net::SocketAddr>() {
+            Err(_) => self.problem(
+                key,
+                format!(
+                    "invalid address \"{listen}\": expected IP:port like \"0.0.0.0:8081\" \
+                     (host names are not resolved), or \"\" to serve on the admin listener"
+                ),
+            ),
+            Ok(addr) if addr == config.admin.listen && addr.port() != 0 => self.problem(
+                key,
+                format!("must differ from admin.listen ({addr}), or be \"\" to share it"),
+            ),
+            Ok(_) => {}
         }
     }
 

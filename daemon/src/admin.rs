@@ -193,7 +193,7 @@ pub fn status_document(s: &AdminState) -> serde_json::Value {
 }
 
 /// No route for this path: the API's JSON error shape (docs/HTTP.md), like every other error.
-async fn not_found(method: Method, uri: Uri) -> Response {
+pub async fn not_found(method: Method, uri: Uri) -> Response {
     ApiError::not_found(format!("no route {method} {}", uri.path())).into_response()
 }
 

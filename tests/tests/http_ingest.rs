@@ -500,3 +500,60 @@ fn devices_seen_by_drivers_register_themselves() {
             > 0
     );
 }
+
+/// `http_ingest.listen`: devices post and poll on a listener of their own, which serves nothing
+/// else (the management API and metrics answer 404 there, JSON), while the admin listener no
+/// longer takes readings.
+#[test]
+fn ingestion_on_its_own_listener_serves_devices_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(
+        dir.path(),
+        &format!(
+            "{}\n[http_ingest]\nlisten = \"127.0.0.1:0\"\n",
+            admin_token_config()
+        ),
+    );
+    let line = d.wait_for_log("HTTP ingestion listener bound", Duration::from_secs(5));
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let ingest: SocketAddr = v["addr"].as_str().unwrap().parse().unwrap();
+    assert_ne!(ingest, d.admin);
+    let secret = create_device(&d, "field-1", None);
+    let auth = basic("field-1", &secret);
+
+    let r = post(ingest, "t", &auth, "application/json", br#"{"v": 1}"#);
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = request(
+        ingest,
+        "GET",
+        "/api/v1/device/commands",
+        &[("Authorization", auth.as_str())],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Nothing but ingestion there, and no ingestion on the admin listener.
+    for path in ["/api/v1/devices", "/metrics", "/api/v1/status"] {
+        let r = request(ingest, "GET", path, &[], b"");
+        assert_error(&r, 404, None);
+    }
+    assert_error(
+        &post(d.admin, "t", &auth, "application/json", br#"{"v": 2}"#),
+        404,
+        None,
+    );
+    let r = request(ingest, "GET", "/api/v1/ingest/t", &[], b"");
+    assert_error(&r, 405, None);
+    assert_eq!(d.metric("outpost_outbox_records"), 1.0);
+    let subsystem = d.status()["subsystems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "http-ingest")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (subsystem["state"].clone(), subsystem["essential"].clone()),
+        (serde_json::json!("ACTIVE"), serde_json::json!(true))
+    );
+    assert!(d.terminate(Duration::from_secs(15)).0.success());
+}

@@ -350,6 +350,8 @@ impl MqttFront {
 pub struct AdminFront {
     listener: TcpListener,
     pub addr: SocketAddr,
+    /// Device ingestion's own listener (`http_ingest.listen`), when configured.
+    ingest_listener: Option<TcpListener>,
 }
 
 /// What the admin listener serves, besides its own routes.
@@ -373,7 +375,24 @@ impl AdminFront {
             .local_addr()
             .context("reading the admin listener address")?;
         tracing::info!(addr = %addr, "Admin listener bound");
-        Ok(Self { listener, addr })
+        let ingest_listener = match config.http_ingest.listen_addr() {
+            Some(listen) if config.http_ingest.enabled => {
+                let listener = TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("binding the HTTP ingestion listener on {listen}"))?;
+                let addr = listener
+                    .local_addr()
+                    .context("reading the HTTP ingestion listener address")?;
+                tracing::info!(addr = %addr, "HTTP ingestion listener bound");
+                Some(listener)
+            }
+            _ => None,
+        };
+        Ok(Self {
+            listener,
+            addr,
+            ingest_listener,
+        })
     }
 
     /// Serves `routes` until `stop`. Essential.
@@ -401,8 +420,13 @@ impl AdminFront {
                 .with_outbox(outbox),
         ));
         if let Some(state) = http_ingest {
-            router = router.merge(ingress::http::router(state));
-            status.active("http-ingest", false);
+            // On its own listener it is essential itself; on the admin listener, that one is.
+            let separate = self.ingest_listener.is_some();
+            status.active("http-ingest", separate);
+            match self.ingest_listener {
+                Some(listener) => serve_ingest(listener, state, spawner, stop)?,
+                None => router = router.merge(ingress::http::router(state)),
+            }
         } else {
             status.inactive(
                 "http-ingest",
@@ -508,4 +532,48 @@ fn spawn_local_socket(
             let _ = std::fs::remove_file(&path);
         }
     });
+}
+
+/// Serves device ingestion and command polling on their own listener (`http_ingest.listen`)
+/// until `stop`; essential, like the admin listener that carries them otherwise.
+fn serve_ingest(
+    listener: TcpListener,
+    state: HttpIngestState,
+    spawner: &Spawner,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let router = admin::with_json_errors(
+        ingress::http::router(state).fallback(admin::not_found),
+        ingress::http::ROUTES.iter().copied(),
+    );
+    let socket = listener
+        .into_std()
+        .context("taking the HTTP ingestion listener socket")?;
+    let serve_stop = stop.clone();
+    spawner.supervise(
+        "http-ingest",
+        "http-ingest",
+        true,
+        stop.clone(),
+        move || {
+            let listener = socket.try_clone().and_then(TcpListener::from_std);
+            let (router, stop) = (router.clone(), serve_stop.clone());
+            async move {
+                let listener = match listener {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "HTTP ingestion listener socket unusable");
+                        return;
+                    }
+                };
+                let served = axum::serve(listener, router)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "HTTP ingestion listener failed");
+                }
+            }
+        },
+    );
+    Ok(())
 }
