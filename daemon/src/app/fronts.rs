@@ -443,34 +443,13 @@ impl AdminFront {
                 .chain(api::ROUTES.iter().map(|r| (r.method, r.path))),
         );
         spawn_local_socket(&config.admin.socket, router.clone(), spawner, stop);
-        let socket = self
-            .listener
-            .into_std()
-            .context("taking the admin listener socket")?;
-        let serve_stop = stop.clone();
-        let task = spawner.supervise("admin", "admin", true, stop.clone(), move || {
-            let listener = socket.try_clone().and_then(TcpListener::from_std);
-            let (router, stop) = (router.clone(), serve_stop.clone());
-            async move {
-                let listener = match listener {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::error!(error = %e, "Admin listener socket unusable");
-                        return;
-                    }
-                };
-                // The peer's address: `/metrics` and the status answer loopback without a token.
-                let served = axum::serve(
-                    listener,
-                    router.into_make_service_with_connect_info::<SocketAddr>(),
-                )
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
-                if let Err(e) = served {
-                    tracing::error!(error = %e, "Admin listener failed");
-                }
-            }
-        });
+        let task = serve_http(
+            self.listener,
+            router,
+            ("admin", "Admin listener", true),
+            spawner,
+            stop,
+        )?;
         status.active("admin", true);
         Ok(task)
     }
@@ -546,34 +525,52 @@ fn serve_ingest(
         ingress::http::router(state).fallback(admin::not_found),
         ingress::http::ROUTES.iter().copied(),
     );
+    serve_http(
+        listener,
+        router,
+        ("http-ingest", "HTTP ingestion listener", true),
+        spawner,
+        stop,
+    )?;
+    Ok(())
+}
+
+/// Serves `router` on `listener` until `stop`, supervised as `(name, what, essential)`: a
+/// restart after a failure serves the same socket again. Requests carry the peer's address
+/// (`ConnectInfo<SocketAddr>`: `/metrics` and the status answer loopback without a token).
+fn serve_http(
+    listener: TcpListener,
+    router: axum::Router,
+    (name, what, essential): (&'static str, &'static str, bool),
+    spawner: &Spawner,
+    stop: &CancellationToken,
+) -> anyhow::Result<JoinHandle<()>> {
     let socket = listener
         .into_std()
-        .context("taking the HTTP ingestion listener socket")?;
+        .with_context(|| format!("taking the {what} socket"))?;
     let serve_stop = stop.clone();
-    spawner.supervise(
-        "http-ingest",
-        "http-ingest",
-        true,
-        stop.clone(),
-        move || {
+    Ok(
+        spawner.supervise(name, name, essential, stop.clone(), move || {
             let listener = socket.try_clone().and_then(TcpListener::from_std);
             let (router, stop) = (router.clone(), serve_stop.clone());
             async move {
                 let listener = match listener {
                     Ok(l) => l,
                     Err(e) => {
-                        tracing::error!(error = %e, "HTTP ingestion listener socket unusable");
+                        tracing::error!(error = %e, "{what} socket unusable");
                         return;
                     }
                 };
-                let served = axum::serve(listener, router)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await;
+                let served = axum::serve(
+                    listener,
+                    router.into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
                 if let Err(e) = served {
-                    tracing::error!(error = %e, "HTTP ingestion listener failed");
+                    tracing::error!(error = %e, "{what} failed");
                 }
             }
-        },
-    );
-    Ok(())
+        }),
+    )
 }
