@@ -222,6 +222,15 @@ impl Daemon {
         metric_value(&body, name).unwrap_or(0.0)
     }
 
+    /// The subsystem `name` of the status document; panics if there is none.
+    pub fn subsystem(&self, name: &str) -> serde_json::Value {
+        let status = self.status();
+        status["subsystems"]
+            .as_array()
+            .and_then(|all| all.iter().find(|s| s["name"] == name).cloned())
+            .unwrap_or_else(|| panic!("no subsystem {name} in {status}"))
+    }
+
     pub fn status(&self) -> serde_json::Value {
         let (code, body) = self.get("/api/v1/status");
         assert_eq!(code, 200, "/api/v1/status: {body}");

@@ -558,13 +558,7 @@ fn the_local_admin_socket_needs_no_token_and_only_its_permissions() {
     d.wait_for_log("Local admin socket bound", Duration::from_secs(5));
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o660);
-    let subsystem = d.status()["subsystems"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "admin-socket")
-        .cloned()
-        .unwrap();
+    let subsystem = d.subsystem("admin-socket");
     assert_eq!(subsystem["state"], "ACTIVE", "{subsystem}");
 
     // `nobody` cannot reach the build directory under root's home: a copy it may run.

@@ -544,13 +544,7 @@ fn ingestion_on_its_own_listener_serves_devices_and_nothing_else() {
     let r = request(ingest, "GET", "/api/v1/ingest/t", &[], b"");
     assert_error(&r, 405, None);
     assert_eq!(d.metric("outpost_outbox_records"), 1.0);
-    let subsystem = d.status()["subsystems"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "http-ingest")
-        .cloned()
-        .unwrap();
+    let subsystem = d.subsystem("http-ingest");
     assert_eq!(
         (subsystem["state"].clone(), subsystem["essential"].clone()),
         (serde_json::json!("ACTIVE"), serde_json::json!(true))
