@@ -16,6 +16,8 @@ PACKAGES=(
   mosquitto-clients      # a real MQTT client for end-to-end tests
   mosquitto              # the reference broker of the MQTT conformance tests (tests/tests/mqtt_conformance.rs)
   openssl                # test CA and certificates for the MQTT TLS tests (tests/tests/mqtt_tls.rs)
+  curl                   # a real HTTPS client for the admin and ingestion listeners (tests/tests/http_ingest.rs)
+  ca-certificates        # the system CA bundle the CLI trusts for https:// (and curl's default)
   sqlite3                # inspecting the outbox database in tests and by hand
   libcoap3-bin           # coap-client (libcoap) for the CoAP end-to-end tests (tests/tests/coap.rs)
   docker.io              # the real container engine for the apps tests (scripts/ensure-docker.sh starts dockerd)

@@ -58,7 +58,7 @@ pub use model::{
 pub use model::{
     BacklogOrder, CloudEvents, Compression, RuleAction, RuleKey, SaslMechanism, SecurityProtocol,
 };
-pub use model::{MqttClientAuth, MqttTlsConfig};
+pub use model::{HttpTlsConfig, MqttClientAuth, MqttTlsConfig};
 pub use model::{check_acl_pattern, check_kafka_topic, derived_gateway_id, machine_id};
 pub use units::ByteSize;
 pub use validate::{

@@ -71,9 +71,11 @@ deserialize_from_str!(CloudEvents { "off" => Off, "binary" => Binary, "structure
 
 mod apps;
 pub(crate) mod drivers;
+mod http_tls;
 pub(crate) mod kafka;
 mod mqtt;
 
+pub use http_tls::HttpTlsConfig;
 pub use kafka::{
     BacklogOrder, CloudEvents, CommandsConfig, Compression, DeadLetterConfig, KafkaConfig,
     KafkaRule, KafkaSecurity, RuleAction, RuleKey, SaslMechanism, SecurityProtocol,
@@ -208,6 +210,9 @@ pub struct HttpIngestConfig {
     /// admin listener (management API, metrics) can stay on loopback or a management network
     /// while devices post from the field network. Default `""`: served on the admin listener.
     pub listen: String,
+    /// `[http_ingest.tls]`: HTTPS on that listener (needs `listen`; on the admin listener,
+    /// ingestion follows `[admin.tls]`). Off by default.
+    pub tls: HttpTlsConfig,
 }
 
 impl Default for HttpIngestConfig {
@@ -218,6 +223,7 @@ impl Default for HttpIngestConfig {
             max_batch: 1000,
             route: DEFAULT_ROUTE.to_owned(),
             listen: String::new(),
+            tls: HttpTlsConfig::default(),
         }
     }
 }
@@ -354,6 +360,9 @@ pub struct AdminConfig {
     /// loopback and the local socket, others only with a `read` token (`/healthz` and
     /// `/readyz` answer everyone either way).
     pub public_monitoring: bool,
+    /// `[admin.tls]`: HTTPS on the admin listener (the API, metrics, the status, and device
+    /// ingestion when it shares the listener). Off by default.
+    pub tls: HttpTlsConfig,
 }
 
 /// The local admin socket's default path (`admin.socket`).
@@ -365,6 +374,7 @@ impl Default for AdminConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             socket: PathBuf::from(DEFAULT_ADMIN_SOCKET),
             public_monitoring: false,
+            tls: HttpTlsConfig::default(),
         }
     }
 }

@@ -159,6 +159,20 @@ impl Checker {
     }
 
     pub(crate) fn admin(&mut self, config: &Config) {
+        for (key, message) in config.admin.tls.problems() {
+            self.problem(root("admin").key("tls").key(key), message);
+        }
+        let ingest_tls = &config.http_ingest.tls;
+        for (key, message) in ingest_tls.problems() {
+            self.problem(root("http_ingest").key("tls").key(key), message);
+        }
+        if ingest_tls.enabled && config.http_ingest.listen.is_empty() {
+            self.problem(
+                root("http_ingest").key("tls").key("enabled"),
+                "needs http_ingest.listen (a listener of its own); on the admin listener, \
+                 ingestion is served with [admin.tls]",
+            );
+        }
         let socket = &config.admin.socket;
         if socket.as_os_str().is_empty() {
             return;

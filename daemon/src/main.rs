@@ -11,6 +11,7 @@ mod apps;
 mod cli;
 mod cloud_commands;
 mod fleet;
+mod https;
 mod ingress;
 mod local_admin;
 mod registry;

@@ -352,9 +352,19 @@ pub fn metric_value(exposition: &str, name: &str) -> Option<f64> {
 
 /// Runs the outpost CLI with `args`: (exit code, stdout, stderr).
 pub fn outpost_cli(args: &[&str]) -> (i32, String, String) {
+    outpost_cli_env(args, &[])
+}
+
+/// Like [`outpost_cli`] with environment variables (`OUTPOST_API_TOKEN`: tokens are never
+/// command-line arguments).
+pub fn outpost_cli_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let out = Command::new(outpost_bin())
         .args(args)
         .env_remove("OUTPOST_CONFIG")
+        .env_remove("OUTPOST_API_TOKEN")
+        .env_remove("OUTPOST_API_TOKEN_FILE")
+        .env_remove("OUTPOST_CA_FILE")
+        .envs(env.iter().copied())
         .output()
         .expect("run outpost");
     (

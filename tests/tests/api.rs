@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use outpost_e2e::admin::sha256_hex;
-use outpost_e2e::daemon::{Daemon, outpost_cli};
+use outpost_e2e::daemon::{Daemon, outpost_cli, outpost_cli_env};
 use outpost_e2e::http::Response;
 use serde_json::Value;
 
@@ -766,8 +766,8 @@ fn cli_manages_devices_with_a_token_from_token_new() {
     let cli = |args: &[&str]| {
         let mut all = vec!["devices"];
         all.extend_from_slice(args);
-        all.extend_from_slice(&["--url", &url, "--token", &token]);
-        outpost_cli(&all)
+        all.extend_from_slice(&["--url", &url]);
+        outpost_cli_env(&all, &[("OUTPOST_API_TOKEN", &token)])
     };
 
     let (code, out, err) = cli(&[
@@ -842,9 +842,31 @@ fn cli_manages_devices_with_a_token_from_token_new() {
     assert!(err.contains("404") && err.contains("meter-7"), "{err}");
 
     // Errors: a wrong token, no token, an unreachable daemon.
-    let (code, _, err) = outpost_cli(&["devices", "list", "--url", &url, "--token", "wrong"]);
+    let (code, _, err) = outpost_cli_env(
+        &["devices", "list", "--url", &url],
+        &[("OUTPOST_API_TOKEN", "wrong")],
+    );
     assert_eq!(code, 1);
     assert!(err.contains("401"), "{err}");
+    // Tokens never on the command line (every user sees it in `ps`); a file works.
+    let (code, _, err) = outpost_cli(&["devices", "list", "--url", &url, "--token", &token]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--token is not accepted") && err.contains("OUTPOST_API_TOKEN"),
+        "{err}"
+    );
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let (code, out, err) = outpost_cli(&[
+        "devices",
+        "list",
+        "--url",
+        &url,
+        "--token-file",
+        token_file.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("ID"), "{out}");
     let (code, _, err) = outpost_cli(&["devices", "list", "--url", &url]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("OUTPOST_API_TOKEN"), "{err}");
@@ -853,8 +875,8 @@ fn cli_manages_devices_with_a_token_from_token_new() {
         "list",
         "--url",
         "http://127.0.0.1:1",
-        "--token",
-        "x",
+        "--token-file",
+        token_file.to_str().unwrap(),
     ]);
     assert_eq!(code, 1);
     assert!(err.contains("cannot reach"), "{err}");

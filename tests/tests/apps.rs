@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use outpost_e2e::admin::{ADMIN_TOKEN, admin, admin_token_config};
-use outpost_e2e::daemon::{Daemon, outpost_cli};
+use outpost_e2e::daemon::{Daemon, outpost_cli_env};
 use serde_json::Value;
 
 const IMAGE: &str = "outpost-test/busybox:1";
@@ -189,7 +189,10 @@ command = ["sh", "-c", "exit 3"]
     assert_eq!(listed, ["cfg", "crashy", "viaapi"]);
     assert_eq!(admin(&d, "DELETE", "/api/v1/apps/cfg", "").status, 409);
     let url = format!("http://{}", d.admin);
-    let (code, out, err) = outpost_cli(&["apps", "list", "--url", &url, "--token", ADMIN_TOKEN]);
+    let (code, out, err) = outpost_cli_env(
+        &["apps", "list", "--url", &url],
+        &[("OUTPOST_API_TOKEN", ADMIN_TOKEN)],
+    );
     assert_eq!(code, 0, "{err}");
     let crashy = out.lines().find(|l| l.starts_with("crashy")).unwrap();
     assert!(crashy.contains("FAILED") && crashy.contains(" 3 "), "{out}");

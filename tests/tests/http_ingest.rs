@@ -551,3 +551,147 @@ fn ingestion_on_its_own_listener_serves_devices_and_nothing_else() {
     );
     assert!(d.terminate(Duration::from_secs(15)).0.success());
 }
+
+/// `[admin.tls]` and `[http_ingest.tls]`: both listeners speak HTTPS with the configured
+/// certificate (curl trusts it only with the CA), plain HTTP gets no answer, a client that
+/// never finishes its handshake holds nobody back, loopback still reads `/metrics` without a
+/// token, and the CLI manages devices over HTTPS with `--ca-file` and a token from the
+/// environment; a device then posts over HTTPS.
+#[test]
+fn the_admin_and_ingestion_listeners_speak_https() {
+    use outpost_e2e::admin::ADMIN_TOKEN;
+    use outpost_e2e::daemon::{outpost_cli, outpost_cli_env};
+    use outpost_e2e::tls::Ca;
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ca");
+    let (cert, key) = ca.issue("gateway", "gateway", "DNS:localhost,IP:127.0.0.1");
+    let tls = format!(
+        "enabled = true\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    let mut d = Daemon::start(
+        dir.path(),
+        &format!(
+            "{}\n[admin.tls]\n{tls}\n[http_ingest]\nlisten = \"127.0.0.1:0\"\n\
+             [http_ingest.tls]\n{tls}",
+            admin_token_config()
+        ),
+    );
+    let line = d.wait_for_log("HTTP ingestion listener bound", Duration::from_secs(5));
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let ingest: SocketAddr = v["addr"].as_str().unwrap().parse().unwrap();
+    let ca_file = ca.cert();
+    let curl = |args: &[&str]| {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "5", "-o", "-", "-w", "\n%{http_code}"])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (
+            out.status.code().unwrap_or(-1),
+            body.to_owned(),
+            code.to_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let admin_url = format!("https://localhost:{}", d.admin.port());
+
+    // A client that connects and says nothing: the others are served meanwhile (its handshake
+    // times out after 10 s; curl gives up after 5).
+    let silent = std::net::TcpStream::connect(d.admin).unwrap();
+    let (code, body, status, err) = curl(&[
+        "--cacert",
+        ca_file.to_str().unwrap(),
+        &format!("{admin_url}/healthz"),
+    ]);
+    assert_eq!((code, status.as_str()), (0, "200"), "{body} {err}");
+    // Loopback reads the metrics without a token over HTTPS too.
+    let (code, body, status, err) = curl(&[
+        "--cacert",
+        ca_file.to_str().unwrap(),
+        &format!("{admin_url}/metrics"),
+    ]);
+    assert_eq!((code, status.as_str()), (0, "200"), "{err}");
+    assert!(body.contains("outpost_outbox_records"), "{body}");
+    drop(silent);
+    // Without the CA the certificate is not trusted: it is the configured one, not a default.
+    let (code, _, _, err) = curl(&[&format!("{admin_url}/healthz")]);
+    assert_eq!(code, 60, "curl without the CA: {err}");
+    // Plain HTTP on the HTTPS port gets no HTTP answer.
+    assert!(
+        try_request(d.admin, "GET", "/healthz", &[], b"").is_err(),
+        "plain HTTP was answered on the HTTPS listener"
+    );
+
+    // The CLI over HTTPS, trusting the gateway's CA, token from the environment.
+    let (code, out, err) = outpost_cli_env(
+        &[
+            "devices",
+            "add",
+            "field-tls",
+            "--url",
+            &admin_url,
+            "--ca-file",
+            ca_file.to_str().unwrap(),
+        ],
+        &[("OUTPOST_API_TOKEN", ADMIN_TOKEN)],
+    );
+    assert_eq!(code, 0, "{err}");
+    let secret = out
+        .lines()
+        .map(str::trim)
+        .find(|l| l.len() == 64 && l.bytes().all(|b| b.is_ascii_hexdigit()))
+        .unwrap_or_else(|| panic!("no secret in:\n{out}"))
+        .to_owned();
+    // Without --ca-file the system's CAs do not know the gateway's: a clear refusal.
+    let (code, _, err) = outpost_cli_env(
+        &["devices", "list", "--url", &admin_url],
+        &[("OUTPOST_API_TOKEN", ADMIN_TOKEN)],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot reach"), "{err}");
+
+    // The device posts over HTTPS on the ingestion listener.
+    let ingest_url = format!("https://localhost:{}/api/v1/ingest/t", ingest.port());
+    let (code, body, status, err) = curl(&[
+        "--cacert",
+        ca_file.to_str().unwrap(),
+        "-u",
+        &format!("field-tls:{secret}"),
+        "-H",
+        "Content-Type: application/json",
+        "--data-binary",
+        r#"{"v": 1}"#,
+        &ingest_url,
+    ]);
+    assert_eq!((code, status.as_str()), (0, "201"), "{body} {err}");
+    let (_, body, _, _) = curl(&[
+        "--cacert",
+        ca_file.to_str().unwrap(),
+        &format!("{admin_url}/metrics"),
+    ]);
+    assert!(
+        body.lines().any(|l| l == "outpost_outbox_records 1"),
+        "{body}"
+    );
+    assert!(d.terminate(Duration::from_secs(15)).0.success());
+
+    // An unreadable certificate is a configuration error naming its key.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[admin.tls]\nenabled = true\ncert_file = \"/nonexistent/cert.pem\"\n\
+         key_file = \"/nonexistent/key.pem\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = outpost_cli(&["check-config", bad.to_str().unwrap()]);
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains("admin.tls.cert_file") && err.contains("admin.tls.key_file"),
+        "{err}"
+    );
+}

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use outpost_e2e::admin::{ADMIN_TOKEN, Device, admin_token_config, create_device};
-use outpost_e2e::daemon::{Daemon, outpost_cli, write_config};
+use outpost_e2e::daemon::{Daemon, outpost_cli, outpost_cli_env, write_config};
 use outpost_e2e::kafka::{Consumed, MockKafka, Tansu, consume, produce_plain};
 
 const TOPIC: &str = "outpost.readings";
@@ -514,8 +514,8 @@ fn dead_letters_are_listed_retried_and_dropped_with_the_cli() {
     let cli = |args: &[&str]| {
         let mut all = vec!["dead-letters"];
         all.extend_from_slice(args);
-        all.extend_from_slice(&["--url", &url, "--token", ADMIN_TOKEN]);
-        outpost_cli(&all)
+        all.extend_from_slice(&["--url", &url]);
+        outpost_cli_env(&all, &[("OUTPOST_API_TOKEN", ADMIN_TOKEN)])
     };
     let (code, out, err) = cli(&["list", "--json"]);
     assert_eq!(code, 0, "{err}");

@@ -37,14 +37,39 @@ pub struct TlsListener {
 /// Builds the TLS acceptor from `[mqtt.tls]`: reads and checks the certificate, key and client
 /// CA files. Every problem names its key (`mqtt.tls.cert_file`, ...).
 pub fn acceptor(config: &MqttTlsConfig) -> Result<TlsAcceptor, Vec<Problem>> {
+    server_config(
+        "mqtt.tls",
+        &TlsFiles {
+            cert_file: config.cert_file.as_deref(),
+            key_file: config.key_file.as_deref(),
+            client_ca_file: config.client_ca_file.as_deref(),
+            client_auth: config.client_auth,
+        },
+    )
+    .map(TlsAcceptor::from)
+}
+
+/// The files of a TLS server: what [`server_config`] reads.
+pub struct TlsFiles<'a> {
+    pub cert_file: Option<&'a Path>,
+    pub key_file: Option<&'a Path>,
+    /// CA certificates that sign client certificates; `None`: none requested.
+    pub client_ca_file: Option<&'a Path>,
+    pub client_auth: MqttClientAuth,
+}
+
+/// The rustls server configuration (ring provider, safe default protocol versions) from
+/// `files`, shared by every TLS listener of the gateway (`[mqtt.tls]`, `[admin.tls]`,
+/// `[http_ingest.tls]`). Every problem names its key under `table` (`admin.tls.key_file`, ...).
+pub fn server_config(table: &str, files: &TlsFiles<'_>) -> Result<Arc<ServerConfig>, Vec<Problem>> {
     let mut problems = Vec::new();
     let mut problem = |key: &str, message: String| {
         problems.push(Problem {
-            path: format!("mqtt.tls.{key}"),
+            path: format!("{table}.{key}"),
             message,
         });
     };
-    let certs = match config.cert_file.as_deref().map(read_certs) {
+    let certs = match files.cert_file.map(read_certs) {
         Some(Ok(certs)) => Some(certs),
         Some(Err(e)) => {
             problem("cert_file", e);
@@ -55,7 +80,7 @@ pub fn acceptor(config: &MqttTlsConfig) -> Result<TlsAcceptor, Vec<Problem>> {
             None
         }
     };
-    let key = match config.key_file.as_deref() {
+    let key = match files.key_file {
         Some(path) => match PrivateKeyDer::from_pem_file(path) {
             Ok(key) => Some(key),
             Err(e) => {
@@ -72,7 +97,7 @@ pub fn acceptor(config: &MqttTlsConfig) -> Result<TlsAcceptor, Vec<Problem>> {
         }
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = match config.client_ca_file.as_deref() {
+    let verifier = match files.client_ca_file {
         None => None,
         Some(path) => match read_certs(path).and_then(|cas| {
             let mut roots = RootCertStore::empty();
@@ -83,7 +108,7 @@ pub fn acceptor(config: &MqttTlsConfig) -> Result<TlsAcceptor, Vec<Problem>> {
             }
             let builder =
                 WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
-            let builder = match config.client_auth {
+            let builder = match files.client_auth {
                 MqttClientAuth::Optional => builder.allow_unauthenticated(),
                 MqttClientAuth::Required => builder,
             };
@@ -108,7 +133,7 @@ pub fn acceptor(config: &MqttTlsConfig) -> Result<TlsAcceptor, Vec<Problem>> {
         .with_safe_default_protocol_versions()
         .map_err(|e| {
             vec![Problem {
-                path: "mqtt.tls".to_owned(),
+                path: table.to_owned(),
                 message: format!("TLS setup failed: {e}"),
             }]
         })?;
@@ -118,11 +143,11 @@ pub fn acceptor(config: &MqttTlsConfig) -> Result<TlsAcceptor, Vec<Problem>> {
     };
     let server = builder.with_single_cert(certs, key).map_err(|e| {
         vec![Problem {
-            path: "mqtt.tls.key_file".to_owned(),
+            path: format!("{table}.key_file"),
             message: format!("does not fit cert_file: {e}"),
         }]
     })?;
-    Ok(TlsAcceptor::from(Arc::new(server)))
+    Ok(Arc::new(server))
 }
 
 /// Binds the TLS listener when `[mqtt.tls]` enables it (the files were checked with the config;

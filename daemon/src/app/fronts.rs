@@ -13,6 +13,7 @@ use prometheus_client::registry::Registry as MetricsRegistry;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::spawn::Spawner;
@@ -20,6 +21,7 @@ use super::storage::Storage;
 use crate::admin::{self, AdminState};
 use crate::api;
 use crate::apps::Apps;
+use crate::https::{HttpsListener, HttpsPeer};
 use crate::ingress::budget::IngressBudget;
 use crate::ingress::bus::{BusMetrics, FrontEvents};
 use crate::ingress::coap::{CoapMetrics, CoapSettings};
@@ -349,9 +351,11 @@ impl MqttFront {
 /// The admin listener (API, metrics, status, HTTP ingestion), bound.
 pub struct AdminFront {
     listener: TcpListener,
+    /// `[admin.tls]`: the listener speaks HTTPS.
+    tls: Option<TlsAcceptor>,
     pub addr: SocketAddr,
-    /// Device ingestion's own listener (`http_ingest.listen`), when configured.
-    ingest_listener: Option<TcpListener>,
+    /// Device ingestion's own listener (`http_ingest.listen`), when configured, with its TLS.
+    ingest_listener: Option<(TcpListener, Option<TlsAcceptor>)>,
 }
 
 /// What the admin listener serves, besides its own routes.
@@ -374,7 +378,8 @@ impl AdminFront {
         let addr = listener
             .local_addr()
             .context("reading the admin listener address")?;
-        tracing::info!(addr = %addr, "Admin listener bound");
+        let tls = tls_acceptor("admin.tls", &config.admin.tls)?;
+        tracing::info!(addr = %addr, tls = tls.is_some(), "Admin listener bound");
         let ingest_listener = match config.http_ingest.listen_addr() {
             Some(listen) if config.http_ingest.enabled => {
                 let listener = TcpListener::bind(listen)
@@ -383,13 +388,15 @@ impl AdminFront {
                 let addr = listener
                     .local_addr()
                     .context("reading the HTTP ingestion listener address")?;
-                tracing::info!(addr = %addr, "HTTP ingestion listener bound");
-                Some(listener)
+                let tls = tls_acceptor("http_ingest.tls", &config.http_ingest.tls)?;
+                tracing::info!(addr = %addr, tls = tls.is_some(), "HTTP ingestion listener bound");
+                Some((listener, tls))
             }
             _ => None,
         };
         Ok(Self {
             listener,
+            tls,
             addr,
             ingest_listener,
         })
@@ -444,7 +451,7 @@ impl AdminFront {
         );
         spawn_local_socket(&config.admin.socket, router.clone(), spawner, stop);
         let task = serve_http(
-            self.listener,
+            (self.listener, self.tls),
             router,
             ("admin", "Admin listener", true),
             spawner,
@@ -513,10 +520,27 @@ fn spawn_local_socket(
     });
 }
 
+/// The acceptor of an enabled `[*.tls]` table (the files were checked with the config; they are
+/// read again here).
+fn tls_acceptor(
+    table: &str,
+    config: &outpost_config::HttpTlsConfig,
+) -> anyhow::Result<Option<TlsAcceptor>> {
+    if !config.enabled {
+        return Ok(None);
+    }
+    crate::https::acceptor(table, config)
+        .map(Some)
+        .map_err(|problems| {
+            let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
+            anyhow::anyhow!(text.join("; "))
+        })
+}
+
 /// Serves device ingestion and command polling on their own listener (`http_ingest.listen`)
 /// until `stop`; essential, like the admin listener that carries them otherwise.
 fn serve_ingest(
-    listener: TcpListener,
+    listener: (TcpListener, Option<TlsAcceptor>),
     state: HttpIngestState,
     spawner: &Spawner,
     stop: &CancellationToken,
@@ -535,11 +559,12 @@ fn serve_ingest(
     Ok(())
 }
 
-/// Serves `router` on `listener` until `stop`, supervised as `(name, what, essential)`: a
-/// restart after a failure serves the same socket again. Requests carry the peer's address
-/// (`ConnectInfo<SocketAddr>`: `/metrics` and the status answer loopback without a token).
+/// Serves `router` on `listener` (HTTPS with an acceptor) until `stop`, supervised as
+/// `(name, what, essential)`: a restart after a failure serves the same socket again. Requests
+/// carry the peer's address (`ConnectInfo<SocketAddr>`: `/metrics` and the status answer
+/// loopback without a token).
 fn serve_http(
-    listener: TcpListener,
+    (listener, tls): (TcpListener, Option<TlsAcceptor>),
     router: axum::Router,
     (name, what, essential): (&'static str, &'static str, bool),
     spawner: &Spawner,
@@ -552,7 +577,7 @@ fn serve_http(
     Ok(
         spawner.supervise(name, name, essential, stop.clone(), move || {
             let listener = socket.try_clone().and_then(TcpListener::from_std);
-            let (router, stop) = (router.clone(), serve_stop.clone());
+            let (router, stop, tls) = (router.clone(), serve_stop.clone(), tls.clone());
             async move {
                 let listener = match listener {
                     Ok(l) => l,
@@ -561,12 +586,33 @@ fn serve_http(
                         return;
                     }
                 };
-                let served = axum::serve(
-                    listener,
-                    router.into_make_service_with_connect_info::<SocketAddr>(),
-                )
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
+                let served = match tls {
+                    None => {
+                        axum::serve(
+                            listener,
+                            router.into_make_service_with_connect_info::<SocketAddr>(),
+                        )
+                        .with_graceful_shutdown(stop.cancelled_owned())
+                        .await
+                    }
+                    Some(acceptor) => {
+                        let listener = match HttpsListener::new(listener, acceptor) {
+                            Ok(l) => l,
+                            Err(e) => {
+                                tracing::error!(error = %e, "{what} socket unusable");
+                                return;
+                            }
+                        };
+                        let router = router
+                            .layer(axum::middleware::from_fn(crate::https::peer_as_socket_addr));
+                        axum::serve(
+                            listener,
+                            router.into_make_service_with_connect_info::<HttpsPeer>(),
+                        )
+                        .with_graceful_shutdown(stop.cancelled_owned())
+                        .await
+                    }
+                };
                 if let Err(e) = served {
                     tracing::error!(error = %e, "{what} failed");
                 }

@@ -4,10 +4,12 @@
 //! `devices`, `apps` and `dead-letters` talk to the *running* daemon through its management API
 //! (plain HTTP to the admin listener, blocking `ureq` client), so the daemon stays the only
 //! writer of `registry.db` and `outbox.db` and its in-memory state (index, auth cache, outbox
-//! figures) stays right. The URL is `--url`, else `admin.listen` of the configuration file
-//! (`--config`, else /etc/outpost/outpost.toml when it exists; `0.0.0.0`/`::` become loopback),
-//! else `http://127.0.0.1:8080`; the token is `--token` or
-//! `$OUTPOST_API_TOKEN` (prefer the variable: command lines are visible to other users).
+//! figures) stays right. On the gateway the local admin socket is used, no token needed. Else
+//! the URL is `--url`, else `admin.listen` of the configuration file (`--config`, else
+//! /etc/outpost/outpost.toml when it exists; `0.0.0.0`/`::` become loopback; `https://` with
+//! `[admin.tls]`), else `http://127.0.0.1:8080`; the token comes from `$OUTPOST_API_TOKEN` or
+//! the file `--token-file` names, never from the command line (visible to every user in `ps`);
+//! `--token` is refused with that explanation.
 //!
 //! `token new` works offline: it prints a fresh random token and the `[[api.tokens]]` entry
 //! holding only its SHA-256, so installers never write a clear token into the config.
@@ -18,6 +20,7 @@
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -193,7 +196,8 @@ impl Client {
         } else {
             None
         };
-        let has_token = api.token.as_ref().is_some_and(|t| !t.is_empty());
+        let token = api_token(api)?;
+        let has_token = token.is_some();
         if let Some(config) = &config
             && !config.admin.socket.as_os_str().is_empty()
         {
@@ -231,31 +235,37 @@ impl Client {
             (None, Some(config)) => default_url(config),
             (None, None) => unreachable!("the config is loaded when no --url is given"),
         };
-        if base.starts_with("https://") {
+        if !base.starts_with("http://") && !base.starts_with("https://") {
             return Err(fail(
                 2,
-                "https is not supported: the admin listener speaks plain HTTP (reach it over \
-                 loopback or a management network)",
+                format!("--url must start with http:// or https://, found \"{base}\""),
             ));
         }
-        if !base.starts_with("http://") {
+        let Some(token) = token else {
             return Err(fail(
                 2,
-                format!("--url must start with http://, found \"{base}\""),
-            ));
-        }
-        let Some(token) = api.token.clone().filter(|t| !t.is_empty()) else {
-            return Err(fail(
-                2,
-                "no API token: set OUTPOST_API_TOKEN or pass --token (create one with \
-                 `outpost token new`), or run on the gateway as root (the local admin socket)",
+                "no API token: set OUTPOST_API_TOKEN or --token-file (create one with \
+                 `outpost token create`), or run on the gateway as root (the local admin socket)",
             ));
         };
-        let agent: ureq::Agent = ureq::Agent::config_builder()
+        let mut agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(30)))
-            .build()
-            .into();
+            .timeout_global(Some(Duration::from_secs(30)));
+        if base.starts_with("https://") {
+            let ca_file = api
+                .ca_file
+                .as_deref()
+                .unwrap_or(std::path::Path::new(SYSTEM_CA_BUNDLE));
+            agent = agent.tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .unversioned_rustls_crypto_provider(Arc::new(
+                        tokio_rustls::rustls::crypto::ring::default_provider(),
+                    ))
+                    .root_certs(ca_certificates(ca_file)?)
+                    .build(),
+            );
+        }
+        let agent: ureq::Agent = agent.build().into();
         Ok(Client {
             base,
             transport: Transport::Http { token, agent },
@@ -349,7 +359,8 @@ impl Client {
         }
         if reply.status == 401 {
             message.push_str(
-                "\nhint: set OUTPOST_API_TOKEN or --token to a token from [[api.tokens]]",
+                "\nhint: set OUTPOST_API_TOKEN or --token-file to a token the daemon accepts \
+                 (`outpost token list` on the gateway)",
             );
         }
         Err(fail(1, message))
@@ -362,6 +373,66 @@ enum HttpFailure {
 }
 
 /// The admin listener's URL from `admin.listen` (`0.0.0.0`/`::` become loopback).
+/// The API token: `$OUTPOST_API_TOKEN`, else the first line of `--token-file`; `--token` is
+/// refused (a command line is visible to every user of the machine).
+fn api_token(api: &ApiArgs) -> Result<Option<String>, Failure> {
+    if api.token.is_some() {
+        return Err(fail(
+            2,
+            "--token is not accepted: a command line is visible to every user of the machine \
+             (ps). Put the token in OUTPOST_API_TOKEN or in a file for --token-file \
+             (OUTPOST_API_TOKEN_FILE), or run on the gateway through the local admin socket",
+        ));
+    }
+    if let Some(token) = std::env::var("OUTPOST_API_TOKEN")
+        .ok()
+        .filter(|t| !t.trim().is_empty())
+    {
+        return Ok(Some(token.trim().to_owned()));
+    }
+    let Some(path) = &api.token_file else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| fail(2, format!("--token-file {}: {e}", path.display())))?;
+    match text.lines().next().map(str::trim) {
+        Some(token) if !token.is_empty() => Ok(Some(token.to_owned())),
+        _ => Err(fail(
+            2,
+            format!("--token-file {}: the first line is empty", path.display()),
+        )),
+    }
+}
+
+/// The CA certificates an `https://` URL is checked against without `--ca-file`: Debian's
+/// bundle (package `ca-certificates`), so the CLI trusts what the machine trusts.
+const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// The CA certificates in `path` (`--ca-file`, or the system's bundle).
+fn ca_certificates(path: &std::path::Path) -> Result<ureq::tls::RootCerts, Failure> {
+    let unusable = |why: String| {
+        fail(
+            2,
+            format!(
+                "CA certificates {}: {why} (set --ca-file to the CA that signed the gateway's \
+                 certificate)",
+                path.display()
+            ),
+        )
+    };
+    let pem = std::fs::read(path).map_err(|e| unusable(e.to_string()))?;
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(&pem) {
+        if let ureq::tls::PemItem::Certificate(cert) = item.map_err(|e| unusable(e.to_string()))? {
+            certs.push(cert);
+        }
+    }
+    if certs.is_empty() {
+        return Err(unusable("no certificate (PEM) in it".to_owned()));
+    }
+    Ok(ureq::tls::RootCerts::new_with_certs(&certs))
+}
+
 fn default_url(config: &outpost_config::Config) -> String {
     let listen = config.admin.listen;
     let ip = match listen.ip() {
@@ -369,9 +440,14 @@ fn default_url(config: &outpost_config::Config) -> String {
         IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
         ip => ip,
     };
+    let scheme = if config.admin.tls.enabled {
+        "https"
+    } else {
+        "http"
+    };
     match ip {
-        IpAddr::V4(ip) => format!("http://{ip}:{}", listen.port()),
-        IpAddr::V6(ip) => format!("http://[{ip}]:{}", listen.port()),
+        IpAddr::V4(ip) => format!("{scheme}://{ip}:{}", listen.port()),
+        IpAddr::V6(ip) => format!("{scheme}://[{ip}]:{}", listen.port()),
     }
 }
 

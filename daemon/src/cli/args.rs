@@ -38,7 +38,8 @@ pub enum Command {
         #[command(flatten)]
         location: DataLocation,
     },
-    /// Manage devices through the running daemon's API (token: --token or OUTPOST_API_TOKEN).
+    /// Manage devices through the running daemon's API (on the gateway: the local admin socket;
+    /// elsewhere: --url with a token from OUTPOST_API_TOKEN or --token-file).
     Devices {
         #[command(subcommand)]
         command: Box<DevicesCommand>,
@@ -134,9 +135,19 @@ pub struct ApiArgs {
     /// it exists).
     #[arg(long, short, global = true, env = "OUTPOST_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Management API token (with the `read`, `write` or `admin` scope the command needs).
-    #[arg(long, global = true, env = "OUTPOST_API_TOKEN", hide_env_values = true)]
+    /// File holding the management API token (its first line), with the `read`, `write` or
+    /// `admin` scope the command needs. The token may also come from $OUTPOST_API_TOKEN; never
+    /// from the command line, where every user of the machine sees it (`ps`).
+    #[arg(long, global = true, env = "OUTPOST_API_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Not accepted (hidden): answered with where a token goes instead.
+    #[arg(long, global = true, hide = true)]
     pub token: Option<String>,
+    /// CA certificates (PEM) to trust for an `https://` URL, e.g. the one that signed the
+    /// gateway's `[admin.tls]` certificate. Default: the system's bundle
+    /// (/etc/ssl/certs/ca-certificates.crt).
+    #[arg(long, global = true, env = "OUTPOST_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Print the API's JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,

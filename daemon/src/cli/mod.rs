@@ -82,7 +82,7 @@ pub fn config_file(named: Option<&Path>) -> Option<PathBuf> {
 }
 
 /// Loads and fully validates a config ([`config_file`] of `path`): the typed checks of the
-/// config crate plus what only the daemon can judge (the log filter, the MQTT TLS files). Every
+/// config crate plus what only the daemon can judge (the log filter, the TLS files). Every
 /// command shares this function.
 pub fn load_config(path: Option<&Path>) -> Result<Config, ConfigError> {
     let config = match config_file(path) {
@@ -107,6 +107,24 @@ pub fn load_config(path: Option<&Path>) -> Result<Config, ConfigError> {
             path: path.map(Path::to_path_buf),
             problems,
         });
+    }
+    for (table, tls, used) in [
+        ("admin.tls", &config.admin.tls, true),
+        (
+            "http_ingest.tls",
+            &config.http_ingest.tls,
+            config.http_ingest.enabled,
+        ),
+    ] {
+        if used
+            && tls.enabled
+            && let Err(problems) = crate::https::acceptor(table, tls)
+        {
+            return Err(ConfigError::Invalid {
+                path: path.map(Path::to_path_buf),
+                problems,
+            });
+        }
     }
     Ok(config)
 }
