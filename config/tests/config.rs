@@ -252,7 +252,9 @@ fn unknown_key_without_close_match_lists_valid_keys() {
     let found = problems("[admin]\nport = 8080\n");
     assert_eq!(
         found,
-        ["admin.port: unknown key `port`; valid keys are `listen`, `socket`, `public_monitoring`, `tls`"]
+        [
+            "admin.port: unknown key `port`; valid keys are `listen`, `socket`, `public_monitoring`, `tls`"
+        ]
     );
 }
 

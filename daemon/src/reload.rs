@@ -5,7 +5,8 @@
 //! Applied now: `log.level` (unless `RUST_LOG` is set, which keeps precedence as at start),
 //! `api.tokens` (the config's tokens are replaced; those created through the API stay),
 //! `mqtt.acl` and `mqtt.limits` (both from each device's next CONNECT; connected devices keep
-//! theirs). Every
+//! theirs), `kafka.rules` (the whole rule list, from the next record stored or forwarded, the
+//! backlog included). Every
 //! other key whose value in the file differs from what the daemon runs on is listed by key path
 //! under `needs_restart` — in the log (a warning) and in `/api/v1/status` (`config`) — until a
 //! restart. A file that does not load (a syntax error, an invalid value) changes nothing: its
@@ -14,7 +15,7 @@
 //! The file is the one `outpost run` resolved: `--config`, else `/etc/outpost/outpost.toml` when
 //! it exists, else none (then a reload picks up a default file created since).
 //!
-//! Not applied yet (they need a restart): routing rules, drivers.
+//! Not applied yet (they need a restart): drivers.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -24,6 +25,8 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::signal::unix::Signal;
 use tokio_util::sync::CancellationToken;
+
+use outpost_sync::forwarder::{Rules, SharedRules};
 
 use crate::api::auth::TokenSet;
 use crate::status::StatusBoard;
@@ -37,6 +40,7 @@ const APPLIED: &[&str] = &[
     "mqtt.limits.messages_per_second",
     "mqtt.limits.bytes_per_second",
     "mqtt.limits.burst",
+    "kafka.rules",
 ];
 
 /// What the last reload did, for `/api/v1/status` (`config`).
@@ -66,6 +70,8 @@ pub struct Reloader {
     pub mqtt_acl: Option<crate::ingress::mqtt::SharedAcl>,
     /// The MQTT server, for its rate limits; `None` with `mqtt.enabled = false`.
     pub mqtt_broker: Option<Arc<outpost_mqtt::broker::Broker>>,
+    /// `[[kafka.rules]]` in force (ingestion and the forwarder).
+    pub rules: SharedRules,
     pub report: Arc<Mutex<Report>>,
 }
 
@@ -76,6 +82,7 @@ impl Reloader {
         tokens: Arc<TokenSet>,
         mqtt_acl: Option<crate::ingress::mqtt::SharedAcl>,
         mqtt_broker: Option<Arc<outpost_mqtt::broker::Broker>>,
+        rules: SharedRules,
     ) -> Reloader {
         let report = Report {
             file: crate::cli::config_file(named.as_deref()).map(|f| f.display().to_string()),
@@ -87,6 +94,7 @@ impl Reloader {
             tokens,
             mqtt_acl,
             mqtt_broker,
+            rules,
             report: Arc::new(Mutex::new(report)),
         }
     }
@@ -180,6 +188,13 @@ impl Reloader {
             broker.limiters.set_limits(&new.mqtt.limits);
             self.running.mqtt.limits = new.mqtt.limits.clone();
             applied.push("mqtt.limits".to_owned());
+        }
+        if new.kafka.rules != self.running.kafka.rules {
+            // The rules are compiled against the running [kafka] (default topic, CloudEvents):
+            // only the rule list changes here; the other keys are reported as needing a restart.
+            self.running.kafka.rules.clone_from(&new.kafka.rules);
+            self.rules.replace(Rules::from_config(&self.running.kafka));
+            applied.push("kafka.rules".to_owned());
         }
         applied
     }

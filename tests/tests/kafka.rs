@@ -293,6 +293,73 @@ kafka_topic = "meters"
     );
 }
 
+/// `SIGHUP` replaces `[[kafka.rules]]`: records sent before the reload went where the old rule
+/// said, the next ones go where the new one says (no restart, the forwarder keeps its
+/// connection), and the status lists `kafka.rules` as applied, not as needing a restart.
+#[test]
+fn a_reload_applies_changed_rules_to_the_next_record() {
+    let kafka = MockKafka::start(1, &[(TOPIC, 1), ("alerts", 1), ("meters", 1)]);
+    let dir = tempfile::tempdir().unwrap();
+    let before = "[[kafka.rules]]\ntopic = \"devices/+/alerts\"\nkafka_topic = \"alerts\"\n";
+    let after = "[[kafka.rules]]\ntopic = \"devices/+/alerts\"\nkafka_topic = \"meters\"\n\n\
+                 [[kafka.rules]]\nname = \"mute\"\ntopic = \"devices/+/debug\"\naction = \"drop\"\n";
+    let config_path = write_config(dir.path(), &config(kafka.bootstrap(), before, ""));
+    let mut d = Daemon::start_with(&config_path, dir.path().join("data"));
+    let mut pump = Device::new(&d, "pump-1");
+    pump.send(&d, "devices/pump-1/alerts", 3);
+    pump.send(&d, "devices/pump-1/debug", 2);
+    wait_delivered(&mut d, "the first records", Duration::from_secs(20));
+
+    let text = std::fs::read_to_string(&config_path).unwrap();
+    assert!(text.contains(before));
+    std::fs::write(&config_path, text.replace(before, after)).unwrap();
+    outpost_e2e::daemon::signal(d.pid(), rustix::process::Signal::HUP);
+    d.wait_until("the reload", Duration::from_secs(10), |d| {
+        d.status()["config"]["reloads"] == 1
+    });
+    let report = d.status()["config"].clone();
+    assert_eq!(
+        report["applied"],
+        serde_json::json!(["kafka.rules"]),
+        "{report}"
+    );
+    assert_eq!(report["needs_restart"], serde_json::json!([]), "{report}");
+
+    pump.send(&d, "devices/pump-1/alerts", 4);
+    pump.send(&d, "devices/pump-1/debug", 5);
+    wait_delivered(
+        &mut d,
+        "the records after the reload",
+        Duration::from_secs(20),
+    );
+    let alerts = consume(
+        kafka.bootstrap(),
+        "alerts",
+        8,
+        Duration::from_secs(3),
+        false,
+    );
+    assert_eq!(alerts.iter().map(counter).collect::<Vec<_>>(), [0, 1, 2]);
+    let meters = consume(
+        kafka.bootstrap(),
+        "meters",
+        8,
+        Duration::from_secs(3),
+        false,
+    );
+    assert_eq!(meters.iter().map(counter).collect::<Vec<_>>(), [5, 6, 7, 8]);
+    let readings = consume(kafka.bootstrap(), TOPIC, 8, Duration::from_secs(3), false);
+    assert_eq!(
+        readings.iter().map(counter).collect::<Vec<_>>(),
+        [3, 4],
+        "debug records before the reload went to the default topic, none after"
+    );
+    assert_eq!(
+        d.metric("outpost_kafka_dropped_records_total{rule=\"mute\"}"),
+        5.0
+    );
+}
+
 #[test]
 fn a_broker_outage_loses_nothing_and_keeps_device_order() {
     let kafka = MockKafka::start(1, &[(TOPIC, 2)]);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use outpost_config::Config;
 use outpost_sync::forwarder::commands::{CommandStore, CommandsMetrics};
 use outpost_sync::forwarder::fleet::FleetSource;
-use outpost_sync::forwarder::{DeviceTags, Forwarder, ForwarderOptions};
+use outpost_sync::forwarder::{DeviceTags, Forwarder, ForwarderOptions, SharedRules};
 use prometheus_client::registry::Registry as MetricsRegistry;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -32,6 +32,7 @@ pub struct Cloud {
 pub fn forwarder(
     config: &Config,
     storage: &Storage,
+    rules: &SharedRules,
     status: &StatusBoard,
     metrics: &mut MetricsRegistry,
 ) -> Option<Cloud> {
@@ -46,6 +47,7 @@ pub fn forwarder(
     let options = ForwarderOptions::from_config(config);
     let tags: Arc<dyn DeviceTags> = Arc::new(storage.registry.clone());
     let (forwarder, handle) = Forwarder::new(options, storage.outbox.clone(), tags);
+    let forwarder = forwarder.with_rules(rules.clone());
     handle.metrics().register(metrics);
     status.watch_forwarder(handle);
     status.active("cloud", false);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use outpost_config::Config;
 use outpost_sync::Outbox;
-use outpost_sync::forwarder::Rules;
+use outpost_sync::forwarder::{Rules, SharedRules};
 use prometheus_client::registry::Registry as MetricsRegistry;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::broadcast;
@@ -35,6 +35,9 @@ use crate::status::StatusBoard;
 /// bus, the ingress byte budget).
 pub struct IngressCore {
     pub ingest: Ingest,
+    /// `[[kafka.rules]]` in force: ingestion (priorities) and the forwarder share them, a
+    /// reload replaces them.
+    pub rules: SharedRules,
     budget: IngressBudget,
     /// The local bus's feed (committed readings, the MQTT server's events), for the MQTT
     /// front; `None` without MQTT (the bus handle then drops what it is told).
@@ -51,12 +54,14 @@ impl IngressCore {
             usize::try_from(config.gateway.max_ingress_bytes.bytes()).unwrap_or(usize::MAX),
         );
         metrics.register_collector(Box::new(budget.clone()));
+        let rules = SharedRules::new(Rules::from_config(&config.kafka));
         let ingest = Ingest::new(storage.outbox.clone(), storage.registry.clone(), readings)
-            .with_rules(Arc::new(Rules::from_config(&config.kafka)))
+            .with_rules(rules.clone())
             .with_bus(bus_handle)
             .with_budget(budget.clone());
         Self {
             ingest,
+            rules,
             budget,
             bus_feed: bus_readings.map(|readings| (readings, bus_events)),
         }

@@ -87,7 +87,7 @@ pub async fn run(
         &mut metrics,
     )
     .await?;
-    let forwarder = cloud::forwarder(&config, &storage, status, &mut metrics);
+    let forwarder = cloud::forwarder(&config, &storage, &core.rules, status, &mut metrics);
     // Permit join reaches the Zigbee driver through this handle; the driver attaches to it
     // when built from a `DriverContext` carrying it.
     let zigbee = outpost_drivers::zigbee::ZigbeeControl::default();
@@ -158,6 +158,7 @@ pub async fn run(
         Arc::clone(&tokens),
         mqtt_acl,
         mqtt_broker,
+        core.rules.clone(),
     );
     reloader.watch(status);
     spawner.spawn(

@@ -24,7 +24,7 @@ pub mod mqtt;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use outpost_sync::forwarder::Rules;
+use outpost_sync::forwarder::SharedRules;
 use outpost_sync::forwarder::rules::RecordView;
 use outpost_sync::{AppendError, Envelope, Outbox, Source};
 use tokio::sync::broadcast;
@@ -63,7 +63,7 @@ pub struct Ingest {
     registry: Registry,
     readings: broadcast::Sender<LocalReading>,
     /// `[[kafka.rules]]`: a matching rule's `priority` is given to a record when it is stored.
-    rules: Option<Arc<Rules>>,
+    rules: Option<SharedRules>,
     /// The local bus, for the MQTT server (ACLs of app identities, command delivery).
     bus: bus::BusHandle,
     /// `gateway.max_ingress_bytes`, taken by each device protocol before it holds a payload.
@@ -115,8 +115,8 @@ impl Ingest {
     }
 
     /// Gives stored records the priority of the first matching Kafka rule that sets one.
-    pub fn with_rules(mut self, rules: Arc<Rules>) -> Self {
-        self.rules = rules.sets_priorities().then_some(rules);
+    pub fn with_rules(mut self, rules: SharedRules) -> Self {
+        self.rules = Some(rules);
         self
     }
 
@@ -182,7 +182,10 @@ impl Ingest {
 
     /// Gives records the priority of the first matching Kafka rule that sets one.
     fn prioritise(&self, envelopes: &mut [Envelope]) {
-        if let Some(rules) = &self.rules {
+        let Some(rules) = self.rules.as_ref().map(SharedRules::load) else {
+            return;
+        };
+        if rules.sets_priorities() {
             for e in envelopes {
                 let view = RecordView {
                     device_id: &e.device_id,

@@ -527,6 +527,8 @@ async fn transaction(
     let mut deliveries = Vec::with_capacity(page.len());
     let mut seqs = Vec::with_capacity(page.len());
     let mut dead_letters = Vec::new();
+    // One rule list for the whole transaction, even if a reload replaces it meanwhile.
+    let rules = fw.rules.load();
     for record in &page {
         seqs.push(record.seq);
         if let Some(cause) = poisoned.dead.get(&record.seq)
@@ -557,7 +559,7 @@ async fn transaction(
             dead_letters.push(record.seq);
             continue;
         }
-        let decision = fw.rules.decide(
+        let decision = rules.decide(
             &rules::RecordView {
                 device_id: &record.device_id,
                 source: record.source,

@@ -40,7 +40,7 @@ use crate::envelope::StoredRecord;
 use crate::outbox::{DeadLetterCause, Outbox, OutboxReader, now_unix_ms};
 pub use client::LinkSignals;
 pub use metrics::ForwarderMetrics;
-pub use rules::{DeviceTags, NoTags, Rules};
+pub use rules::{DeviceTags, NoTags, Rules, SharedRules};
 
 /// Kafka record headers every forwarded record carries (documented in `docs/KAFKA.md`).
 pub mod header {
@@ -311,7 +311,8 @@ pub enum ForwarderError {
 pub struct Forwarder {
     options: ForwarderOptions,
     outbox: Outbox,
-    rules: Arc<Rules>,
+    /// `[[kafka.rules]]`, which a reload replaces.
+    rules: SharedRules,
     tags: Arc<dyn DeviceTags>,
     shared: Arc<Shared>,
     /// One for every producer this forwarder makes, so its rate limit holds across them.
@@ -325,7 +326,7 @@ impl Forwarder {
         tags: Arc<dyn DeviceTags>,
     ) -> (Self, ForwarderHandle) {
         let shared = Arc::new(Shared::new(options.kafka.exactly_once));
-        let rules = Arc::new(Rules::from_config(&options.kafka));
+        let rules = SharedRules::new(Rules::from_config(&options.kafka));
         let tls_check = tls_check::TlsCheck::new(&options.kafka);
         let handle = ForwarderHandle {
             shared: Arc::clone(&shared),
@@ -357,6 +358,14 @@ impl Forwarder {
             });
             pump::Pump::new(self, make_sink)?.run(stop).await
         }
+    }
+
+    /// Decides by `rules` (the gateway's, which ingestion and a reload share) instead of the
+    /// rules compiled from the options.
+    #[must_use]
+    pub fn with_rules(mut self, rules: SharedRules) -> Self {
+        self.rules = rules;
+        self
     }
 
     pub fn options(&self) -> &ForwarderOptions {

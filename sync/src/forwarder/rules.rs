@@ -4,7 +4,9 @@
 //! a record no rule matches goes to `kafka.default_topic`, keyed by its device id. The rules are
 //! evaluated when a record is forwarded (so a changed rule also applies to the backlog), except
 //! for `priority`, which must be known when the record is stored: ingestion asks
-//! [`Rules::priority`].
+//! [`Rules::priority`]. A reload replaces the whole list ([`SharedRules`]).
+
+use std::sync::{Arc, PoisonError, RwLock};
 
 use outpost_config::{CloudEvents, KafkaConfig, KafkaRule, RuleAction, RuleKey};
 
@@ -61,6 +63,29 @@ struct Rule {
     action: RuleAction,
     sample_every: u64,
     cloudevents: CloudEvents,
+}
+
+/// The rules in force, shared by ingestion (priorities) and the forwarder (topics, drops), and
+/// replaced as a whole when the configuration is reloaded: a record is decided by one rule list,
+/// never a mix. Each decision takes the current list ([`SharedRules::load`]), so a changed rule
+/// applies to the next record, the backlog included.
+#[derive(Debug, Clone)]
+pub struct SharedRules(Arc<RwLock<Arc<Rules>>>);
+
+impl SharedRules {
+    pub fn new(rules: Rules) -> Self {
+        Self(Arc::new(RwLock::new(Arc::new(rules))))
+    }
+
+    /// The rules in force now.
+    pub fn load(&self) -> Arc<Rules> {
+        Arc::clone(&self.0.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Puts `rules` in force from the next decision on.
+    pub fn replace(&self, rules: Rules) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(rules);
+    }
 }
 
 /// The compiled rule list. Cheap to share behind an `Arc`.

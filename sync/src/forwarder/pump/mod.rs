@@ -688,7 +688,8 @@ impl Pump {
         if self.unsettled.contains(&record.seq) {
             return;
         }
-        let decision = self.fw.rules.decide(
+        let rules = self.fw.rules.load();
+        let decision = rules.decide(
             &rules::RecordView {
                 device_id: &record.device_id,
                 source: record.source,
