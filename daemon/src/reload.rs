@@ -6,7 +6,9 @@
 //! `api.tokens` (the config's tokens are replaced; those created through the API stay),
 //! `mqtt.acl` and `mqtt.limits` (both from each device's next CONNECT; connected devices keep
 //! theirs), `kafka.rules` (the whole rule list, from the next record stored or forwarded, the
-//! backlog included). Every
+//! backlog included), `drivers` (a driver whose settings changed stops, lets go of its port and
+//! starts again with the new ones; removed drivers stop, added ones start; unchanged drivers run
+//! on untouched). Every
 //! other key whose value in the file differs from what the daemon runs on is listed by key path
 //! under `needs_restart` — in the log (a warning) and in `/api/v1/status` (`config`) — until a
 //! restart. A file that does not load (a syntax error, an invalid value) changes nothing: its
@@ -15,7 +17,6 @@
 //! The file is the one `outpost run` resolved: `--config`, else `/etc/outpost/outpost.toml` when
 //! it exists, else none (then a reload picks up a default file created since).
 //!
-//! Not applied yet (they need a restart): drivers.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -29,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use outpost_sync::forwarder::{Rules, SharedRules};
 
 use crate::api::auth::TokenSet;
+use crate::app::drivers::DriverSet;
 use crate::status::StatusBoard;
 
 /// Keys a reload applies.
@@ -41,6 +43,7 @@ const APPLIED: &[&str] = &[
     "mqtt.limits.bytes_per_second",
     "mqtt.limits.burst",
     "kafka.rules",
+    "drivers",
 ];
 
 /// What the last reload did, for `/api/v1/status` (`config`).
@@ -72,6 +75,8 @@ pub struct Reloader {
     pub mqtt_broker: Option<Arc<outpost_mqtt::broker::Broker>>,
     /// `[[kafka.rules]]` in force (ingestion and the forwarder).
     pub rules: SharedRules,
+    /// The running drivers.
+    pub drivers: DriverSet,
     pub report: Arc<Mutex<Report>>,
 }
 
@@ -83,6 +88,7 @@ impl Reloader {
         mqtt_acl: Option<crate::ingress::mqtt::SharedAcl>,
         mqtt_broker: Option<Arc<outpost_mqtt::broker::Broker>>,
         rules: SharedRules,
+        drivers: DriverSet,
     ) -> Reloader {
         let report = Report {
             file: crate::cli::config_file(named.as_deref()).map(|f| f.display().to_string()),
@@ -95,6 +101,7 @@ impl Reloader {
             mqtt_acl,
             mqtt_broker,
             rules,
+            drivers,
             report: Arc::new(Mutex::new(report)),
         }
     }
@@ -109,7 +116,7 @@ impl Reloader {
     }
 
     /// One reload: read, compare, apply, report.
-    pub fn reload(&mut self) {
+    pub async fn reload(&mut self) {
         crate::systemd::reloading();
         let file = crate::cli::config_file(self.named.as_deref());
         let shown = file.as_ref().map_or_else(
@@ -132,7 +139,7 @@ impl Reloader {
             }
             Ok(new) => {
                 report.error = None;
-                report.applied = self.apply(&new);
+                report.applied = self.apply(&new).await;
                 report.needs_restart = changed_keys(&self.running, &new);
                 if report.needs_restart.is_empty() {
                     tracing::info!(file = %shown, applied = ?report.applied, "Configuration reloaded");
@@ -156,7 +163,7 @@ impl Reloader {
     }
 
     /// Applies the keys of [`APPLIED`] that changed; returns those applied.
-    fn apply(&mut self, new: &Config) -> Vec<String> {
+    async fn apply(&mut self, new: &Config) -> Vec<String> {
         let mut applied = Vec::new();
         if new.log.level != self.running.log.level {
             match crate::telemetry::logging::set_level(&new.log.level) {
@@ -196,6 +203,12 @@ impl Reloader {
             self.rules.replace(Rules::from_config(&self.running.kafka));
             applied.push("kafka.rules".to_owned());
         }
+        if new.drivers != self.running.drivers {
+            let touched = self.drivers.apply(&new.drivers).await;
+            tracing::info!(drivers = ?touched, "Drivers restarted for the reload");
+            self.running.drivers.clone_from(&new.drivers);
+            applied.push("drivers".to_owned());
+        }
         applied
     }
 }
@@ -209,7 +222,7 @@ pub async fn run(mut reloader: Reloader, mut hangups: Signal, stop: Cancellation
             got = hangups.recv() => if got.is_none() { return },
         }
         tracing::info!(signal = "SIGHUP", "Reloading the configuration");
-        reloader.reload();
+        reloader.reload().await;
     }
 }
 

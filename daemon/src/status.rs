@@ -145,6 +145,14 @@ impl StatusBoard {
         self.with(|i| i.drivers.insert(name.to_owned(), stats));
     }
 
+    /// Removes the subsystem `name` (a driver a reload removed): it is no longer shown.
+    pub fn forget(&self, name: &str) {
+        self.with(|i| {
+            i.subsystems.remove(name);
+            i.drivers.remove(name);
+        });
+    }
+
     /// `current` is asked for `subsystem`'s live alarm whenever the alarms are read: a narrow
     /// hook, so this board need not know the subsystem's types.
     pub fn watch_alarm(

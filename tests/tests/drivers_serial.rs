@@ -368,3 +368,109 @@ path = "{path}"
     );
     assert_eq!(readings(&d).values().map(Vec::len).sum::<usize>(), 6);
 }
+
+/// `SIGHUP` with changed `[[drivers]]`: the driver whose port changed stops, lets go of the old
+/// port and reads the new one; a removed driver stops and leaves the status and `/metrics`; an
+/// added one starts; an unchanged one runs on untouched (never stopped, its counters continue).
+#[test]
+fn a_reload_restarts_only_the_drivers_whose_settings_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old_pty, new_pty) = (
+        PtyPair::start(dir.path(), "old"),
+        PtyPair::start(dir.path(), "new"),
+    );
+    let (kept_pty, gone_pty, added_pty) = (
+        PtyPair::start(dir.path(), "kept"),
+        PtyPair::start(dir.path(), "gone"),
+        PtyPair::start(dir.path(), "added"),
+    );
+    let driver = |name: &str, pty: &PtyPair| {
+        format!(
+            "[[drivers]]\nkind = \"serial\"\nname = \"{name}\"\nformat = \"json\"\n\
+             device_field = \"id\"\n[drivers.serial]\npath = \"{}\"\n",
+            pty.dev.display()
+        )
+    };
+    let config_path = outpost_e2e::daemon::write_config(
+        dir.path(),
+        &format!(
+            "{}\n{}\n{}\n{}",
+            admin_token_config(),
+            driver("moved", &old_pty),
+            driver("kept", &kept_pty),
+            driver("gone", &gone_pty)
+        ),
+    );
+    let mut d = Daemon::start_with(&config_path, dir.path().join("data"));
+    d.wait_until("three serial drivers up", WAIT, |d| {
+        up(d, "moved") && up(d, "kept") && up(d, "gone")
+    });
+    let mut kept_port = kept_pty.open_peer();
+    write(&mut kept_port, b"{\"id\":\"k\",\"n\":1}\n");
+    d.wait_until("the first reading", WAIT, |d| {
+        readings(d).get("k").map(Vec::len) == Some(1)
+    });
+
+    let text = std::fs::read_to_string(&config_path).unwrap();
+    let edited = text
+        .replace(&driver("moved", &old_pty), &driver("moved", &new_pty))
+        .replace(&driver("gone", &gone_pty), &driver("added", &added_pty));
+    assert_ne!(edited, text);
+    std::fs::write(&config_path, edited).unwrap();
+    outpost_e2e::daemon::signal(d.pid(), rustix::process::Signal::HUP);
+    d.wait_until("the reload", WAIT, |d| d.status()["config"]["reloads"] == 1);
+    let report = d.status()["config"].clone();
+    assert_eq!(report["applied"], json!(["drivers"]), "{report}");
+    assert_eq!(report["needs_restart"], json!([]), "{report}");
+
+    d.wait_until("the moved and added drivers up", WAIT, |d| {
+        up(d, "moved") && up(d, "added")
+    });
+    // The old port is no longer read; the new one, the added one and the kept one are.
+    write(&mut old_pty.open_peer(), b"{\"id\":\"stale\",\"n\":1}\n");
+    write(&mut new_pty.open_peer(), b"{\"id\":\"m\",\"n\":2}\n");
+    write(&mut added_pty.open_peer(), b"{\"id\":\"a\",\"n\":3}\n");
+    write(&mut kept_port, b"{\"id\":\"k\",\"n\":4}\n");
+    d.wait_until("readings of the new set", WAIT, |d| {
+        let r = readings(d);
+        r.get("m").map(Vec::len) == Some(1)
+            && r.get("a").map(Vec::len) == Some(1)
+            && r.get("k").map(Vec::len) == Some(2)
+    });
+    assert!(
+        !readings(&d).contains_key("stale"),
+        "the old port is still read"
+    );
+    // The kept driver was never stopped: its counter continued, no stop was logged for it.
+    assert_eq!(
+        driver_metric(&d, "outpost_driver_frames_ok_total", "kept"),
+        2.0
+    );
+    let stopped: Vec<String> = d
+        .logs()
+        .into_iter()
+        .filter(|l| l.contains("Stopping driver for the reload"))
+        .collect();
+    assert_eq!(stopped.len(), 2, "{stopped:?}");
+    assert!(
+        stopped.iter().all(|l| !l.contains("\"kept\"")),
+        "{stopped:?}"
+    );
+    // The removed driver is gone from the status and the metrics.
+    let status = d.status();
+    let names: Vec<&str> = status["subsystems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .filter(|n| n.starts_with("driver/"))
+        .collect();
+    assert_eq!(
+        names,
+        ["driver/added", "driver/kept", "driver/moved"],
+        "{status}"
+    );
+    let (_, body) = d.get("/metrics");
+    assert!(!body.contains("driver=\"gone\""), "{body}");
+    assert!(d.terminate(Duration::from_secs(15)).0.success());
+}

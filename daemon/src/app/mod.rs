@@ -22,7 +22,7 @@
 //! does `run` return.
 
 mod cloud;
-mod drivers;
+pub mod drivers;
 mod fronts;
 mod local_apps;
 mod spawn;
@@ -125,6 +125,16 @@ pub async fn run(
     };
     let mqtt_acl = mqtt.as_ref().map(|front| Arc::clone(&front.acl));
     let mqtt_broker = mqtt.as_ref().map(MqttFront::broker);
+    let (driver_ingest, driver_set) = drivers
+        .spawn(
+            &config,
+            &storage.registry,
+            &core.ingest,
+            &zigbee,
+            &spawner,
+            &ingress,
+        )
+        .await;
     let ingress_tasks = IngressTasks {
         admin: admin.spawn(&config, routes, &spawner, &ingress)?,
         coap: coap
@@ -133,16 +143,7 @@ pub async fn run(
         mqtt: mqtt
             .map(|front| front.spawn(&mut core, &storage.registry, &spawner, &ingress))
             .transpose()?,
-        drivers: drivers
-            .spawn(
-                &config,
-                &storage.registry,
-                &core.ingest,
-                &zigbee,
-                &spawner,
-                &ingress,
-            )
-            .await,
+        drivers: driver_ingest,
         forwarder: forwarder.map(|f| cloud::spawn(f, gateway_parts, &storage, &spawner, &ingress)),
     };
     if let Some(apps) = apps {
@@ -159,6 +160,7 @@ pub async fn run(
         mqtt_acl,
         mqtt_broker,
         core.rules.clone(),
+        driver_set,
     );
     reloader.watch(status);
     spawner.spawn(

@@ -12,7 +12,7 @@
 //! * `outpost_driver_device_errors_total{driver,device,kind}`: per-device errors (`timeout`,
 //!   `exception`, `transport`).
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use outpost_drivers::{DriverStats, StatsSnapshot};
 use prometheus_client::collector::Collector;
@@ -21,14 +21,17 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
+/// The stats of the drivers that run now: a reload adds and removes entries.
+pub type DriverStatsList = Arc<RwLock<Vec<Arc<DriverStats>>>>;
+
 /// The collector over every configured driver's stats.
 #[derive(Debug, Default)]
 pub struct DriverMetrics {
-    drivers: Vec<Arc<DriverStats>>,
+    drivers: DriverStatsList,
 }
 
 impl DriverMetrics {
-    pub fn new(drivers: Vec<Arc<DriverStats>>) -> Self {
+    pub fn new(drivers: DriverStatsList) -> Self {
         Self { drivers }
     }
 }
@@ -39,10 +42,16 @@ type CounterSpec = (&'static str, &'static str, fn(&StatsSnapshot) -> u64);
 
 impl Collector for DriverMetrics {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        if self.drivers.is_empty() {
+        let snapshots: Vec<_> = self
+            .drivers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|d| d.snapshot())
+            .collect();
+        if snapshots.is_empty() {
             return Ok(());
         }
-        let snapshots: Vec<_> = self.drivers.iter().map(|d| d.snapshot()).collect();
         let labels = |s: &StatsSnapshot| -> Labels {
             [("driver", s.name.clone()), ("kind", s.kind.to_owned())]
         };
@@ -115,7 +124,9 @@ mod tests {
         stats.set_up();
         stats.device_error("m1", outpost_drivers::ErrorKind::Timeout);
         let mut registry = prometheus_client::registry::Registry::default();
-        registry.register_collector(Box::new(DriverMetrics::new(vec![stats])));
+        registry.register_collector(Box::new(DriverMetrics::new(Arc::new(RwLock::new(vec![
+            stats,
+        ])))));
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");
         for line in [
