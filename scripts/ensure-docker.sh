@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Makes sure a Docker engine answers (for tests/tests/apps.rs), and that the local test images
-# outpost-test/busybox:1 and outpost-test/mqtt-sub:1 exist. Idempotent: an engine that already answers is used as is;
+# Makes sure a Docker engine answers (for tests/tests/apps.rs and tests/tests/package.rs), and
+# that the local test images outpost-test/busybox:1, outpost-test/mqtt-sub:1 and
+# outpost-test/debian-systemd exist. Idempotent: an engine that already answers is used as is;
 # otherwise dockerd is started in the background (log: /tmp/outpost-dockerd.log) and awaited.
 # The image is built without a registry: `docker import` of a rootfs tarball holding Debian's
 # busybox-static (/bin/busybox plus applet symlinks). outpost-test/mqtt-sub:1 adds Debian's
@@ -14,6 +15,12 @@ source scripts/lib.sh
 
 IMAGE=outpost-test/busybox:1
 MQTT_IMAGE=outpost-test/mqtt-sub:1
+# A Debian 12 system with systemd as PID 1 for the package tests (tests/tests/package.rs): what a
+# gateway runs, built from Debian's packages with mmdebstrap. The runtime libraries the package
+# depends on are in it, so `apt install ./outpost_*.deb` needs no network; so are curl and
+# mosquitto-clients, the clients the test uses inside. Bump the tag when the list changes.
+DEBIAN_IMAGE=outpost-test/debian-systemd:bookworm-1
+DEBIAN_PACKAGES=systemd,systemd-sysv,dbus,libc6,libgcc-s1,libssl3,libzstd1,zlib1g,ca-certificates,curl,mosquitto-clients,procps
 
 if ! docker info >/dev/null 2>&1; then
   command -v dockerd >/dev/null 2>&1 || die "dockerd not found: run scripts/setup-test-deps.sh (docker.io)"
@@ -66,4 +73,13 @@ if ! docker image inspect "$MQTT_IMAGE" >/dev/null 2>&1; then
   log "Importing $MQTT_IMAGE (busybox + mosquitto_sub and its libraries)"
   tar -C "$mroot" -c . | docker import --change 'ENV PATH=/bin' --change 'CMD ["/bin/sh"]' - "$MQTT_IMAGE" >/dev/null
 fi
-log "Docker engine ready; test images $IMAGE and $MQTT_IMAGE present"
+if ! docker image inspect "$DEBIAN_IMAGE" >/dev/null 2>&1; then
+  command -v mmdebstrap >/dev/null 2>&1 || die "mmdebstrap not found: run scripts/setup-test-deps.sh (mmdebstrap)"
+  droot=$(mktemp -d -t outpost-debian-rootfs.XXXXXX)
+  trap 'rm -rf "${root:-}" "${mroot:-}" "$droot"' EXIT
+  log "Building $DEBIAN_IMAGE with mmdebstrap (Debian bookworm, about 200 MB)"
+  mmdebstrap --quiet --variant=apt --include="$DEBIAN_PACKAGES" bookworm "$droot/rootfs.tar" \
+    http://deb.debian.org/debian
+  docker import --change 'CMD ["/lib/systemd/systemd"]' "$droot/rootfs.tar" "$DEBIAN_IMAGE" >/dev/null
+fi
+log "Docker engine ready; test images $IMAGE, $MQTT_IMAGE and $DEBIAN_IMAGE present"

@@ -26,6 +26,8 @@ PACKAGES=(
   pkg-config             # finds the system libraries the binary links (linked_dev_packages, below)
   g++                    # librdkafka is a C and C++ CMake project (it builds its C++ wrapper too)
   kcat                   # a real Kafka client reading the mock cluster in tests/tests/kafka.rs (Debian's kcat cannot talk to tansu)
+  mmdebstrap             # a Debian rootfs with systemd for the package tests (scripts/ensure-docker.sh)
+  lintian                # checks the Debian packages (packaging/deb.sh --lintian, tests/tests/package.rs)
   stunnel4               # a real TLS terminator in front of tansu: Kafka over TLS and mutual TLS (tests/tests/kafka_security.rs)
 )
 
@@ -73,6 +75,11 @@ done
 if ! cargo nextest --version >/dev/null 2>&1; then
   log "Installing cargo-nextest from crates.io (builds from source, takes a few minutes)"
   cargo install cargo-nextest --locked
+fi
+
+if ! cargo deb --version >/dev/null 2>&1; then
+  log "Installing cargo-deb from crates.io (builds from source, takes a few minutes)"
+  cargo install cargo-deb --locked
 fi
 
 if ! cargo deny --version >/dev/null 2>&1; then

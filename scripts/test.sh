@@ -5,7 +5,7 @@
 #
 # Sections: setup, fmt, deny (dependency policy: deny.toml), clippy, build, docker (a Docker engine and the test image), tansu (waits for
 # the Kafka broker built in the background), tests (nextest, profile `ci`), fuzz-build (every cargo-fuzz
-# target builds), cross build + qemu smoke test for aarch64. Stops at the first failing section and says which one failed.
+# target builds), cross build + qemu smoke test for aarch64, the arm64 .deb (lintian). Stops at the first failing section and says which one failed.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -114,6 +114,9 @@ section tests run_nextest
 section fuzz-build build_fuzz
 section cross-build bash cross/build.sh aarch64
 section cross-smoke bash cross/smoke.sh aarch64
+# The arm64 Debian package of that build, checked by lintian (the amd64 package of the test build
+# is installed on a Debian system with systemd by tests/tests/package.rs).
+section package bash packaging/deb.sh aarch64 --lintian
 
 current=summary
 printf '\n##### summary #####\n'
