@@ -2,7 +2,7 @@
 # Benchmarks behind the figures in docs/BENCHMARKS.md. Not part of the test command: figures are
 # measured here and written down, never asserted in timed tests.
 #
-#   bash scripts/bench.sh [outbox|rss|size|http|coap|mqtt|serial|modbus|kafka|commands|all]
+#   bash scripts/bench.sh [outbox|rss|size|http|coap|mqtt|serial|modbus|kafka|commands|console|all]
 #
 # outbox: append throughput and append->commit latency at 50,000 records/s (median of 5 runs)
 # rss:    resident memory of an idle `outpost run` on defaults (median of 5 starts); `rss BIN...`
@@ -24,6 +24,8 @@
 # kafka:  forwarder vs a tansu broker: plain-producer ceiling, 1,000,000-record backlog drain and
 #         its peak extra memory, live receipt->ack latency at 10,000 records/s (3 processes: the
 #         memory figure needs a fresh process per run; sync/benches/forwarder.rs)
+# console: the web console's page weight and server time, and the live view's CPU at 100
+#         readings/s (scripts/bench/console_bench.py)
 # commands: commands from Kafka (tests/src/bin/commands-bench.rs): Kafka -> MQTT device latency
 #         at 100 commands/s, commands/s into the device queues, idle cost of the consumer
 set -euo pipefail
@@ -247,6 +249,12 @@ commands() {
   "$target_dir/release/commands-bench" --runs 3
 }
 
+console() {
+  cargo build --locked --release -p outpost
+  machine
+  python3 scripts/bench/console_bench.py "$target_dir/release/outpost"
+}
+
 case $what in
   outbox) outbox ;;
   rss) shift; rss "$@" ;;
@@ -259,6 +267,7 @@ case $what in
   modbus) modbus ;;
   kafka) kafka ;;
   commands) commands ;;
-  all) outbox; rss; size; http; coap; mqtt; serial; modbus; kafka; commands ;;
+  console) console ;;
+  all) outbox; rss; size; http; coap; mqtt; serial; modbus; kafka; commands; console ;;
   *) echo "usage: $0 [outbox|rss|size|bloat|http|coap|mqtt|serial|modbus|kafka|commands|all]" >&2; exit 2 ;;
 esac

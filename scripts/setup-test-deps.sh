@@ -26,6 +26,8 @@ PACKAGES=(
   pkg-config             # finds the system libraries the binary links (linked_dev_packages, below)
   g++                    # librdkafka is a C and C++ CMake project (it builds its C++ wrapper too)
   kcat                   # a real Kafka client reading the mock cluster in tests/tests/kafka.rs (Debian's kcat cannot talk to tansu)
+  chromium               # a real browser for the web console test (tests/peers/console_check.py)
+  chromium-driver        # its WebDriver server
   mmdebstrap             # a Debian rootfs with systemd for the package tests (scripts/ensure-docker.sh)
   lintian                # checks the Debian packages (packaging/deb.sh --lintian, tests/tests/package.rs)
   stunnel4               # a real TLS terminator in front of tansu: Kafka over TLS and mutual TLS (tests/tests/kafka_security.rs)
@@ -40,6 +42,7 @@ PIP_PACKAGES=(
   "paho-mqtt>=2,<3:paho.mqtt"   # MQTT 5 client for the MQTT server tests (tests/tests/mqtt.rs)
   "openapi-spec-validator>=0.7,<0.8:openapi_spec_validator"  # validates the served OpenAPI document (tests/tests/api.rs)
   "cloudevents>=1.9,<2:cloudevents"  # the CloudEvents SDK for Python reads forwarded events (tests/peers/cloudevents_check.py)
+  "selenium>=4.20,<5:selenium"  # drives Chromium through chromedriver (tests/peers/console_check.py)
   "confluent-kafka>=2.6,<3:confluent_kafka"  # a backend's Kafka client: the commands tests and docs/examples/backend.py
 )
 

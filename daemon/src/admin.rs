@@ -66,10 +66,20 @@ impl MonitoringAccess {
         if loopback {
             return Ok(());
         }
-        if request.headers().contains_key(header::AUTHORIZATION) {
+        if request.headers().contains_key(header::AUTHORIZATION)
+            || self
+                .tokens
+                .sessions
+                .presented(request.headers())
+                .is_some()
+        {
             return self
                 .tokens
-                .check(request.headers(), outpost_config::Scope::Read)
+                .check_request(
+                    request.method(),
+                    request.headers(),
+                    outpost_config::Scope::Read,
+                )
                 .map(|_| ());
         }
         Err(ApiError {

@@ -141,7 +141,11 @@ impl Connected<IncomingStream<'_, HttpsListener>> for HttpsPeer {
     }
 }
 
-/// Middleware: `ConnectInfo<HttpsPeer>` → `ConnectInfo<SocketAddr>`.
+/// Marks a request that came over HTTPS (session cookies are then `Secure`).
+#[derive(Debug, Clone, Copy)]
+pub struct OverTls;
+
+/// Middleware: `ConnectInfo<HttpsPeer>` → `ConnectInfo<SocketAddr>`, and the [`OverTls`] mark.
 pub async fn peer_as_socket_addr(
     mut request: axum::extract::Request,
     next: axum::middleware::Next,
@@ -152,6 +156,7 @@ pub async fn peer_as_socket_addr(
         .copied()
     {
         request.extensions_mut().insert(ConnectInfo(peer));
+        request.extensions_mut().insert(OverTls);
     }
     next.run(request).await
 }

@@ -10,6 +10,7 @@ mod app;
 mod apps;
 mod cli;
 mod cloud_commands;
+mod console;
 mod fleet;
 mod https;
 mod ingress;

@@ -953,3 +953,57 @@ fn a_device_s_own_mqtt_acl_is_set_checked_and_cleared_through_the_api() {
     let shown = expect(&d.get_with_token("/api/v1/devices/m", READ), 200);
     assert_eq!(shown, patched);
 }
+
+/// The web console in a real browser (headless Chromium driven through WebDriver by
+/// `tests/peers/console_check.py`): sign in, add a device, `mosquitto_pub` with its
+/// credentials and the reading appears live, disable it (its next publish is refused), sign out;
+/// a `read` token sees no write controls and its writes are refused, even with the CSRF token;
+/// the session cookie is invisible to scripts. `OUTPOST_CONSOLE_SCREENSHOTS=<dir>` keeps a
+/// screenshot of each page (docs/console/).
+#[test]
+fn the_web_console_adds_a_device_shows_its_readings_live_and_respects_scopes() {
+    outpost_e2e::require_command("chromium");
+    outpost_e2e::require_command("chromedriver");
+    let (_dir, mut d) = start();
+    let mqtt_port = {
+        let line = d.wait_for_log("MQTT listener bound", std::time::Duration::from_secs(5));
+        let v: Value = serde_json::from_str(&line).unwrap();
+        v["addr"]
+            .as_str()
+            .unwrap()
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .port()
+    };
+    let script = outpost_e2e::manifest_dir().join("peers/console_check.py");
+    let shots = std::env::var("OUTPOST_CONSOLE_SCREENSHOTS").unwrap_or_default();
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .args([
+            &format!("http://{}", d.admin),
+            ADMIN,
+            READ,
+            &mqtt_port.to_string(),
+            &shots,
+        ])
+        .output()
+        .expect("python3 console_check.py (scripts/setup-test-deps.sh installs selenium)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(seen["ok"], true, "{seen}");
+    assert_eq!(seen["cookie_visible_to_script"], "", "{seen}");
+    assert_eq!(seen["reading_count"], "1", "{seen}");
+    assert_ne!(seen["disabled_publish_exit"], 0, "{seen}");
+    assert_eq!(seen["read_add_buttons"], 0, "{seen}");
+    assert_eq!(seen["read_write_buttons"], 0, "{seen}");
+    assert_eq!(seen["read_write_status"], 403, "{seen}");
+    assert_eq!(seen["no_csrf_status"], 403, "{seen}");
+    assert!(seen["overview_subsystems"].as_u64().unwrap() > 3, "{seen}");
+    // The reading the browser showed is the one stored.
+    assert_eq!(d.metric("outpost_outbox_records"), 1.0);
+}

@@ -49,6 +49,8 @@ pub struct Token {
 pub struct TokenSet {
     configured: RwLock<Vec<Token>>,
     created: RwLock<Vec<Token>>,
+    /// Web console sessions opened with one of these tokens (`api::session`).
+    pub sessions: super::session::Sessions,
 }
 
 impl TokenSet {
@@ -56,6 +58,7 @@ impl TokenSet {
         TokenSet {
             configured: RwLock::new(configured_tokens(config)),
             created: RwLock::default(),
+            sessions: super::session::Sessions::default(),
         }
     }
 
@@ -180,12 +183,23 @@ impl TokenSet {
         TokenSet {
             configured: RwLock::new(tokens),
             created: RwLock::default(),
+            sessions: super::session::Sessions::default(),
         }
+    }
+
+    /// The highest scope of the token named `name`, if it (still) exists.
+    pub fn scope_of(&self, name: &str) -> Option<Scope> {
+        let (configured, created) = (self.configured(), self.created());
+        configured
+            .iter()
+            .chain(created.iter())
+            .find(|t| &*t.name == name)
+            .map(|t| t.scope)
     }
 
     /// The name and scope of the token matching `presented`, if any. Compares with every token
     /// in constant time.
-    fn find(&self, presented: &str) -> Option<(Arc<str>, Scope)> {
+    pub fn find(&self, presented: &str) -> Option<(Arc<str>, Scope)> {
         let digest = secrets::sha256(presented.as_bytes());
         let (configured, created) = (self.configured(), self.created());
         let mut found = None;
@@ -195,6 +209,25 @@ impl TokenSet {
             }
         }
         found
+    }
+
+    /// Checks a request for `required`: its `Authorization: Bearer` token, else its web console
+    /// session cookie (with the CSRF header on any method but GET and HEAD; see
+    /// `api::session`).
+    pub fn check_request(
+        &self,
+        method: &axum::http::Method,
+        headers: &HeaderMap,
+        required: Scope,
+    ) -> Result<Arc<str>, ApiError> {
+        if !headers.contains_key(header::AUTHORIZATION)
+            && let Some(session) = self.sessions.presented(headers)
+        {
+            return self
+                .sessions
+                .authorize(self, &session, method, headers, required);
+        }
+        self.check(headers, required)
     }
 
     /// Checks the `Authorization` header for `required`.
@@ -219,6 +252,14 @@ impl TokenSet {
             tracing::debug!("Management API request with an unknown token");
             return Err(unauthorized("invalid token", true));
         };
+        require_scope(&name, scope, required)?;
+        Ok(name)
+    }
+}
+
+/// 403 unless `scope` covers `required`.
+pub fn require_scope(name: &str, scope: Scope, required: Scope) -> Result<(), ApiError> {
+    {
         if scope < required {
             return Err(ApiError {
                 challenge: Some(match required {
@@ -237,11 +278,11 @@ impl TokenSet {
                 )
             });
         }
-        Ok(name)
+        Ok(())
     }
 }
 
-fn unauthorized(message: &str, invalid: bool) -> ApiError {
+pub fn unauthorized(message: &str, invalid: bool) -> ApiError {
     ApiError {
         challenge: Some(if invalid {
             "Bearer realm=\"outpost\", error=\"invalid_token\""
@@ -338,7 +379,9 @@ impl<S: RequiredScope> FromRequestParts<ApiState> for Authorized<S> {
                 _scope: PhantomData,
             });
         }
-        let token = state.tokens.check(&parts.headers, S::SCOPE)?;
+        let token = state
+            .tokens
+            .check_request(&parts.method, &parts.headers, S::SCOPE)?;
         Ok(Authorized {
             token,
             _scope: PhantomData,

@@ -25,6 +25,8 @@ pub mod dead_letters;
 pub mod devices;
 pub mod error;
 pub mod openapi;
+pub mod readings;
+pub mod session;
 pub mod tokens;
 pub mod zigbee;
 
@@ -58,6 +60,10 @@ pub struct ApiState {
     pub apps: Option<crate::apps::Apps>,
     /// The outbox, for its dead letters; `None` only in tests that build the API without one.
     pub outbox: Option<outpost_sync::Outbox>,
+    /// Committed readings, for a device's live stream; `None` in tests without ingestion.
+    pub readings: Option<tokio::sync::broadcast::Sender<crate::ingress::LocalReading>>,
+    /// Cancelled at shutdown: ends the streams that would otherwise keep the listener open.
+    pub stop: tokio_util::sync::CancellationToken,
 }
 
 impl ApiState {
@@ -69,7 +75,20 @@ impl ApiState {
             zigbee: outpost_drivers::zigbee::ZigbeeControl::default(),
             apps: None,
             outbox: None,
+            readings: None,
+            stop: tokio_util::sync::CancellationToken::new(),
         }
+    }
+
+    /// Serves each device's live readings from `readings`, until `stop`.
+    pub fn with_readings(
+        mut self,
+        readings: tokio::sync::broadcast::Sender<crate::ingress::LocalReading>,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> ApiState {
+        self.readings = Some(readings);
+        self.stop = stop;
+        self
     }
 
     /// Serves `/api/v1/dead-letters` from `outbox`.
@@ -151,6 +170,14 @@ pub static ROUTES: &[RouteSpec] = &[
     }),
     route("GET", "/api/v1/devices/{id}/commands/{cid}", READ, || {
         get(commands::show)
+    }),
+    route("GET", "/api/v1/devices/{id}/readings", READ, || {
+        get(readings::stream)
+    }),
+    route("POST", "/api/v1/session", None, || post(session::create)),
+    route("GET", "/api/v1/session", READ, || get(session::show)),
+    route("DELETE", "/api/v1/session", READ, || {
+        delete(session::delete)
     }),
     route("POST", "/api/v1/zigbee/permit-join", WRITE, || {
         post(zigbee::permit_join)

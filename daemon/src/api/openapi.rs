@@ -421,6 +421,44 @@ fn management_operation(method: &str, path: &str) -> Option<Value> {
                 "409": error_response("The token is declared in the configuration file (`config_token`)")
             }
         }),
+        ("GET", "/api/v1/devices/{id}/readings") => json!({
+            "operationId": "streamDeviceReadings",
+            "summary": "The device's readings as they are committed, as Server-Sent Events (`reading` events with JSON data; `lagged` when the viewer fell behind)",
+            "parameters": [id],
+            "responses": {
+                "200": { "description": "An event stream that ends when the daemon stops", "content": { "text/event-stream": { "schema": { "type": "string" } } } },
+                "404": error_response("No such device"),
+                "406": error_response("The request does not accept `text/event-stream`"),
+                "503": error_response("No readings stream in this build of the API")
+            }
+        }),
+        ("POST", "/api/v1/session") => json!({
+            "operationId": "openSession",
+            "summary": "Sign in to the web console: trade an API token for a session cookie (`outpost_session`, HttpOnly, SameSite=Strict, Secure over HTTPS); state-changing requests with the cookie need `X-CSRF-Token`",
+            "requestBody": { "required": true, "content": { "application/json": { "schema": {
+                "type": "object",
+                "required": ["token"],
+                "additionalProperties": false,
+                "properties": { "token": { "type": "string" } }
+            } } } },
+            "responses": {
+                "201": json_response("Signed in; the cookie is set", "Session"),
+                "400": error_response("Malformed JSON"),
+                "401": error_response("The token is not accepted"),
+                "413": error_response("Body too large"),
+                "422": error_response("Missing `token`, unknown field or wrong type (`field` names it)")
+            }
+        }),
+        ("GET", "/api/v1/session") => json!({
+            "operationId": "getSession",
+            "summary": "Who is signed in, with the session's CSRF token (`null` when authenticated by a bearer token)",
+            "responses": { "200": json_response("The session", "Session") }
+        }),
+        ("DELETE", "/api/v1/session") => json!({
+            "operationId": "closeSession",
+            "summary": "Sign out: the session ends and its cookie is cleared",
+            "responses": { "204": { "description": "Signed out" } }
+        }),
         ("GET", "/api/v1/openapi.json") => json!({
             "operationId": "getOpenApi",
             "summary": "This document",
@@ -563,6 +601,15 @@ fn schemas() -> Value {
         })
     };
     json!({
+        "Session": {
+            "type": "object",
+            "required": ["name", "scope", "csrf"],
+            "properties": {
+                "name": { "type": "string", "description": "The token's name" },
+                "scope": { "type": "string", "enum": ["read", "write", "admin"] },
+                "csrf": { "type": "string", "nullable": true, "description": "Send as `X-CSRF-Token` with every state-changing request that the cookie authenticates" }
+            }
+        },
         "ApiToken": {
             "type": "object",
             "required": ["name", "scope", "source"],

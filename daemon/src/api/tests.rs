@@ -23,6 +23,8 @@ fn state(dir: &std::path::Path) -> ApiState {
         zigbee: outpost_drivers::zigbee::ZigbeeControl::default(),
         apps: None,
         outbox: None,
+        readings: None,
+        stop: tokio_util::sync::CancellationToken::new(),
     }
 }
 
@@ -275,8 +277,18 @@ async fn scopes_in_the_route_list_match_the_handlers() {
     for spec in ROUTES {
         let path = concrete(spec.path, cid);
         let Some(scope) = spec.scope else {
+            // Public: answered without credentials (a sign-in without its body is a 422/400).
             let (status, _, _) = call(&router, spec.method, &path, None, None).await;
-            assert_eq!(status, StatusCode::OK, "{} {}", spec.method, spec.path);
+            if spec.method == "GET" {
+                assert_eq!(status, StatusCode::OK, "{} {}", spec.method, spec.path);
+            } else {
+                assert!(
+                    status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN,
+                    "{} {}: {status}",
+                    spec.method,
+                    spec.path
+                );
+            }
             continue;
         };
         let (status, body, headers) = call(&router, spec.method, &path, None, None).await;
@@ -1048,4 +1060,195 @@ async fn tokens_are_created_listed_used_and_revoked_through_the_api() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     let s = state(dir.path());
     assert!(s.registry.api_tokens().unwrap().is_empty());
+}
+
+/// A request with `headers`; (status, JSON body, response headers).
+async fn call_with(
+    router: &Router,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> (StatusCode, serde_json::Value, axum::http::HeaderMap) {
+    let mut req = Request::builder()
+        .method(Method::from_bytes(method.as_bytes()).unwrap())
+        .uri(path);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    if body.is_some() {
+        req = req.header("content-type", "application/json");
+    }
+    let req = req
+        .body(body.map_or_else(Body::empty, |b| Body::from(b.to_owned())))
+        .unwrap();
+    let resp = router.clone().oneshot(req).await.unwrap();
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    (status, json, headers)
+}
+
+/// The web console's sessions: a token is traded for an HttpOnly SameSite=Strict cookie; the
+/// cookie reads, writes only with the CSRF header, grants no more than its token's scope, ends
+/// when its token is revoked or at sign-out; a wrong token opens nothing.
+#[tokio::test]
+async fn console_sessions_need_csrf_to_write_and_end_with_their_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = state(dir.path());
+    let tokens = Arc::clone(&state.tokens);
+    let router = router(state);
+    let (status, body, _) = call_with(
+        &router,
+        "POST",
+        "/api/v1/session",
+        &[],
+        Some(r#"{"token": "nope"}"#),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("unauthorized"))
+    );
+    let (status, body, headers) = call_with(
+        &router,
+        "POST",
+        "/api/v1/session",
+        &[],
+        Some(&format!(r#"{{"token": "{WRITE_TOKEN}"}}"#)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(
+        (body["name"].as_str(), body["scope"].as_str()),
+        (Some("w"), Some("write"))
+    );
+    let csrf = body["csrf"].as_str().unwrap().to_owned();
+    let set_cookie = headers["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Strict"),
+        "{set_cookie}"
+    );
+    assert!(!set_cookie.contains("Secure"), "plain HTTP: {set_cookie}");
+    let cookie = set_cookie.split(';').next().unwrap().to_owned();
+
+    let (status, _, _) = call_with(
+        &router,
+        "GET",
+        "/api/v1/devices",
+        &[("cookie", &cookie)],
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body, _) = call_with(
+        &router,
+        "GET",
+        "/api/v1/session",
+        &[("cookie", &cookie)],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, body["csrf"].as_str()),
+        (StatusCode::OK, Some(csrf.as_str()))
+    );
+    let new_device = Some(r#"{"id": "console-1"}"#);
+    let (status, body, _) = call_with(
+        &router,
+        "POST",
+        "/api/v1/devices",
+        &[("cookie", &cookie)],
+        new_device,
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("csrf")),
+        "{body}"
+    );
+    let (status, body, _) = call_with(
+        &router,
+        "POST",
+        "/api/v1/devices",
+        &[("cookie", &cookie), ("x-csrf-token", "forged")],
+        new_device,
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("csrf"))
+    );
+    let with_csrf = [("cookie", cookie.as_str()), ("x-csrf-token", csrf.as_str())];
+    let (status, _, _) =
+        call_with(&router, "POST", "/api/v1/devices", &with_csrf, new_device).await;
+    assert_eq!(status, StatusCode::CREATED);
+    // No more than the token's scope: deleting needs admin.
+    let (status, _, _) = call_with(
+        &router,
+        "DELETE",
+        "/api/v1/devices/console-1",
+        &with_csrf,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // Sign out: the cookie is cleared and the session no longer works.
+    let (status, _, headers) =
+        call_with(&router, "DELETE", "/api/v1/session", &with_csrf, None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(
+        headers["set-cookie"]
+            .to_str()
+            .unwrap()
+            .contains("Max-Age=0")
+    );
+    let (status, _, _) = call_with(
+        &router,
+        "GET",
+        "/api/v1/devices",
+        &[("cookie", &cookie)],
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    // A new session; its token goes (a reload without it): the session ends.
+    let (_, _, headers) = call_with(
+        &router,
+        "POST",
+        "/api/v1/session",
+        &[],
+        Some(&format!(r#"{{"token": "{READ_TOKEN}"}}"#)),
+    )
+    .await;
+    let cookie = headers["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let (status, _, _) = call_with(
+        &router,
+        "GET",
+        "/api/v1/devices",
+        &[("cookie", &cookie)],
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    tokens.replace_configured(&outpost_config::ApiConfig::default());
+    let (status, _, _) = call_with(
+        &router,
+        "GET",
+        "/api/v1/devices",
+        &[("cookie", &cookie)],
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
 }

@@ -373,6 +373,8 @@ pub struct AdminRoutes {
     pub http_ingest: Option<HttpIngestState>,
     /// The API's tokens; the reload task replaces the config's.
     pub tokens: Arc<api::auth::TokenSet>,
+    /// Every committed reading, for devices' live views.
+    pub watch: tokio::sync::broadcast::Sender<ingress::LocalReading>,
 }
 
 impl AdminFront {
@@ -424,13 +426,17 @@ impl AdminFront {
             zigbee,
             http_ingest,
             tokens,
+            watch,
         } = routes;
-        let mut router = admin::router(state).merge(api::router(
-            api::ApiState::new(registry, tokens)
-                .with_zigbee(zigbee)
-                .with_apps(apps)
-                .with_outbox(outbox),
-        ));
+        let mut router = admin::router(state)
+            .merge(api::router(
+                api::ApiState::new(registry, tokens)
+                    .with_zigbee(zigbee)
+                    .with_apps(apps)
+                    .with_outbox(outbox)
+                    .with_readings(watch, stop.clone()),
+            ))
+            .merge(crate::console::router());
         if let Some(state) = http_ingest {
             // On its own listener it is essential itself; on the admin listener, that one is.
             let separate = self.ingest_listener.is_some();
@@ -451,6 +457,7 @@ impl AdminFront {
             admin::OWN_ROUTES
                 .iter()
                 .chain(ingress::http::ROUTES)
+                .chain(crate::console::ROUTES)
                 .copied()
                 .chain(api::ROUTES.iter().map(|r| (r.method, r.path))),
         );

@@ -117,6 +117,7 @@ pub async fn run(
         zigbee: zigbee.clone(),
         http_ingest,
         tokens: Arc::clone(&tokens),
+        watch: core.ingest.watch(),
     };
     let admin_addr = admin.addr;
     let gateway_parts = cloud::GatewayParts {

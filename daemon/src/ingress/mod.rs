@@ -44,6 +44,9 @@ pub struct IngestRecord {
     pub headers: Vec<(String, String)>,
 }
 
+/// Readings held for a slow watcher before it is told it lagged.
+pub const WATCH_CAPACITY: usize = 1024;
+
 /// A committed reading as published on the local readings stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalReading {
@@ -62,6 +65,9 @@ pub struct Ingest {
     outbox: Outbox,
     registry: Registry,
     readings: broadcast::Sender<LocalReading>,
+    /// Every committed reading, MQTT ones included, for watchers (a device's live view in the
+    /// web console, `api::readings`); copies are made only while someone watches.
+    watch: broadcast::Sender<LocalReading>,
     /// `[[kafka.rules]]`: a matching rule's `priority` is given to a record when it is stored.
     rules: Option<SharedRules>,
     /// The local bus, for the MQTT server (ACLs of app identities, command delivery).
@@ -80,6 +86,7 @@ impl Ingest {
             outbox,
             registry,
             readings,
+            watch: broadcast::channel(WATCH_CAPACITY).0,
             rules: None,
             bus: bus::BusHandle::default(),
             budget: budget::IngressBudget::new(
@@ -122,6 +129,11 @@ impl Ingest {
 
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// The stream of every committed reading, for live views (subscribe to it).
+    pub fn watch(&self) -> broadcast::Sender<LocalReading> {
+        self.watch.clone()
     }
 
     /// Appends the records of one authenticated device atomically; resolves after the commit.
@@ -205,31 +217,39 @@ impl Ingest {
     pub async fn append(&self, mut envelopes: Vec<Envelope>) -> Result<Vec<u64>, AppendError> {
         self.prioritise(&mut envelopes);
         // Copies for the local stream only when someone listens, and never of MQTT records:
-        // the MQTT server has routed those itself, and the stream exists for the bus.
-        let local: Option<Vec<(usize, Envelope)>> =
-            (self.readings.receiver_count() > 0).then(|| {
-                envelopes
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, e)| e.source != Source::Mqtt)
-                    .map(|(i, e)| (i, e.clone()))
-                    .collect()
-            });
+        // the MQTT server has routed those itself, and the stream exists for the bus. Watchers
+        // (live views) get every record, but only while there are any.
+        let bus = self.readings.receiver_count() > 0;
+        let watched = self.watch.receiver_count() > 0;
+        let local: Option<Vec<(usize, Envelope)>> = (bus || watched).then(|| {
+            envelopes
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| watched || e.source != Source::Mqtt)
+                .map(|(i, e)| (i, e.clone()))
+                .collect()
+        });
         let seqs = self.outbox.append_all(envelopes).await?;
         if let Some(local) = local {
             for (i, e) in local {
                 let Some(seq) = seqs.get(i) else {
                     continue;
                 };
-                // No receiver left is fine: the outbox has the record.
-                let _ = self.readings.send(LocalReading {
+                let reading = LocalReading {
                     seq: *seq,
                     device_id: e.device_id,
                     source: e.source,
                     topic: e.topic,
                     content_type: e.content_type,
                     payload: e.payload,
-                });
+                };
+                // No receiver left is fine: the outbox has the record.
+                if watched {
+                    let _ = self.watch.send(reading.clone());
+                }
+                if bus && reading.source != Source::Mqtt {
+                    let _ = self.readings.send(reading);
+                }
             }
         }
         Ok(seqs)
