@@ -29,6 +29,8 @@ pub struct AdminState {
     pub started: Instant,
     /// Who may read `/metrics` and `/api/v1/status`.
     pub monitoring: MonitoringAccess,
+    /// The last hour's samples (`/api/v1/status/history`).
+    pub history: crate::history::History,
 }
 
 /// Who may read `/metrics` and `/api/v1/status` (`admin.public_monitoring`): anyone when
@@ -67,11 +69,7 @@ impl MonitoringAccess {
             return Ok(());
         }
         if request.headers().contains_key(header::AUTHORIZATION)
-            || self
-                .tokens
-                .sessions
-                .presented(request.headers())
-                .is_some()
+            || self.tokens.sessions.presented(request.headers()).is_some()
         {
             return self
                 .tokens
@@ -106,6 +104,7 @@ pub fn router(state: AdminState) -> Router {
     let monitoring = Router::new()
         .route(OWN_ROUTES[2].1, get(metrics))
         .route(OWN_ROUTES[3].1, get(status))
+        .route(OWN_ROUTES[4].1, get(history))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             guard_monitoring,
@@ -160,10 +159,20 @@ async fn status(State(s): State<AdminState>) -> Response {
     axum::Json(status_document(&s)).into_response()
 }
 
+/// `/api/v1/status/history`: the last hour, sampled every 10 s (`crate::history`).
+async fn history(State(s): State<AdminState>) -> Response {
+    axum::Json(s.history.document()).into_response()
+}
+
 /// The gateway status as `/api/v1/status` shows it (also the result of a `report_status`
 /// command from the cloud).
 pub fn status_document(s: &AdminState) -> serde_json::Value {
     let (records, bytes, oldest) = s.outbox.figures();
+    let disk = s
+        .outbox
+        .path()
+        .parent()
+        .and_then(crate::history::disk_bytes);
     let (dead_letters, dead_letter_bytes) = s.outbox.dead_letter_figures();
     let quarantine = s
         .outbox
@@ -180,6 +189,12 @@ pub fn status_document(s: &AdminState) -> serde_json::Value {
             "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
         },
         "uptime_seconds": s.started.elapsed().as_secs(),
+        "host": {
+            "rss_bytes": crate::history::resident_bytes(),
+            "disk_free_bytes": disk.map(|(free, _)| free),
+            "disk_total_bytes": disk.map(|(_, total)| total),
+        },
+        "drivers": s.status.drivers(),
         "subsystems": s.status.subsystems(),
         "alarms": s.status.alarms(),
         "apps": s.status.apps(),
@@ -215,6 +230,7 @@ pub const OWN_ROUTES: &[(&str, &str)] = &[
     ("GET", "/readyz"),
     ("GET", "/metrics"),
     ("GET", "/api/v1/status"),
+    ("GET", "/api/v1/status/history"),
 ];
 
 /// Which methods each path of the admin listener takes.
@@ -317,6 +333,7 @@ mod tests {
             status: board,
             registry: Arc::new(Registry::default()),
             started: Instant::now(),
+            history: crate::history::History::default(),
             monitoring: MonitoringAccess {
                 public: false,
                 tokens: Arc::default(),
@@ -385,6 +402,7 @@ mod tests {
             status: StatusBoard::default(),
             registry: Arc::new(Registry::default()),
             started: Instant::now(),
+            history: crate::history::History::default(),
             monitoring: MonitoringAccess {
                 public,
                 tokens: Arc::new(crate::api::auth::TokenSet::of(vec![

@@ -12,6 +12,7 @@ mod cli;
 mod cloud_commands;
 mod console;
 mod fleet;
+mod history;
 mod https;
 mod ingress;
 mod local_admin;

@@ -206,6 +206,31 @@ impl StatusBoard {
             .unwrap_or(serde_json::Value::Null)
     }
 
+    /// Each running driver's figures: name, kind, up, frame counters, reopens, last error,
+    /// details (for the console's drivers page).
+    pub fn drivers(&self) -> Vec<serde_json::Value> {
+        self.with(|i| {
+            i.drivers
+                .iter()
+                .map(|(subsystem, stats)| {
+                    let s = stats.snapshot();
+                    serde_json::json!({
+                        "subsystem": subsystem,
+                        "name": s.name,
+                        "kind": s.kind,
+                        "up": s.up,
+                        "frames_ok": s.frames_ok,
+                        "frames_bad": s.frames_bad,
+                        "frames_dropped": s.frames_dropped,
+                        "reopens": s.reopens,
+                        "last_error": s.last_error,
+                        "details": s.details,
+                    })
+                })
+                .collect()
+        })
+    }
+
     /// Each app's status, by name; empty without the apps subsystem.
     pub fn apps(&self) -> BTreeMap<String, crate::apps::AppStatus> {
         self.with(|i| i.apps.clone())

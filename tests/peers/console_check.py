@@ -121,6 +121,25 @@ try:
     assert refused.returncode != 0, "a disabled device could still publish"
     shot("device-disabled")
     shot("device-disabled-phone", 390, 844)
+
+    # Edit it: the new name is saved and shown.
+    driver.find_element(By.CSS_SELECTOR, "details summary").click()
+    name = wait.until(ec.element_to_be_clickable((By.ID, "edit-name")))
+    name.clear()
+    name.send_keys("Boiler room, north wall")
+    driver.find_element(By.CSS_SELECTOR, "form[aria-label='Edit the device'] button[type=submit]").click()
+    wait.until(lambda d: "Boiler room, north wall" in d.find_element(By.CSS_SELECTOR, "main .cards").text)
+
+    # The other pages answer: drivers, apps, the configuration check.
+    for page, title in (("drivers", "Drivers"), ("apps", "Apps"), ("config", "Configuration")):
+        driver.find_element(By.CSS_SELECTOR, f"nav a[href='#/{page}']").click()
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "main h1").text == title)
+        time.sleep(0.5)
+        shot(page)
+    wait.until(lambda d: d.find_elements(By.ID, "config-ok"))
+    seen["config_ok"] = True
+    driver.find_element(By.CSS_SELECTOR, "nav a[href='#/overview']").click()
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "main h1").text == "Overview")
     sign_out()
 
     # A read token: no write controls, and a write through the API is refused (403) even with
@@ -144,6 +163,13 @@ try:
         fetch('/api/v1/devices/console-1/enable', {method: 'POST'}).then(r => done(r.status), e => done(String(e)));
     """)
     shot("device-read-only")
+    if shots:
+        # The overview's charts need two samples of the history (10 s apart).
+        driver.get(base + "/#/overview")
+        WebDriverWait(driver, 40, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(
+            lambda d: d.find_elements(By.CSS_SELECTOR, "main figure svg"))
+        shot("overview")
+    seen["secret"] = secret
     seen["ok"] = True
     print(json.dumps(seen))
 except Exception as e:  # noqa: BLE001 - report anything with the page it happened on

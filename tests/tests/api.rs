@@ -1004,6 +1004,15 @@ fn the_web_console_adds_a_device_shows_its_readings_live_and_respects_scopes() {
     assert_eq!(seen["read_write_status"], 403, "{seen}");
     assert_eq!(seen["no_csrf_status"], 403, "{seen}");
     assert!(seen["overview_subsystems"].as_u64().unwrap() > 3, "{seen}");
+    assert_eq!(seen["config_ok"], true, "{seen}");
     // The reading the browser showed is the one stored.
     assert_eq!(d.metric("outpost_outbox_records"), 1.0);
+    // Neither the tokens signed in with nor the device's secret reach the log.
+    let secret = seen["secret"].as_str().unwrap();
+    for line in d.logs() {
+        assert!(
+            !line.contains(ADMIN) && !line.contains(READ) && !line.contains(secret),
+            "a secret in the log: {line}"
+        );
+    }
 }

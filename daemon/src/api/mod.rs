@@ -21,6 +21,7 @@
 pub mod apps;
 pub mod auth;
 pub mod commands;
+pub mod config_check;
 pub mod dead_letters;
 pub mod devices;
 pub mod error;
@@ -64,6 +65,9 @@ pub struct ApiState {
     pub readings: Option<tokio::sync::broadcast::Sender<crate::ingress::LocalReading>>,
     /// Cancelled at shutdown: ends the streams that would otherwise keep the listener open.
     pub stop: tokio_util::sync::CancellationToken,
+    /// `--config` as the daemon was started with (`None`: the default file when it exists),
+    /// for `/api/v1/config/check`.
+    pub config_file: Option<std::path::PathBuf>,
 }
 
 impl ApiState {
@@ -77,7 +81,14 @@ impl ApiState {
             outbox: None,
             readings: None,
             stop: tokio_util::sync::CancellationToken::new(),
+            config_file: None,
         }
+    }
+
+    /// Checks `config_file` (`--config`; `None`: the default file) for `/api/v1/config/check`.
+    pub fn with_config_file(mut self, config_file: Option<std::path::PathBuf>) -> ApiState {
+        self.config_file = config_file;
+        self
     }
 
     /// Serves each device's live readings from `readings`, until `stop`.
@@ -173,6 +184,9 @@ pub static ROUTES: &[RouteSpec] = &[
     }),
     route("GET", "/api/v1/devices/{id}/readings", READ, || {
         get(readings::stream)
+    }),
+    route("GET", "/api/v1/config/check", ADMIN, || {
+        get(config_check::check)
     }),
     route("POST", "/api/v1/session", None, || post(session::create)),
     route("GET", "/api/v1/session", READ, || get(session::show)),

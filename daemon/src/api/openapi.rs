@@ -432,6 +432,21 @@ fn management_operation(method: &str, path: &str) -> Option<Value> {
                 "503": error_response("No readings stream in this build of the API")
             }
         }),
+        ("GET", "/api/v1/config/check") => json!({
+            "operationId": "checkConfig",
+            "summary": "What `outpost check-config` says about the configuration file the daemon runs from, read now (its problems and warnings with key paths; never its content)",
+            "responses": { "200": { "description": "The check", "content": { "application/json": { "schema": {
+                "type": "object",
+                "required": ["file", "ok", "problems", "warnings"],
+                "properties": {
+                    "file": { "type": "string", "nullable": true, "description": "`null`: no file, the built-in defaults" },
+                    "ok": { "type": "boolean" },
+                    "problems": { "type": "array", "items": { "type": "object", "properties": { "path": { "type": "string" }, "message": { "type": "string" } } } },
+                    "warnings": { "type": "array", "items": { "type": "object", "properties": { "path": { "type": "string" }, "message": { "type": "string" } } } },
+                    "error": { "type": "string", "nullable": true }
+                }
+            } } } } }
+        }),
         ("POST", "/api/v1/session") => json!({
             "operationId": "openSession",
             "summary": "Sign in to the web console: trade an API token for a session cookie (`outpost_session`, HttpOnly, SameSite=Strict, Secure over HTTPS); state-changing requests with the cookie need `X-CSRF-Token`",
@@ -548,6 +563,16 @@ fn other_operations() -> Vec<(&'static str, &'static str, Value)> {
                 "summary": "Gateway status: every subsystem ACTIVE/INACTIVE with a reason, alarms, outbox figures, build info",
                 "security": [],
                 "responses": { "200": { "description": "Status", "content": { "application/json": {} } } }
+            }),
+        ),
+        (
+            "GET",
+            "/api/v1/status/history",
+            json!({
+                "operationId": "gatewayHistory",
+                "summary": "The last hour, every 10 s: records appended and forwarded since start, the outbox backlog and resident memory (the web console's charts; same access as the status)",
+                "security": [],
+                "responses": { "200": { "description": "`{interval_seconds, samples: [{at_ms, appended, forwarded, backlog, rss_bytes}]}`, oldest first", "content": { "application/json": {} } } }
             }),
         ),
         (

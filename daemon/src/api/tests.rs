@@ -25,6 +25,7 @@ fn state(dir: &std::path::Path) -> ApiState {
         outbox: None,
         readings: None,
         stop: tokio_util::sync::CancellationToken::new(),
+        config_file: Some("/dev/null".into()),
     }
 }
 

@@ -375,6 +375,8 @@ pub struct AdminRoutes {
     pub tokens: Arc<api::auth::TokenSet>,
     /// Every committed reading, for devices' live views.
     pub watch: tokio::sync::broadcast::Sender<ingress::LocalReading>,
+    /// `--config` as given, for `/api/v1/config/check`.
+    pub config_file: Option<std::path::PathBuf>,
 }
 
 impl AdminFront {
@@ -427,6 +429,7 @@ impl AdminFront {
             http_ingest,
             tokens,
             watch,
+            config_file,
         } = routes;
         let mut router = admin::router(state)
             .merge(api::router(
@@ -434,7 +437,8 @@ impl AdminFront {
                     .with_zigbee(zigbee)
                     .with_apps(apps)
                     .with_outbox(outbox)
-                    .with_readings(watch, stop.clone()),
+                    .with_readings(watch, stop.clone())
+                    .with_config_file(config_file),
             ))
             .merge(crate::console::router());
         if let Some(state) = http_ingest {

@@ -98,6 +98,13 @@ pub async fn run(
     ));
 
     // Everything is open and bound: run it.
+    let history = crate::history::History::default();
+    spawner.spawn(
+        "history",
+        history
+            .clone()
+            .run(storage.outbox.clone(), shutdown.clone()),
+    );
     let routes = AdminRoutes {
         state: AdminState {
             gateway_id: Arc::clone(&gateway_id),
@@ -106,6 +113,7 @@ pub async fn run(
             status: status.clone(),
             registry: Arc::new(metrics),
             started,
+            history: history.clone(),
             monitoring: crate::admin::MonitoringAccess {
                 public: config.admin.public_monitoring,
                 tokens: Arc::clone(&tokens),
@@ -118,6 +126,7 @@ pub async fn run(
         http_ingest,
         tokens: Arc::clone(&tokens),
         watch: core.ingest.watch(),
+        config_file: named.clone(),
     };
     let admin_addr = admin.addr;
     let gateway_parts = cloud::GatewayParts {

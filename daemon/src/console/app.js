@@ -22,6 +22,12 @@ function h(tag, attrs, ...children) {
   return el;
 }
 
+// Replaces el's children with `children` (nested arrays flattened, null and false skipped).
+function fill(el, ...children) {
+  el.replaceChildren(...children.flat(Infinity).filter((c) => c !== null && c !== undefined && c !== false)
+    .map((c) => (c instanceof Node ? c : document.createTextNode(String(c)))));
+}
+
 function toast(text) {
   const t = $('#toast');
   t.textContent = text;
@@ -84,7 +90,7 @@ function bytes(n) {
 
 function render(...nodes) {
   const main = $('#main');
-  main.replaceChildren(...nodes);
+  fill(main, nodes);
   main.focus();
 }
 
@@ -128,24 +134,32 @@ function loginView() {
 
 // ---- overview -------------------------------------------------------------------------------
 
-const backlog = [];
-
-function spark(values) {
-  const w = 300, hgt = 60, max = Math.max(1, ...values);
-  const pts = values.map((v, i) => `${(i / Math.max(1, values.length - 1)) * w},${hgt - (v / max) * (hgt - 4) - 2}`);
-  const svg = document.createElementNS('http://www.w3.org/2000/svg', 'svg');
+// A line chart of one or more series over the same samples; `label` is what a screen reader hears.
+function chart(label, series) {
+  const w = 600, hgt = 120, n = Math.max(...series.map((x) => x.values.length), 1);
+  const max = Math.max(1, ...series.flatMap((x) => x.values));
+  const ns = 'http://www.w3.org/2000/svg';
+  const svg = document.createElementNS(ns, 'svg');
   svg.setAttribute('viewBox', `0 0 ${w} ${hgt}`);
   svg.setAttribute('class', 'spark');
+  svg.setAttribute('preserveAspectRatio', 'none');
   svg.setAttribute('role', 'img');
-  svg.setAttribute('aria-label', `Outbox backlog, ${values.length} samples, latest ${values[values.length - 1] || 0} records`);
-  const line = document.createElementNS('http://www.w3.org/2000/svg', 'polyline');
-  line.setAttribute('points', pts.join(' '));
-  line.setAttribute('fill', 'none');
-  line.setAttribute('stroke', '#0b5cad');
-  line.setAttribute('stroke-width', '2');
-  svg.append(line);
-  return svg;
+  svg.setAttribute('aria-label', `${label}: ${series.map((x) => `${x.name} latest ${fmt(x.values[x.values.length - 1] || 0)}`).join(', ')}; top of the scale ${fmt(max)}`);
+  for (const x of series) {
+    const line = document.createElementNS(ns, 'polyline');
+    line.setAttribute('points', x.values.map((v, i) => `${(i / Math.max(1, n - 1)) * w},${hgt - (v / max) * (hgt - 6) - 3}`).join(' '));
+    line.setAttribute('fill', 'none');
+    line.setAttribute('stroke', x.colour);
+    line.setAttribute('stroke-width', '2');
+    line.setAttribute('vector-effect', 'non-scaling-stroke');
+    svg.append(line);
+  }
+  return h('figure', {}, svg, h('figcaption', {}, series.map((x) =>
+    h('span', { class: 'legend', style: null }, h('span', { class: `swatch swatch-${x.key}`, 'aria-hidden': 'true' }), ` ${x.name} `)),
+  `(top: ${fmt(max)})`));
 }
+
+const fmt = (v) => (Math.abs(v) >= 100 || Number.isInteger(v) ? String(Math.round(v)) : v.toFixed(1));
 
 function card(title, rows) {
   return h('section', { class: 'card', 'aria-label': title }, h('h2', {}, title),
@@ -155,15 +169,16 @@ function card(title, rows) {
 function overviewView() {
   render(h('h1', {}, 'Overview'), h('p', {}, 'Loading…'));
   every(5000, async () => {
-    let s;
-    try { s = await api('GET', '/api/v1/status'); } catch (e) { toast(e.message); return; }
-    backlog.push(s.outbox.records);
-    if (backlog.length > 720) backlog.shift();
+    let s, hist;
+    try { [s, hist] = await Promise.all([api('GET', '/api/v1/status'), api('GET', '/api/v1/status/history')]); } catch (e) { toast(e.message); return; }
+    const samples = hist.samples || [];
+    const rate = (key) => samples.slice(1).map((x, i) => Math.max(0, (x[key] - samples[i][key]) / hist.interval_seconds));
     const k = s.kafka || {};
+    const host = s.host || {};
     const alarms = s.alarms || [];
     const main = $('#main');
     const focus = document.activeElement === main;
-    main.replaceChildren(
+    fill(main, 
       h('h1', {}, 'Overview'),
       h('div', { class: 'cards' },
         card('Gateway', [['Id', s.gateway_id], ['Version', `${s.version} (${s.build.arch})`],
@@ -172,8 +187,15 @@ function overviewView() {
           ['Oldest', age(s.outbox.oldest_received_ms)], ['Dead letters', s.outbox.dead_letters],
           ['Disk', s.outbox.disk_full ? 'full' : 'ok', s.outbox.disk_full ? 'alarm' : '']]),
         card('Kafka', k.state ? [['State', k.state, `state-${k.state}`], ['Delivered', k.delivered ?? '–'],
-          ['Last error', k.last_error || 'none']] : [['State', 'forwarding off (kafka.enabled = false)']])),
-      h('h2', {}, 'Outbox backlog (since this page opened)'), spark(backlog),
+          ['Backlog', k.backlog_records ?? '–'], ['Last error', k.last_error || 'none']] : [['State', 'forwarding off (kafka.enabled = false)']]),
+        card('Host', [['Memory (resident)', bytes(host.rss_bytes)],
+          ['Disk free', host.disk_total_bytes ? `${bytes(host.disk_free_bytes)} of ${bytes(host.disk_total_bytes)}` : '–']])),
+      h('h2', {}, 'The last hour'),
+      samples.length < 2 ? h('p', {}, 'Collecting: a sample every 10 s.') : [
+        chart('Records per second', [
+          { key: 'in', name: 'ingested/s', colour: '#0b5cad', values: rate('appended') },
+          { key: 'out', name: 'forwarded/s', colour: '#116329', values: rate('forwarded') }]),
+        chart('Outbox backlog', [{ key: 'backlog', name: 'records waiting', colour: '#a40e26', values: samples.map((x) => x.backlog) }])],
       h('h2', {}, 'Alarms'),
       alarms.length ? h('ul', {}, alarms.map((a) => h('li', { class: 'alarm' }, `${a.subsystem}: ${a.message}`)))
         : h('p', {}, 'No alarms.'),
@@ -252,7 +274,7 @@ function devicesView() {
     const rows = all.filter((d) => (!stateSel.value || d.state === stateSel.value) &&
       (!q || [d.id, d.name, d.location, ...(d.tags || [])].some((x) => x && x.toLowerCase().includes(q))));
     count.textContent = `${rows.length} of ${all.length} devices`;
-    body.replaceChildren(...rows.map((d) => h('tr', {},
+    fill(body, ...rows.map((d) => h('tr', {},
       h('td', {}, h('a', { href: `#/devices/${encodeURIComponent(d.id)}` }, d.id)),
       h('td', {}, d.name || ''), h('td', { class: `state-${d.state}` }, d.state),
       h('td', {}, age(d.last_seen_ms)), h('td', {}, (d.protocols || []).join(', ')),
@@ -274,9 +296,9 @@ function devicesView() {
   };
   const adding = h('div');
   const addButton = can('write') ? h('button', { type: 'button', id: 'add-device', onclick: () => {
-    adding.replaceChildren(h('h2', {}, 'Add a device'), addDeviceForm((d) => {
+    fill(adding, h('h2', {}, 'Add a device'), addDeviceForm((d) => {
       const id = d.device.id;
-      adding.replaceChildren(secretPanel(id, d.secret),
+      fill(adding, secretPanel(id, d.secret),
         h('p', {}, h('a', { href: `#/devices/${encodeURIComponent(id)}`, id: 'open-new' }, `Open ${id}`)));
       load();
     }));
@@ -298,6 +320,7 @@ function deviceView(id) {
   const info = h('div', { class: 'cards' });
   const actions = h('div', { class: 'toolbar' });
   const extra = h('div');
+  const editing = h('div');
   const commands = h('tbody');
   const readings = h('ol', { class: 'readings', id: 'readings', 'aria-live': 'polite', 'aria-label': 'Live readings' });
   const streamState = h('span', { id: 'stream-state', 'data-state': 'connecting' }, 'connecting…');
@@ -311,7 +334,7 @@ function deviceView(id) {
       else toast(e.message);
       return;
     }
-    info.replaceChildren(
+    fill(info, 
       card('Device', [['Name', d.name || '–'], ['Model', d.model || '–'], ['Location', d.location || '–'],
         ['Tags', (d.tags || []).join(', ') || '–'], ['Protocols', (d.protocols || []).join(', ')], ['Source', d.source || '–']]),
       card('Traffic', [['State', st.state, `state-${st.state}`], ['Last seen', age(st.last_seen_ms)],
@@ -327,15 +350,33 @@ function deviceView(id) {
     if (can('admin')) {
       buttons.push(h('button', { type: 'button', class: 'secondary', id: 'rotate', onclick: async () => {
         if (!confirm(`Give ${id} a new secret? The old one stops working at once.`)) return;
-        try { const r = await api('POST', `${path}/rotate-secret`); extra.replaceChildren(secretPanel(id, r.secret)); } catch (e) { toast(e.message); }
+        try { const r = await api('POST', `${path}/rotate-secret`); fill(extra, secretPanel(id, r.secret)); } catch (e) { toast(e.message); }
       } }, 'Rotate secret'));
     }
-    actions.replaceChildren(...buttons);
+    fill(actions, ...buttons);
+    if (can('write') && !editing.dataset.ready) {
+      editing.dataset.ready = '1';
+      const error = h('p', { class: 'error', role: 'alert' });
+      const field = (key, label, value) => h('div', {}, h('label', { for: `edit-${key}` }, label),
+        h('input', { id: `edit-${key}`, type: 'text', value: value || '' }));
+      const form = h('form', { class: 'stack', 'aria-label': 'Edit the device', onsubmit: async (e) => {
+        e.preventDefault();
+        error.textContent = '';
+        const v = (key) => form.querySelector(`#edit-${key}`).value.trim();
+        const changes = { tags: v('tags') ? v('tags').split(',').map((t) => t.trim()).filter(Boolean) : [] };
+        for (const key of ['name', 'model', 'location']) if (v(key)) changes[key] = v(key);
+        try { await api('PATCH', path, changes); toast('Saved.'); loadDevice(); } catch (err) { error.textContent = err.message; }
+      } },
+      field('name', 'Name', d.name), field('model', 'Model', d.model), field('location', 'Location', d.location),
+      field('tags', 'Tags (comma-separated)', (d.tags || []).join(', ')),
+      h('button', { type: 'submit' }, 'Save'), error);
+      fill(editing, h('details', {}, h('summary', {}, 'Edit'), form));
+    }
   };
   const loadCommands = async () => {
     try {
       const list = await api('GET', `${path}/commands`);
-      commands.replaceChildren(...(list.commands || []).map((c) => h('tr', {},
+      fill(commands, ...(list.commands || []).map((c) => h('tr', {},
         h('td', {}, c.id), h('td', {}, h('code', {}, JSON.stringify(c.payload))), h('td', {}, c.state), h('td', {}, age(c.created_at_ms)))));
     } catch (e) { /* shown by the device part */ }
   };
@@ -355,7 +396,7 @@ function deviceView(id) {
     h('div', {}, h('label', { for: 'command-ttl' }, 'Expires after'), ttl),
     h('button', { type: 'submit' }, 'Send command'), error);
   }
-  render(h('p', {}, h('a', { href: '#/devices' }, '← Devices')), h('h1', {}, id), info, actions, extra,
+  render(h('p', {}, h('a', { href: '#/devices' }, '← Devices')), h('h1', {}, id), info, actions, extra, editing,
     h('h2', {}, 'Live readings ', h('small', {}, '(', streamState, ', ', counter, ' received)')), readings,
     h('h2', {}, 'Commands'), commandForm,
     h('div', { class: 'table-wrap' }, h('table', {}, h('thead', {}, h('tr', {},
@@ -379,6 +420,99 @@ function deviceView(id) {
   every(10000, loadCommands);
 }
 
+// ---- drivers, apps, configuration ----------------------------------------------------------
+
+function table(columns, rows) {
+  return h('div', { class: 'table-wrap' }, h('table', {},
+    h('thead', {}, h('tr', {}, columns.map((c) => h('th', { scope: 'col' }, c)))),
+    h('tbody', {}, rows)));
+}
+
+function driversView() {
+  const permit = can('write') ? h('form', { class: 'stack', 'aria-label': 'Zigbee permit join', onsubmit: async (e) => {
+    e.preventDefault();
+    const seconds = Number(permit.querySelector('#permit-seconds').value);
+    try { const r = await api('POST', '/api/v1/zigbee/permit-join', { duration: seconds }); toast(`Zigbee devices may join for ${r.duration}.`); } catch (err) { toast(err.message); }
+  } }, h('div', {}, h('label', { for: 'permit-seconds' }, 'Zigbee: let new devices join for (seconds)'),
+    h('input', { id: 'permit-seconds', type: 'text', inputmode: 'numeric', value: '60' })),
+  h('button', { type: 'submit' }, 'Permit join')) : null;
+  const body = h('div');
+  render(h('h1', {}, 'Drivers'), body);
+  every(5000, async () => {
+    let s;
+    try { s = await api('GET', '/api/v1/status'); } catch (e) { toast(e.message); return; }
+    const drivers = s.drivers || [];
+    fill(body, 
+      drivers.length ? table(['Driver', 'Kind', 'Port', 'Frames ok', 'Bad', 'Dropped', 'Reopens', 'Last error', 'Details'],
+        drivers.map((d) => h('tr', {}, h('td', {}, d.name), h('td', {}, d.kind),
+          h('td', { class: d.up ? 'state-ACTIVE' : 'state-down' }, d.up ? 'up' : 'down'),
+          h('td', {}, d.frames_ok), h('td', {}, d.frames_bad), h('td', {}, d.frames_dropped), h('td', {}, d.reopens),
+          h('td', {}, d.last_error || ''), h('td', {}, Object.entries(d.details || {}).map(([k, v]) => `${k}: ${v}`).join(', ')))))
+        : h('p', {}, 'No drivers configured ([[drivers]] in the configuration).'),
+      drivers.some((d) => d.kind === 'zigbee') ? permit : null);
+  });
+}
+
+function appsView() {
+  const body = h('div');
+  const detail = h('div');
+  render(h('h1', {}, 'Apps'), body, detail);
+  const show = async (name) => {
+    try {
+      const [ev, logs] = await Promise.all([api('GET', `/api/v1/apps/${encodeURIComponent(name)}/events`),
+        fetch(`/api/v1/apps/${encodeURIComponent(name)}/logs?tail=50`, { credentials: 'same-origin' }).then((r) => r.text())]);
+      fill(detail, h('h2', {}, `${name}: events`),
+        h('ul', {}, (ev.events || []).slice(-20).map((x) => h('li', {}, typeof x === 'string' ? x : JSON.stringify(x)))),
+        h('h2', {}, `${name}: last 50 lines of output`), h('pre', {}, logs));
+    } catch (e) { toast(e.message); }
+  };
+  every(5000, async () => {
+    let list;
+    try { list = await api('GET', '/api/v1/apps'); } catch (e) {
+      fill(body, h('p', {}, e.status === 409 ? 'The apps subsystem is off (apps.enabled = false).' : e.message));
+      return;
+    }
+    fill(body, 
+      list.engine_problem ? h('p', { class: 'error' }, `Container engine: ${list.engine_problem}`) : null,
+      list.items.length ? table(['App', 'Image', 'State', 'Restarts', 'Last exit', 'Reason', ''],
+        list.items.map((a) => h('tr', {}, h('td', {}, a.name), h('td', {}, a.spec.image),
+          h('td', { class: `state-${a.status.state}` }, a.status.state), h('td', {}, a.status.restart_count),
+          h('td', {}, a.status.last_exit_code ?? ''), h('td', {}, a.status.reason || ''),
+          h('td', {}, h('button', { type: 'button', class: 'secondary', onclick: () => show(a.name) }, 'Events and logs'),
+            can('write') ? [' ', h('button', { type: 'button', onclick: async () => {
+              try { await api('POST', `/api/v1/apps/${encodeURIComponent(a.name)}/restart`); toast(`${a.name} restarting.`); } catch (e) { toast(e.message); }
+            } }, 'Restart')] : null))))
+        : h('p', {}, 'No apps.'));
+  });
+}
+
+function configView() {
+  const body = h('div');
+  render(h('h1', {}, 'Configuration'), body);
+  const load = async () => {
+    let check = null, s;
+    try {
+      s = await api('GET', '/api/v1/status');
+      if (can('admin')) check = await api('GET', '/api/v1/config/check');
+    } catch (e) { toast(e.message); return; }
+    const reload = s.config || {};
+    const list = (items) => h('ul', {}, items.map((p) => h('li', {}, h('code', {}, p.path), `: ${p.message}`)));
+    fill(body, 
+      h('p', {}, 'File: ', h('code', {}, reload.file || 'none (built-in defaults)')),
+      check ? [h('h2', {}, 'The file now'), check.ok ? h('p', { class: 'state-ACTIVE', id: 'config-ok' }, 'Loads without problems.')
+        : [h('p', { class: 'error', id: 'config-bad' }, 'Does not load; a reload would change nothing:'), check.problems.length ? list(check.problems) : h('pre', {}, check.error)],
+      check.warnings.length ? [h('h2', {}, 'Warnings'), list(check.warnings)] : null]
+        : h('p', {}, 'Checking the file needs the admin scope.'),
+      h('h2', {}, 'Last reload'),
+      h('p', {}, reload.reloads ? `${reload.reloads} reload(s), the last ${age(reload.last_reload_ms)}.` : 'No reload since start (systemctl reload outpost).'),
+      reload.error ? h('p', { class: 'error' }, reload.error) : null,
+      (reload.needs_restart || []).length ? [h('p', {}, 'Changed in the file, applied at the next restart:'),
+        h('ul', {}, reload.needs_restart.map((k) => h('li', {}, h('code', {}, k))))] : null,
+      h('p', {}, h('button', { type: 'button', class: 'secondary', onclick: load }, 'Check again')));
+  };
+  load();
+}
+
 // ---- routing --------------------------------------------------------------------------------
 
 async function route() {
@@ -397,6 +531,9 @@ async function route() {
   if (hash === '#/login') loginView();
   else if (device) deviceView(decodeURIComponent(device[1]));
   else if (hash === '#/devices') devicesView();
+  else if (hash === '#/drivers') driversView();
+  else if (hash === '#/apps') appsView();
+  else if (hash === '#/config') configView();
   else overviewView();
 }
 
