@@ -151,6 +151,7 @@ fn document_and_routes_agree() {
         "/api/v1/device/commands",
         "/api/v1/device/commands/{id}/ack",
         "/api/v1/status",
+        "/api/v1/status/history",
         "/healthz",
         "/readyz",
         "/metrics",
