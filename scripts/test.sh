@@ -3,9 +3,11 @@
 #
 #   bash scripts/test.sh
 #
-# Sections: setup, fmt, deny (dependency policy: deny.toml), clippy, build, docker (a Docker engine and the test image), tansu (waits for
-# the Kafka broker built in the background), tests (nextest, profile `ci`), fuzz-build (every cargo-fuzz
-# target builds), cross build + qemu smoke test for aarch64, the arm64 .deb (lintian). Stops at the first failing section and says which one failed.
+# Sections: setup, fmt, deny (dependency policy: deny.toml), clippy, build, docker (a Docker
+# engine and the test images), tansu (waits for the Kafka broker built in the background),
+# cargo-fuzz, tests (nextest, profile `ci`, with every cargo-fuzz target and the aarch64 cross
+# build built beside the first run), the cross build's qemu smoke test, the arm64 .deb (lintian).
+# Stops at the first failing section and says which one failed.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -67,24 +69,45 @@ section() {
 # Tests named `alone_…` assert a time the product promises ("disconnected within a second",
 # "reports an outage within 15 s"): they run after the rest, one at a time, so what else the
 # suite runs beside them cannot move their clock. Both runs always run; either failing fails.
+#
+# The first run mostly waits (daemons, brokers, timers; its longest test holds a Kafka outage
+# for 5 minutes), so the fuzz targets and the aarch64 cross build are built meanwhile, at the
+# lowest CPU priority (nice 19: a test that wants the CPU gets it), and awaited before the
+# `alone_` run, which runs with nothing else. Their output goes to a log printed if they fail.
 run_nextest() {
-  local rc=0
+  local rc=0 builds_log builds_pid
+  # Build the test binaries first, so the background builds start once they are done.
+  cargo nextest run --workspace --locked --profile ci --no-run
+  builds_log=$(mktemp -t outpost-builds.XXXXXX)
+  nice -n 19 bash -c 'set -e; (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz build); bash cross/build.sh aarch64' \
+    >"$builds_log" 2>&1 &
+  builds_pid=$!
   # tee keeps nextest's own output (and its summary line) on screen; pipefail keeps its status.
   cargo nextest run --workspace --locked --profile ci -E 'not test(/^alone_/)' 2>&1 |
     tee "$nextest_log" || rc=$?
+  local waited=$SECONDS
+  if wait "$builds_pid"; then
+    printf 'fuzz-build and cross-build (in the background): ok; waited %ss for them\n' "$((SECONDS - waited))"
+    grep -E '^(aarch64|  machine)' "$builds_log" || true
+  else
+    cat "$builds_log"
+    printf 'fuzz-build or cross-build (in the background) FAILED\n'
+    rc=1
+  fi
+  rm -f "$builds_log"
   cargo nextest run --workspace --locked --profile ci -E 'test(/^alone_/)' --test-threads 1 2>&1 |
     tee -a "$nextest_log" || rc=$?
   return "$rc"
 }
 
-# Every fuzz target (fuzz/, its own workspace) must build. The toolchain is stable: cargo-fuzz
-# needs nightly flags (-Zsanitizer), which RUSTC_BOOTSTRAP=1 unlocks on a stable compiler.
-build_fuzz() {
+# Every fuzz target (fuzz/, its own workspace) must build (run_nextest builds them). The toolchain
+# is stable: cargo-fuzz needs nightly flags (-Zsanitizer), which RUSTC_BOOTSTRAP=1 unlocks on a
+# stable compiler.
+ensure_cargo_fuzz() {
   if ! cargo fuzz --version >/dev/null 2>&1; then
     log "Installing cargo-fuzz from crates.io (builds from source, takes a few minutes)"
     cargo install cargo-fuzz --locked
   fi
-  (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz build)
 }
 
 # tansu (the Kafka broker of the Kafka tests) is built from source on a machine that lacks it:
@@ -110,9 +133,9 @@ section build cargo build --workspace --bins --locked
 # The apps tests need a real container engine and the local test image.
 section docker bash scripts/ensure-docker.sh
 section tansu wait_tansu
+section cargo-fuzz ensure_cargo_fuzz
+# The tests, with the fuzz targets and the aarch64 cross build built beside them (run_nextest).
 section tests run_nextest
-section fuzz-build build_fuzz
-section cross-build bash cross/build.sh aarch64
 section cross-smoke bash cross/smoke.sh aarch64
 # The arm64 Debian package of that build, checked by lintian (the amd64 package of the test build
 # is installed on a Debian system with systemd by tests/tests/package.rs).
