@@ -18,6 +18,15 @@ pub fn sha256_hex(text: &str) -> String {
         .collect()
 }
 
+/// The device secret (64 hex digits, alone on its line) in a CLI's or the console's output.
+pub fn secret_in(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .find(|l| l.len() == 64 && l.bytes().all(|b| b.is_ascii_hexdigit()))
+        .unwrap_or_else(|| panic!("no secret in:\n{text}"))
+        .to_owned()
+}
+
 /// An `[[api.tokens]]` entry for [`ADMIN_TOKEN`] with the `admin` scope.
 pub fn admin_token_config() -> String {
     format!(

@@ -128,6 +128,17 @@ impl Daemon {
         daemon
     }
 
+    /// The address a listener bound, from its log line `<what> listener bound` (e.g. `"MQTT"`,
+    /// `"HTTP ingestion"`); waits up to 10 s for it.
+    pub fn listener(&mut self, what: &str) -> SocketAddr {
+        let line = self.wait_for_log(&format!("{what} listener bound"), Duration::from_secs(10));
+        let v: serde_json::Value = serde_json::from_str(&line).expect("json log line");
+        v["addr"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line}"))
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -788,12 +788,7 @@ fn cli_manages_devices_with_a_token_from_token_new() {
     ]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("meter-7") && out.contains("Meter 7"), "{out}");
-    let secret = out
-        .lines()
-        .map(str::trim)
-        .find(|l| l.len() == 64 && l.bytes().all(|b| b.is_ascii_hexdigit()))
-        .unwrap_or_else(|| panic!("no secret in:\n{out}"))
-        .to_owned();
+    let secret = outpost_e2e::admin::secret_in(&out);
     assert_eq!(ingest(&d, "meter-7", &secret), 201);
     assert_not_stored(&d, &secret);
 
@@ -825,12 +820,7 @@ fn cli_manages_devices_with_a_token_from_token_new() {
 
     let (code, out, err) = cli(&["rotate-secret", "meter-7"]);
     assert_eq!(code, 0, "{err}");
-    let new_secret = out
-        .lines()
-        .map(str::trim)
-        .find(|l| l.len() == 64 && l.bytes().all(|b| b.is_ascii_hexdigit()))
-        .unwrap()
-        .to_owned();
+    let new_secret = outpost_e2e::admin::secret_in(&out);
     assert_ne!(new_secret, secret);
     assert_eq!(ingest(&d, "meter-7", &secret), 401);
     assert_eq!(ingest(&d, "meter-7", &new_secret), 201);
@@ -965,16 +955,7 @@ fn the_web_console_adds_a_device_shows_its_readings_live_and_respects_scopes() {
     outpost_e2e::require_command("chromium");
     outpost_e2e::require_command("chromedriver");
     let (_dir, mut d) = start();
-    let mqtt_port = {
-        let line = d.wait_for_log("MQTT listener bound", std::time::Duration::from_secs(5));
-        let v: Value = serde_json::from_str(&line).unwrap();
-        v["addr"]
-            .as_str()
-            .unwrap()
-            .parse::<std::net::SocketAddr>()
-            .unwrap()
-            .port()
-    };
+    let mqtt_port = d.listener("MQTT").port();
     let script = outpost_e2e::manifest_dir().join("peers/console_check.py");
     let shots = std::env::var("OUTPOST_CONSOLE_SCREENSHOTS").unwrap_or_default();
     let out = std::process::Command::new("python3")

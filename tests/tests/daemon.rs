@@ -691,16 +691,7 @@ fn sighup_applies_log_level_and_tokens_and_reports_what_needs_a_restart() {
         outpost_e2e::daemon::signal(d.pid(), rustix::process::Signal::HUP);
     };
     // A device publishing outside the ACL: refused now, stored once the ACL allows it.
-    let mqtt_port = {
-        let line = d.wait_for_log("MQTT listener bound", Duration::from_secs(5));
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        v["addr"]
-            .as_str()
-            .unwrap()
-            .parse::<std::net::SocketAddr>()
-            .unwrap()
-            .port()
-    };
+    let mqtt_port = d.listener("MQTT").port();
     let created = d.post(
         "/api/v1/devices",
         "first-token-0123456789",

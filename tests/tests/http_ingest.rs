@@ -514,9 +514,7 @@ fn ingestion_on_its_own_listener_serves_devices_and_nothing_else() {
             admin_token_config()
         ),
     );
-    let line = d.wait_for_log("HTTP ingestion listener bound", Duration::from_secs(5));
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-    let ingest: SocketAddr = v["addr"].as_str().unwrap().parse().unwrap();
+    let ingest = d.listener("HTTP ingestion");
     assert_ne!(ingest, d.admin);
     let secret = create_device(&d, "field-1", None);
     let auth = basic("field-1", &secret);
@@ -579,9 +577,7 @@ fn the_admin_and_ingestion_listeners_speak_https() {
             admin_token_config()
         ),
     );
-    let line = d.wait_for_log("HTTP ingestion listener bound", Duration::from_secs(5));
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-    let ingest: SocketAddr = v["addr"].as_str().unwrap().parse().unwrap();
+    let ingest = d.listener("HTTP ingestion");
     let ca_file = ca.cert();
     let curl = |args: &[&str]| {
         let out = std::process::Command::new("curl")
@@ -641,12 +637,7 @@ fn the_admin_and_ingestion_listeners_speak_https() {
         &[("OUTPOST_API_TOKEN", ADMIN_TOKEN)],
     );
     assert_eq!(code, 0, "{err}");
-    let secret = out
-        .lines()
-        .map(str::trim)
-        .find(|l| l.len() == 64 && l.bytes().all(|b| b.is_ascii_hexdigit()))
-        .unwrap_or_else(|| panic!("no secret in:\n{out}"))
-        .to_owned();
+    let secret = outpost_e2e::admin::secret_in(&out);
     // Without --ca-file the system's CAs do not know the gateway's: a clear refusal.
     let (code, _, err) = outpost_cli_env(
         &["devices", "list", "--url", &admin_url],

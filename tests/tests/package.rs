@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use outpost_e2e::{SETUP_HINT, outpost_bin, require_command};
+use outpost_e2e::{outpost_bin, require_command};
 
 /// The image scripts/ensure-docker.sh builds.
 const IMAGE: &str = "outpost-test/debian-systemd:bookworm-1";
@@ -45,7 +45,11 @@ impl Machine {
     fn boot() -> Machine {
         require_command("docker");
         let (code, _, err) = run("docker", &["image", "inspect", IMAGE]);
-        assert_eq!(code, 0, "no image {IMAGE} ({err}): {SETUP_HINT}");
+        assert_eq!(
+            code, 0,
+            "no image {IMAGE} ({err}): run `bash scripts/ensure-docker.sh` (it starts the engine \
+             and builds the image; `bash scripts/test.sh` runs it)"
+        );
         let name = format!("outpost-package-test-{}", std::process::id());
         let _ = run("docker", &["rm", "-f", &name]);
         // systemd needs most capabilities and the cgroup tree; CAP_SYS_RESOURCE is not granted
@@ -218,12 +222,7 @@ fn the_package_installs_runs_upgrades_and_purges_on_debian_with_systemd() {
 
     // The first device, as an installer would add it: root, the local socket, no token.
     let added = m.sh("outpost devices add sensor-1");
-    let secret = added
-        .lines()
-        .map(str::trim)
-        .find(|l| l.len() == 64 && l.bytes().all(|b| b.is_ascii_hexdigit()))
-        .unwrap_or_else(|| panic!("no secret in:\n{added}"))
-        .to_owned();
+    let secret = outpost_e2e::admin::secret_in(&added);
     m.sh(&format!(
         "mosquitto_pub -h 127.0.0.1 -p 1883 -u sensor-1 -P {secret} -q 1 \
          -t devices/sensor-1/temp -m '{{\"t\":21.5}}'"

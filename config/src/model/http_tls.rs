@@ -25,22 +25,37 @@ pub struct HttpTlsConfig {
 impl HttpTlsConfig {
     /// Problems as (key under the table, message).
     pub(crate) fn problems(&self) -> Vec<(&'static str, String)> {
-        let mut found = Vec::new();
-        for (key, file) in [("cert_file", &self.cert_file), ("key_file", &self.key_file)] {
-            match file {
-                Some(f) if f.as_os_str().is_empty() => {
-                    found.push((key, "must not be empty".to_owned()));
-                }
-                None if self.enabled => found.push((
-                    key,
-                    "required with enabled = true: the server certificate (PEM) and its key"
-                        .to_owned(),
-                )),
-                _ => {}
-            }
-        }
-        found
+        file_problems(
+            self.enabled,
+            &[
+                ("cert_file", &self.cert_file, true),
+                ("key_file", &self.key_file, true),
+            ],
+        )
     }
+}
+
+/// The problems of a TLS table's files, as (key, message): `(key, file, required)` — a path
+/// must not be empty, and a required one must be set when the table is enabled. Shared with
+/// `[mqtt.tls]`.
+pub(crate) fn file_problems(
+    enabled: bool,
+    files: &[(&'static str, &Option<PathBuf>, bool)],
+) -> Vec<(&'static str, String)> {
+    let mut found = Vec::new();
+    for &(key, file, required) in files {
+        match file {
+            Some(f) if f.as_os_str().is_empty() => {
+                found.push((key, "must not be empty".to_owned()));
+            }
+            None if enabled && required => found.push((
+                key,
+                "required with enabled = true: the server certificate (PEM) and its key".to_owned(),
+            )),
+            _ => {}
+        }
+    }
+    found
 }
 
 #[cfg(test)]

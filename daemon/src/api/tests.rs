@@ -81,26 +81,13 @@ async fn call(
     token: Option<&str>,
     body: Option<&str>,
 ) -> (StatusCode, serde_json::Value, axum::http::HeaderMap) {
-    let mut req = Request::builder()
-        .method(Method::from_bytes(method.as_bytes()).unwrap())
-        .uri(path);
-    if let Some(t) = token {
-        req = req.header("authorization", format!("Bearer {t}"));
-    }
-    if body.is_some() {
-        req = req.header("content-type", "application/json");
-    }
-    let req = req
-        .body(body.map_or_else(Body::empty, |b| Body::from(b.to_owned())))
-        .unwrap();
-    let resp = router.clone().oneshot(req).await.unwrap();
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
-        .await
-        .unwrap();
-    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
-    (status, json, headers)
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth
+        .as_deref()
+        .map(|a| ("authorization", a))
+        .into_iter()
+        .collect();
+    call_with(router, method, path, &headers, body).await
 }
 
 /// Fills `{id}` and `{cid}` with existing resources.
@@ -1093,6 +1080,19 @@ async fn call_with(
     (status, json, headers)
 }
 
+/// `GET /api/v1/devices` with only the session cookie `cookie`: its status.
+async fn devices_with(router: &Router, cookie: &str) -> StatusCode {
+    call_with(
+        router,
+        "GET",
+        "/api/v1/devices",
+        &[("cookie", cookie)],
+        None,
+    )
+    .await
+    .0
+}
+
 /// The web console's sessions: a token is traded for an HttpOnly SameSite=Strict cookie; the
 /// cookie reads, writes only with the CSRF header, grants no more than its token's scope, ends
 /// when its token is revoked or at sign-out; a wrong token opens nothing.
@@ -1136,14 +1136,7 @@ async fn console_sessions_need_csrf_to_write_and_end_with_their_token() {
     assert!(!set_cookie.contains("Secure"), "plain HTTP: {set_cookie}");
     let cookie = set_cookie.split(';').next().unwrap().to_owned();
 
-    let (status, _, _) = call_with(
-        &router,
-        "GET",
-        "/api/v1/devices",
-        &[("cookie", &cookie)],
-        None,
-    )
-    .await;
+    let status = devices_with(&router, &cookie).await;
     assert_eq!(status, StatusCode::OK);
     let (status, body, _) = call_with(
         &router,
@@ -1208,14 +1201,7 @@ async fn console_sessions_need_csrf_to_write_and_end_with_their_token() {
             .unwrap()
             .contains("Max-Age=0")
     );
-    let (status, _, _) = call_with(
-        &router,
-        "GET",
-        "/api/v1/devices",
-        &[("cookie", &cookie)],
-        None,
-    )
-    .await;
+    let status = devices_with(&router, &cookie).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 
     // A new session; its token goes (a reload without it): the session ends.
@@ -1234,23 +1220,9 @@ async fn console_sessions_need_csrf_to_write_and_end_with_their_token() {
         .next()
         .unwrap()
         .to_owned();
-    let (status, _, _) = call_with(
-        &router,
-        "GET",
-        "/api/v1/devices",
-        &[("cookie", &cookie)],
-        None,
-    )
-    .await;
+    let status = devices_with(&router, &cookie).await;
     assert_eq!(status, StatusCode::OK);
     tokens.replace_configured(&outpost_config::ApiConfig::default());
-    let (status, _, _) = call_with(
-        &router,
-        "GET",
-        "/api/v1/devices",
-        &[("cookie", &cookie)],
-        None,
-    )
-    .await;
+    let status = devices_with(&router, &cookie).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 }

@@ -60,24 +60,14 @@ pub enum ClientAuth {
 impl MqttTlsConfig {
     /// Problems as (key under `mqtt.tls`, message).
     pub(crate) fn problems(&self, plain_listen: SocketAddr) -> Vec<(&'static str, String)> {
-        let mut found = Vec::new();
-        for (key, file) in [
-            ("cert_file", &self.cert_file),
-            ("key_file", &self.key_file),
-            ("client_ca_file", &self.client_ca_file),
-        ] {
-            match file {
-                Some(f) if f.as_os_str().is_empty() => {
-                    found.push((key, "must not be empty".to_owned()));
-                }
-                None if self.enabled && key != "client_ca_file" => found.push((
-                    key,
-                    "required with enabled = true: the server certificate (PEM) and its key"
-                        .to_owned(),
-                )),
-                _ => {}
-            }
-        }
+        let mut found = crate::model::http_tls::file_problems(
+            self.enabled,
+            &[
+                ("cert_file", &self.cert_file, true),
+                ("key_file", &self.key_file, true),
+                ("client_ca_file", &self.client_ca_file, false),
+            ],
+        );
         if self.client_auth == ClientAuth::Required && self.client_ca_file.is_none() {
             found.push((
                 "client_auth",
