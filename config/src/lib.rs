@@ -42,6 +42,15 @@ pub(crate) fn problems(text: &str) -> Vec<String> {
     }
 }
 
+/// The key paths of `text`'s problems, in order. For the unit tests of the sections.
+#[cfg(test)]
+pub(crate) fn problem_keys(text: &str) -> Vec<String> {
+    problems(text)
+        .iter()
+        .map(|p| p.split(": ").next().unwrap_or("").to_owned())
+        .collect()
+}
+
 use std::path::Path;
 
 pub use error::{ConfigError, Problem};

@@ -60,16 +60,7 @@ pub(crate) fn file_problems(
 
 #[cfg(test)]
 mod tests {
-    fn keys(text: &str) -> Vec<String> {
-        match crate::from_toml_str(text) {
-            Ok(_) => Vec::new(),
-            Err(e) => e
-                .problems()
-                .iter()
-                .map(|p| p.to_string().split(':').next().unwrap_or("").to_owned())
-                .collect(),
-        }
-    }
+    use crate::problem_keys as keys;
 
     #[test]
     fn off_by_default_and_every_problem_names_its_key() {

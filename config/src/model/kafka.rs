@@ -1012,15 +1012,8 @@ pub(crate) fn exactly_once_identity_problem(
 mod tests {
     use super::*;
 
+    use crate::problem_keys as keys;
     use crate::problems;
-
-    /// The key paths of `text`'s problems, in order.
-    fn keys(text: &str) -> Vec<String> {
-        problems(text)
-            .iter()
-            .map(|p| p.split(": ").next().unwrap_or("").to_owned())
-            .collect()
-    }
 
     #[test]
     fn defaults_are_the_documented_ones() {

@@ -89,16 +89,7 @@ impl MqttTlsConfig {
 mod tests {
     use super::*;
 
-    fn keys(text: &str) -> Vec<String> {
-        match crate::from_toml_str(text) {
-            Ok(_) => Vec::new(),
-            Err(e) => e
-                .problems()
-                .iter()
-                .map(|p| p.to_string().split(':').next().unwrap_or("").to_owned())
-                .collect(),
-        }
-    }
+    use crate::problem_keys as keys;
 
     #[test]
     fn defaults_are_the_documented_ones() {
