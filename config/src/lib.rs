@@ -53,6 +53,8 @@ pub(crate) fn problem_keys(text: &str) -> Vec<String> {
 
 use std::path::Path;
 
+pub mod matching;
+
 pub use error::{ConfigError, Problem};
 pub use model::{
     AdminConfig, ApiConfig, ApiTokenConfig, AppConfig, AppsConfig, CoapConfig, CommandsConfig,
@@ -63,6 +65,10 @@ pub use model::{
     OutboxConfig, Parity, Port, RegisterKind, ReopenConfig, RestartPolicy, Route, RouteConfig,
     Scope, SerialLineConfig, SerialPortConfig, SimulatorConfig, Synchronous, WhenFull,
     ZigbeeConfig, parse_cidr,
+};
+pub use model::{
+    AggregateConfig, Aggregation, AlertCommand, AlertConfig, DeviceFact, EdgeConfig, EdgeRule,
+    EnrichInto, OnInvalid,
 };
 pub use model::{
     BacklogOrder, CloudEvents, Compression, RuleAction, RuleKey, SaslMechanism, SecurityProtocol,

@@ -492,7 +492,7 @@ mod tests {
             found,
             [
                 "colour: unknown key `colour`; valid keys are `gateway`, `log`, `admin`, \
-                 `outbox`, `routes`, `drivers`, `api`, `devices`, `http_ingest`, `coap`, `apps`, `mqtt`, `kafka`",
+                 `outbox`, `routes`, `drivers`, `api`, `devices`, `http_ingest`, `coap`, `apps`, `mqtt`, `kafka`, `edge`",
                 "log.levl: unknown key `levl`, did you mean `level`?",
                 "routes[0].prio: unknown key `prio`, did you mean `priority`?",
             ]

@@ -71,6 +71,7 @@ deserialize_from_str!(CloudEvents { "off" => Off, "binary" => Binary, "structure
 
 mod apps;
 pub(crate) mod drivers;
+mod edge;
 mod http_tls;
 pub(crate) mod kafka;
 mod mqtt;
@@ -84,6 +85,11 @@ pub use kafka::{
 pub use mqtt::{ClientAuth as MqttClientAuth, MqttTlsConfig};
 pub use mqtt::{
     MqttAclConfig, MqttConfig, MqttLimitsConfig, MqttSessionsConfig, check_acl_pattern,
+};
+
+pub use edge::{
+    AggregateConfig, Aggregation, AlertCommand, AlertConfig, DeviceFact, EdgeConfig, EdgeRule,
+    EnrichInto, OnInvalid,
 };
 
 pub use apps::{AppConfig, AppsConfig, Mount, Port, RestartPolicy};
@@ -134,6 +140,9 @@ pub struct Config {
     pub mqtt: MqttConfig,
     /// `[kafka]`: forwarding to a cloud Kafka (and `[[kafka.rules]]`).
     pub kafka: KafkaConfig,
+    /// `[edge]`: validating, transforming, enriching, aggregating and alerting on readings at
+    /// the gateway (and `[[edge.rules]]`).
+    pub edge: EdgeConfig,
 }
 
 /// A permission of an API token. `admin` implies `write`, which implies `read`.

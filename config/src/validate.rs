@@ -31,6 +31,7 @@ pub(crate) fn check(config: &Config) -> Vec<Issue> {
     checker.apps(config);
     checker.mqtt(config);
     checker.kafka(config);
+    checker.edge(config);
     checker.issues
 }
 

@@ -201,6 +201,7 @@ pub fn status_document(s: &AdminState) -> serde_json::Value {
         "kafka": s.status.forwarder(),
         "mqtt": s.status.section("mqtt"),
         "config": s.status.section("config"),
+        "edge": s.status.section("edge"),
         "outbox": {
             "path": s.outbox.path().display().to_string(),
             "id": s.outbox.id(),

@@ -11,6 +11,7 @@ mod apps;
 mod cli;
 mod cloud_commands;
 mod console;
+mod edge;
 mod fleet;
 mod history;
 mod https;

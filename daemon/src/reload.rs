@@ -8,7 +8,9 @@
 //! theirs), `kafka.rules` (the whole rule list, from the next record stored or forwarded, the
 //! backlog included), `drivers` (a driver whose settings changed stops, lets go of its port and
 //! starts again with the new ones; removed drivers stop, added ones start; unchanged drivers run
-//! on untouched). Every
+//! on untouched), `edge` (the whole section: the next reading meets the new rules; raised alerts
+//! of rules whose name and alert settings are unchanged stay raised; open aggregate windows are
+//! closed and stored marked incomplete). Every
 //! other key whose value in the file differs from what the daemon runs on is listed by key path
 //! under `needs_restart` — in the log (a warning) and in `/api/v1/status` (`config`) — until a
 //! restart. A file that does not load (a syntax error, an invalid value) changes nothing: its
@@ -31,6 +33,8 @@ use outpost_sync::forwarder::{Rules, SharedRules};
 
 use crate::api::auth::TokenSet;
 use crate::app::drivers::DriverSet;
+use crate::edge::SharedEdge;
+use crate::ingress::Ingest;
 use crate::status::StatusBoard;
 
 /// Keys a reload applies.
@@ -44,6 +48,12 @@ const APPLIED: &[&str] = &[
     "mqtt.limits.burst",
     "kafka.rules",
     "drivers",
+    "edge.alerts_topic",
+    "edge.aggregates_topic",
+    "edge.invalid_topic",
+    "edge.max_window_keys",
+    "edge.max_alert_keys",
+    "edge.rules",
 ];
 
 /// What the last reload did, for `/api/v1/status` (`config`).
@@ -77,6 +87,8 @@ pub struct Reloader {
     pub rules: SharedRules,
     /// The running drivers.
     pub drivers: DriverSet,
+    /// `[edge]` in force, and the ingestion that stores the old engine's open windows.
+    pub edge: Option<(SharedEdge, Ingest)>,
     pub report: Arc<Mutex<Report>>,
 }
 
@@ -102,8 +114,16 @@ impl Reloader {
             mqtt_broker,
             rules,
             drivers,
+            edge: None,
             report: Arc::new(Mutex::new(report)),
         }
+    }
+
+    /// Applies `[edge]` on reload through `edge`; `ingest` stores the windows a replaced
+    /// engine had open.
+    pub fn with_edge(mut self, edge: SharedEdge, ingest: Ingest) -> Self {
+        self.edge = Some((edge, ingest));
+        self
     }
 
     /// Shows the report as the status document's `config` section.
@@ -208,6 +228,22 @@ impl Reloader {
             tracing::info!(drivers = ?touched, "Drivers restarted for the reload");
             self.running.drivers.clone_from(&new.drivers);
             applied.push("drivers".to_owned());
+        }
+        if new.edge != self.running.edge
+            && let Some((edge, ingest)) = &self.edge
+        {
+            // `new` was loaded by `load_config`, which compiled these rules already.
+            match outpost_edge::Engine::compile(&new.edge) {
+                Ok(engine) => {
+                    // Raised alerts of unchanged rules carry over; open windows are closed
+                    // (stored as incomplete) rather than mixed across rule versions.
+                    let old = edge.replace(engine);
+                    ingest.carry_out(old.flush()).await;
+                    self.running.edge = new.edge.clone();
+                    applied.push("edge".to_owned());
+                }
+                Err(problems) => tracing::error!(?problems, "[edge] not applied"),
+            }
         }
         applied
     }

@@ -75,6 +75,10 @@ pub enum StoreRefusal {
     /// Storage failed or the gateway is shutting down: MQTT 5 0x80, 3.1.1 no ack.
     #[error("outbox unavailable: {0}")]
     Unavailable(String),
+    /// An edge rule's schema refused the payload: MQTT 5 0x99 (payload format invalid), 3.1.1
+    /// no ack (it has no negative ack; `on_invalid = "dead_letter"` suits 3.1.1 devices).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// A traffic event for the device's monitoring.

@@ -1065,6 +1065,13 @@ impl Conn {
                     ))
                 }
                 Err(StoreRefusal::Never(why)) => Err(Refusal::Close(why)),
+                Err(StoreRefusal::Invalid(why)) => {
+                    tracing::debug!(error = %why, "Edge rule refused MQTT publish");
+                    Err(Refusal::Nack(
+                        reason::PAYLOAD_FORMAT_INVALID,
+                        RefusedReason::Invalid,
+                    ))
+                }
             };
             if let Some(tx) = outcome {
                 let code = match &result {

@@ -34,6 +34,8 @@ pub enum RefusedReason {
     Revoked,
     /// A SUBSCRIBE filter that is not valid, or a shared subscription.
     InvalidFilter,
+    /// An edge rule's schema refused the payload (MQTT 5 0x99).
+    Invalid,
 }
 
 impl RefusedReason {
@@ -48,6 +50,7 @@ impl RefusedReason {
             Self::PayloadFormat => "payload_format",
             Self::Revoked => "revoked",
             Self::InvalidFilter => "invalid_filter",
+            Self::Invalid => "invalid_payload",
         }
     }
 }
@@ -55,7 +58,7 @@ impl RefusedReason {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     /// `acl`, `outbox_full`, `outbox_error`, `rate_limit`, `invalid_topic`, `queue_full`,
-    /// `payload_format`, `revoked`, `invalid_filter`.
+    /// `payload_format`, `revoked`, `invalid_filter`, `invalid_payload`.
     pub reason: &'static str,
 }
 
@@ -182,7 +185,8 @@ impl MqttMetrics {
             | RefusedReason::QueueFull
             | RefusedReason::PayloadFormat
             | RefusedReason::Revoked
-            | RefusedReason::InvalidFilter => {}
+            | RefusedReason::InvalidFilter
+            | RefusedReason::Invalid => {}
         }
     }
 

@@ -24,6 +24,7 @@ pub mod commands;
 pub mod config_check;
 pub mod dead_letters;
 pub mod devices;
+pub mod edge;
 pub mod error;
 pub mod openapi;
 pub mod readings;
@@ -68,6 +69,8 @@ pub struct ApiState {
     /// `--config` as the daemon was started with (`None`: the default file when it exists),
     /// for `/api/v1/config/check`.
     pub config_file: Option<std::path::PathBuf>,
+    /// `[edge]` in force, for `/api/v1/alerts` and the dry run; `None` in tests without it.
+    pub edge: Option<crate::edge::SharedEdge>,
 }
 
 impl ApiState {
@@ -82,7 +85,14 @@ impl ApiState {
             readings: None,
             stop: tokio_util::sync::CancellationToken::new(),
             config_file: None,
+            edge: None,
         }
+    }
+
+    /// Serves `/api/v1/alerts` and `/api/v1/edge/test` from `edge`.
+    pub fn with_edge(mut self, edge: crate::edge::SharedEdge) -> ApiState {
+        self.edge = Some(edge);
+        self
     }
 
     /// Checks `config_file` (`--config`; `None`: the default file) for `/api/v1/config/check`.
@@ -219,6 +229,8 @@ pub static ROUTES: &[RouteSpec] = &[
     route("POST", "/api/v1/dead-letters/drop", ADMIN, || {
         post(dead_letters::drop)
     }),
+    route("GET", "/api/v1/alerts", READ, || get(edge::alerts)),
+    route("POST", "/api/v1/edge/test", READ, || post(edge::test)),
     route("GET", "/api/v1/tokens", ADMIN, || get(tokens::list)),
     route("POST", "/api/v1/tokens", ADMIN, || post(tokens::create)),
     route("DELETE", "/api/v1/tokens/{name}", ADMIN, || {

@@ -432,6 +432,69 @@ fn management_operation(method: &str, path: &str) -> Option<Value> {
                 "503": error_response("No readings stream in this build of the API")
             }
         }),
+        ("GET", "/api/v1/alerts") => json!({
+            "operationId": "listAlerts",
+            "summary": "Alerts raised now by `[[edge.rules]]` alert rules, by rule then device (docs/EDGE.md)",
+            "responses": {
+                "200": { "description": "The active alerts", "content": { "application/json": { "schema": {
+                    "type": "object",
+                    "required": ["alerts"],
+                    "properties": { "alerts": { "type": "array", "items": { "type": "object",
+                        "required": ["rule", "device", "severity", "topic", "raised_at_ms", "reading"],
+                        "properties": {
+                            "rule": { "type": "string" },
+                            "device": { "type": "string" },
+                            "severity": { "type": "string" },
+                            "topic": { "type": "string", "description": "Topic of the reading that raised it" },
+                            "raised_at_ms": { "type": "integer", "format": "int64" },
+                            "reading": { "type": "object", "description": "The fields of the reading that raised it" }
+                        } } } }
+                } } } },
+                "409": error_response("The API runs without edge rules (tests only)")
+            }
+        }),
+        ("POST", "/api/v1/edge/test") => json!({
+            "operationId": "testEdgeRules",
+            "summary": "Dry run: what the edge rules in force would do to a sample reading (nothing is stored, no window or alert changes)",
+            "requestBody": { "required": true, "content": { "application/json": { "schema": {
+                "type": "object",
+                "required": ["device", "topic", "payload"],
+                "properties": {
+                    "device": { "type": "string", "description": "Its registry facts are used when it is registered" },
+                    "topic": { "type": "string" },
+                    "payload": { "description": "Any JSON value; sent as its text when `content_type` is not JSON" },
+                    "source": { "type": "string", "enum": ["mqtt", "coap", "http", "driver"], "default": "mqtt" },
+                    "content_type": { "type": "string", "default": "application/json" }
+                }
+            } } } },
+            "responses": {
+                "200": { "description": "The verdict, the payload and headers as they would be stored, and each matching rule's trace", "content": { "application/json": { "schema": {
+                    "type": "object",
+                    "required": ["verdict", "payload", "headers", "rules"],
+                    "properties": {
+                        "verdict": { "type": "string", "enum": ["stored", "refused", "dead_letter"] },
+                        "refused": { "type": "object", "properties": { "rule": { "type": "string" }, "error": { "type": "string" } } },
+                        "dead_letter": { "type": "object", "nullable": true, "properties": { "rule": { "type": "string" }, "error": { "type": "string" } } },
+                        "payload": { "description": "As it would be stored (`null` when refused)" },
+                        "headers": { "type": "object", "additionalProperties": { "type": "string" } },
+                        "rules": { "type": "array", "items": { "type": "object", "required": ["rule", "skipped", "transformed"], "properties": {
+                            "rule": { "type": "string" },
+                            "skipped": { "type": "boolean", "description": "`when` was false or failed" },
+                            "error": { "type": "string" },
+                            "invalid": { "type": "string" },
+                            "transformed": { "type": "boolean" },
+                            "enriched": { "type": "array", "items": { "type": "string" } },
+                            "aggregated": { "type": "array", "items": { "type": "array" } },
+                            "alert": { "type": "object", "properties": { "raise": { "type": "boolean" }, "clear": { "type": "boolean" } } }
+                        } } }
+                    }
+                } } } },
+                "400": error_response("Malformed JSON"),
+                "409": error_response("The API runs without edge rules (tests only)"),
+                "413": error_response("Body too large"),
+                "422": error_response("Unknown field, wrong type or unknown `source` (`field` names it)")
+            }
+        }),
         ("GET", "/api/v1/config/check") => json!({
             "operationId": "checkConfig",
             "summary": "What `outpost check-config` says about the configuration file the daemon runs from, read now (its problems and warnings with key paths; never its content)",

@@ -26,6 +26,7 @@ fn state(dir: &std::path::Path) -> ApiState {
         readings: None,
         stop: tokio_util::sync::CancellationToken::new(),
         config_file: Some("/dev/null".into()),
+        edge: None,
     }
 }
 

@@ -21,6 +21,7 @@ use super::storage::Storage;
 use crate::admin::{self, AdminState};
 use crate::api;
 use crate::apps::Apps;
+use crate::edge::SharedEdge;
 use crate::https::{HttpsListener, HttpsPeer};
 use crate::ingress::budget::IngressBudget;
 use crate::ingress::bus::{BusMetrics, FrontEvents};
@@ -38,6 +39,8 @@ pub struct IngressCore {
     /// `[[kafka.rules]]` in force: ingestion (priorities) and the forwarder share them, a
     /// reload replaces them.
     pub rules: SharedRules,
+    /// `[edge]` in force: ingestion runs it, a reload replaces it.
+    pub edge: SharedEdge,
     budget: IngressBudget,
     /// The local bus's feed (committed readings, the MQTT server's events), for the MQTT
     /// front; `None` without MQTT (the bus handle then drops what it is told).
@@ -45,7 +48,11 @@ pub struct IngressCore {
 }
 
 impl IngressCore {
-    pub fn new(config: &Config, storage: &Storage, metrics: &mut MetricsRegistry) -> Self {
+    pub fn new(
+        config: &Config,
+        storage: &Storage,
+        metrics: &mut MetricsRegistry,
+    ) -> anyhow::Result<Self> {
         let (readings, _) = broadcast::channel(READINGS_STREAM_CAPACITY);
         // The local bus's receiver exists from the start, so no committed reading is missed.
         let bus_readings = config.mqtt.enabled.then(|| readings.subscribe());
@@ -55,16 +62,25 @@ impl IngressCore {
         );
         metrics.register_collector(Box::new(budget.clone()));
         let rules = SharedRules::new(Rules::from_config(&config.kafka));
+        // Checked when the config was loaded; a schema file changed since is reported here.
+        let engine = outpost_edge::Engine::compile(&config.edge).map_err(|problems| {
+            let text: Vec<String> = problems.iter().map(|(k, m)| format!("{k}: {m}")).collect();
+            anyhow::anyhow!("[edge] rules: {}", text.join("; "))
+        })?;
+        let edge = SharedEdge::new(engine);
+        metrics.register_collector(Box::new(crate::edge::EdgeMetrics(edge.clone())));
         let ingest = Ingest::new(storage.outbox.clone(), storage.registry.clone(), readings)
             .with_rules(rules.clone())
+            .with_edge(edge.clone())
             .with_bus(bus_handle)
             .with_budget(budget.clone());
-        Self {
+        Ok(Self {
             ingest,
             rules,
+            edge,
             budget,
             bus_feed: bus_readings.map(|readings| (readings, bus_events)),
-        }
+        })
     }
 }
 
@@ -377,6 +393,8 @@ pub struct AdminRoutes {
     pub watch: tokio::sync::broadcast::Sender<ingress::LocalReading>,
     /// `--config` as given, for `/api/v1/config/check`.
     pub config_file: Option<std::path::PathBuf>,
+    /// `[edge]` in force, for `/api/v1/alerts` and the dry run.
+    pub edge: SharedEdge,
 }
 
 impl AdminFront {
@@ -430,6 +448,7 @@ impl AdminFront {
             tokens,
             watch,
             config_file,
+            edge,
         } = routes;
         let mut router = admin::router(state)
             .merge(api::router(
@@ -438,7 +457,8 @@ impl AdminFront {
                     .with_apps(apps)
                     .with_outbox(outbox)
                     .with_readings(watch, stop.clone())
-                    .with_config_file(config_file),
+                    .with_config_file(config_file)
+                    .with_edge(edge),
             ))
             .merge(crate::console::router());
         if let Some(state) = http_ingest {

@@ -74,7 +74,7 @@ pub async fn run(
 
     // Storage first: nothing may be accepted before the outbox is open.
     let storage = Storage::open(&config, &spawner, &mut metrics).await?;
-    let mut core = IngressCore::new(&config, &storage, &mut metrics);
+    let mut core = IngressCore::new(&config, &storage, &mut metrics)?;
     let http_ingest = fronts::http_ingest(&config, &core, &mut metrics);
     let coap = CoapFront::bind(&config, &core, status, &mut metrics).await?;
     let mqtt = MqttFront::bind(&config, &core, &spawner, &shutdown, &mut metrics).await?;
@@ -127,6 +127,7 @@ pub async fn run(
         tokens: Arc::clone(&tokens),
         watch: core.ingest.watch(),
         config_file: named.clone(),
+        edge: core.edge.clone(),
     };
     let admin_addr = admin.addr;
     let gateway_parts = cloud::GatewayParts {
@@ -159,6 +160,19 @@ pub async fn run(
     if let Some(apps) = apps {
         local_apps::spawn(apps, &storage.registry, &spawner, &ingress);
     }
+    let edge = core.edge.clone();
+    status.watch_section("edge", move || {
+        let engine = edge.load();
+        serde_json::json!({
+            "rules": engine.rule_stats().count(),
+            "alerts_active": engine.active_alerts().len(),
+            "windows_open": engine.open_windows(),
+        })
+    });
+    spawner.spawn(
+        "edge-windows",
+        crate::edge::run(core.ingest.clone(), core.edge.clone(), ingress.clone()),
+    );
     spawner.spawn(
         "status-line",
         status_line(storage.outbox.clone(), shutdown.clone()),
@@ -171,7 +185,8 @@ pub async fn run(
         mqtt_broker,
         core.rules.clone(),
         driver_set,
-    );
+    )
+    .with_edge(core.edge.clone(), core.ingest.clone());
     reloader.watch(status);
     spawner.spawn(
         "reload",

@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 
 use super::EXIT_CONFIG;
 use super::args::{
-    ApiArgs, AppsCommand, DeadLettersCommand, DevicesCommand, Selection, TokenCommand,
+    ApiArgs, AppsCommand, DeadLettersCommand, DevicesCommand, RulesCommand, Selection, TokenCommand,
 };
 use super::local_socket::{LocalSocket, Unusable};
 use crate::registry::secrets;
@@ -673,6 +673,112 @@ impl Selection {
 
 pub fn dead_letters(command: DeadLettersCommand, api: &ApiArgs) -> ExitCode {
     finish(Client::new(api).and_then(|client| run_dead_letters(&client, command, api.json)))
+}
+
+pub fn rules(command: RulesCommand, api: &ApiArgs) -> ExitCode {
+    finish(Client::new(api).and_then(|client| run_rules(&client, command, api.json)))
+}
+
+fn run_rules(client: &Client, command: RulesCommand, as_json: bool) -> Result<(), Failure> {
+    match command {
+        RulesCommand::Alerts => {
+            let reply = client.ok("GET", "/api/v1/alerts", None)?;
+            if as_json {
+                println!("{reply:#}");
+                return Ok(());
+            }
+            let alerts = reply["alerts"].as_array().cloned().unwrap_or_default();
+            if alerts.is_empty() {
+                println!("(no alerts raised)");
+            }
+            for a in alerts {
+                println!(
+                    "{}  {}  {}  since {}  {}",
+                    text(&a["severity"]),
+                    text(&a["rule"]),
+                    text(&a["device"]),
+                    text(&a["raised_at_ms"]),
+                    a["reading"]
+                );
+            }
+        }
+        RulesCommand::Test {
+            file,
+            device,
+            topic,
+        } => {
+            let content = std::fs::read(&file)
+                .map_err(|e| fail(2, format!("cannot read {}: {e}", file.display())))?;
+            let value: Value = serde_json::from_slice(&content)
+                .map_err(|e| fail(2, format!("{} is not JSON: {e}", file.display())))?;
+            // A full sample has a payload; anything else is the payload itself.
+            let mut sample = match value {
+                Value::Object(ref m) if m.contains_key("payload") => value,
+                payload => json!({ "payload": payload }),
+            };
+            if let Some(device) = device {
+                sample["device"] = Value::String(device);
+            }
+            if let Some(topic) = topic {
+                sample["topic"] = Value::String(topic);
+            }
+            for key in ["device", "topic"] {
+                if !sample[key].is_string() {
+                    return Err(fail(
+                        2,
+                        format!("name the reading's {key}: --{key}, or \"{key}\" in the file"),
+                    ));
+                }
+            }
+            let reply = client.ok("POST", "/api/v1/edge/test", Some(&sample))?;
+            if as_json {
+                println!("{reply:#}");
+                return Ok(());
+            }
+            println!("verdict: {}", text(&reply["verdict"]));
+            for key in ["refused", "dead_letter"] {
+                if reply[key].is_object() {
+                    println!(
+                        "  by rule {}: {}",
+                        text(&reply[key]["rule"]),
+                        text(&reply[key]["error"])
+                    );
+                }
+            }
+            for rule in reply["rules"].as_array().cloned().unwrap_or_default() {
+                let mut did = Vec::new();
+                if rule["skipped"] == json!(true) {
+                    did.push("skipped (when)".to_owned());
+                }
+                if rule["transformed"] == json!(true) {
+                    did.push("transformed".to_owned());
+                }
+                if let Some(facts) = rule["enriched"].as_array() {
+                    did.push(format!("enriched {}", Value::Array(facts.clone())));
+                }
+                if let Some(values) = rule["aggregated"].as_array() {
+                    did.push(format!("aggregated {}", Value::Array(values.clone())));
+                }
+                if rule["alert"].is_object() {
+                    did.push(format!("alert {}", rule["alert"]));
+                }
+                if let Some(e) = rule["error"].as_str() {
+                    did.push(format!("error: {e}"));
+                }
+                if did.is_empty() {
+                    did.push("matched".to_owned());
+                }
+                println!("rule {}: {}", text(&rule["rule"]), did.join(", "));
+            }
+            if let Some(headers) = reply["headers"].as_object() {
+                for (k, v) in headers {
+                    println!("header {k}: {}", text(v));
+                }
+            }
+            println!("payload: {}", reply["payload"]);
+        }
+    }
+    Ok(())
 }
 
 /// Largest page the API serves.

@@ -61,6 +61,14 @@ pub enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Edge rules of the running daemon (`[[edge.rules]]`): dry-run a sample reading, list the
+    /// alerts raised now (token as for `devices`).
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// The fleet as Kafka sees it (heartbeats of every gateway on `kafka.heartbeat_topic`).
     Fleet {
         #[command(subcommand)]
@@ -264,6 +272,26 @@ pub enum DeadLettersCommand {
     Retry(Selection),
     /// Delete dead letters for good (needs `admin`).
     Drop(Selection),
+}
+
+/// `outpost rules …`.
+#[derive(Debug, Subcommand)]
+pub enum RulesCommand {
+    /// Show what the rules in force would do to a sample reading; nothing is stored.
+    Test {
+        /// A JSON file: the reading's payload, or `{"device", "topic", "payload", "source",
+        /// "content_type"}` (the body of `POST /api/v1/edge/test`).
+        #[arg(long)]
+        file: std::path::PathBuf,
+        /// The device the reading is from (overrides the file's).
+        #[arg(long)]
+        device: Option<String>,
+        /// The reading's topic (overrides the file's).
+        #[arg(long)]
+        topic: Option<String>,
+    },
+    /// The alerts raised now.
+    Alerts,
 }
 
 /// Which dead letters: `--all`, or sequence numbers.

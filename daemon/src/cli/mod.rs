@@ -44,6 +44,7 @@ pub fn dispatch(cli: Cli) -> ExitCode {
         Command::Apps { command, api } => api_client::apps(command, &api),
         Command::DeadLetters { command, api } => api_client::dead_letters(command, &api),
         Command::Token { command, api } => api_client::token(command, &api),
+        Command::Rules { command, api } => api_client::rules(command, &api),
         Command::Fleet {
             command:
                 FleetCommand::Watch {
@@ -125,6 +126,16 @@ pub fn load_config(path: Option<&Path>) -> Result<Config, ConfigError> {
                 problems,
             });
         }
+    }
+    // `[[edge.rules]]`: the CEL expressions must compile and the schemas be valid.
+    if let Err(problems) = outpost_edge::Engine::compile(&config.edge) {
+        return Err(ConfigError::Invalid {
+            path: path.map(Path::to_path_buf),
+            problems: problems
+                .into_iter()
+                .map(|(path, message)| outpost_config::Problem { path, message })
+                .collect(),
+        });
     }
     Ok(config)
 }

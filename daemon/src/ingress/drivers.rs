@@ -146,7 +146,11 @@ async fn append_until_stored(
                 );
                 return false;
             }
-            Err(AppendError::TooLarge { .. } | AppendError::UnknownRoute(_)) => {
+            Err(
+                AppendError::TooLarge { .. }
+                | AppendError::UnknownRoute(_)
+                | AppendError::Invalid { .. },
+            ) => {
                 // These never succeed on retry: store what can be stored, one by one.
                 for e in envelopes {
                     if let Err(err) = ingest.append(vec![e]).await {

@@ -325,6 +325,12 @@ async fn handle(s: &HttpIngestState, topic: String, headers: &HeaderMap, body: B
             Some("body"),
             e.to_string(),
         ),
+        Err(e @ AppendError::Invalid { .. }) => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_payload",
+            Some("body"),
+            e.to_string(),
+        ),
         Err(e @ AppendError::UnknownRoute(_)) => {
             tracing::error!(error = %e, "HTTP ingestion is wired to an unknown route");
             error(

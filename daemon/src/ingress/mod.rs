@@ -29,7 +29,11 @@ use outpost_sync::forwarder::rules::RecordView;
 use outpost_sync::{AppendError, Envelope, Outbox, Source};
 use tokio::sync::broadcast;
 
+use crate::edge::SharedEdge;
 use crate::registry::{Registry, Traffic};
+
+/// What the edge rules' stateful steps get once a batch is committed.
+type Observed = Option<(Arc<outpost_edge::Engine>, Vec<outpost_edge::Observation>)>;
 
 /// Readings kept for slow local subscribers before they start missing some.
 pub const READINGS_STREAM_CAPACITY: usize = 4096;
@@ -74,6 +78,8 @@ pub struct Ingest {
     bus: bus::BusHandle,
     /// `gateway.max_ingress_bytes`, taken by each device protocol before it holds a payload.
     budget: budget::IngressBudget,
+    /// `[[edge.rules]]`, run on every device and driver reading before it is stored.
+    edge: Option<SharedEdge>,
 }
 
 impl Ingest {
@@ -88,6 +94,7 @@ impl Ingest {
             readings,
             watch: broadcast::channel(WATCH_CAPACITY).0,
             rules: None,
+            edge: None,
             bus: bus::BusHandle::default(),
             budget: budget::IngressBudget::new(
                 usize::try_from(
@@ -124,6 +131,12 @@ impl Ingest {
     /// Gives stored records the priority of the first matching Kafka rule that sets one.
     pub fn with_rules(mut self, rules: SharedRules) -> Self {
         self.rules = Some(rules);
+        self
+    }
+
+    /// Runs `[[edge.rules]]` on every reading before it is stored.
+    pub fn with_edge(mut self, edge: SharedEdge) -> Self {
+        self.edge = Some(edge);
         self
     }
 
@@ -165,6 +178,13 @@ impl Ingest {
     ) -> Result<u64, AppendError> {
         let bytes = record.payload.len() as u64;
         let mut envelopes = envelopes(device_id, Source::Mqtt, route, vec![record]);
+        let observed = match self.edge_prepare(&mut envelopes) {
+            Ok(observed) => observed,
+            Err(e) => {
+                self.account(device_id, bytes, Vec::new(), false);
+                return Err(e);
+            }
+        };
         self.prioritise(&mut envelopes);
         let reports: Vec<Traffic> = envelopes.iter().flat_map(reported).collect();
         let Some(envelope) = envelopes.pop() else {
@@ -172,6 +192,9 @@ impl Ingest {
         };
         let result = self.outbox.append_once(envelope, key).await;
         self.account(device_id, bytes, reports, result.is_ok());
+        if result.is_ok() {
+            self.edge_observe(observed).await;
+        }
         result
     }
 
@@ -210,11 +233,129 @@ impl Ingest {
         }
     }
 
-    /// Appends envelopes atomically (any devices; the caller has checked them) and, once they
-    /// are committed, publishes them on the local readings stream. No registry accounting: the
-    /// caller does that ([`Ingest::submit`] for device protocols, the driver-ingest task for
-    /// drivers).
+    /// Runs the edge rules on device and driver records (the gateway's own are left alone):
+    /// a refusal refuses the whole batch (nothing is stored), transformed payloads and added
+    /// headers replace the received ones, and a record a `dead_letter` rule found invalid is
+    /// re-addressed to `edge.invalid_topic` with the error in its headers. Returns what the
+    /// stateful steps get once the batch is committed ([`Ingest::edge_observe`]).
+    fn edge_prepare(&self, envelopes: &mut [Envelope]) -> Result<Observed, AppendError> {
+        let Some(engine) = self.edge.as_ref().map(SharedEdge::load) else {
+            return Ok(None);
+        };
+        if engine.is_empty() {
+            return Ok(None);
+        }
+        let batch = envelopes.len();
+        let mut observations = Vec::new();
+        for (i, e) in envelopes.iter_mut().enumerate() {
+            if e.source == Source::Gateway {
+                continue;
+            }
+            let reading = outpost_edge::Reading {
+                device_id: &e.device_id,
+                source: e.source.as_str(),
+                topic: &e.topic,
+                content_type: e.content_type.as_deref(),
+                payload: &e.payload,
+                received_at_ms: u64::try_from(e.received_at_ms).unwrap_or(0),
+            };
+            let prepared = match engine.prepare(&reading, &self.registry) {
+                outpost_edge::Verdict::Refuse(invalid) => {
+                    let error = if batch > 1 {
+                        format!("record {i}: {}", invalid.error)
+                    } else {
+                        invalid.error
+                    };
+                    return Err(AppendError::Invalid {
+                        rule: invalid.rule,
+                        error,
+                    });
+                }
+                outpost_edge::Verdict::Store(prepared) => prepared,
+            };
+            if let Some(payload) = prepared.payload {
+                e.payload = Bytes::from(payload);
+            }
+            e.headers.extend(prepared.headers);
+            if let Some(invalid) = prepared.invalid {
+                let original_topic =
+                    std::mem::replace(&mut e.topic, engine.invalid_topic().to_owned());
+                e.headers.extend([
+                    ("outpost-invalid-rule".to_owned(), invalid.rule),
+                    ("outpost-invalid-error".to_owned(), invalid.error),
+                    ("outpost-original-topic".to_owned(), original_topic),
+                    (
+                        "outpost-original-source".to_owned(),
+                        e.source.as_str().to_owned(),
+                    ),
+                ]);
+                // The gateway's own record from here on: forwarded to its topic as is, never
+                // routed by `[[kafka.rules]]`.
+                e.source = Source::Gateway;
+            }
+            observations.extend(prepared.observation);
+        }
+        Ok((!observations.is_empty()).then_some((engine, observations)))
+    }
+
+    /// Feeds committed readings to the windows and alert states, and carries out what that
+    /// asks for.
+    async fn edge_observe(&self, observed: Observed) {
+        let Some((engine, observations)) = observed else {
+            return;
+        };
+        let mut effects = outpost_edge::Effects::default();
+        for o in observations {
+            let e = engine.observe(o);
+            effects.records.extend(e.records);
+            effects.commands.extend(e.commands);
+        }
+        self.carry_out(effects).await;
+    }
+
+    /// Stores the records the edge rules made (alerts, aggregates: the gateway's own records,
+    /// forwarded to their Kafka topic) and queues their commands. A record the outbox refuses
+    /// is logged and lost (the readings it came from are stored).
+    pub async fn carry_out(&self, effects: outpost_edge::Effects) {
+        if !effects.records.is_empty() {
+            let route: Arc<str> = Arc::from(outpost_config::DEFAULT_ROUTE);
+            let received_at_ms = outpost_sync::outbox::now_unix_ms();
+            let count = effects.records.len();
+            let derived: Vec<Envelope> = effects
+                .records
+                .iter()
+                .map(|r| Envelope {
+                    route: Arc::clone(&route),
+                    device_id: r.device_id.clone(),
+                    source: Source::Gateway,
+                    topic: r.kafka_topic.clone(),
+                    received_at_ms,
+                    content_type: Some(body::Format::Json.mime().to_owned()),
+                    headers: r.headers.clone(),
+                    payload: Bytes::from(r.payload.clone()),
+                    priority: None,
+                })
+                .collect();
+            if let Err(e) = self.store(derived).await {
+                tracing::warn!(records = count, error = %e, "Edge rule records (alerts, aggregates) not stored");
+            }
+        }
+        crate::edge::queue_commands(&self.registry, &effects).await;
+    }
+
+    /// Appends envelopes atomically (any devices; the caller has checked them) after the edge
+    /// rules, and, once they are committed, publishes them on the local readings stream and
+    /// feeds the edge rules' windows and alerts. No registry accounting: the caller does that
+    /// ([`Ingest::submit`] for device protocols, the driver-ingest task for drivers).
     pub async fn append(&self, mut envelopes: Vec<Envelope>) -> Result<Vec<u64>, AppendError> {
+        let observed = self.edge_prepare(&mut envelopes)?;
+        let seqs = self.store(envelopes).await?;
+        self.edge_observe(observed).await;
+        Ok(seqs)
+    }
+
+    /// [`Ingest::append`] without the edge rules.
+    async fn store(&self, mut envelopes: Vec<Envelope>) -> Result<Vec<u64>, AppendError> {
         self.prioritise(&mut envelopes);
         // Copies for the local stream only when someone listens, and never of MQTT records:
         // the MQTT server has routed those itself, and the stream exists for the bus. Watchers

@@ -293,6 +293,7 @@ impl Backend for GatewayBackend {
                 AppendError::Storage(_) | AppendError::Closed => {
                     StoreRefusal::Unavailable(e.to_string())
                 }
+                AppendError::Invalid { .. } => StoreRefusal::Invalid(e.to_string()),
             })
         })
     }

@@ -1394,3 +1394,18 @@ impl outpost_sync::forwarder::DeviceTags for Registry {
             .unwrap_or_default()
     }
 }
+
+impl outpost_edge::Facts for Registry {
+    fn facts(&self, device_id: &str) -> Option<outpost_edge::DeviceFacts> {
+        let index = self.inner.index_read();
+        let device = &index.get(device_id)?.device;
+        let text = |s: &String| (!s.is_empty()).then(|| s.clone());
+        Some(outpost_edge::DeviceFacts {
+            name: text(&device.name),
+            model: text(&device.model),
+            location: text(&device.location),
+            firmware: text(&device.firmware),
+            tags: device.tags.clone(),
+        })
+    }
+}

@@ -301,6 +301,9 @@ impl<B: Backend> Resources<B> {
                     "storage error: the readings were not stored",
                 )
             }
+            Err(e @ AppendError::Invalid { .. }) => {
+                Response::error(ResponseType::BadRequest, e.to_string())
+            }
             Err(e @ AppendError::UnknownRoute(_)) => {
                 tracing::error!(error = %e, "CoAP ingestion is wired to an unknown route");
                 Response::error(ResponseType::InternalServerError, "internal error")

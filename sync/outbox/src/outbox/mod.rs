@@ -137,6 +137,10 @@ pub enum AppendError {
     /// The outbox is shutting down. Refuse; the device retries after the restart.
     #[error("outbox is closed")]
     Closed,
+    /// An edge rule's schema refused the record before it reached the outbox (never returned
+    /// by the outbox itself). Refuse permanently, naming the rule and what is wrong.
+    #[error("payload refused by edge rule `{rule}`: {error}")]
+    Invalid { rule: String, error: String },
 }
 
 /// Why an ack did not complete. The records stay and will be forwarded again (at-least-once).

@@ -1,0 +1,156 @@
+//! CEL expressions over a reading (ARCHITECTURE.md, "Decision: CEL for edge rules").
+//!
+//! An expression sees the reading's top-level fields by name (`temperature > 80`), and
+//! `payload` (the whole decoded payload), `device` (`id`, `name`, `model`, `location`, `tags`,
+//! `firmware` from the registry), `topic` and `source`. A field named like one of those is
+//! reached through `payload.<name>`. Compiled once; per evaluation only the variables the
+//! expression mentions are bound.
+
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+/// What an expression can see of a reading.
+#[derive(Debug, Clone, Copy)]
+pub struct Scope<'a> {
+    pub fields: &'a Map<String, Value>,
+    pub payload: &'a Value,
+    pub device: &'a Value,
+    pub topic: &'a str,
+    pub source: &'a str,
+}
+
+/// A compiled expression.
+pub struct Expr {
+    source: String,
+    program: cel::Program,
+    /// The variables it mentions (bound per evaluation).
+    variables: Vec<String>,
+}
+
+impl std::fmt::Debug for Expr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Expr").field(&self.source).finish()
+    }
+}
+
+/// The standard library, shared by every evaluation.
+pub fn environment() -> Arc<cel::Env> {
+    Arc::new(cel::Env::stdlib())
+}
+
+impl Expr {
+    /// Compiles `source`; the error is the parser's message.
+    pub fn compile(env: &cel::Env, source: &str) -> Result<Self, String> {
+        let program = env.compile(source).map_err(|e| {
+            let text = e.to_string();
+            format!("invalid CEL expression: {}", text.trim())
+        })?;
+        let variables = program
+            .references()
+            .variables()
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        Ok(Self {
+            source: source.to_owned(),
+            program,
+            variables,
+        })
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Evaluates to a JSON value. A field the reading lacks is an error (`no such key` /
+    /// `undeclared reference`), as is a type mismatch: the caller decides what an error means.
+    pub fn eval(&self, env: &Arc<cel::Env>, scope: &Scope<'_>) -> Result<Value, String> {
+        let mut ctx = cel::Context::with_env(Arc::clone(env));
+        for name in &self.variables {
+            let value = match name.as_str() {
+                "payload" => scope.payload,
+                "device" => scope.device,
+                "topic" => {
+                    ctx.add_variable_from_value(name.as_str(), scope.topic);
+                    continue;
+                }
+                "source" => {
+                    ctx.add_variable_from_value(name.as_str(), scope.source);
+                    continue;
+                }
+                field => match scope.fields.get(field) {
+                    Some(v) => v,
+                    None => continue,
+                },
+            };
+            let value = cel::to_value(value).map_err(|e| e.to_string())?;
+            ctx.add_variable_from_value(name.as_str(), value);
+        }
+        let result = self.program.execute(&ctx).map_err(|e| e.to_string())?;
+        result.json().map_err(|e| e.to_string())
+    }
+
+    /// Evaluates a condition: `Ok(bool)` for a boolean result, an error otherwise.
+    pub fn test(&self, env: &Arc<cel::Env>, scope: &Scope<'_>) -> Result<bool, String> {
+        match self.eval(env, scope)? {
+            Value::Bool(b) => Ok(b),
+            other => Err(format!("the condition gave {other}, not true or false")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn eval(source: &str, payload: Value) -> Result<Value, String> {
+        let env = environment();
+        let expr = Expr::compile(&env, source)?;
+        let fields = payload.as_object().cloned().unwrap_or_default();
+        let device = json!({"id": "boiler-1", "tags": ["boiler", "hall-2"], "name": "Boiler"});
+        expr.eval(
+            &env,
+            &Scope {
+                fields: &fields,
+                payload: &payload,
+                device: &device,
+                topic: "sensors/boiler-1/temp",
+                source: "mqtt",
+            },
+        )
+    }
+
+    #[test]
+    fn conditions_see_fields_device_topic_and_source() {
+        let p = json!({"temperature": 85.5, "unit": "C", "n": 3});
+        let t = |s: &str| eval(s, p.clone());
+        assert_eq!(t("temperature > 80"), Ok(json!(true)));
+        // Integers and doubles compare with each other.
+        assert_eq!(t("n > 2.5 && temperature > 80"), Ok(json!(true)));
+        assert_eq!(
+            t("'boiler' in device.tags && device.id == 'boiler-1'"),
+            Ok(json!(true))
+        );
+        assert_eq!(
+            t("topic.startsWith('sensors/') && source == 'mqtt'"),
+            Ok(json!(true))
+        );
+        assert_eq!(
+            t("has(payload.unit) && !has(payload.humidity)"),
+            Ok(json!(true))
+        );
+        assert_eq!(
+            t("(temperature - 32.0) * 5.0 / 9.0 > 29.0"),
+            Ok(json!(true))
+        );
+        // A missing field is an error, not false: the caller counts it.
+        assert!(t("humidity > 50").is_err());
+        assert!(
+            eval("temperature >", json!({}))
+                .unwrap_err()
+                .contains("invalid CEL")
+        );
+    }
+}

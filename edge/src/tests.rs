@@ -1,0 +1,268 @@
+use super::*;
+
+struct Registry;
+
+impl Facts for Registry {
+    fn facts(&self, device_id: &str) -> Option<DeviceFacts> {
+        (device_id == "boiler-1").then(|| DeviceFacts {
+            name: Some("Boiler one".into()),
+            model: Some("BX-2".into()),
+            location: Some("hall 2".into()),
+            firmware: None,
+            tags: vec!["boiler".into(), "hall-2".into()],
+        })
+    }
+}
+
+fn engine(toml_text: &str) -> Engine {
+    let config: outpost_config::Config = toml::from_str(toml_text).expect("valid TOML config");
+    Engine::compile(&config.edge).expect("rules compile")
+}
+
+fn reading<'a>(topic: &'a str, payload: &'a [u8], at_ms: u64) -> Reading<'a> {
+    Reading {
+        device_id: "boiler-1",
+        source: "mqtt",
+        topic,
+        content_type: Some("application/json"),
+        payload,
+        received_at_ms: at_ms,
+    }
+}
+
+fn stored(verdict: Verdict) -> Prepared {
+    match verdict {
+        Verdict::Store(p) => p,
+        Verdict::Refuse(i) => panic!("refused: {i:?}"),
+    }
+}
+
+#[test]
+fn transforms_and_enrichment_rewrite_the_payload_in_rule_order() {
+    let e = engine(
+        r#"
+        [[edge.rules]]
+        name = "fahrenheit"
+        topic = "sensors/#"
+        when = "'boiler' in device.tags"
+        rename = { temp = "temperature" }
+        drop = ["debug"]
+        set = { temperature_f = "temp * 9.0 / 5.0 + 32.0" }
+        [[edge.rules]]
+        name = "facts"
+        enrich = ["name", "location", "tags"]
+        enrich_into = "payload"
+        [[edge.rules]]
+        name = "headers"
+        enrich = ["model", "firmware"]
+        "#,
+    );
+    let p = stored(e.prepare(
+        &reading("sensors/b/t", br#"{"temp":100.0,"debug":"x"}"#, 0),
+        &Registry,
+    ));
+    let out: Value = serde_json::from_slice(&p.payload.unwrap()).unwrap();
+    assert_eq!(
+        out,
+        json!({"temperature": 100.0, "temperature_f": 212.0,
+               "device": {"name": "Boiler one", "location": "hall 2", "tags": ["boiler", "hall-2"]}})
+    );
+    // An unknown fact (firmware) is left out.
+    assert_eq!(
+        p.headers,
+        vec![("outpost-device-model".into(), "BX-2".into())]
+    );
+    // Another topic: only the catch-all rules run.
+    let p = stored(e.prepare(&reading("other", br#"{"temp":1}"#, 0), &Registry));
+    assert!(p.trace.iter().all(|t| t.rule != "fahrenheit"));
+    // A reading no rule transforms keeps its bytes.
+    let e = engine("[[edge.rules]]\nname = \"h\"\nenrich = [\"model\"]\n");
+    assert!(
+        stored(e.prepare(&reading("x", b"{}", 0), &Registry))
+            .payload
+            .is_none()
+    );
+}
+
+#[test]
+fn schemas_refuse_or_dead_letter() {
+    let e = engine(
+        r#"
+        [[edge.rules]]
+        name = "strict"
+        topic = "strict/#"
+        schema = { type = "object", required = ["temperature"], properties = { temperature = { type = "number" } } }
+        [[edge.rules]]
+        name = "lenient"
+        topic = "lenient/#"
+        schema = { type = "object", required = ["temperature"] }
+        on_invalid = "dead_letter"
+        "#,
+    );
+    let Verdict::Refuse(why) = e.prepare(
+        &reading("strict/a", br#"{"temperature":"hot"}"#, 0),
+        &Registry,
+    ) else {
+        panic!("not refused")
+    };
+    assert_eq!(why.rule, "strict");
+    assert!(why.error.contains("/temperature"), "{}", why.error);
+    stored(e.prepare(&reading("strict/a", br#"{"temperature":20}"#, 0), &Registry));
+    let mut text = reading("strict/a", b"hello", 0);
+    text.content_type = Some("text/plain");
+    assert!(matches!(e.prepare(&text, &Registry), Verdict::Refuse(_)));
+    let p = stored(e.prepare(&reading("lenient/a", br#"{"t":1}"#, 0), &Registry));
+    assert_eq!(p.invalid.unwrap().rule, "lenient");
+    assert!(p.payload.is_none());
+}
+
+#[test]
+fn alerts_debounce_and_clear_with_hysteresis() {
+    let e = engine(
+        r#"
+        [[edge.rules]]
+        name = "overheat"
+        [edge.rules.alert]
+        raise = "temperature > 80"
+        clear = "temperature < 75"
+        for_readings = 3
+        severity = "critical"
+        [edge.rules.alert.command]
+        device = "valve-1"
+        payload = { action = "close" }
+        clear_payload = { action = "open" }
+        "#,
+    );
+    let feed = |t: f64, at: u64| {
+        let payload = format!(r#"{{"temperature":{t}}}"#);
+        let p = stored(e.prepare(&reading("s", payload.as_bytes(), at), &Registry));
+        p.observation.map(|o| e.observe(o)).unwrap_or_default()
+    };
+    assert_eq!(feed(85.0, 1), Effects::default());
+    assert_eq!(feed(85.0, 2), Effects::default());
+    assert_eq!(feed(70.0, 3), Effects::default()); // the streak is broken
+    feed(81.0, 4);
+    feed(82.0, 5);
+    let raised = feed(83.0, 6);
+    assert_eq!(raised.records.len(), 1);
+    let record: Value = serde_json::from_slice(&raised.records[0].payload).unwrap();
+    assert_eq!(
+        (
+            record["state"].as_str(),
+            record["severity"].as_str(),
+            record["raised_at_ms"].as_u64()
+        ),
+        (Some("raised"), Some("critical"), Some(6))
+    );
+    assert_eq!(raised.commands[0].device_id, "valve-1");
+    assert_eq!(raised.commands[0].payload, json!({"action": "close"}));
+    assert_eq!(e.active_alerts().len(), 1);
+    // Between the thresholds nothing changes; below 75 three times clears it.
+    assert_eq!(feed(78.0, 7), Effects::default());
+    feed(70.0, 8);
+    feed(70.0, 9);
+    let cleared = feed(70.0, 10);
+    let record: Value = serde_json::from_slice(&cleared.records[0].payload).unwrap();
+    assert_eq!(record["state"], "cleared");
+    assert_eq!(cleared.commands[0].payload, json!({"action": "open"}));
+    assert!(e.active_alerts().is_empty());
+}
+
+#[test]
+fn alert_for_a_duration_and_states_bounded_by_the_cap() {
+    let e = engine(
+        r#"
+        [edge]
+        max_alert_keys = 1
+        [[edge.rules]]
+        name = "hot"
+        device = "*"
+        [edge.rules.alert]
+        raise = "t > 1"
+        for = "10s"
+        "#,
+    );
+    let feed = |device: &str, t: u32, at: u64| {
+        let payload = format!(r#"{{"t":{t}}}"#);
+        let mut r = reading("s", payload.as_bytes(), at);
+        r.device_id = device;
+        let p = stored(e.prepare(&r, &Registry));
+        e.observe(p.observation.unwrap()).records.len()
+    };
+    assert_eq!(feed("a", 2, 0), 0);
+    assert_eq!(feed("a", 2, 9_999), 0);
+    assert_eq!(feed("b", 2, 10_000), 0); // over the cap: not tracked
+    assert_eq!(e.stats().alert_keys_refused.load(Ordering::Relaxed), 1);
+    assert_eq!(feed("a", 2, 10_000), 1);
+}
+
+#[test]
+fn aggregates_close_on_the_next_window_and_on_tick() {
+    let e = engine(
+        r#"
+        [[edge.rules]]
+        name = "minute"
+        [edge.rules.aggregate]
+        window = "1m"
+        fields = ["value", "missing"]
+        functions = ["count", "min", "max", "mean", "last"]
+        kafka_topic = "agg"
+        "#,
+    );
+    for (i, v) in [1.0, 2.0, 6.0].iter().enumerate() {
+        let payload = format!(r#"{{"value":{v}}}"#);
+        let p = stored(e.prepare(
+            &reading("s", payload.as_bytes(), 60_000 + i as u64),
+            &Registry,
+        ));
+        assert!(e.observe(p.observation.unwrap()).records.is_empty());
+    }
+    assert!(e.tick(119_999).records.is_empty());
+    let effects = e.tick(120_000);
+    assert_eq!(effects.records[0].kafka_topic, "agg");
+    let record: Value = serde_json::from_slice(&effects.records[0].payload).unwrap();
+    assert_eq!(
+        record["fields"]["value"],
+        json!({"count": 3, "min": 1.0, "max": 6.0, "mean": 3.0, "last": 6.0})
+    );
+    assert_eq!(
+        (
+            record["window_start_ms"].as_u64(),
+            record["complete"].as_bool()
+        ),
+        (Some(60_000), Some(true))
+    );
+    assert!(record["fields"].get("missing").is_none());
+    // A clean stop flushes open windows as incomplete.
+    let p = stored(e.prepare(&reading("s", br#"{"value":5}"#, 130_000), &Registry));
+    e.observe(p.observation.unwrap());
+    let flushed: Value = serde_json::from_slice(&e.flush().records[0].payload).unwrap();
+    assert_eq!(flushed["complete"], false);
+}
+
+#[test]
+fn compile_errors_name_their_keys() {
+    let config: outpost_config::Config = toml::from_str(
+        r#"
+        [[edge.rules]]
+        name = "a"
+        when = "temperature >"
+        set = { f = "1 +" }
+        schema = { type = 7 }
+        [edge.rules.alert]
+        raise = "x >>"
+        "#,
+    )
+    .unwrap();
+    let problems = Engine::compile(&config.edge).unwrap_err();
+    let keys: Vec<&str> = problems.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "edge.rules[0].when",
+            "edge.rules[0].set.f",
+            "edge.rules[0].alert.raise",
+            "edge.rules[0].schema"
+        ]
+    );
+}
