@@ -2,7 +2,7 @@
 # Benchmarks behind the figures in docs/BENCHMARKS.md. Not part of the test command: figures are
 # measured here and written down, never asserted in timed tests.
 #
-#   bash scripts/bench.sh [outbox|rss|size|http|coap|mqtt|serial|modbus|kafka|commands|console|all]
+#   bash scripts/bench.sh [outbox|rss|size|http|coap|mqtt|serial|modbus|kafka|commands|console|edge|all]
 #
 # outbox: append throughput and append->commit latency at 50,000 records/s (median of 5 runs)
 # rss:    resident memory of an idle `outpost run` on defaults (median of 5 starts); `rss BIN...`
@@ -26,6 +26,11 @@
 #         memory figure needs a fresh process per run; sync/benches/forwarder.rs)
 # console: the web console's page weight and server time, and the live view's CPU at 100
 #         readings/s (scripts/bench/console_bench.py)
+# edge:   ingest throughput with 20 edge rules (5 conditions, 5 transforms, 5 aggregates, 5
+#         alerts; scripts/bench/edge-rules.toml) against none, runs alternating: HTTP batches of
+#         50 records (wrk, 50 connections, 10 s, median of 5) and MQTT QoS 1 JSON publishes
+#         (mqtt-bench, 100 publishers, median of 5); RSS growth of 10,000 open aggregate windows
+#         (one device, 10,000 topics) against the same readings without the rule (median of 3)
 # commands: commands from Kafka (tests/src/bin/commands-bench.rs): Kafka -> MQTT device latency
 #         at 100 commands/s, commands/s into the device queues, idle cost of the consumer
 set -euo pipefail
@@ -122,6 +127,8 @@ name = "bench"
 sha256 = "$digest"
 scopes = ["admin"]
 TOML
+  # BENCH_EXTRA_CONFIG: a file appended to the config (the edge rules of `edge`).
+  if [[ -n ${BENCH_EXTRA_CONFIG:-} ]]; then cat "$BENCH_EXTRA_CONFIG" >>"$bench_dir/c.toml"; fi
   "$target_dir/release/outpost" run --config "$bench_dir/c.toml" 2>"$bench_dir/log" &
   bench_pid=$!
   for _ in $(seq 100); do
@@ -158,6 +165,38 @@ http() {
   printf 'median: %s\n' "$(printf '%s\n' "${results[@]}" | sort -n | sed -n 3p)"
   "$target_dir/release/outpost" buffer stats --data-dir "$bench_dir/data" | grep -E '^records'
   stop_daemon
+}
+
+edge() {
+  command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
+  cargo build --locked --release -p outpost -p outpost-e2e --bins
+  local rules=scripts/bench/edge-rules.toml body run mode out rps
+  declare -A results=()
+  body="[$(python3 -c 'import json; print(",".join(json.dumps({"temperature": 20 + i % 30, "humidity": 48.2, "battery": 3.71, "pad": "x" * 34}) for i in range(50)))')]"
+  for run in 1 2 3 4 5; do
+    for mode in none rules; do
+      if [[ $mode == rules ]]; then export BENCH_EXTRA_CONFIG=$rules; else unset BENCH_EXTRA_CONFIG; fi
+      start_daemon
+      local secret auth
+      secret=$(curl -fsS -X POST -H 'Authorization: Bearer bench-token' -H 'Content-Type: application/json' \
+        -d '{"id":"bench-device"}' "http://$bench_admin/api/v1/devices" | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
+      auth="Basic $(printf '%s' "bench-device:$secret" | base64 -w0)"
+      out=$(OUTPOST_BENCH_AUTH=$auth OUTPOST_BENCH_BODY=$body wrk -t2 -c50 -d10s --latency -s scripts/bench/ingest.lua \
+        "http://$bench_admin/api/v1/ingest/devices/bench-device/telemetry")
+      rps=$(printf '%s\n' "$out" | awk '/Requests\/sec/ {print $2}')
+      printf 'run %s %-5s: %s requests/s (x50 records) %s\n' "$run" "$mode" "$rps" "$(printf '%s\n' "$out" | grep -E 'non-201')"
+      results[$mode]+="$(python3 -c "print($rps * 50)") "
+      stop_daemon
+    done
+  done
+  unset BENCH_EXTRA_CONFIG
+  for mode in none rules; do
+    printf 'HTTP batches, records/s, %s: %s median %s\n' "$mode" "${results[$mode]}" \
+      "$(printf '%s\n' ${results[$mode]} | sort -n | sed -n 3p)"
+  done
+  OUTPOST_BENCH_EDGE_CONFIG=$rules "$target_dir/release/mqtt-bench" --publishers 100 --seconds 10 \
+    --warmup 2 --runs 5 --json --brokers outpost,edge
+  python3 scripts/bench/edge_windows.py "$target_dir/release/outpost"
 }
 
 coap() {
@@ -268,6 +307,7 @@ case $what in
   kafka) kafka ;;
   commands) commands ;;
   console) console ;;
-  all) outbox; rss; size; http; coap; mqtt; serial; modbus; kafka; commands; console ;;
-  *) echo "usage: $0 [outbox|rss|size|bloat|http|coap|mqtt|serial|modbus|kafka|commands|all]" >&2; exit 2 ;;
+  edge) edge ;;
+  all) outbox; rss; size; http; coap; mqtt; serial; modbus; kafka; commands; console; edge ;;
+  *) echo "usage: $0 [outbox|rss|size|bloat|http|coap|mqtt|serial|modbus|kafka|commands|console|edge|all]" >&2; exit 2 ;;
 esac

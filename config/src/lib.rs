@@ -67,8 +67,8 @@ pub use model::{
     ZigbeeConfig, parse_cidr,
 };
 pub use model::{
-    AggregateConfig, Aggregation, AlertCommand, AlertConfig, DeviceFact, EdgeConfig, EdgeRule,
-    EnrichInto, OnInvalid,
+    AggregateConfig, Aggregation, AlertCommand, AlertConfig, AlertWebhook, DeviceFact, EdgeConfig,
+    EdgeRule, EnrichInto, OnInvalid,
 };
 pub use model::{
     BacklogOrder, CloudEvents, Compression, RuleAction, RuleKey, SaslMechanism, SecurityProtocol,

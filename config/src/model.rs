@@ -88,8 +88,8 @@ pub use mqtt::{
 };
 
 pub use edge::{
-    AggregateConfig, Aggregation, AlertCommand, AlertConfig, DeviceFact, EdgeConfig, EdgeRule,
-    EnrichInto, OnInvalid,
+    AggregateConfig, Aggregation, AlertCommand, AlertConfig, AlertWebhook, DeviceFact, EdgeConfig,
+    EdgeRule, EnrichInto, OnInvalid,
 };
 
 pub use apps::{AppConfig, AppsConfig, Mount, Port, RestartPolicy};

@@ -23,6 +23,7 @@ mod status;
 mod supervisor;
 mod systemd;
 mod telemetry;
+mod webhooks;
 
 use std::process::ExitCode;
 

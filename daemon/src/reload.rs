@@ -33,7 +33,7 @@ use outpost_sync::forwarder::{Rules, SharedRules};
 
 use crate::api::auth::TokenSet;
 use crate::app::drivers::DriverSet;
-use crate::edge::SharedEdge;
+use crate::edge::EdgeRules;
 use crate::ingress::Ingest;
 use crate::status::StatusBoard;
 
@@ -88,7 +88,7 @@ pub struct Reloader {
     /// The running drivers.
     pub drivers: DriverSet,
     /// `[edge]` in force, and the ingestion that stores the old engine's open windows.
-    pub edge: Option<(SharedEdge, Ingest)>,
+    pub edge: Option<(EdgeRules, Ingest)>,
     pub report: Arc<Mutex<Report>>,
 }
 
@@ -121,7 +121,7 @@ impl Reloader {
 
     /// Applies `[edge]` on reload through `edge`; `ingest` stores the windows a replaced
     /// engine had open.
-    pub fn with_edge(mut self, edge: SharedEdge, ingest: Ingest) -> Self {
+    pub fn with_edge(mut self, edge: EdgeRules, ingest: Ingest) -> Self {
         self.edge = Some((edge, ingest));
         self
     }
@@ -232,13 +232,10 @@ impl Reloader {
         if new.edge != self.running.edge
             && let Some((edge, ingest)) = &self.edge
         {
-            // `new` was loaded by `load_config`, which compiled these rules already.
-            match outpost_edge::Engine::compile(&new.edge) {
-                Ok(engine) => {
-                    // Raised alerts of unchanged rules carry over; open windows are closed
-                    // (stored as incomplete) rather than mixed across rule versions.
-                    let old = edge.replace(engine);
-                    ingest.carry_out(old.flush()).await;
+            // Raised alerts of unchanged rules carry over; open windows are closed (stored as
+            // incomplete) rather than mixed across rule versions.
+            match edge.reload(&new.edge, ingest).await {
+                Ok(_) => {
                     self.running.edge = new.edge.clone();
                     applied.push("edge".to_owned());
                 }

@@ -157,11 +157,23 @@ pub struct CommandAction {
     pub payload: Value,
 }
 
+/// An HTTP POST the engine wants made (an alert's webhook).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebhookCall {
+    pub rule: String,
+    pub url: String,
+    /// The alert record (JSON).
+    pub body: Vec<u8>,
+    pub timeout: Duration,
+    pub max_age: Duration,
+}
+
 /// What [`Engine::observe`] and [`Engine::tick`] ask of the daemon.
 #[derive(Debug, Default, PartialEq)]
 pub struct Effects {
     pub records: Vec<Output>,
     pub commands: Vec<CommandAction>,
+    pub webhooks: Vec<WebhookCall>,
 }
 
 /// An alert that is raised now.
@@ -232,6 +244,7 @@ struct Alert {
     command_device: Option<String>,
     command: Option<Value>,
     clear_command: Option<Value>,
+    webhook: Option<outpost_config::AlertWebhook>,
     /// The config it came from: an alert state survives a reload only if this is unchanged.
     config: outpost_config::AlertConfig,
 }
@@ -630,16 +643,21 @@ impl Engine {
                     return AlertState::Normal { streak, since_ms };
                 }
                 rule.stats.raised.fetch_add(1, Ordering::Relaxed);
-                effects.records.push(self.alert_record(
+                self.push_alert(
+                    effects,
                     rule,
                     alert,
-                    &obs.device_id,
-                    &obs.topic,
-                    "raised",
-                    now,
-                    now,
-                    &reading,
-                ));
+                    self.alert_record(
+                        rule,
+                        alert,
+                        &obs.device_id,
+                        &obs.topic,
+                        "raised",
+                        now,
+                        now,
+                        &reading,
+                    ),
+                );
                 if let Some(payload) = &alert.command {
                     effects.commands.push(CommandAction {
                         rule: rule.name.clone(),
@@ -689,16 +707,21 @@ impl Engine {
                     };
                 }
                 rule.stats.cleared.fetch_add(1, Ordering::Relaxed);
-                effects.records.push(self.alert_record(
+                self.push_alert(
+                    effects,
                     rule,
                     alert,
-                    &obs.device_id,
-                    &obs.topic,
-                    "cleared",
-                    raised_at_ms,
-                    now,
-                    &reading,
-                ));
+                    self.alert_record(
+                        rule,
+                        alert,
+                        &obs.device_id,
+                        &obs.topic,
+                        "cleared",
+                        raised_at_ms,
+                        now,
+                        &reading,
+                    ),
+                );
                 if let Some(payload) = &alert.clear_command {
                     effects.commands.push(CommandAction {
                         rule: rule.name.clone(),
@@ -715,6 +738,20 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Stores an alert record and, with a webhook, asks for the same document to be POSTed.
+    fn push_alert(&self, effects: &mut Effects, rule: &Rule, alert: &Alert, record: Output) {
+        if let Some(hook) = &alert.webhook {
+            effects.webhooks.push(WebhookCall {
+                rule: rule.name.clone(),
+                url: hook.url.clone(),
+                body: record.payload.clone(),
+                timeout: hook.timeout,
+                max_age: hook.max_age,
+            });
+        }
+        effects.records.push(record);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -805,7 +842,7 @@ impl Engine {
         };
         Effects {
             records: closed.iter().map(|c| self.window_record(c, true)).collect(),
-            commands: Vec::new(),
+            ..Effects::default()
         }
     }
 
@@ -821,7 +858,7 @@ impl Engine {
                 .iter()
                 .map(|c| self.window_record(c, false))
                 .collect(),
-            commands: Vec::new(),
+            ..Effects::default()
         }
     }
 
@@ -1064,6 +1101,7 @@ fn compile_rule(
                 command_device: command.and_then(|c| c.device.clone()),
                 command: command.map(|c| toml_to_json(&c.payload)),
                 clear_command: command.and_then(|c| c.clear_payload.as_ref().map(toml_to_json)),
+                webhook: a.webhook.clone(),
                 config: a.clone(),
             })
         }

@@ -3,7 +3,8 @@
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = os.getenv("OUTPOST_BENCH_AUTH")
-wrk.body = '{"temperature":21.5,"humidity":48.2,"battery":3.71,"pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}'
+wrk.body = os.getenv("OUTPOST_BENCH_BODY")
+  or '{"temperature":21.5,"humidity":48.2,"battery":3.71,"pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}'
 
 -- Count anything but 201 Created as a failure in the summary.
 local failures = 0

@@ -675,3 +675,315 @@ functions = ["count", "min", "max", "mean", "sum", "last"]
         2
     );
 }
+
+#[test]
+fn a_rule_changed_through_the_api_applies_to_the_next_reading_and_survives_a_restart() {
+    let kafka = Tansu::start(&[(READINGS, 1)]);
+    let dir = tempfile::tempdir().unwrap();
+    let file_rule =
+        "\n[[edge.rules]]\nname = \"from-file\"\ntopic = \"devices/+/file\"\nenrich = [\"name\"]\n";
+    let path = write_config(dir.path(), &format!("{}{file_rule}", kafka_config(&kafka)));
+    let data = dir.path().join("data");
+    let mut d = Daemon::start_with(&path, data.clone());
+    let secret = create_device(&d, "meter-1", None);
+    let auth = basic("meter-1", &secret);
+    let send = |d: &Daemon, watts: u32| {
+        let (status, body) = post(
+            d,
+            &auth,
+            "devices/meter-1/power",
+            &format!(r#"{{"w":{watts}}}"#),
+        );
+        assert_eq!(status, 201, "{body}");
+    };
+    send(&d, 1000);
+
+    // Created through the API: the next reading is converted.
+    let rule = r#"{"topic":"devices/+/power","set":{"kw":"double(w) / 1000.0"},"drop":["w"]}"#;
+    let r = admin(&d, "PUT", "/api/v1/edge/rules/kilowatts", rule);
+    assert_eq!(r.status, 201, "{}", r.text());
+    send(&d, 2500);
+    let got = consume(
+        &kafka.bootstrap(),
+        READINGS,
+        2,
+        Duration::from_secs(30),
+        false,
+    );
+    assert_eq!(payload(&got[0]), json!({"w": 1000}));
+    assert_eq!(payload(&got[1]), json!({"kw": 2.5}));
+    let list = admin(&d, "GET", "/api/v1/edge/rules", "").json();
+    let names: Vec<(&str, &str)> = list["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["name"].as_str().unwrap(), r["origin"].as_str().unwrap()))
+        .collect();
+    assert_eq!(names, [("from-file", "config"), ("kilowatts", "api")]);
+
+    // Refused changes name the key, and leave the rules as they were.
+    let r = admin(
+        &d,
+        "PUT",
+        "/api/v1/edge/rules/kilowatts",
+        r#"{"when":"w >","set":{"kw":"1.0"}}"#,
+    );
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert_eq!(r.json()["field"], "when", "{}", r.text());
+    let r = admin(&d, "PUT", "/api/v1/edge/rules/kilowatts", r#"{"sett":{}}"#);
+    assert_eq!(r.status, 422, "{}", r.text());
+    let r = admin(
+        &d,
+        "PUT",
+        "/api/v1/edge/rules/from-file",
+        r#"{"drop":["x"]}"#,
+    );
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(r.json()["error"], "rule_in_config");
+
+    // Kept across a restart; deleted, it no longer applies.
+    d.terminate(Duration::from_secs(30));
+    let d = Daemon::start_with(&path, data);
+    send(&d, 500);
+    let r = admin(&d, "DELETE", "/api/v1/edge/rules/kilowatts", "");
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(
+        admin(&d, "DELETE", "/api/v1/edge/rules/kilowatts", "").status,
+        404
+    );
+    send(&d, 700);
+    let got = consume(
+        &kafka.bootstrap(),
+        READINGS,
+        4,
+        Duration::from_secs(30),
+        false,
+    );
+    assert_eq!(payload(&got[2]), json!({"kw": 0.5}));
+    assert_eq!(payload(&got[3]), json!({"w": 700}));
+}
+
+/// Accepts one HTTP request on `listener`, answers `200`, and returns its request line and body.
+fn receive_one(listener: &std::net::TcpListener) -> (String, String) {
+    use std::io::{Read, Write};
+    let (mut s, _) = listener.accept().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = s.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "the request ended early: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            if body.len() >= length {
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .unwrap();
+                return (head.lines().next().unwrap().to_owned(), body.to_owned());
+            }
+        }
+    }
+}
+
+#[test]
+fn an_alert_webhook_is_kept_across_a_crash_and_delivered_after_the_restart() {
+    let port = outpost_e2e::kafka::free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let rules = format!(
+        r#"
+[[edge.rules]]
+name = "leak"
+topic = "devices/+/water"
+[edge.rules.alert]
+raise = "wet"
+severity = "critical"
+[edge.rules.alert.webhook]
+url = "http://127.0.0.1:{port}/hooks/outpost"
+"#
+    );
+    let path = write_config(dir.path(), &format!("{}{rules}", admin_token_config()));
+    let data = dir.path().join("data");
+    let mut d = Daemon::start_with(&path, data.clone());
+    let secret = create_device(&d, "cellar-1", None);
+    let (status, body) = post(
+        &d,
+        &basic("cellar-1", &secret),
+        "devices/cellar-1/water",
+        r#"{"wet":true}"#,
+    );
+    assert_eq!(status, 201, "{body}");
+    // Nobody listens yet: the call fails and waits for its retry, stored.
+    d.wait_until("a failed attempt", Duration::from_secs(10), |d| {
+        d.metric("outpost_edge_webhook_retries_total") >= 1.0
+    });
+    assert_eq!(d.metric("outpost_edge_webhook_pending"), 1.0);
+    d.kill9();
+
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let mut d = Daemon::start_with(&path, data);
+    let (request_line, body) = receive_one(&listener);
+    assert_eq!(request_line, "POST /hooks/outpost HTTP/1.1");
+    let alert: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (
+            alert["alert"].as_str(),
+            alert["state"].as_str(),
+            alert["device"].as_str()
+        ),
+        (Some("leak"), Some("raised"), Some("cellar-1")),
+        "{alert}"
+    );
+    assert_eq!(alert["reading"], json!({"wet": true}));
+    d.wait_until("the delivery", Duration::from_secs(10), |d| {
+        d.metric("outpost_edge_webhook_delivered_total") == 1.0
+    });
+    assert_eq!(d.metric("outpost_edge_webhook_pending"), 0.0);
+    d.terminate(Duration::from_secs(30));
+}
+
+/// A pymodbus TCP slave (`tests/peers/modbus_slave.py`, map `test`) on `port`; killed on drop.
+struct ModbusSlave(Child);
+
+impl ModbusSlave {
+    fn start(port: u16) -> ModbusSlave {
+        use std::io::BufRead;
+        let script = outpost_e2e::manifest_dir().join("peers/modbus_slave.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .args(["--tcp", &format!("127.0.0.1:{port}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn the modbus slave");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(
+            line.trim(),
+            "READY",
+            "the modbus slave did not start (pymodbus)"
+        );
+        ModbusSlave(child)
+    }
+}
+
+impl Drop for ModbusSlave {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The acceptance case of docs/EDGE.md, "Aggregate": a register polled at 10 Hz over Modbus
+/// TCP, one-minute aggregates on Kafka with the count of a full minute of polls and the
+/// register's value as min, max and mean, while `[[kafka.rules]]` forwards one raw reading in
+/// ten. Runs over two minutes (a full window), so it is a `_slow_` test (started first).
+#[test]
+fn modbus_slow_one_minute_aggregates_of_a_10_hz_register_reach_kafka_raw_sampled_1_in_10() {
+    let kafka = Tansu::start(&[(READINGS, 1), (AGGREGATES, 1)]);
+    let port = outpost_e2e::kafka::free_port();
+    let _slave = ModbusSlave::start(port);
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"{}
+[[kafka.rules]]
+name = "raw-meter"
+topic = "modbus/#"
+action = "sample"
+sample_every = 10
+
+[[drivers]]
+kind = "modbus"
+name = "plant"
+transport = "tcp"
+[[drivers.slaves]]
+device_id = "meter-a"
+unit = 1
+address = "127.0.0.1:{port}"
+[[drivers.slaves.points]]
+name = "power"
+address = 0
+interval = "100ms"
+
+[[edge.rules]]
+name = "meter-minutes"
+topic = "modbus/#"
+[edge.rules.aggregate]
+window = "1m"
+fields = ["power"]
+functions = ["count", "min", "max", "mean"]
+"#,
+        kafka_config(&kafka)
+    );
+    let d = Daemon::start(dir.path(), &config);
+    // The first window started before the driver; the second is a full minute of polls.
+    let got = consume(
+        &kafka.bootstrap(),
+        AGGREGATES,
+        2,
+        Duration::from_secs(150),
+        false,
+    );
+    assert_eq!(got.len(), 2, "two one-minute aggregates within 150 s");
+    let full = payload(&got[1]);
+    assert_eq!(full["device"], "meter-a", "{full}");
+    assert_eq!(
+        full["window_end_ms"].as_u64().unwrap() - full["window_start_ms"].as_u64().unwrap(),
+        60_000
+    );
+    let stats = &full["fields"]["power"];
+    let count = stats["count"].as_u64().unwrap();
+    assert!((570..=610).contains(&count), "10 Hz for a minute: {full}");
+    // Register 0 of the slave's map holds 1234.
+    assert_eq!(
+        (
+            stats["min"].as_f64(),
+            stats["max"].as_f64(),
+            stats["mean"].as_f64()
+        ),
+        (Some(1234.0), Some(1234.0), Some(1234.0)),
+        "{full}"
+    );
+
+    // Raw readings of that minute on Kafka: one in ten.
+    let (start, end) = (
+        full["window_start_ms"].as_i64().unwrap(),
+        full["window_end_ms"].as_i64().unwrap(),
+    );
+    let raw = consume(
+        &kafka.bootstrap(),
+        READINGS,
+        10_000,
+        Duration::from_secs(5),
+        false,
+    );
+    let in_window = raw
+        .iter()
+        .filter(|r| {
+            r.header("outpost-received-at")
+                .and_then(|t| t.parse::<i64>().ok())
+                .is_some_and(|t| (start..end).contains(&t))
+        })
+        .count();
+    let expected = usize::try_from(count / 10).unwrap();
+    assert!(
+        in_window.abs_diff(expected) <= 2,
+        "{in_window} raw readings forwarded of {count}"
+    );
+    assert_eq!(payload(&raw[0])["power"], 1234);
+    drop(d);
+}

@@ -248,6 +248,39 @@ pub struct AlertConfig {
     /// when it clears): delivered over MQTT or CoAP like an API command, with Kafka down too.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub command: Option<AlertCommand>,
+    /// An HTTP POST of the alert record when the alert is raised and when it clears, retried
+    /// with backoff and kept across restarts until delivered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<AlertWebhook>,
+}
+
+/// `[edge.rules.alert.webhook]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    default,
+    deny_unknown_fields,
+    expecting = "an [edge.rules.alert.webhook] table"
+)]
+pub struct AlertWebhook {
+    /// `http://` or `https://` (checked against the system's CA bundle). Required.
+    pub url: String,
+    /// Per attempt. Default `"10s"`; 1s to 5m.
+    #[serde(with = "crate::units::duration")]
+    pub timeout: Duration,
+    /// A call not delivered within this long after the alert changed is dropped (counted).
+    /// Default `"24h"`; 1m to 30d.
+    #[serde(with = "crate::units::duration")]
+    pub max_age: Duration,
+}
+
+impl Default for AlertWebhook {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            timeout: Duration::from_secs(10),
+            max_age: Duration::from_secs(86_400),
+        }
+    }
 }
 
 impl Default for AlertConfig {
@@ -259,6 +292,7 @@ impl Default for AlertConfig {
             for_duration: Duration::ZERO,
             severity: "warning".into(),
             command: None,
+            webhook: None,
         }
     }
 }
@@ -432,6 +466,28 @@ impl Checker {
                 && let Err(why) = crate::validate::check_device_id(device)
             {
                 self.problem(alert_path.key("command").key("device"), why);
+            }
+            if let Some(hook) = &alert.webhook {
+                let hook_path = alert_path.key("webhook");
+                let scheme_ok = hook.url.starts_with("http://") || hook.url.starts_with("https://");
+                let host = hook.url.split_once("://").map_or("", |(_, rest)| rest);
+                if !scheme_ok || host.is_empty() || hook.url.chars().any(char::is_whitespace) {
+                    self.problem(
+                        hook_path.key("url"),
+                        format!(
+                            "\"{}\" is not an http:// or https:// URL with a host",
+                            hook.url.escape_debug()
+                        ),
+                    );
+                }
+                let s = Duration::from_secs;
+                self.duration_range(hook_path.key("timeout"), hook.timeout, s(1), s(300));
+                self.duration_range(
+                    hook_path.key("max_age"),
+                    hook.max_age,
+                    s(60),
+                    s(30 * 86_400),
+                );
             }
         }
     }

@@ -10,11 +10,13 @@
 //! conditions, expression errors). Nothing is stored and no window or alert changes; `payload`
 //! is any JSON value (sent as JSON unless `content_type` says otherwise, then as its text).
 
-use axum::extract::State;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::auth::{Authorized, Read};
+use super::auth::{Admin, Authorized, Read};
 use super::error::ApiError;
 use super::{ApiState, JsonBody};
 
@@ -34,17 +36,121 @@ pub struct Sample {
     pub content_type: Option<String>,
 }
 
+fn control(s: &ApiState) -> Result<&crate::edge::EdgeControl, ApiError> {
+    s.edge.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "no_edge",
+            "edge rules are not available in this API",
+        )
+    })
+}
+
 fn engine(s: &ApiState) -> Result<std::sync::Arc<outpost_edge::Engine>, ApiError> {
-    s.edge
-        .as_ref()
-        .map(crate::edge::SharedEdge::load)
-        .ok_or_else(|| {
-            ApiError::new(
-                axum::http::StatusCode::CONFLICT,
-                "no_edge",
-                "edge rules are not available in this API",
-            )
+    Ok(control(s)?.rules.shared().load())
+}
+
+/// `GET /api/v1/edge/rules` → 200 `{rules: [{…rule, origin}]}`, in the order they apply.
+pub async fn list_rules(
+    _: Authorized<Read>,
+    State(s): State<ApiState>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let rules: Vec<Value> = control(&s)?
+        .rules
+        .list()
+        .into_iter()
+        .map(|(rule, source)| {
+            let mut v = serde_json::to_value(&rule).unwrap_or(Value::Null);
+            v["origin"] = json!(source);
+            v
         })
+        .collect();
+    Ok(axum::Json(json!({ "rules": rules })))
+}
+
+/// `PUT /api/v1/edge/rules/{name}` with a rule (the keys of an `[[edge.rules]]` table, TOML
+/// tables as JSON objects, durations as strings) → 201 created or 200 replaced, the rule in
+/// force from the next reading.
+pub async fn put_rule(
+    _: Authorized<Admin>,
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    JsonBody(mut rule): JsonBody<outpost_config::EdgeRule>,
+) -> Result<Response, ApiError> {
+    let control = control(&s)?;
+    if rule.name.is_empty() {
+        rule.name.clone_from(&name);
+    } else if rule.name != name {
+        return Err(ApiError::invalid(
+            "name",
+            format!(
+                "\"{}\" differs from the name in the path (\"{name}\")",
+                rule.name
+            ),
+        ));
+    }
+    let shown = serde_json::to_value(&rule).unwrap_or(Value::Null);
+    let created = control
+        .rules
+        .put(rule, &control.ingest)
+        .await
+        .map_err(change_error)?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, axum::Json(shown)).into_response())
+}
+
+/// `DELETE /api/v1/edge/rules/{name}` → 204.
+pub async fn delete_rule(
+    _: Authorized<Admin>,
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let control = control(&s)?;
+    control
+        .rules
+        .delete(&name, &control.ingest)
+        .await
+        .map_err(change_error)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn change_error(e: crate::edge::RuleChangeError) -> ApiError {
+    use crate::edge::RuleChangeError as E;
+    match e {
+        E::Invalid(problems) => {
+            let text: Vec<String> = problems
+                .iter()
+                .map(|(k, m)| {
+                    if k.is_empty() {
+                        m.clone()
+                    } else {
+                        format!("{k}: {m}")
+                    }
+                })
+                .collect();
+            let field = problems.first().map(|(k, _)| k.clone()).unwrap_or_default();
+            ApiError::invalid(field, text.join("; "))
+        }
+        E::InConfig(name) => ApiError::new(
+            StatusCode::CONFLICT,
+            "rule_in_config",
+            format!(
+                "rule \"{name}\" is defined in the configuration file: change it there and reload"
+            ),
+        ),
+        E::NotFound(name) => {
+            ApiError::not_found(format!("no rule \"{name}\" was created through the API"))
+        }
+        E::Storage(why) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("the rules file could not be written, nothing changed: {why}"),
+        ),
+    }
 }
 
 /// `GET /api/v1/alerts` → 200.

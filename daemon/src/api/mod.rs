@@ -69,8 +69,9 @@ pub struct ApiState {
     /// `--config` as the daemon was started with (`None`: the default file when it exists),
     /// for `/api/v1/config/check`.
     pub config_file: Option<std::path::PathBuf>,
-    /// `[edge]` in force, for `/api/v1/alerts` and the dry run; `None` in tests without it.
-    pub edge: Option<crate::edge::SharedEdge>,
+    /// `[edge]`, for `/api/v1/alerts`, `/api/v1/edge/…` and the dry run; `None` in tests
+    /// without it.
+    pub edge: Option<crate::edge::EdgeControl>,
 }
 
 impl ApiState {
@@ -90,7 +91,7 @@ impl ApiState {
     }
 
     /// Serves `/api/v1/alerts` and `/api/v1/edge/test` from `edge`.
-    pub fn with_edge(mut self, edge: crate::edge::SharedEdge) -> ApiState {
+    pub fn with_edge(mut self, edge: crate::edge::EdgeControl) -> ApiState {
         self.edge = Some(edge);
         self
     }
@@ -231,6 +232,13 @@ pub static ROUTES: &[RouteSpec] = &[
     }),
     route("GET", "/api/v1/alerts", READ, || get(edge::alerts)),
     route("POST", "/api/v1/edge/test", READ, || post(edge::test)),
+    route("GET", "/api/v1/edge/rules", READ, || get(edge::list_rules)),
+    route("PUT", "/api/v1/edge/rules/{name}", ADMIN, || {
+        put(edge::put_rule)
+    }),
+    route("DELETE", "/api/v1/edge/rules/{name}", ADMIN, || {
+        delete(edge::delete_rule)
+    }),
     route("GET", "/api/v1/tokens", ADMIN, || get(tokens::list)),
     route("POST", "/api/v1/tokens", ADMIN, || post(tokens::create)),
     route("DELETE", "/api/v1/tokens/{name}", ADMIN, || {

@@ -495,6 +495,44 @@ fn management_operation(method: &str, path: &str) -> Option<Value> {
                 "422": error_response("Unknown field, wrong type or unknown `source` (`field` names it)")
             }
         }),
+        ("GET", "/api/v1/edge/rules") => json!({
+            "operationId": "listEdgeRules",
+            "summary": "The edge rules in force, in the order they apply: the configuration file's, then those created through the API (`origin`)",
+            "responses": {
+                "200": { "description": "The rules", "content": { "application/json": { "schema": {
+                    "type": "object",
+                    "required": ["rules"],
+                    "properties": { "rules": { "type": "array", "items": { "$ref": "#/components/schemas/EdgeRule" } } }
+                } } } },
+                "409": error_response("The API runs without edge rules (tests only)")
+            }
+        }),
+        ("PUT", "/api/v1/edge/rules/{name}") => json!({
+            "operationId": "putEdgeRule",
+            "summary": "Create or replace an edge rule (kept in the data directory, in force from the next reading). Rules of the configuration file cannot be changed here",
+            "parameters": [path_param("name", "The rule's name: 1 to 64 of a-z, 0-9, _, -", json!({ "type": "string" }))],
+            "requestBody": json_body("EdgeRule"),
+            "responses": {
+                "200": json_response("Replaced", "EdgeRule"),
+                "201": json_response("Created", "EdgeRule"),
+                "400": error_response("Malformed JSON"),
+                "409": error_response("A rule of the configuration file has this name (`rule_in_config`)"),
+                "413": error_response("Body too large"),
+                "422": error_response("Invalid rule: unknown key, wrong type, an expression that does not compile, an invalid schema (`field` names the key under the rule)"),
+                "503": error_response("The rules file could not be written; nothing changed")
+            }
+        }),
+        ("DELETE", "/api/v1/edge/rules/{name}") => json!({
+            "operationId": "deleteEdgeRule",
+            "summary": "Delete an edge rule created through the API",
+            "parameters": [path_param("name", "The rule's name", json!({ "type": "string" }))],
+            "responses": {
+                "204": { "description": "Deleted; no longer applied from the next reading" },
+                "404": error_response("No rule of that name was created through the API"),
+                "409": error_response("A rule of the configuration file has this name (`rule_in_config`)"),
+                "503": error_response("The rules file could not be written; nothing changed")
+            }
+        }),
         ("GET", "/api/v1/config/check") => json!({
             "operationId": "checkConfig",
             "summary": "What `outpost check-config` says about the configuration file the daemon runs from, read now (its problems and warnings with key paths; never its content)",
@@ -928,6 +966,28 @@ fn schemas() -> Value {
                 "kafka_topic": { "type": "string", "description": "The Kafka topic the forwarder tried" },
                 "attempts": { "type": "integer" },
                 "dead_at_ms": { "type": "integer", "format": "int64" }
+            }
+        },
+        "EdgeRule": {
+            "type": "object",
+            "description": "The keys of an `[[edge.rules]]` table (docs/EDGE.md, config/examples/outpost.toml): TOML tables as JSON objects, durations as strings such as \"1m\"",
+            "properties": {
+                "name": { "type": "string" },
+                "topic": { "type": "string" },
+                "device": { "type": "string" },
+                "source": { "type": "string", "enum": ["mqtt", "coap", "http", "driver"] },
+                "when": { "type": "string", "description": "CEL condition" },
+                "schema": { "type": "object", "description": "JSON Schema" },
+                "schema_file": { "type": "string" },
+                "on_invalid": { "type": "string", "enum": ["refuse", "dead_letter"] },
+                "rename": { "type": "object", "additionalProperties": { "type": "string" } },
+                "drop": { "type": "array", "items": { "type": "string" } },
+                "set": { "type": "object", "additionalProperties": { "type": "string" }, "description": "field → CEL expression" },
+                "enrich": { "type": "array", "items": { "type": "string", "enum": ["name", "model", "location", "tags", "firmware"] } },
+                "enrich_into": { "type": "string", "enum": ["headers", "payload"] },
+                "aggregate": { "type": "object" },
+                "alert": { "type": "object" },
+                "origin": { "type": "string", "enum": ["config", "api"], "description": "In listings: where the rule comes from" }
             }
         },
         "DeadLetterPage": {

@@ -21,7 +21,7 @@ use super::storage::Storage;
 use crate::admin::{self, AdminState};
 use crate::api;
 use crate::apps::Apps;
-use crate::edge::SharedEdge;
+use crate::edge::{EdgeControl, EdgeRules};
 use crate::https::{HttpsListener, HttpsPeer};
 use crate::ingress::budget::IngressBudget;
 use crate::ingress::bus::{BusMetrics, FrontEvents};
@@ -39,8 +39,11 @@ pub struct IngressCore {
     /// `[[kafka.rules]]` in force: ingestion (priorities) and the forwarder share them, a
     /// reload replaces them.
     pub rules: SharedRules,
-    /// `[edge]` in force: ingestion runs it, a reload replaces it.
-    pub edge: SharedEdge,
+    /// `[edge]` in force (the file's rules and the API's): ingestion runs it, a reload or an
+    /// API call replaces it.
+    pub edge: EdgeRules,
+    /// The edge rules' webhook calls (`webhooks.db`).
+    pub webhooks: crate::webhooks::Webhooks,
     budget: IngressBudget,
     /// The local bus's feed (committed readings, the MQTT server's events), for the MQTT
     /// front; `None` without MQTT (the bus handle then drops what it is told).
@@ -62,22 +65,23 @@ impl IngressCore {
         );
         metrics.register_collector(Box::new(budget.clone()));
         let rules = SharedRules::new(Rules::from_config(&config.kafka));
-        // Checked when the config was loaded; a schema file changed since is reported here.
-        let engine = outpost_edge::Engine::compile(&config.edge).map_err(|problems| {
-            let text: Vec<String> = problems.iter().map(|(k, m)| format!("{k}: {m}")).collect();
-            anyhow::anyhow!("[edge] rules: {}", text.join("; "))
-        })?;
-        let edge = SharedEdge::new(engine);
-        metrics.register_collector(Box::new(crate::edge::EdgeMetrics(edge.clone())));
+        // The file's rules were checked when it was loaded; the API's are checked here.
+        let edge = EdgeRules::open(&config.edge, &config.data_dir())?;
+        metrics.register_collector(Box::new(crate::edge::EdgeMetrics(edge.shared().clone())));
+        let webhook_metrics = crate::webhooks::WebhookMetrics::default();
+        webhook_metrics.register(metrics);
+        let webhooks = crate::webhooks::Webhooks::open(&config.data_dir(), webhook_metrics)?;
         let ingest = Ingest::new(storage.outbox.clone(), storage.registry.clone(), readings)
             .with_rules(rules.clone())
-            .with_edge(edge.clone())
+            .with_edge(edge.shared().clone())
+            .with_webhooks(webhooks.clone())
             .with_bus(bus_handle)
             .with_budget(budget.clone());
         Ok(Self {
             ingest,
             rules,
             edge,
+            webhooks,
             budget,
             bus_feed: bus_readings.map(|readings| (readings, bus_events)),
         })
@@ -393,8 +397,8 @@ pub struct AdminRoutes {
     pub watch: tokio::sync::broadcast::Sender<ingress::LocalReading>,
     /// `--config` as given, for `/api/v1/config/check`.
     pub config_file: Option<std::path::PathBuf>,
-    /// `[edge]` in force, for `/api/v1/alerts` and the dry run.
-    pub edge: SharedEdge,
+    /// `[edge]`, for `/api/v1/alerts`, `/api/v1/edge/…` and the dry run.
+    pub edge: EdgeControl,
 }
 
 impl AdminFront {

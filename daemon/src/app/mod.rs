@@ -127,7 +127,10 @@ pub async fn run(
         tokens: Arc::clone(&tokens),
         watch: core.ingest.watch(),
         config_file: named.clone(),
-        edge: core.edge.clone(),
+        edge: crate::edge::EdgeControl {
+            rules: core.edge.clone(),
+            ingest: core.ingest.clone(),
+        },
     };
     let admin_addr = admin.addr;
     let gateway_parts = cloud::GatewayParts {
@@ -160,7 +163,7 @@ pub async fn run(
     if let Some(apps) = apps {
         local_apps::spawn(apps, &storage.registry, &spawner, &ingress);
     }
-    let edge = core.edge.clone();
+    let edge = core.edge.shared().clone();
     status.watch_section("edge", move || {
         let engine = edge.load();
         serde_json::json!({
@@ -169,9 +172,14 @@ pub async fn run(
             "windows_open": engine.open_windows(),
         })
     });
+    spawner.spawn("edge-webhooks", core.webhooks.clone().run(ingress.clone()));
     spawner.spawn(
         "edge-windows",
-        crate::edge::run(core.ingest.clone(), core.edge.clone(), ingress.clone()),
+        crate::edge::run(
+            core.ingest.clone(),
+            core.edge.shared().clone(),
+            ingress.clone(),
+        ),
     );
     spawner.spawn(
         "status-line",

@@ -80,6 +80,8 @@ pub struct Ingest {
     budget: budget::IngressBudget,
     /// `[[edge.rules]]`, run on every device and driver reading before it is stored.
     edge: Option<SharedEdge>,
+    /// Where the edge rules' webhook calls are stored and made.
+    webhooks: Option<crate::webhooks::Webhooks>,
 }
 
 impl Ingest {
@@ -95,6 +97,7 @@ impl Ingest {
             watch: broadcast::channel(WATCH_CAPACITY).0,
             rules: None,
             edge: None,
+            webhooks: None,
             bus: bus::BusHandle::default(),
             budget: budget::IngressBudget::new(
                 usize::try_from(
@@ -137,6 +140,12 @@ impl Ingest {
     /// Runs `[[edge.rules]]` on every reading before it is stored.
     pub fn with_edge(mut self, edge: SharedEdge) -> Self {
         self.edge = Some(edge);
+        self
+    }
+
+    /// Stores and makes the edge rules' webhook calls through `webhooks`.
+    pub fn with_webhooks(mut self, webhooks: crate::webhooks::Webhooks) -> Self {
+        self.webhooks = Some(webhooks);
         self
     }
 
@@ -309,6 +318,7 @@ impl Ingest {
             let e = engine.observe(o);
             effects.records.extend(e.records);
             effects.commands.extend(e.commands);
+            effects.webhooks.extend(e.webhooks);
         }
         self.carry_out(effects).await;
     }
@@ -341,6 +351,16 @@ impl Ingest {
             }
         }
         crate::edge::queue_commands(&self.registry, &effects).await;
+        match &self.webhooks {
+            Some(webhooks) => webhooks.enqueue(effects.webhooks).await,
+            None if !effects.webhooks.is_empty() => {
+                tracing::warn!(
+                    calls = effects.webhooks.len(),
+                    "Webhook calls dropped: no webhook store"
+                );
+            }
+            None => {}
+        }
     }
 
     /// Appends envelopes atomically (any devices; the caller has checked them) after the edge

@@ -208,7 +208,13 @@ fn one_run(
     }
     let measure = Duration::from_secs(o.seconds);
     let warmup = Duration::from_secs(o.warmup);
-    let payload = Bytes::from(vec![b'x'; o.payload]);
+    let payload = if o.json {
+        let head = r#"{"temperature":21.5,"humidity":48.2,"pad":""#;
+        let pad = o.payload.saturating_sub(head.len() + 2);
+        Bytes::from(format!("{head}{}\"}}", "x".repeat(pad)))
+    } else {
+        Bytes::from(vec![b'x'; o.payload])
+    };
     let (tallies, watched, cpu_seconds) = runtime.block_on(async {
         let start = Instant::now() + Duration::from_millis(500);
         let window = (start + warmup, start + warmup + measure);

@@ -85,12 +85,16 @@ pub struct Options {
     pub sessions: usize,
     /// Instead of publishing: this many registered devices connect at once; CONNACK latency.
     pub storm: usize,
-    /// Servers under test, in the order runs alternate: `outpost`, `mosquitto`, `before`.
+    /// Servers under test, in the order runs alternate: `outpost`, `mosquitto`, `before`,
+    /// `edge` (this build with OUTPOST_BENCH_EDGE_CONFIG's rules).
     pub brokers: Vec<&'static str>,
     /// CPUs (a `taskset` list) for the bench's own threads.
     pub client_cpus: Option<String>,
     /// CPUs (a `taskset` list) for every thread of the broker under test.
     pub broker_cpus: Option<String>,
+    /// Publish a JSON object (`{"temperature":…,"pad":"xx…"}` of `payload` bytes) instead of
+    /// `x` bytes: what edge rules can work on.
+    pub json: bool,
 }
 
 fn parse_args() -> anyhow::Result<Option<Options>> {
@@ -114,6 +118,7 @@ fn parse_args() -> anyhow::Result<Option<Options>> {
         brokers: vec!["outpost", "mosquitto"],
         client_cpus: None,
         broker_cpus: None,
+        json: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -139,6 +144,7 @@ fn parse_args() -> anyhow::Result<Option<Options>> {
             "--idle-subscribe" => o.idle_subscribe = true,
             "--idle-persistent" => o.idle_persistent = true,
             "--watch" => o.watch = true,
+            "--json" => o.json = true,
             "--client-cpus" => o.client_cpus = Some(text()?),
             "--broker-cpus" => o.broker_cpus = Some(text()?),
             "--protocol" => {
@@ -156,6 +162,7 @@ fn parse_args() -> anyhow::Result<Option<Options>> {
                         "outpost" => o.brokers.push("outpost"),
                         "mosquitto" => o.brokers.push("mosquitto"),
                         "before" => o.brokers.push("before"),
+                        "edge" => o.brokers.push("edge"),
                         "both" => o.brokers.extend(["outpost", "mosquitto"]),
                         other => bail!(
                             "--brokers: a comma-separated list of outpost, mosquitto, before \
@@ -169,7 +176,8 @@ fn parse_args() -> anyhow::Result<Option<Options>> {
                     "mqtt-bench [--publishers 100] [--seconds 10] [--warmup 2] [--runs 1] \
                      [--threads 1 (client runtime workers)] [--payload 100] \
                      [--rate 0 (total msg/s; 0 = as fast as possible)] [--inflight 100] \
-                     [--watch] [--protocol v3|v5|both] [--brokers outpost,mosquitto,before] \
+                     [--watch] [--protocol v3|v5|both] [--brokers outpost,mosquitto,before,edge] \
+                     [--json (a JSON object payload)] \
                      [--client-cpus LIST] [--broker-cpus LIST]\n\
                      mqtt-bench --idle N [--idle-subscribe | --idle-persistent] [--runs 1]\n\
                      mqtt-bench --queued N [--sessions 100] [--runs 1]\n\
@@ -207,10 +215,18 @@ impl Server {
         let dir = tempfile::Builder::new()
             .prefix("mqtt-bench-")
             .tempdir_in(std::env::current_dir()?)?;
-        if kind == "outpost" || kind == "before" {
+        if kind == "outpost" || kind == "before" || kind == "edge" {
+            // `edge`: this build with the `[edge]` rules of OUTPOST_BENCH_EDGE_CONFIG added.
+            let edge = if kind == "edge" {
+                let file = std::env::var_os("OUTPOST_BENCH_EDGE_CONFIG")
+                    .context("--brokers edge needs OUTPOST_BENCH_EDGE_CONFIG=<toml file>")?;
+                std::fs::read_to_string(&file)?
+            } else {
+                String::new()
+            };
             let config = format!(
                 "[mqtt]\nlisten = \"127.0.0.1:0\"\nallow_anonymous = true\n\
-                 max_connections = {max_connections}\n{outpost_extra}"
+                 max_connections = {max_connections}\n{outpost_extra}\n{edge}"
             );
             let mut daemon = if kind == "before" {
                 let bin = std::env::var_os("OUTPOST_BEFORE_BIN")
