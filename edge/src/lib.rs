@@ -275,18 +275,58 @@ struct State {
     alerts: HashMap<(usize, String), AlertState>,
 }
 
+/// Readings in a row that met a condition, the first at `since_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Streak {
+    count: u32,
+    since_ms: u64,
+}
+
+impl Streak {
+    const NONE: Streak = Streak {
+        count: 0,
+        since_ms: 0,
+    };
+
+    /// The streak after a reading at `now` that `met` the condition or not.
+    fn next(self, met: bool, now: u64) -> Streak {
+        match (met, self.count) {
+            (false, _) => Streak::NONE,
+            (true, 0) => Streak {
+                count: 1,
+                since_ms: now,
+            },
+            (true, n) => Streak {
+                count: n + 1,
+                since_ms: self.since_ms,
+            },
+        }
+    }
+
+    /// Long enough for `alert`'s debounce: `for_readings` readings spanning `for`.
+    fn holds(self, alert: &Alert, now: u64) -> bool {
+        self.count >= alert.for_readings && now.saturating_sub(self.since_ms) >= alert.for_ms
+    }
+}
+
 #[derive(Debug, Clone)]
 enum AlertState {
-    /// Not raised; `streak` readings in a row met `raise`, the first at `since_ms`.
-    Normal { streak: u32, since_ms: u64 },
-    /// Raised; `streak` readings in a row met `clear`, the first at `since_ms`.
+    /// Not raised; `raising` readings in a row met `raise`.
+    Normal(Streak),
+    /// Raised; `clearing` readings in a row met `clear`.
     Active {
         raised_at_ms: u64,
         topic: String,
         reading: Value,
-        streak: u32,
-        since_ms: u64,
+        clearing: Streak,
     },
+}
+
+/// An alert's change, for [`Engine::announce`].
+struct Change<'a> {
+    state: &'static str,
+    raised_at_ms: u64,
+    command: Option<&'a Value>,
 }
 
 /// A problem in the `[edge]` section, as (key path, message).
@@ -595,14 +635,12 @@ impl Engine {
                 }
                 continue;
             }
-            let current = state.alerts.remove(&key).unwrap_or(AlertState::Normal {
-                streak: 0,
-                since_ms: observation.at_ms,
-            });
+            let current = state
+                .alerts
+                .remove(&key)
+                .unwrap_or(AlertState::Normal(Streak::NONE));
             let next = self.step_alert(index, current, input, &observation, reading, &mut effects);
-            // A normal state with no streak is the default: not kept, so quiet devices cost
-            // nothing.
-            if !matches!(next, AlertState::Normal { streak: 0, .. }) {
+            if next_is_kept(&next) {
                 state.alerts.insert(key, next);
             }
         }
@@ -623,125 +661,74 @@ impl Engine {
             return current;
         };
         let now = obs.at_ms;
-        let held = |streak: u32, since: u64| {
-            streak >= alert.for_readings && now.saturating_sub(since) >= alert.for_ms
-        };
         match current {
-            AlertState::Normal { streak, since_ms } => {
-                if !input.raise {
-                    return AlertState::Normal {
-                        streak: 0,
-                        since_ms: now,
-                    };
-                }
-                let (streak, since_ms) = if streak == 0 {
-                    (1, now)
-                } else {
-                    (streak + 1, since_ms)
-                };
-                if !held(streak, since_ms) {
-                    return AlertState::Normal { streak, since_ms };
+            AlertState::Normal(raising) => {
+                let raising = raising.next(input.raise, now);
+                if !raising.holds(alert, now) {
+                    return AlertState::Normal(raising);
                 }
                 rule.stats.raised.fetch_add(1, Ordering::Relaxed);
-                self.push_alert(
-                    effects,
-                    rule,
-                    alert,
-                    self.alert_record(
-                        rule,
-                        alert,
-                        &obs.device_id,
-                        &obs.topic,
-                        "raised",
-                        now,
-                        now,
-                        &reading,
-                    ),
-                );
-                if let Some(payload) = &alert.command {
-                    effects.commands.push(CommandAction {
-                        rule: rule.name.clone(),
-                        device_id: alert
-                            .command_device
-                            .clone()
-                            .unwrap_or_else(|| obs.device_id.clone()),
-                        payload: payload.clone(),
-                    });
-                }
+                let change = Change {
+                    state: "raised",
+                    raised_at_ms: now,
+                    command: alert.command.as_ref(),
+                };
+                self.announce(effects, rule, alert, obs, &change, &reading);
                 AlertState::Active {
                     raised_at_ms: now,
                     topic: obs.topic.clone(),
                     reading,
-                    streak: 0,
-                    since_ms: now,
+                    clearing: Streak::NONE,
                 }
             }
             AlertState::Active {
                 raised_at_ms,
                 topic,
                 reading: raised_by,
-                streak,
-                since_ms,
+                clearing,
             } => {
-                if !input.clear {
+                let clearing = clearing.next(input.clear, now);
+                if !clearing.holds(alert, now) {
                     return AlertState::Active {
                         raised_at_ms,
                         topic,
                         reading: raised_by,
-                        streak: 0,
-                        since_ms: now,
-                    };
-                }
-                let (streak, since_ms) = if streak == 0 {
-                    (1, now)
-                } else {
-                    (streak + 1, since_ms)
-                };
-                if !held(streak, since_ms) {
-                    return AlertState::Active {
-                        raised_at_ms,
-                        topic,
-                        reading: raised_by,
-                        streak,
-                        since_ms,
+                        clearing,
                     };
                 }
                 rule.stats.cleared.fetch_add(1, Ordering::Relaxed);
-                self.push_alert(
-                    effects,
-                    rule,
-                    alert,
-                    self.alert_record(
-                        rule,
-                        alert,
-                        &obs.device_id,
-                        &obs.topic,
-                        "cleared",
-                        raised_at_ms,
-                        now,
-                        &reading,
-                    ),
-                );
-                if let Some(payload) = &alert.clear_command {
-                    effects.commands.push(CommandAction {
-                        rule: rule.name.clone(),
-                        device_id: alert
-                            .command_device
-                            .clone()
-                            .unwrap_or_else(|| obs.device_id.clone()),
-                        payload: payload.clone(),
-                    });
-                }
-                AlertState::Normal {
-                    streak: 0,
-                    since_ms: now,
-                }
+                let change = Change {
+                    state: "cleared",
+                    raised_at_ms,
+                    command: alert.clear_command.as_ref(),
+                };
+                self.announce(effects, rule, alert, obs, &change, &reading);
+                AlertState::Normal(Streak::NONE)
             }
         }
     }
 
-    /// Stores an alert record and, with a webhook, asks for the same document to be POSTed.
-    fn push_alert(&self, effects: &mut Effects, rule: &Rule, alert: &Alert, record: Output) {
+    /// What an alert's change asks for: its record stored (and POSTed with a webhook), its
+    /// command queued.
+    fn announce(
+        &self,
+        effects: &mut Effects,
+        rule: &Rule,
+        alert: &Alert,
+        obs: &Observation,
+        change: &Change<'_>,
+        reading: &Value,
+    ) {
+        let record = self.alert_record(
+            rule,
+            alert,
+            &obs.device_id,
+            &obs.topic,
+            change.state,
+            change.raised_at_ms,
+            obs.at_ms,
+            reading,
+        );
         if let Some(hook) = &alert.webhook {
             effects.webhooks.push(WebhookCall {
                 rule: rule.name.clone(),
@@ -752,6 +739,16 @@ impl Engine {
             });
         }
         effects.records.push(record);
+        if let Some(payload) = change.command {
+            effects.commands.push(CommandAction {
+                rule: rule.name.clone(),
+                device_id: alert
+                    .command_device
+                    .clone()
+                    .unwrap_or_else(|| obs.device_id.clone()),
+                payload: payload.clone(),
+            });
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -908,7 +905,7 @@ impl Engine {
                         reading: reading.clone(),
                     })
                 }
-                AlertState::Normal { .. } => None,
+                AlertState::Normal(_) => None,
             })
             .collect();
         alerts.sort_by(|a, b| (&a.rule, &a.device).cmp(&(&b.rule, &b.device)));
@@ -932,6 +929,11 @@ impl Engine {
     pub fn stats(&self) -> &EngineStats {
         &self.stats
     }
+}
+
+/// A normal state with no streak is the default: not kept, so quiet devices cost nothing.
+fn next_is_kept(state: &AlertState) -> bool {
+    !matches!(state, AlertState::Normal(streak) if *streak == Streak::NONE)
 }
 
 fn not_structured(content_type: Option<&str>) -> String {

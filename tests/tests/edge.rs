@@ -406,33 +406,6 @@ enrich_into = "payload"
     );
 }
 
-/// `mosquitto_sub` (MQTT 5) as `device` on its command topics, printing `count` payloads.
-fn subscribe(d: &mut Daemon, addr: SocketAddr, device: &str, secret: &str, count: usize) -> Child {
-    let before = d.metric("outpost_mqtt_subacks_total");
-    let child = Command::new("mosquitto_sub")
-        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
-        .args([
-            "-V",
-            "5",
-            "-u",
-            device,
-            "-P",
-            secret,
-            "-i",
-            &format!("{device}-sub"),
-        ])
-        .args(["-q", "1", "-t", &format!("devices/{device}/commands/#")])
-        .args(["-F", "%p", "-W", "30", "-C", &count.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run mosquitto_sub");
-    d.wait_until("the subscription", Duration::from_secs(5), |d| {
-        d.metric("outpost_mqtt_subacks_total") > before
-    });
-    child
-}
-
 fn mosquitto_pub(addr: SocketAddr, device: &str, secret: &str, topic: &str, message: &str) {
     let status = Command::new("mosquitto_pub")
         .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
@@ -475,7 +448,7 @@ clear_payload = { action = "open" }
     let mqtt = d.listener("MQTT");
     let sensor = create_device(&d, "boiler-1", None);
     let valve = create_device(&d, "valve-1", Some(r#"["mqtt"]"#));
-    let sub = subscribe(&mut d, mqtt, "valve-1", &valve, 2);
+    let sub = outpost_e2e::mosquitto::subscribe_commands(&mut d, mqtt, "valve-1", &valve, 2, "%p");
 
     let send = |t: f64| {
         mosquitto_pub(

@@ -106,32 +106,10 @@ fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) 
     }
 }
 
-/// `mosquitto_sub` (MQTT 5) as the device on its command topics, printing topic, response
-/// topic, correlation data, user properties and payload of `count` messages.
+/// `mosquitto_sub` as the device, printing topic, response topic, correlation data, user
+/// properties and payload of `count` messages.
 fn subscribe(d: &mut Daemon, addr: SocketAddr, device: &str, secret: &str, count: usize) -> Child {
-    let before = d.metric("outpost_mqtt_subacks_total");
-    let child = Command::new("mosquitto_sub")
-        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
-        .args([
-            "-V",
-            "5",
-            "-u",
-            device,
-            "-P",
-            secret,
-            "-i",
-            &format!("{device}-sub"),
-        ])
-        .args(["-q", "1", "-t", &format!("devices/{device}/commands/#")])
-        .args(["-F", "%t|%R|%D|%P|%p", "-W", "20", "-C", &count.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run mosquitto_sub");
-    d.wait_until("the subscription", Duration::from_secs(5), |d| {
-        d.metric("outpost_mqtt_subacks_total") > before
-    });
-    child
+    outpost_e2e::mosquitto::subscribe_commands(d, addr, device, secret, count, "%t|%R|%D|%P|%p")
 }
 
 /// A command written to Kafka reaches an MQTT device (name in the topic, MQTT 5 response topic
