@@ -24,6 +24,8 @@ pub struct Scope<'a> {
 pub struct Expr {
     source: String,
     program: cel::Program,
+    /// The same expression for the native evaluator, when it is in its subset.
+    fast: Option<crate::fast::Node>,
     /// The variables it mentions (bound per evaluation).
     variables: Vec<String>,
 }
@@ -54,6 +56,7 @@ impl Expr {
             .collect();
         Ok(Self {
             source: source.to_owned(),
+            fast: crate::fast::compile(program.expression()),
             program,
             variables,
         })
@@ -66,6 +69,24 @@ impl Expr {
     /// Evaluates to a JSON value. A field the reading lacks is an error (`no such key` /
     /// `undeclared reference`), as is a type mismatch: the caller decides what an error means.
     pub fn eval(&self, env: &Arc<cel::Env>, scope: &Scope<'_>) -> Result<Value, String> {
+        if let Some(value) = self.fast_value(scope) {
+            return Ok(value.to_json());
+        }
+        self.interpret(env, scope)
+    }
+
+    /// The native evaluator's answer, when it has one.
+    pub(crate) fn fast_value(&self, scope: &Scope<'_>) -> Option<crate::fast::Native> {
+        self.fast.as_ref()?.eval(scope.fields, scope.payload)
+    }
+
+    /// Whether the expression mentions `name` (`device`: the registry's facts are needed).
+    pub fn mentions(&self, name: &str) -> bool {
+        self.variables.iter().any(|v| v == name)
+    }
+
+    /// [`Expr::eval`] by the interpreter alone.
+    pub fn interpret(&self, env: &Arc<cel::Env>, scope: &Scope<'_>) -> Result<Value, String> {
         let mut ctx = cel::Context::with_env(Arc::clone(env));
         for name in &self.variables {
             let value = match name.as_str() {
@@ -93,7 +114,10 @@ impl Expr {
 
     /// Evaluates a condition: `Ok(bool)` for a boolean result, an error otherwise.
     pub fn test(&self, env: &Arc<cel::Env>, scope: &Scope<'_>) -> Result<bool, String> {
-        match self.eval(env, scope)? {
+        if let Some(crate::fast::Native::Bool(b)) = self.fast_value(scope) {
+            return Ok(b);
+        }
+        match self.interpret(env, scope)? {
             Value::Bool(b) => Ok(b),
             other => Err(format!("the condition gave {other}, not true or false")),
         }

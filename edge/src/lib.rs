@@ -16,6 +16,7 @@
 //! alert states live in memory, bounded by `edge.max_window_keys` / `edge.max_alert_keys`.
 
 pub mod expr;
+mod fast;
 pub mod value;
 mod window;
 
@@ -29,7 +30,7 @@ use outpost_config::{Aggregation, DeviceFact, EdgeConfig, EdgeRule, EnrichInto, 
 use serde_json::{Map, Value, json};
 
 use expr::{Expr, Scope};
-use value::{Decoded, Encoding};
+use value::Decoded;
 use window::Windows;
 
 /// Registry facts about a device, for conditions (`device.*`) and enrichment.
@@ -126,11 +127,13 @@ pub struct Trace {
 /// The values a stored reading feeds the windows and alert states.
 #[derive(Debug, Default)]
 pub struct Observation {
-    device_id: String,
-    topic: String,
+    device_id: Arc<str>,
+    topic: Arc<str>,
     at_ms: u64,
+    /// The reading's fields, for the alerts it raises.
+    reading: Arc<Value>,
     aggregates: Vec<(usize, Vec<(usize, f64)>)>,
-    alerts: Vec<(usize, AlertInput, Value)>,
+    alerts: Vec<(usize, AlertInput)>,
 }
 
 /// An alert rule's conditions on one reading.
@@ -256,6 +259,10 @@ pub struct Engine {
     alerts_topic: String,
     invalid_topic: String,
     max_alert_keys: usize,
+    /// Some expression mentions `device`: the device's object is built per reading.
+    device_needed: bool,
+    /// The registry is asked per reading (`device` mentioned, or enrichment).
+    facts_needed: bool,
     state: Mutex<State>,
     stats: EngineStats,
 }
@@ -272,7 +279,7 @@ impl std::fmt::Debug for Engine {
 struct State {
     windows: Windows,
     /// Per (rule index, device).
-    alerts: HashMap<(usize, String), AlertState>,
+    alerts: HashMap<(usize, Arc<str>), AlertState>,
 }
 
 /// Readings in a row that met a condition, the first at `since_ms`.
@@ -316,8 +323,8 @@ enum AlertState {
     /// Raised; `clearing` readings in a row met `clear`.
     Active {
         raised_at_ms: u64,
-        topic: String,
-        reading: Value,
+        topic: Arc<str>,
+        reading: Arc<Value>,
         clearing: Streak,
     },
 }
@@ -349,8 +356,12 @@ impl Engine {
         if !problems.is_empty() {
             return Err(problems);
         }
+        let device_needed = rules.iter().any(Rule::mentions_device);
+        let facts_needed = device_needed || rules.iter().any(|r| !r.enrich.is_empty());
         Ok(Self {
             env,
+            device_needed,
+            facts_needed,
             rules,
             alerts_topic: config.alerts_topic.clone(),
             invalid_topic: config.invalid_topic.clone(),
@@ -397,9 +408,11 @@ impl Engine {
         self.run(reading, facts, false)
     }
 
-    fn run(&self, reading: &Reading<'_>, facts: &dyn Facts, count: bool) -> Verdict {
+    /// The stateless steps; `live` counts them in the rules' metrics, and a dry run (not
+    /// `live`) records what each rule did instead.
+    fn run(&self, reading: &Reading<'_>, facts: &dyn Facts, live: bool) -> Verdict {
         let bump = |counter: &AtomicU64| {
-            if count {
+            if live {
                 counter.fetch_add(1, Ordering::Relaxed);
             }
         };
@@ -407,57 +420,63 @@ impl Engine {
         if !self.rules.iter().any(|r| r.matches(reading)) {
             return Verdict::Store(prepared);
         }
-        // Decoded and looked up once, for every matching rule.
+        // Decoded and looked up once, for every matching rule; the registry only when a rule
+        // needs it.
         let mut decoded = value::decode(reading.content_type, reading.payload);
-        let device_facts = facts.facts(reading.device_id).unwrap_or_default();
-        let device = json!({
-            "id": reading.device_id,
-            "name": device_facts.name, "model": device_facts.model,
-            "location": device_facts.location, "firmware": device_facts.firmware,
-            "tags": device_facts.tags,
-        });
+        let device_facts = if self.facts_needed {
+            facts.facts(reading.device_id).unwrap_or_default()
+        } else {
+            DeviceFacts::default()
+        };
+        let device = if self.device_needed {
+            json!({
+                "id": reading.device_id,
+                "name": device_facts.name, "model": device_facts.model,
+                "location": device_facts.location, "firmware": device_facts.firmware,
+                "tags": device_facts.tags,
+            })
+        } else {
+            Value::Null
+        };
         let empty = Map::new();
         let mut changed = false;
-        let mut observation = Observation {
-            device_id: reading.device_id.to_owned(),
-            topic: reading.topic.to_owned(),
-            at_ms: reading.received_at_ms,
-            ..Observation::default()
-        };
+        let mut aggregates = Vec::new();
+        let mut alerts = Vec::new();
         for (index, rule) in self.rules.iter().enumerate() {
             if !rule.matches(reading) {
                 continue;
             }
-            let mut trace = Trace {
-                rule: rule.name.clone(),
-                ..Trace::default()
+            let mut trace = Trace::default();
+            let (fields, payload) = match &decoded {
+                Some(d) => (d.fields(), &d.value),
+                None => (&empty, &Value::Null),
+            };
+            let scope = Scope {
+                fields,
+                payload,
+                device: &device,
+                topic: reading.topic,
+                source: reading.source,
             };
             if let Some(when) = &rule.when {
-                let (fields, payload) = match &decoded {
-                    Some(d) => (&d.fields, &d.value),
-                    None => (&empty, &Value::Null),
-                };
-                let scope = Scope {
-                    fields,
-                    payload,
-                    device: &device,
-                    topic: reading.topic,
-                    source: reading.source,
-                };
-                match when.test(&self.env, &scope) {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        trace.skipped = true;
-                        prepared.trace.push(trace);
-                        continue;
-                    }
+                let error = match when.test(&self.env, &scope) {
+                    Ok(true) => None,
+                    Ok(false) => Some(None),
                     Err(e) => {
                         bump(&rule.stats.errors);
-                        trace.skipped = true;
-                        trace.error = Some(format!("when: {e}"));
-                        prepared.trace.push(trace);
-                        continue;
+                        Some(Some(format!("when: {e}")))
                     }
+                };
+                if let Some(error) = error {
+                    if !live {
+                        trace.skipped = true;
+                        trace.error = error;
+                        prepared.trace.push(Trace {
+                            rule: rule.name.clone(),
+                            ..trace
+                        });
+                    }
+                    continue;
                 }
             }
             bump(&rule.stats.matched);
@@ -484,8 +503,13 @@ impl Engine {
                     }
                     // Dead-lettered: stored as received, no further rule runs on it.
                     bump(&rule.stats.dead_lettered);
-                    trace.invalid = Some(invalid.error.clone());
-                    prepared.trace.push(trace);
+                    if !live {
+                        prepared.trace.push(Trace {
+                            rule: rule.name.clone(),
+                            invalid: Some(invalid.error.clone()),
+                            ..trace
+                        });
+                    }
                     return Verdict::Store(Prepared {
                         invalid: Some(invalid),
                         trace: prepared.trace,
@@ -494,10 +518,7 @@ impl Engine {
                 }
             }
             // Transforms and enrichment into the payload: JSON and CBOR objects only.
-            let writable = decoded
-                .as_ref()
-                .is_some_and(|d| d.encoding != Encoding::Senml && d.value.is_object());
-            if writable && let Some(d) = decoded.as_mut() {
+            if let Some(d) = decoded.as_mut() {
                 match rule.transform(&self.env, d, &device, reading) {
                     Ok(true) => {
                         trace.transformed = true;
@@ -517,19 +538,20 @@ impl Engine {
                     .iter()
                     .filter_map(|f| device_facts.get(*f).map(|v| (*f, v)))
                     .collect();
-                trace.enriched = found.iter().map(|(f, _)| f.as_str()).collect();
-                match (rule.enrich_into, decoded.as_mut()) {
-                    (EnrichInto::Payload, Some(d)) if writable => {
+                let writable = decoded.as_mut().and_then(value::Decoded::fields_mut);
+                match (rule.enrich_into, writable) {
+                    (EnrichInto::Payload, Some(fields)) => {
+                        trace.enriched = found.iter().map(|(f, _)| f.as_str()).collect();
                         let object: Map<String, Value> = found
                             .into_iter()
                             .map(|(f, v)| (f.as_str().to_owned(), v))
                             .collect();
-                        d.fields.insert("device".into(), Value::Object(object));
-                        d.value = Value::Object(d.fields.clone());
+                        fields.insert("device".into(), Value::Object(object));
                         changed = true;
                     }
-                    (EnrichInto::Payload, _) => trace.enriched.clear(),
+                    (EnrichInto::Payload, None) => {}
                     (EnrichInto::Headers, _) => {
+                        trace.enriched = found.iter().map(|(f, _)| f.as_str()).collect();
                         for (fact, v) in found {
                             let text = match v {
                                 Value::String(s) => s,
@@ -548,7 +570,7 @@ impl Engine {
                 }
             }
             let (fields, payload) = match &decoded {
-                Some(d) => (&d.fields, &d.value),
+                Some(d) => (d.fields(), &d.value),
                 None => (&empty, &Value::Null),
             };
             if let Some(agg) = &rule.aggregate {
@@ -558,12 +580,14 @@ impl Engine {
                     .enumerate()
                     .filter_map(|(i, f)| fields.get(f).and_then(Value::as_f64).map(|v| (i, v)))
                     .collect();
-                trace.aggregated = values
-                    .iter()
-                    .map(|(i, v)| (agg.fields[*i].clone(), *v))
-                    .collect();
+                if !live {
+                    trace.aggregated = values
+                        .iter()
+                        .map(|(i, v)| (agg.fields[*i].clone(), *v))
+                        .collect();
+                }
                 if !values.is_empty() {
-                    observation.aggregates.push((index, values));
+                    aggregates.push((index, values));
                 }
             }
             if let Some(alert) = &rule.alert {
@@ -577,9 +601,7 @@ impl Engine {
                 match alert.evaluate(&self.env, &scope) {
                     Ok(input) => {
                         trace.alert = Some(input);
-                        observation
-                            .alerts
-                            .push((index, input, Value::Object(fields.clone())));
+                        alerts.push((index, input));
                     }
                     Err(e) => {
                         bump(&rule.stats.errors);
@@ -587,13 +609,31 @@ impl Engine {
                     }
                 }
             }
-            prepared.trace.push(trace);
+            if !live {
+                prepared.trace.push(Trace {
+                    rule: rule.name.clone(),
+                    ..trace
+                });
+            }
         }
         if changed && let Some(d) = &decoded {
-            prepared.payload = value::encode(d.encoding, &d.fields);
+            prepared.payload = value::encode(d);
         }
-        if !observation.aggregates.is_empty() || !observation.alerts.is_empty() {
-            prepared.observation = Some(observation);
+        if !aggregates.is_empty() || !alerts.is_empty() {
+            // The fields, for the alert a reading may raise: the decoded object itself (no
+            // copy), or SenML's resolved names.
+            let fields = match decoded {
+                Some(d) if !alerts.is_empty() => d.into_fields(),
+                _ => Value::Null,
+            };
+            prepared.observation = Some(Observation {
+                device_id: Arc::from(reading.device_id),
+                topic: Arc::from(reading.topic),
+                at_ms: reading.received_at_ms,
+                reading: Arc::new(fields),
+                aggregates,
+                alerts,
+            });
         }
         Verdict::Store(prepared)
     }
@@ -607,8 +647,8 @@ impl Engine {
             let Some(agg) = &rule.aggregate else { continue };
             let key = (
                 index,
-                observation.device_id.clone(),
-                observation.topic.clone(),
+                Arc::clone(&observation.device_id),
+                Arc::clone(&observation.topic),
             );
             match state
                 .windows
@@ -624,8 +664,8 @@ impl Engine {
             }
         }
         let alerts = std::mem::take(&mut observation.alerts);
-        for (index, input, reading) in alerts {
-            let key = (index, observation.device_id.clone());
+        for (index, input) in alerts {
+            let key = (index, Arc::clone(&observation.device_id));
             let known = state.alerts.contains_key(&key);
             if !known && (!input.raise || state.alerts.len() >= self.max_alert_keys) {
                 if input.raise {
@@ -639,7 +679,7 @@ impl Engine {
                 .alerts
                 .remove(&key)
                 .unwrap_or(AlertState::Normal(Streak::NONE));
-            let next = self.step_alert(index, current, input, &observation, reading, &mut effects);
+            let next = self.step_alert(index, current, input, &observation, &mut effects);
             if next_is_kept(&next) {
                 state.alerts.insert(key, next);
             }
@@ -653,7 +693,6 @@ impl Engine {
         current: AlertState,
         input: AlertInput,
         obs: &Observation,
-        reading: Value,
         effects: &mut Effects,
     ) -> AlertState {
         let rule = &self.rules[index];
@@ -673,11 +712,11 @@ impl Engine {
                     raised_at_ms: now,
                     command: alert.command.as_ref(),
                 };
-                self.announce(effects, rule, alert, obs, &change, &reading);
+                self.announce(effects, rule, alert, obs, &change);
                 AlertState::Active {
                     raised_at_ms: now,
-                    topic: obs.topic.clone(),
-                    reading,
+                    topic: Arc::clone(&obs.topic),
+                    reading: Arc::clone(&obs.reading),
                     clearing: Streak::NONE,
                 }
             }
@@ -702,7 +741,7 @@ impl Engine {
                     raised_at_ms,
                     command: alert.clear_command.as_ref(),
                 };
-                self.announce(effects, rule, alert, obs, &change, &reading);
+                self.announce(effects, rule, alert, obs, &change);
                 AlertState::Normal(Streak::NONE)
             }
         }
@@ -717,7 +756,6 @@ impl Engine {
         alert: &Alert,
         obs: &Observation,
         change: &Change<'_>,
-        reading: &Value,
     ) {
         let record = self.alert_record(
             rule,
@@ -727,7 +765,7 @@ impl Engine {
             change.state,
             change.raised_at_ms,
             obs.at_ms,
-            reading,
+            &obs.reading,
         );
         if let Some(hook) = &alert.webhook {
             effects.webhooks.push(WebhookCall {
@@ -745,7 +783,7 @@ impl Engine {
                 device_id: alert
                     .command_device
                     .clone()
-                    .unwrap_or_else(|| obs.device_id.clone()),
+                    .unwrap_or_else(|| obs.device_id.to_string()),
                 payload: payload.clone(),
             });
         }
@@ -811,15 +849,15 @@ impl Engine {
         }
         let payload = json!({
             "aggregate": rule.name,
-            "device": device,
-            "topic": topic,
+            "device": &**device,
+            "topic": &**topic,
             "window_start_ms": closed.start_ms,
             "window_end_ms": closed.start_ms + agg.window_ms,
             "complete": complete,
             "fields": fields,
         });
         Output {
-            device_id: device.clone(),
+            device_id: device.to_string(),
             kafka_topic: agg.kafka_topic.clone(),
             payload: payload.to_string().into_bytes(),
             headers: vec![("outpost-aggregate".into(), rule.name.clone())],
@@ -894,15 +932,15 @@ impl Engine {
                     let rule = &self.rules[*index];
                     Some(ActiveAlert {
                         rule: rule.name.clone(),
-                        device: device.clone(),
+                        device: device.to_string(),
                         severity: rule
                             .alert
                             .as_ref()
                             .map(|a| a.severity.clone())
                             .unwrap_or_default(),
-                        topic: topic.clone(),
+                        topic: topic.to_string(),
                         raised_at_ms: *raised_at_ms,
-                        reading: reading.clone(),
+                        reading: Value::clone(reading),
                     })
                 }
                 AlertState::Normal(_) => None,
@@ -944,6 +982,18 @@ fn not_structured(content_type: Option<&str>) -> String {
 }
 
 impl Rule {
+    fn mentions_device(&self) -> bool {
+        let alert = self
+            .alert
+            .iter()
+            .flat_map(|a| std::iter::once(&a.raise).chain(a.clear.as_ref()));
+        self.when
+            .iter()
+            .chain(self.set.iter().map(|(_, e)| e))
+            .chain(alert)
+            .any(|e| e.mentions("device"))
+    }
+
     fn matches(&self, reading: &Reading<'_>) -> bool {
         self.source.as_deref().is_none_or(|s| s == reading.source)
             && self
@@ -964,41 +1014,42 @@ impl Rule {
         device: &Value,
         reading: &Reading<'_>,
     ) -> Result<bool, String> {
-        if self.rename.is_empty() && self.drop.is_empty() && self.set.is_empty() {
+        // JSON and CBOR objects only: SenML and other payloads are forwarded as received.
+        let nothing_to_do = self.rename.is_empty() && self.drop.is_empty() && self.set.is_empty();
+        if nothing_to_do || d.fields_mut().is_none() {
             return Ok(false);
         }
-        let mut changed = false;
         // `set` sees the fields as they were before this rule.
         let mut computed = Vec::with_capacity(self.set.len());
         for (field, e) in &self.set {
             let scope = Scope {
-                fields: &d.fields,
+                fields: d.fields(),
                 payload: &d.value,
                 device,
                 topic: reading.topic,
                 source: reading.source,
             };
-            computed.push((
-                field.clone(),
-                e.eval(env, &scope)
-                    .map_err(|e| format!("set.{field}: {e}"))?,
-            ));
+            let value = e
+                .eval(env, &scope)
+                .map_err(|e| format!("set.{field}: {e}"))?;
+            computed.push((field.clone(), value));
         }
+        let Some(fields) = d.fields_mut() else {
+            return Ok(false);
+        };
+        let mut changed = false;
         for (from, to) in &self.rename {
-            if let Some(v) = d.fields.remove(from) {
-                d.fields.insert(to.clone(), v);
+            if let Some(v) = fields.remove(from) {
+                fields.insert(to.clone(), v);
                 changed = true;
             }
         }
         for field in &self.drop {
-            changed |= d.fields.remove(field).is_some();
+            changed |= fields.remove(field).is_some();
         }
         for (field, v) in computed {
-            d.fields.insert(field, v);
+            fields.insert(field, v);
             changed = true;
-        }
-        if changed {
-            d.value = Value::Object(d.fields.clone());
         }
         Ok(changed)
     }

@@ -266,3 +266,107 @@ fn compile_errors_name_their_keys() {
         ]
     );
 }
+
+mod fast_path {
+    use proptest::prelude::*;
+    use serde_json::{Map, Value, json};
+
+    use crate::expr::{Expr, Scope, environment};
+
+    /// Expressions of the native subset and a little beyond it (integer arithmetic, equality,
+    /// strings), over fields `a`, `b`, `c` that may be missing.
+    fn expression() -> impl Strategy<Value = String> {
+        let leaf = prop_oneof![
+            Just("a".to_owned()),
+            Just("b".to_owned()),
+            Just("c".to_owned()),
+            Just("payload.a".to_owned()),
+            Just("has(payload.b)".to_owned()),
+            Just("double(a)".to_owned()),
+            (-5i64..5).prop_map(|i| i.to_string()),
+            (-5i64..5).prop_map(|i| format!("{i}.5")),
+            Just("2u".to_owned()),
+            Just("true".to_owned()),
+            Just("'x'".to_owned()),
+        ];
+        leaf.prop_recursive(4, 24, 2, |inner| {
+            (inner.clone(), inner, 0..12usize).prop_map(|(l, r, op)| {
+                let ops = [
+                    "&&", "||", "<", "<=", ">", ">=", "+", "-", "*", "/", "==", "!",
+                ];
+                match ops[op] {
+                    "!" => format!("!({l})"),
+                    op => format!("({l}) {op} ({r})"),
+                }
+            })
+        })
+    }
+
+    fn field() -> impl Strategy<Value = Option<Value>> {
+        prop_oneof![
+            Just(None),
+            (-3i64..3).prop_map(|i| Some(json!(i))),
+            (0u64..3).prop_map(|u| Some(json!(u))),
+            (-3.0f64..3.0).prop_map(|d| Some(json!(d))),
+            any::<bool>().prop_map(|b| Some(json!(b))),
+            Just(Some(json!("text"))),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        /// Wherever the native evaluator answers, the interpreter gives the same value.
+        #[test]
+        fn fast_path_agrees_with_the_interpreter(
+            source in expression(),
+            a in field(), b in field(), c in field(),
+        ) {
+            let env = environment();
+            let Ok(expr) = Expr::compile(&env, &source) else { return Ok(()) };
+            let mut fields = Map::new();
+            for (k, v) in [("a", a), ("b", b), ("c", c)] {
+                if let Some(v) = v {
+                    fields.insert(k.to_owned(), v);
+                }
+            }
+            let payload = Value::Object(fields.clone());
+            let scope = Scope {
+                fields: &fields,
+                payload: &payload,
+                device: &Value::Null,
+                topic: "t",
+                source: "mqtt",
+            };
+            let interpreted = expr.interpret(&env, &scope);
+            if let Some(fast) = expr.fast_value(&scope) {
+                prop_assert_eq!(Ok(fast.to_json()), interpreted, "{}", source);
+            }
+        }
+    }
+
+    #[test]
+    fn common_conditions_take_the_native_path() {
+        let env = environment();
+        let fields: Map<String, Value> =
+            serde_json::from_value(json!({"temperature": 85, "humidity": 40.5})).unwrap();
+        let payload = Value::Object(fields.clone());
+        let scope = Scope {
+            fields: &fields,
+            payload: &payload,
+            device: &Value::Null,
+            topic: "t",
+            source: "mqtt",
+        };
+        for source in [
+            "temperature > 80 && humidity < 50.0",
+            "has(payload.temperature) || humidity >= 1",
+            "humidity * 9.0 / 5.0 + 32.0",
+            "double(temperature) * 9.0 / 5.0 + 32.0",
+            "!(temperature <= 80)",
+        ] {
+            let expr = Expr::compile(&env, source).unwrap();
+            assert!(expr.fast_value(&scope).is_some(), "{source}");
+        }
+    }
+}

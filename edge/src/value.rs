@@ -24,10 +24,40 @@ pub enum Encoding {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decoded {
     pub encoding: Encoding,
-    /// The whole payload (the pack for SenML).
+    /// The whole payload (the pack for SenML); transforms change its members in place.
     pub value: Value,
-    /// The top-level fields the rules see by name (empty when the payload is not a map).
-    pub fields: Map<String, Value>,
+    /// SenML only: the records by resolved name.
+    senml: Option<Map<String, Value>>,
+}
+
+static NO_FIELDS: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock::new(Map::new);
+
+impl Decoded {
+    /// The top-level fields the rules see by name (none when the payload is not a map).
+    pub fn fields(&self) -> &Map<String, Value> {
+        match (&self.senml, &self.value) {
+            (Some(senml), _) => senml,
+            (None, Value::Object(map)) => map,
+            (None, _) => &NO_FIELDS,
+        }
+    }
+
+    /// [`Decoded::fields`] as one object, without a copy when the payload is that object.
+    pub fn into_fields(self) -> Value {
+        match (self.senml, self.value) {
+            (Some(senml), _) => Value::Object(senml),
+            (None, object @ Value::Object(_)) => object,
+            (None, _) => Value::Object(Map::new()),
+        }
+    }
+
+    /// The fields of a payload transforms may change: JSON and CBOR objects.
+    pub fn fields_mut(&mut self) -> Option<&mut Map<String, Value>> {
+        match (&self.senml, &mut self.value) {
+            (None, Value::Object(map)) => Some(map),
+            _ => None,
+        }
+    }
 }
 
 /// Decodes a payload by its content type, or `None` when it is not one of the structured
@@ -45,15 +75,11 @@ pub fn decode(content_type: Option<&str>, payload: &[u8]) -> Option<Decoded> {
         Some("application/senml+cbor") => (Encoding::Senml, cbor(payload)?),
         _ => return None,
     };
-    let fields = match (&value, encoding) {
-        (_, Encoding::Senml) => senml_fields(&value),
-        (Value::Object(map), _) => map.clone(),
-        _ => Map::new(),
-    };
+    let senml = (encoding == Encoding::Senml).then(|| senml_fields(&value));
     Some(Decoded {
         encoding,
         value,
-        fields,
+        senml,
     })
 }
 
@@ -92,13 +118,13 @@ fn cbor(payload: &[u8]) -> Option<Value> {
     convert(ciborium::from_reader(payload).ok()?)
 }
 
-/// Writes `fields` back in the payload's encoding (JSON or CBOR objects only).
-pub fn encode(encoding: Encoding, fields: &Map<String, Value>) -> Option<Vec<u8>> {
-    match encoding {
-        Encoding::Json => serde_json::to_vec(fields).ok(),
+/// Writes a (transformed) payload back in its encoding (JSON or CBOR; never SenML).
+pub fn encode(decoded: &Decoded) -> Option<Vec<u8>> {
+    match decoded.encoding {
+        Encoding::Json => serde_json::to_vec(&decoded.value).ok(),
         Encoding::Cbor => {
             let mut out = Vec::new();
-            ciborium::into_writer(fields, &mut out).ok()?;
+            ciborium::into_writer(&decoded.value, &mut out).ok()?;
             Some(out)
         }
         Encoding::Senml => None,
@@ -145,7 +171,7 @@ mod tests {
     fn json_cbor_and_senml_decode_to_fields() {
         let d = decode(Some("application/json"), br#"{"t":21.5,"ok":true}"#).unwrap();
         assert_eq!(
-            (d.encoding, d.fields["t"].clone()),
+            (d.encoding, d.fields()["t"].clone()),
             (Encoding::Json, json!(21.5))
         );
         // No content type: JSON objects are recognised, anything else is opaque.
@@ -157,8 +183,8 @@ mod tests {
         let mut cbor = Vec::new();
         ciborium::into_writer(&json!({"t": 3, "s": "x"}), &mut cbor).unwrap();
         let d = decode(Some("application/cbor"), &cbor).unwrap();
-        assert_eq!(d.fields["t"], json!(3));
-        assert_eq!(encode(d.encoding, &d.fields).unwrap(), cbor);
+        assert_eq!(d.fields()["t"], json!(3));
+        assert_eq!(encode(&d).unwrap(), cbor);
         // SenML CBOR: integer labels (-2 bn, 0 n, 2 v).
         let pack = ciborium::Value::Array(vec![ciborium::Value::Map(vec![
             (ciborium::Value::from(-2), ciborium::Value::from("d:")),
@@ -168,14 +194,14 @@ mod tests {
         let mut senml = Vec::new();
         ciborium::into_writer(&pack, &mut senml).unwrap();
         let d = decode(Some("application/senml+cbor"), &senml).unwrap();
-        assert_eq!(d.fields["d:t"], json!(4.5));
+        assert_eq!(d.fields()["d:t"], json!(4.5));
 
         let pack = br#"[{"bn":"urn:dev:1:","n":"temp","v":21.5},{"n":"door","vb":true},{"n":"x"}]"#;
         let d = decode(Some("application/senml+json"), pack).unwrap();
         assert_eq!(d.encoding, Encoding::Senml);
-        assert_eq!(d.fields["urn:dev:1:temp"], json!(21.5));
-        assert_eq!(d.fields["urn:dev:1:door"], json!(true));
-        assert_eq!(d.fields.len(), 2);
-        assert!(encode(d.encoding, &d.fields).is_none());
+        assert_eq!(d.fields()["urn:dev:1:temp"], json!(21.5));
+        assert_eq!(d.fields()["urn:dev:1:door"], json!(true));
+        assert_eq!(d.fields().len(), 2);
+        assert!(encode(&d).is_none());
     }
 }

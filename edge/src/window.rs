@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 /// (rule index, device id, topic).
-pub type Key = (usize, String, String);
+pub type Key = (usize, std::sync::Arc<str>, std::sync::Arc<str>);
 
 /// Running statistics of one field in one window.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -160,7 +160,7 @@ mod tests {
     use super::*;
 
     fn key(d: &str) -> Key {
-        (0, d.into(), "t".into())
+        (0, std::sync::Arc::from(d), std::sync::Arc::from("t"))
     }
 
     #[test]

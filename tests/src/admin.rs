@@ -65,6 +65,14 @@ pub fn create_device(d: &Daemon, id: &str, protocols: Option<&str>) -> String {
         .to_owned()
 }
 
+/// The HTTP `Authorization` value of a device's Basic credentials.
+pub fn basic(user: &str, secret: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{secret}"))
+    )
+}
+
 /// A device posting numbered JSON records over HTTP ingestion (HTTP Basic, its own secret).
 pub struct Device {
     pub id: String,
@@ -78,10 +86,7 @@ impl Device {
     /// Creates device `id` through the API.
     pub fn new(d: &Daemon, id: &str) -> Device {
         let secret = create_device(d, id, None);
-        let auth = format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"))
-        );
+        let auth = basic(id, &secret);
         Device {
             id: id.to_owned(),
             auth,

@@ -7,6 +7,7 @@ pub mod coap;
 pub mod daemon;
 pub mod http;
 pub mod kafka;
+pub mod modbus;
 pub mod mosquitto;
 pub mod mqtt_raw;
 pub mod mqtt_wire;

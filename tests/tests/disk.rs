@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use base64::Engine;
+use outpost_e2e::admin::basic;
 use outpost_e2e::admin::{admin_token_config, create_device};
 use outpost_e2e::daemon::Daemon;
 use outpost_e2e::http::request;
@@ -168,14 +168,6 @@ fn counters(records: &[outpost_e2e::kafka::Consumed]) -> Vec<u64> {
         .collect()
 }
 
-/// An HTTP Basic `Authorization` value.
-fn basic_auth(user: &str, secret: &str) -> String {
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{secret}"))
-    )
-}
-
 /// Posts `n` JSON readings `{"n":…}` for `device`: the HTTP status and body.
 fn post(d: &Daemon, auth: &str, from: u64, n: u64) -> (u16, String) {
     let body: Vec<String> = (from..from + n).map(|i| format!("{{\"n\":{i}}}")).collect();
@@ -216,7 +208,7 @@ fn serial_a_full_disk_never_stops_the_daemon_and_the_forwarder_still_frees_it() 
     let mut d = Daemon::start(dir.path(), &extra);
     assert!(data.join("outbox.reserve").exists(), "the reserve is taken");
     let secret = create_device(&d, "sensor-1", None);
-    let auth = basic_auth("sensor-1", &secret);
+    let auth = basic("sensor-1", &secret);
     for i in 0..3 {
         let (status, body) = post(&d, &auth, i * 100, 100);
         assert_eq!(status, 201, "{body}");
@@ -332,7 +324,7 @@ fn serial_the_forwarder_pauses_while_deleting_delivered_records_fails() {
     );
     let mut d = Daemon::start(dir.path(), &extra);
     let secret = create_device(&d, "sensor-1", None);
-    let auth = basic_auth("sensor-1", &secret);
+    let auth = basic("sensor-1", &secret);
     for i in 0..20 {
         let (status, body) = post(&d, &auth, i * 100, 100);
         assert_eq!(status, 201, "{body}");

@@ -11,68 +11,17 @@
 #![allow(clippy::disallowed_methods)] // std::thread::sleep: blocking test code
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use outpost_e2e::admin::{admin, admin_token_config};
 use outpost_e2e::daemon::{Daemon, metric_value};
+use outpost_e2e::modbus::Slave;
 use outpost_e2e::pty::PtyPair;
-use outpost_e2e::require_command;
 use outpost_sync::{OutboxReader, StoredRecord};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// A pymodbus slave process; killed on drop.
-struct Slave {
-    child: Child,
-}
-
-impl Slave {
-    fn start(args: &[&str]) -> Slave {
-        let script = outpost_e2e::manifest_dir().join("peers/modbus_slave.py");
-        let mut child = Command::new(require_command("python3"))
-            .arg(script)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn the modbus slave");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(
-            line.trim(),
-            "READY",
-            "modbus slave did not start (is pymodbus installed? run scripts/setup-test-deps.sh)"
-        );
-        Slave { child }
-    }
-
-    fn signal(&self, signal: rustix::process::Signal) {
-        let pid = rustix::process::Pid::from_raw(i32::try_from(self.child.id()).unwrap()).unwrap();
-        rustix::process::kill_process(pid, signal).unwrap();
-    }
-}
-
-impl Drop for Slave {
-    fn drop(&mut self) {
-        let _ = self.signal_cont();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Slave {
-    fn signal_cont(&self) -> Option<()> {
-        let pid = rustix::process::Pid::from_raw(i32::try_from(self.child.id()).ok()?)?;
-        rustix::process::kill_process(pid, rustix::process::Signal::CONT).ok()
-    }
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

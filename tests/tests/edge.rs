@@ -11,9 +11,10 @@
 #![allow(clippy::disallowed_methods)] // std::thread::sleep: blocking test code, no async runtime here
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
+use outpost_e2e::admin::basic;
 use outpost_e2e::admin::{ADMIN_TOKEN, admin, admin_token_config, create_device};
 use outpost_e2e::daemon::{Daemon, outpost_cli_env, write_config};
 use outpost_e2e::http::request;
@@ -31,12 +32,6 @@ fn kafka_config(kafka: &Tansu) -> String {
         admin_token_config(),
         kafka.bootstrap()
     )
-}
-
-fn basic(user: &str, secret: &str) -> String {
-    use base64::Engine as _;
-    let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{secret}"));
-    format!("Basic {token}")
 }
 
 /// HTTP ingestion of `body` (JSON) on `topic`: (status, response JSON).
@@ -826,41 +821,6 @@ url = "http://127.0.0.1:{port}/hooks/outpost"
     d.terminate(Duration::from_secs(30));
 }
 
-/// A pymodbus TCP slave (`tests/peers/modbus_slave.py`, map `test`) on `port`; killed on drop.
-struct ModbusSlave(Child);
-
-impl ModbusSlave {
-    fn start(port: u16) -> ModbusSlave {
-        use std::io::BufRead;
-        let script = outpost_e2e::manifest_dir().join("peers/modbus_slave.py");
-        let mut child = Command::new("python3")
-            .arg(script)
-            .args(["--tcp", &format!("127.0.0.1:{port}")])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn the modbus slave");
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(
-            line.trim(),
-            "READY",
-            "the modbus slave did not start (pymodbus)"
-        );
-        ModbusSlave(child)
-    }
-}
-
-impl Drop for ModbusSlave {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The acceptance case of docs/EDGE.md, "Aggregate": a register polled at 10 Hz over Modbus
 /// TCP, one-minute aggregates on Kafka with the count of a full minute of polls and the
 /// register's value as min, max and mean, while `[[kafka.rules]]` forwards one raw reading in
@@ -869,7 +829,7 @@ impl Drop for ModbusSlave {
 fn modbus_slow_one_minute_aggregates_of_a_10_hz_register_reach_kafka_raw_sampled_1_in_10() {
     let kafka = Tansu::start(&[(READINGS, 1), (AGGREGATES, 1)]);
     let port = outpost_e2e::kafka::free_port();
-    let _slave = ModbusSlave::start(port);
+    let _slave = outpost_e2e::modbus::Slave::start(&["--tcp", &format!("127.0.0.1:{port}")]);
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
         r#"{}

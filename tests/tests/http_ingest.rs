@@ -12,19 +12,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use base64::Engine;
+use outpost_e2e::admin::basic;
 use outpost_e2e::admin::{admin, admin_token_config, create_device};
 use outpost_e2e::daemon::Daemon;
 use outpost_e2e::http::{Response, request, try_request};
 use outpost_sync::{OutboxReader, Source};
 use rand::RngExt;
-
-fn basic(id: &str, secret: &str) -> String {
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"))
-    )
-}
 
 fn post(addr: SocketAddr, topic: &str, auth: &str, content_type: &str, body: &[u8]) -> Response {
     request(

@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use outpost_e2e::admin::basic;
 use outpost_e2e::admin::{admin, admin_token_config, create_device};
 use outpost_e2e::daemon::{Daemon, write_config};
 use outpost_e2e::http::request;
@@ -66,12 +67,6 @@ fn mqtt_addr(d: &mut Daemon) -> SocketAddr {
     let line = d.wait_for_log("MQTT listener bound", Duration::from_secs(10));
     let v: Value = serde_json::from_str(&line).unwrap();
     v["addr"].as_str().unwrap().parse().unwrap()
-}
-
-fn basic(user: &str, secret: &str) -> String {
-    use base64::Engine as _;
-    let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{secret}"));
-    format!("Basic {token}")
 }
 
 /// An HTTP device's poll (`GET /api/v1/device/commands` with its `Authorization`): the

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use outpost_e2e::admin::basic;
 use outpost_e2e::admin::{admin, admin_token_config, create_device};
 use outpost_e2e::coap::{self, Message};
 use outpost_e2e::daemon::{Daemon, signal, write_config};
@@ -73,12 +74,6 @@ fn lines(child: Child) -> Vec<String> {
         String::from_utf8_lossy(&out.stderr)
     );
     text.lines().map(str::to_owned).collect()
-}
-
-fn basic(user: &str, secret: &str) -> String {
-    use base64::Engine as _;
-    let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{secret}"));
-    format!("Basic {token}")
 }
 
 fn http_post(d: &Daemon, auth: &str, topic: &str, body: &str) {
