@@ -18,12 +18,27 @@ pub fn subscribe_commands(
     count: usize,
     format: &str,
 ) -> Child {
+    let topic = format!("devices/{device}/commands/#");
+    subscribe(d, addr, (device, secret), &topic, count, format)
+}
+
+/// `mosquitto_sub` (MQTT 5, QoS 1) as `device` (its id and secret) on `filter`, printing
+/// `count` messages with `format`, giving up after 30 s; returns once the subscription is
+/// granted.
+pub fn subscribe(
+    d: &mut Daemon,
+    addr: SocketAddr,
+    (device, secret): (&str, &str),
+    filter: &str,
+    count: usize,
+    format: &str,
+) -> Child {
     let before = d.metric("outpost_mqtt_subacks_total");
     let child = Command::new("mosquitto_sub")
         .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
         .args(["-V", "5", "-u", device, "-P", secret])
         .args(["-i", &format!("{device}-sub")])
-        .args(["-q", "1", "-t", &format!("devices/{device}/commands/#")])
+        .args(["-q", "1", "-t", filter])
         .args(["-F", format, "-W", "30", "-C", &count.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -176,6 +176,9 @@ on_invalid = "dead_letter"
     assert!(err.trim_start().starts_with("4.00"), "{err}");
     assert!(err.contains("temperature"), "{err}");
     assert_eq!(d.metric("outpost_edge_refused_total{rule=\"strict\"}"), 4.0);
+    // Counted for the device too (its traffic figures: refused readings are dropped ones).
+    let status = admin(&d, "GET", "/api/v1/devices/sensor-1/status", "").json();
+    assert_eq!(status["errors"]["dropped"], 4, "{status}");
     assert_eq!(
         d.metric("outpost_mqtt_refused_total{reason=\"invalid_payload\"}"),
         2.0
@@ -438,12 +441,25 @@ severity = "critical"
 device = "valve-1"
 payload = { action = "close" }
 clear_payload = { action = "open" }
+
+[mqtt.acl]
+subscribe = ["devices/{id}/commands/#", "devices/+/gateway/#"]
 "#;
     let mut d = Daemon::start(dir.path(), &format!("{}{rules}", kafka_config(&kafka)));
     let mqtt = d.listener("MQTT");
     let sensor = create_device(&d, "boiler-1", None);
     let valve = create_device(&d, "valve-1", Some(r#"["mqtt"]"#));
     let sub = outpost_e2e::mosquitto::subscribe_commands(&mut d, mqtt, "valve-1", &valve, 2, "%p");
+    // A local consumer of the gateway's own records on the bus (a dashboard, an app).
+    let panel = create_device(&d, "panel-1", Some(r#"["mqtt"]"#));
+    let bus = outpost_e2e::mosquitto::subscribe(
+        &mut d,
+        mqtt,
+        ("panel-1", &panel),
+        "devices/boiler-1/gateway/#",
+        2,
+        "%t %p",
+    );
 
     let send = |t: f64| {
         mosquitto_pub(
@@ -497,6 +513,35 @@ clear_payload = { action = "open" }
     assert_eq!(
         commands,
         [json!({"action": "close"}), json!({"action": "open"})]
+    );
+    // The alert records were published on the local bus too.
+    let out = bus.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "mosquitto_sub: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let published: Vec<(&str, Value)> = text
+        .lines()
+        .map(|l| {
+            let (topic, body) = l.split_once(' ').unwrap();
+            (topic, serde_json::from_str(body).unwrap())
+        })
+        .collect();
+    assert_eq!(published.len(), 2, "{text}");
+    assert!(
+        published
+            .iter()
+            .all(|(t, _)| *t == "devices/boiler-1/gateway/outpost.alerts"),
+        "{text}"
+    );
+    assert_eq!(
+        (
+            published[0].1["state"].as_str(),
+            published[1].1["state"].as_str()
+        ),
+        (Some("raised"), Some("cleared"))
     );
     assert_eq!(d.metric("outpost_kafka_delivered_records_total"), 0.0);
 
