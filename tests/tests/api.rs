@@ -650,6 +650,19 @@ fn openapi_document_matches_the_served_routes() {
     );
     let device_auth = format!("Bearer doc-dev:{secret}");
     let admin_auth = format!("Bearer {ADMIN}");
+    // An edge rule named like the config token below, so that its DELETE finds one.
+    expect(
+        &d.request(
+            "PUT",
+            "/api/v1/edge/rules/root",
+            &[
+                ("Authorization", &admin_auth),
+                ("Content-Type", "application/json"),
+            ],
+            br#"{"enrich": ["name"]}"#,
+        ),
+        201,
+    );
 
     let mut operations: Vec<(String, String)> = Vec::new();
     for (path, methods) in doc["paths"].as_object().unwrap() {
