@@ -410,7 +410,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn calls_are_retried_after_5xx_dropped_after_4xx_and_kept_in_the_file() {
+    async fn calls_are_retried_after_5xx_dropped_after_4xx_or_when_old_capped_and_kept_in_the_file()
+    {
         let dir = tempfile::tempdir().unwrap();
         let (addr, bodies) = receiver(vec![503, 200, 404]);
         let hooks = Webhooks::open(dir.path(), WebhookMetrics::default()).unwrap();
@@ -433,6 +434,38 @@ mod tests {
         assert_eq!(hooks.metrics.pending.get(), 0);
         stop.cancel();
         task.await.unwrap();
+
+        // Too old: a failed attempt past `max_age` drops the call.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let hooks = Webhooks::open(dir.path(), WebhookMetrics::default()).unwrap();
+        let mut late = call(closed, "late");
+        late.max_age = Duration::ZERO;
+        hooks.enqueue(vec![late]).await;
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(hooks.clone().run(stop.clone()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while hooks.metrics.dropped.get() == 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(hooks.metrics.dropped.get(), 1, "dropped when too old");
+        assert_eq!(hooks.metrics.pending.get(), 0);
+        stop.cancel();
+        task.await.unwrap();
+
+        // Beyond MAX_PENDING waiting calls, new ones are dropped (counted), none stored.
+        let full = Webhooks::open(dir.path(), WebhookMetrics::default()).unwrap();
+        let many = usize::try_from(MAX_PENDING).unwrap() + 2;
+        full.enqueue((0..many).map(|_| call(closed, "x")).collect())
+            .await;
+        assert_eq!(full.metrics.pending.get(), MAX_PENDING);
+        assert_eq!(full.metrics.dropped.get(), 2);
+        drop(full);
+        std::fs::remove_file(dir.path().join("webhooks.db")).unwrap();
+        let _ = std::fs::remove_file(dir.path().join("webhooks.db-wal"));
+        let _ = std::fs::remove_file(dir.path().join("webhooks.db-shm"));
 
         // A call stored while nothing runs is there when the file is opened again.
         let hooks = Webhooks::open(dir.path(), WebhookMetrics::default()).unwrap();
