@@ -133,7 +133,7 @@ impl EdgeRules {
             api,
         };
         let engine = loop {
-            match compile(&managed.effective()) {
+            match Engine::compile(&managed.effective()) {
                 Ok(engine) => break engine,
                 Err(problems) => {
                     // Only API rules can fail here (the config was checked when loaded): drop
@@ -261,7 +261,7 @@ impl EdgeRules {
                 config: config.clone(),
                 api: state.api.clone(),
             };
-            let engine = compile(&candidate.effective())?;
+            let engine = Engine::compile(&candidate.effective())?;
             state.config = config.clone();
             self.shared.replace(engine)
         };
@@ -287,17 +287,17 @@ impl EdgeRules {
             edge: edge.clone(),
             ..outpost_config::Config::default()
         };
-        let mut problems: Vec<(String, String)> = config
+        let structural: Vec<(String, String)> = config
             .validate()
             .into_iter()
             .map(|p| (p.path, p.message))
             .collect();
-        if problems.is_empty()
-            && let Err(found) = compile(&edge)
-        {
-            problems = found;
-        }
-        if !problems.is_empty() {
+        let compiled = if structural.is_empty() {
+            Engine::compile(&edge)
+        } else {
+            Err(structural)
+        };
+        let engine = compiled.map_err(|problems| {
             // Only the API rules changed: report their problems under the rule's own keys.
             let relative = problems
                 .into_iter()
@@ -309,9 +309,8 @@ impl EdgeRules {
                     _ => (path, message),
                 })
                 .collect();
-            return Err(RuleChangeError::Invalid(relative));
-        }
-        let engine = compile(&edge).map_err(RuleChangeError::Invalid)?;
+            RuleChangeError::Invalid(relative)
+        })?;
         write_rules(&self.file, &candidate.api)
             .map_err(|e| RuleChangeError::Storage(e.to_string()))?;
         state.api = candidate.api;
@@ -326,10 +325,6 @@ impl EdgeRules {
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct StoredRules {
     rules: Vec<EdgeRule>,
-}
-
-fn compile(edge: &EdgeConfig) -> Result<Engine, Vec<(String, String)>> {
-    Engine::compile(edge)
 }
 
 /// `N` of a key path `edge.rules[N]…`.

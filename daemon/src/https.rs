@@ -160,3 +160,21 @@ pub async fn peer_as_socket_addr(
     }
     next.run(request).await
 }
+
+/// Debian's CA bundle (package `ca-certificates`): what the CLI and webhooks trust by default.
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// The certificates of a PEM file (a CA bundle), for ureq's rustls; the error says why none.
+pub fn pem_roots(path: &std::path::Path) -> Result<ureq::tls::RootCerts, String> {
+    let pem = std::fs::read(path).map_err(|e| e.to_string())?;
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(&pem) {
+        if let ureq::tls::PemItem::Certificate(cert) = item.map_err(|e| e.to_string())? {
+            certs.push(cert);
+        }
+    }
+    if certs.is_empty() {
+        return Err("no certificate (PEM) in it".to_owned());
+    }
+    Ok(ureq::tls::RootCerts::new_with_certs(&certs))
+}

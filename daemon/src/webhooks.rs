@@ -26,8 +26,6 @@ pub const MAX_PENDING: i64 = 10_000;
 const BATCH: i64 = 16;
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
-/// Debian's CA bundle (package `ca-certificates`).
-const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// The pending calls and the task that makes them. Cheap to clone.
 #[derive(Clone)]
@@ -120,7 +118,7 @@ impl Webhooks {
         let pending: i64 = conn.query_row("SELECT count(*) FROM calls", [], |r| r.get(0))?;
         metrics.pending.set(pending);
         let mut agent = ureq::Agent::config_builder().http_status_as_error(false);
-        match ca_bundle(Path::new(SYSTEM_CA_BUNDLE)) {
+        match crate::https::pem_roots(Path::new(crate::https::SYSTEM_CA_BUNDLE)) {
             Ok(roots) => {
                 agent = agent.tls_config(
                     ureq::tls::TlsConfig::builder()
@@ -323,21 +321,6 @@ impl Webhooks {
             Err(e) => tracing::error!(error = %e, "Updating webhooks.db failed"),
         }
     }
-}
-
-/// The certificates of a PEM bundle, for `https://` webhooks.
-fn ca_bundle(path: &Path) -> Result<ureq::tls::RootCerts, String> {
-    let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut certs = Vec::new();
-    for item in ureq::tls::parse_pem(&pem) {
-        if let ureq::tls::PemItem::Certificate(cert) = item.map_err(|e| e.to_string())? {
-            certs.push(cert);
-        }
-    }
-    if certs.is_empty() {
-        return Err(format!("{}: no certificate", path.display()));
-    }
-    Ok(ureq::tls::RootCerts::new_with_certs(&certs))
 }
 
 fn now_ms() -> i64 {

@@ -384,19 +384,6 @@ impl Engine {
         &self.invalid_topic
     }
 
-    /// Every Kafka topic the engine's records go to (for creating topics at start).
-    pub fn topics(&self) -> Vec<String> {
-        let mut topics = vec![self.alerts_topic.clone(), self.invalid_topic.clone()];
-        topics.extend(
-            self.rules
-                .iter()
-                .filter_map(|r| r.aggregate.as_ref().map(|a| a.kafka_topic.clone())),
-        );
-        topics.sort();
-        topics.dedup();
-        topics
-    }
-
     /// Runs the stateless steps on a reading (see the crate docs).
     pub fn prepare(&self, reading: &Reading<'_>, facts: &dyn Facts) -> Verdict {
         self.run(reading, facts, true)

@@ -255,7 +255,7 @@ impl Client {
             let ca_file = api
                 .ca_file
                 .as_deref()
-                .unwrap_or(std::path::Path::new(SYSTEM_CA_BUNDLE));
+                .unwrap_or(std::path::Path::new(crate::https::SYSTEM_CA_BUNDLE));
             agent = agent.tls_config(
                 ureq::tls::TlsConfig::builder()
                     .unversioned_rustls_crypto_provider(Arc::new(
@@ -404,13 +404,9 @@ fn api_token(api: &ApiArgs) -> Result<Option<String>, Failure> {
     }
 }
 
-/// The CA certificates an `https://` URL is checked against without `--ca-file`: Debian's
-/// bundle (package `ca-certificates`), so the CLI trusts what the machine trusts.
-const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
-
 /// The CA certificates in `path` (`--ca-file`, or the system's bundle).
 fn ca_certificates(path: &std::path::Path) -> Result<ureq::tls::RootCerts, Failure> {
-    let unusable = |why: String| {
+    crate::https::pem_roots(path).map_err(|why| {
         fail(
             2,
             format!(
@@ -419,18 +415,7 @@ fn ca_certificates(path: &std::path::Path) -> Result<ureq::tls::RootCerts, Failu
                 path.display()
             ),
         )
-    };
-    let pem = std::fs::read(path).map_err(|e| unusable(e.to_string()))?;
-    let mut certs = Vec::new();
-    for item in ureq::tls::parse_pem(&pem) {
-        if let ureq::tls::PemItem::Certificate(cert) = item.map_err(|e| unusable(e.to_string()))? {
-            certs.push(cert);
-        }
-    }
-    if certs.is_empty() {
-        return Err(unusable("no certificate (PEM) in it".to_owned()));
-    }
-    Ok(ureq::tls::RootCerts::new_with_certs(&certs))
+    })
 }
 
 fn default_url(config: &outpost_config::Config) -> String {
