@@ -757,10 +757,11 @@ fn sighup_applies_log_level_and_tokens_and_reports_what_needs_a_restart() {
     assert_eq!(get(&d, "first-token-0123456789"), 401);
     assert_eq!(get(&d, "second-token-0123456789"), 200);
     assert_eq!(get(&d, "unknown-token"), 401);
-    assert!(
-        debug_lines(&d) >= 1,
-        "debug lines after the reload: {:#?}",
-        d.logs()
+    // The log is read from the daemon's stderr by another thread: wait for the line.
+    d.wait_until(
+        "a debug line for the unknown token after the reload",
+        Duration::from_secs(5),
+        |d| debug_lines(d) >= 1,
     );
     // The new ACL applies from the next CONNECT.
     publish("plant/acl-dev/t");

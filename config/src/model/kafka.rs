@@ -65,8 +65,9 @@ pub struct KafkaConfig {
     #[serde(with = "crate::units::duration")]
     pub reconnect_backoff_max: Duration,
     /// Kafka is reported offline after this long without a sign of it: no acknowledgement of
-    /// the records in flight or, with nothing in flight, no answer to the metadata probe sent
-    /// every `offline_after / 2` (at least 1 s) — or when every broker is down. Default
+    /// the records in flight and no answer to the metadata probe sent every `offline_after / 2`
+    /// while nothing is in flight or nothing was acknowledged for that long (a partition
+    /// without a leader is not an outage) — or when every broker is down. Default
     /// `"10s"`; 100ms to 1h.
     #[serde(with = "crate::units::duration")]
     pub offline_after: Duration,

@@ -1,4 +1,4 @@
-//! Whether Kafka answers while nothing is in flight (both forwarder modes use it).
+//! Whether Kafka answers when no acknowledgement can tell (both forwarder modes use it).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -7,9 +7,10 @@ use tokio::task::JoinHandle;
 
 use super::sink::Probe;
 
-/// Whether Kafka answers while nothing is in flight, when no acknowledgement can tell: a
+/// Whether Kafka answers while nothing is in flight, or while records in flight get no
+/// acknowledgement (a partition without a leader holds them while the brokers answer): a
 /// metadata request for one topic (small on any cluster; it proves a broker answers), sent every
-/// `offline_after / 2` (at least 1 s) with a 2 s timeout. An outage is then reported within
+/// `offline_after / 2` (at least 50 ms) with a 2 s timeout. An outage is then reported within
 /// `offline_after` + one interval + the timeout (12 s with the default 10 s). The price is one
 /// small request every interval on an idle link: raise `offline_after` on a metered uplink.
 pub(super) struct IdleProbe {
@@ -63,7 +64,7 @@ impl IdleProbe {
         }
         if self.running.is_none() && Instant::now() >= self.next {
             let (probe, topic) = (Arc::clone(probe), topic.to_owned());
-            self.next = Instant::now() + (offline_after / 2).max(Duration::from_secs(1));
+            self.next = Instant::now() + (offline_after / 2).max(Duration::from_millis(50));
             self.running = Some(tokio::task::spawn_blocking(move || {
                 probe.probe(&topic, Duration::from_secs(2))
             }));

@@ -1065,11 +1065,18 @@ impl Pump {
         let shared = Arc::clone(&self.fw.shared);
         let offline_after = self.kafka().offline_after;
         let idle = self.in_flight.is_empty();
-        if idle {
+        // With records in flight their acknowledgements are the sign of life. When none came
+        // for half of `offline_after` the probe asks too: a partition without a leader holds
+        // its records while every broker answers, and that is not an outage (Offline would
+        // end in a rewind that waits for the stuck records, holding every other topic).
+        let stale = !idle && self.last_progress.elapsed() >= offline_after / 2;
+        if idle || stale {
             let topic = &self.fw.options.kafka.default_topic;
-            // A probe that answers ends an outage; while Kafka is reachable it must not clear
-            // an "all brokers down" that librdkafka reported after the probe was sent.
+            // A probe that answers ends an idle outage (with records in flight, their first
+            // acknowledgement does); while Kafka is reachable it must not clear an "all brokers
+            // down" that librdkafka reported after the probe was sent.
             if self.link.poll(&self.sink, topic, offline_after) == Some(true)
+                && idle
                 && self.phase.shown() == State::Offline
             {
                 shared
@@ -1082,7 +1089,7 @@ impl Pump {
         let silent = if idle {
             self.link.silent_for() >= offline_after
         } else {
-            self.last_progress.elapsed() >= offline_after
+            self.last_progress.elapsed() >= offline_after && self.link.silent_for() >= offline_after
         };
         let down = shared.signals.all_brokers_down.load(Ordering::Relaxed);
         if !(silent || down) {

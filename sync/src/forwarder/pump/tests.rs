@@ -388,13 +388,15 @@ async fn a_backlog_is_backfill_until_drained_and_each_device_keeps_its_order() {
     until("deleted", || rig.held() == 0).await;
 }
 
-/// Live → Offline → Rewinding → Live: records that get no acknowledgement for `offline_after`
-/// make the pump Offline; it keeps filling the window meanwhile; the first acknowledgement ends
-/// the outage once (last error cleared) and the pump plans again. Nothing is produced twice.
+/// Live → Offline → Rewinding → Live: records that get no acknowledgement for `offline_after`,
+/// from a broker that does not answer the probe either, make the pump Offline; it keeps filling
+/// the window meanwhile; the first acknowledgement ends the outage once (last error cleared)
+/// and the pump plans again. Nothing is produced twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_broker_is_offline_and_the_first_acknowledgement_plans_again() {
     let sink = FakeSink::new();
     sink.answer(|_, _| Answer::Hang);
+    sink.inner().probe_ok = false;
     let rig = Rig::start(kafka(), Arc::clone(&sink), &[]).await;
     append(&rig.outbox, &["a", "a", "a"]).await;
     until("offline", || rig.state() == State::Offline).await;
@@ -418,6 +420,37 @@ async fn a_silent_broker_is_offline_and_the_first_acknowledgement_plans_again() 
     let status = rig.handle.status();
     assert_eq!(status.last_error, None);
     assert_eq!(status.offline_since_ms, None);
+}
+
+/// Records held without an acknowledgement while the brokers answer the probe (a partition
+/// without a leader) are not an outage: the pump stays Live past `offline_after` and the other
+/// records keep going. Before, it went Offline, and the next acknowledgement started a rewind
+/// that waited for the stuck records, so nothing else was produced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_stuck_while_the_brokers_answer_are_not_an_outage() {
+    let sink = FakeSink::new();
+    sink.answer(|seen, _| {
+        if seen.device == "stuck" {
+            Answer::Hang
+        } else {
+            Answer::Ack
+        }
+    });
+    let rig = Rig::start(kafka(), Arc::clone(&sink), &[]).await;
+    append(&rig.outbox, &["stuck", "stuck"]).await;
+    until("the stuck records in flight", || sink.held() == 2).await;
+    // A condition cannot say "stayed Live for a while": let three `offline_after`s pass.
+    tokio::time::sleep(kafka().offline_after * 3).await;
+    assert_eq!(rig.state(), State::Live, "the brokers answer: not offline");
+    for _ in 0..3 {
+        append(&rig.outbox, &["a", "a"]).await;
+    }
+    until("the others delivered and deleted", || rig.held() == 2).await;
+    assert_eq!(rig.state(), State::Live);
+    assert_eq!(sink.in_kafka(), (3..=8).collect::<Vec<_>>());
+    sink.release(|_| true);
+    until("the stuck ones too", || rig.held() == 0).await;
+    assert_eq!(sink.offered(), (1..=8).collect::<Vec<_>>(), "nothing twice");
 }
 
 /// Live → Offline → Live while idle: with nothing in flight the probe decides.
@@ -576,6 +609,7 @@ async fn a_full_client_queue_waits_for_a_delivery() {
     let sink = FakeSink::new();
     sink.answer(|_, _| Answer::Hang);
     sink.inner().queue_cap = 2;
+    sink.inner().probe_ok = false;
     let rig = Rig::start(kafka(), Arc::clone(&sink), &[]).await;
     append(&rig.outbox, &["a", "a", "a", "a", "a"]).await;
     until("two held", || sink.held() == 2).await;
@@ -596,6 +630,7 @@ async fn a_client_queue_that_stays_full_blocks_neither_the_status_nor_shutdown()
     let sink = FakeSink::new();
     sink.answer(|_, _| Answer::Hang);
     sink.inner().queue_cap = 2;
+    sink.inner().probe_ok = false;
     let mut rig = Rig::start(kafka(), Arc::clone(&sink), &[]).await;
     append(&rig.outbox, &["a", "a", "a", "a", "a"]).await;
     until("two held", || sink.held() == 2).await;
