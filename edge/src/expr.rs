@@ -18,6 +18,8 @@ pub struct Scope<'a> {
     pub device: &'a Value,
     pub topic: &'a str,
     pub source: &'a str,
+    /// The reading's lookups so far (`&[]`: none cached).
+    pub cache: &'a crate::fast::Cache,
 }
 
 /// A compiled expression.
@@ -44,6 +46,15 @@ pub fn environment() -> Arc<cel::Env> {
 impl Expr {
     /// Compiles `source`; the error is the parser's message.
     pub fn compile(env: &cel::Env, source: &str) -> Result<Self, String> {
+        Self::compile_with(env, source, &mut crate::fast::Slots::default())
+    }
+
+    /// [`Expr::compile`], numbering its lookups in the engine's `slots`.
+    pub(crate) fn compile_with(
+        env: &cel::Env,
+        source: &str,
+        slots: &mut crate::fast::Slots,
+    ) -> Result<Self, String> {
         let program = env.compile(source).map_err(|e| {
             let text = e.to_string();
             format!("invalid CEL expression: {}", text.trim())
@@ -56,7 +67,7 @@ impl Expr {
             .collect();
         Ok(Self {
             source: source.to_owned(),
-            fast: crate::fast::compile(program.expression()),
+            fast: crate::fast::compile(program.expression(), slots),
             program,
             variables,
         })
@@ -77,7 +88,9 @@ impl Expr {
 
     /// The native evaluator's answer, when it has one.
     pub(crate) fn fast_value(&self, scope: &Scope<'_>) -> Option<crate::fast::Native> {
-        self.fast.as_ref()?.eval(scope.fields, scope.payload)
+        self.fast
+            .as_ref()?
+            .eval(scope.fields, scope.payload, scope.cache)
     }
 
     /// Whether the expression mentions `name` (`device`: the registry's facts are needed).
@@ -142,6 +155,7 @@ mod tests {
                 device: &device,
                 topic: "sensors/boiler-1/temp",
                 source: "mqtt",
+                cache: &[],
             },
         )
     }

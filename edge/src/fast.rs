@@ -11,19 +11,89 @@
 //! rules run on every reading (docs/BENCHMARKS.md, "Edge rules"). A differential property test
 //! (`fast_path_agrees_with_the_interpreter`) holds the two together.
 
+use std::cell::Cell;
+
 use cel::common::ast::{Expr, LiteralValue};
 use cel::parser::Expression;
 use serde_json::{Map, Value};
 
+/// What the subset looks up in a reading, numbered per engine ([`Slots`]): a reading looks
+/// each up once, however many rules mention it ([`Cache`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    Field,
+    PayloadField,
+    Has,
+}
+
+/// The lookups of every expression of an engine, by slot number.
+#[derive(Debug, Default)]
+pub struct Slots {
+    names: Vec<(Lookup, String)>,
+}
+
+impl Slots {
+    /// The slot of a lookup (the same one for the same lookup anywhere in the rules).
+    pub fn slot(&mut self, lookup: Lookup, name: &str) -> usize {
+        match self
+            .names
+            .iter()
+            .position(|(l, n)| *l == lookup && n == name)
+        {
+            Some(slot) => slot,
+            None => {
+                self.names.push((lookup, name.to_owned()));
+                self.names.len() - 1
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+}
+
+/// Per reading, what each slot gave: `None` until it is looked up, then the subset's value
+/// (`Some(None)`: missing, or not a number or boolean). Cleared whenever a rule changes the
+/// reading. A slot past its end (an expression compiled on its own) is looked up every time.
+pub type Cache = [Cell<Option<Option<Native>>>];
+
+/// A fresh [`Cache`] for `slots` slots.
+pub fn cache(slots: usize) -> Vec<Cell<Option<Option<Native>>>> {
+    vec![Cell::new(None); slots]
+}
+
+fn cached(cache: &Cache, slot: usize, look: impl FnOnce() -> Option<Native>) -> Option<Native> {
+    let Some(cell) = cache.get(slot) else {
+        return look();
+    };
+    if let Some(known) = cell.get() {
+        return known;
+    }
+    let value = look();
+    cell.set(Some(value));
+    value
+}
+
+/// A top-level field as a number (an aggregated value), looked up through `cache`.
+pub fn number(fields: &Map<String, Value>, name: &str, slot: usize, cache: &Cache) -> Option<f64> {
+    match cached(cache, slot, || Native::of(fields.get(name)?))? {
+        Native::Int(i) => Some(i as f64),
+        Native::UInt(u) => Some(u as f64),
+        Native::Double(d) => Some(d),
+        Native::Bool(_) => None,
+    }
+}
+
 /// A compiled expression of the subset.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Node {
-    /// A top-level field by name (never `payload`, `device`, `topic`, `source`).
-    Field(String),
+    /// A top-level field by name (never `payload`, `device`, `topic`, `source`), and its slot.
+    Field(usize, String),
     /// `payload.<name>`: a member of the payload when it is an object.
-    PayloadField(String),
+    PayloadField(usize, String),
     /// `has(payload.<name>)`.
-    Has(String),
+    Has(usize, String),
     Literal(Native),
     Not(Box<Node>),
     And(Box<Node>, Box<Node>),
@@ -64,39 +134,50 @@ pub enum Operator {
 /// Names that are never fields.
 const RESERVED: &[&str] = &["payload", "device", "topic", "source"];
 
-/// The subset's tree for `expr`, or `None` when it uses anything else.
-pub fn compile(expr: &Expression) -> Option<Node> {
+/// The subset's tree for `expr`, or `None` when it uses anything else. Its lookups get their
+/// slots from `slots`.
+pub fn compile(expr: &Expression, slots: &mut Slots) -> Option<Node> {
     match &expr.expr {
-        Expr::Ident(name) if !RESERVED.contains(&name.as_str()) => Some(Node::Field(name.clone())),
+        Expr::Ident(name) if !RESERVED.contains(&name.as_str()) => {
+            Some(Node::Field(slots.slot(Lookup::Field, name), name.clone()))
+        }
         Expr::Literal(LiteralValue::Int(i)) => Some(Node::Literal(Native::Int(*i.inner()))),
         Expr::Literal(LiteralValue::UInt(u)) => Some(Node::Literal(Native::UInt(*u.inner()))),
         Expr::Literal(LiteralValue::Double(d)) => Some(Node::Literal(Native::Double(*d.inner()))),
         Expr::Literal(LiteralValue::Boolean(b)) => Some(Node::Literal(Native::Bool(*b.inner()))),
         Expr::Select(select) => match &select.operand.expr {
             Expr::Ident(operand) if operand == "payload" => Some(if select.test {
-                Node::Has(select.field.clone())
+                Node::Has(slots.slot(Lookup::Has, &select.field), select.field.clone())
             } else {
-                Node::PayloadField(select.field.clone())
+                let slot = slots.slot(Lookup::PayloadField, &select.field);
+                Node::PayloadField(slot, select.field.clone())
             }),
             _ => None,
         },
         Expr::Call(call) if call.target.is_none() => {
-            let arg = |i: usize| call.args.get(i).and_then(compile).map(Box::new);
-            let two = || Some((arg(0)?, arg(1)?)).filter(|_| call.args.len() == 2);
+            let mut arg = |i: usize| {
+                call.args
+                    .get(i)
+                    .and_then(|a| compile(a, slots))
+                    .map(Box::new)
+            };
+            let two = |arg: &mut dyn FnMut(usize) -> Option<Box<Node>>| {
+                Some((arg(0)?, arg(1)?)).filter(|_| call.args.len() == 2)
+            };
             match call.func_name.as_str() {
-                "_&&_" => two().map(|(a, b)| Node::And(a, b)),
-                "_||_" => two().map(|(a, b)| Node::Or(a, b)),
+                "_&&_" => two(&mut arg).map(|(a, b)| Node::And(a, b)),
+                "_||_" => two(&mut arg).map(|(a, b)| Node::Or(a, b)),
                 "!_" if call.args.len() == 1 => arg(0).map(Node::Not),
                 "-_" if call.args.len() == 1 => arg(0).map(Node::Negate),
                 "double" if call.args.len() == 1 => arg(0).map(Node::Double),
-                "_<_" => two().map(|(a, b)| Node::Compare(Ordering::Less, a, b)),
-                "_<=_" => two().map(|(a, b)| Node::Compare(Ordering::LessEqual, a, b)),
-                "_>_" => two().map(|(a, b)| Node::Compare(Ordering::Greater, a, b)),
-                "_>=_" => two().map(|(a, b)| Node::Compare(Ordering::GreaterEqual, a, b)),
-                "_+_" => two().map(|(a, b)| Node::Arithmetic(Operator::Add, a, b)),
-                "_-_" => two().map(|(a, b)| Node::Arithmetic(Operator::Subtract, a, b)),
-                "_*_" => two().map(|(a, b)| Node::Arithmetic(Operator::Multiply, a, b)),
-                "_/_" => two().map(|(a, b)| Node::Arithmetic(Operator::Divide, a, b)),
+                "_<_" => two(&mut arg).map(|(a, b)| Node::Compare(Ordering::Less, a, b)),
+                "_<=_" => two(&mut arg).map(|(a, b)| Node::Compare(Ordering::LessEqual, a, b)),
+                "_>_" => two(&mut arg).map(|(a, b)| Node::Compare(Ordering::Greater, a, b)),
+                "_>=_" => two(&mut arg).map(|(a, b)| Node::Compare(Ordering::GreaterEqual, a, b)),
+                "_+_" => two(&mut arg).map(|(a, b)| Node::Arithmetic(Operator::Add, a, b)),
+                "_-_" => two(&mut arg).map(|(a, b)| Node::Arithmetic(Operator::Subtract, a, b)),
+                "_*_" => two(&mut arg).map(|(a, b)| Node::Arithmetic(Operator::Multiply, a, b)),
+                "_/_" => two(&mut arg).map(|(a, b)| Node::Arithmetic(Operator::Divide, a, b)),
                 _ => None,
             }
         }
@@ -105,7 +186,7 @@ pub fn compile(expr: &Expression) -> Option<Node> {
 }
 
 impl Native {
-    fn of(value: &Value) -> Option<Native> {
+    pub(crate) fn of(value: &Value) -> Option<Native> {
         match value {
             Value::Bool(b) => Some(Native::Bool(*b)),
             Value::Number(n) => {
@@ -160,26 +241,36 @@ fn order(a: Native, b: Native) -> Option<std::cmp::Ordering> {
 }
 
 impl Node {
-    /// The value, when the subset can tell it for this reading.
-    pub fn eval(&self, fields: &Map<String, Value>, payload: &Value) -> Option<Native> {
+    /// The value, when the subset can tell it for this reading; lookups go through `cache`.
+    pub fn eval(
+        &self,
+        fields: &Map<String, Value>,
+        payload: &Value,
+        cache: &Cache,
+    ) -> Option<Native> {
+        let eval = |node: &Node| node.eval(fields, payload, cache);
         match self {
-            Node::Field(name) => Native::of(fields.get(name)?),
-            Node::PayloadField(name) => Native::of(payload.as_object()?.get(name)?),
-            Node::Has(name) => Some(Native::Bool(payload.as_object()?.contains_key(name))),
+            Node::Field(slot, name) => cached(cache, *slot, || Native::of(fields.get(name)?)),
+            Node::PayloadField(slot, name) => {
+                cached(cache, *slot, || Native::of(payload.as_object()?.get(name)?))
+            }
+            Node::Has(slot, name) => cached(cache, *slot, || {
+                Some(Native::Bool(payload.as_object()?.contains_key(name)))
+            }),
             Node::Literal(n) => Some(*n),
-            Node::Not(a) => Some(Native::Bool(!a.eval(fields, payload)?.as_bool()?)),
+            Node::Not(a) => Some(Native::Bool(!eval(a)?.as_bool()?)),
             // Both sides must be booleans the subset can tell, except that a false (true) left
             // side decides `&&` (`||`) whatever the right side is — as in CEL.
-            Node::And(a, b) => match a.eval(fields, payload)?.as_bool()? {
+            Node::And(a, b) => match eval(a)?.as_bool()? {
                 false => Some(Native::Bool(false)),
-                true => Some(Native::Bool(b.eval(fields, payload)?.as_bool()?)),
+                true => Some(Native::Bool(eval(b)?.as_bool()?)),
             },
-            Node::Or(a, b) => match a.eval(fields, payload)?.as_bool()? {
+            Node::Or(a, b) => match eval(a)?.as_bool()? {
                 true => Some(Native::Bool(true)),
-                false => Some(Native::Bool(b.eval(fields, payload)?.as_bool()?)),
+                false => Some(Native::Bool(eval(b)?.as_bool()?)),
             },
             Node::Compare(op, a, b) => {
-                let o = order(a.eval(fields, payload)?, b.eval(fields, payload)?)?;
+                let o = order(eval(a)?, eval(b)?)?;
                 let result = match op {
                     Ordering::Less => o.is_lt(),
                     Ordering::LessEqual => o.is_le(),
@@ -191,9 +282,7 @@ impl Node {
             // Doubles only: integer arithmetic (overflow, truncating division) and mixed types
             // (an error in CEL) go to the interpreter.
             Node::Arithmetic(op, a, b) => {
-                let (Native::Double(x), Native::Double(y)) =
-                    (a.eval(fields, payload)?, b.eval(fields, payload)?)
-                else {
+                let (Native::Double(x), Native::Double(y)) = (eval(a)?, eval(b)?) else {
                     return None;
                 };
                 let r = match op {
@@ -205,13 +294,13 @@ impl Node {
                 };
                 r.is_finite().then_some(Native::Double(r))
             }
-            Node::Double(a) => match a.eval(fields, payload)? {
+            Node::Double(a) => match eval(a)? {
                 Native::Int(i) => Some(Native::Double(i as f64)),
                 Native::UInt(u) => Some(Native::Double(u as f64)),
                 Native::Double(d) => Some(Native::Double(d)),
                 Native::Bool(_) => None,
             },
-            Node::Negate(a) => match a.eval(fields, payload)? {
+            Node::Negate(a) => match eval(a)? {
                 Native::Double(d) => Some(Native::Double(-d)),
                 Native::Int(i) => i.checked_neg().map(Native::Int),
                 _ => None,

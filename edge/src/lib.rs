@@ -20,7 +20,6 @@ mod fast;
 pub mod value;
 mod window;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -132,7 +131,8 @@ pub struct Observation {
     at_ms: u64,
     /// The reading's fields, for the alerts it raises.
     reading: Arc<Value>,
-    aggregates: Vec<(usize, Vec<(usize, f64)>)>,
+    /// (rule index, field index, value), in rule order.
+    aggregates: Vec<(usize, usize, f64)>,
     alerts: Vec<(usize, AlertInput)>,
 }
 
@@ -234,6 +234,8 @@ struct Rule {
 struct Aggregate {
     window_ms: u64,
     fields: Vec<String>,
+    /// Each field's lookup slot ([`fast::Slots`]).
+    slots: Vec<usize>,
     functions: Vec<Aggregation>,
     kafka_topic: String,
 }
@@ -263,6 +265,11 @@ pub struct Engine {
     device_needed: bool,
     /// The registry is asked per reading (`device` mentioned, or enrichment).
     facts_needed: bool,
+    /// How many lookups the rules' expressions and aggregates make ([`fast::Slots`]).
+    slots: usize,
+    /// Fields all aggregate rules aggregate, and alert rules: an observation's most.
+    aggregated_fields: usize,
+    alert_rules: usize,
     state: Mutex<State>,
     stats: EngineStats,
 }
@@ -279,7 +286,17 @@ impl std::fmt::Debug for Engine {
 struct State {
     windows: Windows,
     /// Per (rule index, device).
-    alerts: HashMap<(usize, Arc<str>), AlertState>,
+    alerts: hashbrown::HashMap<(usize, Arc<str>), AlertState>,
+}
+
+/// An alert state's key by reference (hashes like the tuple): looked up without cloning.
+#[derive(Hash)]
+struct AlertKey<'a>(usize, &'a str);
+
+impl hashbrown::Equivalent<(usize, Arc<str>)> for AlertKey<'_> {
+    fn equivalent(&self, key: &(usize, Arc<str>)) -> bool {
+        self.0 == key.0 && self.1 == &*key.1
+    }
 }
 
 /// Readings in a row that met a condition, the first at `since_ms`.
@@ -347,9 +364,10 @@ impl Engine {
         let env = expr::environment();
         let mut problems = Vec::new();
         let mut rules = Vec::new();
+        let mut slots = fast::Slots::default();
         for (i, r) in config.rules.iter().enumerate() {
             let path = format!("edge.rules[{i}]");
-            if let Some(rule) = compile_rule(&env, config, r, &path, &mut problems) {
+            if let Some(rule) = compile_rule(&env, config, r, &path, &mut problems, &mut slots) {
                 rules.push(rule);
             }
         }
@@ -362,13 +380,20 @@ impl Engine {
             env,
             device_needed,
             facts_needed,
+            slots: slots.len(),
+            aggregated_fields: rules
+                .iter()
+                .filter_map(|r| r.aggregate.as_ref())
+                .map(|a| a.fields.len())
+                .sum(),
+            alert_rules: rules.iter().filter(|r| r.alert.is_some()).count(),
             rules,
             alerts_topic: config.alerts_topic.clone(),
             invalid_topic: config.invalid_topic.clone(),
             max_alert_keys: config.max_alert_keys,
             state: Mutex::new(State {
                 windows: Windows::new(config.max_window_keys),
-                alerts: HashMap::new(),
+                alerts: hashbrown::HashMap::new(),
             }),
             stats: EngineStats::default(),
         })
@@ -426,9 +451,19 @@ impl Engine {
             Value::Null
         };
         let empty = Map::new();
+        // Each field is looked up once per reading, however many rules mention it, until a
+        // rule changes the reading. On the stack for the usual few lookups.
+        let on_stack = [const { std::cell::Cell::new(None) }; 16];
+        let on_heap;
+        let cache: &fast::Cache = if self.slots <= on_stack.len() {
+            &on_stack[..self.slots]
+        } else {
+            on_heap = fast::cache(self.slots);
+            &on_heap
+        };
         let mut changed = false;
-        let mut aggregates = Vec::new();
-        let mut alerts = Vec::new();
+        let mut aggregates = Vec::with_capacity(self.aggregated_fields);
+        let mut alerts = Vec::with_capacity(self.alert_rules);
         for (index, rule) in self.rules.iter().enumerate() {
             if !rule.matches(reading) {
                 continue;
@@ -444,6 +479,7 @@ impl Engine {
                 device: &device,
                 topic: reading.topic,
                 source: reading.source,
+                cache,
             };
             if let Some(when) = &rule.when {
                 let error = match when.test(&self.env, &scope) {
@@ -506,10 +542,11 @@ impl Engine {
             }
             // Transforms and enrichment into the payload: JSON and CBOR objects only.
             if let Some(d) = decoded.as_mut() {
-                match rule.transform(&self.env, d, &device, reading) {
+                match rule.transform(&self.env, d, &device, reading, cache) {
                     Ok(true) => {
                         trace.transformed = true;
                         changed = true;
+                        clear(cache);
                         bump(&rule.stats.transformed);
                     }
                     Ok(false) => {}
@@ -525,16 +562,17 @@ impl Engine {
                     .iter()
                     .filter_map(|f| device_facts.get(*f).map(|v| (*f, v)))
                     .collect();
-                let writable = decoded.as_mut().and_then(value::Decoded::fields_mut);
+                let writable = decoded.as_mut().filter(|d| d.is_writable());
                 match (rule.enrich_into, writable) {
-                    (EnrichInto::Payload, Some(fields)) => {
+                    (EnrichInto::Payload, Some(d)) => {
                         trace.enriched = found.iter().map(|(f, _)| f.as_str()).collect();
                         let object: Map<String, Value> = found
                             .into_iter()
                             .map(|(f, v)| (f.as_str().to_owned(), v))
                             .collect();
-                        fields.insert("device".into(), Value::Object(object));
+                        d.insert("device".into(), Value::Object(object));
                         changed = true;
+                        clear(cache);
                     }
                     (EnrichInto::Payload, None) => {}
                     (EnrichInto::Headers, _) => {
@@ -561,20 +599,21 @@ impl Engine {
                 None => (&empty, &Value::Null),
             };
             if let Some(agg) = &rule.aggregate {
-                let values: Vec<(usize, f64)> = agg
-                    .fields
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, f)| fields.get(f).and_then(Value::as_f64).map(|v| (i, v)))
-                    .collect();
-                if !live {
-                    trace.aggregated = values
+                let values =
+                    agg.fields
                         .iter()
-                        .map(|(i, v)| (agg.fields[*i].clone(), *v))
+                        .zip(&agg.slots)
+                        .enumerate()
+                        .filter_map(|(i, (f, &slot))| {
+                            fast::number(fields, f, slot, cache).map(|v| (i, v))
+                        });
+                let before = aggregates.len();
+                aggregates.extend(values.map(|(i, v)| (index, i, v)));
+                if !live {
+                    trace.aggregated = aggregates[before..]
+                        .iter()
+                        .map(|&(_, i, v)| (agg.fields[i].clone(), v))
                         .collect();
-                }
-                if !values.is_empty() {
-                    aggregates.push((index, values));
                 }
             }
             if let Some(alert) = &rule.alert {
@@ -584,6 +623,7 @@ impl Engine {
                     device: &device,
                     topic: reading.topic,
                     source: reading.source,
+                    cache,
                 };
                 match alert.evaluate(&self.env, &scope) {
                     Ok(input) => {
@@ -604,7 +644,7 @@ impl Engine {
             }
         }
         if changed && let Some(d) = &decoded {
-            prepared.payload = value::encode(d);
+            prepared.payload = value::encode(d, reading.payload);
         }
         if !aggregates.is_empty() || !alerts.is_empty() {
             // The fields, for the alert a reading may raise: the decoded object itself (no
@@ -629,17 +669,16 @@ impl Engine {
     pub fn observe(&self, mut observation: Observation) -> Effects {
         let mut effects = Effects::default();
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        for (index, values) in std::mem::take(&mut observation.aggregates) {
+        let aggregates = std::mem::take(&mut observation.aggregates);
+        for values in aggregates.chunk_by(|a, b| a.0 == b.0) {
+            let index = values[0].0;
             let rule = &self.rules[index];
             let Some(agg) = &rule.aggregate else { continue };
-            let key = (
-                index,
-                Arc::clone(&observation.device_id),
-                Arc::clone(&observation.topic),
-            );
+            let key = (index, &observation.device_id, &observation.topic);
+            let values = values.iter().map(|&(_, field, v)| (field, v));
             match state
                 .windows
-                .add(key, agg.window_ms, observation.at_ms, &values)
+                .add(key, agg.window_ms, observation.at_ms, values)
             {
                 Ok(Some(closed)) => effects.records.push(self.window_record(&closed, true)),
                 Ok(None) => {}
@@ -652,23 +691,32 @@ impl Engine {
         }
         let alerts = std::mem::take(&mut observation.alerts);
         for (index, input) in alerts {
-            let key = (index, Arc::clone(&observation.device_id));
-            let known = state.alerts.contains_key(&key);
-            if !known && (!input.raise || state.alerts.len() >= self.max_alert_keys) {
-                if input.raise {
-                    self.stats
-                        .alert_keys_refused
-                        .fetch_add(1, Ordering::Relaxed);
+            let key = AlertKey(index, &observation.device_id);
+            // Most readings of most devices leave an alert as it was: one lookup, no change.
+            if let Some(slot) = state.alerts.get_mut(&key) {
+                let current = std::mem::replace(slot, AlertState::Normal(Streak::NONE));
+                let next = self.step_alert(index, current, input, &observation, &mut effects);
+                if next_is_kept(&next) {
+                    *slot = next;
+                } else {
+                    state.alerts.remove(&key);
                 }
                 continue;
             }
-            let current = state
-                .alerts
-                .remove(&key)
-                .unwrap_or(AlertState::Normal(Streak::NONE));
+            if !input.raise {
+                continue;
+            }
+            if state.alerts.len() >= self.max_alert_keys {
+                self.stats
+                    .alert_keys_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let current = AlertState::Normal(Streak::NONE);
             let next = self.step_alert(index, current, input, &observation, &mut effects);
             if next_is_kept(&next) {
-                state.alerts.insert(key, next);
+                let owned = (index, Arc::clone(&observation.device_id));
+                state.alerts.insert(owned, next);
             }
         }
         effects
@@ -956,6 +1004,13 @@ impl Engine {
     }
 }
 
+/// Forgets a reading's lookups (a rule changed it).
+fn clear(cache: &fast::Cache) {
+    for slot in cache {
+        slot.set(None);
+    }
+}
+
 /// A normal state with no streak is the default: not kept, so quiet devices cost nothing.
 fn next_is_kept(state: &AlertState) -> bool {
     !matches!(state, AlertState::Normal(streak) if *streak == Streak::NONE)
@@ -1000,43 +1055,51 @@ impl Rule {
         d: &mut Decoded,
         device: &Value,
         reading: &Reading<'_>,
+        cache: &fast::Cache,
     ) -> Result<bool, String> {
         // JSON and CBOR objects only: SenML and other payloads are forwarded as received.
         let nothing_to_do = self.rename.is_empty() && self.drop.is_empty() && self.set.is_empty();
-        if nothing_to_do || d.fields_mut().is_none() {
+        if nothing_to_do || !d.is_writable() {
             return Ok(false);
         }
         // `set` sees the fields as they were before this rule.
-        let mut computed = Vec::with_capacity(self.set.len());
-        for (field, e) in &self.set {
+        let compute = |d: &Decoded, (field, e): &(String, Expr)| {
             let scope = Scope {
                 fields: d.fields(),
                 payload: &d.value,
                 device,
                 topic: reading.topic,
                 source: reading.source,
+                cache,
             };
-            let value = e
-                .eval(env, &scope)
-                .map_err(|e| format!("set.{field}: {e}"))?;
-            computed.push((field.clone(), value));
-        }
-        let Some(fields) = d.fields_mut() else {
-            return Ok(false);
+            e.eval(env, &scope)
+                .map(|value| (field.clone(), value))
+                .map_err(|e| format!("set.{field}: {e}"))
+        };
+        // One computed field (the common case) needs no list.
+        let (one, more) = match self.set.as_slice() {
+            [single] if self.rename.is_empty() && self.drop.is_empty() => {
+                (Some(compute(d, single)?), Vec::new())
+            }
+            set => (
+                None,
+                set.iter()
+                    .map(|s| compute(d, s))
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
         };
         let mut changed = false;
         for (from, to) in &self.rename {
-            if let Some(v) = fields.remove(from) {
-                fields.insert(to.clone(), v);
+            if let Some(v) = d.remove(from) {
+                d.insert(to.clone(), v);
                 changed = true;
             }
         }
         for field in &self.drop {
-            changed |= fields.remove(field).is_some();
+            changed |= d.remove(field).is_some();
         }
-        for (field, v) in computed {
-            fields.insert(field, v);
-            changed = true;
+        for (field, v) in one.into_iter().chain(more) {
+            changed |= d.insert(field, v);
         }
         Ok(changed)
     }
@@ -1062,8 +1125,15 @@ fn compile_rule(
     r: &EdgeRule,
     path: &str,
     problems: &mut Vec<Problem>,
+    slots: &mut fast::Slots,
 ) -> Option<Rule> {
-    let mut expr = |key: String, source: &str| match Expr::compile(env, source) {
+    let aggregate_slots: Vec<usize> = r
+        .aggregate
+        .iter()
+        .flat_map(|a| &a.fields)
+        .map(|f| slots.slot(fast::Lookup::Field, f))
+        .collect();
+    let mut expr = |key: String, source: &str| match Expr::compile_with(env, source, slots) {
         Ok(e) => Some(e),
         Err(e) => {
             problems.push((key, e));
@@ -1172,6 +1242,7 @@ fn compile_rule(
         aggregate: r.aggregate.as_ref().map(|a| Aggregate {
             window_ms: duration_ms(a.window),
             fields: a.fields.clone(),
+            slots: aggregate_slots,
             functions: a.functions.clone(),
             kafka_topic: a
                 .kafka_topic

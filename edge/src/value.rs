@@ -24,10 +24,20 @@ pub enum Encoding {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decoded {
     pub encoding: Encoding,
-    /// The whole payload (the pack for SenML); transforms change its members in place.
+    /// The whole payload (the pack for SenML); transforms change its members in place
+    /// ([`Decoded::insert`], [`Decoded::remove`]).
     pub value: Value,
     /// SenML only: the records by resolved name.
     senml: Option<Map<String, Value>>,
+    /// JSON only: the members added to the received object, as `,"name":value` text, while
+    /// nothing received was changed or removed. [`encode`] then appends it to the received text
+    /// instead of writing the whole object again (most transforms only add a computed field).
+    appended: Vec<u8>,
+    /// The received object was empty (the first appended member needs no comma).
+    was_empty: bool,
+    /// A received member was changed or removed (or a member added twice): [`encode`] writes
+    /// the whole value.
+    rewritten: bool,
 }
 
 static NO_FIELDS: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock::new(Map::new);
@@ -51,12 +61,56 @@ impl Decoded {
         }
     }
 
-    /// The fields of a payload transforms may change: JSON and CBOR objects.
-    pub fn fields_mut(&mut self) -> Option<&mut Map<String, Value>> {
+    /// Whether transforms may change the fields: JSON and CBOR objects.
+    pub fn is_writable(&self) -> bool {
+        self.senml.is_none() && self.value.is_object()
+    }
+
+    fn fields_mut(&mut self) -> Option<&mut Map<String, Value>> {
         match (&self.senml, &mut self.value) {
             (None, Value::Object(map)) => Some(map),
             _ => None,
         }
+    }
+
+    /// Sets a field of a writable payload; false when it is not writable.
+    pub fn insert(&mut self, name: String, value: Value) -> bool {
+        let json = self.encoding == Encoding::Json;
+        // Borrowed field by field: the map and the appended text at once.
+        let (None, Value::Object(fields)) = (&self.senml, &mut self.value) else {
+            return false;
+        };
+        if json && !self.rewritten && !fields.contains_key(&name) {
+            // Written as it is added: the name and the value are at hand, and serde_json's
+            // text for them is what a whole-object encoding would write.
+            let start = self.appended.len();
+            self.appended.reserve(name.len() + 32);
+            self.appended.push(b',');
+            let written = serde_json::to_writer(&mut self.appended, &name)
+                .and_then(|()| {
+                    self.appended.push(b':');
+                    serde_json::to_writer(&mut self.appended, &value)
+                })
+                .is_ok();
+            if !written {
+                self.appended.truncate(start);
+                self.rewritten = true;
+            }
+            fields.insert(name, value);
+        } else {
+            fields.insert(name, value);
+            self.rewritten = true;
+        }
+        true
+    }
+
+    /// Removes a field of a writable payload.
+    pub fn remove(&mut self, name: &str) -> Option<Value> {
+        let removed = self.fields_mut()?.remove(name);
+        if removed.is_some() {
+            self.rewritten = true;
+        }
+        removed
     }
 }
 
@@ -76,10 +130,14 @@ pub fn decode(content_type: Option<&str>, payload: &[u8]) -> Option<Decoded> {
         _ => return None,
     };
     let senml = (encoding == Encoding::Senml).then(|| senml_fields(&value));
+    let was_empty = value.as_object().is_some_and(Map::is_empty);
     Some(Decoded {
         encoding,
         value,
         senml,
+        appended: Vec::new(),
+        was_empty,
+        rewritten: false,
     })
 }
 
@@ -119,8 +177,26 @@ fn cbor(payload: &[u8]) -> Option<Value> {
 }
 
 /// Writes a (transformed) payload back in its encoding (JSON or CBOR; never SenML).
-pub fn encode(decoded: &Decoded) -> Option<Vec<u8>> {
+/// `received` is the payload it was decoded from: a JSON object that only gained members is
+/// that text with the members appended (same members, received ones as they were sent).
+pub fn encode(decoded: &Decoded, received: &[u8]) -> Option<Vec<u8>> {
     match decoded.encoding {
+        Encoding::Json if !decoded.rewritten && !decoded.appended.is_empty() => {
+            let text = received.trim_ascii_end();
+            let Some((b'}', head)) = text.split_last() else {
+                return serde_json::to_vec(&decoded.value).ok();
+            };
+            let tail = if decoded.was_empty {
+                &decoded.appended[1..]
+            } else {
+                &decoded.appended[..]
+            };
+            let mut out = Vec::with_capacity(head.len() + tail.len() + 1);
+            out.extend_from_slice(head);
+            out.extend_from_slice(tail);
+            out.push(b'}');
+            Some(out)
+        }
         Encoding::Json => serde_json::to_vec(&decoded.value).ok(),
         Encoding::Cbor => {
             let mut out = Vec::new();
@@ -184,7 +260,7 @@ mod tests {
         ciborium::into_writer(&json!({"t": 3, "s": "x"}), &mut cbor).unwrap();
         let d = decode(Some("application/cbor"), &cbor).unwrap();
         assert_eq!(d.fields()["t"], json!(3));
-        assert_eq!(encode(&d).unwrap(), cbor);
+        assert_eq!(encode(&d, &cbor).unwrap(), cbor);
         // SenML CBOR: integer labels (-2 bn, 0 n, 2 v).
         let pack = ciborium::Value::Array(vec![ciborium::Value::Map(vec![
             (ciborium::Value::from(-2), ciborium::Value::from("d:")),
@@ -202,6 +278,46 @@ mod tests {
         assert_eq!(d.fields()["urn:dev:1:temp"], json!(21.5));
         assert_eq!(d.fields()["urn:dev:1:door"], json!(true));
         assert_eq!(d.fields().len(), 2);
-        assert!(encode(&d).is_none());
+        assert!(encode(&d, pack).is_none());
+    }
+
+    /// Members added to a JSON object are appended to the received text; anything else
+    /// rewrites the whole object. Either way the result parses to the transformed value.
+    #[test]
+    fn added_json_members_are_appended_to_the_received_text() {
+        let received = br#"{"t": 21.5, "s":"x"}  "#;
+        let mut d = decode(Some("application/json"), received).unwrap();
+        assert!(d.insert("f".into(), json!(70.7)));
+        assert!(d.insert("k\"ey".into(), json!({"a": [1]})));
+        let out = encode(&d, received).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"t": 21.5, "s":"x","f":70.7,"k\"ey":{"a":[1]}}"#
+        );
+        assert_eq!(serde_json::from_slice::<Value>(&out).unwrap(), d.value);
+
+        let mut empty = decode(None, b"{ }").unwrap();
+        empty.insert("a".into(), json!(1));
+        assert_eq!(encode(&empty, b"{ }").unwrap(), br#"{ "a":1}"#);
+
+        // A received member changed, one removed, or one added twice: the whole object.
+        for change in 0..3 {
+            let mut d = decode(None, received).unwrap();
+            d.insert("f".into(), json!(1));
+            match change {
+                0 => assert!(d.insert("t".into(), json!(0))),
+                1 => assert!(d.remove("s").is_some()),
+                _ => assert!(d.insert("f".into(), json!(2))),
+            }
+            let out = encode(&d, received).unwrap();
+            assert_eq!(
+                out,
+                serde_json::to_vec(&d.value).unwrap(),
+                "change {change}"
+            );
+        }
+        // Not an object: nothing is writable.
+        let mut list = decode(Some("application/json"), b"[1]").unwrap();
+        assert!(!list.insert("a".into(), json!(1)));
     }
 }

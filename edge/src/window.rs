@@ -1,10 +1,23 @@
 //! Tumbling windows: per (rule, device, topic), the running statistics of each aggregated
 //! field, aligned to the epoch. Bounded by a key cap.
 
-use std::collections::HashMap;
+use std::sync::Arc;
+
+use hashbrown::{Equivalent, HashMap};
 
 /// (rule index, device id, topic).
-pub type Key = (usize, std::sync::Arc<str>, std::sync::Arc<str>);
+pub type Key = (usize, Arc<str>, Arc<str>);
+
+/// A [`Key`] by reference: looked up without cloning the names. Hashes like the key (a
+/// tuple's fields in order, `Arc<str>` as its `str`).
+#[derive(Hash)]
+struct KeyRef<'a>(usize, &'a str, &'a str);
+
+impl Equivalent<Key> for KeyRef<'_> {
+    fn equivalent(&self, key: &Key) -> bool {
+        self.0 == key.0 && self.1 == &*key.1 && self.2 == &*key.2
+    }
+}
 
 /// Running statistics of one field in one window.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -74,18 +87,19 @@ impl Windows {
         self.open.len()
     }
 
-    /// Adds `values` (field index, value) observed at `at_ms` to the window of `key`; returns
-    /// the previous window of that key when this reading starts a new one.
+    /// Adds `values` (field index, value) observed at `at_ms` to the window of (`rule`,
+    /// `device`, `topic`); returns the previous window of that key when this reading starts a
+    /// new one.
     pub fn add(
         &mut self,
-        key: Key,
+        (rule, device, topic): (usize, &Arc<str>, &Arc<str>),
         window_ms: u64,
         at_ms: u64,
-        values: &[(usize, f64)],
+        values: impl Iterator<Item = (usize, f64)>,
     ) -> Result<Option<Closed>, Full> {
         let start_ms = at_ms - at_ms % window_ms.max(1);
-        let mut closed = None;
-        if let Some(open) = self.open.get_mut(&key) {
+        let key = || (rule, Arc::clone(device), Arc::clone(topic));
+        if let Some(open) = self.open.get_mut(&KeyRef(rule, device, topic)) {
             if open.start_ms == start_ms || start_ms < open.start_ms {
                 // A late reading (clock stepped back) counts in the open window.
                 record(&mut open.fields, values);
@@ -99,20 +113,19 @@ impl Windows {
                 },
             );
             record(&mut open.fields, values);
-            closed = Some(Closed {
-                key,
+            return Ok(Some(Closed {
+                key: key(),
                 start_ms: old.start_ms,
                 fields: old.fields,
-            });
-            return Ok(closed);
+            }));
         }
         if self.open.len() >= self.max_keys {
             return Err(Full);
         }
         let mut fields = Vec::new();
         record(&mut fields, values);
-        self.open.insert(key, Open { start_ms, fields });
-        Ok(closed)
+        self.open.insert(key(), Open { start_ms, fields });
+        Ok(None)
     }
 
     /// Closes (and forgets) every window whose end is at or before `now_ms`.
@@ -143,8 +156,8 @@ impl Windows {
     }
 }
 
-fn record(fields: &mut Vec<Option<Stats>>, values: &[(usize, f64)]) {
-    for &(i, v) in values {
+fn record(fields: &mut Vec<Option<Stats>>, values: impl Iterator<Item = (usize, f64)>) {
+    for (i, v) in values {
         if fields.len() <= i {
             fields.resize(i + 1, None);
         }
@@ -160,21 +173,28 @@ mod tests {
     use super::*;
 
     fn key(d: &str) -> Key {
-        (0, std::sync::Arc::from(d), std::sync::Arc::from("t"))
+        (0, Arc::from(d), Arc::from("t"))
+    }
+
+    fn add(
+        w: &mut Windows,
+        d: &str,
+        at_ms: u64,
+        values: &[(usize, f64)],
+    ) -> Result<Option<Closed>, Full> {
+        let (rule, device, topic) = key(d);
+        w.add((rule, &device, &topic), 1000, at_ms, values.iter().copied())
     }
 
     #[test]
     fn windows_tumble_on_epoch_boundaries_and_respect_the_cap() {
         let mut w = Windows::new(2);
-        assert_eq!(w.add(key("a"), 1000, 1_500, &[(0, 2.0)]), Ok(None));
-        assert_eq!(
-            w.add(key("a"), 1000, 1_999, &[(0, 4.0), (1, 1.0)]),
-            Ok(None)
-        );
-        assert_eq!(w.add(key("b"), 1000, 1_100, &[(0, 1.0)]), Ok(None));
-        assert_eq!(w.add(key("c"), 1000, 1_100, &[(0, 1.0)]), Err(Full));
+        assert_eq!(add(&mut w, "a", 1_500, &[(0, 2.0)]), Ok(None));
+        assert_eq!(add(&mut w, "a", 1_999, &[(0, 4.0), (1, 1.0)]), Ok(None));
+        assert_eq!(add(&mut w, "b", 1_100, &[(0, 1.0)]), Ok(None));
+        assert_eq!(add(&mut w, "c", 1_100, &[(0, 1.0)]), Err(Full));
         // The next window of `a` closes the first.
-        let closed = w.add(key("a"), 1000, 2_000, &[(0, 9.0)]).unwrap().unwrap();
+        let closed = add(&mut w, "a", 2_000, &[(0, 9.0)]).unwrap().unwrap();
         assert_eq!(closed.start_ms, 1_000);
         let s = closed.fields[0].unwrap();
         assert_eq!(

@@ -6,6 +6,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,9 @@ pub struct Daemon {
     pub data_dir: PathBuf,
     pub config_path: PathBuf,
     logs: Arc<Mutex<Vec<String>>>,
+    /// Set by the log reader at the end of the daemon's stderr: after an exit, every line is in
+    /// `logs` once this is set ([`Daemon::settle_logs`]).
+    log_eof: Arc<AtomicBool>,
 }
 
 /// Writes a config into `dir/outpost.toml`: data under `dir/data`, admin, CoAP and MQTT on
@@ -102,13 +106,15 @@ impl Daemon {
             .spawn()
             .expect("spawn outpost");
         let logs = Arc::new(Mutex::new(Vec::new()));
+        let log_eof = Arc::new(AtomicBool::new(false));
         let stderr = child.stderr.take().expect("stderr");
-        let sink = Arc::clone(&logs);
+        let (sink, eof) = (Arc::clone(&logs), Arc::clone(&log_eof));
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
             }
+            eof.store(true, Ordering::Release);
         });
         let mut daemon = Daemon {
             child,
@@ -116,6 +122,7 @@ impl Daemon {
             data_dir,
             config_path: config_path.to_path_buf(),
             logs,
+            log_eof,
         };
         let bound = daemon.wait_for_log("Admin listener bound", Duration::from_secs(30));
         let v: serde_json::Value = serde_json::from_str(&bound).expect("json log line");
@@ -156,7 +163,10 @@ impl Daemon {
                 return line;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                std::thread::sleep(Duration::from_millis(100));
+                self.settle_logs();
+                if let Some(line) = self.logs().into_iter().find(|l| l.contains(needle)) {
+                    return line;
+                }
                 panic!(
                     "outpost exited ({status}) before logging {needle:?}:\n{}",
                     self.logs().join("\n")
@@ -278,7 +288,9 @@ impl Daemon {
         signal(self.child.id(), rustix::process::Signal::TERM);
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
-                return (status, t0.elapsed());
+                let took = t0.elapsed();
+                self.settle_logs();
+                return (status, took);
             }
             if t0.elapsed() > timeout {
                 let _ = self.child.kill();
@@ -295,16 +307,34 @@ impl Daemon {
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.settle_logs();
     }
 
+    /// Whether the daemon still runs; once it does not, its last log lines are in.
     pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        let running = matches!(self.child.try_wait(), Ok(None));
+        if !running {
+            self.settle_logs();
+        }
+        running
+    }
+
+    /// After an exit: waits (up to 5 s) until the log reader has read the daemon's stderr to
+    /// its end, so a check of the last lines cannot race the reader. A process the daemon
+    /// started may hold stderr open longer: then whatever was read by then counts.
+    fn settle_logs(&self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.log_eof.load(Ordering::Acquire) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        self.kill9();
+        // No wait for the log reader: nothing reads the logs any more.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

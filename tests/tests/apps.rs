@@ -484,11 +484,7 @@ fn supervised_subsystems_forced_to_fail_are_restarted() {
             })
         })
     });
-    assert!(
-        d.logs()
-            .iter()
-            .any(|l| l.contains("Subsystem failed; restarting it"))
-    );
+    d.wait_for_log("Subsystem failed; restarting it", Duration::from_secs(5));
     assert_eq!(d.get("/readyz").0, 200);
     d.terminate(Duration::from_secs(15));
 }

@@ -93,11 +93,15 @@ fn serial_disk_full_fails_cleanly_and_recovers() {
     d.wait_until("a commit failing on ENOSPC", Duration::from_secs(30), |d| {
         d.metric("outpost_outbox_commit_errors_total") >= 1.0
     });
-    assert!(
-        d.logs()
-            .iter()
-            .any(|l| l.contains("Outbox commit failed") && l.contains("full")),
-        "the failure is logged with its cause"
+    // The failure is logged with its cause (the log is read by another thread: wait for it).
+    d.wait_until(
+        "the failure logged with its cause",
+        Duration::from_secs(5),
+        |d| {
+            d.logs()
+                .iter()
+                .any(|l| l.contains("Outbox commit failed") && l.contains("full"))
+        },
     );
     std::thread::sleep(Duration::from_millis(500));
     assert!(d.is_running(), "the daemon survives a full disk");
@@ -135,11 +139,7 @@ fn serial_disk_floor_refuses_before_the_disk_fills() {
         0.0,
         "refused before ENOSPC"
     );
-    assert!(
-        d.logs()
-            .iter()
-            .any(|l| l.contains("Outbox full: refusing appends"))
-    );
+    d.wait_for_log("Outbox full: refusing appends", Duration::from_secs(5));
     assert!(d.is_running());
     let (status, _) = d.terminate(Duration::from_secs(15));
     assert_eq!(status.code(), Some(0), "{}", d.logs().join("\n"));

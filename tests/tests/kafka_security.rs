@@ -141,11 +141,8 @@ fn wait_for_reason(d: &mut Daemon, reason: &str) -> String {
         .as_str()
         .unwrap()
         .to_owned();
-    assert!(
-        d.logs().iter().any(|line| line.contains(reason)),
-        "the log names the reason {reason:?} too: {:#?}",
-        d.logs()
-    );
+    // The log names the reason too (read by another thread: wait for it).
+    d.wait_for_log(reason, Duration::from_secs(5));
     error
 }
 
