@@ -297,9 +297,12 @@ impl IngressTasks {
     }
 }
 
-/// Keeps the systemd STATUS line current with the outbox figures.
+/// Keeps the systemd STATUS line current with the outbox figures. The first update comes one
+/// period after the start: READY=1 carries its own STATUS, and a "running" line must never
+/// reach systemd before it (the task starts before the listeners are ready).
 async fn status_line(outbox: outpost_sync::Outbox, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+    let period = std::time::Duration::from_secs(10);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
