@@ -181,6 +181,16 @@ impl Daemon {
         }
     }
 
+    /// Waits until at least `n` log lines contain `needle` (the log is read by another thread),
+    /// then returns how many do: a test expecting exactly `n` compares the count.
+    pub fn count_log_lines(&mut self, needle: &str, n: usize, timeout: Duration) -> usize {
+        let count = |d: &Daemon| d.logs().iter().filter(|l| l.contains(needle)).count();
+        self.wait_until(&format!("{n} log lines {needle:?}"), timeout, |d| {
+            count(d) >= n
+        });
+        count(self)
+    }
+
     /// `GET path` on the admin listener: (status code, body).
     pub fn get(&self, path: &str) -> (u16, String) {
         http_get(self.admin, path)

@@ -243,17 +243,8 @@ fn zigbee_coordinator_end_to_end() {
     );
     // Exactly the three corrupted frames are counted, in the metric and in the logs.
     assert_eq!(driver_metric(&d, "outpost_driver_frames_bad_total"), 3.0);
-    let logged = |d: &Daemon| {
-        d.logs()
-            .iter()
-            .filter(|l| l.contains("Skipped a bad Z-Stack frame"))
-            .count()
-    };
-    // The log is read by another thread: wait for the lines, then count them.
-    d.wait_until("the bad frames logged", Duration::from_secs(5), |d| {
-        logged(d) >= 3
-    });
-    assert_eq!(logged(&d), 3);
+    let logged = d.count_log_lines("Skipped a bad Z-Stack frame", 3, Duration::from_secs(5));
+    assert_eq!(logged, 3);
     assert_eq!(driver_metric(&d, "outpost_driver_up"), 1.0);
 
     // Unknown cluster, unknown attribute, cluster-specific command: kept raw.
