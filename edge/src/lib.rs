@@ -469,18 +469,7 @@ impl Engine {
                 continue;
             }
             let mut trace = Trace::default();
-            let (fields, payload) = match &decoded {
-                Some(d) => (d.fields(), &d.value),
-                None => (&empty, &Value::Null),
-            };
-            let scope = Scope {
-                fields,
-                payload,
-                device: &device,
-                topic: reading.topic,
-                source: reading.source,
-                cache,
-            };
+            let scope = reading_scope(decoded.as_ref(), &empty, &device, reading, cache);
             if let Some(when) = &rule.when {
                 let error = match when.test(&self.env, &scope) {
                     Ok(true) => None,
@@ -594,10 +583,8 @@ impl Engine {
                     }
                 }
             }
-            let (fields, payload) = match &decoded {
-                Some(d) => (d.fields(), &d.value),
-                None => (&empty, &Value::Null),
-            };
+            // What the transforms and enrichment above made of the reading.
+            let scope = reading_scope(decoded.as_ref(), &empty, &device, reading, cache);
             if let Some(agg) = &rule.aggregate {
                 let values =
                     agg.fields
@@ -605,7 +592,7 @@ impl Engine {
                         .zip(&agg.slots)
                         .enumerate()
                         .filter_map(|(i, (f, &slot))| {
-                            fast::number(fields, f, slot, cache).map(|v| (i, v))
+                            fast::number(scope.fields, f, slot, cache).map(|v| (i, v))
                         });
                 let before = aggregates.len();
                 aggregates.extend(values.map(|(i, v)| (index, i, v)));
@@ -617,14 +604,6 @@ impl Engine {
                 }
             }
             if let Some(alert) = &rule.alert {
-                let scope = Scope {
-                    fields,
-                    payload,
-                    device: &device,
-                    topic: reading.topic,
-                    source: reading.source,
-                    cache,
-                };
                 match alert.evaluate(&self.env, &scope) {
                     Ok(input) => {
                         trace.alert = Some(input);
@@ -1001,6 +980,28 @@ impl Engine {
 
     pub fn stats(&self) -> &EngineStats {
         &self.stats
+    }
+}
+
+/// What an expression sees of `reading` as decoded (`empty` fields when it is not structured).
+fn reading_scope<'a>(
+    decoded: Option<&'a Decoded>,
+    empty: &'a Map<String, Value>,
+    device: &'a Value,
+    reading: &Reading<'a>,
+    cache: &'a fast::Cache,
+) -> Scope<'a> {
+    let (fields, payload) = match decoded {
+        Some(d) => (d.fields(), &d.value),
+        None => (empty, &Value::Null),
+    };
+    Scope {
+        fields,
+        payload,
+        device,
+        topic: reading.topic,
+        source: reading.source,
+        cache,
     }
 }
 
