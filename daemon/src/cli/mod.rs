@@ -189,6 +189,8 @@ fn run(path: Option<&Path>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Ends with the runtime.
+    runtime.spawn(crate::allocator::collect_periodically());
     let result = runtime.block_on(async {
         let shutdown = app::shutdown_on_signals();
         app::run(config, path.map(Path::to_path_buf), shutdown).await
