@@ -30,7 +30,9 @@
 #         alerts; scripts/bench/edge-rules.toml) against none, runs alternating: HTTP batches of
 #         50 records (wrk, 50 connections, 10 s, median of 5) and MQTT QoS 1 JSON publishes
 #         (mqtt-bench, 100 publishers, median of 5); RSS growth of 10,000 open aggregate windows
-#         (one device, 10,000 topics) against the same readings without the rule (median of 3)
+#         (one device, 10,000 topics) against the same readings without the rule (median of 3).
+#         EDGE_BEFORE_BIN=<an older outpost binary> runs it too, alternating, for a before/after
+#         in the same run (throughput only)
 # commands: commands from Kafka (tests/src/bin/commands-bench.rs): Kafka -> MQTT device latency
 #         at 100 commands/s, commands/s into the device queues, idle cost of the consumer
 set -euo pipefail
@@ -129,7 +131,8 @@ scopes = ["admin"]
 TOML
   # BENCH_EXTRA_CONFIG: a file appended to the config (the edge rules of `edge`).
   if [[ -n ${BENCH_EXTRA_CONFIG:-} ]]; then cat "$BENCH_EXTRA_CONFIG" >>"$bench_dir/c.toml"; fi
-  "$target_dir/release/outpost" run --config "$bench_dir/c.toml" 2>"$bench_dir/log" &
+  # BENCH_BIN: another outpost binary than this build's (edge's before/after).
+  "${BENCH_BIN:-$target_dir/release/outpost}" run --config "$bench_dir/c.toml" 2>"$bench_dir/log" &
   bench_pid=$!
   for _ in $(seq 100); do
     bench_admin=$(sed -nE 's/.*"addr":"([^"]+)".*"Admin listener bound".*/\1/p; s/.*"Admin listener bound".*"addr":"([^"]+)".*/\1/p' "$bench_dir/log" | head -n1)
@@ -170,12 +173,17 @@ http() {
 edge() {
   command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
   cargo build --locked --release -p outpost -p outpost-e2e --bins
-  local rules=scripts/bench/edge-rules.toml body run mode out rps
+  local rules=scripts/bench/edge-rules.toml body run mode out rps modes=(none rules) brokers=outpost,edge
+  if [[ -n ${EDGE_BEFORE_BIN:-} ]]; then
+    modes+=(before-none before-rules)
+    brokers+=,before,before-edge
+  fi
   declare -A results=()
   body="[$(python3 -c 'import json; print(",".join(json.dumps({"temperature": 20 + i % 30, "humidity": 48.2, "battery": 3.71, "pad": "x" * 34}) for i in range(50)))')]"
   for run in 1 2 3 4 5; do
-    for mode in none rules; do
-      if [[ $mode == rules ]]; then export BENCH_EXTRA_CONFIG=$rules; else unset BENCH_EXTRA_CONFIG; fi
+    for mode in "${modes[@]}"; do
+      if [[ $mode == *rules ]]; then export BENCH_EXTRA_CONFIG=$rules; else unset BENCH_EXTRA_CONFIG; fi
+      if [[ $mode == before-* ]]; then export BENCH_BIN=$EDGE_BEFORE_BIN; else unset BENCH_BIN; fi
       start_daemon
       local secret auth
       secret=$(curl -fsS -X POST -H 'Authorization: Bearer bench-token' -H 'Content-Type: application/json' \
@@ -184,18 +192,19 @@ edge() {
       out=$(OUTPOST_BENCH_AUTH=$auth OUTPOST_BENCH_BODY=$body wrk -t2 -c50 -d10s --latency -s scripts/bench/ingest.lua \
         "http://$bench_admin/api/v1/ingest/devices/bench-device/telemetry")
       rps=$(printf '%s\n' "$out" | awk '/Requests\/sec/ {print $2}')
-      printf 'run %s %-5s: %s requests/s (x50 records) %s\n' "$run" "$mode" "$rps" "$(printf '%s\n' "$out" | grep -E 'non-201')"
+      printf 'run %s %-12s: %s requests/s (x50 records) %s\n' "$run" "$mode" "$rps" "$(printf '%s\n' "$out" | grep -E 'non-201')"
       results[$mode]+="$(python3 -c "print($rps * 50)") "
       stop_daemon
     done
   done
-  unset BENCH_EXTRA_CONFIG
-  for mode in none rules; do
+  unset BENCH_EXTRA_CONFIG BENCH_BIN
+  for mode in "${modes[@]}"; do
     printf 'HTTP batches, records/s, %s: %s median %s\n' "$mode" "${results[$mode]}" \
       "$(printf '%s\n' ${results[$mode]} | sort -n | sed -n 3p)"
   done
-  OUTPOST_BENCH_EDGE_CONFIG=$rules "$target_dir/release/mqtt-bench" --publishers 100 --seconds 10 \
-    --warmup 2 --runs 5 --json --brokers outpost,edge
+  OUTPOST_BEFORE_BIN=${EDGE_BEFORE_BIN:-} OUTPOST_BENCH_EDGE_CONFIG=$rules \
+    "$target_dir/release/mqtt-bench" --publishers 100 --seconds 10 --warmup 2 --runs 5 --json \
+    --brokers "$brokers"
   python3 scripts/bench/edge_windows.py "$target_dir/release/outpost"
 }
 

@@ -86,7 +86,8 @@ pub struct Options {
     /// Instead of publishing: this many registered devices connect at once; CONNACK latency.
     pub storm: usize,
     /// Servers under test, in the order runs alternate: `outpost`, `mosquitto`, `before`,
-    /// `edge` (this build with OUTPOST_BENCH_EDGE_CONFIG's rules).
+    /// `edge` (this build with OUTPOST_BENCH_EDGE_CONFIG's rules), `before-edge` (the `before`
+    /// build with them).
     pub brokers: Vec<&'static str>,
     /// CPUs (a `taskset` list) for the bench's own threads.
     pub client_cpus: Option<String>,
@@ -163,10 +164,11 @@ fn parse_args() -> anyhow::Result<Option<Options>> {
                         "mosquitto" => o.brokers.push("mosquitto"),
                         "before" => o.brokers.push("before"),
                         "edge" => o.brokers.push("edge"),
+                        "before-edge" => o.brokers.push("before-edge"),
                         "both" => o.brokers.extend(["outpost", "mosquitto"]),
                         other => bail!(
-                            "--brokers: a comma-separated list of outpost, mosquitto, before \
-                             (or both), not {other}"
+                            "--brokers: a comma-separated list of outpost, mosquitto, before, \
+                             edge, before-edge (or both), not {other}"
                         ),
                     }
                 }
@@ -176,7 +178,7 @@ fn parse_args() -> anyhow::Result<Option<Options>> {
                     "mqtt-bench [--publishers 100] [--seconds 10] [--warmup 2] [--runs 1] \
                      [--threads 1 (client runtime workers)] [--payload 100] \
                      [--rate 0 (total msg/s; 0 = as fast as possible)] [--inflight 100] \
-                     [--watch] [--protocol v3|v5|both] [--brokers outpost,mosquitto,before,edge] \
+                     [--watch] [--protocol v3|v5|both] [--brokers outpost,mosquitto,before,edge,before-edge] \
                      [--json (a JSON object payload)] \
                      [--client-cpus LIST] [--broker-cpus LIST]\n\
                      mqtt-bench --idle N [--idle-subscribe | --idle-persistent] [--runs 1]\n\
@@ -215,9 +217,10 @@ impl Server {
         let dir = tempfile::Builder::new()
             .prefix("mqtt-bench-")
             .tempdir_in(std::env::current_dir()?)?;
-        if kind == "outpost" || kind == "before" || kind == "edge" {
-            // `edge`: this build with the `[edge]` rules of OUTPOST_BENCH_EDGE_CONFIG added.
-            let edge = if kind == "edge" {
+        if matches!(kind, "outpost" | "before" | "edge" | "before-edge") {
+            // `edge`: this build with the `[edge]` rules of OUTPOST_BENCH_EDGE_CONFIG added;
+            // `before-edge`: the `before` build with them.
+            let edge = if kind.ends_with("edge") {
                 let file = std::env::var_os("OUTPOST_BENCH_EDGE_CONFIG")
                     .context("--brokers edge needs OUTPOST_BENCH_EDGE_CONFIG=<toml file>")?;
                 std::fs::read_to_string(&file)?
@@ -228,7 +231,7 @@ impl Server {
                 "[mqtt]\nlisten = \"127.0.0.1:0\"\nallow_anonymous = true\n\
                  max_connections = {max_connections}\n{outpost_extra}\n{edge}"
             );
-            let mut daemon = if kind == "before" {
+            let mut daemon = if kind.starts_with("before") {
                 let bin = std::env::var_os("OUTPOST_BEFORE_BIN")
                     .context("--brokers before needs OUTPOST_BEFORE_BIN=<outpost binary>")?;
                 Daemon::start_other(std::path::Path::new(&bin), dir.path(), &config)
