@@ -411,45 +411,43 @@ impl Collector for EdgeMetrics {
             (
                 "outpost_edge_matched",
                 "Readings a rule applied to (its when true)",
-                |s| s.matched.load(Relaxed),
+                |s| s.matched,
             ),
             (
                 "outpost_edge_refused",
                 "Readings refused by a rule's schema",
-                |s| s.refused.load(Relaxed),
+                |s| s.refused,
             ),
             (
                 "outpost_edge_dead_lettered",
                 "Readings a rule's schema sent to edge.invalid_topic",
-                |s| s.dead_lettered.load(Relaxed),
+                |s| s.dead_lettered,
             ),
             (
                 "outpost_edge_transformed",
                 "Readings a rule's rename, drop or set changed",
-                |s| s.transformed.load(Relaxed),
+                |s| s.transformed,
             ),
             (
                 "outpost_edge_errors",
                 "Expression failures (a missing field, a type mismatch)",
-                |s| s.errors.load(Relaxed),
+                |s| s.errors,
             ),
-            ("outpost_edge_alerts_raised", "Alerts raised", |s| {
-                s.raised.load(Relaxed)
-            }),
+            ("outpost_edge_alerts_raised", "Alerts raised", |s| s.raised),
             ("outpost_edge_alerts_cleared", "Alerts cleared", |s| {
-                s.cleared.load(Relaxed)
+                s.cleared
             }),
             (
                 "outpost_edge_aggregates",
                 "Aggregate records emitted",
-                |s| s.aggregates.load(Relaxed),
+                |s| s.aggregates,
             ),
         ];
         for (name, help, read) in per_rule {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             for (rule, stats) in engine.rule_stats() {
                 let labels = [("rule", rule)];
-                ConstCounter::new(read(stats)).encode(family.encode_family(&labels)?)?;
+                ConstCounter::new(read(&stats)).encode(family.encode_family(&labels)?)?;
             }
         }
         let stats = engine.stats();

@@ -8,6 +8,10 @@ use std::time::Instant;
 
 use outpost_edge::{DeviceFacts, Engine, Facts, Reading, Verdict};
 
+/// The daemon's allocator: the rules' allocations cost what they cost there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Registry;
 
 impl Facts for Registry {

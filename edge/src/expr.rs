@@ -10,16 +10,32 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
+use crate::value::{Decoded, NO_FIELDS};
+
 /// What an expression can see of a reading.
 #[derive(Debug, Clone, Copy)]
 pub struct Scope<'a> {
-    pub fields: &'a Map<String, Value>,
-    pub payload: &'a Value,
+    /// The payload, decoded (`None`: not structured, no fields).
+    pub decoded: Option<&'a Decoded<'a>>,
     pub device: &'a Value,
     pub topic: &'a str,
     pub source: &'a str,
     /// The reading's lookups so far (`&[]`: none cached).
     pub cache: &'a crate::fast::Cache,
+}
+
+impl Scope<'_> {
+    /// The reading's fields by name, for the interpreter (a members-form payload's tree is
+    /// built here, once).
+    pub fn fields(&self) -> &Map<String, Value> {
+        self.decoded.map_or(&*NO_FIELDS, Decoded::fields)
+    }
+
+    /// The whole payload (`null` when not structured).
+    pub fn payload(&self) -> &Value {
+        const NULL: &Value = &Value::Null;
+        self.decoded.map_or(NULL, Decoded::value)
+    }
 }
 
 /// A compiled expression.
@@ -88,9 +104,7 @@ impl Expr {
 
     /// The native evaluator's answer, when it has one.
     pub(crate) fn fast_value(&self, scope: &Scope<'_>) -> Option<crate::fast::Native> {
-        self.fast
-            .as_ref()?
-            .eval(scope.fields, scope.payload, scope.cache)
+        self.fast.as_ref()?.eval(scope.decoded, scope.cache)
     }
 
     /// Whether the expression mentions `name` (`device`: the registry's facts are needed).
@@ -103,7 +117,7 @@ impl Expr {
         let mut ctx = cel::Context::with_env(Arc::clone(env));
         for name in &self.variables {
             let value = match name.as_str() {
-                "payload" => scope.payload,
+                "payload" => scope.payload(),
                 "device" => scope.device,
                 "topic" => {
                     ctx.add_variable_from_value(name.as_str(), scope.topic);
@@ -113,7 +127,7 @@ impl Expr {
                     ctx.add_variable_from_value(name.as_str(), scope.source);
                     continue;
                 }
-                field => match scope.fields.get(field) {
+                field => match scope.fields().get(field) {
                     Some(v) => v,
                     None => continue,
                 },
@@ -145,13 +159,13 @@ mod tests {
     fn eval(source: &str, payload: Value) -> Result<Value, String> {
         let env = environment();
         let expr = Expr::compile(&env, source)?;
-        let fields = payload.as_object().cloned().unwrap_or_default();
+        let text = payload.to_string();
+        let decoded = crate::value::decode(Some("application/json"), text.as_bytes());
         let device = json!({"id": "boiler-1", "tags": ["boiler", "hall-2"], "name": "Boiler"});
         expr.eval(
             &env,
             &Scope {
-                fields: &fields,
-                payload: &payload,
+                decoded: decoded.as_ref(),
                 device: &device,
                 topic: "sensors/boiler-1/temp",
                 source: "mqtt",

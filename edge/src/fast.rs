@@ -15,7 +15,9 @@ use std::cell::Cell;
 
 use cel::common::ast::{Expr, LiteralValue};
 use cel::parser::Expression;
-use serde_json::{Map, Value};
+use serde_json::{Number, Value};
+
+use crate::value::Decoded;
 
 /// What the subset looks up in a reading, numbered per engine ([`Slots`]): a reading looks
 /// each up once, however many rules mention it ([`Cache`]).
@@ -51,11 +53,19 @@ impl Slots {
     pub fn len(&self) -> usize {
         self.names.len()
     }
+
+    /// The slots that look up a field `written` names (any kind of lookup).
+    pub fn of(&self, written: impl Fn(&str) -> bool) -> Vec<usize> {
+        (0..self.names.len())
+            .filter(|&slot| written(&self.names[slot].1))
+            .collect()
+    }
 }
 
 /// Per reading, what each slot gave: `None` until it is looked up, then the subset's value
-/// (`Some(None)`: missing, or not a number or boolean). Cleared whenever a rule changes the
-/// reading. A slot past its end (an expression compiled on its own) is looked up every time.
+/// (`Some(None)`: missing, or not a number or boolean). A rule that changes the reading
+/// clears the slots of the fields it writes. A slot past its end (an expression compiled on
+/// its own) is looked up every time.
 pub type Cache = [Cell<Option<Option<Native>>>];
 
 /// A fresh [`Cache`] for `slots` slots.
@@ -76,8 +86,13 @@ fn cached(cache: &Cache, slot: usize, look: impl FnOnce() -> Option<Native>) -> 
 }
 
 /// A top-level field as a number (an aggregated value), looked up through `cache`.
-pub fn number(fields: &Map<String, Value>, name: &str, slot: usize, cache: &Cache) -> Option<f64> {
-    match cached(cache, slot, || Native::of(fields.get(name)?))? {
+pub fn number(
+    decoded: Option<&Decoded<'_>>,
+    name: &str,
+    slot: usize,
+    cache: &Cache,
+) -> Option<f64> {
+    match cached(cache, slot, || decoded?.field(name)?)? {
         Native::Int(i) => Some(i as f64),
         Native::UInt(u) => Some(u as f64),
         Native::Double(d) => Some(d),
@@ -99,7 +114,13 @@ pub enum Node {
     And(Box<Node>, Box<Node>),
     Or(Box<Node>, Box<Node>),
     Compare(Ordering, Box<Node>, Box<Node>),
+    /// `Compare` with a literal on the right (`temperature > 80.0`): one node.
+    CompareLiteral(Ordering, Box<Node>, Native),
     Arithmetic(Operator, Box<Node>, Box<Node>),
+    /// `Arithmetic` nested on its left with a double literal on each right
+    /// (`double(t) * 9.0 / 5.0 + 32.0`): the first operand, then each step in turn, as the
+    /// nested nodes would compute it — one node instead of one per operator.
+    Chain(Box<Node>, Vec<(Operator, f64)>),
     Negate(Box<Node>),
     /// `double(x)` of a number.
     Double(Box<Node>),
@@ -170,14 +191,14 @@ pub fn compile(expr: &Expression, slots: &mut Slots) -> Option<Node> {
                 "!_" if call.args.len() == 1 => arg(0).map(Node::Not),
                 "-_" if call.args.len() == 1 => arg(0).map(Node::Negate),
                 "double" if call.args.len() == 1 => arg(0).map(Node::Double),
-                "_<_" => two(&mut arg).map(|(a, b)| Node::Compare(Ordering::Less, a, b)),
-                "_<=_" => two(&mut arg).map(|(a, b)| Node::Compare(Ordering::LessEqual, a, b)),
-                "_>_" => two(&mut arg).map(|(a, b)| Node::Compare(Ordering::Greater, a, b)),
-                "_>=_" => two(&mut arg).map(|(a, b)| Node::Compare(Ordering::GreaterEqual, a, b)),
-                "_+_" => two(&mut arg).map(|(a, b)| Node::Arithmetic(Operator::Add, a, b)),
-                "_-_" => two(&mut arg).map(|(a, b)| Node::Arithmetic(Operator::Subtract, a, b)),
-                "_*_" => two(&mut arg).map(|(a, b)| Node::Arithmetic(Operator::Multiply, a, b)),
-                "_/_" => two(&mut arg).map(|(a, b)| Node::Arithmetic(Operator::Divide, a, b)),
+                "_<_" => two(&mut arg).map(|(a, b)| compare(Ordering::Less, *a, *b)),
+                "_<=_" => two(&mut arg).map(|(a, b)| compare(Ordering::LessEqual, *a, *b)),
+                "_>_" => two(&mut arg).map(|(a, b)| compare(Ordering::Greater, *a, *b)),
+                "_>=_" => two(&mut arg).map(|(a, b)| compare(Ordering::GreaterEqual, *a, *b)),
+                "_+_" => two(&mut arg).map(|(a, b)| arithmetic(Operator::Add, *a, *b)),
+                "_-_" => two(&mut arg).map(|(a, b)| arithmetic(Operator::Subtract, *a, *b)),
+                "_*_" => two(&mut arg).map(|(a, b)| arithmetic(Operator::Multiply, *a, *b)),
+                "_/_" => two(&mut arg).map(|(a, b)| arithmetic(Operator::Divide, *a, *b)),
                 _ => None,
             }
         }
@@ -185,20 +206,77 @@ pub fn compile(expr: &Expression, slots: &mut Slots) -> Option<Node> {
     }
 }
 
+/// A comparison, with a literal right side folded into the node.
+fn compare(op: Ordering, a: Node, b: Node) -> Node {
+    match b {
+        Node::Literal(n) => Node::CompareLiteral(op, Box::new(a), n),
+        b => Node::Compare(op, Box::new(a), Box::new(b)),
+    }
+}
+
+/// An arithmetic node, folded into a [`Node::Chain`] when its right side is a double literal.
+fn arithmetic(op: Operator, a: Node, b: Node) -> Node {
+    match (a, b) {
+        (Node::Chain(first, mut steps), Node::Literal(Native::Double(y))) => {
+            steps.push((op, y));
+            Node::Chain(first, steps)
+        }
+        (a, Node::Literal(Native::Double(y))) => Node::Chain(Box::new(a), vec![(op, y)]),
+        (a, b) => Node::Arithmetic(op, Box::new(a), Box::new(b)),
+    }
+}
+
+/// CEL's double arithmetic, when the subset can tell it: `None` for a division by zero or a
+/// result that is not finite (the interpreter's error or value).
+fn apply(op: Operator, x: f64, y: f64) -> Option<f64> {
+    let r = match op {
+        Operator::Add => x + y,
+        Operator::Subtract => x - y,
+        Operator::Multiply => x * y,
+        Operator::Divide if y != 0.0 => x / y,
+        Operator::Divide => return None,
+    };
+    r.is_finite().then_some(r)
+}
+
+/// `double(n)` of a number.
+fn double(n: Native) -> Option<Native> {
+    match n {
+        Native::Int(i) => Some(Native::Double(i as f64)),
+        Native::UInt(u) => Some(Native::Double(u as f64)),
+        Native::Double(d) => Some(Native::Double(d)),
+        Native::Bool(_) => None,
+    }
+}
+
+/// `a op b` as a boolean.
+fn compared(op: Ordering, a: Native, b: Native) -> Option<Native> {
+    let o = order(a, b)?;
+    Some(Native::Bool(match op {
+        Ordering::Less => o.is_lt(),
+        Ordering::LessEqual => o.is_le(),
+        Ordering::Greater => o.is_gt(),
+        Ordering::GreaterEqual => o.is_ge(),
+    }))
+}
+
 impl Native {
     pub(crate) fn of(value: &Value) -> Option<Native> {
         match value {
             Value::Bool(b) => Some(Native::Bool(*b)),
-            Value::Number(n) => {
-                if let Some(u) = n.as_u64() {
-                    Some(Native::UInt(u))
-                } else if let Some(i) = n.as_i64() {
-                    Some(Native::Int(i))
-                } else {
-                    n.as_f64().map(Native::Double)
-                }
-            }
+            Value::Number(n) => Native::of_number(n),
             _ => None,
+        }
+    }
+
+    /// A JSON number as CEL types it.
+    pub(crate) fn of_number(n: &Number) -> Option<Native> {
+        if let Some(u) = n.as_u64() {
+            Some(Native::UInt(u))
+        } else if let Some(i) = n.as_i64() {
+            Some(Native::Int(i))
+        } else {
+            n.as_f64().map(Native::Double)
         }
     }
 
@@ -241,22 +319,30 @@ fn order(a: Native, b: Native) -> Option<std::cmp::Ordering> {
 }
 
 impl Node {
-    /// The value, when the subset can tell it for this reading; lookups go through `cache`.
-    pub fn eval(
-        &self,
-        fields: &Map<String, Value>,
-        payload: &Value,
-        cache: &Cache,
-    ) -> Option<Native> {
-        let eval = |node: &Node| node.eval(fields, payload, cache);
+    /// The value, when the subset can tell it for the reading `decoded` (`None`: not
+    /// structured); lookups go through `cache`.
+    pub fn eval(&self, decoded: Option<&Decoded<'_>>, cache: &Cache) -> Option<Native> {
+        // Operands that are fields or literals (most of them) are read here, not by a call.
+        let field = |slot: usize, name: &str| cached(cache, slot, || decoded?.field(name)?);
+        let eval = |node: &Node| match node {
+            Node::Literal(n) => Some(*n),
+            Node::Field(slot, name) => field(*slot, name),
+            Node::CompareLiteral(op, a, b) => match &**a {
+                Node::Field(slot, name) => compared(*op, field(*slot, name)?, *b),
+                _ => node.eval(decoded, cache),
+            },
+            Node::Double(a) => match &**a {
+                Node::Field(slot, name) => double(field(*slot, name)?),
+                _ => node.eval(decoded, cache),
+            },
+            other => other.eval(decoded, cache),
+        };
         match self {
-            Node::Field(slot, name) => cached(cache, *slot, || Native::of(fields.get(name)?)),
-            Node::PayloadField(slot, name) => {
-                cached(cache, *slot, || Native::of(payload.as_object()?.get(name)?))
+            Node::Field(slot, name) => cached(cache, *slot, || decoded?.field(name)?),
+            Node::PayloadField(slot, name) => cached(cache, *slot, || decoded?.member(name)?),
+            Node::Has(slot, name) => {
+                cached(cache, *slot, || Some(Native::Bool(decoded?.has(name)?)))
             }
-            Node::Has(slot, name) => cached(cache, *slot, || {
-                Some(Native::Bool(payload.as_object()?.contains_key(name)))
-            }),
             Node::Literal(n) => Some(*n),
             Node::Not(a) => Some(Native::Bool(!eval(a)?.as_bool()?)),
             // Both sides must be booleans the subset can tell, except that a false (true) left
@@ -269,37 +355,26 @@ impl Node {
                 true => Some(Native::Bool(true)),
                 false => Some(Native::Bool(eval(b)?.as_bool()?)),
             },
-            Node::Compare(op, a, b) => {
-                let o = order(eval(a)?, eval(b)?)?;
-                let result = match op {
-                    Ordering::Less => o.is_lt(),
-                    Ordering::LessEqual => o.is_le(),
-                    Ordering::Greater => o.is_gt(),
-                    Ordering::GreaterEqual => o.is_ge(),
-                };
-                Some(Native::Bool(result))
-            }
+            Node::Compare(op, a, b) => compared(*op, eval(a)?, eval(b)?),
+            Node::CompareLiteral(op, a, b) => compared(*op, eval(a)?, *b),
             // Doubles only: integer arithmetic (overflow, truncating division) and mixed types
             // (an error in CEL) go to the interpreter.
             Node::Arithmetic(op, a, b) => {
                 let (Native::Double(x), Native::Double(y)) = (eval(a)?, eval(b)?) else {
                     return None;
                 };
-                let r = match op {
-                    Operator::Add => x + y,
-                    Operator::Subtract => x - y,
-                    Operator::Multiply => x * y,
-                    Operator::Divide if y != 0.0 => x / y,
-                    Operator::Divide => return None,
-                };
-                r.is_finite().then_some(Native::Double(r))
+                apply(*op, x, y).map(Native::Double)
             }
-            Node::Double(a) => match eval(a)? {
-                Native::Int(i) => Some(Native::Double(i as f64)),
-                Native::UInt(u) => Some(Native::Double(u as f64)),
-                Native::Double(d) => Some(Native::Double(d)),
-                Native::Bool(_) => None,
-            },
+            Node::Chain(first, steps) => {
+                let Native::Double(mut x) = eval(first)? else {
+                    return None;
+                };
+                for &(op, y) in steps {
+                    x = apply(op, x, y)?;
+                }
+                Some(Native::Double(x))
+            }
+            Node::Double(a) => double(eval(a)?),
             Node::Negate(a) => match eval(a)? {
                 Native::Double(d) => Some(Native::Double(-d)),
                 Native::Int(i) => i.checked_neg().map(Native::Int),

@@ -20,13 +20,16 @@ mod fast;
 pub mod value;
 mod window;
 
+use std::cell::OnceCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use outpost_config::matching::{glob_matches, topic_matches};
 use outpost_config::{Aggregation, DeviceFact, EdgeConfig, EdgeRule, EnrichInto, OnInvalid};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
+use smallvec::SmallVec;
 
 use expr::{Expr, Scope};
 use value::Decoded;
@@ -80,6 +83,8 @@ pub struct Invalid {
 }
 
 /// What [`Engine::prepare`] decided.
+// Returned once per reading and unpacked at once: a box would be an allocation per reading.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Verdict {
     /// Not stored: the device is told why (rule with `on_invalid = "refuse"`).
@@ -126,14 +131,49 @@ pub struct Trace {
 /// The values a stored reading feeds the windows and alert states.
 #[derive(Debug, Default)]
 pub struct Observation {
-    device_id: Arc<str>,
-    topic: Arc<str>,
     at_ms: u64,
-    /// The reading's fields, for the alerts it raises.
-    reading: Arc<Value>,
-    /// (rule index, field index, value), in rule order.
-    aggregates: Vec<(usize, usize, f64)>,
-    alerts: Vec<(usize, AlertInput)>,
+    /// The device id, then the topic, then (when an alert rule looks at a JSON reading) the
+    /// stored payload's text: one allocation per reading, owned names made only when a
+    /// window or an alert state starts.
+    names: Vec<u8>,
+    device_end: usize,
+    topic_end: usize,
+    /// A CBOR or SenML reading's fields, when an alert rule looks at it.
+    fields: Option<Value>,
+    /// The fields' JSON text, made when an alert record needs it (most readings change no
+    /// alert): the stored payload's text when it is a JSON object (the record then shows what
+    /// was forwarded, byte for byte), `fields` written out otherwise.
+    text: OnceCell<Box<RawValue>>,
+    aggregates: Aggregated,
+    alerts: AlertInputs,
+}
+
+/// Aggregated values: (rule index, field index, value), in rule order.
+type Aggregated = SmallVec<[(usize, usize, f64); 10]>;
+
+/// Alert conditions: (rule index, what they gave), in rule order.
+type AlertInputs = SmallVec<[(usize, AlertInput); 6]>;
+
+impl Observation {
+    fn device_id(&self) -> &str {
+        std::str::from_utf8(&self.names[..self.device_end]).unwrap_or_default()
+    }
+
+    fn topic(&self) -> &str {
+        std::str::from_utf8(&self.names[self.device_end..self.topic_end]).unwrap_or_default()
+    }
+
+    fn reading(&self) -> &RawValue {
+        self.text.get_or_init(|| {
+            let json = std::str::from_utf8(&self.names[self.topic_end..])
+                .ok()
+                .map(str::trim)
+                .filter(|j| !j.is_empty())
+                .and_then(|j| RawValue::from_string(j.to_owned()).ok());
+            json.or_else(|| serde_json::value::to_raw_value(self.fields.as_ref()?).ok())
+                .unwrap_or_else(|| RawValue::NULL.to_owned())
+        })
+    }
 }
 
 /// An alert rule's conditions on one reading.
@@ -179,8 +219,15 @@ pub struct Effects {
     pub webhooks: Vec<WebhookCall>,
 }
 
+impl Effects {
+    /// Nothing to do (most readings close no window and change no alert).
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty() && self.commands.is_empty() && self.webhooks.is_empty()
+    }
+}
+
 /// An alert that is raised now.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct ActiveAlert {
     pub rule: String,
     pub device: String,
@@ -188,20 +235,139 @@ pub struct ActiveAlert {
     pub topic: String,
     pub raised_at_ms: u64,
     /// The fields of the reading that raised it.
-    pub reading: Value,
+    pub reading: Box<RawValue>,
 }
 
-/// Counters for metrics, per rule.
-#[derive(Debug, Default)]
+/// A rule's counters for metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct RuleStats {
-    pub matched: AtomicU64,
-    pub refused: AtomicU64,
-    pub dead_lettered: AtomicU64,
-    pub transformed: AtomicU64,
-    pub errors: AtomicU64,
-    pub raised: AtomicU64,
-    pub cleared: AtomicU64,
-    pub aggregates: AtomicU64,
+    pub matched: u64,
+    pub refused: u64,
+    pub dead_lettered: u64,
+    pub transformed: u64,
+    pub errors: u64,
+    pub raised: u64,
+    pub cleared: u64,
+    pub aggregates: u64,
+}
+
+/// One rule's counters in one shard of [`Counters`].
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct RuleCounters {
+    matched: AtomicU64,
+    refused: AtomicU64,
+    dead_lettered: AtomicU64,
+    transformed: AtomicU64,
+    errors: AtomicU64,
+    raised: AtomicU64,
+    cleared: AtomicU64,
+    aggregates: AtomicU64,
+}
+
+/// Every rule's counters, in shards: one per [`counting_slot`] (made when a thread holding it
+/// first counts), and a shared one for threads beyond them. A reading bumps about one counter
+/// per rule; an atomic read-modify-write per bump cost more than a fifth of the rules' own
+/// time (docs/BENCHMARKS.md, "Edge rules"), so a thread with a slot of its own counts with
+/// plain loads and stores. Read summed.
+#[derive(Debug)]
+struct Counters {
+    /// Indexed by slot, then by rule.
+    owned: Box<[std::sync::OnceLock<Box<[RuleCounters]>>]>,
+    shared: Box<[RuleCounters]>,
+}
+
+/// The counters a thread bumps.
+struct Shard<'a> {
+    counters: &'a [RuleCounters],
+    /// The calling thread holds the shard's slot: no other thread writes it.
+    owned: bool,
+}
+
+impl Shard<'_> {
+    fn bump(&self, rule: usize, counter: fn(&RuleCounters) -> &AtomicU64) {
+        let c = counter(&self.counters[rule]);
+        if self.owned {
+            c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        } else {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Counters {
+    fn new(rules: usize) -> Self {
+        let shard = || (0..rules).map(|_| RuleCounters::default()).collect();
+        Self {
+            owned: (0..COUNTING_SLOTS)
+                .map(|_| std::sync::OnceLock::new())
+                .collect(),
+            shared: shard(),
+        }
+    }
+
+    /// The calling thread's shard.
+    fn shard(&self) -> Shard<'_> {
+        match counting_slot() {
+            Some(slot) => Shard {
+                counters: self.owned[slot].get_or_init(|| {
+                    (0..self.shared.len())
+                        .map(|_| RuleCounters::default())
+                        .collect()
+                }),
+                owned: true,
+            },
+            None => Shard {
+                counters: &self.shared,
+                owned: false,
+            },
+        }
+    }
+
+    fn sum(&self, rule: usize) -> RuleStats {
+        let mut sum = RuleStats::default();
+        let owned = self.owned.iter().filter_map(|s| s.get());
+        for shard in owned.chain([&self.shared]) {
+            let c = &shard[rule];
+            let read = |a: &AtomicU64| a.load(Ordering::Relaxed);
+            sum.matched += read(&c.matched);
+            sum.refused += read(&c.refused);
+            sum.dead_lettered += read(&c.dead_lettered);
+            sum.transformed += read(&c.transformed);
+            sum.errors += read(&c.errors);
+            sum.raised += read(&c.raised);
+            sum.cleared += read(&c.cleared);
+            sum.aggregates += read(&c.aggregates);
+        }
+        sum
+    }
+}
+
+/// Threads that can count in a shard of their own at once (the runtime's workers and a few
+/// more); others share one.
+const COUNTING_SLOTS: usize = 16;
+
+/// The calling thread's counting slot, held until it exits: a slot has one writer at a time,
+/// and the next holder sees what the last one wrote (released on exit, acquired on claim).
+fn counting_slot() -> Option<usize> {
+    use std::sync::atomic::AtomicBool;
+    static HELD: [AtomicBool; COUNTING_SLOTS] = [const { AtomicBool::new(false) }; COUNTING_SLOTS];
+    struct Claim(Option<usize>);
+    impl Drop for Claim {
+        fn drop(&mut self) {
+            if let Some(slot) = self.0 {
+                HELD[slot].store(false, Ordering::Release);
+            }
+        }
+    }
+    thread_local! {
+        static CLAIM: Claim = Claim((0..COUNTING_SLOTS).find(|&slot| {
+            HELD[slot]
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+        }));
+    }
+    CLAIM.try_with(|c| c.0).ok().flatten()
 }
 
 /// Counters for the whole engine.
@@ -228,7 +394,8 @@ struct Rule {
     enrich_into: EnrichInto,
     aggregate: Option<Aggregate>,
     alert: Option<Alert>,
-    stats: RuleStats,
+    /// The lookup slots of the fields this rule writes: forgotten when it changes a reading.
+    changes: Vec<usize>,
 }
 
 struct Aggregate {
@@ -267,10 +434,8 @@ pub struct Engine {
     facts_needed: bool,
     /// How many lookups the rules' expressions and aggregates make ([`fast::Slots`]).
     slots: usize,
-    /// Fields all aggregate rules aggregate, and alert rules: an observation's most.
-    aggregated_fields: usize,
-    alert_rules: usize,
     state: Mutex<State>,
+    counters: Counters,
     stats: EngineStats,
 }
 
@@ -285,18 +450,10 @@ impl std::fmt::Debug for Engine {
 #[derive(Default)]
 struct State {
     windows: Windows,
-    /// Per (rule index, device).
-    alerts: hashbrown::HashMap<(usize, Arc<str>), AlertState>,
-}
-
-/// An alert state's key by reference (hashes like the tuple): looked up without cloning.
-#[derive(Hash)]
-struct AlertKey<'a>(usize, &'a str);
-
-impl hashbrown::Equivalent<(usize, Arc<str>)> for AlertKey<'_> {
-    fn equivalent(&self, key: &(usize, Arc<str>)) -> bool {
-        self.0 == key.0 && self.1 == &*key.1
-    }
+    /// Per device, its alert states by rule index (a device with none has no entry).
+    alerts: hashbrown::HashMap<Arc<str>, Vec<(usize, AlertState)>>,
+    /// Alert states held, across devices (bounded by `edge.max_alert_keys`).
+    alerts_held: usize,
 }
 
 /// Readings in a row that met a condition, the first at `since_ms`.
@@ -341,7 +498,7 @@ enum AlertState {
     Active {
         raised_at_ms: u64,
         topic: Arc<str>,
-        reading: Arc<Value>,
+        reading: Box<RawValue>,
         clearing: Streak,
     },
 }
@@ -374,6 +531,11 @@ impl Engine {
         if !problems.is_empty() {
             return Err(problems);
         }
+        for rule in &mut rules {
+            let written = rule.written();
+            rule.changes = slots.of(|name| written.contains(&name));
+        }
+        let counters = Counters::new(rules.len());
         let device_needed = rules.iter().any(Rule::mentions_device);
         let facts_needed = device_needed || rules.iter().any(|r| !r.enrich.is_empty());
         Ok(Self {
@@ -381,12 +543,6 @@ impl Engine {
             device_needed,
             facts_needed,
             slots: slots.len(),
-            aggregated_fields: rules
-                .iter()
-                .filter_map(|r| r.aggregate.as_ref())
-                .map(|a| a.fields.len())
-                .sum(),
-            alert_rules: rules.iter().filter(|r| r.alert.is_some()).count(),
             rules,
             alerts_topic: config.alerts_topic.clone(),
             invalid_topic: config.invalid_topic.clone(),
@@ -394,7 +550,9 @@ impl Engine {
             state: Mutex::new(State {
                 windows: Windows::new(config.max_window_keys),
                 alerts: hashbrown::HashMap::new(),
+                alerts_held: 0,
             }),
+            counters,
             stats: EngineStats::default(),
         })
     }
@@ -423,9 +581,10 @@ impl Engine {
     /// The stateless steps; `live` counts them in the rules' metrics, and a dry run (not
     /// `live`) records what each rule did instead.
     fn run(&self, reading: &Reading<'_>, facts: &dyn Facts, live: bool) -> Verdict {
-        let bump = |counter: &AtomicU64| {
+        let counters = self.counters.shard();
+        let bump = |rule: usize, counter: fn(&RuleCounters) -> &AtomicU64| {
             if live {
-                counter.fetch_add(1, Ordering::Relaxed);
+                counters.bump(rule, counter);
             }
         };
         let mut prepared = Prepared::default();
@@ -450,7 +609,6 @@ impl Engine {
         } else {
             Value::Null
         };
-        let empty = Map::new();
         // Each field is looked up once per reading, however many rules mention it, until a
         // rule changes the reading. On the stack for the usual few lookups.
         let on_stack = [const { std::cell::Cell::new(None) }; 16];
@@ -462,40 +620,41 @@ impl Engine {
             &on_heap
         };
         let mut changed = false;
-        let mut aggregates = Vec::with_capacity(self.aggregated_fields);
-        let mut alerts = Vec::with_capacity(self.alert_rules);
+        let mut aggregates = Aggregated::new();
+        let mut alerts = AlertInputs::new();
         for (index, rule) in self.rules.iter().enumerate() {
             if !rule.matches(reading) {
                 continue;
             }
-            let mut trace = Trace::default();
-            let scope = reading_scope(decoded.as_ref(), &empty, &device, reading, cache);
+            // What the rule did, for a dry run only (not built for a live reading).
+            let mut trace = (!live).then(|| Trace {
+                rule: rule.name.clone(),
+                ..Trace::default()
+            });
+            let scope = reading_scope(decoded.as_ref(), &device, reading, cache);
             if let Some(when) = &rule.when {
                 let error = match when.test(&self.env, &scope) {
                     Ok(true) => None,
                     Ok(false) => Some(None),
                     Err(e) => {
-                        bump(&rule.stats.errors);
+                        bump(index, |c| &c.errors);
                         Some(Some(format!("when: {e}")))
                     }
                 };
                 if let Some(error) = error {
-                    if !live {
+                    if let Some(mut trace) = trace {
                         trace.skipped = true;
                         trace.error = error;
-                        prepared.trace.push(Trace {
-                            rule: rule.name.clone(),
-                            ..trace
-                        });
+                        prepared.trace.push(trace);
                     }
                     continue;
                 }
             }
-            bump(&rule.stats.matched);
+            bump(index, |c| &c.matched);
             if let Some(schema) = &rule.schema {
                 let error = match &decoded {
                     None => Some(not_structured(reading.content_type)),
-                    Some(d) => schema.iter_errors(&d.value).next().map(|e| {
+                    Some(d) => schema.iter_errors(d.value()).next().map(|e| {
                         let at = e.instance_path().to_string();
                         if at.is_empty() {
                             e.to_string()
@@ -510,17 +669,14 @@ impl Engine {
                         error,
                     };
                     if rule.on_invalid == OnInvalid::Refuse {
-                        bump(&rule.stats.refused);
+                        bump(index, |c| &c.refused);
                         return Verdict::Refuse(invalid);
                     }
                     // Dead-lettered: stored as received, no further rule runs on it.
-                    bump(&rule.stats.dead_lettered);
-                    if !live {
-                        prepared.trace.push(Trace {
-                            rule: rule.name.clone(),
-                            invalid: Some(invalid.error.clone()),
-                            ..trace
-                        });
+                    bump(index, |c| &c.dead_lettered);
+                    if let Some(mut trace) = trace {
+                        trace.invalid = Some(invalid.error.clone());
+                        prepared.trace.push(trace);
                     }
                     return Verdict::Store(Prepared {
                         invalid: Some(invalid),
@@ -533,15 +689,19 @@ impl Engine {
             if let Some(d) = decoded.as_mut() {
                 match rule.transform(&self.env, d, &device, reading, cache) {
                     Ok(true) => {
-                        trace.transformed = true;
+                        if let Some(t) = &mut trace {
+                            t.transformed = true;
+                        }
                         changed = true;
-                        clear(cache);
-                        bump(&rule.stats.transformed);
+                        forget(cache, &rule.changes);
+                        bump(index, |c| &c.transformed);
                     }
                     Ok(false) => {}
                     Err(e) => {
-                        bump(&rule.stats.errors);
-                        trace.error = Some(e);
+                        bump(index, |c| &c.errors);
+                        if let Some(t) = &mut trace {
+                            t.error = Some(e);
+                        }
                     }
                 }
             }
@@ -554,18 +714,22 @@ impl Engine {
                 let writable = decoded.as_mut().filter(|d| d.is_writable());
                 match (rule.enrich_into, writable) {
                     (EnrichInto::Payload, Some(d)) => {
-                        trace.enriched = found.iter().map(|(f, _)| f.as_str()).collect();
+                        if let Some(t) = &mut trace {
+                            t.enriched = found.iter().map(|(f, _)| f.as_str()).collect();
+                        }
                         let object: Map<String, Value> = found
                             .into_iter()
                             .map(|(f, v)| (f.as_str().to_owned(), v))
                             .collect();
-                        d.insert("device".into(), Value::Object(object));
+                        d.insert("device", Value::Object(object));
                         changed = true;
-                        clear(cache);
+                        forget(cache, &rule.changes);
                     }
                     (EnrichInto::Payload, None) => {}
                     (EnrichInto::Headers, _) => {
-                        trace.enriched = found.iter().map(|(f, _)| f.as_str()).collect();
+                        if let Some(t) = &mut trace {
+                            t.enriched = found.iter().map(|(f, _)| f.as_str()).collect();
+                        }
                         for (fact, v) in found {
                             let text = match v {
                                 Value::String(s) => s,
@@ -584,20 +748,16 @@ impl Engine {
                 }
             }
             // What the transforms and enrichment above made of the reading.
-            let scope = reading_scope(decoded.as_ref(), &empty, &device, reading, cache);
+            let scope = reading_scope(decoded.as_ref(), &device, reading, cache);
             if let Some(agg) = &rule.aggregate {
-                let values =
-                    agg.fields
-                        .iter()
-                        .zip(&agg.slots)
-                        .enumerate()
-                        .filter_map(|(i, (f, &slot))| {
-                            fast::number(scope.fields, f, slot, cache).map(|v| (i, v))
-                        });
                 let before = aggregates.len();
-                aggregates.extend(values.map(|(i, v)| (index, i, v)));
-                if !live {
-                    trace.aggregated = aggregates[before..]
+                for (i, (f, &slot)) in agg.fields.iter().zip(&agg.slots).enumerate() {
+                    if let Some(v) = fast::number(scope.decoded, f, slot, cache) {
+                        aggregates.push((index, i, v));
+                    }
+                }
+                if let Some(t) = &mut trace {
+                    t.aggregated = aggregates[before..]
                         .iter()
                         .map(|&(_, i, v)| (agg.fields[i].clone(), v))
                         .collect();
@@ -606,37 +766,48 @@ impl Engine {
             if let Some(alert) = &rule.alert {
                 match alert.evaluate(&self.env, &scope) {
                     Ok(input) => {
-                        trace.alert = Some(input);
+                        if let Some(t) = &mut trace {
+                            t.alert = Some(input);
+                        }
                         alerts.push((index, input));
                     }
                     Err(e) => {
-                        bump(&rule.stats.errors);
-                        trace.error = Some(e);
+                        bump(index, |c| &c.errors);
+                        if let Some(t) = &mut trace {
+                            t.error = Some(e);
+                        }
                     }
                 }
             }
-            if !live {
-                prepared.trace.push(Trace {
-                    rule: rule.name.clone(),
-                    ..trace
-                });
-            }
+            prepared.trace.extend(trace);
         }
         if changed && let Some(d) = &decoded {
             prepared.payload = value::encode(d, reading.payload);
         }
         if !aggregates.is_empty() || !alerts.is_empty() {
-            // The fields, for the alert a reading may raise: the decoded object itself (no
-            // copy), or SenML's resolved names.
-            let fields = match decoded {
-                Some(d) if !alerts.is_empty() => d.into_fields(),
-                _ => Value::Null,
+            // The fields, for the alert a reading may raise or clear: the stored JSON object's
+            // text, or the decoded fields (CBOR, SenML's resolved names).
+            let (json, fields) = match decoded {
+                Some(d) if !alerts.is_empty() => match d.encoding {
+                    value::Encoding::Json if d.is_writable() => {
+                        (prepared.payload.as_deref().unwrap_or(reading.payload), None)
+                    }
+                    _ => (&[][..], Some(d.into_fields())),
+                },
+                _ => (&[][..], None),
             };
+            let mut names =
+                Vec::with_capacity(reading.device_id.len() + reading.topic.len() + json.len());
+            names.extend_from_slice(reading.device_id.as_bytes());
+            names.extend_from_slice(reading.topic.as_bytes());
+            names.extend_from_slice(json);
             prepared.observation = Some(Observation {
-                device_id: Arc::from(reading.device_id),
-                topic: Arc::from(reading.topic),
                 at_ms: reading.received_at_ms,
-                reading: Arc::new(fields),
+                names,
+                device_end: reading.device_id.len(),
+                topic_end: reading.device_id.len() + reading.topic.len(),
+                fields,
+                text: OnceCell::new(),
                 aggregates,
                 alerts,
             });
@@ -648,17 +819,22 @@ impl Engine {
     pub fn observe(&self, mut observation: Observation) -> Effects {
         let mut effects = Effects::default();
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let State {
+            windows,
+            alerts: held,
+            alerts_held,
+        } = &mut *state;
         let aggregates = std::mem::take(&mut observation.aggregates);
+        let mut group = (!aggregates.is_empty())
+            .then(|| windows.of(observation.device_id(), observation.topic()));
         for values in aggregates.chunk_by(|a, b| a.0 == b.0) {
             let index = values[0].0;
             let rule = &self.rules[index];
-            let Some(agg) = &rule.aggregate else { continue };
-            let key = (index, &observation.device_id, &observation.topic);
+            let (Some(agg), Some(group)) = (&rule.aggregate, group.as_mut()) else {
+                continue;
+            };
             let values = values.iter().map(|&(_, field, v)| (field, v));
-            match state
-                .windows
-                .add(key, agg.window_ms, observation.at_ms, values)
-            {
+            match group.add(index, agg.window_ms, observation.at_ms, values) {
                 Ok(Some(closed)) => effects.records.push(self.window_record(&closed, true)),
                 Ok(None) => {}
                 Err(window::Full) => {
@@ -669,23 +845,32 @@ impl Engine {
             }
         }
         let alerts = std::mem::take(&mut observation.alerts);
+        if alerts.is_empty() {
+            return effects;
+        }
+        // Most readings of most devices leave every alert as it was: one lookup, no change.
+        let device = observation.device_id();
+        let mut list = held.get_mut(device);
+        let mut started = Vec::new();
         for (index, input) in alerts {
-            let key = AlertKey(index, &observation.device_id);
-            // Most readings of most devices leave an alert as it was: one lookup, no change.
-            if let Some(slot) = state.alerts.get_mut(&key) {
+            if let Some(states) = list.as_deref_mut()
+                && let Some(at) = states.iter().position(|(i, _)| *i == index)
+            {
+                let slot = &mut states[at].1;
                 let current = std::mem::replace(slot, AlertState::Normal(Streak::NONE));
                 let next = self.step_alert(index, current, input, &observation, &mut effects);
                 if next_is_kept(&next) {
                     *slot = next;
                 } else {
-                    state.alerts.remove(&key);
+                    states.swap_remove(at);
+                    *alerts_held -= 1;
                 }
                 continue;
             }
             if !input.raise {
                 continue;
             }
-            if state.alerts.len() >= self.max_alert_keys {
+            if *alerts_held >= self.max_alert_keys {
                 self.stats
                     .alert_keys_refused
                     .fetch_add(1, Ordering::Relaxed);
@@ -694,9 +879,18 @@ impl Engine {
             let current = AlertState::Normal(Streak::NONE);
             let next = self.step_alert(index, current, input, &observation, &mut effects);
             if next_is_kept(&next) {
-                let owned = (index, Arc::clone(&observation.device_id));
-                state.alerts.insert(owned, next);
+                *alerts_held += 1;
+                match list.as_deref_mut() {
+                    Some(states) => states.push((index, next)),
+                    None => started.push((index, next)),
+                }
             }
+        }
+        if list.is_some_and(|states| states.is_empty()) {
+            held.remove(device);
+        }
+        if !started.is_empty() {
+            held.insert(Arc::from(device), started);
         }
         effects
     }
@@ -720,7 +914,7 @@ impl Engine {
                 if !raising.holds(alert, now) {
                     return AlertState::Normal(raising);
                 }
-                rule.stats.raised.fetch_add(1, Ordering::Relaxed);
+                self.counters.shard().bump(index, |c| &c.raised);
                 let change = Change {
                     state: "raised",
                     raised_at_ms: now,
@@ -729,8 +923,8 @@ impl Engine {
                 self.announce(effects, rule, alert, obs, &change);
                 AlertState::Active {
                     raised_at_ms: now,
-                    topic: Arc::clone(&obs.topic),
-                    reading: Arc::clone(&obs.reading),
+                    topic: Arc::from(obs.topic()),
+                    reading: obs.reading().to_owned(),
                     clearing: Streak::NONE,
                 }
             }
@@ -749,7 +943,7 @@ impl Engine {
                         clearing,
                     };
                 }
-                rule.stats.cleared.fetch_add(1, Ordering::Relaxed);
+                self.counters.shard().bump(index, |c| &c.cleared);
                 let change = Change {
                     state: "cleared",
                     raised_at_ms,
@@ -774,12 +968,12 @@ impl Engine {
         let record = self.alert_record(
             rule,
             alert,
-            &obs.device_id,
-            &obs.topic,
+            obs.device_id(),
+            obs.topic(),
             change.state,
             change.raised_at_ms,
             obs.at_ms,
-            &obs.reading,
+            obs.reading(),
         );
         if let Some(hook) = &alert.webhook {
             effects.webhooks.push(WebhookCall {
@@ -797,7 +991,7 @@ impl Engine {
                 device_id: alert
                     .command_device
                     .clone()
-                    .unwrap_or_else(|| obs.device_id.to_string()),
+                    .unwrap_or_else(|| obs.device_id().to_owned()),
                 payload: payload.clone(),
             });
         }
@@ -813,22 +1007,34 @@ impl Engine {
         state: &str,
         raised_at_ms: u64,
         at_ms: u64,
-        reading: &Value,
+        reading: &RawValue,
     ) -> Output {
-        let payload = json!({
-            "alert": rule.name,
-            "state": state,
-            "device": device,
-            "severity": alert.severity,
-            "topic": topic,
-            "raised_at_ms": raised_at_ms,
-            "at_ms": at_ms,
-            "reading": reading,
-        });
+        /// The record's members, `reading` as its text (what was forwarded, for JSON).
+        #[derive(serde::Serialize)]
+        struct Record<'a> {
+            alert: &'a str,
+            at_ms: u64,
+            device: &'a str,
+            raised_at_ms: u64,
+            reading: &'a RawValue,
+            severity: &'a str,
+            state: &'a str,
+            topic: &'a str,
+        }
+        let record = Record {
+            alert: &rule.name,
+            at_ms,
+            device,
+            raised_at_ms,
+            reading,
+            severity: &alert.severity,
+            state,
+            topic,
+        };
         Output {
             device_id: device.to_owned(),
             kafka_topic: self.alerts_topic.clone(),
-            payload: payload.to_string().into_bytes(),
+            payload: serde_json::to_vec(&record).unwrap_or_default(),
             headers: vec![
                 ("outpost-alert".into(), rule.name.clone()),
                 ("outpost-alert-state".into(), state.into()),
@@ -843,7 +1049,7 @@ impl Engine {
             .aggregate
             .as_ref()
             .expect("windows only for aggregate rules");
-        rule.stats.aggregates.fetch_add(1, Ordering::Relaxed);
+        self.counters.shard().bump(*index, |c| &c.aggregates);
         let mut fields = Map::new();
         for (i, stats) in closed.fields.iter().enumerate() {
             let Some(stats) = stats else { continue };
@@ -882,8 +1088,8 @@ impl Engine {
     pub fn tick(&self, now_ms: u64) -> Effects {
         let closed = {
             let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-            state.windows.close_until(now_ms, |key| {
-                self.rules[key.0]
+            state.windows.close_until(now_ms, |rule| {
+                self.rules[rule]
                     .aggregate
                     .as_ref()
                     .map_or(0, |a| a.window_ms)
@@ -917,15 +1123,24 @@ impl Engine {
     pub fn adopt(&self, old: &Engine) {
         let mut from = old.state.lock().unwrap_or_else(PoisonError::into_inner);
         let mut to = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        for ((index, device), state) in from.alerts.drain() {
-            let old_rule = &old.rules[index];
-            let same = self.rules.iter().position(|r| {
-                r.name == old_rule.name
-                    && r.alert.as_ref().map(|a| &a.config)
-                        == old_rule.alert.as_ref().map(|a| &a.config)
-            });
-            if let Some(new_index) = same {
-                to.alerts.insert((new_index, device), state);
+        let from = &mut *from;
+        from.alerts_held = 0;
+        for (device, states) in from.alerts.drain() {
+            let kept: Vec<(usize, AlertState)> = states
+                .into_iter()
+                .filter_map(|(index, state)| {
+                    let old_rule = &old.rules[index];
+                    let same = self.rules.iter().position(|r| {
+                        r.name == old_rule.name
+                            && r.alert.as_ref().map(|a| &a.config)
+                                == old_rule.alert.as_ref().map(|a| &a.config)
+                    });
+                    same.map(|new_index| (new_index, state))
+                })
+                .collect();
+            if !kept.is_empty() {
+                to.alerts_held += kept.len();
+                to.alerts.entry(device).or_default().extend(kept);
             }
         }
     }
@@ -936,7 +1151,8 @@ impl Engine {
         let mut alerts: Vec<ActiveAlert> = state
             .alerts
             .iter()
-            .filter_map(|((index, device), s)| match s {
+            .flat_map(|(device, states)| states.iter().map(move |(index, s)| (index, device, s)))
+            .filter_map(|(index, device, s)| match s {
                 AlertState::Active {
                     raised_at_ms,
                     topic,
@@ -954,7 +1170,7 @@ impl Engine {
                             .unwrap_or_default(),
                         topic: topic.to_string(),
                         raised_at_ms: *raised_at_ms,
-                        reading: Value::clone(reading),
+                        reading: reading.clone(),
                     })
                 }
                 AlertState::Normal(_) => None,
@@ -974,8 +1190,11 @@ impl Engine {
     }
 
     /// Each rule's name and counters.
-    pub fn rule_stats(&self) -> impl Iterator<Item = (&str, &RuleStats)> {
-        self.rules.iter().map(|r| (r.name.as_str(), &r.stats))
+    pub fn rule_stats(&self) -> impl Iterator<Item = (&str, RuleStats)> {
+        self.rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.name.as_str(), self.counters.sum(i)))
     }
 
     pub fn stats(&self) -> &EngineStats {
@@ -983,21 +1202,15 @@ impl Engine {
     }
 }
 
-/// What an expression sees of `reading` as decoded (`empty` fields when it is not structured).
+/// What an expression sees of `reading` as decoded (`None`: not structured).
 fn reading_scope<'a>(
-    decoded: Option<&'a Decoded>,
-    empty: &'a Map<String, Value>,
+    decoded: Option<&'a Decoded<'a>>,
     device: &'a Value,
     reading: &Reading<'a>,
     cache: &'a fast::Cache,
 ) -> Scope<'a> {
-    let (fields, payload) = match decoded {
-        Some(d) => (d.fields(), &d.value),
-        None => (empty, &Value::Null),
-    };
     Scope {
-        fields,
-        payload,
+        decoded,
         device,
         topic: reading.topic,
         source: reading.source,
@@ -1005,10 +1218,12 @@ fn reading_scope<'a>(
     }
 }
 
-/// Forgets a reading's lookups (a rule changed it).
-fn clear(cache: &fast::Cache) {
-    for slot in cache {
-        slot.set(None);
+/// Forgets a reading's lookups of the fields a rule changed (`slots`).
+fn forget(cache: &fast::Cache, slots: &[usize]) {
+    for &slot in slots {
+        if let Some(cell) = cache.get(slot) {
+            cell.set(None);
+        }
     }
 }
 
@@ -1025,6 +1240,19 @@ fn not_structured(content_type: Option<&str>) -> String {
 }
 
 impl Rule {
+    /// The fields this rule may add, change or remove.
+    fn written(&self) -> Vec<&str> {
+        let enriched = (self.enrich_into == EnrichInto::Payload && !self.enrich.is_empty())
+            .then_some("device");
+        self.rename
+            .iter()
+            .flat_map(|(from, to)| [from.as_str(), to.as_str()])
+            .chain(self.drop.iter().map(String::as_str))
+            .chain(self.set.iter().map(|(name, _)| name.as_str()))
+            .chain(enriched)
+            .collect()
+    }
+
     fn mentions_device(&self) -> bool {
         let alert = self
             .alert
@@ -1050,10 +1278,10 @@ impl Rule {
     }
 
     /// Applies rename, drop and set to `d`; `Ok(true)` when something changed.
-    fn transform(
-        &self,
+    fn transform<'a>(
+        &'a self,
         env: &Arc<cel::Env>,
-        d: &mut Decoded,
+        d: &mut Decoded<'a>,
         device: &Value,
         reading: &Reading<'_>,
         cache: &fast::Cache,
@@ -1064,42 +1292,42 @@ impl Rule {
             return Ok(false);
         }
         // `set` sees the fields as they were before this rule.
-        let compute = |d: &Decoded, (field, e): &(String, Expr)| {
+        let compute = |d: &Decoded<'_>, (field, e): &'a (String, Expr)| {
             let scope = Scope {
-                fields: d.fields(),
-                payload: &d.value,
+                decoded: Some(d),
                 device,
                 topic: reading.topic,
                 source: reading.source,
                 cache,
             };
             e.eval(env, &scope)
-                .map(|value| (field.clone(), value))
+                .map(|value| (field.as_str(), value))
                 .map_err(|e| format!("set.{field}: {e}"))
         };
-        // One computed field (the common case) needs no list.
-        let (one, more) = match self.set.as_slice() {
-            [single] if self.rename.is_empty() && self.drop.is_empty() => {
-                (Some(compute(d, single)?), Vec::new())
-            }
-            set => (
-                None,
-                set.iter()
-                    .map(|s| compute(d, s))
-                    .collect::<Result<Vec<_>, _>>()?,
-            ),
-        };
+        // One computed field (the common case): nothing else to see it first.
+        if let [single] = self.set.as_slice()
+            && self.rename.is_empty()
+            && self.drop.is_empty()
+        {
+            let (field, value) = compute(d, single)?;
+            return Ok(d.insert(field, value));
+        }
+        let computed = self
+            .set
+            .iter()
+            .map(|s| compute(d, s))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut changed = false;
         for (from, to) in &self.rename {
             if let Some(v) = d.remove(from) {
-                d.insert(to.clone(), v);
+                d.insert(to.as_str(), v);
                 changed = true;
             }
         }
         for field in &self.drop {
             changed |= d.remove(field).is_some();
         }
-        for (field, v) in one.into_iter().chain(more) {
+        for (field, v) in computed {
             changed |= d.insert(field, v);
         }
         Ok(changed)
@@ -1251,7 +1479,7 @@ fn compile_rule(
                 .unwrap_or_else(|| config.aggregates_topic.clone()),
         }),
         alert,
-        stats: RuleStats::default(),
+        changes: Vec::new(),
     })
 }
 

@@ -84,6 +84,70 @@ fn transforms_and_enrichment_rewrite_the_payload_in_rule_order() {
     );
 }
 
+/// A rule sees what the rules before it made of the reading, also through the lookups the
+/// native evaluator keeps per reading: a field added, changed, renamed or dropped is looked
+/// up again.
+#[test]
+fn later_rules_see_changed_fields() {
+    let e = engine(
+        r#"
+        [[edge.rules]]
+        name = "look"
+        when = "x > 1.0 && !has(payload.y) && has(payload.old) && n > 1.0"
+        [[edge.rules]]
+        name = "add"
+        set = { y = "x * 2.0" }
+        [[edge.rules]]
+        name = "change"
+        when = "has(payload.y)"
+        set = { x = "x * 0.0" }
+        rename = { old = "new" }
+        drop = ["n"]
+        [[edge.rules]]
+        name = "after"
+        when = "x < 1.0 && y > 9.0 && has(payload.new) && !has(payload.old) && !has(payload.n)"
+        set = { ok = "y + 1.0" }
+        "#,
+    );
+    let p = stored(e.prepare(&reading("s", br#"{"x":5.0,"old":1,"n":2.0}"#, 0), &Registry));
+    let out: Value = serde_json::from_slice(&p.payload.unwrap()).unwrap();
+    assert_eq!(out, json!({"x": 0.0, "y": 10.0, "new": 1, "ok": 11.0}));
+}
+
+/// Counters are kept per thread, and summed: readings prepared on more threads at once than
+/// there are counting slots, and on threads started after others ended (their slots passed
+/// on), are all counted.
+#[test]
+fn counters_add_up_across_threads() {
+    let e = std::sync::Arc::new(engine(
+        "[[edge.rules]]\nname = \"all\"\nset = { f = \"double(t) * 2.0\" }\n",
+    ));
+    let prepare_on_threads = |threads: usize| {
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(threads));
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                let (e, barrier) = (std::sync::Arc::clone(&e), std::sync::Arc::clone(&barrier));
+                std::thread::spawn(move || {
+                    // All alive at once: some find no slot free and share the common shard.
+                    barrier.wait();
+                    for _ in 0..100 {
+                        stored(e.prepare(&reading("s", br#"{"t":1.5}"#, 0), &Registry));
+                    }
+                    barrier.wait();
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+    };
+    prepare_on_threads(COUNTING_SLOTS + 8);
+    prepare_on_threads(4);
+    let (_, stats) = e.rule_stats().next().unwrap();
+    let want = 100 * (COUNTING_SLOTS as u64 + 12);
+    assert_eq!((stats.matched, stats.transformed), (want, want));
+}
+
 #[test]
 fn schemas_refuse_or_dead_letter() {
     let e = engine(
@@ -333,10 +397,11 @@ mod fast_path {
                     fields.insert(k.to_owned(), v);
                 }
             }
-            let payload = Value::Object(fields.clone());
+            // The native evaluator reads the members form, the interpreter the tree.
+            let text = Value::Object(fields).to_string();
+            let decoded = crate::value::decode(None, text.as_bytes());
             let scope = Scope {
-                fields: &fields,
-                payload: &payload,
+                decoded: decoded.as_ref(),
                 device: &Value::Null,
                 topic: "t",
                 source: "mqtt",
@@ -351,15 +416,53 @@ mod fast_path {
         }
     }
 
+    proptest! {
+        /// Arithmetic chains with literal right sides (`double(t) * 9.0 / 5.0 + 32.0`, one
+        /// node natively) give the interpreter's value, step by step in order.
+        #[test]
+        fn literal_chains_agree_with_the_interpreter(
+            t in prop_oneof![(-1e3f64..1e3).prop_map(|d| json!(d)), (-50i64..50).prop_map(|i| json!(i))],
+            steps in prop::collection::vec((0..4usize, -8.0f64..8.0), 1..5),
+            threshold in -1e3f64..1e3,
+        ) {
+            let mut source = "double(t)".to_owned();
+            for (op, y) in &steps {
+                source = format!("({source}) {} {y:?}", ["+", "-", "*", "/"][*op]);
+            }
+            let env = environment();
+            let text = json!({"t": t}).to_string();
+            let decoded = crate::value::decode(None, text.as_bytes());
+            let scope = Scope {
+                decoded: decoded.as_ref(),
+                device: &Value::Null,
+                topic: "t",
+                source: "mqtt",
+                cache: &[],
+            };
+            for source in [source.clone(), format!("{source} > {threshold:?}")] {
+                let expr = Expr::compile(&env, &source).unwrap();
+                let interpreted = expr.interpret(&env, &scope);
+                if let Some(fast) = expr.fast_value(&scope) {
+                    prop_assert_eq!(Ok(fast.to_json()), interpreted, "{}", source);
+                } else {
+                    // Only a division by zero or a result out of range is left to it.
+                    prop_assert!(
+                        steps.iter().any(|(op, y)| *op == 3 && *y == 0.0)
+                            || !matches!(&interpreted, Ok(Value::Number(n)) if n.as_f64().is_some_and(f64::is_finite)),
+                        "{} {:?}", source, interpreted
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn common_conditions_take_the_native_path() {
         let env = environment();
-        let fields: Map<String, Value> =
-            serde_json::from_value(json!({"temperature": 85, "humidity": 40.5})).unwrap();
-        let payload = Value::Object(fields.clone());
+        let text = json!({"temperature": 85, "humidity": 40.5}).to_string();
+        let decoded = crate::value::decode(None, text.as_bytes());
         let scope = Scope {
-            fields: &fields,
-            payload: &payload,
+            decoded: decoded.as_ref(),
             device: &Value::Null,
             topic: "t",
             source: "mqtt",

@@ -1,4 +1,4 @@
-//! The payload model: a reading decoded once into a JSON value the rules work on.
+//! The payload model: a reading decoded once into the fields the rules work on.
 //!
 //! | Content type | Fields the rules see | Transformable |
 //! |---|---|---|
@@ -8,8 +8,27 @@
 //!
 //! Anything else (text, binary, a JSON array) has no fields: conditions see only `payload`,
 //! `device`, `topic` and `source`, and transforms leave it alone.
+//!
+//! Two forms, one meaning. A JSON object whose members are all scalars — the usual reading,
+//! `{"temperature":21.5,"humidity":48.2}` — is kept as [`Form::Members`]: its members located
+//! by one pass of `serde_json` over the received text, numbers and booleans parsed, names
+//! borrowed from the text, no map built. Members a transform adds are listed beside them and
+//! appended to the received text when the payload is written. Anything else, and a JSON object
+//! once a rule needs it whole (the CEL interpreter, a JSON Schema, a renamed or removed
+//! member), is [`Form::Tree`]: a `serde_json` value. Building and dropping that map for every
+//! reading was most of what 20 rules cost (docs/BENCHMARKS.md, "Edge rules"); the members form
+//! answers the native evaluator's lookups (`crate::fast`) without it. Both forms come from the
+//! same parser, so a payload has the same fields, with the same values, in either
+//! (`members_and_tree_agree` holds them together).
 
+use std::borrow::Cow;
+use std::cell::OnceCell;
+
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde_json::{Map, Value};
+use smallvec::SmallVec;
+
+use crate::fast::Native;
 
 /// How the payload was encoded, which decides how a transformed one is written back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,15 +39,11 @@ pub enum Encoding {
     Senml,
 }
 
-/// A decoded payload.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Decoded {
+/// A decoded payload, borrowing the received bytes (and the names rules add).
+#[derive(Debug, Clone)]
+pub struct Decoded<'a> {
     pub encoding: Encoding,
-    /// The whole payload (the pack for SenML); transforms change its members in place
-    /// ([`Decoded::insert`], [`Decoded::remove`]).
-    pub value: Value,
-    /// SenML only: the records by resolved name.
-    senml: Option<Map<String, Value>>,
+    form: Form<'a>,
     /// JSON only: the members added to the received object, as `,"name":value` text, while
     /// nothing received was changed or removed. [`encode`] then appends it to the received text
     /// instead of writing the whole object again (most transforms only add a computed field).
@@ -40,73 +55,225 @@ pub struct Decoded {
     rewritten: bool,
 }
 
-static NO_FIELDS: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock::new(Map::new);
+// On the stack, once per reading: boxing the members would cost the allocation they save.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+enum Form<'a> {
+    /// A JSON object of scalar members, not parsed into a tree (see the module docs).
+    Members(Members<'a>),
+    /// The whole payload as a value (the pack for SenML); transforms change its members in
+    /// place ([`Decoded::insert`], [`Decoded::remove`]).
+    Tree {
+        value: Value,
+        /// SenML only: the records by resolved name.
+        senml: Option<Map<String, Value>>,
+    },
+}
 
-impl Decoded {
+/// A JSON object's members by name, and the value of each that is a number or a boolean
+/// (`None`: a string or null); inline for the usual few.
+type Scanned = SmallVec<[(Name, Option<Native>); 8]>;
+
+/// A received member's name: where it is in the text (bytes from, to), or unescaped.
+#[derive(Debug, Clone)]
+enum Name {
+    At(u32, u32),
+    Escaped(Box<str>),
+}
+
+impl Name {
+    fn is(&self, name: &str, received: &[u8]) -> bool {
+        match self {
+            Name::At(from, to) => {
+                received.get(*from as usize..*to as usize) == Some(name.as_bytes())
+            }
+            Name::Escaped(own) => &**own == name,
+        }
+    }
+}
+
+/// A JSON object's members, as received and as added since.
+#[derive(Debug, Clone)]
+struct Members<'a> {
+    received: &'a [u8],
+    /// Each received member's name and, for a number or a boolean, its value (`None`: a string
+    /// or null). In order; a repeated name counts by its last member, as in a parsed object.
+    members: Scanned,
+    /// Members added by transforms: names distinct from the received ones and each other
+    /// (adding an existing name turns the payload into a tree).
+    added: Vec<(Cow<'a, str>, Value)>,
+    /// The whole object as a tree, built the first time something asks for it and kept in step
+    /// with `added` from then on.
+    tree: OnceCell<Value>,
+}
+
+impl<'a> Members<'a> {
+    /// The member `name`: `Some(value)` when present (`value` as in `members`).
+    fn get(&self, name: &str) -> Option<Option<Native>> {
+        if let Some((_, v)) = self.added.iter().find(|(n, _)| n == name) {
+            return Some(Native::of(v));
+        }
+        self.members
+            .iter()
+            .rev()
+            .find(|(n, _)| n.is(name, self.received))
+            .map(|(_, v)| *v)
+    }
+
+    fn tree(&self) -> &Value {
+        self.tree.get_or_init(|| {
+            // The text parsed once already (`scan`), by the same parser: it parses again.
+            let mut object = match serde_json::from_slice(self.received) {
+                Ok(Value::Object(map)) => map,
+                _ => Map::new(),
+            };
+            for (name, value) in &self.added {
+                object.insert(name.clone().into_owned(), value.clone());
+            }
+            Value::Object(object)
+        })
+    }
+
+    fn into_tree(self) -> Value {
+        self.tree();
+        self.tree.into_inner().unwrap_or_default()
+    }
+}
+
+pub(crate) static NO_FIELDS: std::sync::LazyLock<Map<String, Value>> =
+    std::sync::LazyLock::new(Map::new);
+
+impl<'a> Decoded<'a> {
+    /// The whole decoded payload (the pack for SenML). Builds the tree of a members-form
+    /// payload, once.
+    pub fn value(&self) -> &Value {
+        match &self.form {
+            Form::Members(m) => m.tree(),
+            Form::Tree { value, .. } => value,
+        }
+    }
+
     /// The top-level fields the rules see by name (none when the payload is not a map).
+    /// Builds the tree of a members-form payload, once.
     pub fn fields(&self) -> &Map<String, Value> {
-        match (&self.senml, &self.value) {
-            (Some(senml), _) => senml,
-            (None, Value::Object(map)) => map,
-            (None, _) => &NO_FIELDS,
+        match &self.form {
+            Form::Members(m) => m.tree().as_object().unwrap_or(&NO_FIELDS),
+            Form::Tree {
+                senml: Some(senml), ..
+            } => senml,
+            Form::Tree {
+                value: Value::Object(map),
+                ..
+            } => map,
+            Form::Tree { .. } => &NO_FIELDS,
+        }
+    }
+
+    /// The field `name` as the native evaluator sees it, without building a tree: `None` when
+    /// missing, `Some(None)` when it is not a number or a boolean.
+    pub(crate) fn field(&self, name: &str) -> Option<Option<Native>> {
+        match &self.form {
+            Form::Members(m) => m.get(name),
+            Form::Tree { .. } => self.fields().get(name).map(Native::of),
+        }
+    }
+
+    /// `payload.<name>`: like [`Decoded::field`], for the payload object's member (for SenML
+    /// the pack, which is no object: `None`).
+    pub(crate) fn member(&self, name: &str) -> Option<Option<Native>> {
+        match &self.form {
+            Form::Members(m) => m.get(name),
+            Form::Tree { value, .. } => value.as_object()?.get(name).map(Native::of),
+        }
+    }
+
+    /// `has(payload.<name>)`; `None` when the payload is not an object.
+    pub(crate) fn has(&self, name: &str) -> Option<bool> {
+        match &self.form {
+            Form::Members(m) => Some(m.get(name).is_some()),
+            Form::Tree { value, .. } => Some(value.as_object()?.contains_key(name)),
+        }
+    }
+
+    /// [`Decoded::value`], owned.
+    pub fn into_value(self) -> Value {
+        match self.form {
+            Form::Members(m) => m.into_tree(),
+            Form::Tree { value, .. } => value,
         }
     }
 
     /// [`Decoded::fields`] as one object, without a copy when the payload is that object.
     pub fn into_fields(self) -> Value {
-        match (self.senml, self.value) {
-            (Some(senml), _) => Value::Object(senml),
-            (None, object @ Value::Object(_)) => object,
-            (None, _) => Value::Object(Map::new()),
+        match self.form {
+            Form::Members(m) => m.into_tree(),
+            Form::Tree {
+                senml: Some(senml), ..
+            } => Value::Object(senml),
+            Form::Tree {
+                value: object @ Value::Object(_),
+                ..
+            } => object,
+            Form::Tree { .. } => Value::Object(Map::new()),
         }
     }
 
     /// Whether transforms may change the fields: JSON and CBOR objects.
     pub fn is_writable(&self) -> bool {
-        self.senml.is_none() && self.value.is_object()
-    }
-
-    fn fields_mut(&mut self) -> Option<&mut Map<String, Value>> {
-        match (&self.senml, &mut self.value) {
-            (None, Value::Object(map)) => Some(map),
-            _ => None,
+        match &self.form {
+            Form::Members(_) => true,
+            Form::Tree { value, senml } => senml.is_none() && value.is_object(),
         }
     }
 
     /// Sets a field of a writable payload; false when it is not writable.
-    pub fn insert(&mut self, name: String, value: Value) -> bool {
+    pub fn insert(&mut self, name: impl Into<Cow<'a, str>>, value: Value) -> bool {
+        let name = name.into();
         let json = self.encoding == Encoding::Json;
+        if let Form::Members(m) = &mut self.form
+            && m.get(&name).is_none()
+            && append(&mut self.appended, &name, &value)
+        {
+            if let Some(Value::Object(tree)) = m.tree.get_mut() {
+                tree.insert(name.clone().into_owned(), value.clone());
+            }
+            m.added.push((name, value));
+            return true;
+        }
         // Borrowed field by field: the map and the appended text at once.
-        let (None, Value::Object(fields)) = (&self.senml, &mut self.value) else {
+        let Form::Tree {
+            value: Value::Object(fields),
+            senml: None,
+        } = to_tree(&mut self.form)
+        else {
             return false;
         };
-        if json && !self.rewritten && !fields.contains_key(&name) {
-            // Written as it is added: the name and the value are at hand, and serde_json's
-            // text for them is what a whole-object encoding would write.
-            let start = self.appended.len();
-            self.appended.reserve(name.len() + 32);
-            self.appended.push(b',');
-            let written = serde_json::to_writer(&mut self.appended, &name)
-                .and_then(|()| {
-                    self.appended.push(b':');
-                    serde_json::to_writer(&mut self.appended, &value)
-                })
-                .is_ok();
-            if !written {
-                self.appended.truncate(start);
+        if json && !self.rewritten && !fields.contains_key(&*name) {
+            if !append(&mut self.appended, &name, &value) {
                 self.rewritten = true;
             }
-            fields.insert(name, value);
         } else {
-            fields.insert(name, value);
             self.rewritten = true;
         }
+        fields.insert(name.into_owned(), value);
         true
     }
 
     /// Removes a field of a writable payload.
     pub fn remove(&mut self, name: &str) -> Option<Value> {
-        let removed = self.fields_mut()?.remove(name);
+        if let Form::Members(m) = &self.form
+            && m.get(name).is_none()
+        {
+            return None;
+        }
+        let Form::Tree {
+            value: Value::Object(fields),
+            senml: None,
+        } = to_tree(&mut self.form)
+        else {
+            return None;
+        };
+        let removed = fields.remove(name);
         if removed.is_some() {
             self.rewritten = true;
         }
@@ -114,16 +281,71 @@ impl Decoded {
     }
 }
 
+/// Turns a members-form payload into a tree (a rule changes what was received).
+fn to_tree<'f, 'a>(form: &'f mut Form<'a>) -> &'f mut Form<'a> {
+    if let Form::Members(m) = form {
+        let members = std::mem::replace(
+            m,
+            Members {
+                received: &[],
+                members: SmallVec::new(),
+                added: Vec::new(),
+                tree: OnceCell::new(),
+            },
+        );
+        *form = Form::Tree {
+            value: members.into_tree(),
+            senml: None,
+        };
+    }
+    form
+}
+
+/// Writes `,"name":value` to `text` (serde_json's text for them, what a whole-object encoding
+/// would write); false, and `text` as it was, when it cannot.
+fn append(text: &mut Vec<u8>, name: &str, value: &Value) -> bool {
+    let start = text.len();
+    // Room for the usual few computed fields at once.
+    text.reserve((name.len() + 32).max(128));
+    text.push(b',');
+    let written = serde_json::to_writer(&mut *text, name)
+        .and_then(|()| {
+            text.push(b':');
+            serde_json::to_writer(&mut *text, value)
+        })
+        .is_ok();
+    if !written {
+        text.truncate(start);
+    }
+    written
+}
+
 /// Decodes a payload by its content type, or `None` when it is not one of the structured
 /// formats (or does not parse: such a reading simply has no fields; schema validation, where
 /// configured, refuses it).
-pub fn decode(content_type: Option<&str>, payload: &[u8]) -> Option<Decoded> {
+pub fn decode<'a>(content_type: Option<&str>, payload: &'a [u8]) -> Option<Decoded<'a>> {
     let mime = content_type.map(|c| c.split(';').next().unwrap_or("").trim());
+    let json = match mime {
+        Some("application/json") => true,
+        None => payload.trim_ascii_start().first() == Some(&b'{'),
+        _ => false,
+    };
+    if json && let Some(members) = scan(payload) {
+        return Some(Decoded {
+            encoding: Encoding::Json,
+            was_empty: members.is_empty(),
+            form: Form::Members(Members {
+                received: payload,
+                members,
+                added: Vec::new(),
+                tree: OnceCell::new(),
+            }),
+            appended: Vec::new(),
+            rewritten: false,
+        });
+    }
     let (encoding, value) = match mime {
-        Some("application/json") => (Encoding::Json, serde_json::from_slice(payload).ok()?),
-        None if payload.trim_ascii_start().first() == Some(&b'{') => {
-            (Encoding::Json, serde_json::from_slice(payload).ok()?)
-        }
+        _ if json => (Encoding::Json, serde_json::from_slice(payload).ok()?),
         Some("application/cbor") => (Encoding::Cbor, cbor(payload)?),
         Some("application/senml+json") => (Encoding::Senml, serde_json::from_slice(payload).ok()?),
         Some("application/senml+cbor") => (Encoding::Senml, cbor(payload)?),
@@ -133,12 +355,127 @@ pub fn decode(content_type: Option<&str>, payload: &[u8]) -> Option<Decoded> {
     let was_empty = value.as_object().is_some_and(Map::is_empty);
     Some(Decoded {
         encoding,
-        value,
-        senml,
+        form: Form::Tree { value, senml },
         appended: Vec::new(),
         was_empty,
         rewritten: false,
     })
+}
+
+/// The members of a JSON object of scalars, in one pass of `serde_json` over `payload`;
+/// `None` when it is not valid JSON, not an object, or has an array or object member (those
+/// take the tree: the parser's nesting limit is the tree's business).
+fn scan(payload: &[u8]) -> Option<Scanned> {
+    let mut de = serde_json::Deserializer::from_slice(payload);
+    let members = de.deserialize_map(ObjectVisitor(payload)).ok()?;
+    de.end().ok()?;
+    Some(members)
+}
+
+/// Scans the object of this text.
+struct ObjectVisitor<'t>(&'t [u8]);
+
+impl<'de> Visitor<'de> for ObjectVisitor<'_> {
+    type Value = Scanned;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut members = Scanned::new();
+        // Where a name borrowed from the text is in it.
+        let start = self.0.as_ptr() as usize;
+        let too_long = || de::Error::custom("a payload over 4 GiB");
+        while let Some(name) = map.next_key_seed(NameSeed)? {
+            let name = match name {
+                Cow::Borrowed(n) => {
+                    let from = n.as_ptr() as usize - start;
+                    let from = u32::try_from(from).map_err(|_| too_long())?;
+                    let len = u32::try_from(n.len()).map_err(|_| too_long())?;
+                    let to = from.checked_add(len).ok_or_else(too_long)?;
+                    Name::At(from, to)
+                }
+                Cow::Owned(n) => Name::Escaped(n.into_boxed_str()),
+            };
+            members.push((name, map.next_value_seed(ScalarSeed)?));
+        }
+        Ok(members)
+    }
+}
+
+/// A member's name, borrowed from the text unless it has escapes.
+struct NameSeed;
+
+impl<'de> DeserializeSeed<'de> for NameSeed {
+    type Value = Cow<'de, str>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for NameSeed {
+    type Value = Cow<'de, str>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a member name")
+    }
+
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Cow::Borrowed(v))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v.to_owned()))
+    }
+}
+
+/// A scalar member's value as the native evaluator sees it (`None`: a string or null); an
+/// array or an object is an error (the payload then takes the tree).
+struct ScalarSeed;
+
+impl<'de> DeserializeSeed<'de> for ScalarSeed {
+    type Value = Option<Native>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ScalarSeed {
+    type Value = Option<Native>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a number, string, boolean or null")
+    }
+
+    // As `Native::of` types a parsed `serde_json::Number`: serde_json calls `visit_u64` for
+    // non-negative integers, `visit_i64` for negative ones and `visit_f64` for the rest.
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(Some(Native::UInt(v)))
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(Native::of_number(&serde_json::Number::from(v)))
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        // A parsed value would hold a non-finite number as null.
+        Ok(serde_json::Number::from_f64(v).and_then(|n| Native::of_number(&n)))
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(Some(Native::Bool(v)))
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
 }
 
 /// CBOR as a JSON value: integer map keys become their decimal text (SenML CBOR's labels),
@@ -179,12 +516,12 @@ fn cbor(payload: &[u8]) -> Option<Value> {
 /// Writes a (transformed) payload back in its encoding (JSON or CBOR; never SenML).
 /// `received` is the payload it was decoded from: a JSON object that only gained members is
 /// that text with the members appended (same members, received ones as they were sent).
-pub fn encode(decoded: &Decoded, received: &[u8]) -> Option<Vec<u8>> {
+pub fn encode(decoded: &Decoded<'_>, received: &[u8]) -> Option<Vec<u8>> {
     match decoded.encoding {
         Encoding::Json if !decoded.rewritten && !decoded.appended.is_empty() => {
             let text = received.trim_ascii_end();
             let Some((b'}', head)) = text.split_last() else {
-                return serde_json::to_vec(&decoded.value).ok();
+                return serde_json::to_vec(decoded.value()).ok();
             };
             let tail = if decoded.was_empty {
                 &decoded.appended[1..]
@@ -197,10 +534,10 @@ pub fn encode(decoded: &Decoded, received: &[u8]) -> Option<Vec<u8>> {
             out.push(b'}');
             Some(out)
         }
-        Encoding::Json => serde_json::to_vec(&decoded.value).ok(),
+        Encoding::Json => serde_json::to_vec(decoded.value()).ok(),
         Encoding::Cbor => {
             let mut out = Vec::new();
-            ciborium::into_writer(&decoded.value, &mut out).ok()?;
+            ciborium::into_writer(decoded.value(), &mut out).ok()?;
             Some(out)
         }
         Encoding::Senml => None,
@@ -281,43 +618,132 @@ mod tests {
         assert!(encode(&d, pack).is_none());
     }
 
+    /// The members form answers like the tree the same text parses to: the same fields, the
+    /// same numbers (integers, negative zero, exponents, out-of-range values refused alike),
+    /// the last of repeated names, escaped names; and a nested member sends the payload to
+    /// the tree.
+    mod members_and_tree_agree {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn name() -> impl Strategy<Value = &'static str> {
+            prop::sample::select(vec!["a", "b", "t\\u00e9", "\\\"q", ""])
+        }
+
+        fn value() -> impl Strategy<Value = String> {
+            let fixed = prop::sample::select(vec![
+                "0",
+                "-0",
+                "-0.0",
+                "1e3",
+                "1E-3",
+                "12.50",
+                "-7",
+                "18446744073709551615",
+                "18446744073709551616",
+                "-9223372036854775808",
+                "-9223372036854775809",
+                "1e400",
+                "true",
+                "false",
+                "null",
+                "\"x\"",
+                "\"\\u00e9\"",
+                "[1]",
+                "{\"n\":1}",
+            ])
+            .prop_map(str::to_owned);
+            prop_oneof![
+                fixed,
+                any::<i64>().prop_map(|i| i.to_string()),
+                any::<f64>()
+                    .prop_filter("finite", |f| f.is_finite())
+                    .prop_map(|f| f.to_string()),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn on_any_object_of_scalars(
+                members in prop::collection::vec((name(), value()), 0..6),
+                spaces in any::<bool>(),
+            ) {
+                let gap = if spaces { " " } else { "" };
+                let text = format!(
+                    "{{{gap}{}{gap}}}",
+                    members
+                        .iter()
+                        .map(|(n, v)| format!("\"{n}\"{gap}:{gap}{v}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                );
+                let tree: Option<Value> = serde_json::from_slice(text.as_bytes()).ok();
+                let decoded = decode(None, text.as_bytes());
+                prop_assert_eq!(decoded.is_some(), tree.is_some(), "{}", text);
+                let (Some(d), Some(tree)) = (decoded, tree) else { return Ok(()) };
+                let nested = members.iter().any(|(_, v)| v.starts_with(['[', '{']));
+                prop_assert_eq!(matches!(d.form, Form::Members(_)), !nested, "{}", text);
+                let names: Vec<String> = tree.as_object().unwrap().keys().cloned()
+                    .chain(["a".to_owned(), "missing".to_owned()])
+                    .collect();
+                for n in &names {
+                    let want = tree.get(n).map(Native::of);
+                    prop_assert_eq!(d.field(n), want, "{} in {}", n, text);
+                    prop_assert_eq!(d.member(n), want, "{} in {}", n, text);
+                    prop_assert_eq!(d.has(n), Some(want.is_some()), "{} in {}", n, text);
+                }
+                prop_assert_eq!(d.value(), &tree);
+                // An added member: appended to the text, which parses to the tree with it.
+                let mut d = d;
+                prop_assert!(d.insert("added", json!(1.5)));
+                prop_assert_eq!(d.field("added"), Some(Some(Native::Double(1.5))));
+                let mut want = tree.clone();
+                want.as_object_mut().unwrap().insert("added".into(), json!(1.5));
+                let out = encode(&d, text.as_bytes()).unwrap();
+                prop_assert_eq!(serde_json::from_slice::<Value>(&out).unwrap(), want.clone());
+                prop_assert_eq!(d.into_fields(), want);
+            }
+        }
+    }
+
     /// Members added to a JSON object are appended to the received text; anything else
     /// rewrites the whole object. Either way the result parses to the transformed value.
     #[test]
     fn added_json_members_are_appended_to_the_received_text() {
         let received = br#"{"t": 21.5, "s":"x"}  "#;
         let mut d = decode(Some("application/json"), received).unwrap();
-        assert!(d.insert("f".into(), json!(70.7)));
-        assert!(d.insert("k\"ey".into(), json!({"a": [1]})));
+        assert!(d.insert("f", json!(70.7)));
+        assert!(d.insert("k\"ey", json!({"a": [1]})));
         let out = encode(&d, received).unwrap();
         assert_eq!(
             std::str::from_utf8(&out).unwrap(),
             r#"{"t": 21.5, "s":"x","f":70.7,"k\"ey":{"a":[1]}}"#
         );
-        assert_eq!(serde_json::from_slice::<Value>(&out).unwrap(), d.value);
+        assert_eq!(serde_json::from_slice::<Value>(&out).unwrap(), *d.value());
 
         let mut empty = decode(None, b"{ }").unwrap();
-        empty.insert("a".into(), json!(1));
+        empty.insert("a", json!(1));
         assert_eq!(encode(&empty, b"{ }").unwrap(), br#"{ "a":1}"#);
 
         // A received member changed, one removed, or one added twice: the whole object.
         for change in 0..3 {
             let mut d = decode(None, received).unwrap();
-            d.insert("f".into(), json!(1));
+            d.insert("f", json!(1));
             match change {
-                0 => assert!(d.insert("t".into(), json!(0))),
+                0 => assert!(d.insert("t", json!(0))),
                 1 => assert!(d.remove("s").is_some()),
-                _ => assert!(d.insert("f".into(), json!(2))),
+                _ => assert!(d.insert("f", json!(2))),
             }
             let out = encode(&d, received).unwrap();
             assert_eq!(
                 out,
-                serde_json::to_vec(&d.value).unwrap(),
+                serde_json::to_vec(d.value()).unwrap(),
                 "change {change}"
             );
         }
         // Not an object: nothing is writable.
         let mut list = decode(Some("application/json"), b"[1]").unwrap();
-        assert!(!list.insert("a".into(), json!(1)));
+        assert!(!list.insert("a", json!(1)));
     }
 }

@@ -213,7 +213,7 @@ pub async fn test(
             let payload = match &p.payload {
                 Some(new) if content_type == "application/cbor" => {
                     outpost_edge::value::decode(Some(&content_type), new)
-                        .map_or(Value::Null, |d| d.value)
+                        .map_or(Value::Null, outpost_edge::value::Decoded::into_value)
                 }
                 Some(new) => as_value(new),
                 None => sample.payload.clone(),

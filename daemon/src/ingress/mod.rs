@@ -320,7 +320,9 @@ impl Ingest {
             effects.commands.extend(e.commands);
             effects.webhooks.extend(e.webhooks);
         }
-        self.carry_out(effects).await;
+        if !effects.is_empty() {
+            self.carry_out(effects).await;
+        }
     }
 
     /// Stores the records the edge rules made (alerts, aggregates: the gateway's own records,
