@@ -241,11 +241,7 @@ impl<'a> Decoded<'a> {
             return true;
         }
         // Borrowed field by field: the map and the appended text at once.
-        let Form::Tree {
-            value: Value::Object(fields),
-            senml: None,
-        } = to_tree(&mut self.form)
-        else {
+        let Some(fields) = writable_tree(&mut self.form) else {
             return false;
         };
         if json && !self.rewritten && !fields.contains_key(&*name) {
@@ -266,13 +262,7 @@ impl<'a> Decoded<'a> {
         {
             return None;
         }
-        let Form::Tree {
-            value: Value::Object(fields),
-            senml: None,
-        } = to_tree(&mut self.form)
-        else {
-            return None;
-        };
+        let fields = writable_tree(&mut self.form)?;
         let removed = fields.remove(name);
         if removed.is_some() {
             self.rewritten = true;
@@ -299,6 +289,17 @@ fn to_tree<'f, 'a>(form: &'f mut Form<'a>) -> &'f mut Form<'a> {
         };
     }
     form
+}
+
+/// The fields of a writable payload as a map, a members-form one turned into a tree first.
+fn writable_tree<'f>(form: &'f mut Form<'_>) -> Option<&'f mut Map<String, Value>> {
+    match to_tree(form) {
+        Form::Tree {
+            value: Value::Object(fields),
+            senml: None,
+        } => Some(fields),
+        _ => None,
+    }
 }
 
 /// Writes `,"name":value` to `text` (serde_json's text for them, what a whole-object encoding
